@@ -1,0 +1,113 @@
+//! The partition index: offset → (segment, byte range), per partition.
+//! Owned by the partition's shard. Plain state, no I/O.
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+/// One stored batch of a partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub base_offset: u64,
+    pub records: u32,
+    pub max_ts: i64,
+    pub segment: Rc<str>,
+    pub pos: u64,
+    pub len: u32,
+}
+
+impl IndexEntry {
+    pub fn next_offset(&self) -> u64 {
+        self.base_offset + u64::from(self.records)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct PartitionIndex {
+    entries: VecDeque<IndexEntry>,
+    high_watermark: u64,
+    log_start: u64,
+}
+
+impl PartitionIndex {
+    pub fn high_watermark(&self) -> u64 {
+        self.high_watermark
+    }
+
+    pub fn log_start(&self) -> u64 {
+        self.log_start
+    }
+
+    /// Adds the next batch. Offsets must stay contiguous.
+    pub fn push(&mut self, e: IndexEntry) {
+        assert_eq!(
+            e.base_offset, self.high_watermark,
+            "partition index offsets must be contiguous"
+        );
+        self.high_watermark = e.next_offset();
+        self.entries.push_back(e);
+    }
+
+    /// Position of the entry holding `offset` (or the first after it).
+    pub fn position(&self, offset: u64) -> Option<usize> {
+        if offset >= self.high_watermark {
+            return None;
+        }
+        let i = self.entries.partition_point(|e| e.next_offset() <= offset);
+        (i < self.entries.len()).then_some(i)
+    }
+
+    pub fn entry(&self, i: usize) -> Option<&IndexEntry> {
+        self.entries.get(i)
+    }
+
+    /// The first batch holding a record with timestamp >= `ts`.
+    pub fn position_for_timestamp(&self, ts: i64) -> Option<usize> {
+        self.entries.iter().position(|e| e.max_ts >= ts)
+    }
+
+    /// The batch holding the largest timestamp (the last such batch).
+    pub fn position_of_max_timestamp(&self) -> Option<usize> {
+        let max = self.entries.iter().map(|e| e.max_ts).max()?;
+        self.entries.iter().rposition(|e| e.max_ts == max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(base: u64, records: u32, ts: i64) -> IndexEntry {
+        IndexEntry {
+            base_offset: base,
+            records,
+            max_ts: ts,
+            segment: Rc::from("s"),
+            pos: 0,
+            len: 1,
+        }
+    }
+
+    #[test]
+    fn lookup_by_offset_and_timestamp() {
+        let mut p = PartitionIndex::default();
+        p.push(e(0, 3, 10));
+        p.push(e(3, 2, 30));
+        p.push(e(5, 1, 20));
+        assert_eq!(p.high_watermark(), 6);
+        assert_eq!(p.position(0), Some(0));
+        assert_eq!(p.position(2), Some(0));
+        assert_eq!(p.position(3), Some(1));
+        assert_eq!(p.position(5), Some(2));
+        assert_eq!(p.position(6), None);
+        assert_eq!(p.position_for_timestamp(15), Some(1));
+        assert_eq!(p.position_for_timestamp(31), None);
+        assert_eq!(p.position_of_max_timestamp(), Some(1));
+    }
+
+    #[test]
+    #[should_panic(expected = "contiguous")]
+    fn rejects_gaps() {
+        let mut p = PartitionIndex::default();
+        p.push(e(1, 1, 0));
+    }
+}

@@ -1,0 +1,254 @@
+//! The sequencer: turns the cluster's commit log into offsets.
+//!
+//! Every broker replays the same log in the same order through a
+//! `Sequencer`, so every broker derives the same offsets without a partition
+//! leader. It also enforces idempotent-producer rules (duplicates answered
+//! with their original offsets, sequence gaps and stale epochs refused)
+//! deterministically, so a retry is recognised whichever broker it reaches.
+//! Plain state, no I/O.
+
+use std::collections::{HashMap, VecDeque};
+
+use floe_meta::schema::{BatchRecord, CommitRecord};
+
+use crate::PartitionKey;
+
+/// How many recent batches per producer and partition are remembered for
+/// duplicate detection (Kafka keeps 5, matching max.in.flight of 5).
+pub const PRODUCER_BATCHES_MAX: usize = 5;
+
+/// What the log decided for one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// Appended at `base_offset`.
+    Appended { base_offset: u64 },
+    /// A retry of a batch already appended at `base_offset`.
+    Duplicate { base_offset: u64 },
+    /// The batch's sequence does not follow the producer's last one.
+    OutOfOrder,
+    /// The batch's producer epoch is older than the producer's current one.
+    Fenced,
+}
+
+#[derive(Debug, Default)]
+struct ProducerPartition {
+    epoch: i16,
+    /// (first sequence, last sequence, base offset) of recent batches.
+    recent: VecDeque<(i32, i32, u64)>,
+}
+
+/// Offsets and producer state for every partition, derived from the log.
+#[derive(Debug, Default)]
+pub struct Sequencer {
+    next_offset: HashMap<PartitionKey, u64>,
+    epochs: HashMap<i64, i16>,
+    producers: HashMap<(i64, PartitionKey), ProducerPartition>,
+    applied: u64,
+}
+
+fn next_seq(seq: i32, records: u32) -> i32 {
+    // Sequences wrap at i32::MAX, as in Kafka.
+    ((i64::from(seq) + i64::from(records)) % (i64::from(i32::MAX) + 1)) as i32
+}
+
+impl Sequencer {
+    /// The sequence number of the last applied commit.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    pub fn high_watermark(&self, tp: &PartitionKey) -> u64 {
+        self.next_offset.get(tp).copied().unwrap_or(0)
+    }
+
+    /// Applies commit `seq` (which must directly follow the last applied
+    /// one) and returns an outcome per segment, chunk and batch.
+    pub fn apply(&mut self, seq: u64, commit: &CommitRecord) -> Vec<Vec<Vec<BatchOutcome>>> {
+        assert_eq!(seq, self.applied + 1, "commit log replayed out of order");
+        self.applied = seq;
+        for e in &commit.epochs {
+            let cur = self.epochs.entry(e.producer_id).or_insert(e.epoch);
+            *cur = (*cur).max(e.epoch);
+        }
+        commit
+            .segments
+            .iter()
+            .map(|s| {
+                s.chunks
+                    .iter()
+                    .map(|c| {
+                        let tp = PartitionKey {
+                            topic_id: c.topic_id,
+                            partition: c.partition,
+                        };
+                        c.batches.iter().map(|b| self.apply_batch(tp, b)).collect()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn apply_batch(&mut self, tp: PartitionKey, b: &BatchRecord) -> BatchOutcome {
+        if b.producer_id >= 0 {
+            let current = self.epochs.entry(b.producer_id).or_insert(b.producer_epoch);
+            if b.producer_epoch < *current {
+                return BatchOutcome::Fenced;
+            }
+            *current = b.producer_epoch;
+            let last = b.base_sequence.wrapping_add(b.records as i32 - 1);
+            let state = self.producers.entry((b.producer_id, tp)).or_default();
+            if state.epoch == b.producer_epoch {
+                if let Some(&(_, _, base)) = state
+                    .recent
+                    .iter()
+                    .find(|(first, l, _)| *first == b.base_sequence && *l == last)
+                {
+                    return BatchOutcome::Duplicate { base_offset: base };
+                }
+                if let Some(&(_, prev_last, _)) = state.recent.back() {
+                    if b.base_sequence != next_seq(prev_last, 1) {
+                        return BatchOutcome::OutOfOrder;
+                    }
+                }
+            } else {
+                // A new epoch starts its sequences again at zero.
+                if b.base_sequence != 0 && !state.recent.is_empty() {
+                    return BatchOutcome::OutOfOrder;
+                }
+                state.epoch = b.producer_epoch;
+                state.recent.clear();
+            }
+            let base = self.next_offset.get(&tp).copied().unwrap_or(0);
+            if state.recent.len() == PRODUCER_BATCHES_MAX {
+                state.recent.pop_front();
+            }
+            state.recent.push_back((b.base_sequence, last, base));
+        }
+        let next = self.next_offset.entry(tp).or_insert(0);
+        let base = *next;
+        *next += u64::from(b.records);
+        BatchOutcome::Appended { base_offset: base }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use floe_meta::schema::{ChunkRecord, ProducerEpoch, SegmentRecord};
+    use uuid::Uuid;
+
+    fn tp(p: u32) -> PartitionKey {
+        PartitionKey {
+            topic_id: Uuid::from_u128(1),
+            partition: p,
+        }
+    }
+
+    fn commit(batches: Vec<(u32, BatchRecord)>) -> CommitRecord {
+        CommitRecord {
+            epochs: vec![],
+            segments: vec![SegmentRecord {
+                key: "s".into(),
+                size: 0,
+                chunks: batches
+                    .into_iter()
+                    .map(|(p, b)| ChunkRecord {
+                        topic_id: tp(p).topic_id,
+                        partition: p,
+                        batches: vec![b],
+                    })
+                    .collect(),
+            }],
+        }
+    }
+
+    fn br(records: u32, pid: i64, epoch: i16, seq: i32) -> BatchRecord {
+        BatchRecord {
+            pos: 0,
+            len: 0,
+            records,
+            max_ts: 0,
+            producer_id: pid,
+            producer_epoch: epoch,
+            base_sequence: seq,
+        }
+    }
+
+    fn outcome(s: &mut Sequencer, p: u32, b: BatchRecord) -> BatchOutcome {
+        let seq = s.applied() + 1;
+        s.apply(seq, &commit(vec![(p, b)]))[0][0][0]
+    }
+
+    #[test]
+    fn offsets_are_contiguous_per_partition() {
+        let mut s = Sequencer::default();
+        assert_eq!(
+            outcome(&mut s, 0, br(3, -1, 0, -1)),
+            BatchOutcome::Appended { base_offset: 0 }
+        );
+        assert_eq!(
+            outcome(&mut s, 1, br(2, -1, 0, -1)),
+            BatchOutcome::Appended { base_offset: 0 }
+        );
+        assert_eq!(
+            outcome(&mut s, 0, br(5, -1, 0, -1)),
+            BatchOutcome::Appended { base_offset: 3 }
+        );
+        assert_eq!(s.high_watermark(&tp(0)), 8);
+        assert_eq!(s.high_watermark(&tp(1)), 2);
+    }
+
+    #[test]
+    fn idempotent_duplicates_gaps_and_fencing() {
+        let mut s = Sequencer::default();
+        assert_eq!(
+            outcome(&mut s, 0, br(2, 9, 0, 0)),
+            BatchOutcome::Appended { base_offset: 0 }
+        );
+        assert_eq!(
+            outcome(&mut s, 0, br(3, 9, 0, 2)),
+            BatchOutcome::Appended { base_offset: 2 }
+        );
+        // A retry of either recent batch gets its original offsets.
+        assert_eq!(
+            outcome(&mut s, 0, br(2, 9, 0, 0)),
+            BatchOutcome::Duplicate { base_offset: 0 }
+        );
+        assert_eq!(
+            outcome(&mut s, 0, br(3, 9, 0, 2)),
+            BatchOutcome::Duplicate { base_offset: 2 }
+        );
+        // A gap is refused and consumes no offsets.
+        assert_eq!(outcome(&mut s, 0, br(1, 9, 0, 7)), BatchOutcome::OutOfOrder);
+        assert_eq!(s.high_watermark(&tp(0)), 5);
+        // A bumped epoch restarts at sequence 0 and fences the old epoch.
+        let seq = s.applied() + 1;
+        let mut c = commit(vec![(0, br(1, 9, 1, 0))]);
+        c.epochs.push(ProducerEpoch {
+            producer_id: 9,
+            epoch: 1,
+        });
+        assert_eq!(
+            s.apply(seq, &c)[0][0][0],
+            BatchOutcome::Appended { base_offset: 5 }
+        );
+        assert_eq!(outcome(&mut s, 0, br(1, 9, 0, 5)), BatchOutcome::Fenced);
+    }
+
+    #[test]
+    fn remembers_only_recent_batches() {
+        let mut s = Sequencer::default();
+        for i in 0..(PRODUCER_BATCHES_MAX as i32 + 1) {
+            outcome(&mut s, 0, br(1, 3, 0, i));
+        }
+        // The oldest batch fell out of the window: its retry is out of order.
+        assert_eq!(outcome(&mut s, 0, br(1, 3, 0, 0)), BatchOutcome::OutOfOrder);
+    }
+
+    #[test]
+    #[should_panic(expected = "out of order")]
+    fn replay_must_be_in_order() {
+        let mut s = Sequencer::default();
+        s.apply(2, &commit(vec![]));
+    }
+}

@@ -1,0 +1,197 @@
+//! The topic registry: every broker's read-mostly view of `topics/*`.
+//! Reads are lock-free snapshots (any shard, any thread); writes go through
+//! the metadata store with compare-and-swap and then refresh the snapshot.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use floe_meta::schema::{self, TopicRecord};
+use floe_meta::{prefix_end, Compare, MetaStore, Op, Txn};
+
+use crate::{Error, Result};
+
+/// Kafka's limit on topic name length.
+pub const TOPIC_NAME_BYTES_MAX: usize = 249;
+/// Upper bound on partitions per topic that floe accepts.
+pub const PARTITIONS_MAX: u32 = 10_000;
+
+pub type TopicMap = HashMap<String, Arc<TopicRecord>>;
+
+pub struct Topics {
+    meta: Arc<dyn MetaStore>,
+    snapshot: ArcSwap<TopicMap>,
+}
+
+/// Kafka's rule: 1..=249 characters of `[a-zA-Z0-9._-]`, not "." or "..".
+pub fn validate_name(name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        Some("the empty string is not allowed".to_string())
+    } else if name == "." || name == ".." {
+        Some(format!("{name:?} is not allowed"))
+    } else if name.len() > TOPIC_NAME_BYTES_MAX {
+        Some(format!(
+            "a name of {} characters exceeds the limit of {TOPIC_NAME_BYTES_MAX}",
+            name.len()
+        ))
+    } else if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        Some(format!(
+            "{name:?} contains {c:?}; only ASCII alphanumerics, '.', '_' and '-' are allowed"
+        ))
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(Error::InvalidTopic { reason }),
+        None => Ok(()),
+    }
+}
+
+impl Topics {
+    pub async fn load(meta: Arc<dyn MetaStore>) -> Result<Self> {
+        let t = Self {
+            meta,
+            snapshot: ArcSwap::from_pointee(TopicMap::new()),
+        };
+        t.refresh().await?;
+        Ok(t)
+    }
+
+    pub fn snapshot(&self) -> Arc<TopicMap> {
+        self.snapshot.load_full()
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<TopicRecord>> {
+        self.snapshot.load().get(name).cloned()
+    }
+
+    /// Re-reads every topic from the store.
+    pub async fn refresh(&self) -> Result<()> {
+        let kvs = self
+            .meta
+            .range(
+                schema::TOPICS_PREFIX,
+                &prefix_end(schema::TOPICS_PREFIX),
+                usize::MAX,
+            )
+            .await?;
+        let mut map = TopicMap::new();
+        for kv in kvs {
+            let t: TopicRecord = serde_json::from_slice(&kv.value).map_err(|e| Error::Metadata {
+                reason: format!("topic record {}: {e}", kv.key),
+            })?;
+            map.insert(t.name.clone(), Arc::new(t));
+        }
+        self.snapshot.store(Arc::new(map));
+        Ok(())
+    }
+
+    /// Creates a topic unless one of that name exists.
+    pub async fn create(
+        &self,
+        name: &str,
+        partitions: u32,
+        configs: BTreeMap<String, String>,
+        validate_only: bool,
+    ) -> Result<Arc<TopicRecord>> {
+        validate_name(name)?;
+        if partitions == 0 || partitions > PARTITIONS_MAX {
+            return Err(Error::InvalidPartitions {
+                reason: format!("{partitions} partitions; must be 1..={PARTITIONS_MAX}"),
+            });
+        }
+        let rec = TopicRecord {
+            id: uuid::Uuid::new_v4(),
+            name: name.to_string(),
+            partitions,
+            configs,
+        };
+        if self.get(name).is_some() {
+            return Err(Error::TopicExists { name: name.into() });
+        }
+        if validate_only {
+            return Ok(Arc::new(rec));
+        }
+        let key = schema::topic_key(name);
+        let value = Bytes::from(serde_json::to_vec(&rec).map_err(|e| Error::Metadata {
+            reason: e.to_string(),
+        })?);
+        let txn = Txn::when(vec![Compare::ModRevision(key.clone(), 0)])
+            .and_then(vec![Op::Put(key, value)]);
+        let done = self.meta.txn(txn).await?;
+        self.refresh().await?;
+        if !done.succeeded {
+            return Err(Error::TopicExists { name: name.into() });
+        }
+        self.get(name).ok_or(Error::UnknownTopic { name: name.into() })
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<Arc<TopicRecord>> {
+        let old = self.get(name).ok_or(Error::UnknownTopic { name: name.into() })?;
+        let key = schema::topic_key(name);
+        let cur = self.meta.get(&key).await?.ok_or(Error::UnknownTopic { name: name.into() })?;
+        let txn = Txn::when(vec![Compare::ModRevision(key.clone(), cur.mod_revision)])
+            .and_then(vec![Op::Delete(key)]);
+        let done = self.meta.txn(txn).await?;
+        self.refresh().await?;
+        if !done.succeeded {
+            return Err(Error::Metadata {
+                reason: format!("topic {name:?} changed while being deleted; retry"),
+            });
+        }
+        Ok(old)
+    }
+
+    /// Raises a topic's partition count to `total`.
+    pub async fn add_partitions(&self, name: &str, total: u32, validate_only: bool) -> Result<()> {
+        let key = schema::topic_key(name);
+        let cur = self.meta.get(&key).await?.ok_or(Error::UnknownTopic { name: name.into() })?;
+        let mut rec: TopicRecord = serde_json::from_slice(&cur.value).map_err(|e| Error::Metadata {
+            reason: e.to_string(),
+        })?;
+        if total <= rec.partitions || total > PARTITIONS_MAX {
+            return Err(Error::InvalidPartitions {
+                reason: format!(
+                    "topic {name:?} has {} partitions; the new count {total} must be larger and at most {PARTITIONS_MAX}",
+                    rec.partitions
+                ),
+            });
+        }
+        if validate_only {
+            return Ok(());
+        }
+        rec.partitions = total;
+        let value = Bytes::from(serde_json::to_vec(&rec).map_err(|e| Error::Metadata {
+            reason: e.to_string(),
+        })?);
+        let txn = Txn::when(vec![Compare::ModRevision(key.clone(), cur.mod_revision)])
+            .and_then(vec![Op::Put(key, value)]);
+        let done = self.meta.txn(txn).await?;
+        self.refresh().await?;
+        if !done.succeeded {
+            return Err(Error::Metadata {
+                reason: format!("topic {name:?} changed concurrently; retry"),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate_name;
+
+    #[test]
+    fn topic_names() {
+        for ok in ["a", "orders.v1", "A_b-c", &"x".repeat(249)] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "bad/name", "sp ace", &"x".repeat(250), "ü"] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! The cluster schema: every key floe writes to the metadata store, and the
+//! records stored under them (JSON, so an operator can read them with
+//! `etcdctl get`).
+//!
+//! ```text
+//! cluster/id                  cluster id (uuid text)
+//! topics/<name>               TopicRecord
+//! log/head                    sequence number of the newest commit (decimal)
+//! log/<seq, 20 digits>        CommitRecord
+//! producers/next              next free producer id (decimal)
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub const CLUSTER_ID: &str = "cluster/id";
+pub const TOPICS_PREFIX: &str = "topics/";
+pub const LOG_HEAD: &str = "log/head";
+pub const LOG_PREFIX: &str = "log/0";
+pub const PRODUCERS_NEXT: &str = "producers/next";
+
+pub fn topic_key(name: &str) -> String {
+    format!("{TOPICS_PREFIX}{name}")
+}
+
+/// Log keys sort in sequence order: zero-padded to u64's 20 digits.
+pub fn log_key(seq: u64) -> String {
+    format!("log/{seq:020}")
+}
+
+/// A topic as the cluster knows it. `id` changes when a topic is deleted and
+/// created again, so stale offsets never leak into the new topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicRecord {
+    pub id: Uuid,
+    pub name: String,
+    pub partitions: u32,
+    /// Only the configs set explicitly; defaults are the broker's.
+    pub configs: BTreeMap<String, String>,
+}
+
+/// One commit in the cluster's log: the segments it makes durable and every
+/// batch they hold. Offsets are not stored: every broker replays the log in
+/// order and derives them identically.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitRecord {
+    pub segments: Vec<SegmentRecord>,
+    /// Producer epoch changes (KIP-360 bumps) applied before the segments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub epochs: Vec<ProducerEpoch>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentRecord {
+    /// Object key of the segment.
+    pub key: String,
+    pub size: u64,
+    pub chunks: Vec<ChunkRecord>,
+}
+
+/// The batches of one partition inside one segment, in producer order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRecord {
+    pub topic_id: Uuid,
+    pub partition: u32,
+    pub batches: Vec<BatchRecord>,
+}
+
+/// One RecordBatch as stored: where it sits in the segment and what the
+/// sequencer needs to order and de-duplicate it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRecord {
+    pub pos: u64,
+    pub len: u32,
+    pub records: u32,
+    pub max_ts: i64,
+    #[serde(default = "no_producer", skip_serializing_if = "is_no_producer")]
+    pub producer_id: i64,
+    #[serde(default)]
+    pub producer_epoch: i16,
+    #[serde(default)]
+    pub base_sequence: i32,
+}
+
+fn no_producer() -> i64 {
+    -1
+}
+fn is_no_producer(v: &i64) -> bool {
+    *v < 0
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProducerEpoch {
+    pub producer_id: i64,
+    pub epoch: i16,
+}

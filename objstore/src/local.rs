@@ -1,0 +1,169 @@
+use std::io::{ErrorKind, SeekFrom};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+use crate::{validate_key, Error, ObjectMeta, ObjectStore, Result};
+
+/// Local-directory backend: the embedded default. Each object is a file;
+/// a put writes a temporary file, fsyncs it, renames it into place and
+/// fsyncs the directory, so an object is either whole or absent after a
+/// crash or power loss.
+#[derive(Debug)]
+pub struct LocalDir {
+    root: PathBuf,
+}
+
+/// Temporary files carry this marker; `list` skips them.
+const TMP_MARKER: &str = ".floe-tmp-";
+
+impl LocalDir {
+    pub fn open(root: impl AsRef<Path>) -> Result<Self> {
+        let root = root.as_ref().to_path_buf();
+        std::fs::create_dir_all(&root).map_err(|source| Error::Io {
+            op: "create_dir",
+            key: root.display().to_string(),
+            source,
+        })?;
+        Ok(Self { root })
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf> {
+        validate_key(key)?;
+        Ok(self.root.join(key))
+    }
+}
+
+fn io<'a>(op: &'static str, key: &'a str) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| {
+        if source.kind() == ErrorKind::NotFound {
+            Error::NotFound {
+                key: key.to_string(),
+            }
+        } else {
+            Error::Io {
+                op,
+                key: key.to_string(),
+                source,
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for LocalDir {
+    async fn put(&self, key: &str, parts: Vec<Bytes>) -> Result<()> {
+        let path = self.path(key)?;
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(io("create_dir", key))?;
+        let tmp = dir.join(format!(
+            "{}{}{:016x}",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("obj"),
+            TMP_MARKER,
+            rand::random::<u64>()
+        ));
+        let write = async {
+            let mut f = tokio::fs::File::create(&tmp).await?;
+            for part in &parts {
+                f.write_all(part).await?;
+            }
+            f.sync_all().await?;
+            drop(f);
+            tokio::fs::rename(&tmp, &path).await?;
+            // The rename is durable only once the directory is synced.
+            tokio::fs::File::open(&dir).await?.sync_all().await
+        };
+        if let Err(e) = write.await {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(io("put", key)(e));
+        }
+        Ok(())
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+        let path = self.path(key)?;
+        let mut f = tokio::fs::File::open(&path)
+            .await
+            .map_err(io("open", key))?;
+        let size = f.metadata().await.map_err(io("stat", key))?.len();
+        if range.start > range.end || range.end > size {
+            return Err(Error::RangeOutOfBounds {
+                key: key.to_string(),
+                range,
+                size,
+            });
+        }
+        f.seek(SeekFrom::Start(range.start))
+            .await
+            .map_err(io("seek", key))?;
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        f.read_exact(&mut buf).await.map_err(io("read", key))?;
+        Ok(Bytes::from(buf))
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes> {
+        let path = self.path(key)?;
+        Ok(Bytes::from(
+            tokio::fs::read(&path).await.map_err(io("read", key))?,
+        ))
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path(key)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("delete", key)(e)),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let mut rd = match tokio::fs::read_dir(&dir).await {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(io("list", prefix)(e)),
+            };
+            while let Some(entry) = rd.next_entry().await.map_err(io("list", prefix))? {
+                let ft = entry.file_type().await.map_err(io("list", prefix))?;
+                let path = entry.path();
+                let Ok(rel) = path.strip_prefix(&self.root) else {
+                    continue;
+                };
+                let key = rel.to_string_lossy().replace('\\', "/");
+                if ft.is_dir() {
+                    // Descend only where keys under this directory can match.
+                    let dir_key = format!("{key}/");
+                    if dir_key.starts_with(prefix) || prefix.starts_with(&dir_key) {
+                        stack.push(path);
+                    }
+                } else if key.starts_with(prefix) && !key.contains(TMP_MARKER) {
+                    let size = entry.metadata().await.map_err(io("list", prefix))?.len();
+                    out.push(ObjectMeta { key, size });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    fn describe(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn conformance() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = super::LocalDir::open(dir.path()).expect("open");
+        crate::conformance::run(&store).await;
+    }
+}
