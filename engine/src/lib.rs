@@ -1,12 +1,111 @@
-//! floe-engine (stub while being written)
+//! floe-engine: shards, partition ownership, intake and segment assembly,
+//! sequencing, partition index and read cache.
+//!
+//! Owns: the state machines of the data path — [`batch`] validation,
+//! [`segment::SegmentBuilder`], [`sequencer::Sequencer`],
+//! [`index::PartitionIndex`], [`cache::ReadCache`] — which are plain structs
+//! with no I/O, and the runtime that drives them: one [`shard::Shard`] per
+//! core (glommio) and the [`sidecar`] (tokio) where the object-store and
+//! metadata backends run, with the [`committer::Committer`] on it.
+//!
+//! Must never: speak the Kafka wire protocol (that is `floe-net`); answer a
+//! producer before its segment is durable and committed; grow memory
+//! without a bound.
+
 pub mod batch;
+pub mod cache;
+pub mod committer;
+pub mod config;
+mod error;
 pub mod index;
+pub mod metrics;
+pub mod pool;
 pub mod segment;
 pub mod sequencer;
+pub mod shard;
+pub mod sidecar;
+pub mod topics;
 
-/// A partition, by topic id (stable across renames, new on re-creation).
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use floe_meta::MetaStore;
+use floe_objstore::ObjectStore;
+
+pub use config::EngineConfig;
+pub use error::{Error, Result};
+
+/// A partition, by topic id (new when a topic is created again).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PartitionKey {
     pub topic_id: uuid::Uuid,
     pub partition: u32,
+}
+
+impl PartitionKey {
+    /// The shard that owns this partition: a stable hash, so every broker
+    /// and every restart agree.
+    pub fn owner(&self, shards: usize) -> usize {
+        // FNV-1a over the topic id and partition.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self
+            .topic_id
+            .as_bytes()
+            .iter()
+            .chain(self.partition.to_le_bytes().iter())
+        {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        (h % shards.max(1) as u64) as usize
+    }
+}
+
+/// Broker-wide shutdown signal, set once by the signal handler.
+#[derive(Default)]
+pub struct Shutdown {
+    flag: AtomicBool,
+    event: event_listener::Event,
+}
+
+impl Shutdown {
+    pub fn trigger(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.event.notify(usize::MAX);
+    }
+    pub fn is_triggered(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+    /// Resolves once shutdown has been triggered.
+    pub async fn wait(&self) {
+        loop {
+            let l = self.event.listen();
+            if self.is_triggered() {
+                return;
+            }
+            l.await;
+        }
+    }
+}
+
+/// What every shard of a broker shares: configuration, backends, topic
+/// registry, the links to every shard and the committer. `Send + Sync`;
+/// nothing here is on the per-record path except reading `shards`.
+pub struct Engine {
+    pub config: EngineConfig,
+    pub sidecar: sidecar::SidecarHandle,
+    pub store: Arc<dyn ObjectStore>,
+    pub meta: Arc<dyn MetaStore>,
+    pub topics: topics::Topics,
+    pub committer: flume::Sender<committer::CommitRequest>,
+    pub shards: Vec<shard::ShardLink>,
+    pub metrics: Arc<metrics::Metrics>,
+    pub shutdown: Shutdown,
+    pub cluster_id: String,
+}
+
+impl Engine {
+    pub fn owner(&self, tp: &PartitionKey) -> usize {
+        tp.owner(self.shards.len())
+    }
 }

@@ -81,9 +81,10 @@ impl Topics {
             .await?;
         let mut map = TopicMap::new();
         for kv in kvs {
-            let t: TopicRecord = serde_json::from_slice(&kv.value).map_err(|e| Error::Metadata {
-                reason: format!("topic record {}: {e}", kv.key),
-            })?;
+            let t: TopicRecord =
+                serde_json::from_slice(&kv.value).map_err(|e| Error::Metadata {
+                    reason: format!("topic record {}: {e}", kv.key),
+                })?;
             map.insert(t.name.clone(), Arc::new(t));
         }
         self.snapshot.store(Arc::new(map));
@@ -127,13 +128,20 @@ impl Topics {
         if !done.succeeded {
             return Err(Error::TopicExists { name: name.into() });
         }
-        self.get(name).ok_or(Error::UnknownTopic { name: name.into() })
+        self.get(name)
+            .ok_or(Error::UnknownTopic { name: name.into() })
     }
 
     pub async fn delete(&self, name: &str) -> Result<Arc<TopicRecord>> {
-        let old = self.get(name).ok_or(Error::UnknownTopic { name: name.into() })?;
+        let old = self
+            .get(name)
+            .ok_or(Error::UnknownTopic { name: name.into() })?;
         let key = schema::topic_key(name);
-        let cur = self.meta.get(&key).await?.ok_or(Error::UnknownTopic { name: name.into() })?;
+        let cur = self
+            .meta
+            .get(&key)
+            .await?
+            .ok_or(Error::UnknownTopic { name: name.into() })?;
         let txn = Txn::when(vec![Compare::ModRevision(key.clone(), cur.mod_revision)])
             .and_then(vec![Op::Delete(key)]);
         let done = self.meta.txn(txn).await?;
@@ -149,10 +157,15 @@ impl Topics {
     /// Raises a topic's partition count to `total`.
     pub async fn add_partitions(&self, name: &str, total: u32, validate_only: bool) -> Result<()> {
         let key = schema::topic_key(name);
-        let cur = self.meta.get(&key).await?.ok_or(Error::UnknownTopic { name: name.into() })?;
-        let mut rec: TopicRecord = serde_json::from_slice(&cur.value).map_err(|e| Error::Metadata {
-            reason: e.to_string(),
-        })?;
+        let cur = self
+            .meta
+            .get(&key)
+            .await?
+            .ok_or(Error::UnknownTopic { name: name.into() })?;
+        let mut rec: TopicRecord =
+            serde_json::from_slice(&cur.value).map_err(|e| Error::Metadata {
+                reason: e.to_string(),
+            })?;
         if total <= rec.partitions || total > PARTITIONS_MAX {
             return Err(Error::InvalidPartitions {
                 reason: format!(

@@ -1,1 +1,17 @@
+//! floe-net: the Kafka wire protocol (framing, per-API handlers, version
+//! ranges, error-code mapping), the listeners, the admin endpoint and the
+//! `floe` binary's start-up.
+//!
+//! Must never: hold partition state (the engine's shards do); map engine
+//! errors to Kafka codes anywhere but [`codes`]; panic on client input.
 
+pub mod admin_http;
+pub mod apis;
+pub mod broker;
+pub mod codes;
+pub mod config;
+pub mod conn;
+pub mod handlers;
+pub mod producer_ids;
+pub mod server;
+pub mod topic_config;

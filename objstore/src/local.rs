@@ -3,7 +3,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::{validate_key, Error, ObjectMeta, ObjectStore, Result};
 
@@ -52,36 +52,80 @@ fn io<'a>(op: &'static str, key: &'a str) -> impl FnOnce(std::io::Error) -> Erro
     }
 }
 
+fn put_blocking(root: &Path, path: &Path, parts: &[Bytes]) -> std::io::Result<()> {
+    use std::io::{IoSlice, Write};
+    let dir = path.parent().unwrap_or(root);
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        "{}{}{:016x}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("obj"),
+        TMP_MARKER,
+        rand::random::<u64>()
+    ));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        let parts: Vec<&[u8]> = parts
+            .iter()
+            .map(|p| &p[..])
+            .filter(|p| !p.is_empty())
+            .collect();
+        // `next` is the first part not fully written; `skip` the bytes of it
+        // already written.
+        let (mut next, mut skip) = (0, 0);
+        while next < parts.len() {
+            let slices: Vec<IoSlice<'_>> = std::iter::once(&parts[next][skip..])
+                .chain(parts[next + 1..].iter().copied())
+                .take(IOV_MAX)
+                .map(IoSlice::new)
+                .collect();
+            let mut n = f.write_vectored(&slices)?;
+            if n == 0 {
+                return Err(std::io::Error::new(ErrorKind::WriteZero, "short write"));
+            }
+            while n > 0 && next < parts.len() {
+                let left = parts[next].len() - skip;
+                if n >= left {
+                    n -= left;
+                    next += 1;
+                    skip = 0;
+                } else {
+                    skip += n;
+                    n = 0;
+                }
+            }
+        }
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        // The rename is durable only once the directory is synced.
+        std::fs::File::open(dir)?.sync_all()
+    };
+    let r = write();
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+/// Most buffers passed to one `writev` (Linux's IOV_MAX).
+const IOV_MAX: usize = 1024;
+
 #[async_trait::async_trait]
 impl ObjectStore for LocalDir {
     async fn put(&self, key: &str, parts: Vec<Bytes>) -> Result<()> {
         let path = self.path(key)?;
-        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
-        tokio::fs::create_dir_all(&dir)
+        let root = self.root.clone();
+        // Blocking std I/O on the sidecar's blocking pool: tokio's File would
+        // copy every part into its own buffer; `write_vectored` hands the
+        // caller's buffers to the kernel directly.
+        tokio::task::spawn_blocking(move || put_blocking(&root, &path, &parts))
             .await
-            .map_err(io("create_dir", key))?;
-        let tmp = dir.join(format!(
-            "{}{}{:016x}",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("obj"),
-            TMP_MARKER,
-            rand::random::<u64>()
-        ));
-        let write = async {
-            let mut f = tokio::fs::File::create(&tmp).await?;
-            for part in &parts {
-                f.write_all(part).await?;
-            }
-            f.sync_all().await?;
-            drop(f);
-            tokio::fs::rename(&tmp, &path).await?;
-            // The rename is durable only once the directory is synced.
-            tokio::fs::File::open(&dir).await?.sync_all().await
-        };
-        if let Err(e) = write.await {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(io("put", key)(e));
-        }
-        Ok(())
+            .map_err(|e| Error::Io {
+                op: "put",
+                key: key.to_string(),
+                source: std::io::Error::other(e),
+            })?
+            .map_err(io("put", key))
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {

@@ -1,0 +1,30 @@
+use std::time::Duration;
+
+/// Engine settings, resolved by `floe-net` from flags, environment, file
+/// and the tuning model.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub node_id: i32,
+    pub shards: usize,
+    /// Seal a segment this long after its first batch.
+    pub flush_interval: Duration,
+    /// Seal a segment once it holds this many payload bytes.
+    pub flush_bytes: usize,
+    /// Per shard: request bytes admitted but not yet answered.
+    pub inflight_bytes_max: usize,
+    /// Per shard: bytes of stored batches kept for reads.
+    pub read_cache_bytes_max: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            node_id: 1,
+            shards: 1,
+            flush_interval: Duration::from_millis(100),
+            flush_bytes: 8 << 20,
+            inflight_bytes_max: 256 << 20,
+            read_cache_bytes_max: 256 << 20,
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! Broker counters, exported by `floe-net` on `/metrics`. Updated once per
+//! batch, segment or request, never per record.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use floe_objstore::RequestCounters;
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// RecordBatch bytes accepted from producers.
+    pub produce_payload_bytes: AtomicU64,
+    /// RecordBatch bytes copied in user space between the socket and the
+    /// object store (the one socket-to-buffer copy counts).
+    pub produce_copied_bytes: AtomicU64,
+    pub produce_batches: AtomicU64,
+    pub fetch_bytes: AtomicU64,
+    pub segments_committed: AtomicU64,
+    pub segment_bytes: AtomicU64,
+    pub commit_failures: AtomicU64,
+    pub upload_failures: AtomicU64,
+    pub requests: AtomicU64,
+    pub connections_accepted: AtomicU64,
+    pub bad_frames: AtomicU64,
+    pub objstore_intake: RequestCounters,
+    pub objstore_fetch: RequestCounters,
+}
+
+impl Metrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Relaxed)
+    }
+}

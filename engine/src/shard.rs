@@ -1,0 +1,680 @@
+//! One shard: a glommio executor pinned to one core, owning its partitions'
+//! open segment, indexes and read cache. Work for a partition owned by
+//! another shard crosses a bounded channel as `Bytes` handles (no copy).
+//!
+//! Everything in [`Shard`] is owned by its shard's thread (`Rc`, `RefCell`);
+//! only [`ShardLink`] is shared.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use floe_meta::schema::SegmentRecord;
+use futures::channel::{mpsc, oneshot};
+use futures::{Future, StreamExt};
+
+use crate::batch::{patched_prefix, Batch};
+use crate::cache::ReadCache;
+use crate::committer::{CommitRequest, IndexUpdate};
+use crate::index::{IndexEntry, PartitionIndex};
+use crate::metrics::Metrics;
+use crate::pool::FramePool;
+use crate::segment::{SealedSegment, SegmentBuilder};
+use crate::sequencer::BatchOutcome;
+use crate::{Engine, Error, PartitionKey, Result};
+
+/// Messages queued per shard mailbox before senders wait.
+pub const MAILBOX_MESSAGES_MAX: usize = 1024;
+
+/// The shared, `Send` side of a shard: how other shards and the committer
+/// reach it.
+pub struct ShardLink {
+    pub mailbox: flume::Sender<ShardMsg>,
+    pub index: flume::Sender<IndexMsg>,
+    /// Notified whenever this shard's partitions gain committed data.
+    pub data: event_listener::Event,
+}
+
+/// Receivers of a shard's channels, handed to the shard at start.
+pub struct ShardInbox {
+    pub mailbox: flume::Receiver<ShardMsg>,
+    pub index: flume::Receiver<IndexMsg>,
+}
+
+pub fn link() -> (ShardLink, ShardInbox) {
+    let (mtx, mrx) = flume::bounded(MAILBOX_MESSAGES_MAX);
+    // Index updates arrive at the commit rate, one per partition per
+    // commit; the committer must never block on a shard.
+    let (itx, irx) = flume::unbounded();
+    (
+        ShardLink {
+            mailbox: mtx,
+            index: itx,
+            data: event_listener::Event::new(),
+        },
+        ShardInbox {
+            mailbox: mrx,
+            index: irx,
+        },
+    )
+}
+
+pub enum ShardMsg {
+    Append {
+        tp: PartitionKey,
+        batches: Vec<Batch>,
+        reply: oneshot::Sender<Result<Vec<BatchOutcome>>>,
+    },
+    Read {
+        req: ReadRequest,
+        reply: oneshot::Sender<Result<ReadResult>>,
+    },
+    Offsets {
+        tp: PartitionKey,
+        query: OffsetQuery,
+        reply: oneshot::Sender<Result<OffsetAnswer>>,
+    },
+}
+
+pub enum IndexMsg {
+    Update(IndexUpdate),
+    Applied(u64),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ReadRequest {
+    pub tp: PartitionKey,
+    pub offset: u64,
+    pub max_bytes: usize,
+}
+
+/// Batches read from one partition, ready to write out: for each batch a
+/// 12-byte patched prefix followed by the untouched rest of the stored batch.
+#[derive(Debug, Clone, Default)]
+pub struct ReadResult {
+    pub high_watermark: u64,
+    pub log_start: u64,
+    pub parts: Vec<Bytes>,
+    pub bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetQuery {
+    Earliest,
+    Latest,
+    MaxTimestamp,
+    /// The first batch with a record at or after this timestamp.
+    Timestamp(i64),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct OffsetAnswer {
+    pub high_watermark: u64,
+    pub log_start: u64,
+    /// For timestamp queries: the base offset and whole (patched) batch in
+    /// which the answer lies; `None` when no record qualifies.
+    pub batch: Option<(u64, Bytes)>,
+}
+
+#[derive(Default)]
+struct ShardState {
+    builder: SegmentBuilder,
+    waiters: Vec<oneshot::Sender<Result<Vec<BatchOutcome>>>>,
+    indexes: HashMap<PartitionKey, PartitionIndex>,
+    segments_sealed: u64,
+}
+
+struct Pending {
+    record: SegmentRecord,
+    appends: Vec<Vec<(usize, usize)>>,
+    waiters: Vec<oneshot::Sender<Result<Vec<BatchOutcome>>>>,
+    upload: std::pin::Pin<Box<dyn Future<Output = Result<()>>>>,
+}
+
+/// One shard's state and runtime. Owned by its executor thread.
+pub struct Shard {
+    pub id: usize,
+    pub engine: Arc<Engine>,
+    pub frames: FramePool,
+    /// Request bytes admitted and not yet answered (TCP back-pressure).
+    pub budget: Rc<glommio::sync::Semaphore>,
+    state: RefCell<ShardState>,
+    cache: RefCell<ReadCache>,
+    applied_seq: Cell<u64>,
+    applied: event_listener::Event,
+    opened: event_listener::Event,
+    commit_queue: RefCell<Option<mpsc::UnboundedSender<Pending>>>,
+    started_ms: u128,
+}
+
+impl Shard {
+    /// Creates the shard and spawns its background tasks on the current
+    /// glommio executor. Returns the shard and a future that completes when
+    /// its commit queue has drained after [`Shard::close`].
+    pub fn start(
+        id: usize,
+        engine: Arc<Engine>,
+        inbox: ShardInbox,
+    ) -> (Rc<Self>, impl Future<Output = ()>) {
+        let (ctx, crx) = mpsc::unbounded();
+        let cfg = &engine.config;
+        let shard = Rc::new(Self {
+            id,
+            budget: Rc::new(glommio::sync::Semaphore::new(cfg.inflight_bytes_max as u64)),
+            cache: RefCell::new(ReadCache::new(cfg.read_cache_bytes_max)),
+            engine,
+            frames: FramePool::default(),
+            state: RefCell::new(ShardState::default()),
+            applied_seq: Cell::new(0),
+            applied: event_listener::Event::new(),
+            opened: event_listener::Event::new(),
+            commit_queue: RefCell::new(Some(ctx)),
+            started_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis()),
+        });
+        glommio::spawn_local(Self::index_loop(shard.clone(), inbox.index)).detach();
+        glommio::spawn_local(Self::mailbox_loop(shard.clone(), inbox.mailbox)).detach();
+        glommio::spawn_local(Self::flush_loop(shard.clone())).detach();
+        let done = glommio::spawn_local(Self::commit_loop(shard.clone(), crx));
+        (shard, async move {
+            done.await;
+        })
+    }
+
+    fn link(&self) -> &ShardLink {
+        &self.engine.shards[self.id]
+    }
+
+    /// Appends validated batches to their partition's owning shard; resolves
+    /// once they are durable and committed (or refused).
+    pub fn append(
+        self: &Rc<Self>,
+        tp: PartitionKey,
+        batches: Vec<Batch>,
+    ) -> impl Future<Output = Result<Vec<BatchOutcome>>> + 'static {
+        let owner = self.engine.owner(&tp);
+        let local = (owner == self.id).then(|| self.append_local(tp, batches.clone()));
+        let engine = self.engine.clone();
+        async move {
+            let rx = match local {
+                Some(rx) => rx,
+                None => {
+                    let (tx, rx) = oneshot::channel();
+                    let msg = ShardMsg::Append {
+                        tp,
+                        batches,
+                        reply: tx,
+                    };
+                    engine.shards[owner]
+                        .mailbox
+                        .send_async(msg)
+                        .await
+                        .map_err(|_| Error::ShuttingDown)?;
+                    rx
+                }
+            };
+            rx.await.unwrap_or(Err(Error::ShuttingDown))
+        }
+    }
+
+    fn append_local(
+        self: &Rc<Self>,
+        tp: PartitionKey,
+        batches: Vec<Batch>,
+    ) -> oneshot::Receiver<Result<Vec<BatchOutcome>>> {
+        let (tx, rx) = oneshot::channel();
+        let bytes: usize = batches.iter().map(|b| b.bytes.len()).sum();
+        Metrics::add(&self.engine.metrics.produce_payload_bytes, bytes as u64);
+        Metrics::add(&self.engine.metrics.produce_batches, batches.len() as u64);
+        let full = {
+            let mut st = self.state.borrow_mut();
+            let first = st.builder.is_empty();
+            let id = st.builder.append(tp, batches, Instant::now());
+            debug_assert_eq!(id, st.waiters.len());
+            st.waiters.push(tx);
+            if first {
+                self.opened.notify(usize::MAX);
+            }
+            st.builder.bytes() >= self.engine.config.flush_bytes
+        };
+        if full {
+            self.seal();
+        }
+        rx
+    }
+
+    /// Seals the open segment (if any), starts its upload and queues its
+    /// commit behind the shard's earlier segments.
+    fn seal(&self) {
+        let (sealed, waiters, n) = {
+            let mut st = self.state.borrow_mut();
+            if st.builder.is_empty() {
+                return;
+            }
+            st.segments_sealed += 1;
+            (
+                st.builder.seal(),
+                std::mem::take(&mut st.waiters),
+                st.segments_sealed,
+            )
+        };
+        let SealedSegment {
+            parts,
+            size,
+            chunks,
+            appends,
+            batch_bytes,
+            ..
+        } = sealed;
+        let key = format!(
+            "segments/{:013}-n{}-s{}-{:08}",
+            self.started_ms, self.engine.config.node_id, self.id, n
+        );
+        let seg: Arc<str> = Arc::from(key.as_str());
+        {
+            let mut cache = self.cache.borrow_mut();
+            for (chunk, bytes) in chunks.iter().zip(batch_bytes) {
+                for (b, data) in chunk.batches.iter().zip(bytes) {
+                    cache.insert(seg.clone(), b.pos, data);
+                }
+            }
+        }
+        let store = self.engine.store.clone();
+        let metrics = self.engine.metrics.clone();
+        let put_key = key.clone();
+        let upload = self.engine.sidecar.run(async move {
+            let r = store.put(&put_key, parts).await;
+            match &r {
+                Ok(()) => metrics.objstore_intake.put(size),
+                Err(_) => metrics.objstore_intake.error(),
+            }
+            r.map_err(Error::from)
+        });
+        let pending = Pending {
+            record: SegmentRecord { key, size, chunks },
+            appends,
+            waiters,
+            upload: Box::pin(upload),
+        };
+        let queue = self.commit_queue.borrow();
+        match queue.as_ref() {
+            Some(q) if q.unbounded_send(pending).is_ok() => {}
+            _ => tracing::error!(
+                shard = self.id,
+                "segment sealed after the commit queue closed"
+            ),
+        }
+    }
+
+    async fn flush_loop(self: Rc<Self>) {
+        let interval = self.engine.config.flush_interval;
+        loop {
+            let opened = self.opened.listen();
+            let deadline = self.state.borrow().builder.deadline(interval);
+            match deadline {
+                None => {
+                    if self.commit_queue.borrow().is_none() {
+                        return;
+                    }
+                    opened.await;
+                }
+                Some(d) => {
+                    let now = Instant::now();
+                    if d > now {
+                        glommio::timer::sleep(d - now).await;
+                    }
+                    if self.state.borrow().builder.deadline(interval) == Some(d) {
+                        self.seal();
+                    }
+                }
+            }
+        }
+    }
+
+    async fn commit_loop(self: Rc<Self>, mut queue: mpsc::UnboundedReceiver<Pending>) {
+        while let Some(p) = queue.next().await {
+            let Pending {
+                record,
+                appends,
+                waiters,
+                upload,
+            } = p;
+            let result = match upload.await {
+                Err(e) => {
+                    Metrics::add(&self.engine.metrics.upload_failures, 1);
+                    tracing::warn!(shard = self.id, segment = %record.key, error = %e, "segment upload failed; producers get a retriable error");
+                    Err(e)
+                }
+                Ok(()) => self.commit(record).await,
+            };
+            match result {
+                Ok(outcomes) => {
+                    for (append, tx) in appends.into_iter().zip(waiters) {
+                        let o = append.iter().map(|&(c, b)| outcomes[c][b]).collect();
+                        let _ = tx.send(Ok(o));
+                    }
+                }
+                Err(e) => {
+                    for tx in waiters {
+                        let _ = tx.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn commit(&self, record: SegmentRecord) -> Result<Vec<Vec<BatchOutcome>>> {
+        let size = record.size;
+        let (tx, rx) = oneshot::channel();
+        self.engine
+            .committer
+            .send_async(CommitRequest::Segment {
+                segment: record,
+                reply: tx,
+            })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        let r = rx.await.unwrap_or(Err(Error::ShuttingDown));
+        let (seq, outcomes) = match r {
+            Ok(v) => v,
+            Err(e) => {
+                Metrics::add(&self.engine.metrics.commit_failures, 1);
+                return Err(e);
+            }
+        };
+        Metrics::add(&self.engine.metrics.segments_committed, 1);
+        Metrics::add(&self.engine.metrics.segment_bytes, size);
+        // Answer only once this shard's index shows the commit, so that a
+        // producer's acknowledged offsets are immediately readable.
+        loop {
+            let l = self.applied.listen();
+            if self.applied_seq.get() >= seq {
+                break;
+            }
+            l.await;
+        }
+        Ok(outcomes)
+    }
+
+    async fn index_loop(self: Rc<Self>, rx: flume::Receiver<IndexMsg>) {
+        while let Ok(msg) = rx.recv_async().await {
+            match msg {
+                IndexMsg::Update(u) => {
+                    let seg: Rc<str> = Rc::from(&*u.segment);
+                    let mut st = self.state.borrow_mut();
+                    let index = st.indexes.entry(u.tp).or_default();
+                    for (pos, len, records, max_ts, outcome) in u.batches {
+                        if let BatchOutcome::Appended { base_offset } = outcome {
+                            index.push(IndexEntry {
+                                base_offset,
+                                records,
+                                max_ts,
+                                segment: seg.clone(),
+                                pos,
+                                len,
+                            });
+                        }
+                    }
+                }
+                IndexMsg::Applied(seq) => {
+                    self.applied_seq.set(seq);
+                    self.applied.notify(usize::MAX);
+                    self.link().data.notify(usize::MAX);
+                }
+            }
+        }
+    }
+
+    async fn mailbox_loop(self: Rc<Self>, rx: flume::Receiver<ShardMsg>) {
+        while let Ok(msg) = rx.recv_async().await {
+            match msg {
+                ShardMsg::Append { tp, batches, reply } => {
+                    let rx = self.append_local(tp, batches);
+                    glommio::spawn_local(async move {
+                        let _ = reply.send(rx.await.unwrap_or(Err(Error::ShuttingDown)));
+                    })
+                    .detach();
+                }
+                ShardMsg::Read { req, reply } => {
+                    let me = self.clone();
+                    glommio::spawn_local(async move {
+                        let _ = reply.send(me.read_local(req).await);
+                    })
+                    .detach();
+                }
+                ShardMsg::Offsets { tp, query, reply } => {
+                    let me = self.clone();
+                    glommio::spawn_local(async move {
+                        let _ = reply.send(me.offsets_local(tp, query).await);
+                    })
+                    .detach();
+                }
+            }
+        }
+    }
+
+    /// Reads from a partition through its owning shard.
+    pub fn read(
+        self: &Rc<Self>,
+        req: ReadRequest,
+    ) -> impl Future<Output = Result<ReadResult>> + 'static {
+        let owner = self.engine.owner(&req.tp);
+        let me = self.clone();
+        async move {
+            if owner == me.id {
+                return me.read_local(req).await;
+            }
+            let (tx, rx) = oneshot::channel();
+            me.engine.shards[owner]
+                .mailbox
+                .send_async(ShardMsg::Read { req, reply: tx })
+                .await
+                .map_err(|_| Error::ShuttingDown)?;
+            rx.await.unwrap_or(Err(Error::ShuttingDown))
+        }
+    }
+
+    /// Answers a ListOffsets query through the partition's owning shard.
+    pub fn offsets(
+        self: &Rc<Self>,
+        tp: PartitionKey,
+        query: OffsetQuery,
+    ) -> impl Future<Output = Result<OffsetAnswer>> + 'static {
+        let owner = self.engine.owner(&tp);
+        let me = self.clone();
+        async move {
+            if owner == me.id {
+                return me.offsets_local(tp, query).await;
+            }
+            let (tx, rx) = oneshot::channel();
+            me.engine.shards[owner]
+                .mailbox
+                .send_async(ShardMsg::Offsets {
+                    tp,
+                    query,
+                    reply: tx,
+                })
+                .await
+                .map_err(|_| Error::ShuttingDown)?;
+            rx.await.unwrap_or(Err(Error::ShuttingDown))
+        }
+    }
+
+    /// The event notified when partitions owned by `tp`'s shard gain data.
+    pub fn data_event(&self, tp: &PartitionKey) -> &event_listener::Event {
+        &self.engine.shards[self.engine.owner(tp)].data
+    }
+
+    /// Fetches the stored bytes of index entries, from the cache or with
+    /// one ranged GET per run of adjacent batches in one segment.
+    async fn load(&self, entries: &[IndexEntry]) -> Result<Vec<Bytes>> {
+        let mut out: Vec<Option<Bytes>> = {
+            let cache = self.cache.borrow();
+            entries
+                .iter()
+                .map(|e| cache.get(&Arc::from(&*e.segment), e.pos))
+                .collect()
+        };
+        let mut i = 0;
+        while i < entries.len() {
+            if out[i].is_some() {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < entries.len()
+                && out[j].is_none()
+                && entries[j].segment == entries[i].segment
+                && entries[j].pos == entries[j - 1].pos + u64::from(entries[j - 1].len)
+            {
+                j += 1;
+            }
+            let start = entries[i].pos;
+            let end = entries[j - 1].pos + u64::from(entries[j - 1].len);
+            let key = entries[i].segment.to_string();
+            let store = self.engine.store.clone();
+            let metrics = self.engine.metrics.clone();
+            let data = self
+                .engine
+                .sidecar
+                .run(async move {
+                    let r = store.get_range(&key, start..end).await;
+                    match &r {
+                        Ok(b) => metrics.objstore_fetch.get(b.len() as u64),
+                        Err(_) => metrics.objstore_fetch.error(),
+                    }
+                    r.map_err(Error::from)
+                })
+                .await?;
+            let seg: Arc<str> = Arc::from(&*entries[i].segment);
+            let mut cache = self.cache.borrow_mut();
+            for k in i..j {
+                let off = (entries[k].pos - start) as usize;
+                let b = data.slice(off..off + entries[k].len as usize);
+                cache.insert(seg.clone(), entries[k].pos, b.clone());
+                out[k] = Some(b);
+            }
+            i = j;
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    async fn read_local(&self, req: ReadRequest) -> Result<ReadResult> {
+        let (entries, hwm, log_start) = {
+            let st = self.state.borrow();
+            let Some(index) = st.indexes.get(&req.tp) else {
+                if req.offset == 0 {
+                    return Ok(ReadResult::default());
+                }
+                return Err(Error::OffsetOutOfRange {
+                    offset: req.offset,
+                    log_start: 0,
+                    high_watermark: 0,
+                });
+            };
+            let (hwm, log_start) = (index.high_watermark(), index.log_start());
+            if req.offset > hwm || req.offset < log_start {
+                return Err(Error::OffsetOutOfRange {
+                    offset: req.offset,
+                    log_start,
+                    high_watermark: hwm,
+                });
+            }
+            let mut entries = Vec::new();
+            if let Some(mut i) = index.position(req.offset).filter(|_| req.max_bytes > 0) {
+                let mut bytes = 0usize;
+                while let Some(e) = index.entry(i) {
+                    // The first batch is returned even when larger than
+                    // max_bytes, so a consumer always makes progress (KIP-74).
+                    if !entries.is_empty() && bytes + e.len as usize > req.max_bytes {
+                        break;
+                    }
+                    bytes += e.len as usize;
+                    entries.push(e.clone());
+                    i += 1;
+                }
+            }
+            (entries, hwm, log_start)
+        };
+        let data = self.load(&entries).await?;
+        let mut parts = Vec::with_capacity(2 * data.len());
+        let mut bytes = 0;
+        for (e, stored) in entries.iter().zip(data) {
+            let prefix = patched_prefix(&stored, e.base_offset as i64);
+            parts.push(Bytes::copy_from_slice(&prefix));
+            parts.push(stored.slice(prefix.len()..));
+            bytes += stored.len();
+        }
+        Metrics::add(&self.engine.metrics.fetch_bytes, bytes as u64);
+        Ok(ReadResult {
+            high_watermark: hwm,
+            log_start,
+            parts,
+            bytes,
+        })
+    }
+
+    async fn offsets_local(&self, tp: PartitionKey, query: OffsetQuery) -> Result<OffsetAnswer> {
+        let (entry, hwm, log_start) = {
+            let st = self.state.borrow();
+            let Some(index) = st.indexes.get(&tp) else {
+                return Ok(OffsetAnswer::default());
+            };
+            let pos = match query {
+                OffsetQuery::Earliest | OffsetQuery::Latest => None,
+                OffsetQuery::MaxTimestamp => index.position_of_max_timestamp(),
+                OffsetQuery::Timestamp(ts) => index.position_for_timestamp(ts),
+            };
+            (
+                pos.and_then(|p| index.entry(p).cloned()),
+                index.high_watermark(),
+                index.log_start(),
+            )
+        };
+        let batch = match entry {
+            None => None,
+            Some(e) => {
+                let stored = self.load(std::slice::from_ref(&e)).await?;
+                stored.into_iter().next().map(|b| {
+                    let mut whole = patched_prefix(&b, e.base_offset as i64).to_vec();
+                    whole.extend_from_slice(&b[12..]);
+                    (e.base_offset, Bytes::from(whole))
+                })
+            }
+        };
+        Ok(OffsetAnswer {
+            high_watermark: hwm,
+            log_start,
+            batch,
+        })
+    }
+
+    /// Seals what is open and closes the commit queue; the future returned
+    /// by [`Shard::start`] completes once every queued commit is answered.
+    pub fn close(&self) {
+        self.seal();
+        self.commit_queue.borrow_mut().take();
+        self.opened.notify(usize::MAX);
+    }
+}
+
+/// Routes the committer's index updates to the owning shards.
+pub struct ShardIndexSink {
+    pub links: Vec<flume::Sender<IndexMsg>>,
+}
+
+impl crate::committer::IndexSink for ShardIndexSink {
+    fn send(&self, update: IndexUpdate) {
+        let owner = update.tp.owner(self.links.len());
+        let _ = self.links[owner].send(IndexMsg::Update(update));
+    }
+    fn applied(&self, seq: u64) {
+        for l in &self.links {
+            let _ = l.send(IndexMsg::Applied(seq));
+        }
+    }
+}

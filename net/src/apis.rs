@@ -1,0 +1,49 @@
+//! The Kafka APIs floe serves, each with exactly the version range it
+//! implements — the one place these ranges are declared. ApiVersions
+//! advertises this table; a request outside it is refused.
+
+use kafka_protocol::messages::ApiKey;
+
+/// (api, min version, max version)
+pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
+    (ApiKey::Produce, 3, 11),
+    // v13+ names topics by id only; not served yet.
+    (ApiKey::Fetch, 4, 12),
+    (ApiKey::ListOffsets, 1, 8),
+    (ApiKey::Metadata, 0, 12),
+    (ApiKey::ApiVersions, 0, 4),
+    (ApiKey::CreateTopics, 2, 7),
+    (ApiKey::DeleteTopics, 1, 6),
+    (ApiKey::InitProducerId, 0, 4),
+    (ApiKey::DescribeConfigs, 1, 4),
+    (ApiKey::CreatePartitions, 0, 3),
+    (ApiKey::DescribeCluster, 0, 1),
+];
+
+pub fn range(api: ApiKey) -> Option<(i16, i16)> {
+    SUPPORTED
+        .iter()
+        .find(|(k, _, _)| *k == api)
+        .map(|&(_, lo, hi)| (lo, hi))
+}
+
+pub fn supports(api: ApiKey, version: i16) -> bool {
+    range(api).is_some_and(|(lo, hi)| (lo..=hi).contains(&version))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_within_what_the_codec_implements() {
+        for &(api, lo, hi) in SUPPORTED {
+            let codec = api.valid_versions();
+            assert!(lo <= hi, "{api:?}");
+            assert!(
+                codec.min <= lo && hi <= codec.max,
+                "{api:?} {lo}..={hi} outside codec {codec:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! The broker as the protocol layer sees it: the engine plus the settings
+//! that shape answers (advertised address, topic defaults, limits).
+
+use std::sync::Arc;
+
+use floe_engine::Engine;
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node_id: i32,
+    pub advertise_host: String,
+    pub advertise_port: u16,
+    pub auto_create_topics: bool,
+    pub num_partitions: u32,
+    pub max_message_bytes: usize,
+    pub max_request_bytes: usize,
+    pub fetch_wait_ms_max: u64,
+}
+
+pub struct Broker {
+    pub engine: Arc<Engine>,
+    pub settings: Settings,
+}

@@ -1,0 +1,214 @@
+//! One client connection: a thin socket loop. The reader admits each frame
+//! against the shard's in-flight budget (before allocating it), decodes the
+//! header, and starts the request; the writer sends responses in request
+//! order. Bad input ends this connection with one log line and touches
+//! nothing else.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use floe_engine::metrics::Metrics;
+use futures::channel::mpsc;
+use futures::future::{select, Either};
+use futures::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use futures::{SinkExt, StreamExt};
+use glommio::net::TcpStream;
+use glommio::sync::StaticPermit;
+use kafka_protocol::messages::{ApiKey, RequestHeader};
+use kafka_protocol::protocol::Decodable;
+
+use crate::apis;
+use crate::handlers::{self, Ctx, Pending, Reply};
+
+/// Requests a connection may have started but not yet answered.
+pub const PIPELINE_DEPTH_MAX: usize = 128;
+/// Smallest frame: api key, api version, correlation id.
+const FRAME_BYTES_MIN: usize = 8;
+/// Parts below this size are gathered into one send; larger stored batches
+/// are written from their own buffers (glommio 0.9 has no writev).
+const GATHER_BYTES_MAX: usize = 16 << 10;
+
+struct Outgoing {
+    correlation_id: i32,
+    header_version: i16,
+    reply: Pending,
+    _permit: StaticPermit,
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    Closed,
+    ShuttingDown,
+    Refused(String),
+}
+
+pub async fn serve(ctx: Ctx, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.split();
+    let (tx, rx) = mpsc::channel::<Outgoing>(PIPELINE_DEPTH_MAX);
+    let writer = glommio::spawn_local(write_loop(wr, rx, peer));
+    match read_loop(&ctx, rd, tx, peer).await {
+        End::Refused(why) => {
+            Metrics::add(&ctx.broker.engine.metrics.bad_frames, 1);
+            tracing::warn!(%peer, "closing connection: {why}");
+        }
+        End::Closed | End::ShuttingDown => {}
+    }
+    writer.await;
+}
+
+async fn read_loop(
+    ctx: &Ctx,
+    mut rd: ReadHalf<TcpStream>,
+    mut tx: mpsc::Sender<Outgoing>,
+    peer: SocketAddr,
+) -> End {
+    let broker = ctx.broker.clone();
+    let max_request = broker.settings.max_request_bytes;
+    let budget_max = broker.engine.config.inflight_bytes_max;
+    loop {
+        let mut prefix = [0u8; 4];
+        {
+            let read = Box::pin(rd.read_exact(&mut prefix));
+            let stop = Box::pin(broker.engine.shutdown.wait());
+            match select(read, stop).await {
+                Either::Left((Ok(()), _)) => {}
+                Either::Left((Err(_), _)) => return End::Closed,
+                Either::Right(_) => return End::ShuttingDown,
+            }
+        }
+        let len = i32::from_be_bytes(prefix);
+        if len < FRAME_BYTES_MIN as i32 || len as usize > max_request {
+            return End::Refused(format!(
+                "frame length {len} outside {FRAME_BYTES_MIN}..={max_request} (socket.request.max.bytes)"
+            ));
+        }
+        let len = len as usize;
+        // Admit by memory before reading the body: when the shard's budget
+        // is spent, this connection stops reading (TCP back-pressure).
+        let permit = match ctx
+            .shard
+            .budget
+            .acquire_static_permit(len.min(budget_max) as u64)
+            .await
+        {
+            Ok(p) => p,
+            Err(_) => return End::ShuttingDown,
+        };
+        let mut buf = ctx.shard.frames.take(len);
+        if let Err(e) = rd.read_exact(&mut buf).await {
+            return End::Refused(format!("truncated frame of {len} bytes: {e}"));
+        }
+        let mut frame: Bytes = buf.freeze();
+        Metrics::add(&broker.engine.metrics.requests, 1);
+        let api_key = i16::from_be_bytes([frame[0], frame[1]]);
+        let version = i16::from_be_bytes([frame[2], frame[3]]);
+        let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
+        let Ok(api) = ApiKey::try_from(api_key) else {
+            return End::Refused(format!("unknown API key {api_key}"));
+        };
+        if !apis::supports(api, version) {
+            if api == ApiKey::ApiVersions {
+                // KIP-511: answer in v0 with UNSUPPORTED_VERSION and our
+                // ranges, so the client retries with one we support.
+                let reply = handlers::api_versions_unsupported();
+                let out = Outgoing {
+                    correlation_id,
+                    header_version: 0,
+                    reply: Box::pin(async move { reply }),
+                    _permit: permit,
+                };
+                if tx.send(out).await.is_err() {
+                    return End::Closed;
+                }
+                continue;
+            }
+            return End::Refused(format!(
+                "{api:?} v{version} is not supported (range {:?})",
+                apis::range(api)
+            ));
+        }
+        let header = match RequestHeader::decode(&mut frame, api.request_header_version(version)) {
+            Ok(h) => h,
+            Err(e) => return End::Refused(format!("bad {api:?} request header: {e}")),
+        };
+        let mut ctx = ctx.clone();
+        if ctx.client_id.as_deref() != header.client_id.as_deref() {
+            ctx.client_id = header.client_id.as_deref().map(Rc::from);
+        }
+        let reply = match handlers::dispatch(&ctx, api, version, frame).await {
+            Ok(p) => p,
+            Err(e) => {
+                return End::Refused(format!("{e} (client {:?}, peer {peer})", ctx.client_id))
+            }
+        };
+        let out = Outgoing {
+            correlation_id,
+            header_version: api.response_header_version(version),
+            reply,
+            _permit: permit,
+        };
+        if tx.send(out).await.is_err() {
+            return End::Closed;
+        }
+    }
+}
+
+async fn write_loop(
+    mut wr: WriteHalf<TcpStream>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    peer: SocketAddr,
+) {
+    while let Some(out) = rx.next().await {
+        let parts = match out.reply.await {
+            Reply::Body(b) => vec![b.freeze()],
+            Reply::Parts(p) => p,
+            Reply::Nothing => continue,
+            Reply::Close => break,
+        };
+        let body: usize = parts.iter().map(Bytes::remaining).sum();
+        let mut head = BytesMut::with_capacity(GATHER_BYTES_MAX);
+        let header_len = if out.header_version >= 1 { 5 } else { 4 };
+        head.extend_from_slice(&((header_len + body) as i32).to_be_bytes());
+        head.extend_from_slice(&out.correlation_id.to_be_bytes());
+        if out.header_version >= 1 {
+            head.extend_from_slice(&[0]); // no tagged fields
+        }
+        let result = send(&mut wr, head, parts).await;
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "client went away");
+            return;
+        }
+    }
+    let _ = wr.close().await;
+}
+
+/// Writes `head` followed by `parts`: small parts are gathered into `head`
+/// (flushed whenever it fills), large ones written from their own buffers.
+async fn send(
+    wr: &mut WriteHalf<TcpStream>,
+    mut head: BytesMut,
+    parts: Vec<Bytes>,
+) -> std::io::Result<()> {
+    for p in parts {
+        if p.len() < GATHER_BYTES_MAX {
+            head.extend_from_slice(&p);
+            if head.len() >= GATHER_BYTES_MAX {
+                wr.write_all(&head).await?;
+                head.clear();
+            }
+        } else {
+            if !head.is_empty() {
+                wr.write_all(&head).await?;
+                head.clear();
+            }
+            wr.write_all(&p).await?;
+        }
+    }
+    if !head.is_empty() {
+        wr.write_all(&head).await?;
+    }
+    Ok(())
+}

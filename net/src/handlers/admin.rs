@@ -1,0 +1,385 @@
+//! ApiVersions, topic administration, configs, cluster and producer ids.
+
+use std::collections::BTreeMap;
+
+use kafka_protocol::messages::api_versions_response::{ApiVersion, ApiVersionsResponse};
+use kafka_protocol::messages::create_partitions_request::CreatePartitionsRequest;
+use kafka_protocol::messages::create_partitions_response::{
+    CreatePartitionsResponse, CreatePartitionsTopicResult,
+};
+use kafka_protocol::messages::create_topics_request::CreateTopicsRequest;
+use kafka_protocol::messages::create_topics_response::{
+    CreatableTopicConfigs, CreatableTopicResult, CreateTopicsResponse,
+};
+use kafka_protocol::messages::delete_topics_request::DeleteTopicsRequest;
+use kafka_protocol::messages::delete_topics_response::{
+    DeletableTopicResult, DeleteTopicsResponse,
+};
+use kafka_protocol::messages::describe_cluster_response::{
+    DescribeClusterBroker, DescribeClusterResponse,
+};
+use kafka_protocol::messages::describe_configs_request::DescribeConfigsRequest;
+use kafka_protocol::messages::describe_configs_response::{
+    DescribeConfigsResourceResult, DescribeConfigsResponse, DescribeConfigsResult,
+};
+use kafka_protocol::messages::init_producer_id_request::InitProducerIdRequest;
+use kafka_protocol::messages::init_producer_id_response::InitProducerIdResponse;
+use kafka_protocol::messages::{BrokerId, ProducerId, TopicName};
+use kafka_protocol::protocol::StrBytes;
+
+use super::{encode, Ctx, Reply};
+use crate::apis::SUPPORTED;
+use crate::codes;
+use crate::topic_config::{self, ConfigSource};
+
+fn s(v: impl Into<String>) -> StrBytes {
+    StrBytes::from_string(v.into())
+}
+
+fn api_list() -> Vec<ApiVersion> {
+    SUPPORTED
+        .iter()
+        .map(|&(k, lo, hi)| {
+            ApiVersion::default()
+                .with_api_key(k as i16)
+                .with_min_version(lo)
+                .with_max_version(hi)
+        })
+        .collect()
+}
+
+pub fn api_versions(version: i16) -> Reply {
+    encode(
+        &ApiVersionsResponse::default().with_api_keys(api_list()),
+        version,
+    )
+}
+
+pub fn api_versions_error(code: i16) -> Reply {
+    encode(
+        &ApiVersionsResponse::default()
+            .with_error_code(code)
+            .with_api_keys(api_list()),
+        0,
+    )
+}
+
+fn message(e: &floe_engine::Error) -> Option<StrBytes> {
+    Some(s(e.to_string()))
+}
+
+pub async fn create_topics(ctx: &Ctx, req: CreateTopicsRequest, version: i16) -> Reply {
+    let broker = &ctx.broker;
+    let mut results = Vec::with_capacity(req.topics.len());
+    for t in req.topics {
+        let name = t.name.0.to_string();
+        let mut result = CreatableTopicResult::default()
+            .with_name(t.name.clone())
+            .with_num_partitions(-1)
+            .with_replication_factor(-1);
+        let partitions = if !t.assignments.is_empty() {
+            t.assignments.len() as i32
+        } else if t.num_partitions == -1 {
+            broker.settings.num_partitions as i32
+        } else {
+            t.num_partitions
+        };
+        if t.replication_factor == 0 || t.replication_factor < -1 {
+            results.push(
+                result
+                    .with_error_code(codes::INVALID_REPLICATION_FACTOR)
+                    .with_error_message(Some(s(format!(
+                        "replication factor {} must be positive or -1",
+                        t.replication_factor
+                    )))),
+            );
+            continue;
+        }
+        let mut configs = BTreeMap::new();
+        let mut bad = None;
+        for c in &t.configs {
+            let key = c.name.to_string();
+            match c.value.as_ref().map(|v| v.to_string()) {
+                Some(v) => match topic_config::validate(&key, &v) {
+                    Ok(()) => {
+                        configs.insert(key, v);
+                    }
+                    Err(reason) => bad = Some(reason),
+                },
+                None => {}
+            }
+        }
+        if let Some(reason) = bad {
+            results.push(
+                result
+                    .with_error_code(codes::INVALID_CONFIG)
+                    .with_error_message(Some(s(reason))),
+            );
+            continue;
+        }
+        if partitions <= 0 {
+            let e = floe_engine::Error::InvalidPartitions {
+                reason: format!("{partitions} partitions; must be at least 1"),
+            };
+            results.push(
+                result
+                    .with_error_code(codes::engine(&e))
+                    .with_error_message(message(&e)),
+            );
+            continue;
+        }
+        let topics = &broker.engine.topics;
+        let created = broker
+            .engine
+            .sidecar
+            .run({
+                let engine = broker.engine.clone();
+                let name = name.clone();
+                let validate_only = req.validate_only;
+                async move {
+                    engine
+                        .topics
+                        .create(&name, partitions as u32, configs, validate_only)
+                        .await
+                }
+            })
+            .await;
+        let _ = topics;
+        match created {
+            Ok(rec) => {
+                result = result
+                    .with_topic_id(if req.validate_only {
+                        Default::default()
+                    } else {
+                        rec.id
+                    })
+                    .with_num_partitions(rec.partitions as i32)
+                    .with_replication_factor(1);
+                if version >= 5 {
+                    let configs = topic_config::describe(&rec.configs, &broker.settings)
+                        .into_iter()
+                        .map(|c| {
+                            CreatableTopicConfigs::default()
+                                .with_name(s(c.name))
+                                .with_value(Some(s(c.value)))
+                                .with_read_only(false)
+                                .with_config_source(c.source as i8)
+                        })
+                        .collect();
+                    result = result.with_configs(Some(configs));
+                }
+                if !req.validate_only {
+                    tracing::info!(topic = %name, partitions, "topic created");
+                }
+                results.push(result);
+            }
+            Err(e) => results.push(
+                result
+                    .with_error_code(codes::engine(&e))
+                    .with_error_message(message(&e)),
+            ),
+        }
+    }
+    encode(
+        &CreateTopicsResponse::default().with_topics(results),
+        version,
+    )
+}
+
+pub async fn delete_topics(ctx: &Ctx, req: DeleteTopicsRequest, version: i16) -> Reply {
+    let engine = &ctx.broker.engine;
+    let mut names: Vec<(Option<String>, uuid::Uuid)> = req
+        .topic_names
+        .iter()
+        .map(|n| (Some(n.0.to_string()), uuid::Uuid::nil()))
+        .collect();
+    for t in &req.topics {
+        names.push((t.name.as_ref().map(|n| n.0.to_string()), t.topic_id));
+    }
+    let mut responses = Vec::new();
+    for (name, id) in names {
+        let resolved = name.clone().or_else(|| {
+            engine
+                .topics
+                .snapshot()
+                .values()
+                .find(|t| t.id == id)
+                .map(|t| t.name.clone())
+        });
+        let mut r = DeletableTopicResult::default()
+            .with_name(name.clone().map(|n| TopicName(s(n))))
+            .with_topic_id(id);
+        match resolved {
+            None => r = r.with_error_code(codes::UNKNOWN_TOPIC_OR_PARTITION),
+            Some(n) => {
+                let e2 = engine.clone();
+                let n2 = n.clone();
+                match engine
+                    .sidecar
+                    .run(async move { e2.topics.delete(&n2).await })
+                    .await
+                {
+                    Ok(rec) => {
+                        tracing::info!(topic = %n, "topic deleted");
+                        r = r.with_topic_id(rec.id).with_name(Some(TopicName(s(n))));
+                    }
+                    Err(e) => {
+                        r = r
+                            .with_error_code(codes::engine(&e))
+                            .with_error_message(message(&e))
+                    }
+                }
+            }
+        }
+        responses.push(r);
+    }
+    encode(
+        &DeleteTopicsResponse::default().with_responses(responses),
+        version,
+    )
+}
+
+pub async fn create_partitions(ctx: &Ctx, req: CreatePartitionsRequest, version: i16) -> Reply {
+    let engine = &ctx.broker.engine;
+    let mut results = Vec::new();
+    for t in req.topics {
+        let name = t.name.0.to_string();
+        let e2 = engine.clone();
+        let count = t.count;
+        let validate_only = req.validate_only;
+        let r = if count <= 0 {
+            Err(floe_engine::Error::InvalidPartitions {
+                reason: format!("partition count {count} must be positive"),
+            })
+        } else {
+            let n = name.clone();
+            engine
+                .sidecar
+                .run(async move {
+                    e2.topics
+                        .add_partitions(&n, count as u32, validate_only)
+                        .await
+                })
+                .await
+        };
+        let mut res = CreatePartitionsTopicResult::default().with_name(t.name);
+        if let Err(e) = r {
+            res = res
+                .with_error_code(codes::engine(&e))
+                .with_error_message(message(&e));
+        }
+        results.push(res);
+    }
+    encode(
+        &CreatePartitionsResponse::default().with_results(results),
+        version,
+    )
+}
+
+const RESOURCE_TOPIC: i8 = 2;
+const RESOURCE_BROKER: i8 = 4;
+
+pub fn describe_configs(ctx: &Ctx, req: DescribeConfigsRequest, version: i16) -> Reply {
+    let settings = &ctx.broker.settings;
+    let mut results = Vec::new();
+    for r in req.resources {
+        let name = r.resource_name.to_string();
+        let mut res = DescribeConfigsResult::default()
+            .with_resource_type(r.resource_type)
+            .with_resource_name(r.resource_name.clone());
+        let entries = match r.resource_type {
+            RESOURCE_TOPIC => match ctx.broker.engine.topics.get(&name) {
+                Some(t) => Some(topic_config::describe(&t.configs, settings)),
+                None => {
+                    res = res
+                        .with_error_code(codes::UNKNOWN_TOPIC_OR_PARTITION)
+                        .with_error_message(Some(s(format!("topic {name:?} does not exist"))));
+                    None
+                }
+            },
+            RESOURCE_BROKER => {
+                if name.is_empty() || name == settings.node_id.to_string() {
+                    Some(topic_config::describe_broker(settings))
+                } else {
+                    res = res
+                        .with_error_code(codes::INVALID_REQUEST)
+                        .with_error_message(Some(s(format!("broker {name:?} is not this broker"))));
+                    None
+                }
+            }
+            other => {
+                res = res
+                    .with_error_code(codes::INVALID_REQUEST)
+                    .with_error_message(Some(s(format!("resource type {other} is not supported"))));
+                None
+            }
+        };
+        if let Some(entries) = entries {
+            let wanted = r.configuration_keys.as_ref();
+            res = res.with_configs(
+                entries
+                    .into_iter()
+                    .filter(|c| wanted.is_none_or(|w| w.iter().any(|k| k.as_str() == c.name)))
+                    .map(|c| {
+                        DescribeConfigsResourceResult::default()
+                            .with_name(s(c.name))
+                            .with_value(Some(s(c.value)))
+                            .with_read_only(c.source != ConfigSource::DynamicTopic)
+                            .with_config_source(c.source as i8)
+                            .with_config_type(c.kind as i8)
+                            .with_documentation(req.include_documentation.then(|| s(c.doc)))
+                    })
+                    .collect(),
+            );
+        }
+        results.push(res);
+    }
+    encode(
+        &DescribeConfigsResponse::default().with_results(results),
+        version,
+    )
+}
+
+pub fn describe_cluster(ctx: &Ctx, version: i16) -> Reply {
+    let st = &ctx.broker.settings;
+    encode(
+        &DescribeClusterResponse::default()
+            .with_endpoint_type(1)
+            .with_cluster_id(s(ctx.broker.engine.cluster_id.clone()))
+            .with_controller_id(BrokerId(st.node_id))
+            .with_cluster_authorized_operations(i32::MIN)
+            .with_brokers(vec![DescribeClusterBroker::default()
+                .with_broker_id(BrokerId(st.node_id))
+                .with_host(s(st.advertise_host.clone()))
+                .with_port(i32::from(st.advertise_port))]),
+        version,
+    )
+}
+
+pub async fn init_producer_id(ctx: &Ctx, req: InitProducerIdRequest, version: i16) -> Reply {
+    let resp = InitProducerIdResponse::default()
+        .with_producer_id(ProducerId(-1))
+        .with_producer_epoch(-1);
+    if req.transactional_id.is_some() {
+        // floe does not implement transactions yet (FINDINGS.md).
+        return encode(
+            &resp.with_error_code(codes::TRANSACTIONAL_ID_AUTHORIZATION_FAILED),
+            version,
+        );
+    }
+    let engine = ctx.broker.engine.clone();
+    let (pid, epoch) = (req.producer_id.0, req.producer_epoch);
+    let r = crate::producer_ids::init(&engine, pid, epoch).await;
+    match r {
+        Ok((pid, epoch)) => encode(
+            &resp
+                .with_producer_id(ProducerId(pid))
+                .with_producer_epoch(epoch),
+            version,
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "InitProducerId failed");
+            encode(&resp.with_error_code(codes::engine(&e)), version)
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Metadata: this broker, and the topics asked for (auto-creating unknown
+//! ones when allowed, as Kafka does).
+
+use std::sync::Arc;
+
+use floe_meta::schema::TopicRecord;
+use kafka_protocol::messages::metadata_request::MetadataRequest;
+use kafka_protocol::messages::metadata_response::{
+    MetadataResponse, MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
+};
+use kafka_protocol::messages::{BrokerId, TopicName};
+use kafka_protocol::protocol::StrBytes;
+
+use super::{encode, Ctx, Reply};
+use crate::codes;
+
+fn topic_entry(t: &TopicRecord, node: i32, version: i16) -> MetadataResponseTopic {
+    MetadataResponseTopic::default()
+        .with_name(Some(TopicName(StrBytes::from_string(t.name.clone()))))
+        .with_topic_id(t.id)
+        .with_topic_authorized_operations(i32::MIN)
+        .with_partitions(
+            (0..t.partitions)
+                .map(|p| {
+                    MetadataResponsePartition::default()
+                        .with_partition_index(p as i32)
+                        .with_leader_id(BrokerId(node))
+                        .with_leader_epoch(if version >= 7 { 0 } else { -1 })
+                        .with_replica_nodes(vec![BrokerId(node)])
+                        .with_isr_nodes(vec![BrokerId(node)])
+                })
+                .collect(),
+        )
+}
+
+fn error_entry(name: &str, code: i16) -> MetadataResponseTopic {
+    MetadataResponseTopic::default()
+        .with_name(Some(TopicName(StrBytes::from_string(name.to_string()))))
+        .with_error_code(code)
+        .with_topic_authorized_operations(i32::MIN)
+}
+
+/// Creates a topic on first use when the broker and request allow it.
+pub async fn auto_create(ctx: &Ctx, name: &str) -> Result<Arc<TopicRecord>, i16> {
+    let engine = ctx.broker.engine.clone();
+    let partitions = ctx.broker.settings.num_partitions;
+    let n = name.to_string();
+    let r = engine
+        .sidecar
+        .clone()
+        .run(async move {
+            match engine
+                .topics
+                .create(&n, partitions, Default::default(), false)
+                .await
+            {
+                Err(floe_engine::Error::TopicExists { .. }) => engine
+                    .topics
+                    .get(&n)
+                    .ok_or(floe_engine::Error::UnknownTopic { name: n }),
+                other => other,
+            }
+        })
+        .await;
+    match r {
+        Ok(t) => {
+            tracing::info!(topic = %name, partitions, "topic auto-created");
+            Ok(t)
+        }
+        Err(e) => Err(codes::engine(&e)),
+    }
+}
+
+pub async fn handle(ctx: &Ctx, req: MetadataRequest, version: i16) -> Reply {
+    let st = &ctx.broker.settings;
+    let node = st.node_id;
+    let snapshot = ctx.broker.engine.topics.snapshot();
+    // v0: an empty list means all topics; v1+: null means all topics.
+    let requested: Option<Vec<String>> = match req.topics {
+        None => None,
+        Some(ts) if ts.is_empty() && version == 0 => None,
+        Some(ts) => Some(
+            ts.into_iter()
+                .filter_map(|t| t.name.map(|n| n.0.to_string()))
+                .collect(),
+        ),
+    };
+    let allow_create = st.auto_create_topics && (version < 4 || req.allow_auto_topic_creation);
+    let mut topics = Vec::new();
+    match requested {
+        None => {
+            let mut all: Vec<_> = snapshot.values().cloned().collect();
+            all.sort_by(|a, b| a.name.cmp(&b.name));
+            topics.extend(all.iter().map(|t| topic_entry(t, node, version)));
+        }
+        Some(names) => {
+            for name in names {
+                if let Some(t) = snapshot.get(&name) {
+                    topics.push(topic_entry(t, node, version));
+                } else if let Err(e) = floe_engine::topics::validate_name(&name) {
+                    tracing::debug!(topic = %name, error = %e, "metadata for an invalid topic name");
+                    topics.push(error_entry(&name, codes::INVALID_TOPIC));
+                } else if allow_create {
+                    match auto_create(ctx, &name).await {
+                        Ok(t) => topics.push(topic_entry(&t, node, version)),
+                        Err(code) => topics.push(error_entry(&name, code)),
+                    }
+                } else {
+                    topics.push(error_entry(&name, codes::UNKNOWN_TOPIC_OR_PARTITION));
+                }
+            }
+        }
+    }
+    let resp = MetadataResponse::default()
+        .with_brokers(vec![MetadataResponseBroker::default()
+            .with_node_id(BrokerId(node))
+            .with_host(StrBytes::from_string(st.advertise_host.clone()))
+            .with_port(i32::from(st.advertise_port))])
+        .with_cluster_id(Some(StrBytes::from_string(
+            ctx.broker.engine.cluster_id.clone(),
+        )))
+        .with_controller_id(BrokerId(node))
+        .with_cluster_authorized_operations(i32::MIN)
+        .with_topics(topics);
+    encode(&resp, version)
+}

@@ -1,0 +1,329 @@
+//! Broker lifecycle: open the backends, replay the commit log, start one
+//! pinned glommio executor per shard (each accepting on the Kafka port with
+//! SO_REUSEPORT), serve until SIGTERM/SIGINT, then drain: stop accepting,
+//! finish every request already read, seal and commit what was accepted,
+//! answer those producers, and return.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use floe_engine::committer::Committer;
+use floe_engine::metrics::Metrics;
+use floe_engine::shard::{self, Shard, ShardInbox, ShardIndexSink};
+use floe_engine::sidecar::Sidecar;
+use floe_engine::topics::Topics;
+use floe_engine::{Engine, EngineConfig, Shutdown};
+use floe_meta::{schema, Compare, MetaStore, Op, Txn};
+use futures::future::{select, Either};
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::broker::{Broker, Settings};
+use crate::config::Resolved;
+use crate::conn;
+use crate::handlers::Ctx;
+
+/// Longest a shard waits for its connections to finish at shutdown.
+const DRAIN_CONNECTIONS_MS_MAX: u64 = 30_000;
+/// Commit requests queued before shards wait for the committer.
+const COMMIT_QUEUE_MAX: usize = 1024;
+
+async fn cluster_id(meta: &dyn MetaStore) -> anyhow::Result<String> {
+    if let Some(kv) = meta.get(schema::CLUSTER_ID).await? {
+        return Ok(String::from_utf8_lossy(&kv.value).into_owned());
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let txn = Txn::when(vec![Compare::ModRevision(schema::CLUSTER_ID.into(), 0)]).and_then(vec![
+        Op::Put(schema::CLUSTER_ID.into(), Bytes::from(id.clone())),
+    ]);
+    meta.txn(txn).await?;
+    let kv = meta
+        .get(schema::CLUSTER_ID)
+        .await?
+        .context("cluster id vanished")?;
+    Ok(String::from_utf8_lossy(&kv.value).into_owned())
+}
+
+/// Counts shards that have drained their connections.
+#[derive(Default)]
+struct Barrier {
+    arrived: AtomicUsize,
+    event: event_listener::Event,
+}
+
+impl Barrier {
+    async fn arrive_and_wait(&self, total: usize) {
+        self.arrived.fetch_add(1, Ordering::SeqCst);
+        self.event.notify(usize::MAX);
+        loop {
+            let l = self.event.listen();
+            if self.arrived.load(Ordering::SeqCst) >= total {
+                return;
+            }
+            l.await;
+        }
+    }
+}
+
+pub fn run(cfg: Resolved) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    let store = floe_objstore::open(&cfg.object_store)?;
+    let meta: Arc<dyn MetaStore> = Arc::new(
+        floe_meta::Embedded::open(cfg.data_dir.join("meta.redb")).context(
+            "opening the embedded metadata store (is another floe using this data dir?)",
+        )?,
+    );
+    let sidecar = Sidecar::start().context("starting the sidecar runtime")?;
+    let topics = sidecar.block_on(Topics::load(meta.clone()))?;
+    let cluster_id = sidecar.block_on(cluster_id(&*meta))?;
+
+    let (links, inboxes): (Vec<_>, Vec<ShardInbox>) =
+        (0..cfg.shards).map(|_| shard::link()).unzip();
+    let (commit_tx, commit_rx) = flume::bounded(COMMIT_QUEUE_MAX);
+    let engine = Arc::new(Engine {
+        config: EngineConfig {
+            node_id: cfg.node_id,
+            shards: cfg.shards,
+            flush_interval: Duration::from_millis(cfg.flush_interval_ms),
+            flush_bytes: cfg.flush_bytes,
+            inflight_bytes_max: cfg.inflight_bytes,
+            read_cache_bytes_max: cfg.read_cache_bytes,
+        },
+        sidecar: sidecar.handle(),
+        store: store.clone(),
+        meta: meta.clone(),
+        topics,
+        committer: commit_tx,
+        shards: links,
+        metrics: Arc::new(Metrics::default()),
+        shutdown: Shutdown::default(),
+        cluster_id,
+    });
+    let sink = Arc::new(ShardIndexSink {
+        links: engine.shards.iter().map(|l| l.index.clone()).collect(),
+    });
+    let mut committer = Committer::new(meta.clone(), sink);
+    let replayed = sidecar
+        .block_on(committer.catch_up())
+        .context("replaying the commit log")?;
+    sidecar.handle().spawn(committer.run(commit_rx));
+
+    let broker = Arc::new(Broker {
+        engine: engine.clone(),
+        settings: Settings {
+            node_id: cfg.node_id,
+            advertise_host: cfg.advertise_host.clone(),
+            advertise_port: cfg.advertise_port,
+            auto_create_topics: cfg.auto_create_topics,
+            num_partitions: cfg.num_partitions,
+            max_message_bytes: cfg.max_message_bytes,
+            max_request_bytes: cfg.max_request_bytes,
+            fetch_wait_ms_max: cfg.fetch_wait_ms_max,
+        },
+    });
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = sidecar
+        .block_on(tokio::net::TcpListener::bind(&cfg.admin_listen))
+        .with_context(|| format!("binding the admin listener {}", cfg.admin_listen))?;
+    sidecar.handle().spawn(crate::admin_http::serve(
+        admin,
+        engine.clone(),
+        ready.clone(),
+    ));
+
+    {
+        let engine = engine.clone();
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGINT,
+        ])
+        .context("installing signal handlers")?;
+        std::thread::Builder::new()
+            .name("floe-signals".into())
+            .spawn(move || {
+                let mut seen = 0;
+                for sig in signals.forever() {
+                    seen += 1;
+                    if seen == 1 {
+                        tracing::info!(
+                            signal = sig,
+                            "shutting down: no new requests; committing what was accepted"
+                        );
+                        engine.shutdown.trigger();
+                    } else {
+                        tracing::warn!(signal = sig, "second signal: exiting without draining");
+                        std::process::exit(130);
+                    }
+                }
+            })
+            .context("starting the signal thread")?;
+    }
+
+    let cpus = floe_tuning::cpus_allowed();
+    let barrier = Arc::new(Barrier::default());
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let mut threads = Vec::new();
+    for (i, inbox) in inboxes.into_iter().enumerate() {
+        let broker = broker.clone();
+        let listen = cfg.listen.clone();
+        let bound_tx = bound_tx.clone();
+        let barrier = barrier.clone();
+        let shards = cfg.shards;
+        let placement = if cfg.shards <= cpus.len() {
+            Placement::Fixed(cpus[i])
+        } else {
+            Placement::Unbound
+        };
+        let handle = LocalExecutorBuilder::new(placement)
+            .name(&format!("floe-shard-{i}"))
+            .spawn(move || shard_main(i, shards, broker, inbox, listen, bound_tx, barrier))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "starting shard {i}: {e} — {}",
+                    io_uring_hint(&e.to_string())
+                )
+            })?;
+        threads.push(handle);
+    }
+    drop(bound_tx);
+    let mut failure = None;
+    for _ in 0..cfg.shards {
+        match bound_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = Some(e),
+            Err(_) => failure = Some("a shard exited during start-up".into()),
+        }
+    }
+    if let Some(e) = &failure {
+        engine.shutdown.trigger();
+        tracing::error!("{e}");
+    } else {
+        ready.store(true, Ordering::SeqCst);
+        tracing::info!(
+            "listening on {} (kafka), admin on {}, advertising {}:{}, {} shard(s), objects {}, metadata {}, {} log entries replayed",
+            cfg.listen,
+            cfg.admin_listen,
+            cfg.advertise_host,
+            cfg.advertise_port,
+            cfg.shards,
+            store.describe(),
+            meta.describe(),
+            replayed
+        );
+    }
+    for t in threads {
+        if let Err(e) = t.join() {
+            tracing::error!("shard thread ended abnormally: {e:?}");
+        }
+    }
+    sidecar.shutdown();
+    match failure {
+        Some(e) => Err(anyhow::anyhow!(e)),
+        None => {
+            tracing::info!("stopped cleanly");
+            Ok(())
+        }
+    }
+}
+
+fn io_uring_hint(err: &str) -> String {
+    if err.contains("Operation not permitted")
+        || err.contains("Cannot allocate memory")
+        || err.contains("memlock")
+    {
+        "io_uring could not be set up: raise the memory-lock limit (ulimit -l / LimitMEMLOCK=infinity) and make sure io_uring is not blocked by seccomp or kernel.io_uring_disabled".into()
+    } else {
+        "see the error above".into()
+    }
+}
+
+async fn shard_main(
+    id: usize,
+    shards: usize,
+    broker: Arc<Broker>,
+    inbox: ShardInbox,
+    listen: String,
+    bound: std::sync::mpsc::Sender<Result<(), String>>,
+    barrier: Arc<Barrier>,
+) {
+    let engine = broker.engine.clone();
+    let (shard, commits_done) = Shard::start(id, engine.clone(), inbox);
+    let listener = match glommio::net::TcpListener::bind(listen.as_str()) {
+        Ok(l) => {
+            let _ = bound.send(Ok(()));
+            Some(l)
+        }
+        Err(e) => {
+            let _ = bound.send(Err(format!("shard {id}: cannot listen on {listen}: {e}")));
+            None
+        }
+    };
+    let live = Rc::new(Cell::new(0usize));
+    let idle = Rc::new(event_listener::Event::new());
+    if let Some(listener) = listener {
+        let ctx = Ctx {
+            shard: shard.clone(),
+            broker: broker.clone(),
+            client_id: None,
+        };
+        loop {
+            let accept = Box::pin(listener.accept());
+            let stop = Box::pin(engine.shutdown.wait());
+            match select(accept, stop).await {
+                Either::Left((Ok(stream), _)) => {
+                    Metrics::add(&engine.metrics.connections_accepted, 1);
+                    let peer = stream
+                        .peer_addr()
+                        .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+                    live.set(live.get() + 1);
+                    let (ctx, live, idle) = (ctx.clone(), live.clone(), idle.clone());
+                    glommio::spawn_local(async move {
+                        conn::serve(ctx, stream, peer).await;
+                        live.set(live.get() - 1);
+                        idle.notify(usize::MAX);
+                    })
+                    .detach();
+                }
+                Either::Left((Err(e), _)) => {
+                    // Typically EMFILE: back off instead of spinning.
+                    tracing::warn!(shard = id, error = %e, "accept failed");
+                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                }
+                Either::Right(_) => break,
+            }
+        }
+    }
+    // Drain: connections stop reading and finish what they started.
+    let drain = async {
+        loop {
+            let l = idle.listen();
+            if live.get() == 0 {
+                return;
+            }
+            l.await;
+        }
+    };
+    if glommio::timer::timeout(Duration::from_millis(DRAIN_CONNECTIONS_MS_MAX), async {
+        drain.await;
+        Ok(())
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!(
+            shard = id,
+            connections = live.get(),
+            "connections still open after the drain limit"
+        );
+    }
+    // Other shards may still route appends here until they have drained.
+    barrier.arrive_and_wait(shards).await;
+    shard.close();
+    commits_done.await;
+}

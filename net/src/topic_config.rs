@@ -1,0 +1,239 @@
+//! Topic configs floe understands: their defaults, validation and how they
+//! are described (DescribeConfigs, CreateTopics v5+).
+
+use std::collections::BTreeMap;
+
+use crate::broker::Settings;
+
+/// Kafka's ConfigSource values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigSource {
+    DynamicTopic = 1,
+    StaticBroker = 4,
+    Default = 5,
+}
+
+/// Kafka's ConfigType values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigKind {
+    Int = 3,
+    Long = 5,
+    String = 2,
+    List = 7,
+}
+
+pub struct ConfigEntry {
+    pub name: String,
+    pub value: String,
+    pub source: ConfigSource,
+    pub kind: ConfigKind,
+    pub doc: &'static str,
+}
+
+struct Known {
+    name: &'static str,
+    kind: ConfigKind,
+    /// Values accepted besides numbers in range (for strings).
+    choices: &'static [&'static str],
+    min: i64,
+    doc: &'static str,
+}
+
+const KNOWN: &[Known] = &[
+    Known {
+        name: "cleanup.policy",
+        kind: ConfigKind::List,
+        choices: &["delete"],
+        min: 0,
+        doc: "Only 'delete' is supported; compaction is not implemented.",
+    },
+    Known {
+        name: "compression.type",
+        kind: ConfigKind::String,
+        choices: &["producer"],
+        min: 0,
+        doc: "Batches are stored as producers compressed them.",
+    },
+    Known {
+        name: "max.message.bytes",
+        kind: ConfigKind::Int,
+        choices: &[],
+        min: 0,
+        doc: "Largest record batch accepted, in bytes.",
+    },
+    Known {
+        name: "message.timestamp.type",
+        kind: ConfigKind::String,
+        choices: &["CreateTime"],
+        min: 0,
+        doc: "Only CreateTime is supported.",
+    },
+    Known {
+        name: "min.insync.replicas",
+        kind: ConfigKind::Int,
+        choices: &[],
+        min: 1,
+        doc: "Accepted for compatibility; durability comes from object storage.",
+    },
+    Known {
+        name: "retention.bytes",
+        kind: ConfigKind::Long,
+        choices: &[],
+        min: -1,
+        doc: "Size retention per partition (enforced by a later release).",
+    },
+    Known {
+        name: "retention.ms",
+        kind: ConfigKind::Long,
+        choices: &[],
+        min: -1,
+        doc: "Time retention (enforced by a later release).",
+    },
+    Known {
+        name: "segment.bytes",
+        kind: ConfigKind::Int,
+        choices: &[],
+        min: 14,
+        doc: "Accepted for compatibility; floe sizes segments by flush settings.",
+    },
+    Known {
+        name: "segment.ms",
+        kind: ConfigKind::Long,
+        choices: &[],
+        min: 1,
+        doc: "Accepted for compatibility; floe seals segments by flush settings.",
+    },
+];
+
+fn default_value(name: &str, settings: &Settings) -> String {
+    match name {
+        "cleanup.policy" => "delete".into(),
+        "compression.type" => "producer".into(),
+        "max.message.bytes" => settings.max_message_bytes.to_string(),
+        "message.timestamp.type" => "CreateTime".into(),
+        "min.insync.replicas" => "1".into(),
+        "retention.bytes" => "-1".into(),
+        "retention.ms" => "604800000".into(),
+        "segment.bytes" => "1073741824".into(),
+        "segment.ms" => "604800000".into(),
+        _ => String::new(),
+    }
+}
+
+/// Checks one topic config given at creation.
+pub fn validate(name: &str, value: &str) -> Result<(), String> {
+    let Some(k) = KNOWN.iter().find(|k| k.name == name) else {
+        return Err(format!("unknown or unsupported topic config {name:?}"));
+    };
+    if !k.choices.is_empty() {
+        return if k.choices.contains(&value) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{name}={value:?} is not supported; accepted: {:?}",
+                k.choices
+            ))
+        };
+    }
+    match value.parse::<i64>() {
+        Ok(v) if v >= k.min && (k.kind != ConfigKind::Int || v <= i64::from(i32::MAX)) => Ok(()),
+        _ => Err(format!(
+            "{name}={value:?} must be an integer of at least {}",
+            k.min
+        )),
+    }
+}
+
+/// Every known topic config with its effective value and source.
+pub fn describe(set: &BTreeMap<String, String>, settings: &Settings) -> Vec<ConfigEntry> {
+    KNOWN
+        .iter()
+        .map(|k| match set.get(k.name) {
+            Some(v) => ConfigEntry {
+                name: k.name.into(),
+                value: v.clone(),
+                source: ConfigSource::DynamicTopic,
+                kind: k.kind,
+                doc: k.doc,
+            },
+            None => ConfigEntry {
+                name: k.name.into(),
+                value: default_value(k.name, settings),
+                source: ConfigSource::Default,
+                kind: k.kind,
+                doc: k.doc,
+            },
+        })
+        .collect()
+}
+
+/// The broker's own configs.
+pub fn describe_broker(s: &Settings) -> Vec<ConfigEntry> {
+    let e = |name: &str, value: String, kind, doc| ConfigEntry {
+        name: name.into(),
+        value,
+        source: ConfigSource::StaticBroker,
+        kind,
+        doc,
+    };
+    vec![
+        e(
+            "broker.id",
+            s.node_id.to_string(),
+            ConfigKind::Int,
+            "This broker's node id.",
+        ),
+        e(
+            "auto.create.topics.enable",
+            s.auto_create_topics.to_string(),
+            ConfigKind::String,
+            "Create unknown topics on metadata requests.",
+        ),
+        e(
+            "num.partitions",
+            s.num_partitions.to_string(),
+            ConfigKind::Int,
+            "Partitions of auto-created topics.",
+        ),
+        e(
+            "message.max.bytes",
+            s.max_message_bytes.to_string(),
+            ConfigKind::Int,
+            "Default max.message.bytes of topics.",
+        ),
+        e(
+            "socket.request.max.bytes",
+            s.max_request_bytes.to_string(),
+            ConfigKind::Int,
+            "Largest request frame accepted.",
+        ),
+        e(
+            "advertised.listeners",
+            format!("PLAINTEXT://{}:{}", s.advertise_host, s.advertise_port),
+            ConfigKind::List,
+            "Address clients are told to connect to.",
+        ),
+    ]
+}
+
+/// The effective max.message.bytes of a topic.
+pub fn max_message_bytes(set: &BTreeMap<String, String>, settings: &Settings) -> usize {
+    set.get("max.message.bytes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(settings.max_message_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation() {
+        assert!(validate("retention.ms", "1000").is_ok());
+        assert!(validate("retention.ms", "-1").is_ok());
+        assert!(validate("retention.ms", "x").is_err());
+        assert!(validate("max.message.bytes", "99999999999").is_err());
+        assert!(validate("cleanup.policy", "compact").is_err());
+        assert!(validate("no.such.config", "1").is_err());
+    }
+}
