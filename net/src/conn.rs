@@ -15,16 +15,13 @@ use futures::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use futures::{SinkExt, StreamExt};
 use glommio::net::TcpStream;
 use glommio::sync::StaticPermit;
-use kafka_protocol::messages::{ApiKey, RequestHeader};
-use kafka_protocol::protocol::Decodable;
+use kafka_protocol::messages::ApiKey;
 
-use crate::apis;
 use crate::handlers::{self, Ctx, Pending, Reply};
+use crate::request::{self, DecodeError, Decoded, FRAME_BYTES_MIN};
 
 /// Requests a connection may have started but not yet answered.
 pub const PIPELINE_DEPTH_MAX: usize = 128;
-/// Smallest frame: api key, api version, correlation id.
-const FRAME_BYTES_MIN: usize = 8;
 /// Parts below this size are gathered into one send; larger stored batches
 /// are written from their own buffers (glommio 0.9 has no writev).
 const GATHER_BYTES_MAX: usize = 16 << 10;
@@ -101,16 +98,15 @@ async fn read_loop(
         if let Err(e) = rd.read_exact(&mut buf).await {
             return End::Refused(format!("truncated frame of {len} bytes: {e}"));
         }
-        let mut frame: Bytes = buf.freeze();
+        let frame: Bytes = buf.freeze();
         Metrics::add(&broker.engine.metrics.requests, 1);
-        let api_key = i16::from_be_bytes([frame[0], frame[1]]);
-        let version = i16::from_be_bytes([frame[2], frame[3]]);
-        let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
-        let Ok(api) = ApiKey::try_from(api_key) else {
-            return End::Refused(format!("unknown API key {api_key}"));
-        };
-        if !apis::supports(api, version) {
-            if api == ApiKey::ApiVersions {
+        let decoded = match request::decode(frame) {
+            Ok(d) => d,
+            Err(DecodeError::Unsupported {
+                api: ApiKey::ApiVersions,
+                correlation_id,
+                ..
+            }) => {
                 // KIP-511: answer in v0 with UNSUPPORTED_VERSION and our
                 // ranges, so the client retries with one we support.
                 let reply = handlers::api_versions_unsupported();
@@ -125,25 +121,20 @@ async fn read_loop(
                 }
                 continue;
             }
-            return End::Refused(format!(
-                "{api:?} v{version} is not supported (range {:?})",
-                apis::range(api)
-            ));
-        }
-        let header = match RequestHeader::decode(&mut frame, api.request_header_version(version)) {
-            Ok(h) => h,
-            Err(e) => return End::Refused(format!("bad {api:?} request header: {e}")),
+            Err(e) => return End::Refused(format!("{e} (peer {peer})")),
         };
+        let Decoded {
+            api,
+            version,
+            correlation_id,
+            header,
+            request,
+        } = decoded;
         let mut ctx = ctx.clone();
         if ctx.client_id.as_deref() != header.client_id.as_deref() {
             ctx.client_id = header.client_id.as_deref().map(Rc::from);
         }
-        let reply = match handlers::dispatch(&ctx, api, version, frame).await {
-            Ok(p) => p,
-            Err(e) => {
-                return End::Refused(format!("{e} (client {:?}, peer {peer})", ctx.client_id))
-            }
-        };
+        let reply = handlers::dispatch(&ctx, request, version).await;
         let out = Outgoing {
             correlation_id,
             header_version: api.response_header_version(version),

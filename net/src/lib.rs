@@ -13,5 +13,6 @@ pub mod config;
 pub mod conn;
 pub mod handlers;
 pub mod producer_ids;
+pub mod request;
 pub mod server;
 pub mod topic_config;

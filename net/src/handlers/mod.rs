@@ -15,10 +15,10 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use futures::future::LocalBoxFuture;
 use futures::FutureExt;
-use kafka_protocol::messages::ApiKey;
-use kafka_protocol::protocol::{Decodable, Encodable};
+use kafka_protocol::protocol::Encodable;
 
 use crate::broker::Broker;
+use crate::request::Request;
 use floe_engine::shard::Shard;
 
 pub use fetch::encode_fetch_response;
@@ -36,17 +36,6 @@ pub enum Reply {
 }
 
 pub type Pending = LocalBoxFuture<'static, Reply>;
-
-/// Why a request ends its connection.
-#[derive(Debug, thiserror::Error)]
-pub enum Refusal {
-    #[error("cannot decode {api:?} v{version} request: {reason}")]
-    Malformed {
-        api: ApiKey,
-        version: i16,
-        reason: String,
-    },
-}
 
 /// Everything a handler needs, owned by the connection's shard.
 #[derive(Clone)]
@@ -69,80 +58,40 @@ pub fn encode<M: Encodable>(m: &M, version: i16) -> Reply {
     }
 }
 
-fn decode<M: Decodable>(api: ApiKey, body: &mut Bytes, version: i16) -> Result<M, Refusal> {
-    M::decode(body, version).map_err(|e| Refusal::Malformed {
-        api,
-        version,
-        reason: e.to_string(),
-    })
-}
-
 fn ready(r: Reply) -> Pending {
     async move { r }.boxed_local()
 }
 
-/// Dispatches one request whose API and version are supported. The
-/// returned future yields the response; any work that must happen in
-/// request order (appends) has been started when this returns.
-pub async fn dispatch(
-    ctx: &Ctx,
-    api: ApiKey,
-    version: i16,
-    mut body: Bytes,
-) -> Result<Pending, Refusal> {
-    let b = &mut body;
-    Ok(match api {
-        ApiKey::ApiVersions => ready(admin::api_versions(version)),
-        ApiKey::Metadata => {
-            let req = decode(api, b, version)?;
-            let ctx = ctx.clone();
+/// Starts one decoded request. The returned future yields the response;
+/// any work that must happen in request order (appends) has been started
+/// when this returns.
+pub async fn dispatch(ctx: &Ctx, request: Request, version: i16) -> Pending {
+    let ctx = ctx.clone();
+    match request {
+        Request::ApiVersions => ready(admin::api_versions(version)),
+        Request::Produce(req) => produce::start(&ctx, req, version).await,
+        Request::DescribeConfigs(req) => ready(admin::describe_configs(&ctx, req, version)),
+        Request::DescribeCluster => ready(admin::describe_cluster(&ctx, version)),
+        Request::Metadata(req) => {
             async move { metadata::handle(&ctx, req, version).await }.boxed_local()
         }
-        ApiKey::Produce => produce::start(ctx, decode(api, b, version)?, version).await,
-        ApiKey::Fetch => {
-            let req = decode(api, b, version)?;
-            let ctx = ctx.clone();
-            async move { fetch::handle(&ctx, req, version).await }.boxed_local()
-        }
-        ApiKey::ListOffsets => {
-            let req = decode(api, b, version)?;
-            let ctx = ctx.clone();
+        Request::Fetch(req) => async move { fetch::handle(&ctx, req, version).await }.boxed_local(),
+        Request::ListOffsets(req) => {
             async move { list_offsets::handle(&ctx, req, version).await }.boxed_local()
         }
-        ApiKey::CreateTopics => {
-            let req = decode(api, b, version)?;
-            let ctx = ctx.clone();
+        Request::CreateTopics(req) => {
             async move { admin::create_topics(&ctx, req, version).await }.boxed_local()
         }
-        ApiKey::DeleteTopics => {
-            let req = decode(api, b, version)?;
-            let ctx = ctx.clone();
+        Request::DeleteTopics(req) => {
             async move { admin::delete_topics(&ctx, req, version).await }.boxed_local()
         }
-        ApiKey::CreatePartitions => {
-            let req = decode(api, b, version)?;
-            let ctx = ctx.clone();
+        Request::CreatePartitions(req) => {
             async move { admin::create_partitions(&ctx, req, version).await }.boxed_local()
         }
-        ApiKey::DescribeConfigs => ready(admin::describe_configs(
-            ctx,
-            decode(api, b, version)?,
-            version,
-        )),
-        ApiKey::DescribeCluster => ready(admin::describe_cluster(ctx, version)),
-        ApiKey::InitProducerId => {
-            let req = decode(api, b, version)?;
-            let ctx = ctx.clone();
+        Request::InitProducerId(req) => {
             async move { admin::init_producer_id(&ctx, req, version).await }.boxed_local()
         }
-        _ => {
-            return Err(Refusal::Malformed {
-                api,
-                version,
-                reason: "no handler".into(),
-            })
-        }
-    })
+    }
 }
 
 /// The ApiVersions answer for a version we do not support: v0 encoding,
