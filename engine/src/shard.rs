@@ -189,35 +189,38 @@ impl Shard {
         &self.engine.shards[self.id]
     }
 
-    /// Appends validated batches to their partition's owning shard; resolves
-    /// once they are durable and committed (or refused).
-    pub fn append(
+    /// Hands validated batches to their partition's owning shard, in the
+    /// order calls are made (a connection calls this in request order), and
+    /// returns a future of their outcome once durable and committed (or
+    /// refused). Awaiting this call only waits for a full cross-shard
+    /// mailbox; the returned future waits for the commit.
+    pub async fn append(
         self: &Rc<Self>,
         tp: PartitionKey,
         batches: Vec<Batch>,
     ) -> impl Future<Output = Result<Vec<BatchOutcome>>> + 'static {
         let owner = self.engine.owner(&tp);
-        let local = (owner == self.id).then(|| self.append_local(tp, batches.clone()));
-        let engine = self.engine.clone();
-        async move {
-            let rx = match local {
-                Some(rx) => rx,
-                None => {
-                    let (tx, rx) = oneshot::channel();
-                    let msg = ShardMsg::Append {
-                        tp,
-                        batches,
-                        reply: tx,
-                    };
-                    engine.shards[owner]
-                        .mailbox
-                        .send_async(msg)
-                        .await
-                        .map_err(|_| Error::ShuttingDown)?;
-                    rx
-                }
+        let rx = if owner == self.id {
+            Ok(self.append_local(tp, batches))
+        } else {
+            let (tx, rx) = oneshot::channel();
+            let msg = ShardMsg::Append {
+                tp,
+                batches,
+                reply: tx,
             };
-            rx.await.unwrap_or(Err(Error::ShuttingDown))
+            self.engine.shards[owner]
+                .mailbox
+                .send_async(msg)
+                .await
+                .map(|()| rx)
+                .map_err(|_| Error::ShuttingDown)
+        };
+        async move {
+            match rx {
+                Ok(rx) => rx.await.unwrap_or(Err(Error::ShuttingDown)),
+                Err(e) => Err(e),
+            }
         }
     }
 

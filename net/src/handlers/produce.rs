@@ -108,7 +108,7 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
                         topic_id: topic.id,
                         partition: index as u32,
                     };
-                    let appended = ctx.shard.append(tp, batches);
+                    let appended = ctx.shard.append(tp, batches).await;
                     parts.push(
                         async move {
                             match appended.await {
