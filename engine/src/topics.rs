@@ -26,6 +26,10 @@ pub struct Topics {
 
 /// Kafka's rule: 1..=249 characters of `[a-zA-Z0-9._-]`, not "." or "..".
 pub fn validate_name(name: &str) -> Result<()> {
+    let bad_char = || {
+        name.chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    };
     let reason = if name.is_empty() {
         Some("the empty string is not allowed".to_string())
     } else if name == "." || name == ".." {
@@ -35,15 +39,12 @@ pub fn validate_name(name: &str) -> Result<()> {
             "a name of {} characters exceeds the limit of {TOPIC_NAME_BYTES_MAX}",
             name.len()
         ))
-    } else if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        Some(format!(
-            "{name:?} contains {c:?}; only ASCII alphanumerics, '.', '_' and '-' are allowed"
-        ))
     } else {
-        None
+        bad_char().map(|c| {
+            format!(
+                "{name:?} contains {c:?}; only ASCII alphanumerics, '.', '_' and '-' are allowed"
+            )
+        })
     };
     match reason {
         Some(reason) => Err(Error::InvalidTopic { reason }),

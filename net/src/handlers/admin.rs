@@ -98,15 +98,16 @@ pub async fn create_topics(ctx: &Ctx, req: CreateTopicsRequest, version: i16) ->
         let mut configs = BTreeMap::new();
         let mut bad = None;
         for c in &t.configs {
+            // A null value means "use the default".
+            let Some(v) = c.value.as_ref().map(|v| v.to_string()) else {
+                continue;
+            };
             let key = c.name.to_string();
-            match c.value.as_ref().map(|v| v.to_string()) {
-                Some(v) => match topic_config::validate(&key, &v) {
-                    Ok(()) => {
-                        configs.insert(key, v);
-                    }
-                    Err(reason) => bad = Some(reason),
-                },
-                None => {}
+            match topic_config::validate(&key, &v) {
+                Ok(()) => {
+                    configs.insert(key, v);
+                }
+                Err(reason) => bad = Some(reason),
             }
         }
         if let Some(reason) = bad {
@@ -128,7 +129,6 @@ pub async fn create_topics(ctx: &Ctx, req: CreateTopicsRequest, version: i16) ->
             );
             continue;
         }
-        let topics = &broker.engine.topics;
         let created = broker
             .engine
             .sidecar
@@ -144,7 +144,6 @@ pub async fn create_topics(ctx: &Ctx, req: CreateTopicsRequest, version: i16) ->
                 }
             })
             .await;
-        let _ = topics;
         match created {
             Ok(rec) => {
                 result = result
