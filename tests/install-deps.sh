@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Installs everything floe's build and end-to-end tests need on a fresh
+# Debian 12 machine (run as root; only the package registries are reachable).
+# Idempotent: re-running it only does what is missing.
+#
+#   apt:  protobuf-compiler (etcd-client's build script needs protoc),
+#         kcat (librdkafka 2.0.2, an old client the broker must serve),
+#         etcd-server etcd-client (distributed-mode metadata),
+#         python3-venv (for the test venv)
+#   venv: tests/.venv with confluent-kafka, kafka-python, pytest,
+#         pytest-timeout, and kafka-python's codec libraries
+#         (lz4, zstandard, python-snappy, cramjam).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+venv="$here/.venv"
+
+log() { printf '[install-deps] %s\n' "$*"; }
+
+# ---------------------------------------------------------------- apt ------
+apt_pkgs=(protobuf-compiler kcat etcd-server etcd-client python3-venv)
+missing=()
+for p in "${apt_pkgs[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+        missing+=("$p")
+    fi
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        SUDO=sudo
+    else
+        SUDO=
+    fi
+    log "apt: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null
+else
+    log "apt: already installed: ${apt_pkgs[*]}"
+fi
+
+# --------------------------------------------------------------- venv ------
+# Debian's python3 is what python3-venv is for; fall back to whatever python3
+# is on PATH (e.g. pyenv) if it cannot make a venv.
+pick_python() {
+    for cand in /usr/bin/python3 "$(command -v python3 || true)"; do
+        [[ -n "$cand" && -x "$cand" ]] || continue
+        if "$cand" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+            echo "$cand"
+            return 0
+        fi
+    done
+    return 1
+}
+
+pip_pkgs=(
+    'confluent-kafka>=2.3'
+    'kafka-python>=2.0.2'
+    'pytest>=7'
+    'pytest-timeout'
+    # kafka-python's compression codecs (gzip is in the standard library):
+    'lz4'
+    'zstandard'
+    'python-snappy'
+    'cramjam'
+)
+# What must import for the venv to count as complete.
+check_imports='import confluent_kafka, kafka, pytest, pytest_timeout, lz4.frame, zstandard, cramjam'
+
+if [[ -x "$venv/bin/python" ]] && ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
+    log "venv: $venv is broken (its interpreter does not run); recreating"
+    rm -rf "$venv"
+fi
+if [[ ! -x "$venv/bin/python" ]]; then
+    py="$(pick_python)" || { log "no python3 with venv/ensurepip found"; exit 1; }
+    log "venv: creating $venv with $py"
+    "$py" -m venv "$venv"
+fi
+
+if "$venv/bin/python" -c "$check_imports" >/dev/null 2>&1; then
+    log "venv: already has ${pip_pkgs[*]}"
+else
+    log "venv: pip installing ${pip_pkgs[*]}"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check "${pip_pkgs[@]}"
+    "$venv/bin/python" -c "$check_imports"
+fi
+
+"$venv/bin/python" - <<'EOF'
+import confluent_kafka, kafka, pytest
+print("[install-deps] venv: confluent-kafka %s (librdkafka %s), kafka-python %s, pytest %s"
+      % (confluent_kafka.__version__, confluent_kafka.libversion()[0],
+         kafka.__version__, pytest.__version__))
+EOF
+log "kcat: $(kcat -V 2>&1 | grep -m1 '^Version' || true)"
+log "protoc: $(protoc --version)"
+log "done (repo: $root)"
