@@ -329,6 +329,19 @@ class Broker:
 # --------------------------------------------------------------------------
 # Fixtures
 # --------------------------------------------------------------------------
+def _stop_all(brokers):
+    """Stops every broker a fixture started; fails the test if any panicked."""
+    errors = []
+    for b in brokers:
+        b.stop()
+        try:
+            b.assert_no_panic()
+        except BrokerError as e:
+            errors.append(str(e))
+    if errors:
+        pytest.fail("\n\n".join(errors), pytrace=False)
+
+
 @pytest.fixture
 def start_broker(tmp_path):
     """Factory: start_broker(num_partitions=16, auto_create_topics=False, ...) -> Broker.
@@ -348,15 +361,7 @@ def start_broker(tmp_path):
         return b
 
     yield factory
-    errors = []
-    for b in brokers:
-        b.stop()
-        try:
-            b.assert_no_panic()
-        except BrokerError as e:
-            errors.append(str(e))
-    if errors:
-        pytest.fail("\n\n".join(errors), pytrace=False)
+    _stop_all(brokers)
 
 
 @pytest.fixture
@@ -378,15 +383,7 @@ def module_broker_factory(tmp_path_factory):
         return b
 
     yield factory
-    errors = []
-    for b in brokers:
-        b.stop()
-        try:
-            b.assert_no_panic()
-        except BrokerError as e:
-            errors.append(str(e))
-    if errors:
-        pytest.fail("\n\n".join(errors), pytrace=False)
+    _stop_all(brokers)
 
 
 @pytest.fixture
