@@ -6,7 +6,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::{prefix_end, Compare, MetaStore, Op, Txn};
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use crate::{prefix_end, Compare, Event, MetaStore, Op, Txn};
 
 /// Runs every check against an empty store. Panics on the first violation.
 pub async fn run(store: Arc<dyn MetaStore>) {
@@ -15,6 +19,139 @@ pub async fn run(store: Arc<dyn MetaStore>) {
     cas_branches(&*store).await;
     concurrent_cas_has_one_winner(store.clone()).await;
     op_limit(&*store).await;
+    watch_delivers_changes_in_order(&*store).await;
+    watch_replays_from_a_past_revision(&*store).await;
+    leases(&*store).await;
+}
+
+/// Bound on waiting for a watch event in the suite.
+const EVENT_WAIT: Duration = Duration::from_secs(10);
+
+async fn next_event(w: &mut crate::Watch) -> Event {
+    tokio::time::timeout(EVENT_WAIT, w.next())
+        .await
+        .expect("watch event within the wait")
+        .expect("watch still open")
+        .expect("watch event, not an error")
+}
+
+async fn watch_delivers_changes_in_order(s: &dyn MetaStore) {
+    let mut w = s.watch("w/", 0).await.unwrap();
+    let mut expected = Vec::new();
+    for i in 0..20 {
+        let key = format!("w/{}", i % 3);
+        let r = s
+            .txn(Txn::default().and_then(vec![put(&key, &i.to_string())]))
+            .await
+            .unwrap();
+        expected.push((key, r.revision, true));
+        // Outside the prefix: never delivered.
+        s.txn(Txn::default().and_then(vec![put("wx", "n")]))
+            .await
+            .unwrap();
+    }
+    let r = s
+        .txn(Txn::default().and_then(vec![Op::Delete("w/1".into())]))
+        .await
+        .unwrap();
+    expected.push(("w/1".into(), r.revision, false));
+    let mut last = 0;
+    for (key, rev, is_put) in expected {
+        let e = next_event(&mut w).await;
+        assert_eq!(e.key(), key);
+        assert_eq!(e.revision(), rev);
+        assert!(e.revision() > last, "revisions must increase");
+        last = e.revision();
+        assert_eq!(matches!(e, Event::Put(_)), is_put);
+    }
+}
+
+async fn watch_replays_from_a_past_revision(s: &dyn MetaStore) {
+    // What a watcher that lost its connection does: start again after the
+    // last revision it saw, and get everything since, in order.
+    let first = s
+        .txn(Txn::default().and_then(vec![put("rw/a", "1")]))
+        .await
+        .unwrap();
+    let second = s
+        .txn(Txn::default().and_then(vec![put("rw/b", "2"), put("rw/c", "3")]))
+        .await
+        .unwrap();
+    let third = s
+        .txn(Txn::default().and_then(vec![put("rw/a", "4")]))
+        .await
+        .unwrap();
+    let mut w = s.watch("rw/", first.revision + 1).await.unwrap();
+    let got: Vec<(String, u64)> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            let e = next_event(&mut w).await;
+            v.push((e.key().to_string(), e.revision()));
+        }
+        v
+    };
+    assert_eq!(
+        got,
+        vec![
+            ("rw/b".to_string(), second.revision),
+            ("rw/c".to_string(), second.revision),
+            ("rw/a".to_string(), third.revision)
+        ]
+    );
+    // And it continues live.
+    let fourth = s
+        .txn(Txn::default().and_then(vec![put("rw/d", "5")]))
+        .await
+        .unwrap();
+    let e = next_event(&mut w).await;
+    assert_eq!((e.key(), e.revision()), ("rw/d", fourth.revision));
+}
+
+async fn leases(s: &dyn MetaStore) {
+    // Kept alive: the key stays past its TTL.
+    let kept = s.grant_lease(Duration::from_secs(2)).await.unwrap();
+    let short = s.grant_lease(Duration::from_secs(2)).await.unwrap();
+    s.txn(Txn::default().and_then(vec![
+        Op::PutLeased("l/kept".into(), Bytes::from("k"), kept),
+        Op::PutLeased("l/short".into(), Bytes::from("s"), short),
+    ]))
+    .await
+    .unwrap();
+    let mut w = s.watch("l/short", 0).await.unwrap();
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        s.keep_alive(kept).await.unwrap();
+    }
+    assert!(
+        s.get("l/kept").await.unwrap().is_some(),
+        "a kept-alive lease keeps its key"
+    );
+    // Expired: its key is deleted, and watchers see the delete.
+    assert!(
+        s.get("l/short").await.unwrap().is_none(),
+        "an expired lease removes its key"
+    );
+    assert!(matches!(next_event(&mut w).await, Event::Delete { .. }));
+    assert!(
+        s.keep_alive(short).await.is_err(),
+        "an expired lease cannot be kept alive"
+    );
+    assert!(
+        s.txn(Txn::default().and_then(vec![Op::PutLeased(
+            "l/late".into(),
+            Bytes::from("x"),
+            short
+        )]))
+        .await
+        .is_err(),
+        "puts under an expired lease fail"
+    );
+    // Revoked: its key goes at once.
+    s.revoke_lease(kept).await.unwrap();
+    assert!(
+        s.get("l/kept").await.unwrap().is_none(),
+        "revoking a lease removes its key"
+    );
 }
 
 fn put(k: &str, v: &str) -> Op {

@@ -1,26 +1,56 @@
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::StreamExt;
 use redb::{Database, ReadableTable, TableDefinition};
+use tokio::sync::broadcast;
 
-use crate::{Compare, Error, KeyValue, MetaStore, Op, Result, Txn, TxnOutcome};
+use crate::{
+    Compare, Error, Event, KeyValue, LeaseId, MetaStore, Op, Result, Txn, TxnOutcome, Watch,
+};
 
-/// key -> create_revision (u64 LE) · mod_revision (u64 LE) · value
+/// key -> create_revision · mod_revision · lease (u64/u64/i64 LE) · value
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 /// "revision" -> the store-wide revision
 const STATE: TableDefinition<&str, u64> = TableDefinition::new("state");
 const REVISION: &str = "revision";
-const HEADER_BYTES: usize = 16;
+const HEADER_BYTES: usize = 24;
+
+/// Changes kept in memory for watches that start in the past.
+pub const HISTORY_EVENTS_MAX: usize = 100_000;
+/// Live changes buffered per watcher before it must catch up from history.
+const LIVE_EVENTS_MAX: usize = 4096;
+/// How often expired leases are looked for.
+const LEASE_SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The embedded metadata backend: one redb file, written with immediate
 /// durability (a transaction is fsynced before it is reported). redb allows
 /// one writer at a time, so transactions are serializable, and it locks the
 /// file, so two brokers cannot open the same data dir by accident.
+///
+/// Watches are served from an in-memory history of recent changes; leases
+/// live in memory, so keys leased by a previous process are deleted when the
+/// store is opened (their owner is gone).
 #[derive(Clone)]
 pub struct Embedded {
-    db: Arc<Database>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
     path: String,
+    history: Mutex<VecDeque<Event>>,
+    live: broadcast::Sender<Event>,
+    leases: Mutex<Leases>,
+}
+
+#[derive(Default)]
+struct Leases {
+    next: LeaseId,
+    active: HashMap<LeaseId, (Duration, Instant, BTreeSet<String>)>,
 }
 
 fn unavailable(op: &'static str) -> impl FnOnce(redb::Error) -> Error {
@@ -36,28 +66,45 @@ macro_rules! redb_try {
     };
 }
 
-fn decode(key: &str, raw: &[u8]) -> Result<KeyValue> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Poisoning only means a panicking thread held the lock; the data are
+    // updated in single assignments and stay consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Record {
+    kv: KeyValue,
+    lease: LeaseId,
+}
+
+fn decode(key: &str, raw: &[u8]) -> Result<Record> {
     if raw.len() < HEADER_BYTES {
         return Err(Error::Corrupt {
             key: key.to_string(),
             reason: format!("{} byte record is shorter than its header", raw.len()),
         });
     }
-    let (create, rest) = raw.split_at(8);
-    let (modr, value) = rest.split_at(8);
-    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
-    Ok(KeyValue {
-        key: key.to_string(),
-        value: Bytes::copy_from_slice(value),
-        create_revision: word(create),
-        mod_revision: word(modr),
+    let word = |at: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&raw[at..at + 8]);
+        w
+    };
+    Ok(Record {
+        kv: KeyValue {
+            key: key.to_string(),
+            value: Bytes::copy_from_slice(&raw[HEADER_BYTES..]),
+            create_revision: u64::from_le_bytes(word(0)),
+            mod_revision: u64::from_le_bytes(word(8)),
+        },
+        lease: i64::from_le_bytes(word(16)),
     })
 }
 
-fn encode(create: u64, modr: u64, value: &[u8]) -> Vec<u8> {
+fn encode(create: u64, modr: u64, lease: LeaseId, value: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(HEADER_BYTES + value.len());
     v.extend_from_slice(&create.to_le_bytes());
     v.extend_from_slice(&modr.to_le_bytes());
+    v.extend_from_slice(&lease.to_le_bytes());
     v.extend_from_slice(value);
     v
 }
@@ -76,23 +123,57 @@ impl Embedded {
             redb_try!("open", w.open_table(STATE));
         }
         redb_try!("open", w.commit());
-        Ok(Self {
-            db: Arc::new(db),
-            path: path.display().to_string(),
-        })
+        let (live, _) = broadcast::channel(LIVE_EVENTS_MAX);
+        let store = Self {
+            inner: Arc::new(Inner {
+                db,
+                path: path.display().to_string(),
+                history: Mutex::new(VecDeque::new()),
+                live,
+                leases: Mutex::new(Leases::default()),
+            }),
+        };
+        store.drop_orphaned_leased_keys()?;
+        let weak = Arc::downgrade(&store.inner);
+        std::thread::Builder::new()
+            .name("floe-meta-leases".into())
+            .spawn(move || sweep_leases(weak))
+            .map_err(|e| Error::Unavailable {
+                op: "open",
+                reason: format!("starting the lease sweeper: {e}"),
+            })?;
+        Ok(store)
+    }
+
+    fn drop_orphaned_leased_keys(&self) -> Result<()> {
+        let r = redb_try!("open", self.inner.db.begin_read());
+        let t = redb_try!("open", r.open_table(KV));
+        let mut orphans = Vec::new();
+        for item in redb_try!("open", t.iter()) {
+            let (k, v) = redb_try!("open", item);
+            if decode(k.value(), v.value())?.lease != 0 {
+                orphans.push(Op::Delete(k.value().to_string()));
+            }
+        }
+        drop(t);
+        drop(r);
+        for chunk in orphans.chunks(Txn::OPS_MAX) {
+            self.txn_blocking(Txn::default().and_then(chunk.to_vec()))?;
+        }
+        Ok(())
     }
 
     fn get_blocking(&self, key: &str) -> Result<Option<KeyValue>> {
-        let r = redb_try!("get", self.db.begin_read());
+        let r = redb_try!("get", self.inner.db.begin_read());
         let t = redb_try!("get", r.open_table(KV));
         match redb_try!("get", t.get(key)) {
-            Some(v) => Ok(Some(decode(key, v.value())?)),
+            Some(v) => Ok(Some(decode(key, v.value())?.kv)),
             None => Ok(None),
         }
     }
 
     fn range_blocking(&self, start: &str, end: &str, limit: usize) -> Result<Vec<KeyValue>> {
-        let r = redb_try!("range", self.db.begin_read());
+        let r = redb_try!("range", self.inner.db.begin_read());
         let t = redb_try!("range", r.open_table(KV));
         let mut out = Vec::new();
         if start >= end {
@@ -100,9 +181,17 @@ impl Embedded {
         }
         for item in redb_try!("range", t.range(start..end)).take(limit) {
             let (k, v) = redb_try!("range", item);
-            out.push(decode(k.value(), v.value())?);
+            out.push(decode(k.value(), v.value())?.kv);
         }
         Ok(out)
+    }
+
+    fn revision_blocking(&self) -> Result<u64> {
+        let r = redb_try!("revision", self.inner.db.begin_read());
+        let t = redb_try!("revision", r.open_table(STATE));
+        Ok(redb_try!("revision", t.get(REVISION))
+            .map(|v| v.value())
+            .unwrap_or(0))
     }
 
     fn txn_blocking(&self, txn: Txn) -> Result<TxnOutcome> {
@@ -113,7 +202,20 @@ impl Embedded {
                 limit: Txn::OPS_MAX,
             });
         }
-        let w = redb_try!("txn", self.db.begin_write());
+        // Leases named by puts must exist (as in etcd).
+        {
+            let leases = lock(&self.inner.leases);
+            for op in txn.success.iter().chain(&txn.failure) {
+                if let Op::PutLeased(_, _, lease) = op {
+                    if !leases.active.contains_key(lease) {
+                        return Err(Error::LeaseExpired { lease: *lease });
+                    }
+                }
+            }
+        }
+        let w = redb_try!("txn", self.inner.db.begin_write());
+        let mut events = Vec::new();
+        let mut leased = Vec::new();
         let outcome = {
             let mut kv = redb_try!("txn", w.open_table(KV));
             let mut state = redb_try!("txn", w.open_table(STATE));
@@ -122,40 +224,53 @@ impl Embedded {
                 .unwrap_or(0);
             let mut holds = true;
             for c in &txn.compares {
-                let (key, ok) = match c {
+                holds &= match c {
                     Compare::ModRevision(key, want) => {
                         let cur = match redb_try!("txn", kv.get(key.as_str())) {
-                            Some(v) => decode(key, v.value())?.mod_revision,
+                            Some(v) => decode(key, v.value())?.kv.mod_revision,
                             None => 0,
                         };
-                        (key, cur == *want)
+                        cur == *want
                     }
-                    Compare::Value(key, want) => {
-                        let ok = match redb_try!("txn", kv.get(key.as_str())) {
-                            Some(v) => decode(key, v.value())?.value == *want,
-                            None => false,
-                        };
-                        (key, ok)
-                    }
+                    Compare::Value(key, want) => match redb_try!("txn", kv.get(key.as_str())) {
+                        Some(v) => decode(key, v.value())?.kv.value == *want,
+                        None => false,
+                    },
                 };
-                let _ = key;
-                holds &= ok;
             }
             let ops = if holds { &txn.success } else { &txn.failure };
             if !ops.is_empty() {
                 revision += 1;
                 for op in ops {
                     match op {
-                        Op::Put(key, value) => {
+                        Op::Put(key, value) | Op::PutLeased(key, value, _) => {
+                            let lease = match op {
+                                Op::PutLeased(_, _, l) => *l,
+                                _ => 0,
+                            };
                             let create = match redb_try!("txn", kv.get(key.as_str())) {
-                                Some(v) => decode(key, v.value())?.create_revision,
+                                Some(v) => decode(key, v.value())?.kv.create_revision,
                                 None => revision,
                             };
-                            let rec = encode(create, revision, value);
+                            let rec = encode(create, revision, lease, value);
                             redb_try!("txn", kv.insert(key.as_str(), rec.as_slice()));
+                            if lease != 0 {
+                                leased.push((key.clone(), lease));
+                            }
+                            events.push(Event::Put(KeyValue {
+                                key: key.clone(),
+                                value: value.clone(),
+                                create_revision: create,
+                                mod_revision: revision,
+                            }));
                         }
                         Op::Delete(key) => {
-                            redb_try!("txn", kv.remove(key.as_str()));
+                            if redb_try!("txn", kv.remove(key.as_str())).is_some() {
+                                events.push(Event::Delete {
+                                    key: key.clone(),
+                                    mod_revision: revision,
+                                });
+                            }
                         }
                     }
                 }
@@ -167,7 +282,86 @@ impl Embedded {
             }
         };
         redb_try!("txn", w.commit());
+        {
+            let mut leases = lock(&self.inner.leases);
+            for (key, lease) in leased {
+                if let Some(l) = leases.active.get_mut(&lease) {
+                    l.2.insert(key);
+                }
+            }
+        }
+        self.publish(events);
         Ok(outcome)
+    }
+
+    fn publish(&self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        let mut history = lock(&self.inner.history);
+        for e in events {
+            if history.len() == HISTORY_EVENTS_MAX {
+                history.pop_front();
+            }
+            history.push_back(e.clone());
+            // No receivers is fine: nobody is watching.
+            let _ = self.inner.live.send(e);
+        }
+    }
+
+    /// Deletes the keys of leases whose deadline passed.
+    fn expire_leases(&self, now: Instant) -> Result<()> {
+        let expired: Vec<(LeaseId, BTreeSet<String>)> = {
+            let mut leases = lock(&self.inner.leases);
+            let ids: Vec<LeaseId> = leases
+                .active
+                .iter()
+                .filter(|(_, (_, deadline, _))| *deadline <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| leases.active.remove(&id).map(|(_, _, keys)| (id, keys)))
+                .collect()
+        };
+        for (lease, keys) in expired {
+            self.delete_leased(lease, keys)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the keys still held by `lease` (a key re-put without the
+    /// lease since then is left alone).
+    fn delete_leased(&self, lease: LeaseId, keys: BTreeSet<String>) -> Result<()> {
+        let mine: Vec<Op> = {
+            let r = redb_try!("lease", self.inner.db.begin_read());
+            let t = redb_try!("lease", r.open_table(KV));
+            let mut ops = Vec::new();
+            for k in keys {
+                if let Some(v) = redb_try!("lease", t.get(k.as_str())) {
+                    if decode(&k, v.value())?.lease == lease {
+                        ops.push(Op::Delete(k));
+                    }
+                }
+            }
+            ops
+        };
+        for chunk in mine.chunks(Txn::OPS_MAX) {
+            self.txn_blocking(Txn::default().and_then(chunk.to_vec()))?;
+        }
+        Ok(())
+    }
+}
+
+fn sweep_leases(store: Weak<Inner>) {
+    loop {
+        std::thread::sleep(LEASE_SWEEP_INTERVAL);
+        let Some(inner) = store.upgrade() else {
+            return;
+        };
+        let e = Embedded { inner };
+        if let Err(err) = e.expire_leases(Instant::now()) {
+            tracing::warn!(error = %err, "expiring leases failed; will retry");
+        }
     }
 }
 
@@ -200,9 +394,145 @@ impl MetaStore for Embedded {
         blocking("txn", move || s.txn_blocking(txn)).await
     }
 
-    fn describe(&self) -> String {
-        format!("embedded:{}", self.path)
+    async fn revision(&self) -> Result<u64> {
+        let s = self.clone();
+        blocking("revision", move || s.revision_blocking()).await
     }
+
+    async fn watch(&self, prefix: &str, from_revision: u64) -> Result<Watch> {
+        // Subscribe before reading history so nothing falls between them.
+        let mut live = self.inner.live.subscribe();
+        let current = self.revision().await?;
+        let from = if from_revision == 0 {
+            current + 1
+        } else {
+            from_revision
+        };
+        let past: Vec<Event> = {
+            let history = lock(&self.inner.history);
+            let oldest = history.front().map_or(current + 1, Event::revision);
+            if from < oldest && from <= current {
+                return Err(Error::Compacted {
+                    prefix: prefix.to_string(),
+                    revision: from,
+                    compacted: oldest,
+                });
+            }
+            history
+                .iter()
+                .filter(|e| e.revision() >= from && e.key().starts_with(prefix))
+                .cloned()
+                .collect()
+        };
+        let prefix = prefix.to_string();
+        let mut next = past.last().map_or(from, |e| e.revision());
+        let store = self.clone();
+        let live_part = async_stream(move |tx| async move {
+            loop {
+                match live.recv().await {
+                    Ok(e) => {
+                        if e.revision() < next || !e.key().starts_with(&prefix) {
+                            continue;
+                        }
+                        next = e.revision();
+                        if tx.send(Ok(e)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Catch up from history, then go on live.
+                        let missed: Vec<Event> = {
+                            let history = lock(&store.inner.history);
+                            history
+                                .iter()
+                                .filter(|e| e.revision() > next)
+                                .cloned()
+                                .collect()
+                        };
+                        for e in missed {
+                            if !e.key().starts_with(&prefix) {
+                                continue;
+                            }
+                            next = e.revision();
+                            if tx.send(Ok(e)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        // Events of one transaction share a revision: the history part may
+        // already hold some of the live part's first revision, so the live
+        // part skips revisions below `next` only (equal ones are new keys of
+        // the same transaction and are filtered by the dedupe below).
+        let seen_last: Option<(u64, String)> =
+            past.last().map(|e| (e.revision(), e.key().to_string()));
+        let past_keys: BTreeSet<(u64, String)> = past
+            .iter()
+            .filter(|e| Some(e.revision()) == seen_last.as_ref().map(|s| s.0))
+            .map(|e| (e.revision(), e.key().to_string()))
+            .collect();
+        let live_part = live_part.filter(move |r| {
+            let dup =
+                matches!(r, Ok(e) if past_keys.contains(&(e.revision(), e.key().to_string())));
+            futures::future::ready(!dup)
+        });
+        Ok(futures::stream::iter(past.into_iter().map(Ok))
+            .chain(live_part)
+            .boxed())
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
+        let mut leases = lock(&self.inner.leases);
+        leases.next += 1;
+        let id = leases.next;
+        leases
+            .active
+            .insert(id, (ttl, Instant::now() + ttl, BTreeSet::new()));
+        Ok(id)
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+        let mut leases = lock(&self.inner.leases);
+        match leases.active.get_mut(&lease) {
+            Some((ttl, deadline, _)) => {
+                *deadline = Instant::now() + *ttl;
+                Ok(())
+            }
+            None => Err(Error::LeaseExpired { lease }),
+        }
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
+        let keys = lock(&self.inner.leases).active.remove(&lease).map(|l| l.2);
+        match keys {
+            Some(keys) => {
+                let s = self.clone();
+                blocking("lease", move || s.delete_leased(lease, keys)).await
+            }
+            None => Err(Error::LeaseExpired { lease }),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("embedded:{}", self.inner.path)
+    }
+}
+
+/// A stream fed by a task: `f` gets a sender and runs until it returns or
+/// the stream is dropped.
+pub(crate) fn async_stream<F, Fut>(
+    f: F,
+) -> impl futures::Stream<Item = Result<Event>> + Send + 'static
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Event>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(LIVE_EVENTS_MAX);
+    tokio::spawn(f(tx));
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) })
 }
 
 #[cfg(test)]
@@ -214,20 +544,31 @@ mod tests {
         crate::conformance::run(std::sync::Arc::new(store)).await;
     }
 
-    #[tokio::test]
-    async fn survives_reopen() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn survives_reopen_and_drops_orphaned_leased_keys() {
         use crate::{MetaStore, Op, Txn};
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("meta.redb");
         {
             let s = super::Embedded::open(&path).expect("open");
-            s.txn(Txn::default().and_then(vec![Op::Put("k".into(), "v".into())]))
+            let lease = s
+                .grant_lease(std::time::Duration::from_secs(60))
                 .await
-                .expect("txn");
+                .expect("lease");
+            s.txn(Txn::default().and_then(vec![
+                Op::Put("k".into(), "v".into()),
+                Op::PutLeased("live".into(), "x".into(), lease),
+            ]))
+            .await
+            .expect("txn");
         }
         let s = super::Embedded::open(&path).expect("reopen");
         let kv = s.get("k").await.expect("get").expect("present");
         assert_eq!(&kv.value[..], b"v");
         assert_eq!(kv.mod_revision, 1);
+        assert!(
+            s.get("live").await.expect("get").is_none(),
+            "its lease died with the process"
+        );
     }
 }

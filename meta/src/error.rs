@@ -9,6 +9,14 @@ pub enum Error {
     Corrupt { key: String, reason: String },
     #[error("metadata configuration: {reason}")]
     Config { reason: String },
+    #[error("watch on {prefix:?} needs revision {revision}, but history before {compacted} is compacted")]
+    Compacted {
+        prefix: String,
+        revision: u64,
+        compacted: u64,
+    },
+    #[error("lease {lease} has expired or was revoked")]
+    LeaseExpired { lease: i64 },
 }
 
 impl Error {

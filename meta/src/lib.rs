@@ -8,10 +8,9 @@
 //! Must never: hold record data (that lives in object storage); interpret
 //! commits (sequencing is the engine's); let a transaction apply partially.
 //!
-//! Not yet here (issue 4): the etcd backend, prefix watches and leases.
-
 mod embedded;
 mod error;
+mod etcd;
 
 pub mod conformance;
 pub mod schema;
@@ -20,6 +19,38 @@ use bytes::Bytes;
 
 pub use embedded::Embedded;
 pub use error::{Error, Result};
+pub use etcd::Etcd;
+
+/// A lease: keys put under it are deleted when it expires or is revoked.
+pub type LeaseId = i64;
+
+/// One change, as a watch delivers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Put(KeyValue),
+    Delete { key: String, mod_revision: u64 },
+}
+
+impl Event {
+    pub fn key(&self) -> &str {
+        match self {
+            Event::Put(kv) => &kv.key,
+            Event::Delete { key, .. } => key,
+        }
+    }
+    pub fn revision(&self) -> u64 {
+        match self {
+            Event::Put(kv) => kv.mod_revision,
+            Event::Delete { mod_revision, .. } => *mod_revision,
+        }
+    }
+}
+
+/// Changes under a prefix, in revision order. A backend re-establishes a
+/// broken connection itself and resumes after the last delivered revision;
+/// the stream ends with [`Error::Compacted`] only when the history it needs
+/// is gone.
+pub type Watch = futures::stream::BoxStream<'static, Result<Event>>;
 
 /// One key with its value and revisions, as etcd reports them: revisions
 /// are store-wide and strictly increasing; a key's `mod_revision` is the
@@ -45,6 +76,8 @@ pub enum Compare {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     Put(String, Bytes),
+    /// A put whose key lives only as long as the lease.
+    PutLeased(String, Bytes, LeaseId),
     Delete(String),
 }
 
@@ -95,7 +128,54 @@ pub trait MetaStore: Send + Sync + 'static {
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome>;
 
+    /// The store's current revision.
+    async fn revision(&self) -> Result<u64>;
+
+    /// Every change to keys starting with `prefix` at or after
+    /// `from_revision`, in revision order.
+    async fn watch(&self, prefix: &str, from_revision: u64) -> Result<Watch>;
+
+    /// Grants a lease that expires `ttl` after its last keep-alive.
+    async fn grant_lease(&self, ttl: std::time::Duration) -> Result<LeaseId>;
+
+    /// Refreshes a lease; [`Error::LeaseExpired`] if it is gone.
+    async fn keep_alive(&self, lease: LeaseId) -> Result<()>;
+
+    /// Ends a lease now, deleting its keys.
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<()>;
+
     fn describe(&self) -> String;
+}
+
+/// Opens a backend from its URL: `embedded` (a redb file at
+/// `embedded_path`) or `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`.
+pub async fn open(
+    url: &str,
+    embedded_path: &std::path::Path,
+) -> Result<std::sync::Arc<dyn MetaStore>> {
+    if url == "embedded" {
+        return Ok(std::sync::Arc::new(Embedded::open(embedded_path)?));
+    }
+    if let Some(rest) = url.strip_prefix("etcd://") {
+        let (hosts, prefix) = match rest.split_once('/') {
+            Some((h, p)) => (h, p.trim_matches('/')),
+            None => (rest, ""),
+        };
+        let endpoints: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("http://{h}"))
+            .collect();
+        if endpoints.is_empty() {
+            return Err(Error::Config {
+                reason: format!("{url:?} names no etcd endpoint"),
+            });
+        }
+        return Ok(std::sync::Arc::new(Etcd::connect(endpoints, prefix).await?));
+    }
+    Err(Error::Config {
+        reason: format!("unsupported metadata URL {url:?} (expected embedded or etcd://HOST:PORT[,HOST:PORT...][/PREFIX])"),
+    })
 }
 
 /// The smallest key greater than every key starting with `prefix`
