@@ -8,8 +8,9 @@
 #         etcd-server etcd-client (distributed-mode metadata),
 #         python3-venv (for the test venv)
 #   venv: tests/.venv with confluent-kafka, kafka-python, pytest,
-#         pytest-timeout, and kafka-python's codec libraries
-#         (lz4, zstandard, python-snappy, cramjam).
+#         pytest-timeout, kafka-python's codec libraries
+#         (lz4, zstandard, python-snappy, cramjam), and moto's S3 server
+#         (tests/.venv/bin/moto_server) with boto3 to inspect its buckets.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -64,9 +65,12 @@ pip_pkgs=(
     'zstandard'
     'python-snappy'
     'cramjam'
+    # An S3 server for the S3 backend's conformance and end-to-end tests.
+    'moto[server]'
+    'boto3'
 )
 # What must import for the venv to count as complete.
-check_imports='import confluent_kafka, kafka, pytest, pytest_timeout, lz4.frame, zstandard, cramjam'
+check_imports='import confluent_kafka, kafka, pytest, pytest_timeout, lz4.frame, zstandard, cramjam, moto.server, flask, boto3'
 
 if [[ -x "$venv/bin/python" ]] && ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
     log "venv: $venv is broken (its interpreter does not run); recreating"
@@ -86,12 +90,13 @@ else
     "$venv/bin/python" -m pip install -q --disable-pip-version-check "${pip_pkgs[@]}"
     "$venv/bin/python" -c "$check_imports"
 fi
+[[ -x "$venv/bin/moto_server" ]] || { log "venv: moto_server missing from $venv/bin"; exit 1; }
 
 "$venv/bin/python" - <<'EOF'
-import confluent_kafka, kafka, pytest
-print("[install-deps] venv: confluent-kafka %s (librdkafka %s), kafka-python %s, pytest %s"
+import confluent_kafka, kafka, pytest, moto, boto3
+print("[install-deps] venv: confluent-kafka %s (librdkafka %s), kafka-python %s, pytest %s, moto %s, boto3 %s"
       % (confluent_kafka.__version__, confluent_kafka.libversion()[0],
-         kafka.__version__, pytest.__version__))
+         kafka.__version__, pytest.__version__, moto.__version__, boto3.__version__))
 EOF
 log "kcat: $(kcat -V 2>&1 | grep -m1 '^Version' || true)"
 log "protoc: $(protoc --version)"

@@ -6,9 +6,11 @@
 //! entries written by others before retrying, and applies each entry through
 //! the [`Sequencer`] so that offsets come from the order commits land in the
 //! store. Every applied batch is routed to the shard that owns its
-//! partition as an [`IndexUpdate`].
+//! partition as an [`IndexUpdate`]. Commits by other brokers are learnt by
+//! watching `log/` (see [`follow_log`]).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use floe_meta::schema::{self, CommitRecord, ProducerEpoch, SegmentRecord};
@@ -22,6 +24,13 @@ use crate::{Error, PartitionKey, Result};
 pub const GROUP_SEGMENTS_MAX: usize = 64;
 /// Log entries read per range request while catching up.
 pub const REPLAY_BATCH_MAX: usize = 256;
+/// How long a commit keeps trying before its producers get a retriable
+/// error.
+pub const COMMIT_DEADLINE: Duration = Duration::from_secs(5);
+/// Pause between commit attempts while the metadata store is unreachable.
+const COMMIT_RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// The log is read at least this often even without a watch event.
+const LOG_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Outcomes of one segment's batches, by chunk then batch.
 pub type SegmentOutcomes = Vec<Vec<BatchOutcome>>;
@@ -75,13 +84,24 @@ impl Committer {
 
     /// Replays every entry after the last applied one. Returns how many.
     pub async fn catch_up(&mut self) -> Result<u64> {
-        let mut applied = 0;
+        let before = self.sequencer.applied();
+        self.replay(None).await?;
+        Ok(self.sequencer.applied() - before)
+    }
+
+    /// Replays every entry after the last applied one; if one of them is
+    /// exactly `mine`, returns its sequence number and outcomes.
+    async fn replay(
+        &mut self,
+        mine: Option<&CommitRecord>,
+    ) -> Result<Option<(u64, Vec<SegmentOutcomes>)>> {
+        let mut found = None;
         loop {
             let from = schema::log_key(self.sequencer.applied() + 1);
             let end = floe_meta::prefix_end(schema::LOG_PREFIX);
             let kvs = self.meta.range(&from, &end, REPLAY_BATCH_MAX).await?;
             if kvs.is_empty() {
-                return Ok(applied);
+                return Ok(found);
             }
             for kv in kvs {
                 let commit: CommitRecord =
@@ -100,7 +120,9 @@ impl Committer {
                 }
                 let outcomes = self.sequencer.apply(seq, &commit);
                 self.route(seq, &commit, &outcomes);
-                applied += 1;
+                if mine == Some(&commit) {
+                    found = Some((seq, outcomes));
+                }
             }
         }
     }
@@ -128,12 +150,33 @@ impl Committer {
         self.sink.applied(seq);
     }
 
-    /// Appends `commit` to the log; returns the outcomes of its segments.
+    /// Appends `commit` to the log; returns its sequence number and the
+    /// outcomes of its segments.
+    ///
+    /// A transaction that fails without an answer (timeout, lost
+    /// connection) may still have landed. Before trying again the log is
+    /// replayed looking for this very entry; a new attempt carries the same
+    /// value and compares on the head it read, so at most one copy can ever
+    /// land. Gives up (a retriable error for the producers) after
+    /// `COMMIT_DEADLINE`; the entry may still appear later, which producers
+    /// see as an ordinary retry.
     async fn append(&mut self, commit: &CommitRecord) -> Result<(u64, Vec<SegmentOutcomes>)> {
         let value = Bytes::from(serde_json::to_vec(commit).map_err(|e| Error::Metadata {
             reason: e.to_string(),
         })?);
+        let deadline = Instant::now() + COMMIT_DEADLINE;
         loop {
+            match self.replay(Some(commit)).await {
+                Ok(Some(landed)) => return Ok(landed),
+                Ok(None) => {}
+                Err(e) => {
+                    if Instant::now() >= deadline {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(COMMIT_RETRY_PAUSE).await;
+                    continue;
+                }
+            }
             let head = self.sequencer.applied();
             let guard = if head == 0 {
                 Compare::ModRevision(schema::LOG_HEAD.into(), 0)
@@ -145,19 +188,58 @@ impl Committer {
                 Op::Put(schema::LOG_HEAD.into(), Bytes::from(next.to_string())),
                 Op::Put(schema::log_key(next), value.clone()),
             ]);
-            if self.meta.txn(txn).await?.succeeded {
-                let outcomes = self.sequencer.apply(next, commit);
-                self.route(next, commit, &outcomes);
-                return Ok((next, outcomes));
+            match self.meta.txn(txn).await {
+                Ok(o) if o.succeeded => {
+                    let outcomes = self.sequencer.apply(next, commit);
+                    self.route(next, commit, &outcomes);
+                    return Ok((next, outcomes));
+                }
+                // Another broker committed first: the replay above learns
+                // its entries on the next turn.
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, seq = next, "commit outcome unknown; checking the log before retrying");
+                    if Instant::now() >= deadline {
+                        return Err(e.into());
+                    }
+                    tokio::time::sleep(COMMIT_RETRY_PAUSE).await;
+                }
             }
-            // Another broker committed first: learn its entries, then retry.
-            self.catch_up().await?;
         }
     }
 
-    /// Serves commit requests until every sender is gone.
-    pub async fn run(mut self, requests: flume::Receiver<CommitRequest>) {
-        while let Ok(first) = requests.recv_async().await {
+    /// Serves commit requests and follows the log until every sender is
+    /// gone. `poke` is signalled when the log may have grown (a watch on
+    /// `log/`); it is also polled every `LOG_POLL_INTERVAL` as a safety net.
+    pub async fn run(
+        mut self,
+        requests: flume::Receiver<CommitRequest>,
+        poke: Arc<tokio::sync::Notify>,
+    ) {
+        loop {
+            tokio::select! {
+                r = requests.recv_async() => match r {
+                    Ok(first) => self.serve_group(first, &requests).await,
+                    Err(_) => return,
+                },
+                _ = poke.notified() => self.learn().await,
+                _ = tokio::time::sleep(LOG_POLL_INTERVAL) => self.learn().await,
+            }
+        }
+    }
+
+    async fn learn(&mut self) {
+        if let Err(e) = self.replay(None).await {
+            tracing::debug!(error = %e, "reading the commit log failed; will retry");
+        }
+    }
+
+    async fn serve_group(
+        &mut self,
+        first: CommitRequest,
+        requests: &flume::Receiver<CommitRequest>,
+    ) {
+        {
             let mut group = vec![first];
             while group.len() < GROUP_SEGMENTS_MAX {
                 match requests.try_recv() {
@@ -207,5 +289,26 @@ impl Committer {
                 }
             }
         }
+    }
+}
+
+/// Pokes the committer whenever `log/` changes, so that commits by other
+/// brokers are applied (and long-polling fetches woken) promptly.
+pub async fn follow_log(meta: Arc<dyn MetaStore>, poke: Arc<tokio::sync::Notify>) {
+    use futures::StreamExt;
+    loop {
+        match meta.watch("log/", 0).await {
+            Ok(mut w) => {
+                while let Some(ev) = w.next().await {
+                    if ev.is_err() {
+                        break;
+                    }
+                    poke.notify_one();
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "watching the commit log failed; retrying"),
+        }
+        poke.notify_one();
+        tokio::time::sleep(COMMIT_RETRY_PAUSE).await;
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod batch;
 pub mod cache;
+pub mod cluster;
 pub mod committer;
 pub mod config;
 mod error;
@@ -96,7 +97,8 @@ pub struct Engine {
     pub sidecar: sidecar::SidecarHandle,
     pub store: Arc<dyn ObjectStore>,
     pub meta: Arc<dyn MetaStore>,
-    pub topics: topics::Topics,
+    pub topics: Arc<topics::Topics>,
+    pub members: Arc<cluster::Members>,
     pub committer: flume::Sender<committer::CommitRequest>,
     pub shards: Vec<shard::ShardLink>,
     pub metrics: Arc<metrics::Metrics>,

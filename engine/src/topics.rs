@@ -70,6 +70,30 @@ impl Topics {
         self.snapshot.load().get(name).cloned()
     }
 
+    /// Follows `topics/` so that topics created, changed or deleted through
+    /// any broker are seen here. Runs until the process ends.
+    pub async fn follow(self: Arc<Self>) {
+        use futures::StreamExt;
+        loop {
+            match self.meta.watch(schema::TOPICS_PREFIX, 0).await {
+                Ok(mut w) => {
+                    // Anything that happened before the watch began.
+                    let _ = self.refresh().await;
+                    while let Some(ev) = w.next().await {
+                        if ev.is_err() {
+                            break;
+                        }
+                        if let Err(e) = self.refresh().await {
+                            tracing::warn!(error = %e, "refreshing topics failed");
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "watching topics failed; retrying"),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    }
+
     /// Re-reads every topic from the store.
     pub async fn refresh(&self) -> Result<()> {
         let kvs = self

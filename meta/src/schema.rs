@@ -8,6 +8,8 @@
 //! log/head                    sequence number of the newest commit (decimal)
 //! log/<seq, 20 digits>        CommitRecord
 //! producers/next              next free producer id (decimal)
+//! nodes/next                  next free node id (decimal)
+//! brokers/<node id>           BrokerRecord, under the broker's lease
 //! ```
 
 use std::collections::BTreeMap;
@@ -20,6 +22,24 @@ pub const TOPICS_PREFIX: &str = "topics/";
 pub const LOG_HEAD: &str = "log/head";
 pub const LOG_PREFIX: &str = "log/0";
 pub const PRODUCERS_NEXT: &str = "producers/next";
+pub const NODES_NEXT: &str = "nodes/next";
+pub const BROKERS_PREFIX: &str = "brokers/";
+
+pub fn broker_key(node_id: i32) -> String {
+    format!("{BROKERS_PREFIX}{node_id}")
+}
+
+/// A live broker, as it registered itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerRecord {
+    pub node_id: i32,
+    pub host: String,
+    pub port: u16,
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub group: String,
+}
 
 pub fn topic_key(name: &str) -> String {
     format!("{TOPICS_PREFIX}{name}")

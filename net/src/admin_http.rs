@@ -3,12 +3,12 @@
 //! per connection.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use floe_engine::metrics::Metrics;
 use floe_engine::Engine;
-use floe_objstore::RequestCounters;
+use floe_objstore::{Accounting, Purpose, RequestCounters};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Largest request head read from an admin client.
@@ -78,33 +78,121 @@ pub fn render_metrics(engine: &Engine) -> String {
         "Connections closed for bad input.",
         Metrics::get(&m.bad_frames),
     );
-    let mut objstore = |purpose: &str, c: &RequestCounters| {
-        for (op, v) in [
-            ("put", Metrics::get(&c.puts)),
-            ("get", Metrics::get(&c.gets)),
-            ("delete", Metrics::get(&c.deletes)),
-            ("list", Metrics::get(&c.lists)),
-            ("error", Metrics::get(&c.errors)),
-        ] {
-            let _ = writeln!(
-                out,
-                "floe_objstore_requests_total{{purpose=\"{purpose}\",op=\"{op}\"}} {v}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "floe_objstore_bytes_total{{purpose=\"{purpose}\",op=\"put\"}} {}",
-            Metrics::get(&c.put_bytes)
-        );
-        let _ = writeln!(
-            out,
-            "floe_objstore_bytes_total{{purpose=\"{purpose}\",op=\"get\"}} {}",
-            Metrics::get(&c.get_bytes)
-        );
-    };
-    objstore("intake", &m.objstore_intake);
-    objstore("fetch", &m.objstore_fetch);
+    // Each family's lines stay together, as the text format requires.
+    let per_call = [("intake", &m.objstore_intake), ("fetch", &m.objstore_fetch)];
+    family(
+        &mut out,
+        "floe_objstore_requests_total",
+        "Object-store calls made by the engine (one per put or ranged get, whatever the backend sends), by purpose.",
+        per_call.iter().flat_map(|(purpose, c)| {
+            [
+                ("put", &c.puts),
+                ("get", &c.gets),
+                ("delete", &c.deletes),
+                ("list", &c.lists),
+                ("error", &c.errors),
+            ]
+            .map(|(op, v)| (format!("purpose=\"{purpose}\",op=\"{op}\""), Metrics::get(v)))
+        }),
+    );
+    family(
+        &mut out,
+        "floe_objstore_bytes_total",
+        "Bytes of successful object-store calls made by the engine, by purpose.",
+        per_call.iter().flat_map(|(purpose, c)| {
+            [("put", &c.put_bytes), ("get", &c.get_bytes)].map(|(op, v)| {
+                (
+                    format!("purpose=\"{purpose}\",op=\"{op}\""),
+                    Metrics::get(v),
+                )
+            })
+        }),
+    );
+    if let Some(acc) = engine.store.accounting() {
+        backend_families(&mut out, &acc);
+    }
     out
+}
+
+/// One counter family: HELP, TYPE and a line per label set.
+fn family(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (String, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (labels, v) in series {
+        let _ = writeln!(out, "{name}{{{labels}}} {v}");
+    }
+}
+
+/// The backend's own request counts (S3: every wire request, multipart
+/// parts, retries and hedged reads included), by purpose.
+fn backend_families(out: &mut String, acc: &Accounting) {
+    let purposes = || Purpose::ALL.into_iter().map(|p| (p.as_str(), acc.of(p)));
+    family(
+        out,
+        "floe_objstore_backend_requests_total",
+        "Requests the object-store backend sent, by purpose and request kind (what the store bills).",
+        purposes().flat_map(|(purpose, c)| {
+            c.requests_by_op()
+                .map(|(op, v)| (format!("purpose=\"{purpose}\",op=\"{op}\""), v))
+        }),
+    );
+    family(
+        out,
+        "floe_objstore_backend_bytes_total",
+        "Payload bytes of the backend's successful requests, by purpose.",
+        purposes().flat_map(|(purpose, c)| {
+            [("put", &c.put_bytes), ("get", &c.get_bytes)].map(|(op, v)| {
+                (
+                    format!("purpose=\"{purpose}\",op=\"{op}\""),
+                    Metrics::get(v),
+                )
+            })
+        }),
+    );
+    for (name, help, pick) in [
+        (
+            "floe_objstore_backend_failures_total",
+            "Backend requests that failed (each retry's failure counts).",
+            (|c| &c.errors) as fn(&RequestCounters) -> &AtomicU64,
+        ),
+        (
+            "floe_objstore_backend_retries_total",
+            "Backend requests sent again after a retriable failure.",
+            |c| &c.retries,
+        ),
+        (
+            "floe_objstore_backend_throttled_total",
+            "Backend requests the store answered with slow-down (503 SlowDown, 429).",
+            |c| &c.throttled,
+        ),
+        (
+            "floe_objstore_backend_timeouts_total",
+            "Backend requests that got no answer within the attempt timeout.",
+            |c| &c.timeouts,
+        ),
+        (
+            "floe_objstore_backend_hedged_reads_total",
+            "Ranged reads that started a second, hedging request.",
+            |c| &c.hedges,
+        ),
+        (
+            "floe_objstore_backend_hedge_wins_total",
+            "Hedged reads answered first by the hedging request.",
+            |c| &c.hedge_wins,
+        ),
+    ] {
+        family(
+            out,
+            name,
+            help,
+            purposes()
+                .map(|(purpose, c)| (format!("purpose=\"{purpose}\""), Metrics::get(pick(c)))),
+        );
+    }
 }
 
 pub async fn serve(listener: tokio::net::TcpListener, engine: Arc<Engine>, ready: Arc<AtomicBool>) {

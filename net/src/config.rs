@@ -22,6 +22,11 @@ pub struct Cli {
 pub enum Command {
     /// Run a broker.
     Serve(ServeArgs),
+    /// Check that the configured object store grants what floe needs
+    /// (PutObject, GetObject, ListBucket, DeleteObject, multipart create and
+    /// abort); takes serve's flags, environment and config file. Exits 1
+    /// naming each failed permission.
+    CheckBucket(ServeArgs),
 }
 
 /// Every setting of `floe serve`. Each flag also reads a `FLOE_*`
@@ -58,12 +63,51 @@ pub struct ServeArgs {
     /// Seal a segment once it holds this many bytes. [default: 8388608]
     #[arg(long, env = "FLOE_FLUSH_BYTES")]
     pub flush_bytes: Option<usize>,
-    /// Object store URL: file://DIR or memory://. [default: file://DATA_DIR/objects]
+    /// Object store URL: file://DIR, s3://BUCKET[/PREFIX] or memory://.
+    /// [default: file://DATA_DIR/objects]
     #[arg(long, env = "FLOE_OBJECT_STORE")]
     pub object_store: Option<String>,
-    /// This broker's node id. [default: 1]
+    /// S3-compatible endpoint URL (http://HOST:PORT); implies path-style
+    /// addressing and allows plain HTTP. [default: AWS, or AWS_ENDPOINT]
+    #[arg(long, env = "FLOE_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region. [default: AWS_REGION or AWS_DEFAULT_REGION, else us-east-1]
+    #[arg(long, env = "FLOE_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// The bucket is an S3 Express One Zone directory bucket. [default: false]
+    #[arg(long, env = "FLOE_S3_EXPRESS")]
+    pub s3_express: Option<bool>,
+    /// Size of each part of a multipart upload (at least 5 MiB). [default: 8388608]
+    #[arg(long, env = "FLOE_UPLOAD_PART_BYTES")]
+    pub upload_part_bytes: Option<usize>,
+    /// Parts of one segment upload in flight at once. [default: 4]
+    #[arg(long, env = "FLOE_UPLOAD_CONCURRENCY")]
+    pub upload_concurrency: Option<usize>,
+    /// Segments larger than this are uploaded in parts. [default: 16777216]
+    #[arg(long, env = "FLOE_MULTIPART_THRESHOLD_BYTES")]
+    pub multipart_threshold_bytes: Option<usize>,
+    /// Start a second identical ranged read when the first has not finished
+    /// after this many milliseconds; 0 disables hedging. [default: 250]
+    #[arg(long, env = "FLOE_READ_HEDGE_MS")]
+    pub read_hedge_ms: Option<u64>,
+    /// This broker's node id, unique in the cluster.
+    /// [default: allocated from the metadata store and remembered in DATA_DIR/node-id]
     #[arg(long, env = "FLOE_NODE_ID")]
     pub node_id: Option<i32>,
+    /// Metadata store: `embedded` (a redb file in the data dir) or
+    /// `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`. [default: embedded]
+    #[arg(long, env = "FLOE_META")]
+    pub meta: Option<String>,
+    /// This broker's availability zone, registered with it. [default: none]
+    #[arg(long, env = "FLOE_ZONE")]
+    pub zone: Option<String>,
+    /// This broker's agent group, registered with it. [default: default]
+    #[arg(long, env = "FLOE_GROUP")]
+    pub group: Option<String>,
+    /// Seconds after which a broker that stopped renewing its registration
+    /// is considered gone. [default: 10]
+    #[arg(long, env = "FLOE_LEASE_TTL_SECS")]
+    pub lease_ttl_secs: Option<u64>,
     /// Create unknown topics when a client asks for their metadata
     /// (Kafka's auto.create.topics.enable). [default: true]
     #[arg(long, env = "FLOE_AUTO_CREATE_TOPICS")]
@@ -104,7 +148,19 @@ pub struct Resolved {
     pub flush_interval_ms: u64,
     pub flush_bytes: usize,
     pub object_store: String,
-    pub node_id: i32,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+    pub s3_express: bool,
+    pub upload_part_bytes: usize,
+    pub upload_concurrency: usize,
+    pub multipart_threshold_bytes: usize,
+    pub read_hedge_ms: u64,
+    /// `None`: allocate one (or reuse the one remembered in the data dir).
+    pub node_id: Option<i32>,
+    pub meta: String,
+    pub zone: String,
+    pub group: String,
+    pub lease_ttl_secs: u64,
     pub auto_create_topics: bool,
     pub num_partitions: u32,
     pub max_request_bytes: usize,
@@ -174,14 +230,32 @@ impl ServeArgs {
             object_store,
             format!("file://{}", data_dir.join("objects").display())
         );
+        let s3_defaults = floe_objstore::S3Options::default();
+        let s3_endpoint = self.s3_endpoint.clone().or(file.s3_endpoint.clone());
+        let s3_region = self.s3_region.clone().or(file.s3_region.clone());
+        let s3_express = pick!(s3_express, s3_defaults.express);
+        let upload_part_bytes = pick!(upload_part_bytes, s3_defaults.part_bytes);
+        let upload_concurrency = pick!(upload_concurrency, s3_defaults.part_concurrency);
+        let multipart_threshold_bytes = pick!(
+            multipart_threshold_bytes,
+            s3_defaults.multipart_threshold_bytes
+        );
+        let read_hedge_ms = pick!(
+            read_hedge_ms,
+            s3_defaults.hedge_after.map_or(0, |d| d.as_millis() as u64)
+        );
         let max_request_bytes = pick!(max_request_bytes, 104_857_600);
         let inflight_bytes = pick!(inflight_bytes, 256 << 20);
         if inflight_bytes < 1 << 20 {
             anyhow::bail!("--inflight-bytes {inflight_bytes} must be at least 1 MiB");
         }
-        Ok(Resolved {
+        let resolved = Resolved {
             admin_listen: pick!(admin_listen, "127.0.0.1:9644".to_string()),
-            node_id: pick!(node_id, 1),
+            node_id: self.node_id.or(file.node_id),
+            meta: pick!(meta, "embedded".to_string()),
+            zone: pick!(zone, String::new()),
+            group: pick!(group, "default".to_string()),
+            lease_ttl_secs: pick!(lease_ttl_secs, 10).clamp(2, 300),
             auto_create_topics: pick!(auto_create_topics, true),
             num_partitions: pick!(num_partitions, 1).max(1),
             max_message_bytes: pick!(max_message_bytes, 1_048_588),
@@ -196,9 +270,38 @@ impl ServeArgs {
             flush_interval_ms,
             flush_bytes,
             object_store,
+            s3_endpoint,
+            s3_region,
+            s3_express,
+            upload_part_bytes,
+            upload_concurrency,
+            multipart_threshold_bytes,
+            read_hedge_ms,
             max_request_bytes,
             inflight_bytes,
-        })
+        };
+        resolved
+            .object_store_options()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(resolved)
+    }
+}
+
+impl Resolved {
+    /// The object-store settings (used by the S3 backend only).
+    pub fn object_store_options(&self) -> floe_objstore::S3Options {
+        floe_objstore::S3Options {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            express: self.s3_express,
+            multipart_threshold_bytes: self.multipart_threshold_bytes,
+            part_bytes: self.upload_part_bytes,
+            part_concurrency: self.upload_concurrency,
+            hedge_after: (self.read_hedge_ms > 0)
+                .then(|| std::time::Duration::from_millis(self.read_hedge_ms)),
+            ..floe_objstore::S3Options::default()
+        }
     }
 }
 

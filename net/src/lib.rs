@@ -8,9 +8,11 @@
 pub mod admin_http;
 pub mod apis;
 pub mod broker;
+pub mod check_bucket;
 pub mod codes;
 pub mod config;
 pub mod conn;
+pub mod discovery;
 pub mod handlers;
 pub mod producer_ids;
 pub mod request;

@@ -5,6 +5,7 @@ use tracing_subscriber::EnvFilter;
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::CheckBucket(args) => floe_net::check_bucket::main(args),
         Command::Serve(args) => {
             let resolved = match args.resolve() {
                 Ok(r) => r,

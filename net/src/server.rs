@@ -12,12 +12,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
+use floe_engine::cluster::{allocate_node_id, Members, Registration};
 use floe_engine::committer::Committer;
 use floe_engine::metrics::Metrics;
 use floe_engine::shard::{self, Shard, ShardInbox, ShardIndexSink};
 use floe_engine::sidecar::Sidecar;
 use floe_engine::topics::Topics;
 use floe_engine::{Engine, EngineConfig, Shutdown};
+use floe_meta::schema::BrokerRecord;
 use floe_meta::{schema, Compare, MetaStore, Op, Txn};
 use futures::future::{select, Either};
 use glommio::{LocalExecutorBuilder, Placement};
@@ -48,6 +50,30 @@ async fn cluster_id(meta: &dyn MetaStore) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&kv.value).into_owned())
 }
 
+/// The node id remembered in the data dir, or a new one allocated from the
+/// metadata store and remembered there.
+async fn remembered_node_id(
+    data_dir: &std::path::Path,
+    meta: &dyn MetaStore,
+) -> anyhow::Result<i32> {
+    let path = data_dir.join("node-id");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return text
+            .trim()
+            .parse()
+            .with_context(|| format!("{} does not hold a node id", path.display()));
+    }
+    let id = allocate_node_id(meta).await?;
+    std::fs::write(&path, format!("{id}\n"))
+        .with_context(|| format!("remembering the node id in {}", path.display()))?;
+    tracing::info!(
+        node = id,
+        "allocated node id {id} (remembered in {})",
+        path.display()
+    );
+    Ok(id)
+}
+
 /// Counts shards that have drained their connections.
 #[derive(Default)]
 struct Barrier {
@@ -72,22 +98,43 @@ impl Barrier {
 pub fn run(cfg: Resolved) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
-    let store = floe_objstore::open(&cfg.object_store)?;
-    let meta: Arc<dyn MetaStore> = Arc::new(
-        floe_meta::Embedded::open(cfg.data_dir.join("meta.redb")).context(
-            "opening the embedded metadata store (is another floe using this data dir?)",
-        )?,
-    );
+    let store = floe_objstore::open(&cfg.object_store, &cfg.object_store_options())?;
     let sidecar = Sidecar::start().context("starting the sidecar runtime")?;
-    let topics = sidecar.block_on(Topics::load(meta.clone()))?;
+    let meta: Arc<dyn MetaStore> = sidecar
+        .block_on(floe_meta::open(&cfg.meta, &cfg.data_dir.join("meta.redb")))
+        .with_context(|| {
+            format!(
+                "opening the metadata store {} (embedded: is another floe using this data dir?)",
+                cfg.meta
+            )
+        })?;
+    let topics = Arc::new(sidecar.block_on(Topics::load(meta.clone()))?);
     let cluster_id = sidecar.block_on(cluster_id(&*meta))?;
+    let node_id = match cfg.node_id {
+        Some(id) => id,
+        None => sidecar.block_on(remembered_node_id(&cfg.data_dir, &*meta))?,
+    };
+    let registration = sidecar
+        .block_on(Registration::register(
+            meta.clone(),
+            BrokerRecord {
+                node_id,
+                host: cfg.advertise_host.clone(),
+                port: cfg.advertise_port,
+                zone: cfg.zone.clone(),
+                group: cfg.group.clone(),
+            },
+            Duration::from_secs(cfg.lease_ttl_secs),
+        ))
+        .context("registering this broker")?;
+    let members = Arc::new(Members::default());
 
     let (links, inboxes): (Vec<_>, Vec<ShardInbox>) =
         (0..cfg.shards).map(|_| shard::link()).unzip();
     let (commit_tx, commit_rx) = flume::bounded(COMMIT_QUEUE_MAX);
     let engine = Arc::new(Engine {
         config: EngineConfig {
-            node_id: cfg.node_id,
+            node_id,
             shards: cfg.shards,
             flush_interval: Duration::from_millis(cfg.flush_interval_ms),
             flush_bytes: cfg.flush_bytes,
@@ -97,7 +144,8 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
         sidecar: sidecar.handle(),
         store: store.clone(),
         meta: meta.clone(),
-        topics,
+        topics: topics.clone(),
+        members: members.clone(),
         committer: commit_tx,
         shards: links,
         metrics: Arc::new(Metrics::default()),
@@ -111,12 +159,26 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
     let replayed = sidecar
         .block_on(committer.catch_up())
         .context("replaying the commit log")?;
-    sidecar.handle().spawn(committer.run(commit_rx));
+    let poke = Arc::new(tokio::sync::Notify::new());
+    sidecar
+        .handle()
+        .spawn(committer.run(commit_rx, poke.clone()));
+    sidecar
+        .handle()
+        .spawn(floe_engine::committer::follow_log(meta.clone(), poke));
+    sidecar.handle().spawn(topics.clone().follow());
+    sidecar.handle().spawn(members.clone().follow(meta.clone()));
+    {
+        let engine = engine.clone();
+        sidecar
+            .handle()
+            .spawn(registration.maintain(async move { engine.shutdown.wait().await }));
+    }
 
     let broker = Arc::new(Broker {
         engine: engine.clone(),
         settings: Settings {
-            node_id: cfg.node_id,
+            node_id,
             advertise_host: cfg.advertise_host.clone(),
             advertise_port: cfg.advertise_port,
             auto_create_topics: cfg.auto_create_topics,
@@ -206,11 +268,12 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
     } else {
         ready.store(true, Ordering::SeqCst);
         tracing::info!(
-            "listening on {} (kafka), admin on {}, advertising {}:{}, {} shard(s), objects {}, metadata {}, {} log entries replayed",
+            "listening on {} (kafka), admin on {}, advertising {}:{}, node {}, {} shard(s), objects {}, metadata {}, {} log entries replayed",
             cfg.listen,
             cfg.admin_listen,
             cfg.advertise_host,
             cfg.advertise_port,
+            node_id,
             cfg.shards,
             store.describe(),
             meta.describe(),

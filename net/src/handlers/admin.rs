@@ -340,17 +340,29 @@ pub fn describe_configs(ctx: &Ctx, req: DescribeConfigsRequest, version: i16) ->
 }
 
 pub fn describe_cluster(ctx: &Ctx, version: i16) -> Reply {
-    let st = &ctx.broker.settings;
+    let brokers = crate::discovery::brokers(&ctx.broker);
     encode(
         &DescribeClusterResponse::default()
             .with_endpoint_type(1)
             .with_cluster_id(s(ctx.broker.engine.cluster_id.clone()))
-            .with_controller_id(BrokerId(st.node_id))
+            .with_controller_id(BrokerId(
+                brokers
+                    .first()
+                    .map_or(ctx.broker.settings.node_id, |b| b.node_id),
+            ))
             .with_cluster_authorized_operations(i32::MIN)
-            .with_brokers(vec![DescribeClusterBroker::default()
-                .with_broker_id(BrokerId(st.node_id))
-                .with_host(s(st.advertise_host.clone()))
-                .with_port(i32::from(st.advertise_port))]),
+            .with_brokers(
+                brokers
+                    .iter()
+                    .map(|b| {
+                        DescribeClusterBroker::default()
+                            .with_broker_id(BrokerId(b.node_id))
+                            .with_host(s(b.host.clone()))
+                            .with_port(i32::from(b.port))
+                            .with_rack((!b.zone.is_empty()).then(|| s(b.zone.clone())))
+                    })
+                    .collect(),
+            ),
         version,
     )
 }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use floe_meta::schema::TopicRecord;
+use floe_meta::schema::{BrokerRecord, TopicRecord};
 use kafka_protocol::messages::metadata_request::MetadataRequest;
 use kafka_protocol::messages::metadata_response::{
     MetadataResponse, MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
@@ -12,9 +12,9 @@ use kafka_protocol::messages::{BrokerId, TopicName};
 use kafka_protocol::protocol::StrBytes;
 
 use super::{encode, Ctx, Reply};
-use crate::codes;
+use crate::{codes, discovery};
 
-fn topic_entry(t: &TopicRecord, node: i32, version: i16) -> MetadataResponseTopic {
+fn topic_entry(t: &TopicRecord, brokers: &[BrokerRecord], version: i16) -> MetadataResponseTopic {
     MetadataResponseTopic::default()
         .with_name(Some(TopicName(StrBytes::from_string(t.name.clone()))))
         .with_topic_id(t.id)
@@ -22,6 +22,7 @@ fn topic_entry(t: &TopicRecord, node: i32, version: i16) -> MetadataResponseTopi
         .with_partitions(
             (0..t.partitions)
                 .map(|p| {
+                    let node = discovery::leader(brokers, t.id, p).unwrap_or(-1);
                     MetadataResponsePartition::default()
                         .with_partition_index(p as i32)
                         .with_leader_id(BrokerId(node))
@@ -73,7 +74,7 @@ pub async fn auto_create(ctx: &Ctx, name: &str) -> Result<Arc<TopicRecord>, i16>
 
 pub async fn handle(ctx: &Ctx, req: MetadataRequest, version: i16) -> Reply {
     let st = &ctx.broker.settings;
-    let node = st.node_id;
+    let brokers = discovery::brokers(&ctx.broker);
     let snapshot = ctx.broker.engine.topics.snapshot();
     // v0: an empty list means all topics; v1+: null means all topics.
     let requested: Option<Vec<String>> = match req.topics {
@@ -91,18 +92,18 @@ pub async fn handle(ctx: &Ctx, req: MetadataRequest, version: i16) -> Reply {
         None => {
             let mut all: Vec<_> = snapshot.values().cloned().collect();
             all.sort_by(|a, b| a.name.cmp(&b.name));
-            topics.extend(all.iter().map(|t| topic_entry(t, node, version)));
+            topics.extend(all.iter().map(|t| topic_entry(t, &brokers, version)));
         }
         Some(names) => {
             for name in names {
                 if let Some(t) = snapshot.get(&name) {
-                    topics.push(topic_entry(t, node, version));
+                    topics.push(topic_entry(t, &brokers, version));
                 } else if let Err(e) = floe_engine::topics::validate_name(&name) {
                     tracing::debug!(topic = %name, error = %e, "metadata for an invalid topic name");
                     topics.push(error_entry(&name, codes::INVALID_TOPIC));
                 } else if allow_create {
                     match auto_create(ctx, &name).await {
-                        Ok(t) => topics.push(topic_entry(&t, node, version)),
+                        Ok(t) => topics.push(topic_entry(&t, &brokers, version)),
                         Err(code) => topics.push(error_entry(&name, code)),
                     }
                 } else {
@@ -112,14 +113,24 @@ pub async fn handle(ctx: &Ctx, req: MetadataRequest, version: i16) -> Reply {
         }
     }
     let resp = MetadataResponse::default()
-        .with_brokers(vec![MetadataResponseBroker::default()
-            .with_node_id(BrokerId(node))
-            .with_host(StrBytes::from_string(st.advertise_host.clone()))
-            .with_port(i32::from(st.advertise_port))])
+        .with_brokers(
+            brokers
+                .iter()
+                .map(|b| {
+                    MetadataResponseBroker::default()
+                        .with_node_id(BrokerId(b.node_id))
+                        .with_host(StrBytes::from_string(b.host.clone()))
+                        .with_port(i32::from(b.port))
+                        .with_rack(
+                            (!b.zone.is_empty()).then(|| StrBytes::from_string(b.zone.clone())),
+                        )
+                })
+                .collect(),
+        )
         .with_cluster_id(Some(StrBytes::from_string(
             ctx.broker.engine.cluster_id.clone(),
         )))
-        .with_controller_id(BrokerId(node))
+        .with_controller_id(BrokerId(brokers.first().map_or(st.node_id, |b| b.node_id)))
         .with_cluster_authorized_operations(i32::MIN)
         .with_topics(topics);
     encode(&resp, version)

@@ -1,0 +1,221 @@
+//! Membership: each broker registers `brokers/<node id>` under a lease and
+//! renews it; every broker watches `brokers/` for the set of live brokers.
+//! A broker that dies disappears when its lease expires (its TTL).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use floe_meta::schema::{self, BrokerRecord};
+use floe_meta::{prefix_end, Compare, Event, LeaseId, MetaStore, Op, Txn};
+use futures::StreamExt;
+
+use crate::{Error, Result};
+
+/// Pause before retrying a failed membership step.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// CAS attempts when allocating a node id.
+const ALLOCATE_ATTEMPTS_MAX: usize = 16;
+
+/// The live brokers, as last seen. Read by any thread.
+#[derive(Default)]
+pub struct Members {
+    live: ArcSwap<Vec<BrokerRecord>>,
+}
+
+impl Members {
+    /// Live brokers, by node id.
+    pub fn live(&self) -> Arc<Vec<BrokerRecord>> {
+        self.live.load_full()
+    }
+
+    fn set(&self, mut brokers: Vec<BrokerRecord>) {
+        brokers.sort_by_key(|b| b.node_id);
+        self.live.store(Arc::new(brokers));
+    }
+
+    /// Follows `brokers/` until the process ends.
+    pub async fn follow(self: Arc<Self>, meta: Arc<dyn MetaStore>) {
+        loop {
+            if let Err(e) = self.follow_once(&*meta).await {
+                tracing::warn!(error = %e, "membership watch interrupted; restarting");
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+        }
+    }
+
+    async fn follow_once(&self, meta: &dyn MetaStore) -> Result<()> {
+        let rev = meta.revision().await?;
+        let kvs = meta
+            .range(
+                schema::BROKERS_PREFIX,
+                &prefix_end(schema::BROKERS_PREFIX),
+                usize::MAX,
+            )
+            .await?;
+        let mut brokers: Vec<BrokerRecord> = kvs
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+            .collect();
+        self.set(brokers.clone());
+        let mut w = meta.watch(schema::BROKERS_PREFIX, rev + 1).await?;
+        while let Some(ev) = w.next().await {
+            match ev? {
+                Event::Put(kv) => {
+                    if let Ok(b) = serde_json::from_slice::<BrokerRecord>(&kv.value) {
+                        brokers.retain(|x| x.node_id != b.node_id);
+                        tracing::info!(node = b.node_id, host = %b.host, port = b.port, zone = %b.zone, "broker joined");
+                        brokers.push(b);
+                    }
+                }
+                Event::Delete { key, .. } => {
+                    if let Some(id) = key
+                        .strip_prefix(schema::BROKERS_PREFIX)
+                        .and_then(|s| s.parse::<i32>().ok())
+                    {
+                        tracing::info!(node = id, "broker left");
+                        brokers.retain(|x| x.node_id != id);
+                    }
+                }
+            }
+            self.set(brokers.clone());
+        }
+        Ok(())
+    }
+}
+
+/// Allocates a node id unused in the cluster (counter in `nodes/next`).
+pub async fn allocate_node_id(meta: &dyn MetaStore) -> Result<i32> {
+    for _ in 0..ALLOCATE_ATTEMPTS_MAX {
+        let cur = meta.get(schema::NODES_NEXT).await?;
+        let (next, guard) = match &cur {
+            Some(kv) => (
+                std::str::from_utf8(&kv.value)
+                    .ok()
+                    .and_then(|s| s.parse::<i32>().ok())
+                    .ok_or_else(|| Error::Metadata {
+                        reason: "nodes/next is not a number".into(),
+                    })?,
+                Compare::ModRevision(schema::NODES_NEXT.into(), kv.mod_revision),
+            ),
+            None => (1, Compare::ModRevision(schema::NODES_NEXT.into(), 0)),
+        };
+        let txn = Txn::when(vec![guard]).and_then(vec![Op::Put(
+            schema::NODES_NEXT.into(),
+            Bytes::from((next + 1).to_string()),
+        )]);
+        if meta.txn(txn).await?.succeeded {
+            return Ok(next);
+        }
+    }
+    Err(Error::Metadata {
+        reason: "node id allocation contended; retry".into(),
+    })
+}
+
+/// A broker's registration: renewed while it lives, revoked on shutdown.
+pub struct Registration {
+    meta: Arc<dyn MetaStore>,
+    record: BrokerRecord,
+    ttl: Duration,
+    lease: LeaseId,
+}
+
+impl Registration {
+    /// Registers `record` under a new lease. If the node id is held by a
+    /// live lease (another broker, or this broker's previous life killed
+    /// before its lease ran out), waits up to two TTLs for it to go.
+    pub async fn register(
+        meta: Arc<dyn MetaStore>,
+        record: BrokerRecord,
+        ttl: Duration,
+    ) -> Result<Self> {
+        let deadline = Instant::now() + 2 * ttl + Duration::from_secs(1);
+        let mut warned = false;
+        loop {
+            let lease = put_record(&*meta, &record, ttl).await?;
+            if let Some(lease) = lease {
+                return Ok(Self {
+                    meta,
+                    record,
+                    ttl,
+                    lease,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Metadata {
+                    reason: format!(
+                        "node id {} is held by a live broker; give this one another --node-id",
+                        record.node_id
+                    ),
+                });
+            }
+            if !warned {
+                tracing::warn!(
+                    node = record.node_id,
+                    "node id still registered (a previous run?); waiting for its lease to expire"
+                );
+                warned = true;
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// Renews the lease every third of its TTL until `stop` resolves, then
+    /// revokes it so the broker leaves at once. Re-registers if the lease
+    /// was lost (for example after the store was unreachable for a TTL).
+    pub async fn maintain(mut self, stop: impl std::future::Future<Output = ()>) {
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = tokio::time::sleep(self.ttl / 3) => {}
+            }
+            match self.meta.keep_alive(self.lease).await {
+                Ok(()) => {}
+                Err(floe_meta::Error::LeaseExpired { .. }) => {
+                    tracing::warn!(
+                        node = self.record.node_id,
+                        "registration lease lost; registering again"
+                    );
+                    match put_record(&*self.meta, &self.record, self.ttl).await {
+                        Ok(Some(lease)) => self.lease = lease,
+                        Ok(None) => tracing::error!(
+                            node = self.record.node_id,
+                            "node id taken by another broker while this one was away"
+                        ),
+                        Err(e) => tracing::warn!(error = %e, "re-registration failed; will retry"),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "renewing the registration failed; will retry")
+                }
+            }
+        }
+        if let Err(e) = self.meta.revoke_lease(self.lease).await {
+            tracing::debug!(error = %e, "revoking the registration lease failed; it will expire");
+        }
+    }
+}
+
+/// Puts the record under a fresh lease if the key is free; `None` if taken.
+async fn put_record(
+    meta: &dyn MetaStore,
+    record: &BrokerRecord,
+    ttl: Duration,
+) -> Result<Option<LeaseId>> {
+    let key = schema::broker_key(record.node_id);
+    let value = Bytes::from(serde_json::to_vec(record).map_err(|e| Error::Metadata {
+        reason: e.to_string(),
+    })?);
+    let lease = meta.grant_lease(ttl).await?;
+    let txn = Txn::when(vec![Compare::ModRevision(key.clone(), 0)])
+        .and_then(vec![Op::PutLeased(key, value, lease)]);
+    if meta.txn(txn).await?.succeeded {
+        Ok(Some(lease))
+    } else {
+        let _ = meta.revoke_lease(lease).await;
+        Ok(None)
+    }
+}

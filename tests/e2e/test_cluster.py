@@ -1,0 +1,297 @@
+"""Three floe brokers on loopback sharing one real etcd and one object store.
+
+Offsets come from the order commits land in etcd, not from a leader: three
+brokers commit batches for the same partitions at once and a consumer
+through any broker must see every acknowledged record exactly once at its
+acknowledged offset, offsets contiguous. Then the cluster survives losing a
+broker (kill -9), losing etcd for 10 s, and a broker coming back with its
+node id."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+
+import kafka_wire as kw
+from conftest import free_port
+from floe_clients import admin_client, consume_partitions, create_topic, producer_conf, watermarks
+
+PARTITIONS = 8
+LEASE_TTL = 3
+
+
+class Etcd:
+    """A real etcd on loopback, data on /dev/shm; stoppable and restartable."""
+
+    def __init__(self, workdir: Path):
+        base = Path("/dev/shm") if Path("/dev/shm").is_dir() else workdir
+        self.data = base / ("floe-etcd-%d-%d" % (os.getpid(), time.monotonic_ns()))
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.log = open(workdir / "etcd.log", "ab")
+        self.proc = None
+
+    @property
+    def endpoint(self):
+        return "127.0.0.1:%d" % self.client_port
+
+    def start(self):
+        client = "http://" + self.endpoint
+        peer = "http://127.0.0.1:%d" % self.peer_port
+        self.proc = subprocess.Popen(
+            ["etcd", "--name", "n1", "--data-dir", str(self.data),
+             "--listen-client-urls", client, "--advertise-client-urls", client,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", "n1=" + peer],
+            stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.client_port), timeout=1).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "etcd did not start"
+                time.sleep(0.05)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def keys_and_size(self):
+        out = subprocess.run(
+            ["etcdctl", "--endpoints", self.endpoint, "get", "", "--prefix", "--keys-only"],
+            env=dict(os.environ, ETCDCTL_API="3"), capture_output=True, text=True, timeout=30)
+        keys = [k for k in out.stdout.splitlines() if k]
+        status = subprocess.run(
+            ["etcdctl", "--endpoints", self.endpoint, "endpoint", "status", "-w", "table"],
+            env=dict(os.environ, ETCDCTL_API="3"), capture_output=True, text=True, timeout=30)
+        return len(keys), status.stdout
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    if shutil.which("etcd") is None:
+        if os.environ.get("FLOE_REQUIRE_ETCD") == "1":
+            pytest.fail("etcd is not installed; run tests/install-deps.sh")
+        pytest.skip("etcd is not installed")
+    e = Etcd(tmp_path)
+    e.start()
+    yield e
+    e.stop()
+    shutil.rmtree(e.data, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster(start_broker, etcd, tmp_path):
+    objects = tmp_path / "shared-objects"
+    objects.mkdir()
+    prefix = "floe-%d" % time.monotonic_ns()
+    brokers = [
+        start_broker(name="b%d" % n, node_id=n, meta="etcd://%s/%s" % (etcd.endpoint, prefix),
+                     object_store="file://%s" % objects, num_partitions=PARTITIONS,
+                     flush_interval_ms=20, lease_ttl_secs=LEASE_TTL)
+        for n in (1, 2, 3)
+    ]
+    wait_members(brokers[0], {1, 2, 3})
+    return brokers
+
+
+def members(broker):
+    with kw.connect(broker.bootstrap) as s:
+        md = kw.metadata(s, [], version=1)
+    return {b[0] for b in md["brokers"]}
+
+
+def wait_members(broker, want, timeout=30):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = members(broker)
+        if got == want:
+            return
+        assert time.monotonic() < deadline, "live brokers %s, want %s" % (got, want)
+        time.sleep(0.2)
+
+
+def read_all(bootstrap, topic):
+    wm = watermarks(bootstrap, topic, range(PARTITIONS), timeout=20)
+    ends = {p: hi for p, (lo, hi) in wm.items()}
+    return consume_partitions(bootstrap, topic, ends, timeout=120), ends
+
+
+def check(seen, ends, acked, context):
+    """acked: {(partition, offset): value}. Every acked record at its offset,
+    offsets contiguous, no value twice in a partition."""
+    problems = []
+    by_pos = {}
+    for p, msgs in seen.items():
+        offs = [m.offset for m in msgs]
+        if offs != list(range(ends[p])):
+            problems.append("partition %d: offsets not contiguous 0..%d" % (p, ends[p] - 1))
+        counts = defaultdict(int)
+        for m in msgs:
+            by_pos[(p, m.offset)] = m.value
+            counts[m.value] += 1
+        dups = [v for v, c in counts.items() if c > 1]
+        if dups:
+            problems.append("partition %d: %d values twice, e.g. %s" % (p, len(dups), dups[:3]))
+    lost = [(pos, v) for pos, v in acked.items() if by_pos.get(pos) != v]
+    if lost:
+        problems.append("%d of %d acknowledged records missing or moved, e.g. %s"
+                        % (len(lost), len(acked), lost[:3]))
+    assert not problems, context + ":\n  " + "\n  ".join(problems)
+
+
+def raw_writer(broker, topic, tag, batches, acked, errors, lock):
+    """Writes `batches` batches round-robin over every partition through one
+    broker, recording each acknowledged record at its offset."""
+    try:
+        with kw.connect(broker.bootstrap, timeout=30) as s:
+            for i in range(batches):
+                p = i % PARTITIONS
+                values = [b"%s-%d-%d" % (tag, i, j) for j in range(3)]
+                batch = kw.record_batch([(None, v, []) for v in values])
+                res = kw.produce_v3(s, topic, p, batch, correlation_id=i + 1)[(topic, p)]
+                if res[0] != 0:
+                    errors.append((tag, i, res))
+                    continue
+                with lock:
+                    for j, v in enumerate(values):
+                        acked[(p, res[1] + j)] = v
+    except Exception as e:  # reported by the test
+        errors.append((tag, "exception", repr(e)))
+
+
+def test_three_brokers_commit_the_same_partitions(cluster, etcd, topic_name):
+    create_topic(cluster[0].bootstrap, topic_name, PARTITIONS)
+    acked, errors, lock = {}, [], threading.Lock()
+    threads = [threading.Thread(target=raw_writer, args=(b, topic_name, b"b%d" % n, 240, acked, errors, lock))
+               for n, b in enumerate(cluster, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors[:5]
+    assert len(acked) == 3 * 240 * 3
+    # Every broker has committed to every partition: the three streams interleave.
+    for via in cluster:
+        seen, ends = read_all(via.bootstrap, topic_name)
+        assert sum(ends.values()) == len(acked), "records in the log vs acknowledged"
+        check(seen, ends, acked, "read through %s" % via.name)
+    writers = {p: {by_pos_v.split(b"-")[0] for (pp, _), by_pos_v in acked.items() if pp == p} for p in range(PARTITIONS)}
+    assert all(w == {b"b1", b"b2", b"b3"} for w in writers.values()), writers
+    keys, status = etcd.keys_and_size()
+    print("etcd after the run: %d keys\n%s" % (keys, status))
+
+
+class Acks:
+    def __init__(self):
+        self.acked = {}
+        self.failed = defaultdict(int)
+        self.lock = threading.Lock()
+
+    def cb(self, err, msg):
+        with self.lock:
+            if err is None:
+                self.acked[(msg.partition(), msg.offset())] = msg.value()
+            else:
+                self.failed[err.name()] += 1
+
+
+def run_producers(cluster, topic, acks, stop, tag):
+    """One idempotent confluent-kafka producer bootstrapped at each broker,
+    producing until `stop` is set."""
+    def work(broker, n):
+        p = Producer(producer_conf(broker.bootstrap, **{
+            "enable.idempotence": True, "linger.ms": 5, "message.timeout.ms": 120000,
+            "bootstrap.servers": ",".join(b.bootstrap for b in cluster[n - 1:] + cluster[:n - 1]),
+        }))
+        seq = 0
+        while not stop.is_set():
+            try:
+                p.produce(topic, value=b"%s-%d-%d" % (tag, n, seq), partition=seq % PARTITIONS, on_delivery=acks.cb)
+                seq += 1
+            except BufferError:
+                p.poll(0.05)
+            if seq % 200 == 0:
+                p.poll(0)
+            time.sleep(0.0005)
+        left = p.flush(150)
+        assert left == 0, "%d records undelivered" % left
+    threads = [threading.Thread(target=work, args=(b, n)) for n, b in enumerate(cluster, 1)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_kill9_one_broker_mid_load(cluster, topic_name):
+    create_topic(cluster[0].bootstrap, topic_name, PARTITIONS)
+    acks, stop = Acks(), threading.Event()
+    threads = run_producers(cluster, topic_name, acks, stop, b"k")
+    time.sleep(2)
+    cluster[1].kill9()
+    # The dead broker leaves the metadata within its lease TTL.
+    wait_members(cluster[0], {1, 3}, timeout=LEASE_TTL + 10)
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join(200)
+    assert acks.acked, "nothing acknowledged"
+    seen, ends = read_all(cluster[2].bootstrap, topic_name)
+    check(seen, ends, acks.acked, "after kill -9 of b2 (%d acked, failed %s)" % (len(acks.acked), dict(acks.failed)))
+
+
+def test_etcd_outage_mid_load(cluster, etcd, topic_name):
+    create_topic(cluster[0].bootstrap, topic_name, PARTITIONS)
+    acks, stop = Acks(), threading.Event()
+    threads = run_producers(cluster, topic_name, acks, stop, b"e")
+    time.sleep(2)
+    etcd.stop()
+    with acks.lock:
+        acked_at_stop = len(acks.acked)
+    time.sleep(10)
+    with acks.lock:
+        acked_during = len(acks.acked) - acked_at_stop
+    etcd.start()
+    time.sleep(5)
+    stop.set()
+    for t in threads:
+        t.join(200)
+    # Commits need etcd: nothing produced during the outage was acknowledged
+    # until it returned (allow records whose commit landed just before).
+    print("etcd outage: %d acked before, %d acked during the 10 s outage, %d in all, failures %s"
+          % (acked_at_stop, acked_during, len(acks.acked), dict(acks.failed)))
+    assert acked_during < 2000, "%d records acknowledged while etcd was down" % acked_during
+    seen, ends = read_all(cluster[0].bootstrap, topic_name)
+    check(seen, ends, acks.acked, "after a 10 s etcd outage (%d acked, failed %s)" % (len(acks.acked), dict(acks.failed)))
+    for b in cluster:
+        assert b.alive(), "%s died during the etcd outage" % b.name
+
+
+def test_broker_rejoins_with_its_node_id(cluster, topic_name):
+    create_topic(cluster[0].bootstrap, topic_name, PARTITIONS)
+    cluster[2].kill9()
+    wait_members(cluster[0], {1, 2}, timeout=LEASE_TTL + 10)
+    cluster[2].restart()
+    wait_members(cluster[0], {1, 2, 3})
+    # It serves: produce and read back through it.
+    acks = Acks()
+    p = Producer(producer_conf(cluster[2].bootstrap))
+    for i in range(1000):
+        p.produce(topic_name, value=b"r-%d" % i, partition=i % PARTITIONS, on_delivery=acks.cb)
+    assert p.flush(60) == 0 and not acks.failed
+    seen, ends = read_all(cluster[2].bootstrap, topic_name)
+    check(seen, ends, acks.acked, "after b3 rejoined")
