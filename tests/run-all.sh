@@ -25,7 +25,7 @@ step "cargo build"
 cargo build --workspace --all-targets
 
 step "cargo test"
-FLOE_REQUIRE_ETCD=1 cargo test --workspace
+FLOE_REQUIRE_ETCD=1 FLOE_REQUIRE_S3=1 cargo test --workspace
 
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 case "$target_dir" in /*) ;; *) target_dir="$root/$target_dir" ;; esac
