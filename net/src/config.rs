@@ -353,6 +353,47 @@ mod tests {
         assert_eq!(wild.resolve().expect("ok").advertise_host, "localhost");
     }
 
+    #[test]
+    fn object_store_options_from_flags_and_file() {
+        let dir = tempfile_dir();
+        let path = dir.join("s3.toml");
+        std::fs::write(
+            &path,
+            "object_store = \"s3://b/p\"\ns3_endpoint = \"http://127.0.0.1:9000\"\nupload_concurrency = 2\n",
+        )
+        .expect("write");
+        let r = ServeArgs {
+            config: Some(path),
+            read_hedge_ms: Some(0),
+            upload_part_bytes: Some(6 << 20),
+            ..Default::default()
+        }
+        .resolve()
+        .expect("resolves");
+        let o = r.object_store_options();
+        assert_eq!(r.object_store, "s3://b/p");
+        assert_eq!(o.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!((o.part_bytes, o.part_concurrency), (6 << 20, 2));
+        assert_eq!(o.hedge_after, None);
+        assert_eq!(o.multipart_threshold_bytes, 16 << 20);
+        let d = ServeArgs::default().resolve().expect("defaults");
+        let o = d.object_store_options();
+        assert_eq!(o.hedge_after, Some(std::time::Duration::from_millis(250)));
+        assert_eq!((o.part_bytes, o.part_concurrency), (8 << 20, 4));
+
+        let small_parts = ServeArgs {
+            upload_part_bytes: Some(1 << 20),
+            ..Default::default()
+        };
+        let e = small_parts.resolve().unwrap_err().to_string();
+        assert!(e.contains("S3's minimum part"), "{e}");
+        let bad_endpoint = ServeArgs {
+            s3_endpoint: Some("127.0.0.1:9000".into()),
+            ..Default::default()
+        };
+        assert!(bad_endpoint.resolve().is_err());
+    }
+
     fn tempfile_dir() -> PathBuf {
         let d = std::env::temp_dir().join(format!("floe-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&d).expect("mkdir");

@@ -228,6 +228,7 @@ impl S3 {
             }
         } else if !opts.express
             && b.get_config_value(&AmazonS3ConfigKey::Endpoint).is_none()
+            && b.get_config_value(&AmazonS3ConfigKey::S3Endpoint).is_none()
             && !bucket.contains('.')
         {
             // AWS proper: virtual-hosted style, which AWS recommends (a
