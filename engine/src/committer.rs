@@ -13,15 +13,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use floe_meta::schema::{self, CommitRecord, ProducerEpoch, SegmentRecord};
+use std::collections::{BTreeMap, HashMap};
+
+use floe_meta::schema::{self, CommitRecord, ProducerEpoch, SegmentRecord, SnapshotPointer};
 use floe_meta::{Compare, MetaStore, Op, Txn};
+use floe_objstore::ObjectStore;
 use futures::channel::oneshot;
 
-use crate::sequencer::{BatchOutcome, Sequencer};
+use crate::sequencer::{BatchOutcome, Sequencer, SequencerState};
 use crate::{Error, PartitionKey, Result};
 
 /// Most segments committed in one log entry.
 pub const GROUP_SEGMENTS_MAX: usize = 64;
+/// Most batches described by one log entry: with about 80 bytes of JSON per
+/// batch this keeps an entry well under etcd's 1.5 MiB request limit.
+pub const LOG_ENTRY_BATCHES_MAX: usize = 8192;
+const _: () = assert!(LOG_ENTRY_BATCHES_MAX >= crate::segment::SEGMENT_BATCHES_MAX);
 /// Log entries read per range request while catching up.
 pub const REPLAY_BATCH_MAX: usize = 256;
 /// How long a commit keeps trying before its producers get a retriable
@@ -31,6 +38,26 @@ pub const COMMIT_DEADLINE: Duration = Duration::from_secs(5);
 const COMMIT_RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// The log is read at least this often even without a watch event.
 const LOG_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// A snapshot is written after every this many log entries (by the broker
+/// that wrote the entry).
+pub const SNAPSHOT_EVERY_ENTRIES: u64 = 500;
+/// Log entries kept behind the newest snapshot, for brokers that lag.
+pub const LOG_KEEP_ENTRIES: u64 = 1000;
+const _: () = assert!(LOG_KEEP_ENTRIES >= SNAPSHOT_EVERY_ENTRIES);
+
+/// One batch of the committer's copy of the partition index:
+/// (base offset, records, max timestamp, segment number, pos, len).
+type SnapEntry = (u64, u32, i64, u32, u64, u32);
+
+/// The derived state after a log entry: what a starting broker loads
+/// instead of replaying the log from the beginning.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Snapshot {
+    seq: u64,
+    sequencer: SequencerState,
+    segments: Vec<String>,
+    index: Vec<(PartitionKey, Vec<SnapEntry>)>,
+}
 
 /// Outcomes of one segment's batches, by chunk then batch.
 pub type SegmentOutcomes = Vec<Vec<BatchOutcome>>;
@@ -68,18 +95,128 @@ pub trait IndexSink: Send + Sync + 'static {
 }
 
 pub struct Committer {
+    /// A request taken from the queue that did not fit the last entry.
+    carry: Option<CommitRequest>,
     meta: Arc<dyn MetaStore>,
+    store: Arc<dyn ObjectStore>,
+    /// Every committed batch by partition, for snapshots.
+    index: BTreeMap<PartitionKey, Vec<SnapEntry>>,
+    segments: Vec<Arc<str>>,
+    segment_ids: HashMap<Arc<str>, u32>,
     sequencer: Sequencer,
     sink: Arc<dyn IndexSink>,
 }
 
 impl Committer {
-    pub fn new(meta: Arc<dyn MetaStore>, sink: Arc<dyn IndexSink>) -> Self {
+    pub fn new(
+        meta: Arc<dyn MetaStore>,
+        store: Arc<dyn ObjectStore>,
+        sink: Arc<dyn IndexSink>,
+    ) -> Self {
         Self {
+            carry: None,
             meta,
+            store,
+            index: BTreeMap::new(),
+            segments: Vec::new(),
+            segment_ids: HashMap::new(),
             sequencer: Sequencer::default(),
             sink,
         }
+    }
+
+    fn segment_id(&mut self, key: &Arc<str>) -> u32 {
+        if let Some(id) = self.segment_ids.get(key) {
+            return *id;
+        }
+        let id = self.segments.len() as u32;
+        self.segments.push(key.clone());
+        self.segment_ids.insert(key.clone(), id);
+        id
+    }
+
+    /// Start-up: loads the newest snapshot (if any), hands its index to the
+    /// shards, then replays the log after it. Returns the entries replayed.
+    pub async fn recover(&mut self) -> Result<u64> {
+        if let Some(kv) = self.meta.get(schema::LOG_SNAPSHOT).await? {
+            let ptr: SnapshotPointer =
+                serde_json::from_slice(&kv.value).map_err(|e| Error::Metadata {
+                    reason: format!("{}: {e}", schema::LOG_SNAPSHOT),
+                })?;
+            let bytes = self.store.get(&ptr.key).await?;
+            let snap: Snapshot = serde_json::from_slice(&bytes).map_err(|e| Error::Storage {
+                reason: format!("snapshot {}: {e}", ptr.key),
+            })?;
+            self.load(snap);
+            tracing::info!(seq = ptr.seq, key = %ptr.key, "loaded the metadata snapshot");
+        }
+        self.catch_up().await
+    }
+
+    fn load(&mut self, snap: Snapshot) {
+        self.sequencer = Sequencer::from_state(snap.sequencer);
+        self.segments = snap
+            .segments
+            .iter()
+            .map(|s| Arc::from(s.as_str()))
+            .collect();
+        self.segment_ids = self
+            .segments
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.clone(), i as u32))
+            .collect();
+        for (tp, entries) in &snap.index {
+            // One update per run of batches in the same segment.
+            let mut i = 0;
+            while i < entries.len() {
+                let seg = entries[i].3;
+                let mut batches = Vec::new();
+                while i < entries.len() && entries[i].3 == seg {
+                    let (base, records, max_ts, _, pos, len) = entries[i];
+                    batches.push((
+                        pos,
+                        len,
+                        records,
+                        max_ts,
+                        BatchOutcome::Appended { base_offset: base },
+                    ));
+                    i += 1;
+                }
+                self.sink.send(IndexUpdate {
+                    seq: snap.seq,
+                    tp: *tp,
+                    segment: self.segments[seg as usize].clone(),
+                    batches,
+                });
+            }
+        }
+        self.index = snap.index.into_iter().collect();
+        self.sink.applied(snap.seq);
+    }
+
+    /// Writes a snapshot of the state after entry `seq`, points
+    /// `log/snapshot` at it, and trims log entries far behind it.
+    fn snapshot(&self, seq: u64) {
+        let snap = Snapshot {
+            seq,
+            sequencer: self.sequencer.state(),
+            segments: self.segments.iter().map(|s| s.to_string()).collect(),
+            index: self.index.iter().map(|(k, v)| (*k, v.clone())).collect(),
+        };
+        let bytes = match serde_json::to_vec(&snap) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => {
+                tracing::error!(error = %e, "encoding a snapshot failed");
+                return;
+            }
+        };
+        let (meta, store) = (self.meta.clone(), self.store.clone());
+        tokio::spawn(async move {
+            if let Err(e) = write_snapshot(&*meta, &*store, seq, bytes).await {
+                tracing::warn!(seq, error = %e, "writing the metadata snapshot failed; the next one will retry");
+            }
+        });
     }
 
     /// Replays every entry after the last applied one. Returns how many.
@@ -127,10 +264,23 @@ impl Committer {
         }
     }
 
-    fn route(&self, seq: u64, commit: &CommitRecord, outcomes: &[SegmentOutcomes]) {
+    fn route(&mut self, seq: u64, commit: &CommitRecord, outcomes: &[SegmentOutcomes]) {
         for (seg, seg_out) in commit.segments.iter().zip(outcomes) {
             let key: Arc<str> = Arc::from(seg.key.as_str());
+            let seg_id = self.segment_id(&key);
             for (chunk, chunk_out) in seg.chunks.iter().zip(seg_out) {
+                let entries = self
+                    .index
+                    .entry(PartitionKey {
+                        topic_id: chunk.topic_id,
+                        partition: chunk.partition,
+                    })
+                    .or_default();
+                for (b, o) in chunk.batches.iter().zip(chunk_out) {
+                    if let BatchOutcome::Appended { base_offset } = o {
+                        entries.push((*base_offset, b.records, b.max_ts, seg_id, b.pos, b.len));
+                    }
+                }
                 self.sink.send(IndexUpdate {
                     seq,
                     tp: PartitionKey {
@@ -192,6 +342,9 @@ impl Committer {
                 Ok(o) if o.succeeded => {
                     let outcomes = self.sequencer.apply(next, commit);
                     self.route(next, commit, &outcomes);
+                    if next % SNAPSHOT_EVERY_ENTRIES == 0 {
+                        self.snapshot(next);
+                    }
                     return Ok((next, outcomes));
                 }
                 // Another broker committed first: the replay above learns
@@ -217,6 +370,10 @@ impl Committer {
         poke: Arc<tokio::sync::Notify>,
     ) {
         loop {
+            if let Some(first) = self.carry.take() {
+                self.serve_group(first, &requests).await;
+                continue;
+            }
             tokio::select! {
                 r = requests.recv_async() => match r {
                     Ok(first) => self.serve_group(first, &requests).await,
@@ -240,12 +397,22 @@ impl Committer {
         requests: &flume::Receiver<CommitRequest>,
     ) {
         {
+            let batches = |r: &CommitRequest| match r {
+                CommitRequest::Segment { segment, .. } => {
+                    segment.chunks.iter().map(|c| c.batches.len()).sum()
+                }
+                CommitRequest::Epoch { .. } => 0,
+            };
+            let mut total = batches(&first);
             let mut group = vec![first];
             while group.len() < GROUP_SEGMENTS_MAX {
-                match requests.try_recv() {
-                    Ok(r) => group.push(r),
-                    Err(_) => break,
+                let Ok(r) = requests.try_recv() else { break };
+                if total + batches(&r) > LOG_ENTRY_BATCHES_MAX {
+                    self.carry = Some(r);
+                    break;
                 }
+                total += batches(&r);
+                group.push(r);
             }
             let mut commit = CommitRecord {
                 segments: Vec::new(),
@@ -310,5 +477,62 @@ pub async fn follow_log(meta: Arc<dyn MetaStore>, poke: Arc<tokio::sync::Notify>
         }
         poke.notify_one();
         tokio::time::sleep(COMMIT_RETRY_PAUSE).await;
+    }
+}
+
+async fn write_snapshot(
+    meta: &dyn MetaStore,
+    store: &dyn ObjectStore,
+    seq: u64,
+    bytes: Bytes,
+) -> Result<()> {
+    let key = format!("snapshots/{seq:020}.json");
+    store.put(&key, vec![bytes]).await?;
+    let ptr = Bytes::from(
+        serde_json::to_vec(&SnapshotPointer {
+            seq,
+            key: key.clone(),
+        })
+        .map_err(|e| Error::Metadata {
+            reason: e.to_string(),
+        })?,
+    );
+    // Only ever move the pointer forward.
+    let cur = meta.get(schema::LOG_SNAPSHOT).await?;
+    let (guard, older) = match &cur {
+        Some(kv) => {
+            let p: SnapshotPointer =
+                serde_json::from_slice(&kv.value).map_err(|e| Error::Metadata {
+                    reason: e.to_string(),
+                })?;
+            (
+                Compare::ModRevision(schema::LOG_SNAPSHOT.into(), kv.mod_revision),
+                p.seq < seq,
+            )
+        }
+        None => (Compare::ModRevision(schema::LOG_SNAPSHOT.into(), 0), true),
+    };
+    if !older
+        || !meta
+            .txn(Txn::when(vec![guard]).and_then(vec![Op::Put(schema::LOG_SNAPSHOT.into(), ptr)]))
+            .await?
+            .succeeded
+    {
+        return Ok(());
+    }
+    tracing::info!(seq, key = %key, "metadata snapshot written");
+    // Trim: entries up to seq - LOG_KEEP_ENTRIES are no longer needed.
+    let Some(upto) = seq.checked_sub(LOG_KEEP_ENTRIES) else {
+        return Ok(());
+    };
+    loop {
+        let old = meta
+            .range(schema::LOG_PREFIX, &schema::log_key(upto + 1), Txn::OPS_MAX)
+            .await?;
+        if old.is_empty() {
+            return Ok(());
+        }
+        let deletes = old.into_iter().map(|kv| Op::Delete(kv.key)).collect();
+        meta.txn(Txn::default().and_then(deletes)).await?;
     }
 }

@@ -37,7 +37,9 @@ pub use config::EngineConfig;
 pub use error::{Error, Result};
 
 /// A partition, by topic id (new when a topic is created again).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct PartitionKey {
     pub topic_id: uuid::Uuid,
     pub partition: u32,

@@ -26,6 +26,8 @@ pub const TRAILER_MAGIC: &[u8; 8] = b"FLOEEND1";
 pub const SEGMENT_VERSION: u32 = 1;
 pub const HEADER_BYTES: usize = 16;
 pub const TRAILER_BYTES: usize = 16;
+/// Most batches in one segment; its commit entry lists each of them.
+pub const SEGMENT_BATCHES_MAX: usize = 4096;
 
 /// The footer index stored in every segment.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -50,6 +52,7 @@ pub type AppendId = usize;
 pub struct SegmentBuilder {
     chunks: BTreeMap<PartitionKey, Vec<(AppendId, Batch)>>,
     appends: usize,
+    batches: usize,
     bytes: usize,
     opened_at: Option<Instant>,
 }
@@ -73,6 +76,11 @@ impl SegmentBuilder {
         self.appends == 0
     }
 
+    /// Batches appended so far.
+    pub fn batches(&self) -> usize {
+        self.batches
+    }
+
     /// Payload bytes appended so far.
     pub fn bytes(&self) -> usize {
         self.bytes
@@ -90,6 +98,7 @@ impl SegmentBuilder {
         let chunk = self.chunks.entry(tp).or_default();
         for b in batches {
             self.bytes += b.bytes.len();
+            self.batches += 1;
             chunk.push((id, b));
         }
         id
@@ -100,6 +109,7 @@ impl SegmentBuilder {
         let chunks = std::mem::take(&mut self.chunks);
         let appends_n = std::mem::take(&mut self.appends);
         self.bytes = 0;
+        self.batches = 0;
         self.opened_at = None;
 
         let mut header = BytesMut::with_capacity(HEADER_BYTES);

@@ -243,6 +243,7 @@ impl Shard {
                 self.opened.notify(usize::MAX);
             }
             st.builder.bytes() >= self.engine.config.flush_bytes
+                || st.builder.batches() >= crate::segment::SEGMENT_BATCHES_MAX
         };
         if full {
             self.seal();

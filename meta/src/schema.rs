@@ -6,7 +6,8 @@
 //! cluster/id                  cluster id (uuid text)
 //! topics/<name>               TopicRecord
 //! log/head                    sequence number of the newest commit (decimal)
-//! log/<seq, 20 digits>        CommitRecord
+//! log/<seq, 20 digits>        CommitRecord (entries before the snapshot are trimmed)
+//! log/snapshot                SnapshotPointer: the newest snapshot object
 //! producers/next              next free producer id (decimal)
 //! nodes/next                  next free node id (decimal)
 //! brokers/<node id>           BrokerRecord, under the broker's lease
@@ -20,6 +21,8 @@ use uuid::Uuid;
 pub const CLUSTER_ID: &str = "cluster/id";
 pub const TOPICS_PREFIX: &str = "topics/";
 pub const LOG_HEAD: &str = "log/head";
+/// Where the newest snapshot of the derived state is: [`SnapshotPointer`].
+pub const LOG_SNAPSHOT: &str = "log/snapshot";
 pub const LOG_PREFIX: &str = "log/0";
 pub const PRODUCERS_NEXT: &str = "producers/next";
 pub const NODES_NEXT: &str = "nodes/next";
@@ -63,7 +66,10 @@ pub struct TopicRecord {
 
 /// One commit in the cluster's log: the segments it makes durable and every
 /// batch they hold. Offsets are not stored: every broker replays the log in
-/// order and derives them identically.
+/// order and derives them identically. Field names are one letter (key,
+/// size, chunks; topic, partition, batches; offset in object, length,
+/// record count, max timestamp, producer id, epoch, sequence) because an
+/// entry lists every batch and must stay far below etcd's request limit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitRecord {
     pub segments: Vec<SegmentRecord>,
@@ -75,16 +81,22 @@ pub struct CommitRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentRecord {
     /// Object key of the segment.
+    #[serde(rename = "k")]
     pub key: String,
+    #[serde(rename = "z")]
     pub size: u64,
+    #[serde(rename = "c")]
     pub chunks: Vec<ChunkRecord>,
 }
 
 /// The batches of one partition inside one segment, in producer order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRecord {
+    #[serde(rename = "t")]
     pub topic_id: Uuid,
+    #[serde(rename = "p")]
     pub partition: u32,
+    #[serde(rename = "b")]
     pub batches: Vec<BatchRecord>,
 }
 
@@ -92,16 +104,31 @@ pub struct ChunkRecord {
 /// sequencer needs to order and de-duplicate it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchRecord {
+    #[serde(rename = "o")]
     pub pos: u64,
+    #[serde(rename = "l")]
     pub len: u32,
+    #[serde(rename = "n")]
     pub records: u32,
+    #[serde(rename = "t")]
     pub max_ts: i64,
-    #[serde(default = "no_producer", skip_serializing_if = "is_no_producer")]
+    #[serde(
+        rename = "i",
+        default = "no_producer",
+        skip_serializing_if = "is_no_producer"
+    )]
     pub producer_id: i64,
-    #[serde(default)]
+    #[serde(rename = "e", default, skip_serializing_if = "is_zero_i16")]
     pub producer_epoch: i16,
-    #[serde(default)]
+    #[serde(rename = "s", default, skip_serializing_if = "is_zero_i32")]
     pub base_sequence: i32,
+}
+
+fn is_zero_i16(v: &i16) -> bool {
+    *v == 0
+}
+fn is_zero_i32(v: &i32) -> bool {
+    *v == 0
 }
 
 fn no_producer() -> i64 {
@@ -115,4 +142,12 @@ fn is_no_producer(v: &i64) -> bool {
 pub struct ProducerEpoch {
     pub producer_id: i64,
     pub epoch: i16,
+}
+
+/// Names the newest snapshot: the state after applying log entry `seq`,
+/// stored as object `key` in the object store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotPointer {
+    pub seq: u64,
+    pub key: String,
 }

@@ -155,10 +155,10 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
     let sink = Arc::new(ShardIndexSink {
         links: engine.shards.iter().map(|l| l.index.clone()).collect(),
     });
-    let mut committer = Committer::new(meta.clone(), sink);
+    let mut committer = Committer::new(meta.clone(), store.clone(), sink);
     let replayed = sidecar
-        .block_on(committer.catch_up())
-        .context("replaying the commit log")?;
+        .block_on(committer.recover())
+        .context("loading the metadata snapshot and replaying the commit log")?;
     let poke = Arc::new(tokio::sync::Notify::new());
     sidecar
         .handle()

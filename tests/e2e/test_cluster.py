@@ -295,3 +295,47 @@ def test_broker_rejoins_with_its_node_id(cluster, topic_name):
     assert p.flush(60) == 0 and not acks.failed
     seen, ends = read_all(cluster[2].bootstrap, topic_name)
     check(seen, ends, acks.acked, "after b3 rejoined")
+
+
+def test_metadata_stays_bounded_and_restart_loads_a_snapshot(cluster, etcd, topic_name):
+    """Sustained load writes more log entries than the log keeps: snapshots
+    go to the object store, old entries are trimmed from etcd, and a broker
+    killed and restarted rebuilds its state from the snapshot."""
+    create_topic(cluster[0].bootstrap, topic_name, PARTITIONS)
+    acks, stop = Acks(), threading.Event()
+    threads = run_producers(cluster, topic_name, acks, stop, b"s")
+    deadline = time.monotonic() + 120
+    while True:
+        head = int(etcdctl(etcd, "get", "%s/log/head" % cluster_prefix(cluster), "--print-value-only").strip() or 0)
+        if head >= 1700 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    stop.set()
+    for t in threads:
+        t.join(200)
+    assert head >= 1700, "only %d log entries in 120 s" % head
+    prefix = cluster_prefix(cluster)
+    entries = [k for k in etcdctl(etcd, "get", prefix + "/log/0", "--prefix", "--keys-only").splitlines() if k]
+    keys, status = etcd.keys_and_size()
+    print("after %d commits: %d log entries kept, %d keys in etcd\n%s" % (head, len(entries), keys, status))
+    # Kept: at most LOG_KEEP_ENTRIES (1000) behind the newest snapshot
+    # (taken every 500 entries), plus what came after it.
+    assert len(entries) <= 1000 + 500 + 200, "%d log entries in etcd after %d commits" % (len(entries), head)
+    assert etcdctl(etcd, "get", prefix + "/log/snapshot", "--print-value-only").strip(), "no snapshot pointer"
+
+    cluster[0].kill9()
+    cluster[0].restart()
+    assert "loaded the metadata snapshot" in cluster[0].log_text()
+    seen, ends = read_all(cluster[0].bootstrap, topic_name)
+    check(seen, ends, acks.acked, "after restarting b1 from the snapshot (%d acked)" % len(acks.acked))
+
+
+def etcdctl(etcd, *args):
+    out = subprocess.run(["etcdctl", "--endpoints", etcd.endpoint, *args],
+                         env=dict(os.environ, ETCDCTL_API="3"), capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def cluster_prefix(cluster):
+    return cluster[0].args["meta"].rsplit("/", 1)[1]
