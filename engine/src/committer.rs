@@ -97,6 +97,11 @@ pub trait IndexSink: Send + Sync + 'static {
 pub struct Committer {
     /// A request taken from the queue that did not fit the last entry.
     carry: Option<CommitRequest>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Commit latency since the last publication, in microseconds.
+    latency: Option<hdrhistogram::Histogram<u64>>,
+    /// Commit latency since start, in microseconds.
+    latency_total: Option<hdrhistogram::Histogram<u64>>,
     meta: Arc<dyn MetaStore>,
     store: Arc<dyn ObjectStore>,
     /// Every committed batch by partition, for snapshots.
@@ -115,6 +120,10 @@ impl Committer {
     ) -> Self {
         Self {
             carry: None,
+            metrics: None,
+            // Auto-resizing, 3 significant digits.
+            latency: hdrhistogram::Histogram::new(3).ok(),
+            latency_total: hdrhistogram::Histogram::new(3).ok(),
             meta,
             store,
             index: BTreeMap::new(),
@@ -122,6 +131,29 @@ impl Committer {
             segment_ids: HashMap::new(),
             sequencer: Sequencer::default(),
             sink,
+        }
+    }
+
+    /// Publishes commit counters and latency to these metrics.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn publish_latency(&mut self) {
+        let (Some(m), Some(h)) = (&self.metrics, &mut self.latency) else {
+            return;
+        };
+        if h.is_empty() {
+            return;
+        }
+        crate::metrics::Metrics::set(&m.commit_latency_p50_us, h.value_at_quantile(0.5));
+        crate::metrics::Metrics::set(&m.commit_latency_p99_us, h.value_at_quantile(0.99));
+        crate::metrics::Metrics::set(&m.commit_latency_max_us, h.max());
+        h.reset();
+        if let Some(t) = &self.latency_total {
+            crate::metrics::Metrics::set(&m.commit_latency_total_p50_us, t.value_at_quantile(0.5));
+            crate::metrics::Metrics::set(&m.commit_latency_total_p99_us, t.value_at_quantile(0.99));
         }
     }
 
@@ -314,7 +346,8 @@ impl Committer {
         let value = Bytes::from(serde_json::to_vec(commit).map_err(|e| Error::Metadata {
             reason: e.to_string(),
         })?);
-        let deadline = Instant::now() + COMMIT_DEADLINE;
+        let started = Instant::now();
+        let deadline = started + COMMIT_DEADLINE;
         loop {
             match self.replay(Some(commit)).await {
                 Ok(Some(landed)) => return Ok(landed),
@@ -340,6 +373,16 @@ impl Committer {
             ]);
             match self.meta.txn(txn).await {
                 Ok(o) if o.succeeded => {
+                    let us = started.elapsed().as_micros().max(1) as u64;
+                    for h in [&mut self.latency, &mut self.latency_total]
+                        .into_iter()
+                        .flatten()
+                    {
+                        let _ = h.record(us);
+                    }
+                    if let Some(m) = &self.metrics {
+                        crate::metrics::Metrics::add(&m.log_entries_written, 1);
+                    }
                     let outcomes = self.sequencer.apply(next, commit);
                     self.route(next, commit, &outcomes);
                     if next % SNAPSHOT_EVERY_ENTRIES == 0 {
@@ -349,7 +392,11 @@ impl Committer {
                 }
                 // Another broker committed first: the replay above learns
                 // its entries on the next turn.
-                Ok(_) => {}
+                Ok(_) => {
+                    if let Some(m) = &self.metrics {
+                        crate::metrics::Metrics::add(&m.log_cas_conflicts, 1);
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, seq = next, "commit outcome unknown; checking the log before retrying");
                     if Instant::now() >= deadline {
@@ -369,6 +416,10 @@ impl Committer {
         requests: flume::Receiver<CommitRequest>,
         poke: Arc<tokio::sync::Notify>,
     ) {
+        // An interval, not a sleep per turn: under load the other branches
+        // win every turn and a fresh sleep would never fire.
+        let mut tick = tokio::time::interval(LOG_POLL_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if let Some(first) = self.carry.take() {
                 self.serve_group(first, &requests).await;
@@ -380,7 +431,10 @@ impl Committer {
                     Err(_) => return,
                 },
                 _ = poke.notified() => self.learn().await,
-                _ = tokio::time::sleep(LOG_POLL_INTERVAL) => self.learn().await,
+                _ = tick.tick() => {
+                    self.learn().await;
+                    self.publish_latency();
+                }
             }
         }
     }

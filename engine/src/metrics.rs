@@ -21,6 +21,17 @@ pub struct Metrics {
     pub requests: AtomicU64,
     pub connections_accepted: AtomicU64,
     pub bad_frames: AtomicU64,
+    /// Log entries this broker wrote, and CAS attempts it lost to others.
+    pub log_entries_written: AtomicU64,
+    pub log_cas_conflicts: AtomicU64,
+    /// Commit latency (CAS round trips and retries) over the last interval,
+    /// in microseconds, published by the committer.
+    pub commit_latency_p50_us: AtomicU64,
+    pub commit_latency_p99_us: AtomicU64,
+    pub commit_latency_max_us: AtomicU64,
+    /// The same since the broker started.
+    pub commit_latency_total_p50_us: AtomicU64,
+    pub commit_latency_total_p99_us: AtomicU64,
     pub objstore_intake: RequestCounters,
     pub objstore_fetch: RequestCounters,
 }
@@ -31,5 +42,8 @@ impl Metrics {
     }
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Relaxed)
+    }
+    pub fn set(gauge: &AtomicU64, v: u64) {
+        gauge.store(v, Relaxed);
     }
 }

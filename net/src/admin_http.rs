@@ -78,6 +78,45 @@ pub fn render_metrics(engine: &Engine) -> String {
         "Connections closed for bad input.",
         Metrics::get(&m.bad_frames),
     );
+    counter(
+        "floe_log_entries_written_total",
+        "Commit-log entries this broker wrote.",
+        Metrics::get(&m.log_entries_written),
+    );
+    counter(
+        "floe_log_cas_conflicts_total",
+        "Commit attempts that lost to another broker's commit and were retried.",
+        Metrics::get(&m.log_cas_conflicts),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP floe_commit_latency_seconds Commit latency (metadata CAS round trips and retries) over the last second.\n# TYPE floe_commit_latency_seconds summary"
+    );
+    for (q, v) in [
+        ("0.5", Metrics::get(&m.commit_latency_p50_us)),
+        ("0.99", Metrics::get(&m.commit_latency_p99_us)),
+        ("1", Metrics::get(&m.commit_latency_max_us)),
+    ] {
+        let _ = writeln!(
+            out,
+            "floe_commit_latency_seconds{{quantile=\"{q}\"}} {}",
+            v as f64 / 1e6
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP floe_commit_latency_since_start_seconds Commit latency since the broker started.\n# TYPE floe_commit_latency_since_start_seconds summary"
+    );
+    for (q, v) in [
+        ("0.5", Metrics::get(&m.commit_latency_total_p50_us)),
+        ("0.99", Metrics::get(&m.commit_latency_total_p99_us)),
+    ] {
+        let _ = writeln!(
+            out,
+            "floe_commit_latency_since_start_seconds{{quantile=\"{q}\"}} {}",
+            v as f64 / 1e6
+        );
+    }
     // Each family's lines stay together, as the text format requires.
     let per_call = [("intake", &m.objstore_intake), ("fetch", &m.objstore_fetch)];
     family(

@@ -155,7 +155,8 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
     let sink = Arc::new(ShardIndexSink {
         links: engine.shards.iter().map(|l| l.index.clone()).collect(),
     });
-    let mut committer = Committer::new(meta.clone(), store.clone(), sink);
+    let mut committer =
+        Committer::new(meta.clone(), store.clone(), sink).with_metrics(engine.metrics.clone());
     let replayed = sidecar
         .block_on(committer.recover())
         .context("loading the metadata snapshot and replaying the commit log")?;

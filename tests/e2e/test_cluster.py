@@ -339,3 +339,68 @@ def etcdctl(etcd, *args):
 
 def cluster_prefix(cluster):
     return cluster[0].args["meta"].rsplit("/", 1)[1]
+
+
+def test_retry_through_another_broker_is_a_duplicate(cluster, topic_name):
+    """Producer state is derived from the shared log, so a retried batch is
+    recognised whichever broker it reaches."""
+    create_topic(cluster[0].bootstrap, topic_name, PARTITIONS)
+    from test_idempotence import batch, init_producer_id_v0, produce
+    with kw.connect(cluster[0].bootstrap) as s1, kw.connect(cluster[1].bootstrap) as s2:
+        pid, epoch = init_producer_id_v0(s1, 1)
+        first = batch(pid, epoch, 0, 4, b"x")
+        assert produce(s1, topic_name, first, 2) == (0, 0)
+        # The same batch retried through another broker: same offset, no append.
+        deadline = time.monotonic() + 10
+        while True:
+            got = produce(s2, topic_name, first, 3)
+            if got == (0, 0):
+                break
+            assert time.monotonic() < deadline, "retry through b2 answered %s" % (got,)
+            time.sleep(0.2)
+        assert produce(s2, topic_name, batch(pid, epoch, 4, 1, b"y"), 4) == (0, 4)
+    # A producer id from another broker is distinct.
+    with kw.connect(cluster[2].bootstrap) as s3:
+        assert init_producer_id_v0(s3, 5)[0] != pid
+
+
+def test_fetch_long_poll_wakes_on_another_brokers_commit(cluster, topic_name):
+    from confluent_kafka import Consumer, TopicPartition
+    create_topic(cluster[0].bootstrap, topic_name, 1)
+    c = Consumer({"bootstrap.servers": cluster[0].bootstrap, "group.id": "unused",
+                  "enable.auto.commit": False, "fetch.wait.max.ms": 20000})
+    c.assign([TopicPartition(topic_name, 0, 0)])
+    c.poll(1.0)  # the consumer is now long-polling an empty partition
+    with kw.connect(cluster[2].bootstrap) as s:
+        t0 = time.monotonic()
+        assert kw.produce_v3(s, topic_name, 0, kw.record_batch([(None, b"wake", [])]))[(topic_name, 0)][0] == 0
+    m = c.poll(15.0)
+    elapsed = time.monotonic() - t0
+    c.close()
+    assert m is not None and not m.error() and m.value() == b"wake"
+    # Far below the 20 s the fetch may wait: the watch woke it.
+    assert elapsed < 5, "record seen %.1f s after its commit" % elapsed
+
+
+def test_segment_touching_a_thousand_partitions(start_broker, etcd, topic_name):
+    """One commit for a segment of 1,000 partitions: a constant number of
+    metadata operations, well within etcd's 128 per transaction."""
+    b = start_broker(meta="etcd://%s/wide" % etcd.endpoint, flush_interval_ms=500)
+    create_topic(b.bootstrap, topic_name, 1000)
+    # One produce request carrying a batch for every partition.
+    parts = [kw.i32(p) + kw.i32(len(bt)) + bt
+             for p, bt in ((p, kw.record_batch([(None, b"w-%d" % p, [])])) for p in range(1000))]
+    body = (kw.nullable_string(None) + kw.i16(-1) + kw.i32(30000)
+            + kw.array([kw.string(topic_name) + kw.array(parts)]))
+    with kw.connect(b.bootstrap, timeout=60) as s:
+        res = kw.parse_produce_v3(kw.roundtrip(s, kw.PRODUCE, 3, body, 9))
+    assert len(res) == 1000 and all(v == (0, 0) for v in res.values()), list(res.items())[:3]
+    import json
+    out = subprocess.run(["etcdctl", "--endpoints", etcd.endpoint, "get", "wide/log/0", "--prefix", "-w", "json"],
+                         env=dict(os.environ, ETCDCTL_API="3"), capture_output=True, text=True, timeout=30)
+    import base64
+    entries = [json.loads(base64.b64decode(kv["value"])) for kv in json.loads(out.stdout).get("kvs", [])]
+    widest = max(len({(c["t"], c["p"]) for seg in e["segments"] for c in seg["c"]}) for e in entries)
+    print("%d log entries for the burst; the widest spans %d partitions" % (len(entries), widest))
+    # Each entry was one compare-and-swap with two puts, however wide.
+    assert widest >= 400, "no wide entry (widest %d partitions)" % widest
