@@ -385,7 +385,7 @@ impl Committer {
                     }
                     let outcomes = self.sequencer.apply(next, commit);
                     self.route(next, commit, &outcomes);
-                    if next % SNAPSHOT_EVERY_ENTRIES == 0 {
+                    if next.is_multiple_of(SNAPSHOT_EVERY_ENTRIES) {
                         self.snapshot(next);
                     }
                     return Ok((next, outcomes));
