@@ -404,3 +404,40 @@ def test_segment_touching_a_thousand_partitions(start_broker, etcd, topic_name):
     print("%d log entries for the burst; the widest spans %d partitions" % (len(entries), widest))
     # Each entry was one compare-and-swap with two puts, however wide.
     assert widest >= 400, "no wide entry (widest %d partitions)" % widest
+
+
+def test_three_brokers_on_s3(start_broker, etcd, tmp_path, topic_name):
+    """The same concurrent-commit check with the segments in an S3 bucket
+    (moto), then a broker killed and restarted reads everything back from
+    the bucket and the log."""
+    from test_s3 import CREDENTIALS, Moto
+    moto = Moto(tmp_path)
+    try:
+        bucket = moto.new_bucket()
+        prefix = "s3c-%d" % time.monotonic_ns()
+        brokers = [
+            start_broker(name="s%d" % n, node_id=n, meta="etcd://%s/%s" % (etcd.endpoint, prefix),
+                         object_store="s3://%s/floe" % bucket, s3_endpoint=moto.url,
+                         extra_env=dict(CREDENTIALS), num_partitions=PARTITIONS,
+                         lease_ttl_secs=LEASE_TTL)
+            for n in (1, 2, 3)
+        ]
+        wait_members(brokers[0], {1, 2, 3})
+        create_topic(brokers[0].bootstrap, topic_name, PARTITIONS)
+        acked, errors, lock = {}, [], threading.Lock()
+        threads = [threading.Thread(target=raw_writer, args=(b, topic_name, b"b%d" % n, 48, acked, errors, lock))
+                   for n, b in enumerate(brokers, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert not errors, errors[:5]
+        assert len(acked) == 3 * 48 * 3
+        assert any(k.startswith("floe/segments/") for k in moto.keys(bucket, "floe/")), "no segments in the bucket"
+        brokers[1].kill9()
+        brokers[1].restart()
+        for via in brokers:
+            seen, ends = read_all(via.bootstrap, topic_name)
+            check(seen, ends, acked, "on S3, read through %s" % via.name)
+    finally:
+        moto.stop()
