@@ -18,6 +18,9 @@ pub struct Metrics {
     pub segment_bytes: AtomicU64,
     pub commit_failures: AtomicU64,
     pub upload_failures: AtomicU64,
+    /// Segment uploads that failed since the last one that succeeded (any
+    /// shard): the object store's health, for /readyz.
+    pub upload_failures_in_a_row: AtomicU64,
     pub requests: AtomicU64,
     pub connections_accepted: AtomicU64,
     pub bad_frames: AtomicU64,

@@ -350,10 +350,14 @@ impl Shard {
             let result = match upload.await {
                 Err(e) => {
                     Metrics::add(&self.engine.metrics.upload_failures, 1);
+                    Metrics::add(&self.engine.metrics.upload_failures_in_a_row, 1);
                     tracing::warn!(shard = self.id, segment = %record.key, error = %e, "segment upload failed; producers get a retriable error");
                     Err(e)
                 }
-                Ok(()) => self.commit(record).await,
+                Ok(()) => {
+                    Metrics::set(&self.engine.metrics.upload_failures_in_a_row, 0);
+                    self.commit(record).await
+                }
             };
             match result {
                 Ok(outcomes) => {

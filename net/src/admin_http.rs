@@ -90,6 +90,11 @@ pub fn render_metrics(engine: &Engine) -> String {
     );
     let _ = writeln!(
         out,
+        "# HELP floe_segment_upload_failures_in_a_row Segment uploads failed since the last success (object-store health).\n# TYPE floe_segment_upload_failures_in_a_row gauge\nfloe_segment_upload_failures_in_a_row {}",
+        Metrics::get(&m.upload_failures_in_a_row)
+    );
+    let _ = writeln!(
+        out,
         "# HELP floe_commit_latency_seconds Commit latency (metadata CAS round trips and retries) over the last second.\n# TYPE floe_commit_latency_seconds summary"
     );
     for (q, v) in [
@@ -234,6 +239,31 @@ fn backend_families(out: &mut String, acc: &Accounting) {
     }
 }
 
+/// Consecutive failed segment uploads after which the broker reports
+/// itself not ready: its producers are getting errors.
+pub const UPLOAD_FAILURES_NOT_READY: u64 = 3;
+
+/// `/readyz`: ready once serving, not while shutting down or while the
+/// object store keeps failing uploads (with the reason in the body).
+fn readiness(engine: &Engine, started: bool) -> (&'static str, String) {
+    let failing = Metrics::get(&engine.metrics.upload_failures_in_a_row);
+    if !started {
+        ("503 Service Unavailable", "not ready: starting\n".into())
+    } else if engine.shutdown.is_triggered() {
+        (
+            "503 Service Unavailable",
+            "not ready: shutting down\n".into(),
+        )
+    } else if failing >= UPLOAD_FAILURES_NOT_READY {
+        (
+            "503 Service Unavailable",
+            format!("not ready: the last {failing} segment uploads to the object store failed\n"),
+        )
+    } else {
+        ("200 OK", "ready\n".into())
+    }
+}
+
 pub async fn serve(listener: tokio::net::TcpListener, engine: Arc<Engine>, ready: Arc<AtomicBool>) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
@@ -258,10 +288,7 @@ pub async fn serve(listener: tokio::net::TcpListener, engine: Arc<Engine>, ready
             let (status, body) = match path {
                 "/metrics" => ("200 OK", render_metrics(&engine)),
                 "/healthz" => ("200 OK", "ok\n".to_string()),
-                "/readyz" if ready.load(Ordering::SeqCst) && !engine.shutdown.is_triggered() => {
-                    ("200 OK", "ready\n".to_string())
-                }
-                "/readyz" => ("503 Service Unavailable", "not ready\n".to_string()),
+                "/readyz" => readiness(&engine, ready.load(Ordering::SeqCst)),
                 _ => ("404 Not Found", "not found\n".to_string()),
             };
             let resp = format!(

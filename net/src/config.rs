@@ -90,6 +90,11 @@ pub struct ServeArgs {
     /// after this many milliseconds; 0 disables hedging. [default: 250]
     #[arg(long, env = "FLOE_READ_HEDGE_MS")]
     pub read_hedge_ms: Option<u64>,
+    /// TESTING ONLY: inject faults into object-store requests, e.g.
+    /// `seed=1,errors=0.2,lost_replies=0.05,latency=0.3,latency_max_ms=100,truncate=0.1`.
+    /// [default: none]
+    #[arg(long, env = "FLOE_OBJECT_STORE_FAULTS")]
+    pub object_store_faults: Option<String>,
     /// This broker's node id, unique in the cluster.
     /// [default: allocated from the metadata store and remembered in DATA_DIR/node-id]
     #[arg(long, env = "FLOE_NODE_ID")]
@@ -155,6 +160,7 @@ pub struct Resolved {
     pub upload_concurrency: usize,
     pub multipart_threshold_bytes: usize,
     pub read_hedge_ms: u64,
+    pub object_store_faults: Option<String>,
     /// `None`: allocate one (or reuse the one remembered in the data dir).
     pub node_id: Option<i32>,
     pub meta: String,
@@ -277,6 +283,10 @@ impl ServeArgs {
             upload_concurrency,
             multipart_threshold_bytes,
             read_hedge_ms,
+            object_store_faults: self
+                .object_store_faults
+                .clone()
+                .or(file.object_store_faults.clone()),
             max_request_bytes,
             inflight_bytes,
         };

@@ -98,7 +98,14 @@ impl Barrier {
 pub fn run(cfg: Resolved) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
-    let store = floe_objstore::open(&cfg.object_store, &cfg.object_store_options())?;
+    let store = floe_objstore::open_with_faults(
+        &cfg.object_store,
+        &cfg.object_store_options(),
+        cfg.object_store_faults.as_deref(),
+    )?;
+    if let Some(f) = &cfg.object_store_faults {
+        tracing::warn!(faults = %f, "object-store fault injection is ON (testing only)");
+    }
     let sidecar = Sidecar::start().context("starting the sidecar runtime")?;
     let meta: Arc<dyn MetaStore> = sidecar
         .block_on(floe_meta::open(&cfg.meta, &cfg.data_dir.join("meta.redb")))

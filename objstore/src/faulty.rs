@@ -40,6 +40,41 @@ pub struct FaultConfig {
 }
 
 impl FaultConfig {
+    /// Parses `seed=7,errors=0.2,lost_replies=0.05,latency=0.3,latency_max_ms=100,
+    /// timeouts=0.01,timeout_ms=2000,truncate=0.05` (any subset; rates are
+    /// per request).
+    pub fn parse(spec: &str) -> Result<Self> {
+        let mut c = Self::none();
+        for item in spec.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let bad = || {
+                Error::Config {
+                reason: format!("object-store fault {item:?}: expected NAME=VALUE with a known name and a number"),
+            }
+            };
+            let (name, value) = item.split_once('=').ok_or_else(bad)?;
+            let rate = || value.parse::<f64>().map_err(|_| bad());
+            let ms = || {
+                value
+                    .parse::<u64>()
+                    .map(Duration::from_millis)
+                    .map_err(|_| bad())
+            };
+            match name {
+                "seed" => c.seed = value.parse().map_err(|_| bad())?,
+                "errors" => c.error_rate = rate()?,
+                "lost_replies" => c.lost_reply_rate = rate()?,
+                "latency" => c.latency_rate = rate()?,
+                "latency_max_ms" => c.latency_max = ms()?,
+                "timeouts" => c.timeout_rate = rate()?,
+                "timeout_ms" => c.timeout_after = ms()?,
+                "truncate" => c.truncate_rate = rate()?,
+                _ => return Err(bad()),
+            }
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
     /// No faults: the wrapper passes every request through.
     pub fn none() -> Self {
         Self::default()
@@ -278,6 +313,27 @@ impl<S: ObjectStore> ObjectStore for Faulty<S> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn fault_specs_parse_and_reject_nonsense() {
+        let c = FaultConfig::parse(
+            "seed=7, errors=0.2,lost_replies=0.1,latency=0.3,latency_max_ms=100,truncate=0.2",
+        )
+        .expect("valid spec");
+        assert_eq!((c.seed, c.error_rate, c.truncate_rate), (7, 0.2, 0.2));
+        assert_eq!(c.latency_max, Duration::from_millis(100));
+        assert_eq!(FaultConfig::parse("").expect("empty"), FaultConfig::none());
+        for bad in [
+            "errors",
+            "errors=x",
+            "nope=1",
+            "errors=0.8,truncate=0.5",
+            "errors=-1",
+        ] {
+            assert!(FaultConfig::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
     use super::*;
     use crate::Memory;
 

@@ -109,6 +109,29 @@ pub fn check_body_len(op: &'static str, key: &str, expected: u64, body: &Bytes) 
 
 /// Opens a backend from its URL: `file://DIR`, `s3://BUCKET[/PREFIX]`
 /// (with `s3`'s settings), `memory://`.
+/// Opens a backend and, when `faults` is given (testing only), wraps it in
+/// [`Faulty`] with that [`FaultConfig::parse`] spec.
+pub fn open_with_faults(
+    url: &str,
+    s3: &S3Options,
+    faults: Option<&str>,
+) -> Result<Arc<dyn ObjectStore>> {
+    let Some(spec) = faults.filter(|f| !f.trim().is_empty()) else {
+        return open(url, s3);
+    };
+    let config = FaultConfig::parse(spec)?;
+    if let Some(dir) = url.strip_prefix("file://") {
+        return Ok(Arc::new(Faulty::new(LocalDir::open(dir)?, config)?));
+    }
+    if url.starts_with("s3://") {
+        return Ok(Arc::new(Faulty::new(S3::open(url, s3)?, config)?));
+    }
+    if url.starts_with("memory://") {
+        return Ok(Arc::new(Faulty::new(Memory::default(), config)?));
+    }
+    open(url, s3)
+}
+
 pub fn open(url: &str, s3: &S3Options) -> Result<Arc<dyn ObjectStore>> {
     if let Some(dir) = url.strip_prefix("file://") {
         return Ok(Arc::new(LocalDir::open(dir)?));

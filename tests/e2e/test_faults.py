@@ -1,0 +1,90 @@
+"""A broker whose object store fails: injected errors, lost replies (the
+object was written but the answer lost), latency and truncated reads. No
+acknowledged record may be lost, producers must retry to success, and the
+broker must say it is unhealthy while the store keeps failing."""
+
+import time
+
+from confluent_kafka import Producer
+
+from floe_clients import consume_partitions, create_topic, producer_conf, watermarks
+
+PARTITIONS = 8
+FAULTS = "seed=7,errors=0.2,lost_replies=0.1,latency=0.3,latency_max_ms=100,truncate=0.2"
+
+
+def metric(broker, name):
+    return broker.metrics().get(name, 0)
+
+
+def test_no_acknowledged_record_lost_while_the_store_fails(start_broker, topic_name):
+    b = start_broker(object_store_faults=FAULTS, flush_interval_ms=20, num_partitions=PARTITIONS)
+    assert "fault injection is ON" in b.log_text()
+    create_topic(b.bootstrap, topic_name, PARTITIONS)
+    acked, failed = {}, []
+
+    def cb(err, msg):
+        if err is None:
+            acked[(msg.partition(), msg.offset())] = msg.value()
+        else:
+            failed.append(err.name())
+
+    p = Producer(producer_conf(b.bootstrap, **{
+        "enable.idempotence": True, "linger.ms": 0, "batch.num.messages": 40,
+        "message.timeout.ms": 120000, "retry.backoff.ms": 50}))
+    for i in range(12000):
+        while True:
+            try:
+                p.produce(topic_name, value=b"f-%06d" % i, partition=i % PARTITIONS, on_delivery=cb)
+                break
+            except BufferError:
+                p.poll(0.05)
+        if i % 500 == 0:
+            p.poll(0)
+    assert p.flush(120) == 0, "records neither delivered nor failed"
+    assert not failed, "deliveries failed instead of being retried: %s" % failed[:5]
+    assert len(acked) == 12000
+    upload_failures = metric(b, "floe_segment_upload_failures_total")
+    committed = metric(b, "floe_segments_committed_total")
+    assert upload_failures >= 20, "only %d uploads failed (of %d committed): faults barely ran" % (upload_failures, committed)
+
+    def check(context):
+        wm = watermarks(b.bootstrap, topic_name, range(PARTITIONS), timeout=20)
+        ends = {q: hi for q, (lo, hi) in wm.items()}
+        seen = consume_partitions(b.bootstrap, topic_name, ends, timeout=180)
+        by_pos = {(q, m.offset): m.value for q, ms in seen.items() for m in ms}
+        for q, ms in seen.items():
+            assert [m.offset for m in ms] == list(range(ends[q])), "%s: partition %d not contiguous" % (context, q)
+        lost = [(pos, v) for pos, v in acked.items() if by_pos.get(pos) != v]
+        assert not lost, "%s: %d acknowledged records missing, e.g. %s" % (context, len(lost), lost[:3])
+        # Idempotence: retries after failed or lost-reply uploads never
+        # appear twice.
+        values = [m.value for ms in seen.values() for m in ms]
+        assert len(values) == len(set(values)), "%s: duplicated records" % context
+
+    check("served from the read cache")
+    # After a restart every read goes to the store, through the faults
+    # (truncated bodies must be errors the consumer retries, never data).
+    b.restart()
+    check("read back through the failing store")
+    print("segments committed %d; uploads failed and retried by producers %d" % (committed, upload_failures))
+
+
+def test_readyz_reports_a_failing_store(start_broker, topic_name):
+    b = start_broker(object_store_faults="seed=3,errors=1", flush_interval_ms=10)
+    status, _ = b.http_get("/readyz")
+    assert status == 200
+    p = Producer(producer_conf(b.bootstrap, **{"message.timeout.ms": 3000}))
+    for i in range(20):
+        p.produce(topic_name, value=b"x")
+        p.poll(0.1)
+    p.flush(10)
+    deadline = time.monotonic() + 20
+    while True:
+        status, body = b.http_get("/readyz")
+        if status == 503:
+            break
+        assert time.monotonic() < deadline, "still ready with every upload failing"
+        time.sleep(0.2)
+    assert "segment uploads" in body, body
+    assert metric(b, "floe_segment_upload_failures_in_a_row") >= 3
