@@ -144,12 +144,15 @@ impl Committer {
         let (Some(m), Some(h)) = (&self.metrics, &mut self.latency) else {
             return;
         };
-        if h.is_empty() {
-            return;
-        }
-        crate::metrics::Metrics::set(&m.commit_latency_p50_us, h.value_at_quantile(0.5));
-        crate::metrics::Metrics::set(&m.commit_latency_p99_us, h.value_at_quantile(0.99));
-        crate::metrics::Metrics::set(&m.commit_latency_max_us, h.max());
+        // A second without commits reads as 0, not as the last busy second.
+        let (p50, p99, max) = if h.is_empty() {
+            (0, 0, 0)
+        } else {
+            (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max())
+        };
+        crate::metrics::Metrics::set(&m.commit_latency_p50_us, p50);
+        crate::metrics::Metrics::set(&m.commit_latency_p99_us, p99);
+        crate::metrics::Metrics::set(&m.commit_latency_max_us, max);
         h.reset();
         if let Some(t) = &self.latency_total {
             crate::metrics::Metrics::set(&m.commit_latency_total_p50_us, t.value_at_quantile(0.5));

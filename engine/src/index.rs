@@ -2,7 +2,7 @@
 //! Owned by the partition's shard. Plain state, no I/O.
 
 use std::collections::VecDeque;
-use std::rc::Rc;
+use std::sync::Arc;
 
 /// One stored batch of a partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -10,7 +10,8 @@ pub struct IndexEntry {
     pub base_offset: u64,
     pub records: u32,
     pub max_ts: i64,
-    pub segment: Rc<str>,
+    /// Shared with the read cache's keys and the committer's updates.
+    pub segment: Arc<str>,
     pub pos: u64,
     pub len: u32,
 }
@@ -81,7 +82,7 @@ mod tests {
             base_offset: base,
             records,
             max_ts: ts,
-            segment: Rc::from("s"),
+            segment: Arc::from("s"),
             pos: 0,
             len: 1,
         }

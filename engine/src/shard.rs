@@ -412,7 +412,7 @@ impl Shard {
         while let Ok(msg) = rx.recv_async().await {
             match msg {
                 IndexMsg::Update(u) => {
-                    let seg: Rc<str> = Rc::from(&*u.segment);
+                    let seg = u.segment.clone();
                     let mut st = self.state.borrow_mut();
                     let index = st.indexes.entry(u.tp).or_default();
                     for (pos, len, records, max_ts, outcome) in u.batches {
@@ -524,7 +524,7 @@ impl Shard {
             let cache = self.cache.borrow();
             entries
                 .iter()
-                .map(|e| cache.get(&Arc::from(&*e.segment), e.pos))
+                .map(|e| cache.get(&e.segment, e.pos))
                 .collect()
         };
         let mut i = 0;
@@ -558,7 +558,7 @@ impl Shard {
                     r.map_err(Error::from)
                 })
                 .await?;
-            let seg: Arc<str> = Arc::from(&*entries[i].segment);
+            let seg = entries[i].segment.clone();
             let mut cache = self.cache.borrow_mut();
             for k in i..j {
                 let off = (entries[k].pos - start) as usize;
