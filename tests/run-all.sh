@@ -12,6 +12,10 @@ start=$(date +%s)
 
 step() { printf '\n==> [%4ds] %s\n' "$(($(date +%s) - start))" "$*"; }
 
+# Tests that need etcd or an S3 server fail, rather than skip, when it is
+# missing (install-deps.sh installs both).
+export FLOE_REQUIRE_ETCD=1 FLOE_REQUIRE_S3=1
+
 step "install dependencies"
 bash tests/install-deps.sh
 
@@ -25,7 +29,7 @@ step "cargo build"
 cargo build --workspace --all-targets
 
 step "cargo test"
-FLOE_REQUIRE_ETCD=1 FLOE_REQUIRE_S3=1 cargo test --workspace
+cargo test --workspace
 
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 case "$target_dir" in /*) ;; *) target_dir="$root/$target_dir" ;; esac

@@ -15,8 +15,6 @@ use crate::{Error, Result};
 
 /// Pause before retrying a failed membership step.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
-/// CAS attempts when allocating a node id.
-const ALLOCATE_ATTEMPTS_MAX: usize = 16;
 
 /// The live brokers, as last seen. Read by any thread.
 #[derive(Default)]
@@ -87,30 +85,9 @@ impl Members {
 
 /// Allocates a node id unused in the cluster (counter in `nodes/next`).
 pub async fn allocate_node_id(meta: &dyn MetaStore) -> Result<i32> {
-    for _ in 0..ALLOCATE_ATTEMPTS_MAX {
-        let cur = meta.get(schema::NODES_NEXT).await?;
-        let (next, guard) = match &cur {
-            Some(kv) => (
-                std::str::from_utf8(&kv.value)
-                    .ok()
-                    .and_then(|s| s.parse::<i32>().ok())
-                    .ok_or_else(|| Error::Metadata {
-                        reason: "nodes/next is not a number".into(),
-                    })?,
-                Compare::ModRevision(schema::NODES_NEXT.into(), kv.mod_revision),
-            ),
-            None => (1, Compare::ModRevision(schema::NODES_NEXT.into(), 0)),
-        };
-        let txn = Txn::when(vec![guard]).and_then(vec![Op::Put(
-            schema::NODES_NEXT.into(),
-            Bytes::from((next + 1).to_string()),
-        )]);
-        if meta.txn(txn).await?.succeeded {
-            return Ok(next);
-        }
-    }
-    Err(Error::Metadata {
-        reason: "node id allocation contended; retry".into(),
+    let id = floe_meta::take_next(meta, schema::NODES_NEXT, 1).await?;
+    i32::try_from(id).map_err(|_| Error::Metadata {
+        reason: format!("node id counter {id} is out of range"),
     })
 }
 

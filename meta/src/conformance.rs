@@ -18,6 +18,7 @@ pub async fn run(store: Arc<dyn MetaStore>) {
     range_by_prefix(&*store).await;
     cas_branches(&*store).await;
     concurrent_cas_has_one_winner(store.clone()).await;
+    counters_hand_out_distinct_values(store.clone()).await;
     op_limit(&*store).await;
     watch_delivers_changes_in_order(&*store).await;
     watch_replays_from_a_past_revision(&*store).await;
@@ -234,6 +235,34 @@ async fn concurrent_cas_has_one_winner(s: Arc<dyn MetaStore>) {
         winners += usize::from(t.await.unwrap());
     }
     assert_eq!(winners, 1, "exactly one concurrent CAS must win");
+}
+
+async fn counters_hand_out_distinct_values(s: Arc<dyn MetaStore>) {
+    assert_eq!(crate::take_next(&*s, "ctr/a", 5).await.unwrap(), 5);
+    assert_eq!(crate::take_next(&*s, "ctr/a", 5).await.unwrap(), 6);
+    let mut tasks = Vec::new();
+    // Four contenders: each take succeeds within a few CAS attempts, far
+    // inside COUNTER_ATTEMPTS_MAX.
+    for _ in 0..4 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..4 {
+                got.push(crate::take_next(&*s, "ctr/b", 1).await.unwrap());
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (1..=16).collect::<Vec<i64>>(),
+        "every take gets its own value"
+    );
 }
 
 async fn op_limit(s: &dyn MetaStore) {

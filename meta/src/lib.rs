@@ -178,6 +178,43 @@ pub async fn open(
     })
 }
 
+/// Compare-and-swap attempts `take_next` makes before giving up.
+pub const COUNTER_ATTEMPTS_MAX: usize = 16;
+
+/// Takes the next value of a cluster-wide counter stored as decimal text
+/// at `key` (starting at `first`): every caller, on any broker, gets a
+/// different value.
+pub async fn take_next(store: &dyn MetaStore, key: &str, first: i64) -> Result<i64> {
+    for _ in 0..COUNTER_ATTEMPTS_MAX {
+        let (next, guard) = match store.get(key).await? {
+            Some(kv) => {
+                let n = std::str::from_utf8(&kv.value)
+                    .ok()
+                    .and_then(|s| s.parse::<i64>().ok())
+                    .ok_or_else(|| Error::Corrupt {
+                        key: key.to_string(),
+                        reason: "counter is not a decimal number".into(),
+                    })?;
+                (n, Compare::ModRevision(key.to_string(), kv.mod_revision))
+            }
+            None => (first, Compare::ModRevision(key.to_string(), 0)),
+        };
+        let txn = Txn::when(vec![guard]).and_then(vec![Op::Put(
+            key.to_string(),
+            Bytes::from((next + 1).to_string()),
+        )]);
+        if store.txn(txn).await?.succeeded {
+            return Ok(next);
+        }
+    }
+    Err(Error::Unavailable {
+        op: "take_next",
+        reason: format!(
+            "counter {key:?} still contended after {COUNTER_ATTEMPTS_MAX} attempts; retry"
+        ),
+    })
+}
+
 /// The smallest key greater than every key starting with `prefix`
 /// (etcd's "range end" for a prefix).
 pub fn prefix_end(prefix: &str) -> String {

@@ -4,49 +4,20 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use floe_engine::committer::CommitRequest;
 use floe_engine::{Engine, Error, Result};
 use floe_meta::schema::{self, ProducerEpoch};
-use floe_meta::{Compare, Op, Txn};
 use futures::channel::oneshot;
 
-/// CAS attempts before giving up on a contended allocation.
-const ALLOCATE_ATTEMPTS_MAX: usize = 16;
+/// First producer id handed out; lower ones are left unused.
+const PRODUCER_ID_FIRST: i64 = 1000;
 
 async fn allocate(engine: &Arc<Engine>) -> Result<i64> {
     let meta = engine.meta.clone();
     engine
         .sidecar
         .run(async move {
-            for _ in 0..ALLOCATE_ATTEMPTS_MAX {
-                let cur = meta.get(schema::PRODUCERS_NEXT).await?;
-                let (next, guard) = match &cur {
-                    Some(kv) => {
-                        let n: i64 = std::str::from_utf8(&kv.value)
-                            .ok()
-                            .and_then(|s| s.parse().ok())
-                            .ok_or_else(|| Error::Metadata {
-                                reason: "producers/next is not a number".into(),
-                            })?;
-                        (
-                            n,
-                            Compare::ModRevision(schema::PRODUCERS_NEXT.into(), kv.mod_revision),
-                        )
-                    }
-                    None => (1000, Compare::ModRevision(schema::PRODUCERS_NEXT.into(), 0)),
-                };
-                let txn = Txn::when(vec![guard]).and_then(vec![Op::Put(
-                    schema::PRODUCERS_NEXT.into(),
-                    Bytes::from((next + 1).to_string()),
-                )]);
-                if meta.txn(txn).await?.succeeded {
-                    return Ok(next);
-                }
-            }
-            Err(Error::Metadata {
-                reason: "producer id allocation contended; retry".into(),
-            })
+            Ok(floe_meta::take_next(&*meta, schema::PRODUCERS_NEXT, PRODUCER_ID_FIRST).await?)
         })
         .await
 }
