@@ -25,6 +25,9 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "cargo check (the embedded-only build, which needs no protoc)"
+cargo check -p floe-net --no-default-features
+
 step "cargo build"
 cargo build --workspace --all-targets
 

@@ -10,6 +10,7 @@
 //!
 mod embedded;
 mod error;
+#[cfg(feature = "etcd")]
 mod etcd;
 
 pub mod conformance;
@@ -19,6 +20,7 @@ use bytes::Bytes;
 
 pub use embedded::Embedded;
 pub use error::{Error, Result};
+#[cfg(feature = "etcd")]
 pub use etcd::Etcd;
 
 /// A lease: keys put under it are deleted when it expires or is revoked.
@@ -156,6 +158,15 @@ pub async fn open(
     if url == "embedded" {
         return Ok(std::sync::Arc::new(Embedded::open(embedded_path)?));
     }
+    #[cfg(not(feature = "etcd"))]
+    if url.starts_with("etcd://") {
+        return Err(Error::Config {
+            reason: format!(
+                "{url:?}: this floe was built without etcd support; build it with the default features (needs protoc)"
+            ),
+        });
+    }
+    #[cfg(feature = "etcd")]
     if let Some(rest) = url.strip_prefix("etcd://") {
         let (hosts, prefix) = match rest.split_once('/') {
             Some((h, p)) => (h, p.trim_matches('/')),

@@ -3,6 +3,8 @@
 //! With `FLOE_REQUIRE_ETCD=1` (the test command sets it) a missing etcd
 //! binary fails the test instead of skipping it.
 
+#![cfg(feature = "etcd")]
+
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

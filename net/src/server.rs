@@ -110,10 +110,12 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
     let meta: Arc<dyn MetaStore> = sidecar
         .block_on(floe_meta::open(&cfg.meta, &cfg.data_dir.join("meta.redb")))
         .with_context(|| {
-            format!(
-                "opening the metadata store {} (embedded: is another floe using this data dir?)",
-                cfg.meta
-            )
+            if cfg.meta == "embedded" {
+                "opening the embedded metadata store (is another floe using this data dir?)"
+                    .to_string()
+            } else {
+                format!("opening the metadata store {}", cfg.meta)
+            }
         })?;
     let topics = Arc::new(sidecar.block_on(Topics::load(meta.clone()))?);
     let cluster_id = sidecar.block_on(cluster_id(&*meta))?;
