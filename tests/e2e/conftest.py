@@ -329,6 +329,19 @@ class Broker:
 # --------------------------------------------------------------------------
 # Fixtures
 # --------------------------------------------------------------------------
+def _factory(brokers, workdir, default_name):
+    """A start_broker-style factory: builds (and starts) Broker objects in
+    `workdir(name)`, remembering them in `brokers` for teardown."""
+    def factory(name=None, start=True, **args):
+        name = name or default_name % len(brokers)
+        b = Broker(workdir(name), name=name, **args)
+        brokers.append(b)
+        if start:
+            b.start()
+        return b
+    return factory
+
+
 def _stop_all(brokers):
     """Stops every broker a fixture started; fails the test if any panicked."""
     errors = []
@@ -351,16 +364,7 @@ def start_broker(tmp_path):
     extra_env={...}, start=False (construct only).
     """
     brokers: list[Broker] = []
-
-    def factory(name=None, start=True, **args):
-        name = name or "floe%d" % len(brokers)
-        b = Broker(tmp_path / name, name=name, **args)
-        brokers.append(b)
-        if start:
-            b.start()
-        return b
-
-    yield factory
+    yield _factory(brokers, lambda name: tmp_path / name, "floe%d")
     _stop_all(brokers)
 
 
@@ -374,15 +378,7 @@ def broker(start_broker) -> Broker:
 def module_broker_factory(tmp_path_factory):
     """Module-scoped variant of start_broker (for suites sharing one broker)."""
     brokers: list[Broker] = []
-
-    def factory(name="floe-module", start=True, **args):
-        b = Broker(tmp_path_factory.mktemp(name), name=name, **args)
-        brokers.append(b)
-        if start:
-            b.start()
-        return b
-
-    yield factory
+    yield _factory(brokers, tmp_path_factory.mktemp, "floe-module%d")
     _stop_all(brokers)
 
 
