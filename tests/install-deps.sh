@@ -11,6 +11,7 @@
 #         pytest-timeout, kafka-python's codec libraries
 #         (lz4, zstandard, python-snappy, cramjam), and moto's S3 server
 #         (tests/.venv/bin/moto_server) with boto3 to inspect its buckets.
+#   npm:  tests/.node with kafkajs 2.2.4
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -98,6 +99,21 @@ print("[install-deps] venv: confluent-kafka %s (librdkafka %s), kafka-python %s,
       % (confluent_kafka.__version__, confluent_kafka.libversion()[0],
          kafka.__version__, pytest.__version__, moto.__version__, boto3.__version__))
 EOF
+# ---------------------------------------------------------------- npm ------
+# kafkajs (a pure-JavaScript client) for the consumer-group tests, under
+# tests/.node (git-ignored); node and npm come with the machine.
+node_dir="$here/.node"
+if [[ -f "$node_dir/node_modules/kafkajs/package.json" ]]; then
+    log "npm: kafkajs already installed in $node_dir"
+elif command -v npm >/dev/null 2>&1; then
+    log "npm: installing kafkajs@2.2.4 into $node_dir"
+    mkdir -p "$node_dir"
+    npm install --prefix "$node_dir" --no-audit --no-fund --silent kafkajs@2.2.4
+else
+    log "npm: not found; install Node.js 20 with npm (the kafkajs tests need it)"
+    exit 1
+fi
+
 log "kcat: $(kcat -V 2>&1 | grep -m1 '^Version' || true)"
 log "protoc: $(protoc --version)"
 log "done (repo: $root)"

@@ -151,3 +151,82 @@ pub struct SnapshotPointer {
     pub seq: u64,
     pub key: String,
 }
+
+// ---- Consumer groups ------------------------------------------------------
+//
+// groups/<group>                    GroupRecord (engine::group), after each generation
+// group-owners/<group>              node id of the coordinating broker, under its lease
+// offsets/<group>/<topic>/<part>    OffsetRecord
+//
+// Group ids are arbitrary strings: `%` and `/` are escaped in keys so a
+// group's keys never spill into another's prefix.
+
+pub const GROUPS_PREFIX: &str = "groups/";
+pub const GROUP_OWNERS_PREFIX: &str = "group-owners/";
+pub const OFFSETS_PREFIX: &str = "offsets/";
+
+pub fn escape_group(group: &str) -> String {
+    group.replace('%', "%25").replace('/', "%2F")
+}
+
+pub fn unescape_group(key_part: &str) -> String {
+    key_part.replace("%2F", "/").replace("%25", "%")
+}
+
+pub fn group_key(group: &str) -> String {
+    format!("{GROUPS_PREFIX}{}", escape_group(group))
+}
+
+pub fn group_owner_key(group: &str) -> String {
+    format!("{GROUP_OWNERS_PREFIX}{}", escape_group(group))
+}
+
+/// Every committed offset of a group lives under this prefix.
+pub fn group_offsets_prefix(group: &str) -> String {
+    format!("{OFFSETS_PREFIX}{}/", escape_group(group))
+}
+
+/// Topic names are `[a-zA-Z0-9._-]+` (Kafka's rule), so they need no escape.
+pub fn offset_key(group: &str, topic: &str, partition: i32) -> String {
+    format!("{}{topic}/{partition}", group_offsets_prefix(group))
+}
+
+/// (topic, partition) from a key under [`group_offsets_prefix`].
+pub fn parse_offset_key<'a>(prefix: &str, key: &'a str) -> Option<(&'a str, i32)> {
+    let rest = key.strip_prefix(prefix)?;
+    let (topic, part) = rest.rsplit_once('/')?;
+    Some((topic, part.parse().ok()?))
+}
+
+/// A committed offset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OffsetRecord {
+    #[serde(rename = "o")]
+    pub offset: i64,
+    #[serde(rename = "e", default = "no_epoch")]
+    pub leader_epoch: i32,
+    #[serde(rename = "m", default)]
+    pub metadata: Option<String>,
+    /// Commit time, ms since the epoch.
+    #[serde(rename = "t", default)]
+    pub commit_ms: i64,
+}
+
+fn no_epoch() -> i32 {
+    -1
+}
+
+#[cfg(test)]
+mod group_key_tests {
+    use super::*;
+
+    #[test]
+    fn group_ids_with_slashes_stay_inside_their_prefix() {
+        let a = group_offsets_prefix("a/b");
+        let k = offset_key("a/b", "t.1", 7);
+        assert!(k.starts_with(&a));
+        assert!(!offset_key("a", "b/t", 1).starts_with(&a));
+        assert_eq!(parse_offset_key(&a, &k), Some(("t.1", 7)));
+        assert_eq!(unescape_group(&escape_group("x%2F/y")), "x%2F/y");
+    }
+}

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use floe_engine::coordinator::Coordinator;
 use floe_engine::Engine;
 
 #[derive(Debug, Clone)]
@@ -20,4 +21,6 @@ pub struct Settings {
 pub struct Broker {
     pub engine: Arc<Engine>,
     pub settings: Settings,
+    /// The consumer groups this broker coordinates.
+    pub groups: Arc<Coordinator>,
 }

@@ -27,6 +27,8 @@ pub enum Command {
     /// abort); takes serve's flags, environment and config file. Exits 1
     /// naming each failed permission.
     CheckBucket(ServeArgs),
+    /// Consumer groups: `floe groups list|describe GROUP --bootstrap HOST:PORT`.
+    Groups(crate::groups_cmd::GroupsArgs),
 }
 
 /// Every setting of `floe serve`. Each flag also reads a `FLOE_*`

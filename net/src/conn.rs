@@ -41,7 +41,8 @@ enum End {
     Refused(String),
 }
 
-pub async fn serve(ctx: Ctx, stream: TcpStream, peer: SocketAddr) {
+pub async fn serve(mut ctx: Ctx, stream: TcpStream, peer: SocketAddr) {
+    ctx.peer = Some(peer);
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.split();
     let (tx, rx) = mpsc::channel::<Outgoing>(PIPELINE_DEPTH_MAX);

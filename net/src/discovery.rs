@@ -45,6 +45,21 @@ pub fn leader(brokers: &[BrokerRecord], topic_id: uuid::Uuid, partition: u32) ->
         .map(|b| b.node_id)
 }
 
+/// Rendezvous choice of the broker to coordinate a consumer group, by a
+/// stable hash of its id (FNV-1a, then the same mixing as partitions).
+pub fn coordinator(brokers: &[BrokerRecord], group: &str) -> Option<i32> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in group.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let key = mix(h);
+    brokers
+        .iter()
+        .max_by_key(|b| (mix(key ^ mix(b.node_id as u64)), b.node_id))
+        .map(|b| b.node_id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@ pub mod codes;
 pub mod config;
 pub mod conn;
 pub mod discovery;
+pub mod groups_cmd;
 pub mod handlers;
 pub mod producer_ids;
 pub mod request;

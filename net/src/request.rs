@@ -5,9 +5,11 @@
 
 use bytes::Bytes;
 use kafka_protocol::messages::{
-    ApiKey, CreatePartitionsRequest, CreateTopicsRequest, DeleteTopicsRequest,
-    DescribeConfigsRequest, FetchRequest, InitProducerIdRequest, ListOffsetsRequest,
-    MetadataRequest, ProduceRequest, RequestHeader,
+    ApiKey, CreatePartitionsRequest, CreateTopicsRequest, DeleteGroupsRequest, DeleteTopicsRequest,
+    DescribeConfigsRequest, DescribeGroupsRequest, FetchRequest, FindCoordinatorRequest,
+    HeartbeatRequest, InitProducerIdRequest, JoinGroupRequest, LeaveGroupRequest,
+    ListGroupsRequest, ListOffsetsRequest, MetadataRequest, OffsetCommitRequest,
+    OffsetDeleteRequest, OffsetFetchRequest, ProduceRequest, RequestHeader, SyncGroupRequest,
 };
 use kafka_protocol::protocol::Decodable;
 
@@ -29,6 +31,17 @@ pub enum Request {
     DescribeConfigs(DescribeConfigsRequest),
     DescribeCluster,
     InitProducerId(InitProducerIdRequest),
+    FindCoordinator(FindCoordinatorRequest),
+    JoinGroup(JoinGroupRequest),
+    SyncGroup(SyncGroupRequest),
+    Heartbeat(HeartbeatRequest),
+    LeaveGroup(LeaveGroupRequest),
+    OffsetCommit(OffsetCommitRequest),
+    OffsetFetch(OffsetFetchRequest),
+    DescribeGroups(DescribeGroupsRequest),
+    ListGroups(ListGroupsRequest),
+    DeleteGroups(DeleteGroupsRequest),
+    OffsetDelete(OffsetDeleteRequest),
 }
 
 #[derive(Debug)]
@@ -107,6 +120,17 @@ pub fn decode(mut frame: Bytes) -> Result<Decoded, DecodeError> {
         ApiKey::DescribeConfigs => Request::DescribeConfigs(body(api, version, b)?),
         ApiKey::DescribeCluster => Request::DescribeCluster,
         ApiKey::InitProducerId => Request::InitProducerId(body(api, version, b)?),
+        ApiKey::FindCoordinator => Request::FindCoordinator(body(api, version, b)?),
+        ApiKey::JoinGroup => Request::JoinGroup(body(api, version, b)?),
+        ApiKey::SyncGroup => Request::SyncGroup(body(api, version, b)?),
+        ApiKey::Heartbeat => Request::Heartbeat(body(api, version, b)?),
+        ApiKey::LeaveGroup => Request::LeaveGroup(body(api, version, b)?),
+        ApiKey::OffsetCommit => Request::OffsetCommit(body(api, version, b)?),
+        ApiKey::OffsetFetch => Request::OffsetFetch(body(api, version, b)?),
+        ApiKey::DescribeGroups => Request::DescribeGroups(body(api, version, b)?),
+        ApiKey::ListGroups => Request::ListGroups(body(api, version, b)?),
+        ApiKey::DeleteGroups => Request::DeleteGroups(body(api, version, b)?),
+        ApiKey::OffsetDelete => Request::OffsetDelete(body(api, version, b)?),
         _ => {
             return Err(DecodeError::Unsupported {
                 api,

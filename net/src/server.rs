@@ -185,7 +185,21 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
             .spawn(registration.maintain(async move { engine.shutdown.wait().await }));
     }
 
+    let groups = floe_engine::coordinator::Coordinator::new(
+        node_id,
+        meta.clone(),
+        Duration::from_secs(cfg.lease_ttl_secs),
+    );
+    {
+        let engine = engine.clone();
+        sidecar.handle().spawn(
+            groups
+                .clone()
+                .run(async move { engine.shutdown.wait().await }),
+        );
+    }
     let broker = Arc::new(Broker {
+        groups,
         engine: engine.clone(),
         settings: Settings {
             node_id,
@@ -344,6 +358,7 @@ async fn shard_main(
             shard: shard.clone(),
             broker: broker.clone(),
             client_id: None,
+            peer: None,
         };
         loop {
             let accept = Box::pin(listener.accept());

@@ -5,6 +5,7 @@
 
 mod admin;
 mod fetch;
+mod groups;
 mod list_offsets;
 mod metadata;
 mod produce;
@@ -43,6 +44,8 @@ pub struct Ctx {
     pub shard: Rc<Shard>,
     pub broker: Arc<Broker>,
     pub client_id: Option<Rc<str>>,
+    /// The client's address (DescribeGroups shows it as the member's host).
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 pub fn encode<M: Encodable>(m: &M, version: i16) -> Reply {
@@ -90,6 +93,39 @@ pub async fn dispatch(ctx: &Ctx, request: Request, version: i16) -> Pending {
         }
         Request::InitProducerId(req) => {
             async move { admin::init_producer_id(&ctx, req, version).await }.boxed_local()
+        }
+        Request::FindCoordinator(req) => {
+            async move { groups::find_coordinator(&ctx, req, version).await }.boxed_local()
+        }
+        Request::JoinGroup(req) => {
+            async move { groups::join(&ctx, req, version).await }.boxed_local()
+        }
+        Request::SyncGroup(req) => {
+            async move { groups::sync(&ctx, req, version).await }.boxed_local()
+        }
+        Request::Heartbeat(req) => {
+            async move { groups::heartbeat(&ctx, req, version).await }.boxed_local()
+        }
+        Request::LeaveGroup(req) => {
+            async move { groups::leave(&ctx, req, version).await }.boxed_local()
+        }
+        Request::OffsetCommit(req) => {
+            async move { groups::offset_commit(&ctx, req, version).await }.boxed_local()
+        }
+        Request::OffsetFetch(req) => {
+            async move { groups::offset_fetch(&ctx, req, version).await }.boxed_local()
+        }
+        Request::DescribeGroups(req) => {
+            async move { groups::describe(&ctx, req, version).await }.boxed_local()
+        }
+        Request::ListGroups(req) => {
+            async move { groups::list(&ctx, req, version).await }.boxed_local()
+        }
+        Request::DeleteGroups(req) => {
+            async move { groups::delete(&ctx, req, version).await }.boxed_local()
+        }
+        Request::OffsetDelete(req) => {
+            async move { groups::offset_delete(&ctx, req, version).await }.boxed_local()
         }
     }
 }

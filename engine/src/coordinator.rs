@@ -1,0 +1,694 @@
+//! The group coordinator of one broker: the [`Group`] state machines this
+//! broker coordinates, their waiting JoinGroup/SyncGroup requests, and the
+//! committed offsets in the metadata store. Runs on the sidecar (tokio);
+//! shards call it through [`crate::sidecar::SidecarHandle::run`].
+//!
+//! floe has no fixed coordinators. A broker coordinates a group once it
+//! holds `group-owners/<group>` under its own lease: the first broker a
+//! group's members are sent to (by FindCoordinator, in their zone) claims
+//! it; when that broker dies its lease expires, the claim vanishes and the
+//! next broker asked claims it and loads the group from `groups/<group>`,
+//! so members keep their generation and assignment. Every write of the
+//! group record is a compare-and-swap on the revision this broker last
+//! wrote, so two brokers can never both advance one group.
+//!
+//! Committed offsets are plain keys in the metadata store, written before
+//! OffsetCommit is answered: any broker can read them back.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use floe_meta::schema::{self, OffsetRecord};
+use floe_meta::{prefix_end, Compare, LeaseId, MetaStore, Op, Txn};
+use futures::channel::oneshot;
+
+use crate::group::{
+    Effects, Group, GroupError, GroupRecord, GroupState, JoinOutcome, JoinRequest, Joined,
+    SyncOutcome, Synced,
+};
+
+/// How often deadlines (sessions, rebalance timeouts) are checked.
+const TICK_INTERVAL: Duration = Duration::from_millis(100);
+/// Keys read per range request when listing offsets or groups.
+const RANGE_KEYS_MAX: usize = 10_000;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CoordError {
+    /// Another broker coordinates the group (or this one just lost it).
+    #[error("this broker is not the group's coordinator")]
+    NotCoordinator,
+    /// The metadata store could not be reached.
+    #[error("group coordination unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Group(GroupError),
+}
+
+impl From<GroupError> for CoordError {
+    fn from(e: GroupError) -> Self {
+        CoordError::Group(e)
+    }
+}
+
+impl From<floe_meta::Error> for CoordError {
+    fn from(e: floe_meta::Error) -> Self {
+        CoordError::Unavailable(e.to_string())
+    }
+}
+
+pub type CoordResult<T> = std::result::Result<T, CoordError>;
+
+/// A JoinGroup's answer: the member id goes back even with an error
+/// (MEMBER_ID_REQUIRED carries the id the client must rejoin with).
+pub type JoinAnswer = std::result::Result<Joined, (CoordError, String)>;
+
+struct Slot {
+    group: Group,
+    /// Mod revision of `groups/<id>` as this broker last wrote or read it
+    /// (0: absent).
+    revision: u64,
+    joins: HashMap<String, oneshot::Sender<Result<Joined, GroupError>>>,
+    syncs: HashMap<String, oneshot::Sender<Result<Synced, GroupError>>>,
+}
+
+impl Slot {
+    fn deliver(&mut self, fx: &mut Effects) {
+        for (id, r) in fx.joined.drain(..) {
+            if let Some(tx) = self.joins.remove(&id) {
+                let _ = tx.send(r);
+            }
+        }
+        for (id, r) in fx.synced.drain(..) {
+            if let Some(tx) = self.syncs.remove(&id) {
+                let _ = tx.send(r);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    lease: Option<LeaseId>,
+    groups: HashMap<String, Slot>,
+}
+
+/// A group as ListGroups/DescribeGroups show it.
+#[derive(Debug, Clone)]
+pub struct GroupSummary {
+    pub group_id: String,
+    pub state: GroupState,
+    pub protocol_type: String,
+    pub protocol: String,
+    pub members: Vec<crate::group::Member>,
+    /// Node id of the broker coordinating it now, if any.
+    pub owner: Option<i32>,
+}
+
+pub struct Coordinator {
+    node_id: i32,
+    meta: Arc<dyn MetaStore>,
+    lease_ttl: Duration,
+    inner: Mutex<Inner>,
+    /// Serializes claims and record writes (both read-then-CAS).
+    writes: tokio::sync::Mutex<()>,
+}
+
+impl Coordinator {
+    pub fn new(node_id: i32, meta: Arc<dyn MetaStore>, lease_ttl: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            node_id,
+            meta,
+            lease_ttl,
+            inner: Mutex::new(Inner::default()),
+            writes: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave a group half-updated
+        // in a way later calls depend on; keep serving.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ticks every group and renews the ownership lease until `stop`.
+    /// Runs on the sidecar.
+    pub async fn run(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
+        let mut stop = std::pin::pin!(stop);
+        let mut tick = tokio::time::interval(TICK_INTERVAL);
+        let mut renew = tokio::time::interval(self.lease_ttl / 3);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = tick.tick() => self.tick(Instant::now()).await,
+                _ = renew.tick() => self.renew().await,
+            }
+        }
+        self.resign().await;
+    }
+
+    async fn tick(&self, now: Instant) {
+        let mut to_persist = Vec::new();
+        {
+            let mut inner = self.lock();
+            for (id, slot) in inner.groups.iter_mut() {
+                if slot.group.next_deadline().is_none_or(|d| d > now) {
+                    continue;
+                }
+                let mut fx = slot.group.tick(now);
+                if fx.persist {
+                    to_persist.push(id.clone());
+                }
+                slot.deliver(&mut fx);
+            }
+        }
+        for id in to_persist {
+            if let Err(e) = self.persist(&id).await {
+                tracing::warn!(group = %id, error = %e, "persisting the group failed");
+            }
+        }
+    }
+
+    async fn renew(&self) {
+        let lease = self.lock().lease;
+        let Some(lease) = lease else { return };
+        match self.meta.keep_alive(lease).await {
+            Ok(()) => {}
+            Err(floe_meta::Error::LeaseExpired { .. }) => {
+                tracing::warn!("group ownership lease lost; dropping every coordinated group");
+                self.drop_all();
+            }
+            Err(e) => tracing::warn!(error = %e, "renewing the group ownership lease failed"),
+        }
+    }
+
+    /// Gives up every group at once (clean shutdown): revoking the lease
+    /// deletes the claims, so members find the next coordinator without
+    /// waiting for a TTL.
+    async fn resign(&self) {
+        let lease = self.lock().lease;
+        self.drop_all();
+        if let Some(lease) = lease {
+            let _ = self.meta.revoke_lease(lease).await;
+        }
+    }
+
+    fn drop_all(&self) {
+        let mut inner = self.lock();
+        inner.lease = None;
+        // Dropping the slots drops the senders: waiting requests answer
+        // NOT_COORDINATOR and their clients look the coordinator up again.
+        inner.groups.clear();
+    }
+
+    fn drop_group(&self, group_id: &str) {
+        self.lock().groups.remove(group_id);
+    }
+
+    /// Makes this broker the group's coordinator if nobody is, and loads
+    /// the group. `NotCoordinator` when another live broker holds it.
+    async fn acquire(&self, group_id: &str) -> CoordResult<()> {
+        if self.lock().groups.contains_key(group_id) {
+            return Ok(());
+        }
+        let _w = self.writes.lock().await;
+        if self.lock().groups.contains_key(group_id) {
+            return Ok(());
+        }
+        let held = self.lock().lease;
+        let lease = match held {
+            Some(l) => l,
+            None => {
+                let l = self.meta.grant_lease(self.lease_ttl).await?;
+                self.lock().lease = Some(l);
+                l
+            }
+        };
+        let owner_key = schema::group_owner_key(group_id);
+        let me = Bytes::from(self.node_id.to_string());
+        let current = self.meta.get(&owner_key).await?;
+        let expect = match &current {
+            None => 0,
+            // A claim of this node id from an earlier life of the broker.
+            Some(kv) if kv.value == me => kv.mod_revision,
+            Some(_) => return Err(CoordError::NotCoordinator),
+        };
+        let claimed = self
+            .meta
+            .txn(
+                Txn::when(vec![Compare::ModRevision(owner_key.clone(), expect)])
+                    .and_then(vec![Op::PutLeased(owner_key, me, lease)]),
+            )
+            .await?;
+        if !claimed.succeeded {
+            return Err(CoordError::NotCoordinator);
+        }
+        let now = Instant::now();
+        let (group, revision) = match self.meta.get(&schema::group_key(group_id)).await? {
+            Some(kv) => match serde_json::from_slice::<GroupRecord>(&kv.value) {
+                Ok(rec) => (Group::from_record(group_id, rec, now), kv.mod_revision),
+                Err(e) => {
+                    tracing::warn!(group = %group_id, error = %e, "unreadable group record; starting the group empty");
+                    (Group::new(group_id), kv.mod_revision)
+                }
+            },
+            None => (Group::new(group_id), 0),
+        };
+        tracing::info!(group = %group_id, generation = group.generation(), "coordinating group");
+        self.lock().groups.insert(
+            group_id.to_string(),
+            Slot {
+                group,
+                revision,
+                joins: HashMap::new(),
+                syncs: HashMap::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Writes the group's record by CAS on the revision this broker last
+    /// saw. Losing the CAS means another broker took the group over.
+    async fn persist(&self, group_id: &str) -> CoordResult<()> {
+        let _w = self.writes.lock().await;
+        let (record, expect, dead) = {
+            let inner = self.lock();
+            let Some(slot) = inner.groups.get(group_id) else {
+                return Err(CoordError::NotCoordinator);
+            };
+            (
+                slot.group.record(),
+                slot.revision,
+                slot.group.state() == GroupState::Dead,
+            )
+        };
+        if dead {
+            return Ok(());
+        }
+        let value = serde_json::to_vec(&record)
+            .map_err(|e| CoordError::Unavailable(format!("encoding the group record: {e}")))?;
+        let key = schema::group_key(group_id);
+        let out = self
+            .meta
+            .txn(
+                Txn::when(vec![Compare::ModRevision(key.clone(), expect)])
+                    .and_then(vec![Op::Put(key, Bytes::from(value))]),
+            )
+            .await?;
+        if !out.succeeded {
+            tracing::warn!(group = %group_id, "group record changed under this broker; giving the group up");
+            self.drop_group(group_id);
+            return Err(CoordError::NotCoordinator);
+        }
+        if let Some(slot) = self.lock().groups.get_mut(group_id) {
+            slot.revision = out.revision;
+        }
+        Ok(())
+    }
+
+    pub async fn join(&self, group_id: &str, req: JoinRequest) -> JoinAnswer {
+        let member = req.member_id.clone();
+        if let Err(e) = self.acquire(group_id).await {
+            return Err((e, member));
+        }
+        let (outcome, persist) = {
+            let mut inner = self.lock();
+            let Some(slot) = inner.groups.get_mut(group_id) else {
+                return Err((CoordError::NotCoordinator, member));
+            };
+            let (outcome, mut fx) = slot.group.join(req, Instant::now());
+            let persist = fx.persist;
+            slot.deliver(&mut fx);
+            let outcome = match outcome {
+                JoinOutcome::Now(r) => Ok(r),
+                JoinOutcome::Wait(id) => {
+                    let (tx, rx) = oneshot::channel();
+                    slot.joins.insert(id.clone(), tx);
+                    Err((rx, id))
+                }
+            };
+            (outcome, persist)
+        };
+        if persist {
+            let _ = self.persist(group_id).await;
+        }
+        match outcome {
+            Ok(r) => r.map_err(|(e, id)| (CoordError::Group(e), id)),
+            Err((rx, id)) => match rx.await {
+                Ok(r) => r.map_err(|e| (CoordError::Group(e), id)),
+                Err(_) => Err((CoordError::NotCoordinator, id)),
+            },
+        }
+    }
+
+    pub async fn sync(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        generation: i32,
+        instance_id: Option<&str>,
+        assignments: Vec<(String, Bytes)>,
+    ) -> CoordResult<Synced> {
+        self.acquire(group_id).await?;
+        let (outcome, persist) = {
+            let mut inner = self.lock();
+            let Some(slot) = inner.groups.get_mut(group_id) else {
+                return Err(CoordError::NotCoordinator);
+            };
+            let (outcome, mut fx) = slot.group.sync(
+                member_id,
+                generation,
+                instance_id,
+                assignments,
+                Instant::now(),
+            );
+            let persist = fx.persist;
+            slot.deliver(&mut fx);
+            let outcome = match outcome {
+                SyncOutcome::Now(r) => Ok(r),
+                SyncOutcome::Wait => {
+                    let (tx, rx) = oneshot::channel();
+                    slot.syncs.insert(member_id.to_string(), tx);
+                    Err(rx)
+                }
+            };
+            (outcome, persist)
+        };
+        if persist {
+            // The leader's assignment is answered only once it is durable:
+            // a coordinator that takes over must know this generation.
+            self.persist(group_id).await?;
+        }
+        let r = match outcome {
+            Ok(r) => r,
+            Err(rx) => rx.await.map_err(|_| CoordError::NotCoordinator)?,
+        };
+        r.map_err(CoordError::Group)
+    }
+
+    pub async fn heartbeat(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        generation: i32,
+        instance_id: Option<&str>,
+    ) -> CoordResult<()> {
+        self.acquire(group_id).await?;
+        let mut inner = self.lock();
+        let slot = inner
+            .groups
+            .get_mut(group_id)
+            .ok_or(CoordError::NotCoordinator)?;
+        slot.group
+            .heartbeat(member_id, generation, instance_id, Instant::now())
+            .map_err(CoordError::Group)
+    }
+
+    /// LeaveGroup for several members; one result per member, in order.
+    pub async fn leave(
+        &self,
+        group_id: &str,
+        members: Vec<(String, Option<String>)>,
+    ) -> CoordResult<Vec<(String, Option<String>, Result<(), GroupError>)>> {
+        self.acquire(group_id).await?;
+        let (results, persist) = {
+            let mut inner = self.lock();
+            let slot = inner
+                .groups
+                .get_mut(group_id)
+                .ok_or(CoordError::NotCoordinator)?;
+            let mut persist = false;
+            let mut results = Vec::with_capacity(members.len());
+            for (member, instance) in members {
+                let (r, mut fx) = slot
+                    .group
+                    .leave(&member, instance.as_deref(), Instant::now());
+                persist |= fx.persist;
+                slot.deliver(&mut fx);
+                let id = r.clone().unwrap_or(member);
+                results.push((id, instance, r.map(|_| ())));
+            }
+            (results, persist)
+        };
+        if persist {
+            let _ = self.persist(group_id).await;
+        }
+        Ok(results)
+    }
+
+    /// Validates an OffsetCommit against the group and writes the offsets.
+    pub async fn commit_offsets(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        generation: i32,
+        instance_id: Option<&str>,
+        offsets: Vec<(String, i32, OffsetRecord)>,
+    ) -> CoordResult<()> {
+        self.acquire(group_id).await?;
+        let new_group = {
+            let inner = self.lock();
+            let slot = inner
+                .groups
+                .get(group_id)
+                .ok_or(CoordError::NotCoordinator)?;
+            slot.group
+                .check_commit(member_id, generation, instance_id)
+                .map_err(CoordError::Group)?;
+            slot.revision == 0
+        };
+        let mut ops = Vec::with_capacity(offsets.len());
+        for (topic, partition, rec) in offsets {
+            let value = serde_json::to_vec(&rec)
+                .map_err(|e| CoordError::Unavailable(format!("encoding an offset: {e}")))?;
+            ops.push(Op::Put(
+                schema::offset_key(group_id, &topic, partition),
+                Bytes::from(value),
+            ));
+        }
+        // More than one transaction's worth of partitions is written in
+        // chunks; each partition's offset is still written whole.
+        for chunk in ops.chunks(Txn::OPS_MAX) {
+            self.meta
+                .txn(Txn::when(vec![]).and_then(chunk.to_vec()))
+                .await?;
+        }
+        if new_group {
+            // A group known only by its offsets (simple consumers) still
+            // shows in ListGroups.
+            let _ = self.persist(group_id).await;
+        }
+        Ok(())
+    }
+
+    /// Committed offsets of a group; all of them when `topics` is `None`.
+    /// Served by any broker: offsets are in the metadata store.
+    pub async fn fetch_offsets(
+        &self,
+        group_id: &str,
+        topics: Option<Vec<(String, Vec<i32>)>>,
+    ) -> CoordResult<Vec<(String, i32, OffsetRecord)>> {
+        let prefix = schema::group_offsets_prefix(group_id);
+        let (start, end) = match &topics {
+            // One topic: read only its keys.
+            Some(t) if t.len() == 1 => {
+                let p = format!("{prefix}{}/", t[0].0);
+                let e = prefix_end(&p);
+                (p, e)
+            }
+            _ => (prefix.clone(), prefix_end(&prefix)),
+        };
+        let kvs = self.meta.range(&start, &end, RANGE_KEYS_MAX).await?;
+        let mut out = Vec::new();
+        for kv in kvs {
+            let Some((topic, partition)) = schema::parse_offset_key(&prefix, &kv.key) else {
+                continue;
+            };
+            let wanted = topics.as_ref().is_none_or(|ts| {
+                ts.iter()
+                    .any(|(t, ps)| t == topic && (ps.is_empty() || ps.contains(&partition)))
+            });
+            if !wanted {
+                continue;
+            }
+            if let Ok(rec) = serde_json::from_slice::<OffsetRecord>(&kv.value) {
+                out.push((topic.to_string(), partition, rec));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes a group without members, with its offsets.
+    pub async fn delete_group(&self, group_id: &str) -> CoordResult<()> {
+        self.acquire(group_id).await?;
+        {
+            let mut inner = self.lock();
+            let slot = inner
+                .groups
+                .get_mut(group_id)
+                .ok_or(CoordError::NotCoordinator)?;
+            slot.group.delete().map_err(CoordError::Group)?;
+        }
+        let prefix = schema::group_offsets_prefix(group_id);
+        loop {
+            let kvs = self
+                .meta
+                .range(&prefix, &prefix_end(&prefix), Txn::OPS_MAX)
+                .await?;
+            if kvs.is_empty() {
+                break;
+            }
+            let ops = kvs.into_iter().map(|kv| Op::Delete(kv.key)).collect();
+            self.meta.txn(Txn::when(vec![]).and_then(ops)).await?;
+        }
+        let _w = self.writes.lock().await;
+        self.meta
+            .txn(Txn::when(vec![]).and_then(vec![
+                Op::Delete(schema::group_key(group_id)),
+                Op::Delete(schema::group_owner_key(group_id)),
+            ]))
+            .await?;
+        self.lock().groups.remove(group_id);
+        Ok(())
+    }
+
+    /// Deletes some committed offsets of a group (OffsetDelete).
+    /// `GROUP_SUBSCRIBED_TO_TOPIC` is the caller's check, made with
+    /// [`Coordinator::subscribed_topics`].
+    pub async fn delete_offsets(
+        &self,
+        group_id: &str,
+        keys: Vec<(String, i32)>,
+    ) -> CoordResult<()> {
+        let ops: Vec<Op> = keys
+            .iter()
+            .map(|(t, p)| Op::Delete(schema::offset_key(group_id, t, *p)))
+            .collect();
+        for chunk in ops.chunks(Txn::OPS_MAX) {
+            self.meta
+                .txn(Txn::when(vec![]).and_then(chunk.to_vec()))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The group's members' subscriptions (raw consumer-protocol bytes),
+    /// loading the group if this broker is to coordinate it.
+    pub async fn member_subscriptions(
+        &self,
+        group_id: &str,
+    ) -> CoordResult<(GroupState, String, Vec<Bytes>)> {
+        self.acquire(group_id).await?;
+        let inner = self.lock();
+        let slot = inner
+            .groups
+            .get(group_id)
+            .ok_or(CoordError::NotCoordinator)?;
+        let g = &slot.group;
+        let subs = g
+            .members()
+            .filter_map(|m| m.protocols.first().map(|(_, b)| b.clone()))
+            .collect();
+        Ok((g.state(), g.protocol_type().to_string(), subs))
+    }
+
+    /// A group as this broker sees it: live state if it coordinates it,
+    /// else the persisted record (and who holds it).
+    pub async fn describe(&self, group_id: &str) -> CoordResult<GroupSummary> {
+        if let Some(s) = self.summary_if_owned(group_id) {
+            return Ok(s);
+        }
+        let owner = self.owner_of(group_id).await?;
+        if owner.is_some_and(|o| o != self.node_id) {
+            return Err(CoordError::NotCoordinator);
+        }
+        // Nobody coordinates it: take it, so the answer is live state.
+        match self.acquire(group_id).await {
+            Ok(()) => self
+                .summary_if_owned(group_id)
+                .ok_or(CoordError::NotCoordinator),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn summary_if_owned(&self, group_id: &str) -> Option<GroupSummary> {
+        let inner = self.lock();
+        let slot = inner.groups.get(group_id)?;
+        let g = &slot.group;
+        Some(GroupSummary {
+            group_id: group_id.to_string(),
+            state: g.state(),
+            protocol_type: g.protocol_type().to_string(),
+            protocol: g.protocol().to_string(),
+            members: g.members().cloned().collect(),
+            owner: Some(self.node_id),
+        })
+    }
+
+    async fn owner_of(&self, group_id: &str) -> CoordResult<Option<i32>> {
+        Ok(self
+            .meta
+            .get(&schema::group_owner_key(group_id))
+            .await?
+            .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse().ok()))
+    }
+
+    /// Which broker coordinates the group now, if any (FindCoordinator).
+    pub async fn current_owner(&self, group_id: &str) -> CoordResult<Option<i32>> {
+        if self.lock().groups.contains_key(group_id) {
+            return Ok(Some(self.node_id));
+        }
+        self.owner_of(group_id).await
+    }
+
+    async fn range_prefix(&self, prefix: &str) -> CoordResult<Vec<floe_meta::KeyValue>> {
+        Ok(self
+            .meta
+            .range(prefix, &prefix_end(prefix), RANGE_KEYS_MAX)
+            .await?)
+    }
+
+    /// Every group in the cluster with its owner: live state for the
+    /// groups this broker coordinates, the persisted record otherwise.
+    pub async fn list(&self) -> CoordResult<Vec<GroupSummary>> {
+        let owners = self.range_prefix(schema::GROUP_OWNERS_PREFIX).await?;
+        let owners: HashMap<String, i32> = owners
+            .into_iter()
+            .filter_map(|kv| {
+                let g = kv.key.strip_prefix(schema::GROUP_OWNERS_PREFIX)?;
+                let id = std::str::from_utf8(&kv.value).ok()?.parse().ok()?;
+                Some((schema::unescape_group(g), id))
+            })
+            .collect();
+        let records = self.range_prefix(schema::GROUPS_PREFIX).await?;
+        let mut out = Vec::with_capacity(records.len());
+        for kv in records {
+            let Some(g) = kv.key.strip_prefix(schema::GROUPS_PREFIX) else {
+                continue;
+            };
+            let group_id = schema::unescape_group(g);
+            if let Some(s) = self.summary_if_owned(&group_id) {
+                out.push(s);
+                continue;
+            }
+            let Ok(rec) = serde_json::from_slice::<GroupRecord>(&kv.value) else {
+                continue;
+            };
+            let state = if rec.members.is_empty() {
+                GroupState::Empty
+            } else {
+                GroupState::Stable
+            };
+            out.push(GroupSummary {
+                owner: owners.get(&group_id).copied(),
+                group_id,
+                state,
+                protocol_type: rec.protocol_type,
+                protocol: rec.protocol,
+                members: rec.members,
+            });
+        }
+        Ok(out)
+    }
+}

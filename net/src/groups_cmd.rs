@@ -1,0 +1,335 @@
+//! `floe groups list|describe`: consumer groups as any Kafka client sees
+//! them, through the Kafka protocol (so it works against any broker of the
+//! cluster, or any Kafka-compatible broker): members, assignments,
+//! committed offsets and lag.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use clap::{Args, Subcommand};
+use kafka_protocol::messages::describe_groups_request::DescribeGroupsRequest;
+use kafka_protocol::messages::describe_groups_response::DescribeGroupsResponse;
+use kafka_protocol::messages::find_coordinator_request::FindCoordinatorRequest;
+use kafka_protocol::messages::find_coordinator_response::FindCoordinatorResponse;
+use kafka_protocol::messages::list_groups_request::ListGroupsRequest;
+use kafka_protocol::messages::list_groups_response::ListGroupsResponse;
+use kafka_protocol::messages::list_offsets_request::{
+    ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic,
+};
+use kafka_protocol::messages::list_offsets_response::ListOffsetsResponse;
+use kafka_protocol::messages::metadata_request::MetadataRequest;
+use kafka_protocol::messages::metadata_response::MetadataResponse;
+use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequest;
+use kafka_protocol::messages::offset_fetch_response::OffsetFetchResponse;
+use kafka_protocol::messages::{
+    ApiKey, BrokerId, ConsumerProtocolAssignment, GroupId, RequestHeader, ResponseHeader, TopicName,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
+
+/// Longest wait for any one answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest response accepted.
+const RESPONSE_BYTES_MAX: usize = 64 << 20;
+
+#[derive(Debug, Args)]
+pub struct GroupsArgs {
+    #[command(subcommand)]
+    pub command: GroupsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupsCommand {
+    /// Every consumer group of the cluster, with its state.
+    List {
+        /// Any broker of the cluster, HOST:PORT.
+        #[arg(long)]
+        bootstrap: String,
+    },
+    /// One group: its members and their assignments, and per partition
+    /// the committed offset, the end offset and the lag.
+    Describe {
+        group: String,
+        /// Any broker of the cluster, HOST:PORT.
+        #[arg(long)]
+        bootstrap: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("{addr}: {source}")]
+    Io {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{addr}: {what}")]
+    Protocol { addr: String, what: String },
+    #[error("{0}")]
+    Kafka(String),
+}
+
+/// One blocking Kafka connection.
+struct Conn {
+    addr: String,
+    stream: TcpStream,
+    correlation: i32,
+}
+
+impl Conn {
+    fn open(addr: &str) -> Result<Self, CliError> {
+        let io = |source| CliError::Io {
+            addr: addr.to_string(),
+            source,
+        };
+        let stream = TcpStream::connect(addr).map_err(io)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+        stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+        Ok(Self {
+            addr: addr.to_string(),
+            stream,
+            correlation: 0,
+        })
+    }
+
+    fn call<Req, Resp>(&mut self, api: ApiKey, version: i16, req: &Req) -> Result<Resp, CliError>
+    where
+        Req: Encodable + HeaderVersion,
+        Resp: Decodable + HeaderVersion,
+    {
+        let proto = |what: String| CliError::Protocol {
+            addr: self.addr.clone(),
+            what,
+        };
+        self.correlation += 1;
+        let mut body = BytesMut::new();
+        RequestHeader::default()
+            .with_request_api_key(api as i16)
+            .with_request_api_version(version)
+            .with_correlation_id(self.correlation)
+            .with_client_id(Some(StrBytes::from_static_str("floe-groups")))
+            .encode(&mut body, Req::header_version(version))
+            .map_err(|e| proto(e.to_string()))?;
+        req.encode(&mut body, version)
+            .map_err(|e| proto(e.to_string()))?;
+        let mut frame = Vec::with_capacity(body.len() + 4);
+        frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&body);
+        let io = |source| CliError::Io {
+            addr: self.addr.clone(),
+            source,
+        };
+        self.stream.write_all(&frame).map_err(io)?;
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len).map_err(io)?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len > RESPONSE_BYTES_MAX {
+            return Err(proto(format!("response of {len} bytes is too large")));
+        }
+        let mut buf = vec![0u8; len];
+        self.stream.read_exact(&mut buf).map_err(io)?;
+        let mut b = bytes::Bytes::from(buf);
+        let header = ResponseHeader::decode(&mut b, Resp::header_version(version))
+            .map_err(|e| proto(e.to_string()))?;
+        if header.correlation_id != self.correlation {
+            return Err(proto("response out of order".into()));
+        }
+        Resp::decode(&mut b, version).map_err(|e| proto(e.to_string()))
+    }
+}
+
+fn s(v: &str) -> StrBytes {
+    StrBytes::from_string(v.to_string())
+}
+
+fn kafka_error(code: i16, context: &str) -> Result<(), CliError> {
+    if code == 0 {
+        return Ok(());
+    }
+    let name = kafka_protocol::error::ResponseError::try_from_code(code)
+        .map(|e| format!("{e:?}"))
+        .unwrap_or_else(|| format!("error {code}"));
+    Err(CliError::Kafka(format!("{context}: {name}")))
+}
+
+fn brokers(conn: &mut Conn) -> Result<Vec<(i32, String)>, CliError> {
+    let md: MetadataResponse = conn.call(
+        ApiKey::Metadata,
+        9,
+        &MetadataRequest::default().with_topics(Some(vec![])),
+    )?;
+    Ok(md
+        .brokers
+        .iter()
+        .map(|b| (b.node_id.0, format!("{}:{}", b.host, b.port)))
+        .collect())
+}
+
+fn list(bootstrap: &str) -> Result<(), CliError> {
+    let mut conn = Conn::open(bootstrap)?;
+    let mut groups = BTreeMap::new();
+    // Each broker lists the groups it answers for; ask them all.
+    for (id, addr) in brokers(&mut conn)? {
+        let mut c = match Conn::open(&addr) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("warning: broker {id} ({addr}) unreachable: {e}");
+                continue;
+            }
+        };
+        let r: ListGroupsResponse = c.call(ApiKey::ListGroups, 4, &ListGroupsRequest::default())?;
+        kafka_error(r.error_code, &format!("ListGroups on broker {id}"))?;
+        for g in r.groups {
+            groups.insert(
+                g.group_id.to_string(),
+                (g.group_state.to_string(), g.protocol_type.to_string(), id),
+            );
+        }
+    }
+    println!("{:<40} {:<20} {:<10} COORDINATOR", "GROUP", "STATE", "TYPE");
+    for (g, (state, kind, id)) in groups {
+        println!("{g:<40} {state:<20} {kind:<10} {id}");
+    }
+    Ok(())
+}
+
+fn describe(group: &str, bootstrap: &str) -> Result<(), CliError> {
+    let mut conn = Conn::open(bootstrap)?;
+    let fc: FindCoordinatorResponse = conn.call(
+        ApiKey::FindCoordinator,
+        3,
+        &FindCoordinatorRequest::default().with_key(s(group)),
+    )?;
+    kafka_error(fc.error_code, "FindCoordinator")?;
+    let coord_addr = format!("{}:{}", fc.host, fc.port);
+    let mut coord = Conn::open(&coord_addr)?;
+    let dg: DescribeGroupsResponse = coord.call(
+        ApiKey::DescribeGroups,
+        5,
+        &DescribeGroupsRequest::default().with_groups(vec![GroupId(s(group))]),
+    )?;
+    let Some(d) = dg.groups.into_iter().next() else {
+        return Err(CliError::Kafka("DescribeGroups: empty answer".into()));
+    };
+    kafka_error(d.error_code, "DescribeGroups")?;
+    println!(
+        "GROUP {group}  STATE {}  PROTOCOL {}/{}  COORDINATOR {} ({coord_addr})",
+        d.group_state, d.protocol_type, d.protocol_data, fc.node_id.0
+    );
+    let mut owner: BTreeMap<(String, i32), String> = BTreeMap::new();
+    println!("MEMBERS");
+    for m in &d.members {
+        let mut assigned = Vec::new();
+        if d.protocol_type.as_str() == "consumer" && m.member_assignment.len() >= 2 {
+            let mut b = m.member_assignment.clone();
+            let v = b.get_i16();
+            if let Ok(a) = ConsumerProtocolAssignment::decode(&mut b, v.clamp(0, 3)) {
+                for tp in a.assigned_partitions {
+                    for p in &tp.partitions {
+                        owner.insert((tp.topic.to_string(), *p), m.client_id.to_string());
+                        assigned.push(format!("{}-{p}", tp.topic.as_str()));
+                    }
+                }
+            }
+        }
+        println!(
+            "  {}  instance={}  client={}  host={}  assigned=[{}]",
+            m.member_id,
+            m.group_instance_id.as_deref().unwrap_or("-"),
+            m.client_id,
+            m.client_host,
+            assigned.join(",")
+        );
+    }
+    let of: OffsetFetchResponse = coord.call(
+        ApiKey::OffsetFetch,
+        7,
+        &OffsetFetchRequest::default()
+            .with_group_id(GroupId(s(group)))
+            .with_topics(None),
+    )?;
+    kafka_error(of.error_code, "OffsetFetch")?;
+    let mut committed: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for t in &of.topics {
+        for p in &t.partitions {
+            if p.committed_offset >= 0 {
+                committed.insert((t.name.to_string(), p.partition_index), p.committed_offset);
+            }
+        }
+    }
+    for k in owner.keys() {
+        committed.entry(k.clone()).or_insert(-1);
+    }
+    let mut by_topic: BTreeMap<&str, Vec<i32>> = BTreeMap::new();
+    for (t, p) in committed.keys() {
+        by_topic.entry(t.as_str()).or_default().push(*p);
+    }
+    let req = ListOffsetsRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_topics(
+            by_topic
+                .iter()
+                .map(|(t, ps)| {
+                    ListOffsetsTopic::default()
+                        .with_name(TopicName(s(t)))
+                        .with_partitions(
+                            ps.iter()
+                                .map(|p| {
+                                    ListOffsetsPartition::default()
+                                        .with_partition_index(*p)
+                                        .with_timestamp(-1)
+                                })
+                                .collect(),
+                        )
+                })
+                .collect(),
+        );
+    let lo: ListOffsetsResponse = conn.call(ApiKey::ListOffsets, 5, &req)?;
+    let mut ends = BTreeMap::new();
+    for t in &lo.topics {
+        for p in &t.partitions {
+            if p.error_code == 0 {
+                ends.insert((t.name.to_string(), p.partition_index), p.offset);
+            }
+        }
+    }
+    println!(
+        "{:<30} {:>9} {:>12} {:>12} {:>10}  OWNER",
+        "TOPIC", "PARTITION", "COMMITTED", "END", "LAG"
+    );
+    for ((t, p), c) in &committed {
+        let end = ends.get(&(t.clone(), *p)).copied();
+        let lag = match (end, *c) {
+            (Some(e), c) if c >= 0 => (e - c).to_string(),
+            (Some(e), _) => e.to_string(),
+            (None, _) => "-".into(),
+        };
+        let show = |v: i64| if v >= 0 { v.to_string() } else { "-".into() };
+        println!(
+            "{t:<30} {p:>9} {:>12} {:>12} {lag:>10}  {}",
+            show(*c),
+            end.map(show).unwrap_or_else(|| "-".into()),
+            owner
+                .get(&(t.clone(), *p))
+                .map(String::as_str)
+                .unwrap_or("-")
+        );
+    }
+    Ok(())
+}
+
+pub fn main(args: GroupsArgs) -> std::process::ExitCode {
+    let r = match &args.command {
+        GroupsCommand::List { bootstrap } => list(bootstrap),
+        GroupsCommand::Describe { group, bootstrap } => describe(group, bootstrap),
+    };
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("floe groups: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

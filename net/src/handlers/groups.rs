@@ -1,0 +1,723 @@
+//! Consumer groups: FindCoordinator, JoinGroup, SyncGroup, Heartbeat,
+//! LeaveGroup, OffsetCommit, OffsetFetch, DescribeGroups, ListGroups,
+//! DeleteGroups, OffsetDelete. The group logic is the engine's
+//! ([`floe_engine::coordinator`]); this file maps Kafka messages and error
+//! codes onto it.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use floe_engine::coordinator::{CoordError, Coordinator, GroupSummary};
+use floe_engine::group::{GroupError, GroupState, JoinRequest};
+use floe_meta::schema::{BrokerRecord, OffsetRecord};
+use kafka_protocol::error::ResponseError as E;
+use kafka_protocol::messages::delete_groups_request::DeleteGroupsRequest;
+use kafka_protocol::messages::delete_groups_response::{
+    DeletableGroupResult, DeleteGroupsResponse,
+};
+use kafka_protocol::messages::describe_groups_request::DescribeGroupsRequest;
+use kafka_protocol::messages::describe_groups_response::{
+    DescribeGroupsResponse, DescribedGroup, DescribedGroupMember,
+};
+use kafka_protocol::messages::find_coordinator_request::FindCoordinatorRequest;
+use kafka_protocol::messages::find_coordinator_response::{
+    Coordinator as Coord, FindCoordinatorResponse,
+};
+use kafka_protocol::messages::heartbeat_request::HeartbeatRequest;
+use kafka_protocol::messages::heartbeat_response::HeartbeatResponse;
+use kafka_protocol::messages::join_group_request::JoinGroupRequest;
+use kafka_protocol::messages::join_group_response::{JoinGroupResponse, JoinGroupResponseMember};
+use kafka_protocol::messages::leave_group_request::LeaveGroupRequest;
+use kafka_protocol::messages::leave_group_response::{LeaveGroupResponse, MemberResponse};
+use kafka_protocol::messages::list_groups_request::ListGroupsRequest;
+use kafka_protocol::messages::list_groups_response::{ListGroupsResponse, ListedGroup};
+use kafka_protocol::messages::offset_commit_request::OffsetCommitRequest;
+use kafka_protocol::messages::offset_commit_response::{
+    OffsetCommitResponse, OffsetCommitResponsePartition, OffsetCommitResponseTopic,
+};
+use kafka_protocol::messages::offset_delete_request::OffsetDeleteRequest;
+use kafka_protocol::messages::offset_delete_response::{
+    OffsetDeleteResponse, OffsetDeleteResponsePartition, OffsetDeleteResponseTopic,
+};
+use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequest;
+use kafka_protocol::messages::offset_fetch_response::{
+    OffsetFetchResponse, OffsetFetchResponseGroup, OffsetFetchResponsePartition,
+    OffsetFetchResponsePartitions, OffsetFetchResponseTopic, OffsetFetchResponseTopics,
+};
+use kafka_protocol::messages::sync_group_request::SyncGroupRequest;
+use kafka_protocol::messages::sync_group_response::SyncGroupResponse;
+use kafka_protocol::messages::{BrokerId, ConsumerProtocolSubscription, GroupId, TopicName};
+use kafka_protocol::protocol::{Decodable, StrBytes};
+
+use super::{encode, Ctx, Reply};
+use crate::{codes, discovery};
+
+const KEY_TYPE_GROUP: i8 = 0;
+
+fn s(v: impl Into<String>) -> StrBytes {
+    StrBytes::from_string(v.into())
+}
+
+fn group_code(e: GroupError) -> i16 {
+    match e {
+        GroupError::UnknownMemberId => E::UnknownMemberId.code(),
+        GroupError::MemberIdRequired => E::MemberIdRequired.code(),
+        GroupError::IllegalGeneration => E::IllegalGeneration.code(),
+        GroupError::RebalanceInProgress => E::RebalanceInProgress.code(),
+        GroupError::InconsistentGroupProtocol => E::InconsistentGroupProtocol.code(),
+        GroupError::InvalidSessionTimeout => E::InvalidSessionTimeout.code(),
+        GroupError::FencedInstanceId => E::FencedInstanceId.code(),
+        GroupError::GroupMaxSizeReached => E::GroupMaxSizeReached.code(),
+        GroupError::NonEmptyGroup => E::NonEmptyGroup.code(),
+        GroupError::CoordinatorNotAvailable => E::CoordinatorNotAvailable.code(),
+    }
+}
+
+fn code(e: &CoordError) -> i16 {
+    match e {
+        CoordError::NotCoordinator => E::NotCoordinator.code(),
+        CoordError::Unavailable(why) => {
+            tracing::warn!("group request failed: {why}");
+            E::CoordinatorNotAvailable.code()
+        }
+        CoordError::Group(g) => group_code(*g),
+    }
+}
+
+fn coordinator(ctx: &Ctx) -> Arc<Coordinator> {
+    ctx.broker.groups.clone()
+}
+
+/// Runs coordinator work on the sidecar; a broker shutting down answers
+/// NOT_COORDINATOR so clients move to another broker.
+async fn on_sidecar<T, F>(ctx: &Ctx, f: F) -> Result<T, CoordError>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, CoordError>> + Send + 'static,
+{
+    match ctx
+        .broker
+        .engine
+        .sidecar
+        .run(async move { Ok(f.await) })
+        .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(CoordError::NotCoordinator),
+    }
+}
+
+fn client_host(ctx: &Ctx) -> String {
+    ctx.peer.map(|p| format!("/{}", p.ip())).unwrap_or_default()
+}
+
+// ---- FindCoordinator --------------------------------------------------------
+
+/// The broker that coordinates `group` for this client: the one holding
+/// the group now if the client can see it, else the rendezvous choice among
+/// the brokers the client sees (which claims it on first use).
+async fn locate(
+    ctx: &Ctx,
+    group: &str,
+    brokers: &[BrokerRecord],
+) -> Result<BrokerRecord, CoordError> {
+    let coord = coordinator(ctx);
+    let g = group.to_string();
+    let owner = on_sidecar(ctx, async move { coord.current_owner(&g).await }).await?;
+    if let Some(b) = owner.and_then(|o| brokers.iter().find(|b| b.node_id == o)) {
+        return Ok(b.clone());
+    }
+    discovery::coordinator(brokers, group)
+        .and_then(|id| brokers.iter().find(|b| b.node_id == id))
+        .cloned()
+        .ok_or_else(|| CoordError::Unavailable("no live broker".into()))
+}
+
+pub async fn find_coordinator(ctx: &Ctx, req: FindCoordinatorRequest, version: i16) -> Reply {
+    let keys: Vec<StrBytes> = if version >= 4 {
+        req.coordinator_keys.clone()
+    } else {
+        vec![req.key.clone()]
+    };
+    let brokers = discovery::brokers(&ctx.broker);
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        let entry = Coord::default()
+            .with_key(key.clone())
+            .with_node_id(BrokerId(-1))
+            .with_port(-1);
+        let entry = if req.key_type != KEY_TYPE_GROUP {
+            entry
+                .with_error_code(codes::TRANSACTIONAL_ID_AUTHORIZATION_FAILED)
+                .with_error_message(Some(s("floe does not support transactions")))
+        } else if key.is_empty() {
+            entry.with_error_code(E::InvalidGroupId.code())
+        } else {
+            match locate(ctx, key.as_str(), &brokers).await {
+                Ok(b) => entry
+                    .with_node_id(BrokerId(b.node_id))
+                    .with_host(s(b.host))
+                    .with_port(i32::from(b.port)),
+                Err(e) => entry
+                    .with_error_code(code(&e))
+                    .with_error_message(Some(s(e.to_string()))),
+            }
+        };
+        out.push(entry);
+    }
+    let mut resp = FindCoordinatorResponse::default();
+    if version >= 4 {
+        resp = resp.with_coordinators(out);
+    } else if let Some(c) = out.pop() {
+        resp = resp
+            .with_error_code(c.error_code)
+            .with_error_message(c.error_message)
+            .with_node_id(c.node_id)
+            .with_host(c.host)
+            .with_port(c.port);
+    }
+    encode(&resp, version)
+}
+
+// ---- JoinGroup / SyncGroup / Heartbeat / LeaveGroup -------------------------
+
+pub async fn join(ctx: &Ctx, req: JoinGroupRequest, version: i16) -> Reply {
+    let resp = JoinGroupResponse::default()
+        .with_generation_id(-1)
+        .with_protocol_name(Some(StrBytes::default()))
+        .with_member_id(req.member_id.clone());
+    if req.group_id.is_empty() {
+        return encode(&resp.with_error_code(E::InvalidGroupId.code()), version);
+    }
+    let join = JoinRequest {
+        member_id: req.member_id.to_string(),
+        group_instance_id: req.group_instance_id.as_ref().map(|i| i.to_string()),
+        client_id: ctx.client_id.as_deref().unwrap_or_default().to_string(),
+        client_host: client_host(ctx),
+        session_timeout_ms: req.session_timeout_ms,
+        rebalance_timeout_ms: if version >= 1 {
+            req.rebalance_timeout_ms
+        } else {
+            req.session_timeout_ms
+        },
+        protocol_type: req.protocol_type.to_string(),
+        protocols: req
+            .protocols
+            .iter()
+            .map(|p| (p.name.to_string(), p.metadata.clone()))
+            .collect(),
+        require_known_member_id: version >= 4,
+    };
+    let coord = coordinator(ctx);
+    let group = req.group_id.to_string();
+    let answer = on_sidecar(ctx, async move { Ok(coord.join(&group, join).await) }).await;
+    let resp = match answer {
+        Ok(Ok(j)) => resp
+            .with_generation_id(j.generation)
+            .with_protocol_type(Some(s(j.protocol_type)))
+            .with_protocol_name(Some(s(j.protocol)))
+            .with_leader(s(j.leader))
+            .with_member_id(s(j.member_id))
+            .with_members(
+                j.members
+                    .into_iter()
+                    .map(|(id, instance, metadata)| {
+                        JoinGroupResponseMember::default()
+                            .with_member_id(s(id))
+                            .with_group_instance_id(instance.map(s))
+                            .with_metadata(metadata)
+                    })
+                    .collect(),
+            ),
+        Ok(Err((e, id))) => resp.with_error_code(code(&e)).with_member_id(s(id)),
+        Err(e) => resp.with_error_code(code(&e)),
+    };
+    encode(&resp, version)
+}
+
+pub async fn sync(ctx: &Ctx, req: SyncGroupRequest, version: i16) -> Reply {
+    let coord = coordinator(ctx);
+    let group = req.group_id.to_string();
+    let member = req.member_id.to_string();
+    let instance = req.group_instance_id.as_ref().map(|i| i.to_string());
+    let generation = req.generation_id;
+    let assignments = req
+        .assignments
+        .iter()
+        .map(|a| (a.member_id.to_string(), a.assignment.clone()))
+        .collect();
+    let r = on_sidecar(ctx, async move {
+        coord
+            .sync(
+                &group,
+                &member,
+                generation,
+                instance.as_deref(),
+                assignments,
+            )
+            .await
+    })
+    .await;
+    let resp = match r {
+        Ok(synced) => SyncGroupResponse::default()
+            .with_protocol_type(Some(s(synced.protocol_type)))
+            .with_protocol_name(Some(s(synced.protocol)))
+            .with_assignment(synced.assignment),
+        Err(e) => SyncGroupResponse::default().with_error_code(code(&e)),
+    };
+    encode(&resp, version)
+}
+
+pub async fn heartbeat(ctx: &Ctx, req: HeartbeatRequest, version: i16) -> Reply {
+    let coord = coordinator(ctx);
+    let group = req.group_id.to_string();
+    let member = req.member_id.to_string();
+    let instance = req.group_instance_id.as_ref().map(|i| i.to_string());
+    let generation = req.generation_id;
+    let r = on_sidecar(ctx, async move {
+        coord
+            .heartbeat(&group, &member, generation, instance.as_deref())
+            .await
+    })
+    .await;
+    let code = r.err().map(|e| code(&e)).unwrap_or(codes::NONE);
+    encode(&HeartbeatResponse::default().with_error_code(code), version)
+}
+
+pub async fn leave(ctx: &Ctx, req: LeaveGroupRequest, version: i16) -> Reply {
+    let members: Vec<(String, Option<String>)> = if version >= 3 {
+        req.members
+            .iter()
+            .map(|m| {
+                (
+                    m.member_id.to_string(),
+                    m.group_instance_id.as_ref().map(|i| i.to_string()),
+                )
+            })
+            .collect()
+    } else {
+        vec![(req.member_id.to_string(), None)]
+    };
+    let coord = coordinator(ctx);
+    let group = req.group_id.to_string();
+    let r = on_sidecar(ctx, async move { coord.leave(&group, members).await }).await;
+    let resp = match r {
+        Ok(results) if version >= 3 => LeaveGroupResponse::default().with_members(
+            results
+                .into_iter()
+                .map(|(id, instance, r)| {
+                    MemberResponse::default()
+                        .with_member_id(s(id))
+                        .with_group_instance_id(instance.map(s))
+                        .with_error_code(r.err().map(group_code).unwrap_or(codes::NONE))
+                })
+                .collect(),
+        ),
+        Ok(results) => {
+            let code = results
+                .into_iter()
+                .find_map(|(_, _, r)| r.err())
+                .map(group_code)
+                .unwrap_or(codes::NONE);
+            LeaveGroupResponse::default().with_error_code(code)
+        }
+        Err(e) => LeaveGroupResponse::default().with_error_code(code(&e)),
+    };
+    encode(&resp, version)
+}
+
+// ---- Offsets ----------------------------------------------------------------
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn partition_exists(ctx: &Ctx, topic: &str, partition: i32) -> bool {
+    ctx.broker
+        .engine
+        .topics
+        .get(topic)
+        .is_some_and(|t| partition >= 0 && (partition as u32) < t.partitions)
+}
+
+pub async fn offset_commit(ctx: &Ctx, req: OffsetCommitRequest, version: i16) -> Reply {
+    let mut known = Vec::new();
+    // (topic, partition, code) in request order.
+    let mut results: Vec<(TopicName, Vec<(i32, i16)>)> = Vec::with_capacity(req.topics.len());
+    let max_metadata = 4096;
+    for t in &req.topics {
+        let mut parts = Vec::with_capacity(t.partitions.len());
+        for p in &t.partitions {
+            let code = if !partition_exists(ctx, t.name.as_str(), p.partition_index) {
+                codes::UNKNOWN_TOPIC_OR_PARTITION
+            } else if p
+                .committed_metadata
+                .as_ref()
+                .is_some_and(|m| m.len() > max_metadata)
+            {
+                E::OffsetMetadataTooLarge.code()
+            } else {
+                known.push((
+                    t.name.to_string(),
+                    p.partition_index,
+                    OffsetRecord {
+                        offset: p.committed_offset,
+                        leader_epoch: if version >= 6 {
+                            p.committed_leader_epoch
+                        } else {
+                            -1
+                        },
+                        metadata: p.committed_metadata.as_ref().map(|m| m.to_string()),
+                        commit_ms: now_ms(),
+                    },
+                ));
+                codes::NONE
+            };
+            parts.push((p.partition_index, code));
+        }
+        results.push((t.name.clone(), parts));
+    }
+    let failure = if req.group_id.is_empty() {
+        Some(E::InvalidGroupId.code())
+    } else {
+        let coord = coordinator(ctx);
+        let group = req.group_id.to_string();
+        let member = req.member_id.to_string();
+        let instance = req.group_instance_id.as_ref().map(|i| i.to_string());
+        let generation = req.generation_id_or_member_epoch;
+        on_sidecar(ctx, async move {
+            coord
+                .commit_offsets(&group, &member, generation, instance.as_deref(), known)
+                .await
+        })
+        .await
+        .err()
+        .map(|e| code(&e))
+    };
+    let topics = results
+        .into_iter()
+        .map(|(name, parts)| {
+            OffsetCommitResponseTopic::default()
+                .with_name(name)
+                .with_partitions(
+                    parts
+                        .into_iter()
+                        .map(|(p, c)| {
+                            OffsetCommitResponsePartition::default()
+                                .with_partition_index(p)
+                                .with_error_code(if c == codes::NONE {
+                                    failure.unwrap_or(c)
+                                } else {
+                                    c
+                                })
+                        })
+                        .collect(),
+                )
+        })
+        .collect();
+    encode(
+        &OffsetCommitResponse::default().with_topics(topics),
+        version,
+    )
+}
+
+/// One group's committed offsets, in the shape of the asked topics (or
+/// every committed one when none are named).
+async fn fetch_group(
+    ctx: &Ctx,
+    group: &str,
+    topics: Option<Vec<(String, Vec<i32>)>>,
+) -> Result<Vec<(String, Vec<(i32, Option<OffsetRecord>)>)>, CoordError> {
+    let coord = coordinator(ctx);
+    let g = group.to_string();
+    let asked = topics.clone();
+    let found = on_sidecar(ctx, async move { coord.fetch_offsets(&g, asked).await }).await?;
+    let mut by_topic: BTreeMap<String, BTreeMap<i32, OffsetRecord>> = BTreeMap::new();
+    for (t, p, rec) in found {
+        by_topic.entry(t).or_default().insert(p, rec);
+    }
+    Ok(match topics {
+        Some(ts) => ts
+            .into_iter()
+            .map(|(t, ps)| {
+                let have = by_topic.get(&t);
+                let parts = ps
+                    .into_iter()
+                    .map(|p| (p, have.and_then(|h| h.get(&p)).cloned()))
+                    .collect();
+                (t, parts)
+            })
+            .collect(),
+        None => by_topic
+            .into_iter()
+            .map(|(t, ps)| (t, ps.into_iter().map(|(p, r)| (p, Some(r))).collect()))
+            .collect(),
+    })
+}
+
+pub async fn offset_fetch(ctx: &Ctx, req: OffsetFetchRequest, version: i16) -> Reply {
+    if version >= 8 {
+        let mut groups = Vec::with_capacity(req.groups.len());
+        for g in &req.groups {
+            let topics = g.topics.as_ref().map(|ts| {
+                ts.iter()
+                    .map(|t| (t.name.to_string(), t.partition_indexes.clone()))
+                    .collect()
+            });
+            let entry = OffsetFetchResponseGroup::default().with_group_id(g.group_id.clone());
+            let entry = match fetch_group(ctx, g.group_id.as_str(), topics).await {
+                Ok(found) => entry.with_topics(
+                    found
+                        .into_iter()
+                        .map(|(t, parts)| {
+                            OffsetFetchResponseTopics::default()
+                                .with_name(TopicName(s(t)))
+                                .with_partitions(
+                                    parts
+                                        .into_iter()
+                                        .map(|(p, r)| {
+                                            let r = r.unwrap_or(OffsetRecord {
+                                                offset: -1,
+                                                leader_epoch: -1,
+                                                metadata: None,
+                                                commit_ms: 0,
+                                            });
+                                            OffsetFetchResponsePartitions::default()
+                                                .with_partition_index(p)
+                                                .with_committed_offset(r.offset)
+                                                .with_committed_leader_epoch(r.leader_epoch)
+                                                .with_metadata(Some(s(r
+                                                    .metadata
+                                                    .unwrap_or_default())))
+                                        })
+                                        .collect(),
+                                )
+                        })
+                        .collect(),
+                ),
+                Err(e) => entry.with_error_code(code(&e)),
+            };
+            groups.push(entry);
+        }
+        return encode(&OffsetFetchResponse::default().with_groups(groups), version);
+    }
+    let topics = req.topics.as_ref().map(|ts| {
+        ts.iter()
+            .map(|t| (t.name.to_string(), t.partition_indexes.clone()))
+            .collect()
+    });
+    let resp = match fetch_group(ctx, req.group_id.as_str(), topics).await {
+        Ok(found) => OffsetFetchResponse::default().with_topics(
+            found
+                .into_iter()
+                .map(|(t, parts)| {
+                    OffsetFetchResponseTopic::default()
+                        .with_name(TopicName(s(t)))
+                        .with_partitions(
+                            parts
+                                .into_iter()
+                                .map(|(p, r)| {
+                                    let (offset, epoch, meta) = match r {
+                                        Some(r) => (r.offset, r.leader_epoch, r.metadata),
+                                        None => (-1, -1, None),
+                                    };
+                                    OffsetFetchResponsePartition::default()
+                                        .with_partition_index(p)
+                                        .with_committed_offset(offset)
+                                        .with_committed_leader_epoch(epoch)
+                                        .with_metadata(Some(s(meta.unwrap_or_default())))
+                                })
+                                .collect(),
+                        )
+                })
+                .collect(),
+        ),
+        Err(e) => OffsetFetchResponse::default().with_error_code(code(&e)),
+    };
+    encode(&resp, version)
+}
+
+// ---- Administration ---------------------------------------------------------
+
+pub async fn describe(ctx: &Ctx, req: DescribeGroupsRequest, version: i16) -> Reply {
+    let mut groups = Vec::with_capacity(req.groups.len());
+    for g in req.groups {
+        let coord = coordinator(ctx);
+        let id = g.to_string();
+        let r = on_sidecar(ctx, async move { coord.describe(&id).await }).await;
+        let entry = DescribedGroup::default()
+            .with_group_id(g.clone())
+            .with_authorized_operations(i32::MIN);
+        groups.push(match r {
+            Ok(sum) => described(entry, sum),
+            Err(e) => entry
+                .with_error_code(code(&e))
+                .with_group_state(s(GroupState::Dead.as_str())),
+        });
+    }
+    encode(
+        &DescribeGroupsResponse::default().with_groups(groups),
+        version,
+    )
+}
+
+fn described(entry: DescribedGroup, sum: GroupSummary) -> DescribedGroup {
+    let protocol = sum.protocol.clone();
+    entry
+        .with_group_state(s(sum.state.as_str()))
+        .with_protocol_type(s(sum.protocol_type))
+        .with_protocol_data(s(sum.protocol))
+        .with_members(
+            sum.members
+                .into_iter()
+                .map(|m| {
+                    let metadata = m
+                        .protocols
+                        .iter()
+                        .find(|(n, _)| *n == protocol)
+                        .map(|(_, b)| b.clone())
+                        .unwrap_or_default();
+                    DescribedGroupMember::default()
+                        .with_member_id(s(m.id))
+                        .with_group_instance_id(m.instance_id.map(s))
+                        .with_client_id(s(m.client_id))
+                        .with_client_host(s(m.client_host))
+                        .with_member_metadata(metadata)
+                        .with_member_assignment(m.assignment)
+                })
+                .collect(),
+        )
+}
+
+/// ListGroups: every broker lists the groups it coordinates, plus the
+/// groups nobody coordinates now for which it is the rendezvous choice —
+/// so an admin client that asks every broker sees each group exactly once.
+pub async fn list(ctx: &Ctx, req: ListGroupsRequest, version: i16) -> Reply {
+    let coord = coordinator(ctx);
+    let r = on_sidecar(ctx, async move { coord.list().await }).await;
+    let me = ctx.broker.settings.node_id;
+    let brokers = discovery::brokers(&ctx.broker);
+    let states: Vec<String> = req.states_filter.iter().map(|x| x.to_lowercase()).collect();
+    let types: Vec<String> = req.types_filter.iter().map(|x| x.to_lowercase()).collect();
+    let resp = match r {
+        Ok(all) => ListGroupsResponse::default().with_groups(
+            all.into_iter()
+                .filter(|g| {
+                    let live_owner = g.owner.filter(|o| brokers.iter().any(|b| b.node_id == *o));
+                    match live_owner {
+                        Some(o) => o == me,
+                        None => discovery::coordinator(&brokers, &g.group_id) == Some(me),
+                    }
+                })
+                .filter(|g| states.is_empty() || states.contains(&g.state.as_str().to_lowercase()))
+                .filter(|_| types.is_empty() || types.iter().any(|t| t == "classic"))
+                .map(|g| {
+                    ListedGroup::default()
+                        .with_group_id(GroupId(s(g.group_id)))
+                        .with_protocol_type(s(g.protocol_type))
+                        .with_group_state(s(g.state.as_str()))
+                        .with_group_type(s("classic"))
+                })
+                .collect(),
+        ),
+        Err(e) => ListGroupsResponse::default().with_error_code(code(&e)),
+    };
+    encode(&resp, version)
+}
+
+pub async fn delete(ctx: &Ctx, req: DeleteGroupsRequest, version: i16) -> Reply {
+    let mut results = Vec::with_capacity(req.groups_names.len());
+    for g in req.groups_names {
+        let coord = coordinator(ctx);
+        let id = g.to_string();
+        let r = on_sidecar(ctx, async move { coord.delete_group(&id).await }).await;
+        results.push(
+            DeletableGroupResult::default()
+                .with_group_id(g)
+                .with_error_code(r.err().map(|e| code(&e)).unwrap_or(codes::NONE)),
+        );
+    }
+    encode(
+        &DeleteGroupsResponse::default().with_results(results),
+        version,
+    )
+}
+
+/// Topics the group's consumers subscribe to (consumer protocol only).
+fn subscribed(subscriptions: &[Bytes]) -> Vec<String> {
+    let mut topics = Vec::new();
+    for sub in subscriptions {
+        let mut b = sub.clone();
+        if b.len() < 2 {
+            continue;
+        }
+        let version = i16::from_be_bytes([b[0], b[1]]);
+        let _ = bytes::Buf::get_i16(&mut b);
+        if let Ok(s) = ConsumerProtocolSubscription::decode(&mut b, version.clamp(0, 3)) {
+            topics.extend(s.topics.iter().map(|t| t.to_string()));
+        }
+    }
+    topics
+}
+
+pub async fn offset_delete(ctx: &Ctx, req: OffsetDeleteRequest, version: i16) -> Reply {
+    let coord = coordinator(ctx);
+    let group = req.group_id.to_string();
+    let state = on_sidecar(ctx, async move { coord.member_subscriptions(&group).await }).await;
+    let (state, protocol_type, subs) = match state {
+        Ok(x) => x,
+        Err(e) => {
+            return encode(
+                &OffsetDeleteResponse::default().with_error_code(code(&e)),
+                version,
+            )
+        }
+    };
+    let busy: Vec<String> = if state != GroupState::Empty && protocol_type == "consumer" {
+        subscribed(&subs)
+    } else {
+        Vec::new()
+    };
+    let mut delete = Vec::new();
+    let mut topics = Vec::with_capacity(req.topics.len());
+    for t in &req.topics {
+        let mut parts = Vec::with_capacity(t.partitions.len());
+        for p in &t.partitions {
+            let code = if busy.iter().any(|b| b == t.name.as_str()) {
+                E::GroupSubscribedToTopic.code()
+            } else if !partition_exists(ctx, t.name.as_str(), p.partition_index) {
+                codes::UNKNOWN_TOPIC_OR_PARTITION
+            } else {
+                delete.push((t.name.to_string(), p.partition_index));
+                codes::NONE
+            };
+            parts.push(
+                OffsetDeleteResponsePartition::default()
+                    .with_partition_index(p.partition_index)
+                    .with_error_code(code),
+            );
+        }
+        topics.push(
+            OffsetDeleteResponseTopic::default()
+                .with_name(t.name.clone())
+                .with_partitions(parts),
+        );
+    }
+    let coord = coordinator(ctx);
+    let group = req.group_id.to_string();
+    let r = on_sidecar(
+        ctx,
+        async move { coord.delete_offsets(&group, delete).await },
+    )
+    .await;
+    let resp = match r {
+        Ok(()) => OffsetDeleteResponse::default().with_topics(topics),
+        Err(e) => OffsetDeleteResponse::default().with_error_code(code(&e)),
+    };
+    encode(&resp, version)
+}
