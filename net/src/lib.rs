@@ -14,6 +14,8 @@ pub mod config;
 pub mod conn;
 pub mod discovery;
 pub mod handlers;
+pub mod notify;
+pub mod preflight;
 pub mod producer_ids;
 pub mod request;
 pub mod server;

@@ -209,8 +209,10 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
         ready.clone(),
     ));
 
+    let notifier = crate::notify::Notifier::from_env().map(Arc::new);
     {
         let engine = engine.clone();
+        let notifier = notifier.clone();
         let mut signals = signal_hook::iterator::Signals::new([
             signal_hook::consts::SIGTERM,
             signal_hook::consts::SIGINT,
@@ -227,6 +229,9 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
                             signal = sig,
                             "shutting down: no new requests; committing what was accepted"
                         );
+                        if let Some(n) = &notifier {
+                            n.send_or_log(&crate::notify::stopping_message("draining"));
+                        }
                         engine.shutdown.trigger();
                     } else {
                         tracing::warn!(signal = sig, "second signal: exiting without draining");
@@ -289,6 +294,12 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
             meta.describe(),
             replayed
         );
+        if let Some(n) = &notifier {
+            n.send_or_log(&crate::notify::ready_message(&format!(
+                "listening on {}, node {node_id}, {} shard(s)",
+                cfg.listen, cfg.shards
+            )));
+        }
     }
     for t in threads {
         if let Err(e) = t.join() {
