@@ -253,6 +253,92 @@ def test_seccomp_profile_is_dockers_default_plus_io_uring():
         assert name not in allowed, name
 
 
+DOCKERFILE = DEPLOY / "container" / "Dockerfile"
+
+
+def _dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """(instruction, arguments) per stage, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages: list[list[tuple[str, str]]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        ins, _, rest = line.partition(" ")
+        if ins.upper() == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((ins.upper(), rest.strip()))
+    return stages
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's .dockerignore rules: the last matching pattern wins, `!`
+    re-includes, `**` spans directories, a matched directory takes its
+    contents along."""
+    def regex(p: str) -> re.Pattern:
+        out, i = "", 0
+        while i < len(p):
+            if p.startswith("**/", i):
+                out, i = out + "(?:.*/)?", i + 3
+            elif p.startswith("**", i):
+                out, i = out + ".*", i + 2
+            elif p[i] == "*":
+                out, i = out + "[^/]*", i + 1
+            elif p[i] == "?":
+                out, i = out + "[^/]", i + 1
+            else:
+                out, i = out + re.escape(p[i]), i + 1
+        return re.compile(out + "$")
+
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    ignored = False
+    for p in patterns:
+        neg = p.startswith("!")
+        rx = regex(p.lstrip("!").strip("/"))
+        if any(rx.match(pre) for pre in prefixes):
+            ignored = not neg
+    return ignored
+
+
+def test_dockerfile_structure_and_build_context():
+    # No Docker daemon here: check the structure instead of building.
+    stages = _dockerfile_stages()
+    assert len(stages) == 2, "a build stage and a runtime stage"
+    build, runtime = stages
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", DOCKERFILE.read_text(), re.M))
+    assert args["RUST_IMAGE"] == "rust:1-bookworm"
+    assert build[0][1] == "${RUST_IMAGE} AS build"
+    runs = " ".join(a for i, a in build if i == "RUN")
+    assert "protobuf-compiler" in runs
+    assert "cargo build --release --locked -p floe-net --bin floe" in runs
+    assert runtime[0][1] == "${RUNTIME_IMAGE}" and "distroless" in args["RUNTIME_IMAGE"]
+    copies = [a for i, a in runtime if i == "COPY"]
+    assert all(c.startswith("--from=build ") for c in copies), copies
+    assert any(c.endswith("/usr/local/bin/floe /usr/local/bin/floe") for c in copies)
+    assert not [i for i, _ in runtime if i in ("RUN", "ADD")], "runtime stage holds only copied files"
+    user = [a for i, a in runtime if i == "USER"]
+    assert user and user[-1].split(":")[0].isdigit() and user[-1].split(":")[0] != "0"
+    exposed = {p for i, a in runtime if i == "EXPOSE" for p in a.split()}
+    assert {"9092", "9644"} <= exposed
+    assert ("ENTRYPOINT", '["/usr/local/bin/floe"]') in runtime
+    # The build context (repo root minus Dockerfile.dockerignore) holds what
+    # `cargo build --locked` needs, and the lock file is current.
+    patterns = [l.strip() for l in (DEPLOY / "container" / "Dockerfile.dockerignore").read_text().splitlines()
+                if l.strip() and not l.startswith("#")]
+    members = json.loads(subprocess.run(
+        ["cargo", "metadata", "--locked", "--offline", "--no-deps", "--format-version", "1"],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=120).stdout)["packages"]
+    needed = ["Cargo.toml", "Cargo.lock", "net/vendor/kafka-protocol/Cargo.toml"]
+    needed += [str(Path(p["manifest_path"]).relative_to(REPO_ROOT)) for p in members]
+    for path in needed:
+        assert (REPO_ROOT / path).exists(), path
+        assert not _ignored(path, patterns), "%s is excluded from the build context" % path
+    for path in ("target/debug/floe", "tests/.venv/bin/python", ".git/HEAD", "net/fuzz/corpus/x"):
+        assert _ignored(path, patterns), "%s is sent to the build context" % path
+
+
 # ----------------------------------------------------------------- sd_notify --
 
 def _notify_socket(kind: str, tmp: Path):
@@ -413,6 +499,42 @@ def test_rendered_manifests_pass_kubernetes_schemas(name):
     svc["spec"]["clusterIp"] = "None"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(svc, KUBE_VERSION, strict=True)
+
+
+def test_other_value_branches_render_valid_manifests():
+    """The branches the two kept renders do not take."""
+    import kubernetes_validate
+
+    if not HELM.exists():
+        pytest.fail("helm not found at %s: run tests/install-deps.sh" % HELM)
+    sets = ["zone.fromNode=false", "serviceAccount.create=false", "serviceAccount.name=floe-sa",
+            "objectStore.existingSecret=floe-s3", "meta.existingSecret=floe-etcd",
+            "objectStore.endpoint=http://minio:9000", "meta.etcd.prefix=/prod",
+            "seccompProfile.type=RuntimeDefault", "podDisruptionBudget.enabled=false",
+            "extraEnv.FLOE_FLUSH_INTERVAL_MS=50", "resources.cpus=4"]
+    res = subprocess.run([str(HELM), "template", "t", str(CHART)] + [a for kv in sets for a in ("--set", kv)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    docs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    for d in docs:
+        kubernetes_validate.validate(d, KUBE_VERSION, strict=True)
+    kinds = [d["kind"] for d in docs]
+    assert "ClusterRole" not in kinds and "ServiceAccount" not in kinds and "PodDisruptionBudget" not in kinds
+    dep = _by_kind(docs, "Deployment")[0]
+    pod = dep["spec"]["template"]["spec"]
+    assert "initContainers" not in pod and pod["serviceAccountName"] == "floe-sa"
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    floe = _floe_container(dep)
+    env = _env(floe)
+    assert "FLOE_ZONE_FILE" not in env
+    assert env["FLOE_META"] == "etcd://etcd-0.etcd:2379,etcd-1.etcd:2379,etcd-2.etcd:2379/prod"
+    assert env["FLOE_S3_ENDPOINT"] == "http://minio:9000" and env["FLOE_FLUSH_INTERVAL_MS"] == "50"
+    assert [e["secretRef"]["name"] for e in floe["envFrom"]] == ["floe-s3", "floe-etcd"]
+    assert floe["resources"]["limits"] == {"cpu": "4", "memory": "16Gi"}
+    # A public listener without its address is refused at render time.
+    res = subprocess.run([str(HELM), "template", "t", str(CHART), "--set", "listeners.external.enabled=true"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "advertisedHost" in res.stderr
 
 
 def test_values_files_match_the_schema():
