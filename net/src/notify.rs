@@ -10,6 +10,7 @@
 
 use std::os::linux::net::SocketAddrExt as _;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::time::Duration;
 
 /// Where systemd listens, and an unbound socket to send from.
 #[derive(Debug)]
@@ -93,6 +94,27 @@ impl Notifier {
     }
 }
 
+/// systemd's watchdog interval for this process (`WatchdogSec=` in the
+/// unit): `$WATCHDOG_USEC`, when `$WATCHDOG_PID` is unset or names this
+/// process. floe then sends `WATCHDOG=1` at half that interval.
+pub fn watchdog_interval() -> Option<Duration> {
+    parse_watchdog(
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+        std::env::var("WATCHDOG_PID").ok().as_deref(),
+        std::process::id(),
+    )
+}
+
+fn parse_watchdog(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Duration> {
+    if let Some(pid) = pid {
+        if pid.trim().parse::<u32>().ok()? != me {
+            return None;
+        }
+    }
+    let usec: u64 = usec?.trim().parse().ok()?;
+    (usec > 0).then(|| Duration::from_micros(usec))
+}
+
 /// `READY=1` with a one-line status (shown by `systemctl status`).
 pub fn ready_message(status: &str) -> String {
     format!("READY=1\nSTATUS={}", one_line(status))
@@ -111,7 +133,23 @@ fn one_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+
+    #[test]
+    fn watchdog_interval_only_for_this_process() {
+        let us = Duration::from_micros;
+        assert_eq!(
+            parse_watchdog(Some("30000000"), None, 7),
+            Some(us(30_000_000))
+        );
+        assert_eq!(
+            parse_watchdog(Some("500000"), Some("7"), 7),
+            Some(us(500_000))
+        );
+        assert_eq!(parse_watchdog(Some("500000"), Some("8"), 7), None);
+        assert_eq!(parse_watchdog(Some("0"), None, 7), None);
+        assert_eq!(parse_watchdog(Some("soon"), None, 7), None);
+        assert_eq!(parse_watchdog(None, Some("7"), 7), None);
+    }
 
     fn recv(sock: &UnixDatagram) -> String {
         let mut buf = [0u8; 4096];

@@ -299,6 +299,17 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
                 "listening on {}, node {node_id}, {} shard(s)",
                 cfg.listen, cfg.shards
             )));
+            // WatchdogSec=: pinged from the sidecar, whose liveness is also
+            // what /healthz reports.
+            if let Some(every) = crate::notify::watchdog_interval() {
+                let n = n.clone();
+                sidecar.handle().spawn(async move {
+                    loop {
+                        n.send_or_log("WATCHDOG=1");
+                        tokio::time::sleep(every / 2).await;
+                    }
+                });
+            }
         }
     }
     for t in threads {

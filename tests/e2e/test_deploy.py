@@ -379,6 +379,33 @@ def test_sd_notify_ready_when_listening_and_stopping_on_sigterm(tmp_path, kind):
             shutil.rmtree(d, ignore_errors=True)
 
 
+def test_sd_notify_watchdog_pings_while_serving(tmp_path):
+    sock, addr, d = _notify_socket("abstract", tmp_path)
+    # WatchdogSec=0.4s: floe pings every 0.2 s once ready.
+    b = Broker(tmp_path / "b", extra_env={"NOTIFY_SOCKET": addr, "WATCHDOG_USEC": "400000"})
+    try:
+        b.start()
+        assert _recv(sock).startswith("READY=1\n")
+        pings = [_recv(sock) for _ in range(3)]
+        assert pings == ["WATCHDOG=1"] * 3, pings
+    finally:
+        b.stop()
+        sock.close()
+    # WATCHDOG_PID naming another process: no pings, only READY and STOPPING.
+    sock, addr, d = _notify_socket("abstract", tmp_path)
+    b = Broker(tmp_path / "c", extra_env={"NOTIFY_SOCKET": addr, "WATCHDOG_USEC": "200000",
+                                          "WATCHDOG_PID": "1"})
+    try:
+        b.start()
+        assert _recv(sock).startswith("READY=1\n")
+        b.send_signal(signal.SIGTERM)
+        assert _recv(sock).startswith("STOPPING=1\n")
+        assert b.wait_exit(30) == 0
+    finally:
+        b.stop()
+        sock.close()
+
+
 def test_a_dead_notify_socket_does_not_stop_floe(tmp_path):
     b = Broker(tmp_path / "b", extra_env={"NOTIFY_SOCKET": str(tmp_path / "nobody-listens.sock")})
     try:
