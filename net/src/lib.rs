@@ -15,6 +15,8 @@ pub mod conn;
 pub mod discovery;
 pub mod groups_cmd;
 pub mod handlers;
+pub mod notify;
+pub mod preflight;
 pub mod producer_ids;
 pub mod request;
 pub mod server;

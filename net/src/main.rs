@@ -21,6 +21,11 @@ fn main() -> std::process::ExitCode {
                 )
                 .with_writer(std::io::stderr)
                 .init();
+            // io_uring and the memory-lock limit, before anything is opened.
+            if let Err(e) = floe_net::preflight::check(resolved.shards) {
+                tracing::error!("floe: cannot start: {e}");
+                return std::process::ExitCode::from(floe_net::preflight::EXIT_STATUS);
+            }
             match floe_net::server::run(resolved) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {

@@ -223,8 +223,10 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
         ready.clone(),
     ));
 
+    let notifier = crate::notify::Notifier::from_env().map(Arc::new);
     {
         let engine = engine.clone();
+        let notifier = notifier.clone();
         let mut signals = signal_hook::iterator::Signals::new([
             signal_hook::consts::SIGTERM,
             signal_hook::consts::SIGINT,
@@ -241,6 +243,9 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
                             signal = sig,
                             "shutting down: no new requests; committing what was accepted"
                         );
+                        if let Some(n) = &notifier {
+                            n.send_or_log(&crate::notify::stopping_message("draining"));
+                        }
                         engine.shutdown.trigger();
                     } else {
                         tracing::warn!(signal = sig, "second signal: exiting without draining");
@@ -303,6 +308,23 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
             meta.describe(),
             replayed
         );
+        if let Some(n) = &notifier {
+            n.send_or_log(&crate::notify::ready_message(&format!(
+                "listening on {}, node {node_id}, {} shard(s)",
+                cfg.listen, cfg.shards
+            )));
+            // WatchdogSec=: pinged from the sidecar, whose liveness is also
+            // what /healthz reports.
+            if let Some(every) = crate::notify::watchdog_interval() {
+                let n = n.clone();
+                sidecar.handle().spawn(async move {
+                    loop {
+                        n.send_or_log("WATCHDOG=1");
+                        tokio::time::sleep(every / 2).await;
+                    }
+                });
+            }
+        }
     }
     for t in threads {
         if let Err(e) = t.join() {
