@@ -23,8 +23,10 @@ use serde::{Deserialize, Serialize};
 /// Kafka's `group.min.session.timeout.ms` and `group.max.session.timeout.ms`.
 pub const SESSION_TIMEOUT_MS_MIN: i32 = 6_000;
 pub const SESSION_TIMEOUT_MS_MAX: i32 = 1_800_000;
-/// Kafka's `group.max.size` default is unbounded; floe bounds it.
-pub const GROUP_MEMBERS_MAX: usize = 10_000;
+/// Kafka's `group.max.size` default is unbounded; floe bounds it so the
+/// persisted group record (~600 bytes a member) stays well below etcd's
+/// 1.5 MiB request limit.
+pub const GROUP_MEMBERS_MAX: usize = 1_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GroupState {
