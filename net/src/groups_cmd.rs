@@ -22,7 +22,7 @@ use kafka_protocol::messages::list_offsets_request::{
 use kafka_protocol::messages::list_offsets_response::ListOffsetsResponse;
 use kafka_protocol::messages::metadata_request::MetadataRequest;
 use kafka_protocol::messages::metadata_response::MetadataResponse;
-use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequest;
+use kafka_protocol::messages::offset_fetch_request::{OffsetFetchRequest, OffsetFetchRequestGroup};
 use kafka_protocol::messages::offset_fetch_response::OffsetFetchResponse;
 use kafka_protocol::messages::{
     ApiKey, BrokerId, ConsumerProtocolAssignment, GroupId, RequestHeader, ResponseHeader, TopicName,
@@ -197,11 +197,16 @@ fn list(bootstrap: &str) -> Result<(), CliError> {
 
 fn describe(group: &str, bootstrap: &str) -> Result<(), CliError> {
     let mut conn = Conn::open(bootstrap)?;
+    // The batched forms (FindCoordinator v4, OffsetFetch v8) are what
+    // current clients send; using them here keeps them tested end to end.
     let fc: FindCoordinatorResponse = conn.call(
         ApiKey::FindCoordinator,
-        3,
-        &FindCoordinatorRequest::default().with_key(s(group)),
+        4,
+        &FindCoordinatorRequest::default().with_coordinator_keys(vec![s(group)]),
     )?;
+    let Some(fc) = fc.coordinators.into_iter().next() else {
+        return Err(CliError::Kafka("FindCoordinator: empty answer".into()));
+    };
     kafka_error(fc.error_code, "FindCoordinator")?;
     let coord_addr = format!("{}:{}", fc.host, fc.port);
     let mut coord = Conn::open(&coord_addr)?;
@@ -245,11 +250,14 @@ fn describe(group: &str, bootstrap: &str) -> Result<(), CliError> {
     }
     let of: OffsetFetchResponse = coord.call(
         ApiKey::OffsetFetch,
-        7,
-        &OffsetFetchRequest::default()
+        8,
+        &OffsetFetchRequest::default().with_groups(vec![OffsetFetchRequestGroup::default()
             .with_group_id(GroupId(s(group)))
-            .with_topics(None),
+            .with_topics(None)]),
     )?;
+    let Some(of) = of.groups.into_iter().next() else {
+        return Err(CliError::Kafka("OffsetFetch: empty answer".into()));
+    };
     kafka_error(of.error_code, "OffsetFetch")?;
     let mut committed: BTreeMap<(String, i32), i64> = BTreeMap::new();
     for t in &of.topics {
