@@ -43,6 +43,9 @@ pub struct Ctx {
     pub shard: Rc<Shard>,
     pub broker: Arc<Broker>,
     pub client_id: Option<Rc<str>>,
+    /// Who the client is for discovery (listener, zone, host override);
+    /// kept by its connection.
+    pub client: Rc<crate::discovery::ClientView>,
 }
 
 pub fn encode<M: Encodable>(m: &M, version: i16) -> Reply {
