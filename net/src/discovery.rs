@@ -115,6 +115,9 @@ pub fn select(live: &[BrokerRecord], me: &BrokerRecord, view: &ClientView) -> Ve
         .filter(|b| b.node_id != me.node_id && group_of(b) == group)
         .collect();
     candidates.push(me);
+    // Reachability through the client's listener first, so a zone whose
+    // brokers all lack that listener falls back to the others.
+    candidates.retain(|b| b.address(&view.listener).is_some());
     candidates.sort_by_key(|b| b.node_id);
     let in_zone = |b: &&BrokerRecord| view.zone.as_deref().is_some_and(|z| b.zone == z);
     if candidates.iter().any(in_zone) {
@@ -300,6 +303,17 @@ mod tests {
         assert_eq!(ext[1].port, 9094);
         // A listener nobody has: nobody (not even a wrong address).
         assert!(select(&live, &me, &view("other", None)).is_empty());
+        // Zone a's only other broker lacks the client's listener: zone a
+        // still has broker 1; a zone whose brokers all lack it falls back.
+        let mut only_internal = rec(5, "c", "");
+        only_internal.listeners.truncate(1);
+        let mut live2 = live.clone();
+        live2.push(only_internal);
+        assert_eq!(
+            ids(&select(&live2, &me, &view("external", Some("c")))),
+            [1, 2, 3]
+        );
+        assert_eq!(ids(&select(&live2, &me, &view("internal", Some("c")))), [5]);
         // This broker is visible even before membership shows it.
         assert_eq!(
             ids(&select(&live[1..3], &me, &view("internal", None))),
