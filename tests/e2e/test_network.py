@@ -357,6 +357,20 @@ def test_load_balancer_mode_varies_host_case_per_broker(
     acked = produce_values(lb.address, topic_name, 900, **conf)
     assert consume_values(lb.address, topic_name, acked, **conf) == acked
     assert all(n > 0 for n in lb.accepted), lb.accepted
+    # kcat (librdkafka 2.0.2) keeps the three brokers apart too.
+    before = sum(lb.accepted)
+    listed = subprocess.run(["kcat", "-b", lb.address, "-X", "broker.address.family=v4", "-L"],
+                            text=True, check=True, timeout=60, capture_output=True).stdout
+    for n, name in [(1, "Localhost"), (2, "lOcalhost"), (3, "LOcalhost")]:
+        assert "broker %d at %s:%d" % (n, name, lb.port) in listed, listed
+    out = subprocess.run(["kcat", "-b", lb.address, "-X", "broker.address.family=v4", "-t",
+                          topic_name, "-C", "-e", "-q", "-o", "beginning"],
+                         text=True, check=True, timeout=60, capture_output=True).stdout.split()
+    assert sorted(out) == sorted(v for vs in acked.values() for v in vs)
+    assert sum(lb.accepted) - before >= 4, lb.accepted  # bootstrap + one per broker
+    diag = diagnose(lb.address)
+    assert diag.returncode == 0, diag.stdout + diag.stderr
+    assert "all 3 advertised broker(s) reachable" in diag.stdout
 
 
 # --------------------------------------------------------------------------
