@@ -7,9 +7,13 @@ discovery but sharing topics, a TCP proxy per broker with advertised host
 and port overrides (kcat and confluent-kafka end to end), load-balancer mode
 (one address for every broker, letter case varied per node), the per-client
 host_override, `floe diagnose-connection` on healthy and broken advertised
-addresses, and the refusal of listeners floe cannot secure."""
+addresses, a client in its own network namespace (real separation: it
+reaches only the external listener), and the refusal of listeners floe
+cannot secure."""
 
+import os
 import random
+import shutil
 import socket
 import subprocess
 import threading
@@ -62,16 +66,15 @@ def node_ids(md):
     return sorted(b[0] for b in md["brokers"])
 
 
-def start_cluster(start_broker, etcd, tmp_path, specs):
+def start_cluster(start_broker, etcd, tmp_path, specs, join=None):
     """specs: [(node_id, loopback host, extra broker flags)] -> brokers, all
-    sharing one etcd prefix and one object store."""
+    sharing one etcd prefix and one object store (`join`'s, when given)."""
     objects = tmp_path / "shared-objects"
     objects.mkdir(exist_ok=True)
-    prefix = "floe-net-%d" % time.monotonic_ns()
+    meta = join.args["meta"] if join else "etcd://%s/floe-net-%d" % (etcd.endpoint, time.monotonic_ns())
     brokers = []
     for node, host, extra in specs:
-        b = start_broker(name="b%d" % node, start=False, node_id=node,
-                         meta="etcd://%s/%s" % (etcd.endpoint, prefix),
+        b = start_broker(name="b%d" % node, start=False, node_id=node, meta=meta,
                          object_store="file://%s" % objects, num_partitions=PARTITIONS,
                          flush_interval_ms=20, lease_ttl_secs=LEASE_TTL, **extra)
         b.host = host
@@ -202,8 +205,9 @@ def consume_values(bootstrap, topic, want, timeout=60, **conf):
         c.close()
 
 
-def diagnose(bootstrap, client_id=None, timeout_ms=2000):
-    cmd = [str(floe_bin()), "diagnose-connection", "--bootstrap", bootstrap,
+def diagnose(bootstrap, client_id=None, timeout_ms=2000, netns=None):
+    cmd = ["ip", "netns", "exec", netns] if netns else []
+    cmd += [str(floe_bin()), "diagnose-connection", "--bootstrap", bootstrap,
            "--timeout-ms", str(timeout_ms)]
     if client_id:
         cmd += ["--client-id", client_id]
@@ -433,3 +437,99 @@ def test_unimplemented_security_protocols_are_refused_at_start(start_broker):
             b.start(timeout=20)
         assert b.proc.wait(10) == 2
         assert "only PLAINTEXT" in b.log_text() and proto in b.log_text()
+
+
+# --------------------------------------------------------------------------
+# Real separation: clients in their own network namespace
+# --------------------------------------------------------------------------
+class ClientNetwork:
+    """A network namespace joined to this one by a veth pair on
+    10.213.X.0/24: this side .1, the namespace .2. From inside, only
+    addresses on that link are reachable (not 127.0.0.x of this side)."""
+
+    def __init__(self):
+        tag = "%d%04d" % (os.getpid() % 10000, random.randrange(10000))
+        self.name = "floe-net-" + tag
+        self.veth = ("fa" + tag, "fb" + tag)
+        self.subnet = random.randrange(1, 250)
+        self.outer = "10.213.%d.1" % self.subnet
+        self.nowhere = "10.213.%d.9" % self.subnet  # on the link, no host
+
+    def _ip(self, *args):
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+    def create(self):
+        a, b = self.veth
+        self._ip("netns", "add", self.name)
+        self._ip("link", "add", a, "type", "veth", "peer", "name", b)
+        self._ip("link", "set", b, "netns", self.name)
+        self._ip("addr", "add", self.outer + "/24", "dev", a)
+        self._ip("link", "set", a, "up")
+        self._ip("netns", "exec", self.name, "ip", "addr", "add",
+                 "10.213.%d.2/24" % self.subnet, "dev", b)
+        self._ip("netns", "exec", self.name, "ip", "link", "set", b, "up")
+        self._ip("netns", "exec", self.name, "ip", "link", "set", "lo", "up")
+
+    def delete(self):
+        # Deleting the namespace deletes both ends of the veth pair.
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30)
+
+    def run(self, *cmd, **kw):
+        return subprocess.run(["ip", "netns", "exec", self.name, *cmd], **kw)
+
+
+@pytest.fixture
+def client_network():
+    if shutil.which("ip") is None or os.geteuid() != 0:
+        pytest.skip("needs root and iproute2 to create a network namespace")
+    n = ClientNetwork()
+    try:
+        n.create()
+    except subprocess.CalledProcessError as e:
+        n.delete()
+        pytest.skip("cannot create a network namespace here: %s" % e.stderr)
+    yield n
+    n.delete()
+
+
+def test_clients_in_another_network_use_the_external_listener(
+        start_broker, etcd, tmp_path, topic_name, client_network):
+    net = client_network
+    ext = {n: free_port() for n in (1, 2, 3)}
+    specs = [(n, "127.0.0.%d" % (n + 1),
+              {"listeners": "external://%s:%d" % (net.outer, ext[n])}) for n in (1, 2)]
+    brokers = start_cluster(start_broker, etcd, tmp_path, specs)
+    wait_members(brokers[0], {1, 2})
+    boot = "%s:%d" % (net.outer, ext[1])
+    # The inside listener is out of the client network's reach…
+    inside = diagnose(brokers[0].bootstrap, netns=net.name)
+    assert inside.returncode == 1 and "FAIL bootstrap" in inside.stdout, inside.stdout
+    # …the external one, advertising its own address, works end to end.
+    ok = diagnose(boot, netns=net.name)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "node 2 at %s:%d" % (net.outer, ext[2]) in ok.stdout
+    create_topic(brokers[0].bootstrap, topic_name, partitions=PARTITIONS)
+    lines = "".join("ns-%d\n" % i for i in range(200))
+    for p in range(PARTITIONS):  # leaders on both brokers
+        net.run("kcat", "-b", boot, "-t", topic_name, "-P", "-p", str(p), input=lines,
+                text=True, check=True, timeout=60, capture_output=True)
+    out = net.run("kcat", "-b", boot, "-t", topic_name, "-C", "-e", "-q", "-o", "beginning",
+                  text=True, check=True, timeout=60, capture_output=True).stdout.split()
+    assert sorted(out) == sorted(["ns-%d" % i for i in range(200)] * PARTITIONS)
+
+    # A broker whose external listener advertises an address the client
+    # network cannot reach: bootstrap works, diagnose names the broker,
+    # why and the fix.
+    bad = start_cluster(start_broker, etcd, tmp_path, [
+        (3, "127.0.0.4", {"listeners": "external://%s:%d" % (net.outer, ext[3]),
+                          "advertised_listeners": "external://%s:%d" % (net.nowhere, ext[3])})],
+        join=brokers[0])
+    wait_members(brokers[0], {1, 2, 3})
+    diag = diagnose(boot, netns=net.name, timeout_ms=1500)
+    out = diag.stdout
+    assert diag.returncode == 1, out + diag.stderr
+    assert "ok   node 1" in out and "ok   node 2" in out, out
+    assert "FAIL node 3 at %s:%d" % (net.nowhere, ext[3]) in out, out
+    assert "private address" in out and "--advertised-listeners" in out, out
+    assert "1 of 3 advertised broker(s) unreachable" in out, out
+    assert bad[0].alive()
