@@ -63,7 +63,12 @@ impl Members {
                 Event::Put(kv) => {
                     if let Ok(b) = serde_json::from_slice::<BrokerRecord>(&kv.value) {
                         brokers.retain(|x| x.node_id != b.node_id);
-                        tracing::info!(node = b.node_id, host = %b.host, port = b.port, zone = %b.zone, "broker joined");
+                        let listeners: Vec<String> = b
+                            .listeners
+                            .iter()
+                            .map(|l| format!("{}://{}:{}", l.name, l.host, l.port))
+                            .collect();
+                        tracing::info!(node = b.node_id, host = %b.host, port = b.port, zone = %b.zone, group = %b.group, listeners = %listeners.join(","), "broker joined");
                         brokers.push(b);
                     }
                 }

@@ -33,7 +33,12 @@ pub fn broker_key(node_id: i32) -> String {
 }
 
 /// A live broker, as it registered itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// `host`/`port` are the advertised address of its first listener, kept so
+/// records stay readable by brokers that predate `listeners`; `listeners`
+/// is every named listener's advertised address (empty in records written
+/// before listeners existed).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BrokerRecord {
     pub node_id: i32,
     pub host: String,
@@ -42,6 +47,33 @@ pub struct BrokerRecord {
     pub zone: String,
     #[serde(default)]
     pub group: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listeners: Vec<ListenerRecord>,
+}
+
+/// One listener of a broker as clients must reach it: its (lower-case)
+/// name and the advertised host and port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerRecord {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl BrokerRecord {
+    /// The advertised address of listener `name` (lower-case). A record
+    /// without listeners (an older broker) has one address for every
+    /// listener; a record with listeners but not this one is not reachable
+    /// through it.
+    pub fn address(&self, name: &str) -> Option<(&str, u16)> {
+        if self.listeners.is_empty() {
+            return Some((&self.host, self.port));
+        }
+        self.listeners
+            .iter()
+            .find(|l| l.name == name)
+            .map(|l| (l.host.as_str(), l.port))
+    }
 }
 
 pub fn topic_key(name: &str) -> String {
@@ -228,5 +260,35 @@ mod group_key_tests {
         assert!(!offset_key("a", "b/t", 1).starts_with(&a));
         assert_eq!(parse_offset_key(&a, &k), Some(("t.1", 7)));
         assert_eq!(unescape_group(&escape_group("x%2F/y")), "x%2F/y");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_records_without_listeners_still_parse() {
+        let old = r#"{"node_id":3,"host":"h","port":9092,"zone":"a","group":"g"}"#;
+        let b: BrokerRecord = serde_json::from_str(old).expect("parses");
+        assert!(b.listeners.is_empty());
+        assert_eq!(b.address("external"), Some(("h", 9092)));
+        let new = BrokerRecord {
+            listeners: vec![ListenerRecord {
+                name: "external".into(),
+                host: "lb".into(),
+                port: 19092,
+            }],
+            ..b.clone()
+        };
+        let text = serde_json::to_string(&new).expect("serializes");
+        let back: BrokerRecord = serde_json::from_str(&text).expect("round trip");
+        assert_eq!(back, new);
+        assert_eq!(back.address("external"), Some(("lb", 19092)));
+        assert_eq!(back.address("internal"), None);
+        // Without listeners the JSON is exactly what older brokers wrote.
+        assert!(!serde_json::to_string(&b)
+            .expect("json")
+            .contains("listeners"));
     }
 }

@@ -11,6 +11,11 @@ pub struct Settings {
     pub node_id: i32,
     pub advertise_host: String,
     pub advertise_port: u16,
+    /// Every listener's advertised address (as registered).
+    pub listeners: Vec<floe_meta::schema::ListenerRecord>,
+    /// This broker's zone ("" when none) and agent group.
+    pub zone: String,
+    pub group: String,
     pub auto_create_topics: bool,
     pub num_partitions: u32,
     pub max_message_bytes: usize,

@@ -29,6 +29,10 @@ pub enum Command {
     CheckBucket(ServeArgs),
     /// Consumer groups: `floe groups list|describe GROUP --bootstrap HOST:PORT`.
     Groups(crate::groups_cmd::GroupsArgs),
+    /// Connect as a Kafka client would: ApiVersions and Metadata through
+    /// the bootstrap address, then every advertised broker; explain each
+    /// failure and its fix. Exits 1 when anything is unreachable.
+    DiagnoseConnection(crate::diagnose::DiagnoseArgs),
 }
 
 /// Every setting of `floe serve`. Each flag also reads a `FLOE_*`
@@ -53,6 +57,21 @@ pub struct ServeArgs {
     /// [default: the listen address; its port with "localhost" when listening on 0.0.0.0]
     #[arg(long, env = "FLOE_ADVERTISE")]
     pub advertise: Option<String>,
+    /// Named Kafka listeners, comma-separated `NAME://BIND_HOST:PORT`, e.g.
+    /// `internal://0.0.0.0:9092,external://0.0.0.0:9094`. Names are
+    /// case-insensitive. `--listen` adds one more, named `plaintext`.
+    /// [default: plaintext://127.0.0.1:9092 when neither is given]
+    #[arg(long, env = "FLOE_LISTENERS")]
+    pub listeners: Option<String>,
+    /// What each listener advertises to clients that came in on it,
+    /// comma-separated `NAME://HOST:PORT` (e.g. a load balancer's name and
+    /// port). [default: the bind address; the host name when bound to 0.0.0.0]
+    #[arg(long, env = "FLOE_ADVERTISED_LISTENERS")]
+    pub advertised_listeners: Option<String>,
+    /// Security protocol of each listener, comma-separated `NAME:PROTOCOL`
+    /// (Kafka's spelling). Only PLAINTEXT is implemented. [default: PLAINTEXT]
+    #[arg(long, env = "FLOE_LISTENER_SECURITY_PROTOCOL_MAP")]
+    pub listener_security_protocol_map: Option<String>,
     /// HTTP address for /metrics, /healthz and /readyz. [default: 127.0.0.1:9644]
     #[arg(long, env = "FLOE_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
@@ -152,6 +171,9 @@ pub struct ServeArgs {
 #[derive(Debug, Clone)]
 pub struct Resolved {
     pub data_dir: PathBuf,
+    /// Every Kafka listener; never empty. The first one's bind and
+    /// advertised addresses are also in `listen` / `advertise_*`.
+    pub listeners: Vec<Listener>,
     pub listen: String,
     pub advertise_host: String,
     pub advertise_port: u16,
@@ -227,16 +249,24 @@ impl ServeArgs {
             };
         }
         let data_dir = pick!(data_dir, PathBuf::from("floe-data"));
-        let listen = pick!(listen, "127.0.0.1:9092".to_string());
-        let (listen_host, listen_port) = split_host_port(&listen, "--listen")?;
-        let advertise = self.advertise.clone().or(file.advertise.clone());
-        let (advertise_host, advertise_port) = match advertise {
-            Some(a) => split_host_port(&a, "--advertise")?,
-            None if listen_host == "0.0.0.0" || listen_host == "::" || listen_host.is_empty() => {
-                ("localhost".to_string(), listen_port)
-            }
-            None => (listen_host, listen_port),
-        };
+        let listeners = resolve_listeners(&ListenerSpec {
+            listen: self.listen.clone().or(file.listen.clone()),
+            advertise: self.advertise.clone().or(file.advertise.clone()),
+            listeners: self.listeners.clone().or(file.listeners.clone()),
+            advertised: self
+                .advertised_listeners
+                .clone()
+                .or(file.advertised_listeners.clone()),
+            protocols: self
+                .listener_security_protocol_map
+                .clone()
+                .or(file.listener_security_protocol_map.clone()),
+        })?;
+        let listen = listeners[0].bind.clone();
+        let (advertise_host, advertise_port) = (
+            listeners[0].advertised_host.clone(),
+            listeners[0].advertised_port,
+        );
         let shards = pick!(shards, floe_tuning::default_shards());
         if shards == 0 || shards > SHARDS_MAX {
             anyhow::bail!("--shards {shards} must be between 1 and {SHARDS_MAX}");
@@ -289,6 +319,7 @@ impl ServeArgs {
             fetch_wait_ms_max: pick!(fetch_wait_ms_max, 30_000),
             log: pick!(log, "info".to_string()),
             data_dir,
+            listeners,
             listen,
             advertise_host,
             advertise_port,
@@ -333,6 +364,222 @@ impl Resolved {
             ..floe_objstore::S3Options::default()
         }
     }
+}
+
+/// A Kafka listener security protocol (Kafka's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecurityProtocol {
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_uppercase().as_str() {
+            "PLAINTEXT" => Some(Self::Plaintext),
+            "SSL" => Some(Self::Ssl),
+            "SASL_PLAINTEXT" => Some(Self::SaslPlaintext),
+            "SASL_SSL" => Some(Self::SaslSsl),
+            _ => None,
+        }
+    }
+
+    pub fn kafka_name(self) -> &'static str {
+        match self {
+            Self::Plaintext => "PLAINTEXT",
+            Self::Ssl => "SSL",
+            Self::SaslPlaintext => "SASL_PLAINTEXT",
+            Self::SaslSsl => "SASL_SSL",
+        }
+    }
+}
+
+/// One Kafka listener: where it binds, what it tells clients that came in
+/// on it, and its security protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    /// Lower-case name; clients of this listener are told every broker's
+    /// address for the listener of the same name.
+    pub name: String,
+    /// HOST:PORT to bind.
+    pub bind: String,
+    pub advertised_host: String,
+    pub advertised_port: u16,
+    pub protocol: SecurityProtocol,
+}
+
+/// The listener of the `--listen` / `--advertise` shorthand.
+pub const SHORTHAND_LISTENER: &str = "plaintext";
+/// Most listeners per broker: more is a configuration mistake.
+pub const LISTENERS_MAX: usize = 16;
+
+/// The listener settings as given (before defaults).
+#[derive(Debug, Default)]
+struct ListenerSpec {
+    listen: Option<String>,
+    advertise: Option<String>,
+    listeners: Option<String>,
+    advertised: Option<String>,
+    protocols: Option<String>,
+}
+
+fn is_wildcard(host: &str) -> bool {
+    matches!(host, "" | "0.0.0.0" | "::")
+}
+
+/// The name other machines may reach this one by, for listeners bound to
+/// every interface and given no advertised address.
+fn machine_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// Splits `NAME://HOST:PORT`, lower-casing the name.
+fn split_named(entry: &str, what: &str) -> anyhow::Result<(String, String, u16)> {
+    let (name, addr) = entry
+        .split_once("://")
+        .ok_or_else(|| anyhow::anyhow!("{what} entry {entry:?} must be NAME://HOST:PORT"))?;
+    let name = name.trim().to_ascii_lowercase();
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        anyhow::bail!("{what} entry {entry:?}: listener name must be letters, digits, _ or -");
+    }
+    let (host, port) = split_host_port(addr.trim(), what)?;
+    Ok((name, host, port))
+}
+
+fn entries(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',').map(str::trim).filter(|e| !e.is_empty())
+}
+
+fn resolve_listeners(spec: &ListenerSpec) -> anyhow::Result<Vec<Listener>> {
+    let mut out: Vec<Listener> = Vec::new();
+    let mut add = |name: String, host: String, port: u16, what: &str| -> anyhow::Result<()> {
+        if out.iter().any(|l| l.name == name) {
+            anyhow::bail!("{what}: listener {name:?} is defined twice");
+        }
+        let bind = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        if out.iter().any(|l| l.bind == bind) {
+            anyhow::bail!("{what}: two listeners bind {bind}");
+        }
+        let advertised_host = if is_wildcard(&host) {
+            machine_host_name()
+        } else {
+            host
+        };
+        out.push(Listener {
+            name,
+            bind,
+            advertised_host,
+            advertised_port: port,
+            protocol: SecurityProtocol::Plaintext,
+        });
+        Ok(())
+    };
+    // --listen's listener comes first: it is the one logged and the one
+    // older records' single address describes.
+    let listen = match (&spec.listen, &spec.listeners) {
+        (Some(l), _) => Some(l.clone()),
+        (None, None) => Some("127.0.0.1:9092".to_string()),
+        (None, Some(_)) => None,
+    };
+    if let Some(l) = listen {
+        let (host, port) = split_host_port(&l, "--listen")?;
+        add(SHORTHAND_LISTENER.to_string(), host, port, "--listen")?;
+    }
+    if let Some(list) = &spec.listeners {
+        for e in entries(list) {
+            let (name, host, port) = split_named(e, "--listeners")?;
+            add(name, host, port, "--listeners")?;
+        }
+    }
+    if out.is_empty() {
+        anyhow::bail!("--listeners names no listener");
+    }
+    if out.len() > LISTENERS_MAX {
+        anyhow::bail!("{} listeners; at most {LISTENERS_MAX}", out.len());
+    }
+    let mut set_advertised = |name: &str, host: String, port: u16, what: &str| match out
+        .iter_mut()
+        .find(|l| l.name == name)
+    {
+        Some(l) => {
+            l.advertised_host = host;
+            l.advertised_port = port;
+            Ok(())
+        }
+        None => Err(anyhow::anyhow!(
+            "{what} names listener {name:?}, which --listeners/--listen does not define"
+        )),
+    };
+    if let Some(a) = &spec.advertise {
+        let (host, port) = split_host_port(a, "--advertise")?;
+        set_advertised(SHORTHAND_LISTENER, host, port, "--advertise")?;
+    }
+    if let Some(list) = &spec.advertised {
+        for e in entries(list) {
+            let (name, host, port) = split_named(e, "--advertised-listeners")?;
+            if host.is_empty() || is_wildcard(&host) || port == 0 {
+                anyhow::bail!(
+                    "--advertised-listeners entry {e:?}: clients cannot connect to {host:?}:{port}"
+                );
+            }
+            set_advertised(&name, host, port, "--advertised-listeners")?;
+        }
+    }
+    // Kafka's default map: a listener named after a protocol uses it.
+    for l in &mut out {
+        if let Some(p) = SecurityProtocol::parse(&l.name) {
+            l.protocol = p;
+        }
+    }
+    if let Some(map) = &spec.protocols {
+        for e in entries(map) {
+            let (name, proto) = e.split_once(':').ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--listener-security-protocol-map entry {e:?} must be NAME:PROTOCOL"
+                )
+            })?;
+            let name = name.trim().to_ascii_lowercase();
+            let proto = SecurityProtocol::parse(proto).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--listener-security-protocol-map entry {e:?}: protocol must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+                )
+            })?;
+            match out.iter_mut().find(|l| l.name == name) {
+                Some(l) => l.protocol = proto,
+                None => anyhow::bail!(
+                    "--listener-security-protocol-map names listener {name:?}, which --listeners/--listen does not define"
+                ),
+            }
+        }
+    }
+    if let Some(l) = out
+        .iter()
+        .find(|l| l.protocol != SecurityProtocol::Plaintext)
+    {
+        // Refused rather than served in plain text: a client configured
+        // for TLS or SASL must not silently talk to a broker without it.
+        anyhow::bail!(
+            "listener {:?} asks for {}: floe implements only PLAINTEXT listeners so far \
+             (no TLS, no SASL; see FINDINGS.md). Terminate TLS in front of floe or use PLAINTEXT",
+            l.name,
+            l.protocol.kafka_name()
+        );
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -380,7 +627,89 @@ mod tests {
             listen: Some("0.0.0.0:9092".into()),
             ..Default::default()
         };
-        assert_eq!(wild.resolve().expect("ok").advertise_host, "localhost");
+        assert_eq!(
+            wild.resolve().expect("ok").advertise_host,
+            machine_host_name()
+        );
+    }
+
+    #[test]
+    fn named_listeners_and_advertised_overrides() {
+        let r = ServeArgs {
+            listeners: Some("INTERNAL://0.0.0.0:9092, external://127.0.0.2:9094".into()),
+            advertised_listeners: Some("External://lb.example.com:19094".into()),
+            listener_security_protocol_map: Some("internal:PLAINTEXT,external:plaintext".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .expect("resolves");
+        let names: Vec<_> = r.listeners.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["internal", "external"]);
+        assert_eq!(r.listeners[0].bind, "0.0.0.0:9092");
+        assert_eq!(r.listeners[0].advertised_host, machine_host_name());
+        assert_eq!(r.listeners[1].bind, "127.0.0.2:9094");
+        assert_eq!(
+            (
+                r.listeners[1].advertised_host.as_str(),
+                r.listeners[1].advertised_port
+            ),
+            ("lb.example.com", 19094)
+        );
+        assert_eq!(r.listen, "0.0.0.0:9092");
+
+        // --listen adds the `plaintext` listener, first; --advertise is its.
+        let r = ServeArgs {
+            listen: Some("127.0.0.1:9092".into()),
+            advertise: Some("proxy:1234".into()),
+            listeners: Some("external://127.0.0.1:9094".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .expect("resolves");
+        assert_eq!(r.listeners.len(), 2);
+        assert_eq!(r.listeners[0].name, SHORTHAND_LISTENER);
+        assert_eq!(
+            (r.advertise_host.as_str(), r.advertise_port),
+            ("proxy", 1234)
+        );
+    }
+
+    #[test]
+    fn listener_mistakes_are_refused_clearly() {
+        let err = |a: ServeArgs| a.resolve().unwrap_err().to_string();
+        let e = err(ServeArgs {
+            listeners: Some("a://127.0.0.1:1,A://127.0.0.1:2".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("defined twice"), "{e}");
+        let e = err(ServeArgs {
+            listeners: Some("a://127.0.0.1:1".into()),
+            advertised_listeners: Some("b://h:1".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("does not define"), "{e}");
+        let e = err(ServeArgs {
+            listeners: Some("127.0.0.1:1".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("NAME://HOST:PORT"), "{e}");
+        let e = err(ServeArgs {
+            listeners: Some("secure://127.0.0.1:1".into()),
+            listener_security_protocol_map: Some("secure:SASL_SSL".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("only PLAINTEXT"), "{e}");
+        let e = err(ServeArgs {
+            listeners: Some("ssl://127.0.0.1:1".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("SSL"), "{e}");
+        let e = err(ServeArgs {
+            listeners: Some("a://127.0.0.1:1".into()),
+            listener_security_protocol_map: Some("a:TLS".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("protocol must be"), "{e}");
     }
 
     #[test]

@@ -3,6 +3,11 @@
 //! header, and starts the request; the writer sends responses in request
 //! order. Bad input ends this connection with one log line and touches
 //! nothing else.
+//!
+//! The connection also keeps what floe knows about its client (the
+//! [`ClientView`]): the listener it came in on, the zone and host override
+//! its `client.id` states, and the `rack_id` it sends in Fetch. Handlers
+//! read it to decide which brokers this client sees.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -17,7 +22,10 @@ use glommio::net::TcpStream;
 use glommio::sync::StaticPermit;
 use kafka_protocol::messages::ApiKey;
 
+use crate::client_id;
+use crate::discovery::ClientView;
 use crate::handlers::{self, Ctx, Pending, Reply};
+use crate::request::Request;
 use crate::request::{self, DecodeError, Decoded, FRAME_BYTES_MIN};
 
 /// Requests a connection may have started but not yet answered.
@@ -57,12 +65,56 @@ pub async fn serve(mut ctx: Ctx, stream: TcpStream, peer: SocketAddr) {
     writer.await;
 }
 
+/// The client as this connection knows it so far; `refresh` updates the
+/// view only when the client id or the Fetch rack changes (rarely: once).
+struct ClientState {
+    client_id: Option<Rc<str>>,
+    rack: Option<String>,
+}
+
+impl ClientState {
+    fn refresh(&mut self, ctx: &mut Ctx, client_id: Option<&str>, request: &Request) {
+        let rack = match request {
+            Request::Fetch(f) if !f.rack_id.is_empty() => Some(f.rack_id.as_str()),
+            _ => None,
+        };
+        let id_changed = self.client_id.as_deref() != client_id;
+        let rack_changed = rack.is_some() && self.rack.as_deref() != rack;
+        if !id_changed && !rack_changed {
+            return;
+        }
+        if id_changed {
+            self.client_id = client_id.map(Rc::from);
+        }
+        if rack_changed {
+            self.rack = rack.map(str::to_string);
+        }
+        let features = client_id.map(client_id::parse).unwrap_or_default();
+        let view = ctx.client.with_features(&features, self.rack.as_deref());
+        if view != *ctx.client {
+            tracing::debug!(client_id = ?client_id, zone = ?view.zone, host_override = ?view.host_override, listener = %view.listener, "client view");
+            ctx.client = Rc::new(view);
+        }
+        ctx.client_id = self.client_id.clone();
+    }
+}
+
+/// The view of a client that just connected to `listener`.
+pub fn new_client(listener: &str) -> Rc<ClientView> {
+    Rc::new(ClientView::on_listener(listener))
+}
+
 async fn read_loop(
     ctx: &Ctx,
     mut rd: ReadHalf<TcpStream>,
     mut tx: mpsc::Sender<Outgoing>,
     peer: SocketAddr,
 ) -> End {
+    let mut conn_ctx = ctx.clone();
+    let mut client = ClientState {
+        client_id: None,
+        rack: None,
+    };
     let broker = ctx.broker.clone();
     let max_request = broker.settings.max_request_bytes;
     let budget_max = broker.engine.config.inflight_bytes_max;
@@ -131,10 +183,8 @@ async fn read_loop(
             header,
             request,
         } = decoded;
-        let mut ctx = ctx.clone();
-        if ctx.client_id.as_deref() != header.client_id.as_deref() {
-            ctx.client_id = header.client_id.as_deref().map(Rc::from);
-        }
+        client.refresh(&mut conn_ctx, header.client_id.as_deref(), &request);
+        let ctx = conn_ctx.clone();
         let reply = handlers::dispatch(&ctx, request, version).await;
         let out = Outgoing {
             correlation_id,

@@ -132,6 +132,7 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
                 port: cfg.advertise_port,
                 zone: cfg.zone.clone(),
                 group: cfg.group.clone(),
+                listeners: crate::discovery::listener_records(&cfg.listeners),
             },
             Duration::from_secs(cfg.lease_ttl_secs),
         ))
@@ -205,6 +206,9 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
             node_id,
             advertise_host: cfg.advertise_host.clone(),
             advertise_port: cfg.advertise_port,
+            listeners: crate::discovery::listener_records(&cfg.listeners),
+            zone: cfg.zone.clone(),
+            group: cfg.group.clone(),
             auto_create_topics: cfg.auto_create_topics,
             num_partitions: cfg.num_partitions,
             max_message_bytes: cfg.max_message_bytes,
@@ -262,7 +266,7 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
     let mut threads = Vec::new();
     for (i, inbox) in inboxes.into_iter().enumerate() {
         let broker = broker.clone();
-        let listen = cfg.listen.clone();
+        let listeners = cfg.listeners.clone();
         let bound_tx = bound_tx.clone();
         let barrier = barrier.clone();
         let shards = cfg.shards;
@@ -273,7 +277,7 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
         };
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("floe-shard-{i}"))
-            .spawn(move || shard_main(i, shards, broker, inbox, listen, bound_tx, barrier))
+            .spawn(move || shard_main(i, shards, broker, inbox, listeners, bound_tx, barrier))
             .map_err(|e| {
                 anyhow::anyhow!(
                     "starting shard {i}: {e} — {}",
@@ -296,12 +300,19 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
         tracing::error!("{e}");
     } else {
         ready.store(true, Ordering::SeqCst);
+        let binds: Vec<&str> = cfg.listeners.iter().map(|l| l.bind.as_str()).collect();
+        let advertised: Vec<String> = cfg
+            .listeners
+            .iter()
+            .map(|l| format!("{}://{}:{}", l.name, l.advertised_host, l.advertised_port))
+            .collect();
         tracing::info!(
-            "listening on {} (kafka), admin on {}, advertising {}:{}, node {}, {} shard(s), objects {}, metadata {}, {} log entries replayed",
-            cfg.listen,
+            "listening on {} (kafka), admin on {}, advertising {}, zone {:?}, group {:?}, node {}, {} shard(s), objects {}, metadata {}, {} log entries replayed",
+            binds.join(", "),
             cfg.admin_listen,
-            cfg.advertise_host,
-            cfg.advertise_port,
+            advertised.join(", "),
+            cfg.zone,
+            cfg.group,
             node_id,
             cfg.shards,
             store.describe(),
@@ -357,58 +368,51 @@ async fn shard_main(
     shards: usize,
     broker: Arc<Broker>,
     inbox: ShardInbox,
-    listen: String,
+    listeners: Vec<crate::config::Listener>,
     bound: std::sync::mpsc::Sender<Result<(), String>>,
     barrier: Arc<Barrier>,
 ) {
     let engine = broker.engine.clone();
     let (shard, commits_done) = Shard::start(id, engine.clone(), inbox);
-    let listener = match glommio::net::TcpListener::bind(listen.as_str()) {
-        Ok(l) => {
-            let _ = bound.send(Ok(()));
-            Some(l)
-        }
-        Err(e) => {
-            let _ = bound.send(Err(format!("shard {id}: cannot listen on {listen}: {e}")));
-            None
-        }
-    };
-    let live = Rc::new(Cell::new(0usize));
-    let idle = Rc::new(event_listener::Event::new());
-    if let Some(listener) = listener {
-        let ctx = Ctx {
-            shard: shard.clone(),
-            broker: broker.clone(),
-            client_id: None,
-            peer: None,
-        };
-        loop {
-            let accept = Box::pin(listener.accept());
-            let stop = Box::pin(engine.shutdown.wait());
-            match select(accept, stop).await {
-                Either::Left((Ok(stream), _)) => {
-                    Metrics::add(&engine.metrics.connections_accepted, 1);
-                    let peer = stream
-                        .peer_addr()
-                        .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
-                    live.set(live.get() + 1);
-                    let (ctx, live, idle) = (ctx.clone(), live.clone(), idle.clone());
-                    glommio::spawn_local(async move {
-                        conn::serve(ctx, stream, peer).await;
-                        live.set(live.get() - 1);
-                        idle.notify(usize::MAX);
-                    })
-                    .detach();
-                }
-                Either::Left((Err(e), _)) => {
-                    // Typically EMFILE: back off instead of spinning.
-                    tracing::warn!(shard = id, error = %e, "accept failed");
-                    glommio::timer::sleep(Duration::from_millis(50)).await;
-                }
-                Either::Right(_) => break,
+    // Every listener on every shard: glommio binds with SO_REUSEPORT, so
+    // the kernel spreads each listener's connections over the shards.
+    let mut bound_listeners = Vec::with_capacity(listeners.len());
+    let mut bind_error = None;
+    for l in &listeners {
+        match glommio::net::TcpListener::bind(l.bind.as_str()) {
+            Ok(socket) => bound_listeners.push((l.name.clone(), socket)),
+            Err(e) => {
+                bind_error = Some(format!(
+                    "shard {id}: cannot listen on {} (listener {}): {e}",
+                    l.bind, l.name
+                ));
+                break;
             }
         }
     }
+    let _ = bound.send(match bind_error {
+        Some(e) => {
+            bound_listeners.clear();
+            Err(e)
+        }
+        None => Ok(()),
+    });
+    let live = Rc::new(Cell::new(0usize));
+    let idle = Rc::new(event_listener::Event::new());
+    let accepting: Vec<_> = bound_listeners
+        .into_iter()
+        .map(|(name, socket)| {
+            let ctx = Ctx {
+                shard: shard.clone(),
+                broker: broker.clone(),
+                client_id: None,
+                peer: None,
+                client: conn::new_client(&name),
+            };
+            glommio::spawn_local(accept_loop(id, ctx, socket, live.clone(), idle.clone()))
+        })
+        .collect();
+    futures::future::join_all(accepting).await;
     // Drain: connections stop reading and finish what they started.
     let drain = async {
         loop {
@@ -436,4 +440,42 @@ async fn shard_main(
     barrier.arrive_and_wait(shards).await;
     shard.close();
     commits_done.await;
+}
+
+/// Accepts connections on one listener until shutdown; each connection
+/// starts as a client of this listener (`ctx.client`).
+async fn accept_loop(
+    shard: usize,
+    ctx: Ctx,
+    listener: glommio::net::TcpListener,
+    live: Rc<Cell<usize>>,
+    idle: Rc<event_listener::Event>,
+) {
+    let engine = ctx.broker.engine.clone();
+    loop {
+        let accept = Box::pin(listener.accept());
+        let stop = Box::pin(engine.shutdown.wait());
+        match select(accept, stop).await {
+            Either::Left((Ok(stream), _)) => {
+                Metrics::add(&engine.metrics.connections_accepted, 1);
+                let peer = stream
+                    .peer_addr()
+                    .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+                live.set(live.get() + 1);
+                let (ctx, live, idle) = (ctx.clone(), live.clone(), idle.clone());
+                glommio::spawn_local(async move {
+                    conn::serve(ctx, stream, peer).await;
+                    live.set(live.get() - 1);
+                    idle.notify(usize::MAX);
+                })
+                .detach();
+            }
+            Either::Left((Err(e), _)) => {
+                // Typically EMFILE: back off instead of spinning.
+                tracing::warn!(shard, listener = %ctx.client.listener, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+            Either::Right(_) => break,
+        }
+    }
 }

@@ -209,11 +209,24 @@ pub fn describe_broker(s: &Settings) -> Vec<ConfigEntry> {
         ),
         e(
             "advertised.listeners",
-            format!("PLAINTEXT://{}:{}", s.advertise_host, s.advertise_port),
+            advertised_listeners(s),
             ConfigKind::List,
             "Address clients are told to connect to.",
         ),
     ]
+}
+
+/// Kafka's advertised.listeners value: every listener, `NAME://HOST:PORT`.
+fn advertised_listeners(s: &Settings) -> String {
+    if s.listeners.is_empty() {
+        return format!("PLAINTEXT://{}:{}", s.advertise_host, s.advertise_port);
+    }
+    let all: Vec<String> = s
+        .listeners
+        .iter()
+        .map(|l| format!("{}://{}:{}", l.name.to_ascii_uppercase(), l.host, l.port))
+        .collect();
+    all.join(",")
 }
 
 /// The effective max.message.bytes of a topic.

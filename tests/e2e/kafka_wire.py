@@ -359,14 +359,16 @@ def metadata_body(topics, version=1, allow_auto_topic_creation=True):
 
 def parse_metadata(r: Reader, version):
     """Returns {'brokers': [(id, host, port)], 'controller': id,
-    'topics': {name: (error_code, {partition: (error_code, leader)})}}"""
+    'topics': {name: (error_code, {partition: (error_code, leader)})},
+    'racks': {id: rack or None}}"""
     assert 1 <= version <= 8, "only non-flexible Metadata v1..v8 parsed here"
     if version >= 3:
         r.i32()  # throttle
     brokers = []
+    racks = {}
     for _ in range(r.i32()):
         node, host, port = r.i32(), r.string(), r.i32()
-        r.string()  # rack
+        racks[node] = r.string()
         brokers.append((node, host, port))
     if version >= 2:
         r.string()  # cluster id
@@ -394,7 +396,7 @@ def parse_metadata(r: Reader, version):
         if version >= 8:
             r.i32()  # topic authorized operations
         topics[name] = (terr, parts)
-    return {"brokers": brokers, "controller": controller, "topics": topics}
+    return {"brokers": brokers, "controller": controller, "topics": topics, "racks": racks}
 
 
 def metadata(sock, topics, version=1, allow_auto_topic_creation=True, correlation_id=2):

@@ -340,7 +340,7 @@ pub fn describe_configs(ctx: &Ctx, req: DescribeConfigsRequest, version: i16) ->
 }
 
 pub fn describe_cluster(ctx: &Ctx, version: i16) -> Reply {
-    let brokers = crate::discovery::brokers(&ctx.broker);
+    let brokers = crate::discovery::visible_brokers(&ctx.broker, &ctx.client);
     encode(
         &DescribeClusterResponse::default()
             .with_endpoint_type(1)
@@ -359,7 +359,7 @@ pub fn describe_cluster(ctx: &Ctx, version: i16) -> Reply {
                             .with_broker_id(BrokerId(b.node_id))
                             .with_host(s(b.host.clone()))
                             .with_port(i32::from(b.port))
-                            .with_rack((!b.zone.is_empty()).then(|| s(b.zone.clone())))
+                            .with_rack(b.rack.clone().map(s))
                     })
                     .collect(),
             ),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use floe_engine::coordinator::{CoordError, Coordinator, GroupSummary};
 use floe_engine::group::{GroupError, GroupState, JoinRequest};
-use floe_meta::schema::{BrokerRecord, OffsetRecord};
+use floe_meta::schema::OffsetRecord;
 use kafka_protocol::error::ResponseError as E;
 use kafka_protocol::messages::delete_groups_request::DeleteGroupsRequest;
 use kafka_protocol::messages::delete_groups_response::{
@@ -52,7 +52,8 @@ use kafka_protocol::messages::{BrokerId, ConsumerProtocolSubscription, GroupId, 
 use kafka_protocol::protocol::{Decodable, StrBytes};
 
 use super::{encode, Ctx, Reply};
-use crate::{codes, discovery};
+use crate::codes;
+use crate::discovery::{self, Advertised};
 
 const KEY_TYPE_GROUP: i8 = 0;
 
@@ -118,19 +119,14 @@ fn client_host(ctx: &Ctx) -> String {
 /// The broker that coordinates `group` for this client: the one holding
 /// the group now if the client can see it, else the rendezvous choice among
 /// the brokers the client sees (which claims it on first use).
-async fn locate(
-    ctx: &Ctx,
-    group: &str,
-    brokers: &[BrokerRecord],
-) -> Result<BrokerRecord, CoordError> {
+async fn locate(ctx: &Ctx, group: &str, visible: &[Advertised]) -> Result<Advertised, CoordError> {
     let coord = coordinator(ctx);
     let g = group.to_string();
     let owner = on_sidecar(ctx, async move { coord.current_owner(&g).await }).await?;
-    if let Some(b) = owner.and_then(|o| brokers.iter().find(|b| b.node_id == o)) {
+    if let Some(b) = owner.and_then(|o| visible.iter().find(|b| b.node_id == o)) {
         return Ok(b.clone());
     }
-    discovery::coordinator(brokers, group)
-        .and_then(|id| brokers.iter().find(|b| b.node_id == id))
+    discovery::coordinator(visible, group.as_bytes())
         .cloned()
         .ok_or_else(|| CoordError::Unavailable("no live broker".into()))
 }
@@ -141,7 +137,7 @@ pub async fn find_coordinator(ctx: &Ctx, req: FindCoordinatorRequest, version: i
     } else {
         vec![req.key.clone()]
     };
-    let brokers = discovery::brokers(&ctx.broker);
+    let visible = discovery::visible_brokers(&ctx.broker, &ctx.client);
     let mut out = Vec::with_capacity(keys.len());
     for key in keys {
         let entry = Coord::default()
@@ -155,7 +151,7 @@ pub async fn find_coordinator(ctx: &Ctx, req: FindCoordinatorRequest, version: i
         } else if key.is_empty() {
             entry.with_error_code(E::InvalidGroupId.code())
         } else {
-            match locate(ctx, key.as_str(), &brokers).await {
+            match locate(ctx, key.as_str(), &visible).await {
                 Ok(b) => entry
                     .with_node_id(BrokerId(b.node_id))
                     .with_host(s(b.host))
@@ -595,23 +591,28 @@ fn described(entry: DescribedGroup, sum: GroupSummary) -> DescribedGroup {
 }
 
 /// ListGroups: every broker lists the groups it coordinates, plus the
-/// groups nobody coordinates now for which it is the rendezvous choice —
-/// so an admin client that asks every broker sees each group exactly once.
+/// groups whose coordinator the client cannot see (or that nobody
+/// coordinates now) for which it is the client's rendezvous choice — so an
+/// admin client that asks every broker it sees lists each group once.
 pub async fn list(ctx: &Ctx, req: ListGroupsRequest, version: i16) -> Reply {
     let coord = coordinator(ctx);
     let r = on_sidecar(ctx, async move { coord.list().await }).await;
     let me = ctx.broker.settings.node_id;
-    let brokers = discovery::brokers(&ctx.broker);
+    let visible = discovery::visible_brokers(&ctx.broker, &ctx.client);
     let states: Vec<String> = req.states_filter.iter().map(|x| x.to_lowercase()).collect();
     let types: Vec<String> = req.types_filter.iter().map(|x| x.to_lowercase()).collect();
     let resp = match r {
         Ok(all) => ListGroupsResponse::default().with_groups(
             all.into_iter()
                 .filter(|g| {
-                    let live_owner = g.owner.filter(|o| brokers.iter().any(|b| b.node_id == *o));
-                    match live_owner {
+                    let seen_owner = g.owner.filter(|o| visible.iter().any(|b| b.node_id == *o));
+                    match seen_owner {
                         Some(o) => o == me,
-                        None => discovery::coordinator(&brokers, &g.group_id) == Some(me),
+                        None => {
+                            discovery::coordinator(&visible, g.group_id.as_bytes())
+                                .map(|b| b.node_id)
+                                == Some(me)
+                        }
                     }
                 })
                 .filter(|g| states.is_empty() || states.contains(&g.state.as_str().to_lowercase()))

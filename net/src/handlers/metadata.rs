@@ -1,9 +1,11 @@
-//! Metadata: this broker, and the topics asked for (auto-creating unknown
-//! ones when allowed, as Kafka does).
+//! Metadata: the brokers this client may use (see [`discovery`]: its agent
+//! group, listener, zone and overrides), and the topics asked for
+//! (auto-creating unknown ones when allowed, as Kafka does), each
+//! partition "led" by one of those brokers.
 
 use std::sync::Arc;
 
-use floe_meta::schema::{BrokerRecord, TopicRecord};
+use floe_meta::schema::TopicRecord;
 use kafka_protocol::messages::metadata_request::MetadataRequest;
 use kafka_protocol::messages::metadata_response::{
     MetadataResponse, MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
@@ -12,9 +14,10 @@ use kafka_protocol::messages::{BrokerId, TopicName};
 use kafka_protocol::protocol::StrBytes;
 
 use super::{encode, Ctx, Reply};
-use crate::{codes, discovery};
+use crate::codes;
+use crate::discovery::{self, Advertised};
 
-fn topic_entry(t: &TopicRecord, brokers: &[BrokerRecord], version: i16) -> MetadataResponseTopic {
+fn topic_entry(t: &TopicRecord, brokers: &[Advertised], version: i16) -> MetadataResponseTopic {
     MetadataResponseTopic::default()
         .with_name(Some(TopicName(StrBytes::from_string(t.name.clone()))))
         .with_topic_id(t.id)
@@ -74,7 +77,7 @@ pub async fn auto_create(ctx: &Ctx, name: &str) -> Result<Arc<TopicRecord>, i16>
 
 pub async fn handle(ctx: &Ctx, req: MetadataRequest, version: i16) -> Reply {
     let st = &ctx.broker.settings;
-    let brokers = discovery::brokers(&ctx.broker);
+    let brokers = discovery::visible_brokers(&ctx.broker, &ctx.client);
     let snapshot = ctx.broker.engine.topics.snapshot();
     // v0: an empty list means all topics; v1+: null means all topics.
     let requested: Option<Vec<String>> = match req.topics {
@@ -121,9 +124,7 @@ pub async fn handle(ctx: &Ctx, req: MetadataRequest, version: i16) -> Reply {
                         .with_node_id(BrokerId(b.node_id))
                         .with_host(StrBytes::from_string(b.host.clone()))
                         .with_port(i32::from(b.port))
-                        .with_rack(
-                            (!b.zone.is_empty()).then(|| StrBytes::from_string(b.zone.clone())),
-                        )
+                        .with_rack(b.rack.clone().map(StrBytes::from_string))
                 })
                 .collect(),
         )

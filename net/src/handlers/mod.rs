@@ -46,6 +46,9 @@ pub struct Ctx {
     pub client_id: Option<Rc<str>>,
     /// The client's address (DescribeGroups shows it as the member's host).
     pub peer: Option<std::net::SocketAddr>,
+    /// Who the client is for discovery (listener, zone, host override);
+    /// kept by its connection.
+    pub client: Rc<crate::discovery::ClientView>,
 }
 
 pub fn encode<M: Encodable>(m: &M, version: i16) -> Reply {
