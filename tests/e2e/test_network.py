@@ -62,6 +62,20 @@ def fetch_v11_with_rack(sock, client_id, rack):
     assert r.i16() == 0, "fetch error"
 
 
+def find_coordinator_as(bootstrap, client_id, group):
+    """FindCoordinator v1 for a consumer group, sent with `client_id`:
+    (error code, node id, host, port)."""
+    with kw.connect(bootstrap) as s:
+        hdr = kw.request_header_v1(10, 1, 77, client_id=client_id)
+        s.sendall(kw.frame(hdr + kw.string(group) + kw.i8(0)))
+        r = kw.Reader(kw.recv_frame(s))
+        assert r.i32() == 77
+        r.i32()  # throttle
+        err = r.i16()
+        r.string()  # error message
+        return err, r.i32(), r.string(), r.i32()
+
+
 def node_ids(md):
     return sorted(b[0] for b in md["brokers"])
 
@@ -257,6 +271,15 @@ def test_zoned_and_unzoned_clients_see_the_right_brokers(start_broker, etcd, tmp
         fetch_v11_with_rack(s, "consumer-1", "az-a")
         assert node_ids(metadata_as(None, "consumer-1", sock=s)) == [1]
         assert node_ids(metadata_as(None, "consumer-1,zone=az-b", sock=s)) == [2, 3]
+
+    # A zoned client's consumer groups are coordinated in its zone (by the
+    # same choice through every broker), at its listener's address.
+    for g in ["orders-%d" % i for i in range(12)]:
+        for zone, want in [("az-a", {1}), ("az-b", {2, 3})]:
+            answers = {find_coordinator_as(b.bootstrap, "app,floe_az=" + zone, g) for b in brokers}
+            assert len(answers) == 1, answers
+            err, node, host, port = answers.pop()
+            assert err == 0 and node in want and (host, port) == addr[node], (g, zone, node)
 
     # A zoned client produces and consumes end to end through its zone.
     acked = produce_values(brokers[0].bootstrap, topic_name, 600, **{"client.id": "app,floe_az=az-b"})
