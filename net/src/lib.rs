@@ -17,4 +17,5 @@ pub mod handlers;
 pub mod producer_ids;
 pub mod request;
 pub mod server;
+pub mod size_cmd;
 pub mod topic_config;

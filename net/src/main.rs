@@ -6,6 +6,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckBucket(args) => floe_net::check_bucket::main(args),
+        Command::Size(args) => floe_net::size_cmd::main(args),
         Command::Serve(args) => {
             let resolved = match args.resolve() {
                 Ok(r) => r,
