@@ -9,8 +9,8 @@
 #
 #   bench/scripts/side-by-side.sh [SECONDS] [RECORD_SIZE] [PARTITIONS] [CONNECTIONS]
 #
-# Needs: target/release/{floe,floe-bench} (cargo build --release -p floe-net
-# -p floe-bench), iperf3; optional: s3s-fs and tansu on PATH (rows are
+# Needs: target/release/{floe,floe-bench} (cargo build --release -p floe-net;
+# cargo build --release -p floe-bench), iperf3; optional: s3s-fs and tansu on PATH (rows are
 # skipped when missing). Everything listens on free loopback ports and is
 # stopped by PID on exit. Results (JSON, SVG, logs) stay in $OUT.
 set -euo pipefail
@@ -104,10 +104,10 @@ echo "writing results to $OUT" >&2
 # 1. iperf3 loopback.
 if command -v iperf3 >/dev/null; then
   port=$(free_port)
-  iperf3 -s -1 -p "$port" -B 127.0.0.1 > "$OUT/iperf3-server.log" 2>&1 &
+  # No port probe here: the server counts a probe as its test client.
+  iperf3 -s -p "$port" -B 127.0.0.1 > "$OUT/iperf3-server.log" 2>&1 &
   ipid=$!; pids+=($ipid)
-  wait_port "$port" || true
-  sleep 0.3
+  sleep 1
   iperf3 -c 127.0.0.1 -p "$port" -t "$secs" -J > "$OUT/iperf3.json"
   stop "$ipid"
   IPERF_MBS=$(jq_ "$OUT/iperf3.json" 'round(d["end"]["sum_received"]["bits_per_second"]/8/1e6,1)')

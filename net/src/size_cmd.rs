@@ -48,6 +48,8 @@ pub fn main(args: SizeArgs) -> std::process::ExitCode {
         flush_interval_ms: args.flush_interval_ms,
         flush_bytes: args.flush_bytes,
     });
-    print!("{sizing}");
+    // A closed pipe (`floe size ... | head`) ends the output, not a panic.
+    use std::io::Write as _;
+    let _ = write!(std::io::stdout().lock(), "{sizing}");
     std::process::ExitCode::SUCCESS
 }
