@@ -109,3 +109,22 @@ def test_unreachable_bootstrap_fails_cleanly(tmp_path):
     assert proc.returncode != 0
     assert "connecting to 127.0.0.1:%d" % port in proc.stderr
     assert "panicked" not in proc.stderr
+
+
+def test_serve_logs_its_budgets_and_size_prints_a_sizing(broker):
+    log = broker.log_text()
+    line = next((l for l in log.splitlines() if "tuning:" in l and "shard(s)" in l), None)
+    assert line is not None, log[-2000:]
+    assert "in-flight" in line and "read cache" in line and "upload parts" in line
+    out = subprocess.run([str(floe_bin()), "size", "--throughput", "1GiB/s", "--zones", "3",
+                          "--retention-hours", "48"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    rows = [l for l in out.stdout.splitlines() if l.startswith("m6in.")]
+    assert len(rows) == 9
+    # Instances per zone never grow with the instance size.
+    per_zone = [int(r.split()[4]) for r in rows]
+    assert per_zone == sorted(per_zone, reverse=True) and per_zone[-1] >= 1
+    assert "assumptions:" in out.stdout and "PUT 0.005" in out.stdout
+    bad = subprocess.run([str(floe_bin()), "size", "--throughput", "fast"],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "1GiB/s" in bad.stderr
