@@ -372,13 +372,7 @@ async fn produce_worker(
             drop(permit);
             continue;
         }
-        let reply = match conn.send_versioned(req, *version).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing_error(&e);
-                return Err(e);
-            }
-        };
+        let reply = conn.send_versioned(req, *version).await?;
         let rec = rec.clone();
         tasks.spawn(async move {
             let resp = reply.wait().await;
@@ -419,10 +413,6 @@ async fn produce_worker(
         .map(|r| r.clone())
         .map_err(|_| BenchError::Closed)?;
     Ok(out)
-}
-
-fn tracing_error(e: &BenchError) {
-    eprintln!("floe-bench: {e}");
 }
 
 /// Offsets to start consuming from: earliest (-2) or latest (-1).
