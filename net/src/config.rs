@@ -33,6 +33,9 @@ pub enum Command {
     /// the bootstrap address, then every advertised broker; explain each
     /// failure and its fix. Exits 1 when anything is unreachable.
     DiagnoseConnection(crate::diagnose::DiagnoseArgs),
+    /// Size a cluster of m6in instances for a produce throughput, with the
+    /// monthly object-store request cost at the default flush settings.
+    Size(crate::size_cmd::SizeArgs),
 }
 
 /// Every setting of `floe serve`. Each flag also reads a `FLOE_*`
@@ -75,7 +78,8 @@ pub struct ServeArgs {
     /// HTTP address for /metrics, /healthz and /readyz. [default: 127.0.0.1:9644]
     #[arg(long, env = "FLOE_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
-    /// Shards (one pinned thread each). [default: the CPUs the process may use]
+    /// Shards (one pinned thread each). [default: the CPUs the process may
+    /// use, bounded by the cgroup CPU quota]
     #[arg(long, env = "FLOE_SHARDS")]
     pub shards: Option<usize>,
     /// Seal a segment this many milliseconds after its first batch. [default: 100]
@@ -98,10 +102,11 @@ pub struct ServeArgs {
     /// The bucket is an S3 Express One Zone directory bucket. [default: false]
     #[arg(long, env = "FLOE_S3_EXPRESS")]
     pub s3_express: Option<bool>,
-    /// Size of each part of a multipart upload (at least 5 MiB). [default: 8388608]
+    /// Size of each part of a multipart upload (at least 5 MiB). [default: 8388608 (tuning)]
     #[arg(long, env = "FLOE_UPLOAD_PART_BYTES")]
     pub upload_part_bytes: Option<usize>,
-    /// Parts of one segment upload in flight at once. [default: 4]
+    /// Parts of one segment upload in flight at once.
+    /// [default: from the memory budget (tuning), 1 to 8]
     #[arg(long, env = "FLOE_UPLOAD_CONCURRENCY")]
     pub upload_concurrency: Option<usize>,
     /// Segments larger than this are uploaded in parts. [default: 16777216]
@@ -153,10 +158,12 @@ pub struct ServeArgs {
     #[arg(long, env = "FLOE_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
     /// Per shard: request bytes admitted but not yet answered; past it the
-    /// shard stops reading sockets. [default: 268435456]
+    /// shard stops reading sockets. [default: a quarter of the shard's
+    /// budgeted memory (tuning: 768 MiB at 4 GiB per shard)]
     #[arg(long, env = "FLOE_INFLIGHT_BYTES")]
     pub inflight_bytes: Option<usize>,
-    /// Per shard: bytes of recent batches kept in memory for fetches. [default: 268435456]
+    /// Per shard: bytes of recent batches kept in memory for fetches.
+    /// [default: half of the shard's budgeted memory (tuning: 1536 MiB at 4 GiB per shard)]
     #[arg(long, env = "FLOE_READ_CACHE_BYTES")]
     pub read_cache_bytes: Option<usize>,
     /// Longest a fetch may wait for data, whatever the client asks. [default: 30000]
@@ -204,6 +211,9 @@ pub struct Resolved {
     pub read_cache_bytes: usize,
     pub fetch_wait_ms_max: u64,
     pub log: String,
+    /// The tuning model's choices, printed at start-up; the fields above
+    /// that were not set explicitly come from it.
+    pub budgets: floe_tuning::Budgets,
 }
 
 /// Most shards accepted: more than this is a configuration mistake.
@@ -267,7 +277,8 @@ impl ServeArgs {
             listeners[0].advertised_host.clone(),
             listeners[0].advertised_port,
         );
-        let shards = pick!(shards, floe_tuning::default_shards());
+        let budgets = floe_tuning::Budgets::from_limits(&floe_tuning::Limits::read());
+        let shards = pick!(shards, budgets.shards);
         if shards == 0 || shards > SHARDS_MAX {
             anyhow::bail!("--shards {shards} must be between 1 and {SHARDS_MAX}");
         }
@@ -287,8 +298,8 @@ impl ServeArgs {
         let s3_endpoint = self.s3_endpoint.clone().or(file.s3_endpoint.clone());
         let s3_region = self.s3_region.clone().or(file.s3_region.clone());
         let s3_express = pick!(s3_express, s3_defaults.express);
-        let upload_part_bytes = pick!(upload_part_bytes, s3_defaults.part_bytes);
-        let upload_concurrency = pick!(upload_concurrency, s3_defaults.part_concurrency);
+        let upload_part_bytes = pick!(upload_part_bytes, budgets.upload_part_bytes);
+        let upload_concurrency = pick!(upload_concurrency, budgets.upload_concurrency);
         let multipart_threshold_bytes = pick!(
             multipart_threshold_bytes,
             s3_defaults.multipart_threshold_bytes
@@ -298,7 +309,7 @@ impl ServeArgs {
             s3_defaults.hedge_after.map_or(0, |d| d.as_millis() as u64)
         );
         let max_request_bytes = pick!(max_request_bytes, 104_857_600);
-        let inflight_bytes = pick!(inflight_bytes, 256 << 20);
+        let inflight_bytes = pick!(inflight_bytes, budgets.inflight_bytes);
         if inflight_bytes < 1 << 20 {
             anyhow::bail!("--inflight-bytes {inflight_bytes} must be at least 1 MiB");
         }
@@ -315,7 +326,7 @@ impl ServeArgs {
             auto_create_topics: pick!(auto_create_topics, true),
             num_partitions: pick!(num_partitions, 1).max(1),
             max_message_bytes: pick!(max_message_bytes, 1_048_588),
-            read_cache_bytes: pick!(read_cache_bytes, 256 << 20),
+            read_cache_bytes: pick!(read_cache_bytes, budgets.read_cache_bytes),
             fetch_wait_ms_max: pick!(fetch_wait_ms_max, 30_000),
             log: pick!(log, "info".to_string()),
             data_dir,
@@ -340,6 +351,7 @@ impl ServeArgs {
                 .or(file.object_store_faults.clone()),
             max_request_bytes,
             inflight_bytes,
+            budgets,
         };
         resolved
             .object_store_options()
@@ -738,7 +750,13 @@ mod tests {
         let d = ServeArgs::default().resolve().expect("defaults");
         let o = d.object_store_options();
         assert_eq!(o.hedge_after, Some(std::time::Duration::from_millis(250)));
-        assert_eq!((o.part_bytes, o.part_concurrency), (8 << 20, 4));
+        assert_eq!(
+            (o.part_bytes, o.part_concurrency),
+            (d.budgets.upload_part_bytes, d.budgets.upload_concurrency)
+        );
+        assert_eq!(d.inflight_bytes, d.budgets.inflight_bytes);
+        assert_eq!(d.read_cache_bytes, d.budgets.read_cache_bytes);
+        assert_eq!(d.shards, d.budgets.shards);
 
         let small_parts = ServeArgs {
             upload_part_bytes: Some(1 << 20),

@@ -22,4 +22,5 @@ pub mod preflight;
 pub mod producer_ids;
 pub mod request;
 pub mod server;
+pub mod size_cmd;
 pub mod topic_config;

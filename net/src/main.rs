@@ -8,6 +8,7 @@ fn main() -> std::process::ExitCode {
         Command::CheckBucket(args) => floe_net::check_bucket::main(args),
         Command::Groups(args) => floe_net::groups_cmd::main(args),
         Command::DiagnoseConnection(args) => floe_net::diagnose::main(args),
+        Command::Size(args) => floe_net::size_cmd::main(args),
         Command::Serve(args) => {
             let resolved = match args.resolve() {
                 Ok(r) => r,

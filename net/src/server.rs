@@ -95,7 +95,25 @@ impl Barrier {
     }
 }
 
+/// One start-up line with the tuning model's choices and what was
+/// actually used (flags win), then one warning per mismatch with the model.
+fn log_budgets(cfg: &Resolved) {
+    let b = &cfg.budgets;
+    tracing::info!(
+        "tuning: {b}; using {} shard(s), in-flight {} MiB, read cache {} MiB, upload parts {} MiB x {} per shard",
+        cfg.shards,
+        cfg.inflight_bytes >> 20,
+        cfg.read_cache_bytes >> 20,
+        cfg.upload_part_bytes >> 20,
+        cfg.upload_concurrency
+    );
+    for w in &b.warnings {
+        tracing::warn!("tuning: {w}");
+    }
+}
+
 pub fn run(cfg: Resolved) -> anyhow::Result<()> {
+    log_budgets(&cfg);
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let store = floe_objstore::open_with_faults(

@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# The same workload, in one run on one machine, against:
+#   floe (embedded default: local directory + redb), floe on S3 (s3s-fs),
+#   Tansu with memory storage and with S3 storage (s3s-fs), and raw loopback
+#   TCP (iperf3, the ceiling).
+# For each broker: produce as fast as possible (closed loop), then at half of
+# that rate (open loop, latency from intended send time), then end-to-end at
+# half rate. Prints a table and the ratios of issue 7's targets.
+#
+#   bench/scripts/side-by-side.sh [SECONDS] [RECORD_SIZE] [PARTITIONS] [CONNECTIONS]
+#
+# Needs: target/release/{floe,floe-bench} (cargo build --release -p floe-net;
+# cargo build --release -p floe-bench), iperf3; optional: s3s-fs and tansu on PATH (rows are
+# skipped when missing). Everything listens on free loopback ports and is
+# stopped by PID on exit. Results (JSON, SVG, logs) stay in $OUT.
+set -euo pipefail
+secs=${1:-10}
+size=${2:-1024}
+parts=${3:-8}
+conns=${4:-2}
+root=$(cd "$(dirname "$0")/../.." && pwd)
+target=${CARGO_TARGET_DIR:-$root/target}
+floe=${FLOE_BIN:-$target/release/floe}
+bench=${FLOE_BENCH_BIN:-$target/release/floe-bench}
+OUT=${OUT:-$(mktemp -d /tmp/floe-side-by-side.XXXXXX)}
+mkdir -p "$OUT"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2; return 1
+}
+jq_() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$@"; }
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+# Object-store PUTs as the backend sees them (single PUTs plus multipart
+# requests), falling back to the engine's count.
+floe_puts() {
+  curl -s "http://$1/metrics" | python3 -c '
+import re, sys
+text = sys.stdin.read()
+def total(pat):
+    return sum(float(v) for v in re.findall(pat + r"\s+([0-9.e+]+)", text))
+backend = total(r"floe_objstore_backend_requests_total\{[^}]*op=\"(?:put_object|upload_part|create_multipart|complete_multipart)\"[^}]*\}")
+engine = total(r"floe_objstore_requests_total\{[^}]*op=\"put\"[^}]*\}")
+print(int(backend or engine))'
+}
+
+declare -A ROW_MBS ROW_P99 ROW_E2E ROW_PUT ROW_P99_FULL
+
+# run_workload NAME BOOTSTRAP [ADMIN]
+run_workload() {
+  local name=$1 bs=$2 admin=${3:-}
+  local common=(--bootstrap "$bs" --partitions "$parts" --connections "$conns" --record-size "$size" --acks -1)
+  local puts0=0 puts1=0
+  [ -n "$admin" ] && puts0=$(floe_puts "$admin")
+  "$bench" "${common[@]}" --topic-prefix "$name-max" --duration "$secs" \
+    --json "$OUT/$name-max.json" --svg "$OUT/$name-max.svg" 2>>"$OUT/$name-bench.log"
+  [ -n "$admin" ] && puts1=$(floe_puts "$admin")
+  local mbs rps bytes
+  mbs=$(jq_ "$OUT/$name-max.json" 'round(d["produce"]["mb_per_sec"],1)')
+  rps=$(jq_ "$OUT/$name-max.json" 'int(d["produce"]["records_per_sec"])')
+  bytes=$(jq_ "$OUT/$name-max.json" 'd["produce"]["bytes"]')
+  ROW_MBS[$name]=$mbs
+  ROW_P99_FULL[$name]=$(jq_ "$OUT/$name-max.json" 'd["produce"]["latency"]["p99_ms"]')
+  if [ -n "$admin" ]; then
+    ROW_PUT[$name]=$(python3 -c "print(round(($puts1-$puts0) / max($bytes/(4<<20),1e-9), 2))")
+  else
+    ROW_PUT[$name]="n/a"
+  fi
+  local half=$(( rps / 2 ))
+  "$bench" "${common[@]}" --topic-prefix "$name-half" --duration "$secs" --rate "$half" \
+    --json "$OUT/$name-half.json" --svg "$OUT/$name-half.svg" 2>>"$OUT/$name-bench.log"
+  ROW_P99[$name]=$(jq_ "$OUT/$name-half.json" 'd["produce"]["latency"]["p99_ms"]')
+  "$bench" "${common[@]}" --mode e2e --topic-prefix "$name-e2e" --duration "$secs" --rate "$half" \
+    --json "$OUT/$name-e2e.json" --svg "$OUT/$name-e2e.svg" 2>>"$OUT/$name-bench.log"
+  ROW_E2E[$name]=$(jq_ "$OUT/$name-e2e.json" 'd["e2e_latency"]["p99_ms"] if d["e2e_latency"] else "n/a"')
+  echo "  $name: ${mbs} MB/s closed loop; at ${half} rec/s: produce p99 ${ROW_P99[$name]} ms, e2e p99 ${ROW_E2E[$name]} ms; PUT per 4 MiB ${ROW_PUT[$name]}" >&2
+}
+
+start_s3s() {
+  local dir=$OUT/s3s-$1 port
+  port=$(free_port)
+  mkdir -p "$dir/bench"
+  s3s-fs --host 127.0.0.1 --port "$port" --access-key test --secret-key testtest "$dir" \
+    > "$OUT/s3s-$1.log" 2>&1 &
+  pids+=($!); S3S_PID=$!
+  wait_port "$port"
+  S3S_PORT=$port
+}
+
+order=()
+echo "writing results to $OUT" >&2
+
+# 1. iperf3 loopback.
+if command -v iperf3 >/dev/null; then
+  port=$(free_port)
+  # No port probe here: the server counts a probe as its test client.
+  iperf3 -s -p "$port" -B 127.0.0.1 > "$OUT/iperf3-server.log" 2>&1 &
+  ipid=$!; pids+=($ipid)
+  sleep 1
+  iperf3 -c 127.0.0.1 -p "$port" -t "$secs" -J > "$OUT/iperf3.json"
+  stop "$ipid"
+  IPERF_MBS=$(jq_ "$OUT/iperf3.json" 'round(d["end"]["sum_received"]["bits_per_second"]/8/1e6,1)')
+  echo "  iperf3 loopback: $IPERF_MBS MB/s" >&2
+else
+  IPERF_MBS=""
+fi
+
+# 2. floe, embedded default.
+port=$(free_port); admin_port=$(free_port)
+"$floe" serve --data-dir "$OUT/floe-data" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin_port" \
+  > "$OUT/floe-embedded.log" 2>&1 &
+fpid=$!; pids+=($fpid)
+wait_port "$port"
+run_workload floe-embedded "127.0.0.1:$port" "127.0.0.1:$admin_port"; order+=(floe-embedded)
+stop "$fpid"
+
+# 3. floe on S3 (s3s-fs).
+if command -v s3s-fs >/dev/null; then
+  start_s3s floe
+  port=$(free_port); admin_port=$(free_port)
+  AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=testtest \
+    "$floe" serve --data-dir "$OUT/floe-s3-data" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin_port" \
+    --object-store s3://bench/floe --s3-endpoint "http://127.0.0.1:$S3S_PORT" \
+    > "$OUT/floe-s3.log" 2>&1 &
+  fpid=$!; pids+=($fpid)
+  wait_port "$port"
+  run_workload floe-s3 "127.0.0.1:$port" "127.0.0.1:$admin_port"; order+=(floe-s3)
+  stop "$fpid"; stop "$S3S_PID"
+fi
+
+# 4. Tansu, memory and S3.
+if command -v tansu >/dev/null; then
+  port=$(free_port)
+  tansu broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine memory://tansu/ > "$OUT/tansu-memory.log" 2>&1 &
+  tpid=$!; pids+=($tpid)
+  wait_port "$port"
+  run_workload tansu-memory "127.0.0.1:$port"; order+=(tansu-memory)
+  stop "$tpid"
+  if command -v s3s-fs >/dev/null; then
+    start_s3s tansu
+    port=$(free_port)
+    AWS_ENDPOINT="http://127.0.0.1:$S3S_PORT" AWS_ALLOW_HTTP=true AWS_ACCESS_KEY_ID=test \
+      AWS_SECRET_ACCESS_KEY=testtest AWS_DEFAULT_REGION=us-east-1 AWS_REGION=us-east-1 \
+      tansu broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+      --storage-engine s3://bench/ > "$OUT/tansu-s3.log" 2>&1 &
+    tpid=$!; pids+=($tpid)
+    wait_port "$port"
+    run_workload tansu-s3 "127.0.0.1:$port" || echo "  tansu-s3: failed (see $OUT/tansu-s3*.log)" >&2
+    [ -n "${ROW_MBS[tansu-s3]:-}" ] && order+=(tansu-s3)
+    stop "$tpid"; stop "$S3S_PID"
+  fi
+fi
+
+echo
+echo "side by side: $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) vCPU, ${secs}s per run, ${size} B records, ${parts} partitions, ${conns} connections, acks=all"
+printf '| %-14s | %12s | %20s | %22s | %18s | %14s |\n' target "produce MB/s" "p99 ms (closed loop)" "produce p99 ms @ half" "e2e p99 ms @ half" "PUTs per 4 MiB"
+printf '|%s|%s|%s|%s|%s|%s|\n' "----------------" "--------------" "----------------------" "------------------------" "--------------------" "----------------"
+[ -n "$IPERF_MBS" ] && printf '| %-14s | %12s | %20s | %22s | %18s | %14s |\n' iperf3 "$IPERF_MBS" - - - -
+for n in "${order[@]}"; do
+  printf '| %-14s | %12s | %20s | %22s | %18s | %14s |\n' "$n" "${ROW_MBS[$n]}" "${ROW_P99_FULL[$n]}" "${ROW_P99[$n]}" "${ROW_E2E[$n]}" "${ROW_PUT[$n]}"
+done
+echo
+ratio() { python3 -c "a,b='$1','$2'; print(round(float(a)/float(b),2) if a and b and float(b)>0 else 'n/a')"; }
+if [ -n "${ROW_MBS[tansu-memory]:-}" ]; then
+  echo "floe-embedded / tansu-memory produce: $(ratio "${ROW_MBS[floe-embedded]}" "${ROW_MBS[tansu-memory]}")x (target >= 5)"
+fi
+[ -n "$IPERF_MBS" ] && echo "floe-embedded / iperf3 loopback:      $(ratio "${ROW_MBS[floe-embedded]}" "$IPERF_MBS")x (target >= 0.5)"
+[ -n "${ROW_MBS[floe-s3]:-}" ] && echo "floe-s3 / iperf3 loopback:            $(ratio "${ROW_MBS[floe-s3]}" "$IPERF_MBS")x"
+echo "targets at half rate: produce p99 <= flush interval + 10 ms = 110 ms; e2e p99 <= 125 ms; PUTs per 4 MiB <= 1"
+echo "results: $OUT"

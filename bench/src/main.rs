@@ -1,0 +1,743 @@
+//! `floe-bench`: produce, consume or end-to-end load against any Kafka
+//! bootstrap address; prints JSON results and can draw an SVG plot.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use clap::{Parser, ValueEnum};
+use floe_bench::client::{split_batches, Conn};
+use floe_bench::report::{quantiles, series, summary, svg, Quantiles, Summary};
+use floe_bench::{parse_bytes, BenchError, Recorder};
+use kafka_protocol::messages::create_topics_request::CreatableTopic;
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use kafka_protocol::messages::{
+    BrokerId, CreateTopicsRequest, FetchRequest, ListOffsetsRequest, MetadataRequest,
+    ProduceRequest, TopicName,
+};
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    /// Produce only.
+    Produce,
+    /// Consume what is already in the topics, from the earliest offset.
+    Consume,
+    /// Produce and consume at once; measures produce-to-consume latency.
+    E2e,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Codec {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+impl Codec {
+    fn compression(self) -> Compression {
+        match self {
+            Codec::None => Compression::None,
+            Codec::Gzip => Compression::Gzip,
+            Codec::Snappy => Compression::Snappy,
+            Codec::Lz4 => Compression::Lz4,
+            Codec::Zstd => Compression::Zstd,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Parser, Serialize)]
+#[command(
+    name = "floe-bench",
+    version,
+    about = "Kafka load generator and latency recorder"
+)]
+struct Args {
+    /// Bootstrap broker, HOST:PORT.
+    #[arg(long, short = 'b')]
+    bootstrap: String,
+    #[arg(long, value_enum, default_value_t = Mode::Produce)]
+    mode: Mode,
+    /// Topics are named PREFIX-0 .. PREFIX-(N-1); created if missing.
+    #[arg(long, default_value = "floe-bench")]
+    topic_prefix: String,
+    #[arg(long, default_value_t = 1)]
+    topics: u32,
+    /// Partitions per topic (when creating).
+    #[arg(long, default_value_t = 8)]
+    partitions: i32,
+    /// Producer connections (workers); as many consumers in e2e mode.
+    #[arg(long, default_value_t = 2)]
+    connections: usize,
+    /// Bytes of each record's value.
+    #[arg(long, value_parser = parse_bytes, default_value = "1024")]
+    record_size: u64,
+    /// Bytes of record values per produce batch (one partition per request).
+    #[arg(long, value_parser = parse_bytes, default_value = "256KiB")]
+    batch_size: u64,
+    /// -1 (all), 1 or 0 (no reply: no latency).
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    acks: i16,
+    #[arg(long, value_enum, default_value_t = Codec::None)]
+    compression: Codec,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Records per second across all producers; 0 = as fast as possible
+    /// (closed loop). At a fixed rate latency counts from each record's
+    /// intended send time, so a stalled broker is not hidden (coordinated
+    /// omission).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Produce requests in flight per producer. A diskless broker answers
+    /// after its flush interval, so the window must cover throughput x
+    /// flush interval (100 x 256 KiB per 100 ms is 262 MB/s per producer).
+    #[arg(long, default_value_t = 100)]
+    inflight: usize,
+    /// Write the JSON results here instead of stdout.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw throughput and latency over time into this SVG file.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+}
+
+/// Longest a fetch waits at the broker: short, so consumers notice the end.
+const FETCH_WAIT_MS: i32 = 100;
+const FETCH_BYTES_MAX: i32 = 32 << 20;
+const FETCH_PARTITION_BYTES_MAX: i32 = 4 << 20;
+/// At a fixed rate a producer batches at most this long (like librdkafka's
+/// linger.ms default), so low rates are not dominated by batching delay.
+const LINGER: Duration = Duration::from_millis(5);
+/// How long consumers keep reading after producers stop in e2e mode.
+const E2E_DRAIN: Duration = Duration::from_secs(2);
+const METADATA_WAIT: Duration = Duration::from_secs(15);
+
+type Partition = (TopicName, i32);
+
+struct Cluster {
+    /// Leader address of each partition.
+    leaders: HashMap<Partition, String>,
+    partitions: Vec<Partition>,
+}
+
+fn topic_names(a: &Args) -> Vec<TopicName> {
+    (0..a.topics)
+        .map(|i| TopicName(StrBytes::from_string(format!("{}-{i}", a.topic_prefix))))
+        .collect()
+}
+
+async fn prepare(a: &Args) -> Result<Cluster, BenchError> {
+    let conn = Conn::connect(&a.bootstrap).await?;
+    let names = topic_names(a);
+    if a.mode != Mode::Consume {
+        let v = conn.version::<CreateTopicsRequest>(5, 0)?;
+        let req = CreateTopicsRequest::default()
+            .with_timeout_ms(10_000)
+            .with_topics(
+                names
+                    .iter()
+                    .map(|n| {
+                        CreatableTopic::default()
+                            .with_name(n.clone())
+                            .with_num_partitions(a.partitions)
+                            .with_replication_factor(1)
+                    })
+                    .collect(),
+            );
+        let resp = conn.send_versioned(req, v).await?.wait().await?;
+        for t in resp.topics {
+            // 36: TOPIC_ALREADY_EXISTS.
+            if t.error_code != 0 && t.error_code != 36 {
+                return Err(BenchError::Kafka("CreateTopics", t.error_code));
+            }
+        }
+    }
+    let v = conn.version::<MetadataRequest>(9, 1)?;
+    let began = Instant::now();
+    loop {
+        let req = MetadataRequest::default().with_topics(Some(
+            names
+                .iter()
+                .map(|n| MetadataRequestTopic::default().with_name(Some(n.clone())))
+                .collect(),
+        ));
+        let resp = conn.send_versioned(req, v).await?.wait().await?;
+        let brokers: HashMap<i32, String> = resp
+            .brokers
+            .iter()
+            .map(|b| (b.node_id.0, format!("{}:{}", b.host.as_str(), b.port)))
+            .collect();
+        let mut leaders = HashMap::new();
+        let mut partitions = Vec::new();
+        let mut complete = resp.topics.len() == names.len();
+        for t in &resp.topics {
+            let Some(name) = t.name.clone() else { continue };
+            complete &= t.error_code == 0 && !t.partitions.is_empty();
+            for p in &t.partitions {
+                match brokers.get(&p.leader_id.0) {
+                    Some(addr) if p.error_code == 0 => {
+                        leaders.insert((name.clone(), p.partition_index), addr.clone());
+                        partitions.push((name.clone(), p.partition_index));
+                    }
+                    _ => complete = false,
+                }
+            }
+        }
+        if complete {
+            partitions.sort_by(|a, b| (a.0 .0.as_str(), a.1).cmp(&(b.0 .0.as_str(), b.1)));
+            return Ok(Cluster {
+                leaders,
+                partitions,
+            });
+        }
+        if began.elapsed() > METADATA_WAIT {
+            return Err(BenchError::Setup(format!(
+                "topics {:?} have no leader for every partition after {METADATA_WAIT:?}",
+                names.iter().map(|n| n.0.as_str()).collect::<Vec<_>>()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Connections of one worker, one per leader it talks to.
+#[derive(Default)]
+struct Conns(HashMap<String, Arc<Conn>>);
+
+impl Conns {
+    async fn get(&mut self, addr: &str) -> Result<Arc<Conn>, BenchError> {
+        if let Some(c) = self.0.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = Conn::connect(addr).await?;
+        self.0.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+}
+
+/// Pseudo-random bytes (xorshift): not trivially compressible, no
+/// dependency, the same every run.
+fn payload(len: usize) -> Bytes {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // Printable bytes, as typical text/JSON payloads are.
+        v.push(b' ' + (x % 95) as u8);
+    }
+    Bytes::from(v)
+}
+
+/// Record `i` of a batch. Offsets are deltas within the batch; the encoder
+/// keeps records in one batch only while offset - sequence is constant, and
+/// a producer without an id sends base sequence -1.
+fn record(i: i64, value: Bytes, now_ms: i64) -> Record {
+    Record {
+        transactional: false,
+        control: false,
+        delete_horizon: false,
+        partition_leader_epoch: -1,
+        producer_id: -1,
+        producer_epoch: -1,
+        timestamp_type: TimestampType::Creation,
+        offset: i,
+        sequence: i as i32 - 1,
+        timestamp: now_ms,
+        key: None,
+        value: Some(value),
+        headers: Default::default(),
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+struct Shared {
+    args: Args,
+    cluster: Cluster,
+    /// Time zero for e2e stamps (first 8 bytes of each value).
+    base: Instant,
+    template: Bytes,
+}
+
+async fn produce_worker(
+    s: Arc<Shared>,
+    parts: Vec<Partition>,
+    start: Instant,
+    deadline: Instant,
+) -> Result<Recorder, BenchError> {
+    let a = &s.args;
+    let rec = Arc::new(Mutex::new(Recorder::new(start)));
+    if parts.is_empty() {
+        return Ok(Recorder::new(start));
+    }
+    let mut conns = Conns::default();
+    let mut targets = Vec::new();
+    for p in &parts {
+        let conn = conns.get(&s.cluster.leaders[p]).await?;
+        let v = conn.version::<ProduceRequest>(9, 3)?;
+        targets.push((p.clone(), conn, v));
+    }
+    let workers = a.connections.max(1) as f64;
+    let rate_w = a.rate / workers;
+    let batch_records_max = (a.batch_size / a.record_size.max(1)).max(1);
+    let batch_records = if rate_w > 0.0 {
+        ((rate_w * LINGER.as_secs_f64()) as u64).clamp(1, batch_records_max)
+    } else {
+        batch_records_max
+    };
+    let permits = Arc::new(Semaphore::new(a.inflight.max(1)));
+    let opts = RecordEncodeOptions {
+        version: 2,
+        compression: a.compression.compression(),
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut sent: u64 = 0;
+    let mut j: usize = 0;
+    loop {
+        // Open loop: the time the last record of this batch was due.
+        let due = (rate_w > 0.0)
+            .then(|| start + Duration::from_secs_f64((sent + batch_records) as f64 / rate_w));
+        if let Some(due) = due {
+            tokio::time::sleep_until(due.into()).await;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| BenchError::Closed)?;
+        let send_at = Instant::now();
+        if send_at >= deadline {
+            break;
+        }
+        let (part, conn, version) = &targets[j % targets.len()];
+        j += 1;
+        // End-to-end latency counts from the same time produce latency does.
+        let stamp = due
+            .unwrap_or(send_at)
+            .saturating_duration_since(s.base)
+            .as_nanos() as u64;
+        let now_ms = unix_ms();
+        let records: Vec<Record> = (0..batch_records)
+            .map(|i| {
+                let mut v = BytesMut::from(&s.template[..]);
+                if v.len() >= 8 {
+                    v[..8].copy_from_slice(&stamp.to_be_bytes());
+                }
+                record(i as i64, v.freeze(), now_ms)
+            })
+            .collect();
+        let mut buf = BytesMut::new();
+        RecordBatchEncoder::encode(&mut buf, &records, &opts)
+            .map_err(|e| BenchError::Encode(e.to_string()))?;
+        let req = ProduceRequest::default()
+            .with_acks(a.acks)
+            .with_timeout_ms(30_000)
+            .with_topic_data(vec![TopicProduceData::default()
+                .with_name(part.0.clone())
+                .with_partition_data(vec![PartitionProduceData::default()
+                    .with_index(part.1)
+                    .with_records(Some(buf.freeze()))])]);
+        let first_due = sent;
+        sent += batch_records;
+        let bytes = batch_records * a.record_size;
+        if a.acks == 0 {
+            conn.send_no_reply(req, *version).await?;
+            if let Ok(mut r) = rec.lock() {
+                r.count(Instant::now(), batch_records, bytes);
+            }
+            drop(permit);
+            continue;
+        }
+        let reply = conn.send_versioned(req, *version).await?;
+        let rec = rec.clone();
+        tasks.spawn(async move {
+            let resp = reply.wait().await;
+            let done = Instant::now();
+            let ok = match resp {
+                Ok(r) => r
+                    .responses
+                    .iter()
+                    .flat_map(|t| t.partition_responses.iter())
+                    .all(|p| p.error_code == 0),
+                Err(_) => false,
+            };
+            if let Ok(mut r) = rec.lock() {
+                if !ok {
+                    r.errors += 1;
+                } else {
+                    r.count(done, batch_records, bytes);
+                    if rate_w > 0.0 {
+                        // Each record's latency from its own intended time.
+                        for m in 0..batch_records {
+                            let due = start
+                                + Duration::from_secs_f64((first_due + m + 1) as f64 / rate_w);
+                            r.latency(done, done.saturating_duration_since(due), 1);
+                        }
+                    } else {
+                        r.latency(done, done - send_at, batch_records);
+                    }
+                }
+            }
+            drop(permit);
+        });
+        // Reap finished replies so the set stays small.
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    let out = rec
+        .lock()
+        .map(|r| r.clone())
+        .map_err(|_| BenchError::Closed)?;
+    Ok(out)
+}
+
+/// Offsets to start consuming from: earliest (-2) or latest (-1).
+async fn start_offsets(
+    s: &Shared,
+    conns: &mut Conns,
+    parts: &[Partition],
+    timestamp: i64,
+) -> Result<HashMap<Partition, i64>, BenchError> {
+    let mut out = HashMap::new();
+    for p in parts {
+        let conn = conns.get(&s.cluster.leaders[p]).await?;
+        let v = conn.version::<ListOffsetsRequest>(5, 1)?;
+        let req = ListOffsetsRequest::default()
+            .with_replica_id(BrokerId(-1))
+            .with_topics(vec![ListOffsetsTopic::default()
+                .with_name(p.0.clone())
+                .with_partitions(vec![ListOffsetsPartition::default()
+                    .with_partition_index(p.1)
+                    .with_current_leader_epoch(-1)
+                    .with_timestamp(timestamp)])]);
+        let resp = conn.send_versioned(req, v).await?.wait().await?;
+        let part = resp
+            .topics
+            .iter()
+            .flat_map(|t| t.partitions.iter())
+            .find(|x| x.partition_index == p.1)
+            .ok_or_else(|| BenchError::Setup(format!("no offset for partition {}", p.1)))?;
+        if part.error_code != 0 {
+            return Err(BenchError::Kafka("ListOffsets", part.error_code));
+        }
+        out.insert(p.clone(), part.offset.max(0));
+    }
+    Ok(out)
+}
+
+async fn consume_worker(
+    s: Arc<Shared>,
+    parts: Vec<Partition>,
+    mut offsets: HashMap<Partition, i64>,
+    start: Instant,
+    deadline: Instant,
+) -> Result<(Recorder, Recorder), BenchError> {
+    let mut rec = Recorder::new(start);
+    let mut e2e = Recorder::new(start);
+    let mut conns = Conns::default();
+    let mut by_leader: HashMap<String, Vec<Partition>> = HashMap::new();
+    for p in parts {
+        by_leader
+            .entry(s.cluster.leaders[&p].clone())
+            .or_default()
+            .push(p);
+    }
+    let measure_e2e = s.args.mode == Mode::E2e;
+    // One fetch in flight per leader, round-robin over leaders.
+    while Instant::now() < deadline {
+        for (addr, parts) in &by_leader {
+            let conn = conns.get(addr).await?;
+            // v11 at most: Tansu 0.6 answers v12 with a tagged field that
+            // v12 does not define (FINDINGS.md), and v11 is all we need.
+            let v = conn.version::<FetchRequest>(11, 4)?;
+            let mut topics: Vec<FetchTopic> = Vec::new();
+            for p in parts {
+                let fp = FetchPartition::default()
+                    .with_partition(p.1)
+                    .with_current_leader_epoch(-1)
+                    .with_last_fetched_epoch(-1)
+                    .with_log_start_offset(-1)
+                    .with_fetch_offset(offsets.get(p).copied().unwrap_or(0))
+                    .with_partition_max_bytes(FETCH_PARTITION_BYTES_MAX);
+                match topics.iter_mut().find(|t| t.topic == p.0) {
+                    Some(t) => t.partitions.push(fp),
+                    None => topics.push(
+                        FetchTopic::default()
+                            .with_topic(p.0.clone())
+                            .with_partitions(vec![fp]),
+                    ),
+                }
+            }
+            let req = FetchRequest::default()
+                .with_replica_id(BrokerId(-1))
+                .with_max_wait_ms(FETCH_WAIT_MS)
+                .with_min_bytes(1)
+                .with_max_bytes(FETCH_BYTES_MAX)
+                .with_session_epoch(-1)
+                .with_topics(topics);
+            let resp = conn.send_versioned(req, v).await?.wait().await?;
+            let done = Instant::now();
+            let now_stamp = s.base.elapsed().as_nanos() as u64;
+            for t in resp.responses {
+                for pd in t.partitions {
+                    let key = (t.topic.clone(), pd.partition_index);
+                    if pd.error_code != 0 {
+                        rec.errors += 1;
+                        continue;
+                    }
+                    let Some(records) = pd.records else { continue };
+                    let next = offsets.entry(key).or_insert(0);
+                    for span in split_batches(records) {
+                        if span.last_offset < *next {
+                            continue;
+                        }
+                        let mut b = span.bytes.clone();
+                        let set = RecordBatchDecoder::decode(&mut b)
+                            .map_err(|e| BenchError::Decode(e.to_string()))?;
+                        let mut n = 0;
+                        let mut bytes = 0;
+                        for (i, r) in set.records.iter().enumerate() {
+                            if span.base_offset + (i as i64) < *next {
+                                continue;
+                            }
+                            n += 1;
+                            let value = r.value.as_deref().unwrap_or_default();
+                            bytes += value.len() as u64;
+                            if measure_e2e && value.len() >= 8 {
+                                let mut st = [0u8; 8];
+                                st.copy_from_slice(&value[..8]);
+                                let sent = u64::from_be_bytes(st);
+                                e2e.latency(
+                                    done,
+                                    Duration::from_nanos(now_stamp.saturating_sub(sent)),
+                                    1,
+                                );
+                            }
+                        }
+                        rec.count(done, n, bytes);
+                        *next = span.last_offset + 1;
+                    }
+                }
+            }
+        }
+    }
+    Ok((rec, e2e))
+}
+
+#[derive(Serialize)]
+struct Results {
+    tool: &'static str,
+    version: &'static str,
+    settings: Args,
+    started_unix_ms: i64,
+    duration_s: f64,
+    partitions: usize,
+    produce: Summary,
+    consume: Summary,
+    e2e_latency: Option<Quantiles>,
+    series: Vec<floe_bench::report::Point>,
+}
+
+async fn run(a: Args) -> Result<Results, BenchError> {
+    if a.record_size < 8 && a.mode == Mode::E2e {
+        return Err(BenchError::Setup(
+            "e2e mode needs --record-size of at least 8".into(),
+        ));
+    }
+    let valid = a.duration > 0.0 && a.duration.is_finite() && a.rate >= 0.0 && a.rate.is_finite();
+    if !valid {
+        return Err(BenchError::Setup(
+            "--duration must be positive and --rate not negative".into(),
+        ));
+    }
+    let cluster = prepare(&a).await?;
+    let s = Arc::new(Shared {
+        template: payload(a.record_size as usize),
+        base: Instant::now(),
+        cluster,
+        args: a.clone(),
+    });
+    let n = a.connections.max(1);
+    let assign = |w: usize| -> Vec<Partition> {
+        s.cluster
+            .partitions
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % n == w)
+            .map(|(_, p)| p.clone())
+            .collect()
+    };
+    // Consumers start where the data is before producers begin.
+    let mut consumer_offsets = Vec::new();
+    if a.mode != Mode::Produce {
+        let ts = if a.mode == Mode::Consume { -2 } else { -1 };
+        for w in 0..n {
+            let mut conns = Conns::default();
+            consumer_offsets.push(start_offsets(&s, &mut conns, &assign(w), ts).await?);
+        }
+    }
+    let started_unix_ms = unix_ms();
+    let start = Instant::now();
+    let run_for = Duration::from_secs_f64(a.duration);
+    let deadline = start + run_for;
+    let mut producers = tokio::task::JoinSet::new();
+    if a.mode != Mode::Consume {
+        for w in 0..n {
+            producers.spawn(produce_worker(s.clone(), assign(w), start, deadline));
+        }
+    }
+    let mut consumers = tokio::task::JoinSet::new();
+    let consume_deadline = if a.mode == Mode::E2e {
+        deadline + E2E_DRAIN
+    } else {
+        deadline
+    };
+    for (w, offsets) in consumer_offsets.into_iter().enumerate() {
+        consumers.spawn(consume_worker(
+            s.clone(),
+            assign(w),
+            offsets,
+            start,
+            consume_deadline,
+        ));
+    }
+    let mut produced = Recorder::new(start);
+    let mut consumed = Recorder::new(start);
+    let mut e2e = Recorder::new(start);
+    let mut first_error = None;
+    while let Some(r) = producers.join_next().await {
+        match r {
+            Ok(Ok(r)) => produced.merge(&r),
+            Ok(Err(e)) => first_error = first_error.or(Some(e)),
+            Err(e) => first_error = first_error.or(Some(BenchError::Setup(e.to_string()))),
+        }
+    }
+    while let Some(r) = consumers.join_next().await {
+        match r {
+            Ok(Ok((c, l))) => {
+                consumed.merge(&c);
+                e2e.merge(&l);
+            }
+            Ok(Err(e)) => first_error = first_error.or(Some(e)),
+            Err(e) => first_error = first_error.or(Some(BenchError::Setup(e.to_string()))),
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let secs = run_for.as_secs_f64();
+    Ok(Results {
+        tool: "floe-bench",
+        version: env!("CARGO_PKG_VERSION"),
+        started_unix_ms,
+        duration_s: secs,
+        partitions: s.cluster.partitions.len(),
+        produce: summary(&produced, secs),
+        consume: summary(&consumed, secs),
+        e2e_latency: quantiles(&e2e.latency),
+        series: series(&produced, &consumed, &e2e),
+        settings: a,
+    })
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("floe-bench: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let results = match rt.block_on(run(args.clone())) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("floe-bench: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let json = match serde_json::to_string_pretty(&results) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("floe-bench: encoding results: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match &args.json {
+        Some(path) => {
+            if let Err(e) = std::fs::write(path, json + "\n") {
+                eprintln!("floe-bench: writing {}: {e}", path.display());
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+        None => println!("{json}"),
+    }
+    if let Some(path) = &args.svg {
+        let title = format!(
+            "floe-bench {:?} {} · {} B records · acks={} · {}",
+            args.mode,
+            args.bootstrap,
+            args.record_size,
+            args.acks,
+            if args.rate > 0.0 {
+                format!("{} rec/s", args.rate)
+            } else {
+                "closed loop".into()
+            }
+        );
+        if let Err(e) = std::fs::write(path, svg(&results.series, &title)) {
+            eprintln!("floe-bench: writing {}: {e}", path.display());
+            return std::process::ExitCode::FAILURE;
+        }
+    }
+    let p = &results.produce;
+    let c = &results.consume;
+    eprintln!(
+        "produced {} records ({:.1} MB/s, {} errors), consumed {} records ({:.1} MB/s){}{}",
+        p.records,
+        p.mb_per_sec,
+        p.errors,
+        c.records,
+        c.mb_per_sec,
+        p.latency
+            .as_ref()
+            .map(|q| format!(
+                ", produce p50/p99/p99.9/max {:.1}/{:.1}/{:.1}/{:.1} ms",
+                q.p50_ms, q.p99_ms, q.p999_ms, q.max_ms
+            ))
+            .unwrap_or_default(),
+        results
+            .e2e_latency
+            .as_ref()
+            .map(|q| format!(", e2e p50/p99 {:.1}/{:.1} ms", q.p50_ms, q.p99_ms))
+            .unwrap_or_default()
+    );
+    std::process::ExitCode::SUCCESS
+}
