@@ -21,6 +21,7 @@ mod error;
 pub mod index;
 pub mod metrics;
 pub mod pool;
+pub mod retention;
 pub mod segment;
 pub mod sequencer;
 pub mod shard;

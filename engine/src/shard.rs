@@ -427,6 +427,7 @@ impl Shard {
                             });
                         }
                     }
+                    index.advance_log_start(u.log_start);
                 }
                 IndexMsg::Applied(seq) => {
                     self.applied_seq.set(seq);
@@ -608,7 +609,10 @@ impl Shard {
             }
             (entries, hwm, log_start)
         };
-        let data = self.load(&entries).await?;
+        let data = match self.load(&entries).await {
+            Ok(data) => data,
+            Err(e) => return Err(self.read_failed(req, e)),
+        };
         let mut parts = Vec::with_capacity(2 * data.len());
         let mut bytes = 0;
         for (e, stored) in entries.iter().zip(data) {
@@ -624,6 +628,29 @@ impl Shard {
             parts,
             bytes,
         })
+    }
+
+    /// A read whose batches retention trimmed while they were being read
+    /// (their object deleted after the grace) gets the answer any later
+    /// fetch gets: out of range. Any other failure is counted.
+    fn read_failed(&self, req: ReadRequest, e: Error) -> Error {
+        let now = self
+            .state
+            .borrow()
+            .indexes
+            .get(&req.tp)
+            .map(|i| (i.log_start(), i.high_watermark()));
+        if let Some((log_start, high_watermark)) = now {
+            if req.offset < log_start {
+                return Error::OffsetOutOfRange {
+                    offset: req.offset,
+                    log_start,
+                    high_watermark,
+                };
+            }
+        }
+        Metrics::add(&self.engine.metrics.fetch_read_errors, 1);
+        e
     }
 
     async fn offsets_local(&self, tp: PartitionKey, query: OffsetQuery) -> Result<OffsetAnswer> {

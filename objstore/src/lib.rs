@@ -24,6 +24,7 @@ pub mod conformance;
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 
@@ -42,6 +43,10 @@ pub use s3::{S3Options, S3};
 pub struct ObjectMeta {
     pub key: String,
     pub size: u64,
+    /// When the object was last written, as the backend reports it (S3's
+    /// `LastModified`, a file's mtime). Lifecycle uses it to tell an
+    /// abandoned upload from one whose commit is still on its way.
+    pub last_modified: SystemTime,
 }
 
 /// The object-store port. Keys are `/`-separated relative paths

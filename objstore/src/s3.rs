@@ -639,6 +639,7 @@ impl ObjectStore for S3 {
                 Some(ObjectMeta {
                     key: key.to_string(),
                     size: m.size,
+                    last_modified: std::time::SystemTime::from(m.last_modified),
                 })
             }));
             match page.page_token {
