@@ -143,6 +143,9 @@ pub struct Lifecycle {
     pub orphan_grace: Duration,
     /// How often the bucket is listed for orphans (a LIST per 1,000 keys).
     pub orphan_sweep_interval: Duration,
+    /// Multipart uploads started longer ago than this are aborted by the
+    /// sweep (S3 only).
+    pub multipart_abort_after: Duration,
 }
 
 impl Committer {
@@ -929,6 +932,11 @@ async fn sweep_orphans(
                 l.delete_grace,
             ));
         }
+    }
+    match store.abort_stale_uploads(l.multipart_abort_after).await {
+        Ok(0) => {}
+        Ok(aborted) => tracing::info!(aborted, "aborted stale multipart uploads"),
+        Err(e) => tracing::warn!(error = %e, "aborting stale multipart uploads failed"),
     }
     doomed.truncate(CLEANUP_DELETES_MAX);
     if doomed.is_empty() {

@@ -105,6 +105,10 @@ pub struct ServeArgs {
     /// How often the bucket is listed for orphans and old snapshots. [default: 600]
     #[arg(long, env = "FLOE_ORPHAN_SWEEP_INTERVAL_SECS")]
     pub orphan_sweep_interval_secs: Option<u64>,
+    /// S3: multipart uploads under the prefix started longer ago than this
+    /// are aborted by the sweep. [default: 86400]
+    #[arg(long, env = "FLOE_MULTIPART_ABORT_AFTER_SECS")]
+    pub multipart_abort_after_secs: Option<u64>,
     /// TESTING ONLY: inject faults into object-store requests, e.g.
     /// `seed=1,errors=0.2,lost_replies=0.05,latency=0.3,latency_max_ms=100,truncate=0.1`.
     /// [default: none]
@@ -179,6 +183,7 @@ pub struct Resolved {
     pub delete_grace_secs: u64,
     pub orphan_grace_secs: u64,
     pub orphan_sweep_interval_secs: u64,
+    pub multipart_abort_after_secs: u64,
     pub object_store_faults: Option<String>,
     /// `None`: allocate one (or reuse the one remembered in the data dir).
     pub node_id: Option<i32>,
@@ -308,6 +313,7 @@ impl ServeArgs {
             // would risk deleting an upload whose commit is still landing.
             orphan_grace_secs: pick!(orphan_grace_secs, 3600),
             orphan_sweep_interval_secs: pick!(orphan_sweep_interval_secs, 600).max(1),
+            multipart_abort_after_secs: pick!(multipart_abort_after_secs, 86_400),
             object_store_faults: self
                 .object_store_faults
                 .clone()

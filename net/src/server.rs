@@ -67,6 +67,7 @@ fn lifecycle(
         delete_grace: Duration::from_secs(cfg.delete_grace_secs),
         orphan_grace: Duration::from_secs(cfg.orphan_grace_secs),
         orphan_sweep_interval: Duration::from_secs(cfg.orphan_sweep_interval_secs),
+        multipart_abort_after: Duration::from_secs(cfg.multipart_abort_after_secs),
     }
 }
 

@@ -73,6 +73,15 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// A short description for logs (`file:///var/lib/floe/objects`).
     fn describe(&self) -> String;
 
+    /// Aborts the multipart uploads under this store's prefix that were
+    /// started more than `older_than` ago (a broker killed mid-upload, an
+    /// abort that itself failed); returns how many. Backends without
+    /// multipart uploads have none to abort.
+    async fn abort_stale_uploads(&self, older_than: std::time::Duration) -> Result<usize> {
+        let _ = older_than;
+        Ok(0)
+    }
+
     /// The backend's own count of the requests it sent (retries, multipart
     /// parts and hedged reads included), if it keeps one. Remote backends
     /// do; local ones have no requests to bill.

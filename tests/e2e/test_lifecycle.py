@@ -326,3 +326,32 @@ def test_retention_racing_live_fetches(store, topic_name):
     seen = consume_partitions(broker.bootstrap, topic_name, {0: hi}, starts={0: lo})
     assert [s.offset for s in seen[0]] == list(range(lo, hi))
     assert all(produced[s.offset] == s.value for s in seen[0])
+
+
+def test_stale_multipart_uploads_are_aborted(request, start_broker, topic_name):
+    """An upload left open under floe's prefix (a broker killed mid-upload)
+    is aborted once older than --multipart-abort-after-secs; uploads outside
+    the prefix are not floe's and stay."""
+    moto = request.getfixturevalue("moto")
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    ours = s3.create_multipart_upload(Bucket=bucket, Key="floe/segments/0000000000009-n7-s0-00000001")
+    theirs = s3.create_multipart_upload(Bucket=bucket, Key="elsewhere/big-file")
+    broker = start_broker(object_store="s3://%s/floe" % bucket, s3_endpoint=moto.url,
+                          extra_env=dict(CREDENTIALS), multipart_abort_after_secs=2, **FAST_CLEANUP)
+
+    def open_ids():
+        return {u["UploadId"] for u in moto.open_uploads(bucket)}
+
+    wait_for("the stale upload to be aborted", lambda: ours["UploadId"] not in open_ids())
+    assert theirs["UploadId"] in open_ids(), "an upload outside floe's prefix was aborted"
+    assert "aborted stale multipart uploads" in broker.log_text()
+    assert labelled(broker, "floe_objstore_backend_requests_total", purpose="cleanup",
+                    op="abort_multipart") >= 1
+    # Uploads of floe's own segments still complete: produce and read back.
+    create_topic(broker.bootstrap, topic_name, 1)
+    records = gen_records(300, seed=45, ts_base=int(time.time() * 1000))
+    delivered = produce_records(Producer(producer_conf(broker.bootstrap)), topic_name, records,
+                                partition_of=lambda i: 0)
+    verify(records, delivered, consume_partitions(broker.bootstrap, topic_name,
+                                                  ends_from_delivery(delivered)))
