@@ -83,6 +83,12 @@ pub enum CommitRequest {
         epoch: ProducerEpoch,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// Moves log start offsets forward (DeleteRecords). Replies with the
+    /// entry's sequence number and each partition's log start after it.
+    Trim {
+        trims: Vec<TrimRecord>,
+        reply: oneshot::Sender<Result<(u64, Vec<u64>)>>,
+    },
 }
 
 /// Committed batches of one partition, for its owning shard's index.
@@ -785,6 +791,8 @@ impl Committer {
                     segment.chunks.iter().map(|c| c.batches.len()).sum()
                 }
                 CommitRequest::Epoch { .. } => 0,
+                // A trim is about as long as a batch in the entry's JSON.
+                CommitRequest::Trim { trims, .. } => trims.len(),
             };
             let mut total = batches(&first);
             let mut group = vec![first];
@@ -806,6 +814,7 @@ impl Committer {
                 match r {
                     CommitRequest::Segment { segment, .. } => commit.segments.push(segment.clone()),
                     CommitRequest::Epoch { epoch, .. } => commit.epochs.push(*epoch),
+                    CommitRequest::Trim { trims, .. } => commit.trims.extend_from_slice(trims),
                 }
             }
             match self.append(&commit).await {
@@ -822,6 +831,18 @@ impl Committer {
                             CommitRequest::Epoch { reply, .. } => {
                                 let _ = reply.send(Ok(()));
                             }
+                            CommitRequest::Trim { trims, reply } => {
+                                let starts = trims
+                                    .iter()
+                                    .map(|t| {
+                                        self.sequencer.log_start(&PartitionKey {
+                                            topic_id: t.topic_id,
+                                            partition: t.partition,
+                                        })
+                                    })
+                                    .collect();
+                                let _ = reply.send(Ok((seq, starts)));
+                            }
                         }
                     }
                 }
@@ -833,6 +854,9 @@ impl Committer {
                                 let _ = reply.send(Err(e.clone()));
                             }
                             CommitRequest::Epoch { reply, .. } => {
+                                let _ = reply.send(Err(e.clone()));
+                            }
+                            CommitRequest::Trim { reply, .. } => {
                                 let _ = reply.send(Err(e.clone()));
                             }
                         }

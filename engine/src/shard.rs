@@ -375,6 +375,33 @@ impl Shard {
         }
     }
 
+    /// Commits log start moves (DeleteRecords) and returns each partition's
+    /// log start after them, once this shard's indexes show the entry.
+    pub async fn delete_records(
+        &self,
+        trims: Vec<floe_meta::schema::TrimRecord>,
+    ) -> Result<Vec<u64>> {
+        let (tx, rx) = oneshot::channel();
+        self.engine
+            .committer
+            .send_async(CommitRequest::Trim { trims, reply: tx })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        let (seq, starts) = rx.await.unwrap_or(Err(Error::ShuttingDown))?;
+        self.wait_applied(seq).await;
+        Ok(starts)
+    }
+
+    async fn wait_applied(&self, seq: u64) {
+        loop {
+            let l = self.applied.listen();
+            if self.applied_seq.get() >= seq {
+                break;
+            }
+            l.await;
+        }
+    }
+
     async fn commit(&self, record: SegmentRecord) -> Result<Vec<Vec<BatchOutcome>>> {
         let size = record.size;
         let (tx, rx) = oneshot::channel();
@@ -398,13 +425,7 @@ impl Shard {
         Metrics::add(&self.engine.metrics.segment_bytes, size);
         // Answer only once this shard's index shows the commit, so that a
         // producer's acknowledged offsets are immediately readable.
-        loop {
-            let l = self.applied.listen();
-            if self.applied_seq.get() >= seq {
-                break;
-            }
-            l.await;
-        }
+        self.wait_applied(seq).await;
         Ok(outcomes)
     }
 

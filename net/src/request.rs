@@ -29,6 +29,7 @@ pub enum Request {
     DescribeConfigs(DescribeConfigsRequest),
     DescribeCluster,
     InitProducerId(InitProducerIdRequest),
+    DeleteRecords(kafka_protocol::messages::DeleteRecordsRequest),
 }
 
 #[derive(Debug)]
@@ -107,6 +108,7 @@ pub fn decode(mut frame: Bytes) -> Result<Decoded, DecodeError> {
         ApiKey::DescribeConfigs => Request::DescribeConfigs(body(api, version, b)?),
         ApiKey::DescribeCluster => Request::DescribeCluster,
         ApiKey::InitProducerId => Request::InitProducerId(body(api, version, b)?),
+        ApiKey::DeleteRecords => Request::DeleteRecords(body(api, version, b)?),
         _ => {
             return Err(DecodeError::Unsupported {
                 api,

@@ -355,3 +355,45 @@ def test_stale_multipart_uploads_are_aborted(request, start_broker, topic_name):
                                 partition_of=lambda i: 0)
     verify(records, delivered, consume_partitions(broker.bootstrap, topic_name,
                                                   ends_from_delivery(delivered)))
+
+
+def test_delete_records_moves_the_log_start_and_frees_segments(store, topic_name):
+    """DeleteRecords (API 21) is the same mechanism as retention: the new
+    log start goes through the log; segments no partition needs are then
+    deleted by the cleanup owner."""
+    from confluent_kafka import OFFSET_END
+    from floe_clients import admin_client
+
+    broker = store.start(**FAST_CLEANUP)
+    create_topic(broker.bootstrap, topic_name, 2)
+    producer = Producer(producer_conf(broker.bootstrap))
+    now = int(time.time() * 1000)
+    first = gen_records(800, seed=46, ts_base=now)
+    d_first = produce_records(producer, topic_name, first, partition_of=lambda i: i % 2)
+    first_segments = store.keys("segments/")
+    second = gen_records(600, seed=47, ts_base=now + 1000)
+    d_second = produce_records(producer, topic_name, second, partition_of=lambda i: 0)
+    cut = ends_from_delivery(d_first)[0]  # p0: everything of the first round
+    ends = ends_from_delivery(d_first + d_second)
+
+    admin = admin_client(broker.bootstrap)
+    futures = admin.delete_records([TopicPartition(topic_name, 0, cut),
+                                    TopicPartition(topic_name, 1, OFFSET_END)])
+    got = {tp.partition: f.result(30).low_watermark for tp, f in futures.items()}
+    assert got == {0: cut, 1: ends[1]}, got
+    # Beyond the high watermark: refused, nothing moves.
+    bad = admin.delete_records([TopicPartition(topic_name, 0, ends[0] + 5)])
+    with pytest.raises(Exception) as e:
+        list(bad.values())[0].result(30)
+    assert "OFFSET_OUT_OF_RANGE" in str(e.value) or "out of range" in str(e.value).lower(), e.value
+    assert watermarks(broker.bootstrap, topic_name, [0, 1]) == {0: (cut, ends[0]), 1: (ends[1], ends[1])}
+
+    seen = consume_partitions(broker.bootstrap, topic_name, {0: ends[0]})
+    verify(second, d_second, seen, contiguous_from_zero=False)
+    # The first round's segments held only deleted records: they go.
+    wait_for("segments of deleted records to be deleted",
+             lambda: not (store.keys("segments/") & first_segments))
+    broker.restart()
+    assert watermarks(broker.bootstrap, topic_name, [0, 1]) == {0: (cut, ends[0]), 1: (ends[1], ends[1])}
+    seen = consume_partitions(broker.bootstrap, topic_name, {0: ends[0]})
+    verify(second, d_second, seen, contiguous_from_zero=False)

@@ -4,6 +4,7 @@
 //! in request order.
 
 mod admin;
+mod delete_records;
 mod fetch;
 mod list_offsets;
 mod metadata;
@@ -90,6 +91,9 @@ pub async fn dispatch(ctx: &Ctx, request: Request, version: i16) -> Pending {
         }
         Request::InitProducerId(req) => {
             async move { admin::init_producer_id(&ctx, req, version).await }.boxed_local()
+        }
+        Request::DeleteRecords(req) => {
+            async move { delete_records::handle(&ctx, req, version).await }.boxed_local()
         }
     }
 }
