@@ -28,7 +28,8 @@ from floe_clients import (
     verify,
     watermarks,
 )
-from test_s3 import CREDENTIALS, Moto, labelled  # noqa: F401  (Moto: the fixture's type)
+from test_cluster import etcd, wait_members  # noqa: F401  (etcd: a fixture)
+from test_s3 import CREDENTIALS, Moto, labelled
 
 HOUR_MS = 3_600_000
 # Short enough for a test, and every flag is exercised.
@@ -397,3 +398,50 @@ def test_delete_records_moves_the_log_start_and_frees_segments(store, topic_name
     assert watermarks(broker.bootstrap, topic_name, [0, 1]) == {0: (cut, ends[0]), 1: (ends[1], ends[1])}
     seen = consume_partitions(broker.bootstrap, topic_name, {0: ends[0]})
     verify(second, d_second, seen, contiguous_from_zero=False)
+
+
+def test_cluster_agrees_on_log_start_and_one_owner_cleans(start_broker, request, tmp_path, topic_name):
+    """Three brokers on etcd: the retention trim is one log entry, so every
+    broker reports the same earliest offset; only the live broker with the
+    lowest node id runs retention, and when it dies the next one takes over."""
+    etcd = request.getfixturevalue("etcd")
+    objects = tmp_path / "shared-objects"
+    objects.mkdir()
+    prefix = "floe-lc-%d" % time.monotonic_ns()
+    brokers = [start_broker(name="b%d" % n, node_id=n, object_store="file://%s" % objects,
+                            meta="etcd://%s/%s" % (etcd.endpoint, prefix), lease_ttl_secs=3,
+                            **FAST_CLEANUP)
+               for n in (1, 2, 3)]
+    wait_members(brokers[0], {1, 2, 3})
+    create_topic(brokers[1].bootstrap, topic_name, 2, config={"retention.ms": str(HOUR_MS // 2)})
+    now = int(time.time() * 1000)
+    old = gen_records(1000, seed=48, ts_base=now - HOUR_MS)
+    d_old = produce_records(Producer(producer_conf(brokers[1].bootstrap)), topic_name, old,
+                            partition_of=lambda i: i % 2)
+    fresh = gen_records(1000, seed=49, ts_base=now)
+    d_fresh = produce_records(Producer(producer_conf(brokers[2].bootstrap)), topic_name, fresh,
+                              partition_of=lambda i: i % 2)
+    cut, ends = ends_from_delivery(d_old), ends_from_delivery(d_fresh)
+    want = {p: (cut[p], ends[p]) for p in (0, 1)}
+    for b in brokers:
+        wait_for("%s to report the trimmed log start" % b.name,
+                 lambda b=b: watermarks(b.bootstrap, topic_name, [0, 1]) == want)
+    assert "retention moved log start offsets" in brokers[0].log_text()
+    for b in brokers[1:]:
+        assert "retention moved log start offsets" not in b.log_text(), b.name
+    seen = consume_partitions(brokers[2].bootstrap, topic_name, ends)
+    verify(fresh, d_fresh, seen, contiguous_from_zero=False)
+
+    # The owner dies: broker 2 (now the lowest live id) takes over.
+    brokers[0].kill9()
+    wait_members(brokers[1], {2, 3})
+    second = topic_name + "-2"
+    create_topic(brokers[2].bootstrap, second, 1, config={"retention.ms": str(HOUR_MS // 2)})
+    d2 = produce_records(Producer(producer_conf(brokers[2].bootstrap)), second,
+                         gen_records(300, seed=50, ts_base=now - HOUR_MS), partition_of=lambda i: 0)
+    end2 = ends_from_delivery(d2)[0]
+    for b in brokers[1:]:
+        wait_for("%s to report the new owner's trim" % b.name,
+                 lambda b=b: watermarks(b.bootstrap, second, [0])[0] == (end2, end2))
+    assert "retention moved log start offsets" in brokers[1].log_text()
+    assert "retention moved log start offsets" not in brokers[2].log_text()
