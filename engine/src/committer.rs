@@ -731,18 +731,15 @@ impl Committer {
                     (hwm > start).then_some(hwm)
                 }
                 Some(p) if p.is_unlimited() => None,
-                Some(p) => {
-                    let batches: Vec<StoredBatch> = entries
-                        .iter()
-                        .map(|&(base, records, max_ts, _, _, len)| StoredBatch {
-                            base_offset: base,
-                            records,
-                            max_ts,
-                            len,
-                        })
-                        .collect();
-                    planner.plan(*p, start, &batches)
-                }
+                Some(p) => planner.plan(*p, start, entries.len(), |i| {
+                    let (base_offset, records, max_ts, _, _, len) = entries[i];
+                    StoredBatch {
+                        base_offset,
+                        records,
+                        max_ts,
+                        len,
+                    }
+                }),
             };
             if let Some(to) = to {
                 trims.push(TrimRecord {

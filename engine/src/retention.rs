@@ -101,25 +101,28 @@ impl RetentionPlanner {
     /// everything after it. Size: the oldest batches go while what remains
     /// still holds at least `retention.bytes` (Kafka's rule: a partition is
     /// never cut below its limit).
+    /// `count` batches, read through `batch(i)` so the caller's own index
+    /// needs no copy.
     pub fn plan(
         &self,
         policy: RetentionPolicy,
         log_start: u64,
-        batches: &[StoredBatch],
+        count: usize,
+        batch: impl Fn(usize) -> StoredBatch,
     ) -> Option<u64> {
         let mut first = 0;
         if let Some(ms) = policy.retention_ms {
             let cutoff = self
                 .now_ms
                 .saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX));
-            while first < batches.len() && batches[first].max_ts < cutoff {
+            while first < count && batch(first).max_ts < cutoff {
                 first += 1;
             }
         }
         if let Some(limit) = policy.retention_bytes {
-            let mut left: u64 = batches[first..].iter().map(|b| u64::from(b.len)).sum();
-            while first < batches.len() && left - u64::from(batches[first].len) >= limit {
-                left -= u64::from(batches[first].len);
+            let mut left: u64 = (first..count).map(|i| u64::from(batch(i).len)).sum();
+            while first < count && left - u64::from(batch(first).len) >= limit {
+                left -= u64::from(batch(first).len);
                 first += 1;
             }
         }
@@ -128,9 +131,10 @@ impl RetentionPlanner {
         }
         // Everything before the first kept batch goes; with none kept the
         // log starts at the end of the last one (the high watermark).
-        let to = match batches.get(first) {
-            Some(b) => b.base_offset,
-            None => batches[first - 1].next_offset(),
+        let to = if first < count {
+            batch(first).base_offset
+        } else {
+            batch(first - 1).next_offset()
         };
         (to > log_start).then_some(to)
     }
@@ -291,6 +295,15 @@ mod tests {
         }
     }
 
+    fn plan(
+        p: &RetentionPlanner,
+        policy: RetentionPolicy,
+        log_start: u64,
+        batches: &[StoredBatch],
+    ) -> Option<u64> {
+        p.plan(policy, log_start, batches.len(), |i| batches[i])
+    }
+
     fn policy(ms: &str, bytes: &str) -> RetentionPolicy {
         RetentionPolicy::from_configs(Some(ms), Some(bytes))
     }
@@ -316,14 +329,14 @@ mod tests {
         let p = RetentionPlanner { now_ms: now };
         // Batches' newest records are 90, 50 and 5 minutes old.
         // 30 minutes: the first two expired.
-        assert_eq!(p.plan(policy("1800000", "-1"), 0, &batches), Some(15));
+        assert_eq!(plan(&p, policy("1800000", "-1"), 0, &batches), Some(15));
         // 60 minutes: only the first.
-        assert_eq!(p.plan(policy("3600000", "-1"), 0, &batches), Some(10));
+        assert_eq!(plan(&p, policy("3600000", "-1"), 0, &batches), Some(10));
         // 95 minutes: none.
-        assert_eq!(p.plan(policy("5700000", "-1"), 0, &batches), None);
-        assert_eq!(p.plan(policy("-1", "-1"), 0, &batches), None);
+        assert_eq!(plan(&p, policy("5700000", "-1"), 0, &batches), None);
+        assert_eq!(plan(&p, policy("-1", "-1"), 0, &batches), None);
         // Everything expired: the log starts at the high watermark.
-        assert_eq!(p.plan(policy("1000", "-1"), 0, &batches), Some(20));
+        assert_eq!(plan(&p, policy("1000", "-1"), 0, &batches), Some(20));
     }
 
     #[test]
@@ -331,7 +344,7 @@ mod tests {
         // A batch with a future timestamp holds the older ones behind it.
         let batches = [b(0, 1, 999 * MIN, 10), b(1, 1, 0, 10)];
         let p = RetentionPlanner { now_ms: 100 * MIN };
-        assert_eq!(p.plan(policy("1000", "-1"), 0, &batches), None);
+        assert_eq!(plan(&p, policy("1000", "-1"), 0, &batches), None);
     }
 
     #[test]
@@ -340,11 +353,11 @@ mod tests {
         let p = RetentionPlanner { now_ms: 0 };
         // 300 bytes held, limit 150: dropping one leaves 200 >= 150, two
         // would leave 100 < 150.
-        assert_eq!(p.plan(policy("-1", "150"), 0, &batches), Some(1));
-        assert_eq!(p.plan(policy("-1", "200"), 0, &batches), Some(1));
-        assert_eq!(p.plan(policy("-1", "201"), 0, &batches), None);
-        assert_eq!(p.plan(policy("-1", "100"), 0, &batches), Some(2));
-        assert_eq!(p.plan(policy("-1", "0"), 0, &batches), Some(3));
+        assert_eq!(plan(&p, policy("-1", "150"), 0, &batches), Some(1));
+        assert_eq!(plan(&p, policy("-1", "200"), 0, &batches), Some(1));
+        assert_eq!(plan(&p, policy("-1", "201"), 0, &batches), None);
+        assert_eq!(plan(&p, policy("-1", "100"), 0, &batches), Some(2));
+        assert_eq!(plan(&p, policy("-1", "0"), 0, &batches), Some(3));
     }
 
     #[test]
@@ -356,10 +369,10 @@ mod tests {
         ];
         let p = RetentionPlanner { now_ms: 100 * MIN };
         // Time drops the first, size then the second.
-        assert_eq!(p.plan(policy("60000", "100"), 5, &batches), Some(15));
+        assert_eq!(plan(&p, policy("60000", "100"), 5, &batches), Some(15));
         // The log already starts inside the first kept batch: no move.
-        assert_eq!(p.plan(policy("60000", "-1"), 12, &batches), None);
-        assert_eq!(p.plan(policy("60000", "-1"), 0, &[]), None);
+        assert_eq!(plan(&p, policy("60000", "-1"), 12, &batches), None);
+        assert_eq!(plan(&p, policy("60000", "-1"), 0, &[]), None);
     }
 
     fn at(s: u64) -> SystemTime {
