@@ -15,11 +15,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
 
-use floe_meta::schema::{self, CommitRecord, ProducerEpoch, SegmentRecord, SnapshotPointer};
+use floe_meta::schema::{
+    self, CommitRecord, ProducerEpoch, SegmentRecord, SnapshotPointer, TrimRecord,
+};
 use floe_meta::{Compare, MetaStore, Op, Txn};
 use floe_objstore::ObjectStore;
 use futures::channel::oneshot;
 
+use crate::retention::{RetentionPlanner, RetentionPolicy, SegmentRefs, StoredBatch};
 use crate::sequencer::{BatchOutcome, Sequencer, SequencerState};
 use crate::{Error, PartitionKey, Result};
 
@@ -44,6 +47,12 @@ pub const SNAPSHOT_EVERY_ENTRIES: u64 = 500;
 /// Log entries kept behind the newest snapshot, for brokers that lag.
 pub const LOG_KEEP_ENTRIES: u64 = 1000;
 const _: () = assert!(LOG_KEEP_ENTRIES >= SNAPSHOT_EVERY_ENTRIES);
+
+/// Most partitions trimmed by one log entry (each trim is about 70 bytes
+/// of JSON).
+pub const LOG_ENTRY_TRIMS_MAX: usize = 4096;
+/// Most objects deleted per cleanup turn; the rest wait for the next turn.
+pub const CLEANUP_DELETES_MAX: usize = 1000;
 
 /// One batch of the committer's copy of the partition index:
 /// (base offset, records, max timestamp, segment number, pos, len).
@@ -74,6 +83,12 @@ pub enum CommitRequest {
         epoch: ProducerEpoch,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// Moves log start offsets forward (DeleteRecords). Replies with the
+    /// entry's sequence number and each partition's log start after it.
+    Trim {
+        trims: Vec<TrimRecord>,
+        reply: oneshot::Sender<Result<(u64, Vec<u64>)>>,
+    },
 }
 
 /// Committed batches of one partition, for its owning shard's index.
@@ -84,6 +99,9 @@ pub struct IndexUpdate {
     pub segment: Arc<str>,
     /// (pos, len, records, max_ts, outcome)
     pub batches: Vec<(u64, u32, u32, i64, BatchOutcome)>,
+    /// The partition's log start once these batches are in (retention
+    /// moves it; the shard applies it after pushing the batches).
+    pub log_start: u64,
 }
 
 /// Where index updates go: the shard that owns each partition. Every
@@ -110,6 +128,30 @@ pub struct Committer {
     segment_ids: HashMap<Arc<str>, u32>,
     sequencer: Sequencer,
     sink: Arc<dyn IndexSink>,
+    /// Which segments the log still references.
+    refs: SegmentRefs,
+    lifecycle: Option<Lifecycle>,
+    started: Instant,
+}
+
+/// Settings and views the cleanup owner needs (see [`Committer::cleanup`]).
+#[derive(Clone)]
+pub struct Lifecycle {
+    pub node_id: i32,
+    pub topics: Arc<crate::topics::Topics>,
+    pub members: Arc<crate::cluster::Members>,
+    /// How often the cleanup owner applies retention and deletes.
+    pub interval: Duration,
+    /// A released segment is deleted this long after its last reference
+    /// was trimmed (Kafka's `file.delete.delay.ms` is 60 s).
+    pub delete_grace: Duration,
+    /// An object the log does not know is deleted once this old.
+    pub orphan_grace: Duration,
+    /// How often the bucket is listed for orphans (a LIST per 1,000 keys).
+    pub orphan_sweep_interval: Duration,
+    /// Multipart uploads started longer ago than this are aborted by the
+    /// sweep (S3 only).
+    pub multipart_abort_after: Duration,
 }
 
 impl Committer {
@@ -131,7 +173,17 @@ impl Committer {
             segment_ids: HashMap::new(),
             sequencer: Sequencer::default(),
             sink,
+            refs: SegmentRefs::default(),
+            lifecycle: None,
+            started: Instant::now(),
         }
+    }
+
+    /// Makes this committer apply retention and delete objects when its
+    /// broker is the cleanup owner.
+    pub fn with_lifecycle(mut self, lifecycle: Lifecycle) -> Self {
+        self.lifecycle = Some(lifecycle);
+        self
     }
 
     /// Publishes commit counters and latency to these metrics.
@@ -201,7 +253,21 @@ impl Committer {
             .enumerate()
             .map(|(i, s)| (s.clone(), i as u32))
             .collect();
+        let mut held = vec![0u64; self.segments.len()];
         for (tp, entries) in &snap.index {
+            let log_start = self.sequencer.log_start(tp);
+            // A trimmed partition's first batch may start after 0: the
+            // shard's index starts there, then moves to the log start.
+            let first = entries.first().map_or(log_start, |e| e.0);
+            if first > 0 {
+                self.sink.send(IndexUpdate {
+                    seq: snap.seq,
+                    tp: *tp,
+                    segment: Arc::from(""),
+                    batches: Vec::new(),
+                    log_start: first,
+                });
+            }
             // One update per run of batches in the same segment.
             let mut i = 0;
             while i < entries.len() {
@@ -218,12 +284,26 @@ impl Committer {
                     ));
                     i += 1;
                 }
+                if let Some(h) = held.get_mut(seg as usize) {
+                    *h += batches.len() as u64;
+                }
                 self.sink.send(IndexUpdate {
                     seq: snap.seq,
                     tp: *tp,
                     segment: self.segments[seg as usize].clone(),
                     batches,
+                    log_start,
                 });
+            }
+        }
+        // Segments the snapshot lists but no batch references were released
+        // before it was written: their grace starts again now, since this
+        // broker cannot know whether they are deleted yet.
+        let now = std::time::SystemTime::now();
+        for (seg, n) in self.segments.iter().zip(held) {
+            self.refs.hold(seg, n.max(1));
+            if n == 0 {
+                self.refs.release(seg, 1, snap.seq, now);
             }
         }
         self.index = snap.index.into_iter().collect();
@@ -233,11 +313,42 @@ impl Committer {
     /// Writes a snapshot of the state after entry `seq`, points
     /// `log/snapshot` at it, and trims log entries far behind it.
     fn snapshot(&self, seq: u64) {
+        // Only segments still referenced, or released and perhaps not yet
+        // deleted, are listed (renumbered): the list does not grow with
+        // every segment ever written.
+        let mut renumber: HashMap<u32, u32> = HashMap::new();
+        let mut segments = Vec::new();
+        for (id, key) in self.segments.iter().enumerate() {
+            if self.refs.is_known(key) {
+                renumber.insert(id as u32, segments.len() as u32);
+                segments.push(key.to_string());
+            }
+        }
+        let index = self
+            .index
+            .iter()
+            .map(|(k, v)| {
+                let entries = v
+                    .iter()
+                    .map(|&(base, records, ts, seg, pos, len)| {
+                        (
+                            base,
+                            records,
+                            ts,
+                            renumber.get(&seg).copied().unwrap_or(seg),
+                            pos,
+                            len,
+                        )
+                    })
+                    .collect();
+                (*k, entries)
+            })
+            .collect();
         let snap = Snapshot {
             seq,
             sequencer: self.sequencer.state(),
-            segments: self.segments.iter().map(|s| s.to_string()).collect(),
-            index: self.index.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            segments,
+            index,
         };
         let bytes = match serde_json::to_vec(&snap) {
             Ok(b) => Bytes::from(b),
@@ -311,17 +422,22 @@ impl Committer {
                         partition: chunk.partition,
                     })
                     .or_default();
+                let mut held = 0;
                 for (b, o) in chunk.batches.iter().zip(chunk_out) {
                     if let BatchOutcome::Appended { base_offset } = o {
                         entries.push((*base_offset, b.records, b.max_ts, seg_id, b.pos, b.len));
+                        held += 1;
                     }
                 }
+                self.refs.hold(&key, held);
+                let tp = PartitionKey {
+                    topic_id: chunk.topic_id,
+                    partition: chunk.partition,
+                };
                 self.sink.send(IndexUpdate {
                     seq,
-                    tp: PartitionKey {
-                        topic_id: chunk.topic_id,
-                        partition: chunk.partition,
-                    },
+                    tp,
+                    log_start: self.sequencer.log_start(&tp),
                     segment: key.clone(),
                     batches: chunk
                         .batches
@@ -332,7 +448,41 @@ impl Committer {
                 });
             }
         }
+        self.apply_trims(seq, &commit.trims);
         self.sink.applied(seq);
+    }
+
+    /// After the sequencer applied entry `seq`'s trims: drops the batches
+    /// before each new log start from the snapshot index, releases their
+    /// segments and tells the owning shards.
+    fn apply_trims(&mut self, seq: u64, trims: &[TrimRecord]) {
+        let now = std::time::SystemTime::now();
+        for t in trims {
+            let tp = PartitionKey {
+                topic_id: t.topic_id,
+                partition: t.partition,
+            };
+            let log_start = self.sequencer.log_start(&tp);
+            if let Some(entries) = self.index.get_mut(&tp) {
+                let gone = entries.partition_point(|e| e.0 + u64::from(e.1) <= log_start);
+                let mut by_segment: BTreeMap<u32, u64> = BTreeMap::new();
+                for e in entries.drain(..gone) {
+                    *by_segment.entry(e.3).or_default() += 1;
+                }
+                for (seg, n) in by_segment {
+                    if let Some(key) = self.segments.get(seg as usize) {
+                        self.refs.release(key, n, seq, now);
+                    }
+                }
+            }
+            self.sink.send(IndexUpdate {
+                seq,
+                tp,
+                segment: Arc::from(""),
+                batches: Vec::new(),
+                log_start,
+            });
+        }
     }
 
     /// Appends `commit` to the log; returns its sequence number and the
@@ -423,6 +573,15 @@ impl Committer {
         // win every turn and a fresh sleep would never fire.
         let mut tick = tokio::time::interval(LOG_POLL_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let cleanup_every = self
+            .lifecycle
+            .as_ref()
+            .map_or(Duration::from_secs(3600), |l| {
+                l.interval.max(Duration::from_millis(100))
+            });
+        let mut cleanup_tick = tokio::time::interval(cleanup_every);
+        cleanup_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_sweep: Option<Instant> = None;
         loop {
             if let Some(first) = self.carry.take() {
                 self.serve_group(first, &requests).await;
@@ -438,6 +597,176 @@ impl Committer {
                     self.learn().await;
                     self.publish_latency();
                 }
+                _ = cleanup_tick.tick(), if self.lifecycle.is_some() => {
+                    self.cleanup(&mut last_sweep).await;
+                }
+            }
+        }
+    }
+
+    /// The cleanup owner is the live broker with the lowest node id. No
+    /// extra key or lease: membership is already kept under each broker's
+    /// lease, every broker reads the same list, and when the owner dies the
+    /// next one takes over within a lease TTL. Two brokers may both act
+    /// for a moment while membership changes; that is safe, since trims go
+    /// through the log (forward only, clamped), deletes are idempotent and
+    /// each broker's grace periods hold on their own.
+    fn is_cleanup_owner(l: &Lifecycle) -> bool {
+        l.members
+            .live()
+            .first()
+            .is_some_and(|b| b.node_id == l.node_id)
+    }
+
+    /// One cleanup turn. Every broker forgets long-released segments; the
+    /// owner also commits retention trims, deletes released segments past
+    /// their grace, and now and then sweeps orphans and old snapshots.
+    async fn cleanup(&mut self, last_sweep: &mut Option<Instant>) {
+        let Some(l) = self.lifecycle.clone() else {
+            return;
+        };
+        let now = std::time::SystemTime::now();
+        if !Self::is_cleanup_owner(&l) {
+            // The owner deletes these; keeping them past twice its grace
+            // would only grow this broker's snapshots. One it failed to
+            // delete becomes an orphan, which the sweep finds.
+            for k in self.refs.deletable(u64::MAX, now, 2 * l.delete_grace) {
+                self.refs.forget(&k);
+            }
+            return;
+        }
+        self.apply_retention(&l).await;
+        let (snap_seq, snap_key) = match self.meta.get(schema::LOG_SNAPSHOT).await {
+            Ok(Some(kv)) => match serde_json::from_slice::<SnapshotPointer>(&kv.value) {
+                Ok(p) => (p.seq, Some(p.key)),
+                Err(_) => (0, None),
+            },
+            Ok(None) => (0, None),
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the snapshot pointer failed; cleanup waits");
+                return;
+            }
+        };
+        let applied = self.sequencer.applied();
+        if self
+            .refs
+            .waiting_for_snapshot(snap_seq, now, l.delete_grace)
+            && applied > snap_seq
+        {
+            // Released segments past their grace wait for a snapshot that
+            // no longer names them; write one now rather than after the
+            // next SNAPSHOT_EVERY_ENTRIES entries.
+            self.snapshot(applied);
+        }
+        let doomed: Vec<String> = self
+            .refs
+            .deletable(snap_seq, now, l.delete_grace)
+            .into_iter()
+            .take(CLEANUP_DELETES_MAX)
+            .map(|k| k.to_string())
+            .collect();
+        for k in &doomed {
+            // Forgotten before the delete is done: one that fails is an
+            // orphan by then, and the sweep retries it.
+            self.refs.forget(k);
+        }
+        let sweep = self.started.elapsed() >= l.delete_grace
+            && last_sweep.is_none_or(|t| t.elapsed() >= l.orphan_sweep_interval);
+        // What the log knows now; anything committed after this instant
+        // was uploaded moments ago, far younger than the orphan grace.
+        let known = sweep.then(|| self.refs.known_keys());
+        if sweep {
+            *last_sweep = Some(Instant::now());
+        }
+        if doomed.is_empty() && known.is_none() {
+            return;
+        }
+        let (store, metrics) = (self.store.clone(), self.metrics.clone());
+        tokio::spawn(floe_objstore::with_purpose(
+            floe_objstore::Purpose::Cleanup,
+            async move {
+                let counters = metrics.as_ref().map(|m| &m.objstore_cleanup);
+                let deleted = delete_all(&*store, counters, &doomed).await;
+                if deleted > 0 {
+                    tracing::info!(deleted, "deleted segments no partition references any more");
+                }
+                if let Some(known) = known {
+                    sweep_orphans(&*store, counters, &known, snap_key.as_deref(), &l).await;
+                }
+            },
+        ));
+    }
+
+    /// Commits the trims retention asks for (owner only). Topics are
+    /// re-read first: every topic whose batches this committer applied was
+    /// created before them, so a topic missing from a fresh read was
+    /// deleted, and its partitions are trimmed to their end.
+    async fn apply_retention(&mut self, l: &Lifecycle) {
+        if let Err(e) = l.topics.refresh().await {
+            tracing::debug!(error = %e, "reading topics failed; retention waits");
+            return;
+        }
+        let policies: HashMap<uuid::Uuid, RetentionPolicy> = l
+            .topics
+            .snapshot()
+            .values()
+            .map(|t| {
+                let cfg = |k: &str| t.configs.get(k).map(String::as_str);
+                (
+                    t.id,
+                    RetentionPolicy::from_configs(cfg("retention.ms"), cfg("retention.bytes")),
+                )
+            })
+            .collect();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let planner = RetentionPlanner { now_ms };
+        let mut trims = Vec::new();
+        for (tp, entries) in &self.index {
+            let start = self.sequencer.log_start(tp);
+            let to = match policies.get(&tp.topic_id) {
+                None => {
+                    let hwm = self.sequencer.high_watermark(tp);
+                    (hwm > start).then_some(hwm)
+                }
+                Some(p) if p.is_unlimited() => None,
+                Some(p) => planner.plan(*p, start, entries.len(), |i| {
+                    let (base_offset, records, max_ts, _, _, len) = entries[i];
+                    StoredBatch {
+                        base_offset,
+                        records,
+                        max_ts,
+                        len,
+                    }
+                }),
+            };
+            if let Some(to) = to {
+                trims.push(TrimRecord {
+                    topic_id: tp.topic_id,
+                    partition: tp.partition,
+                    log_start: to,
+                });
+                if trims.len() == LOG_ENTRY_TRIMS_MAX {
+                    break;
+                }
+            }
+        }
+        if trims.is_empty() {
+            return;
+        }
+        let n = trims.len();
+        let commit = CommitRecord {
+            segments: Vec::new(),
+            epochs: Vec::new(),
+            trims,
+        };
+        match self.append(&commit).await {
+            Ok((seq, _)) => {
+                tracing::info!(seq, partitions = n, "retention moved log start offsets")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "committing retention trims failed; next turn retries")
             }
         }
     }
@@ -459,6 +788,8 @@ impl Committer {
                     segment.chunks.iter().map(|c| c.batches.len()).sum()
                 }
                 CommitRequest::Epoch { .. } => 0,
+                // A trim is about as long as a batch in the entry's JSON.
+                CommitRequest::Trim { trims, .. } => trims.len(),
             };
             let mut total = batches(&first);
             let mut group = vec![first];
@@ -474,11 +805,13 @@ impl Committer {
             let mut commit = CommitRecord {
                 segments: Vec::new(),
                 epochs: Vec::new(),
+                trims: Vec::new(),
             };
             for r in &group {
                 match r {
                     CommitRequest::Segment { segment, .. } => commit.segments.push(segment.clone()),
                     CommitRequest::Epoch { epoch, .. } => commit.epochs.push(*epoch),
+                    CommitRequest::Trim { trims, .. } => commit.trims.extend_from_slice(trims),
                 }
             }
             match self.append(&commit).await {
@@ -495,6 +828,18 @@ impl Committer {
                             CommitRequest::Epoch { reply, .. } => {
                                 let _ = reply.send(Ok(()));
                             }
+                            CommitRequest::Trim { trims, reply } => {
+                                let starts = trims
+                                    .iter()
+                                    .map(|t| {
+                                        self.sequencer.log_start(&PartitionKey {
+                                            topic_id: t.topic_id,
+                                            partition: t.partition,
+                                        })
+                                    })
+                                    .collect();
+                                let _ = reply.send(Ok((seq, starts)));
+                            }
                         }
                     }
                 }
@@ -506,6 +851,9 @@ impl Committer {
                                 let _ = reply.send(Err(e.clone()));
                             }
                             CommitRequest::Epoch { reply, .. } => {
+                                let _ = reply.send(Err(e.clone()));
+                            }
+                            CommitRequest::Trim { reply, .. } => {
                                 let _ = reply.send(Err(e.clone()));
                             }
                         }
@@ -535,6 +883,93 @@ pub async fn follow_log(meta: Arc<dyn MetaStore>, poke: Arc<tokio::sync::Notify>
         poke.notify_one();
         tokio::time::sleep(COMMIT_RETRY_PAUSE).await;
     }
+}
+
+/// Deletes `keys`; returns how many went. A failure is logged and left
+/// for the orphan sweep.
+async fn delete_all(
+    store: &dyn ObjectStore,
+    counters: Option<&floe_objstore::RequestCounters>,
+    keys: &[String],
+) -> usize {
+    let mut deleted = 0;
+    for k in keys {
+        match store.delete(k).await {
+            Ok(()) => {
+                deleted += 1;
+                if let Some(c) = counters {
+                    floe_objstore::RequestCounters::bump(&c.deletes);
+                }
+            }
+            Err(e) => {
+                if let Some(c) = counters {
+                    c.error();
+                }
+                tracing::warn!(key = %k, error = %e, "deleting an object failed; the orphan sweep retries");
+            }
+        }
+    }
+    deleted
+}
+
+/// Lists `segments/` and `snapshots/` and deletes uploads the log never
+/// committed (older than the orphan grace) and snapshots superseded for
+/// longer than the delete grace.
+async fn sweep_orphans(
+    store: &dyn ObjectStore,
+    counters: Option<&floe_objstore::RequestCounters>,
+    known: &std::collections::HashSet<Arc<str>>,
+    snapshot_key: Option<&str>,
+    l: &Lifecycle,
+) {
+    let list = |prefix: &'static str| async move {
+        let r = store.list(prefix).await;
+        if let Some(c) = counters {
+            match &r {
+                Ok(_) => floe_objstore::RequestCounters::bump(&c.lists),
+                Err(_) => c.error(),
+            }
+        }
+        r.map_err(|e| tracing::warn!(prefix, error = %e, "listing for the orphan sweep failed"))
+            .ok()
+    };
+    let now = std::time::SystemTime::now();
+    let mut doomed = Vec::new();
+    if let Some(listing) = list(crate::retention::SEGMENTS_PREFIX).await {
+        doomed.extend(crate::retention::orphans(
+            &listing,
+            known,
+            now,
+            l.orphan_grace,
+        ));
+    }
+    let orphans = doomed.len();
+    if let Some(current) = snapshot_key {
+        if let Some(listing) = list(crate::retention::SNAPSHOTS_PREFIX).await {
+            doomed.extend(crate::retention::stale_snapshots(
+                &listing,
+                current,
+                now,
+                l.delete_grace,
+            ));
+        }
+    }
+    match store.abort_stale_uploads(l.multipart_abort_after).await {
+        Ok(0) => {}
+        Ok(aborted) => tracing::info!(aborted, "aborted stale multipart uploads"),
+        Err(e) => tracing::warn!(error = %e, "aborting stale multipart uploads failed"),
+    }
+    doomed.truncate(CLEANUP_DELETES_MAX);
+    if doomed.is_empty() {
+        return;
+    }
+    let deleted = delete_all(store, counters, &doomed).await;
+    tracing::info!(
+        orphans,
+        snapshots = doomed.len() - orphans.min(doomed.len()),
+        deleted,
+        "orphan sweep deleted objects the log does not reference"
+    );
 }
 
 async fn write_snapshot(

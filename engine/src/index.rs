@@ -48,6 +48,24 @@ impl PartitionIndex {
         self.entries.push_back(e);
     }
 
+    /// Moves the log start forward (retention, DeleteRecords) and drops the
+    /// batches wholly before it. An index with no batch left also moves its
+    /// high watermark there, so the next batch pushed continues from it
+    /// (how a shard loads a partition whose start was trimmed away).
+    pub fn advance_log_start(&mut self, to: u64) {
+        if to <= self.log_start {
+            return;
+        }
+        self.log_start = to;
+        while self.entries.front().is_some_and(|e| e.next_offset() <= to) {
+            self.entries.pop_front();
+        }
+        if self.entries.is_empty() {
+            self.high_watermark = self.high_watermark.max(to);
+        }
+        debug_assert!(self.log_start <= self.high_watermark);
+    }
+
     /// Position of the entry holding `offset` (or the first after it).
     pub fn position(&self, offset: u64) -> Option<usize> {
         if offset >= self.high_watermark {
@@ -103,6 +121,38 @@ mod tests {
         assert_eq!(p.position_for_timestamp(15), Some(1));
         assert_eq!(p.position_for_timestamp(31), None);
         assert_eq!(p.position_of_max_timestamp(), Some(1));
+    }
+
+    #[test]
+    fn advancing_the_log_start_drops_whole_batches_only() {
+        let mut p = PartitionIndex::default();
+        p.push(e(0, 3, 10));
+        p.push(e(3, 2, 30));
+        p.advance_log_start(4);
+        assert_eq!(p.log_start(), 4);
+        // The batch holding offset 4 stays, and is found from inside it.
+        assert_eq!(
+            p.position(4)
+                .and_then(|i| p.entry(i))
+                .map(|e| e.base_offset),
+            Some(3)
+        );
+        p.advance_log_start(1);
+        assert_eq!(p.log_start(), 4, "never backwards");
+        p.advance_log_start(5);
+        assert_eq!((p.log_start(), p.high_watermark()), (5, 5));
+        assert_eq!(p.position(5), None);
+        p.push(e(5, 1, 40));
+        assert_eq!(p.high_watermark(), 6);
+    }
+
+    #[test]
+    fn an_empty_index_starts_where_the_trim_says() {
+        let mut p = PartitionIndex::default();
+        p.advance_log_start(7);
+        assert_eq!((p.log_start(), p.high_watermark()), (7, 7));
+        p.push(e(7, 2, 0));
+        assert_eq!(p.high_watermark(), 9);
     }
 
     #[test]

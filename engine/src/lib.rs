@@ -23,6 +23,7 @@ pub mod group;
 pub mod index;
 pub mod metrics;
 pub mod pool;
+pub mod retention;
 pub mod segment;
 pub mod sequencer;
 pub mod shard;

@@ -14,6 +14,9 @@ pub struct Metrics {
     pub produce_copied_bytes: AtomicU64,
     pub produce_batches: AtomicU64,
     pub fetch_bytes: AtomicU64,
+    /// Partition reads that failed for another reason than an offset out
+    /// of range (the object store failing, an object missing).
+    pub fetch_read_errors: AtomicU64,
     pub segments_committed: AtomicU64,
     pub segment_bytes: AtomicU64,
     pub commit_failures: AtomicU64,
@@ -37,6 +40,8 @@ pub struct Metrics {
     pub commit_latency_total_p99_us: AtomicU64,
     pub objstore_intake: RequestCounters,
     pub objstore_fetch: RequestCounters,
+    /// Retention deletes and orphan sweeps (lists, deletes).
+    pub objstore_cleanup: RequestCounters,
 }
 
 impl Metrics {

@@ -43,6 +43,8 @@ pub struct Sequencer {
     next_offset: HashMap<PartitionKey, u64>,
     epochs: HashMap<i64, i16>,
     producers: HashMap<(i64, PartitionKey), ProducerPartition>,
+    /// Log start offsets above 0 (retention, DeleteRecords).
+    log_start: HashMap<PartitionKey, u64>,
     applied: u64,
 }
 
@@ -59,6 +61,9 @@ pub struct SequencerState {
     next_offset: Vec<(PartitionKey, u64)>,
     epochs: Vec<(i64, i16)>,
     producers: Vec<(i64, PartitionKey, ProducerPartition)>,
+    /// Absent from snapshots written before retention existed.
+    #[serde(default)]
+    log_start: Vec<(PartitionKey, u64)>,
 }
 
 impl Sequencer {
@@ -74,11 +79,14 @@ impl Sequencer {
             .map(|((id, tp), st)| (*id, *tp, st.clone()))
             .collect();
         producers.sort_unstable_by_key(|(id, tp, _)| (*id, *tp));
+        let mut log_start: Vec<_> = self.log_start.iter().map(|(k, v)| (*k, *v)).collect();
+        log_start.sort_unstable();
         SequencerState {
             applied: self.applied,
             next_offset,
             epochs,
             producers,
+            log_start,
         }
     }
 
@@ -92,6 +100,7 @@ impl Sequencer {
                 .into_iter()
                 .map(|(id, tp, p)| ((id, tp), p))
                 .collect(),
+            log_start: st.log_start.into_iter().collect(),
         }
     }
 
@@ -104,6 +113,16 @@ impl Sequencer {
         self.next_offset.get(tp).copied().unwrap_or(0)
     }
 
+    /// The first offset still readable in `tp`.
+    pub fn log_start(&self, tp: &PartitionKey) -> u64 {
+        self.log_start.get(tp).copied().unwrap_or(0)
+    }
+
+    /// Every partition with a log start above 0.
+    pub fn log_starts(&self) -> impl Iterator<Item = (PartitionKey, u64)> + '_ {
+        self.log_start.iter().map(|(k, v)| (*k, *v))
+    }
+
     /// Applies commit `seq` (which must directly follow the last applied
     /// one) and returns an outcome per segment, chunk and batch.
     pub fn apply(&mut self, seq: u64, commit: &CommitRecord) -> Vec<Vec<Vec<BatchOutcome>>> {
@@ -113,7 +132,7 @@ impl Sequencer {
             let cur = self.epochs.entry(e.producer_id).or_insert(e.epoch);
             *cur = (*cur).max(e.epoch);
         }
-        commit
+        let outcomes = commit
             .segments
             .iter()
             .map(|s| {
@@ -128,7 +147,20 @@ impl Sequencer {
                     })
                     .collect()
             })
-            .collect()
+            .collect();
+        for t in &commit.trims {
+            let tp = PartitionKey {
+                topic_id: t.topic_id,
+                partition: t.partition,
+            };
+            // Forward only, and never past what exists: a trim decided on
+            // an older view stays valid whatever landed since.
+            let to = t.log_start.min(self.high_watermark(&tp));
+            if to > self.log_start(&tp) {
+                self.log_start.insert(tp, to);
+            }
+        }
+        outcomes
     }
 
     fn apply_batch(&mut self, tp: PartitionKey, b: &BatchRecord) -> BatchOutcome {
@@ -190,6 +222,7 @@ mod tests {
     fn commit(batches: Vec<(u32, BatchRecord)>) -> CommitRecord {
         CommitRecord {
             epochs: vec![],
+            trims: vec![],
             segments: vec![SegmentRecord {
                 key: "s".into(),
                 size: 0,
@@ -301,6 +334,42 @@ mod tests {
             outcome(&mut back, 0, br(2, 9, 0, 0)),
             BatchOutcome::Duplicate { base_offset: 0 }
         );
+    }
+
+    #[test]
+    fn trims_move_the_log_start_forward_only_and_not_past_the_end() {
+        use floe_meta::schema::TrimRecord;
+        let mut s = Sequencer::default();
+        outcome(&mut s, 0, br(10, -1, 0, -1));
+        let trim = |s: &mut Sequencer, to: u64| {
+            let seq = s.applied() + 1;
+            let mut c = commit(vec![]);
+            c.segments.clear();
+            c.trims.push(TrimRecord {
+                topic_id: tp(0).topic_id,
+                partition: 0,
+                log_start: to,
+            });
+            s.apply(seq, &c);
+            s.log_start(&tp(0))
+        };
+        assert_eq!(trim(&mut s, 4), 4);
+        assert_eq!(trim(&mut s, 2), 4, "never backwards");
+        assert_eq!(trim(&mut s, 99), 10, "never past the high watermark");
+        assert_eq!(s.high_watermark(&tp(0)), 10);
+        // New batches continue after the trimmed ones.
+        assert_eq!(
+            outcome(&mut s, 0, br(1, -1, 0, -1)),
+            BatchOutcome::Appended { base_offset: 10 }
+        );
+        let back = Sequencer::from_state(s.state());
+        assert_eq!(back.log_start(&tp(0)), 10);
+        assert_eq!(back.state(), s.state());
+        // Snapshots from before retention (no log_start) still load.
+        let mut json: serde_json::Value = serde_json::to_value(s.state()).expect("encode");
+        json.as_object_mut().expect("object").remove("log_start");
+        let old: SequencerState = serde_json::from_value(json).expect("decode");
+        assert_eq!(Sequencer::from_state(old).log_start(&tp(0)), 0);
     }
 
     #[test]

@@ -375,6 +375,33 @@ impl Shard {
         }
     }
 
+    /// Commits log start moves (DeleteRecords) and returns each partition's
+    /// log start after them, once this shard's indexes show the entry.
+    pub async fn delete_records(
+        &self,
+        trims: Vec<floe_meta::schema::TrimRecord>,
+    ) -> Result<Vec<u64>> {
+        let (tx, rx) = oneshot::channel();
+        self.engine
+            .committer
+            .send_async(CommitRequest::Trim { trims, reply: tx })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        let (seq, starts) = rx.await.unwrap_or(Err(Error::ShuttingDown))?;
+        self.wait_applied(seq).await;
+        Ok(starts)
+    }
+
+    async fn wait_applied(&self, seq: u64) {
+        loop {
+            let l = self.applied.listen();
+            if self.applied_seq.get() >= seq {
+                break;
+            }
+            l.await;
+        }
+    }
+
     async fn commit(&self, record: SegmentRecord) -> Result<Vec<Vec<BatchOutcome>>> {
         let size = record.size;
         let (tx, rx) = oneshot::channel();
@@ -398,13 +425,7 @@ impl Shard {
         Metrics::add(&self.engine.metrics.segment_bytes, size);
         // Answer only once this shard's index shows the commit, so that a
         // producer's acknowledged offsets are immediately readable.
-        loop {
-            let l = self.applied.listen();
-            if self.applied_seq.get() >= seq {
-                break;
-            }
-            l.await;
-        }
+        self.wait_applied(seq).await;
         Ok(outcomes)
     }
 
@@ -427,6 +448,7 @@ impl Shard {
                             });
                         }
                     }
+                    index.advance_log_start(u.log_start);
                 }
                 IndexMsg::Applied(seq) => {
                     self.applied_seq.set(seq);
@@ -608,7 +630,10 @@ impl Shard {
             }
             (entries, hwm, log_start)
         };
-        let data = self.load(&entries).await?;
+        let data = match self.load(&entries).await {
+            Ok(data) => data,
+            Err(e) => return Err(self.read_failed(req, e)),
+        };
         let mut parts = Vec::with_capacity(2 * data.len());
         let mut bytes = 0;
         for (e, stored) in entries.iter().zip(data) {
@@ -624,6 +649,29 @@ impl Shard {
             parts,
             bytes,
         })
+    }
+
+    /// A read whose batches retention trimmed while they were being read
+    /// (their object deleted after the grace) gets the answer any later
+    /// fetch gets: out of range. Any other failure is counted.
+    fn read_failed(&self, req: ReadRequest, e: Error) -> Error {
+        let now = self
+            .state
+            .borrow()
+            .indexes
+            .get(&req.tp)
+            .map(|i| (i.log_start(), i.high_watermark()));
+        if let Some((log_start, high_watermark)) = now {
+            if req.offset < log_start {
+                return Error::OffsetOutOfRange {
+                    offset: req.offset,
+                    log_start,
+                    high_watermark,
+                };
+            }
+        }
+        Metrics::add(&self.engine.metrics.fetch_read_errors, 1);
+        e
     }
 
     async fn offsets_local(&self, tp: PartitionKey, query: OffsetQuery) -> Result<OffsetAnswer> {

@@ -108,6 +108,23 @@ pub struct CommitRecord {
     /// Producer epoch changes (KIP-360 bumps) applied before the segments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub epochs: Vec<ProducerEpoch>,
+    /// Log start offsets moved forward (retention, DeleteRecords), applied
+    /// after the segments. Through the log, so every broker agrees on them.
+    #[serde(default, rename = "r", skip_serializing_if = "Vec::is_empty")]
+    pub trims: Vec<TrimRecord>,
+}
+
+/// Moves a partition's log start offset forward: offsets below `log_start`
+/// are gone for every reader. A trim never moves the log start backwards
+/// nor past the high watermark (the sequencer clamps it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrimRecord {
+    #[serde(rename = "t")]
+    pub topic_id: Uuid,
+    #[serde(rename = "p")]
+    pub partition: u32,
+    #[serde(rename = "o")]
+    pub log_start: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -44,6 +44,11 @@ pub fn render_metrics(engine: &Engine) -> String {
         Metrics::get(&m.fetch_bytes),
     );
     counter(
+        "floe_fetch_read_errors_total",
+        "Partition reads that failed other than with an offset out of range.",
+        Metrics::get(&m.fetch_read_errors),
+    );
+    counter(
         "floe_segments_committed_total",
         "Segments uploaded and committed.",
         Metrics::get(&m.segments_committed),
@@ -123,7 +128,11 @@ pub fn render_metrics(engine: &Engine) -> String {
         );
     }
     // Each family's lines stay together, as the text format requires.
-    let per_call = [("intake", &m.objstore_intake), ("fetch", &m.objstore_fetch)];
+    let per_call = [
+        ("intake", &m.objstore_intake),
+        ("fetch", &m.objstore_fetch),
+        ("cleanup", &m.objstore_cleanup),
+    ];
     family(
         &mut out,
         "floe_objstore_requests_total",

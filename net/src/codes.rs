@@ -44,6 +44,7 @@ pub const INVALID_TOPIC: i16 = E::InvalidTopicException.code();
 pub const INVALID_REQUIRED_ACKS: i16 = E::InvalidRequiredAcks.code();
 pub const UNSUPPORTED_VERSION: i16 = E::UnsupportedVersion.code();
 pub const INVALID_REQUEST: i16 = E::InvalidRequest.code();
+pub const OFFSET_OUT_OF_RANGE: i16 = E::OffsetOutOfRange.code();
 pub const INVALID_CONFIG: i16 = E::InvalidConfig.code();
 pub const FETCH_SESSION_ID_NOT_FOUND: i16 = E::FetchSessionIdNotFound.code();
 pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = E::TransactionalIdAuthorizationFailed.code();

@@ -116,6 +116,25 @@ pub struct ServeArgs {
     /// after this many milliseconds; 0 disables hedging. [default: 250]
     #[arg(long, env = "FLOE_READ_HEDGE_MS")]
     pub read_hedge_ms: Option<u64>,
+    /// How often the cleanup owner (the live broker with the lowest node
+    /// id) applies retention and deletes unreferenced objects. [default: 60]
+    #[arg(long, env = "FLOE_CLEANUP_INTERVAL_SECS")]
+    pub cleanup_interval_secs: Option<u64>,
+    /// A segment is deleted this long after retention released its last
+    /// batch, so fetches that already located it can finish. [default: 60]
+    #[arg(long, env = "FLOE_DELETE_GRACE_SECS")]
+    pub delete_grace_secs: Option<u64>,
+    /// An object under segments/ that the commit log never referenced (an
+    /// upload whose commit never landed) is deleted once this old. [default: 3600]
+    #[arg(long, env = "FLOE_ORPHAN_GRACE_SECS")]
+    pub orphan_grace_secs: Option<u64>,
+    /// How often the bucket is listed for orphans and old snapshots. [default: 600]
+    #[arg(long, env = "FLOE_ORPHAN_SWEEP_INTERVAL_SECS")]
+    pub orphan_sweep_interval_secs: Option<u64>,
+    /// S3: multipart uploads under the prefix started longer ago than this
+    /// are aborted by the sweep. [default: 86400]
+    #[arg(long, env = "FLOE_MULTIPART_ABORT_AFTER_SECS")]
+    pub multipart_abort_after_secs: Option<u64>,
     /// TESTING ONLY: inject faults into object-store requests, e.g.
     /// `seed=1,errors=0.2,lost_replies=0.05,latency=0.3,latency_max_ms=100,truncate=0.1`.
     /// [default: none]
@@ -196,6 +215,11 @@ pub struct Resolved {
     pub upload_concurrency: usize,
     pub multipart_threshold_bytes: usize,
     pub read_hedge_ms: u64,
+    pub cleanup_interval_secs: u64,
+    pub delete_grace_secs: u64,
+    pub orphan_grace_secs: u64,
+    pub orphan_sweep_interval_secs: u64,
+    pub multipart_abort_after_secs: u64,
     pub object_store_faults: Option<String>,
     /// `None`: allocate one (or reuse the one remembered in the data dir).
     pub node_id: Option<i32>,
@@ -345,6 +369,13 @@ impl ServeArgs {
             upload_concurrency,
             multipart_threshold_bytes,
             read_hedge_ms,
+            cleanup_interval_secs: pick!(cleanup_interval_secs, 60).max(1),
+            delete_grace_secs: pick!(delete_grace_secs, 60),
+            // Commits give up after 5 s; an orphan grace below a minute
+            // would risk deleting an upload whose commit is still landing.
+            orphan_grace_secs: pick!(orphan_grace_secs, 3600),
+            orphan_sweep_interval_secs: pick!(orphan_sweep_interval_secs, 600).max(1),
+            multipart_abort_after_secs: pick!(multipart_abort_after_secs, 86_400),
             object_store_faults: self
                 .object_store_faults
                 .clone()

@@ -42,6 +42,7 @@ pub enum Request {
     ListGroups(ListGroupsRequest),
     DeleteGroups(DeleteGroupsRequest),
     OffsetDelete(OffsetDeleteRequest),
+    DeleteRecords(kafka_protocol::messages::DeleteRecordsRequest),
 }
 
 #[derive(Debug)]
@@ -131,6 +132,7 @@ pub fn decode(mut frame: Bytes) -> Result<Decoded, DecodeError> {
         ApiKey::ListGroups => Request::ListGroups(body(api, version, b)?),
         ApiKey::DeleteGroups => Request::DeleteGroups(body(api, version, b)?),
         ApiKey::OffsetDelete => Request::OffsetDelete(body(api, version, b)?),
+        ApiKey::DeleteRecords => Request::DeleteRecords(body(api, version, b)?),
         _ => {
             return Err(DecodeError::Unsupported {
                 api,

@@ -52,6 +52,25 @@ async fn cluster_id(meta: &dyn MetaStore) -> anyhow::Result<String> {
 
 /// The node id remembered in the data dir, or a new one allocated from the
 /// metadata store and remembered there.
+/// Retention and object cleanup settings for the committer.
+fn lifecycle(
+    cfg: &Resolved,
+    node_id: i32,
+    topics: &Arc<Topics>,
+    members: &Arc<Members>,
+) -> floe_engine::committer::Lifecycle {
+    floe_engine::committer::Lifecycle {
+        node_id,
+        topics: topics.clone(),
+        members: members.clone(),
+        interval: Duration::from_secs(cfg.cleanup_interval_secs),
+        delete_grace: Duration::from_secs(cfg.delete_grace_secs),
+        orphan_grace: Duration::from_secs(cfg.orphan_grace_secs),
+        orphan_sweep_interval: Duration::from_secs(cfg.orphan_sweep_interval_secs),
+        multipart_abort_after: Duration::from_secs(cfg.multipart_abort_after_secs),
+    }
+}
+
 async fn remembered_node_id(
     data_dir: &std::path::Path,
     meta: &dyn MetaStore,
@@ -183,8 +202,9 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
     let sink = Arc::new(ShardIndexSink {
         links: engine.shards.iter().map(|l| l.index.clone()).collect(),
     });
-    let mut committer =
-        Committer::new(meta.clone(), store.clone(), sink).with_metrics(engine.metrics.clone());
+    let mut committer = Committer::new(meta.clone(), store.clone(), sink)
+        .with_metrics(engine.metrics.clone())
+        .with_lifecycle(lifecycle(&cfg, node_id, &topics, &members));
     let replayed = sidecar
         .block_on(committer.recover())
         .context("loading the metadata snapshot and replaying the commit log")?;

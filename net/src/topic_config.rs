@@ -80,14 +80,14 @@ const KNOWN: &[Known] = &[
         kind: ConfigKind::Long,
         choices: &[],
         min: -1,
-        doc: "Size retention per partition (enforced by a later release).",
+        doc: "Size retention per partition: the oldest batches go while what remains holds at least this many bytes; -1: unlimited.",
     },
     Known {
         name: "retention.ms",
         kind: ConfigKind::Long,
         choices: &[],
         min: -1,
-        doc: "Time retention (enforced by a later release).",
+        doc: "Time retention: a batch goes once its newest record is older than this; -1: forever.",
     },
     Known {
         name: "segment.bytes",

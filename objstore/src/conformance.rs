@@ -16,6 +16,7 @@ pub async fn run(store: &dyn ObjectStore) {
     overwrite_replaces_whole(store).await;
     missing_and_delete(store).await;
     list_by_prefix(store).await;
+    list_reports_last_modified(store).await;
     rejects_bad_keys(store).await;
 }
 
@@ -97,6 +98,34 @@ async fn list_by_prefix(s: &dyn ObjectStore) {
     assert!(s.list("zzz/").await.unwrap().is_empty());
     let m = s.list("l/b/").await.unwrap();
     assert_eq!(m[0].size, 5);
+}
+
+/// `last_modified` is when the object was written: lifecycle deletes
+/// uncommitted objects by age, so a backend that reported the epoch (or a
+/// time in the future) would make every fresh upload look abandoned (or
+/// none ever). Servers' clocks may differ from ours by a little, and S3
+/// keeps whole seconds.
+async fn list_reports_last_modified(s: &dyn ObjectStore) {
+    use std::time::{Duration, SystemTime};
+    let slack = Duration::from_secs(300);
+    let before = SystemTime::now();
+    s.put("m/new", vec![Bytes::from_static(b"x")])
+        .await
+        .unwrap();
+    let after = SystemTime::now();
+    let m = s.list("m/").await.unwrap();
+    assert_eq!(m.len(), 1);
+    let at = m[0].last_modified;
+    assert!(
+        at + slack >= before && at <= after + slack,
+        "last_modified {at:?} is not near the put ({before:?}..{after:?})"
+    );
+    // An overwrite is a new write: its time does not go backwards.
+    s.put("m/new", vec![Bytes::from_static(b"y")])
+        .await
+        .unwrap();
+    let again = s.list("m/").await.unwrap()[0].last_modified;
+    assert!(again >= at, "{again:?} < {at:?}");
 }
 
 async fn rejects_bad_keys(s: &dyn ObjectStore) {

@@ -302,6 +302,10 @@ impl<S: ObjectStore> ObjectStore for Faulty<S> {
         self.after(&plan, "list", prefix, r)
     }
 
+    async fn abort_stale_uploads(&self, older_than: std::time::Duration) -> Result<usize> {
+        self.inner.abort_stale_uploads(older_than).await
+    }
+
     fn describe(&self) -> String {
         format!("faulty({})", self.inner.describe())
     }

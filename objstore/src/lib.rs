@@ -24,6 +24,7 @@ pub mod conformance;
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 
@@ -42,6 +43,10 @@ pub use s3::{S3Options, S3};
 pub struct ObjectMeta {
     pub key: String,
     pub size: u64,
+    /// When the object was last written, as the backend reports it (S3's
+    /// `LastModified`, a file's mtime). Lifecycle uses it to tell an
+    /// abandoned upload from one whose commit is still on its way.
+    pub last_modified: SystemTime,
 }
 
 /// The object-store port. Keys are `/`-separated relative paths
@@ -67,6 +72,15 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// A short description for logs (`file:///var/lib/floe/objects`).
     fn describe(&self) -> String;
+
+    /// Aborts the multipart uploads under this store's prefix that were
+    /// started more than `older_than` ago (a broker killed mid-upload, an
+    /// abort that itself failed); returns how many. Backends without
+    /// multipart uploads have none to abort.
+    async fn abort_stale_uploads(&self, older_than: std::time::Duration) -> Result<usize> {
+        let _ = older_than;
+        Ok(0)
+    }
 
     /// The backend's own count of the requests it sent (retries, multipart
     /// parts and hedged reads included), if it keeps one. Remote backends

@@ -188,8 +188,13 @@ impl ObjectStore for LocalDir {
                         stack.push(path);
                     }
                 } else if key.starts_with(prefix) && !key.contains(TMP_MARKER) {
-                    let size = entry.metadata().await.map_err(io("list", prefix))?.len();
-                    out.push(ObjectMeta { key, size });
+                    let md = entry.metadata().await.map_err(io("list", prefix))?;
+                    let last_modified = md.modified().map_err(io("list", prefix))?;
+                    out.push(ObjectMeta {
+                        key,
+                        size: md.len(),
+                        last_modified,
+                    });
                 }
             }
         }

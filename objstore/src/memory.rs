@@ -1,6 +1,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Mutex;
+use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
 
@@ -10,11 +11,12 @@ use crate::{validate_key, Error, ObjectMeta, ObjectStore, Result};
 /// conformance suite as the durable backends.
 #[derive(Debug, Default)]
 pub struct Memory {
-    objects: Mutex<BTreeMap<String, Bytes>>,
+    /// Each object with the time it was put.
+    objects: Mutex<BTreeMap<String, (Bytes, SystemTime)>>,
 }
 
 impl Memory {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Bytes>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (Bytes, SystemTime)>> {
         // A poisoned lock only means another test thread panicked while
         // holding it; the map itself is always consistent.
         self.objects.lock().unwrap_or_else(|p| p.into_inner())
@@ -30,7 +32,8 @@ impl ObjectStore for Memory {
         for p in &parts {
             whole.extend_from_slice(p);
         }
-        self.lock().insert(key.to_string(), whole.freeze());
+        self.lock()
+            .insert(key.to_string(), (whole.freeze(), SystemTime::now()));
         Ok(())
     }
 
@@ -51,7 +54,7 @@ impl ObjectStore for Memory {
         validate_key(key)?;
         self.lock()
             .get(key)
-            .cloned()
+            .map(|(b, _)| b.clone())
             .ok_or_else(|| Error::NotFound {
                 key: key.to_string(),
             })
@@ -68,9 +71,10 @@ impl ObjectStore for Memory {
             .lock()
             .range(prefix.to_string()..)
             .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| ObjectMeta {
+            .map(|(k, (v, at))| ObjectMeta {
                 key: k.clone(),
                 size: v.len() as u64,
+                last_modified: *at,
             })
             .collect())
     }

@@ -4,6 +4,7 @@
 //! in request order.
 
 mod admin;
+mod delete_records;
 mod fetch;
 mod groups;
 mod list_offsets;
@@ -129,6 +130,9 @@ pub async fn dispatch(ctx: &Ctx, request: Request, version: i16) -> Pending {
         }
         Request::OffsetDelete(req) => {
             async move { groups::offset_delete(&ctx, req, version).await }.boxed_local()
+        }
+        Request::DeleteRecords(req) => {
+            async move { delete_records::handle(&ctx, req, version).await }.boxed_local()
         }
     }
 }
