@@ -1,6 +1,10 @@
 //! Broker counters, exported by `floe-net` on `/metrics`. Updated once per
 //! batch, segment or request, never per record.
 
+/// An upload slower than this counts towards a slow object store. An
+/// 8 MiB PUT takes well under a second on S3 or a local disk.
+pub const UPLOAD_SLOW: std::time::Duration = std::time::Duration::from_secs(2);
+
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use floe_objstore::RequestCounters;
@@ -24,6 +28,12 @@ pub struct Metrics {
     /// Segment uploads that failed since the last one that succeeded (any
     /// shard): the object store's health, for /readyz.
     pub upload_failures_in_a_row: AtomicU64,
+    /// Segment uploads slower than [`UPLOAD_SLOW`] since the last one that
+    /// was not (any shard): a slow store, for /readyz.
+    pub upload_slow_in_a_row: AtomicU64,
+    /// Requests that waited for the shard's in-flight budget before being
+    /// read: back-pressure, usually because uploads are not keeping up.
+    pub admission_waits: AtomicU64,
     pub requests: AtomicU64,
     pub connections_accepted: AtomicU64,
     pub bad_frames: AtomicU64,

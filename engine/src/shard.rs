@@ -291,10 +291,16 @@ impl Shard {
         let metrics = self.engine.metrics.clone();
         let put_key = key.clone();
         let upload = self.engine.sidecar.run(async move {
+            let started = Instant::now();
             let r = store.put(&put_key, parts).await;
             match &r {
                 Ok(()) => metrics.objstore_intake.put(size),
                 Err(_) => metrics.objstore_intake.error(),
+            }
+            if started.elapsed() > crate::metrics::UPLOAD_SLOW {
+                Metrics::add(&metrics.upload_slow_in_a_row, 1);
+            } else {
+                Metrics::set(&metrics.upload_slow_in_a_row, 0);
             }
             r.map_err(Error::from)
         });

@@ -79,6 +79,11 @@ pub fn render_metrics(engine: &Engine) -> String {
         Metrics::get(&m.connections_accepted),
     );
     counter(
+        "floe_admission_waits_total",
+        "Requests that waited for the shard's in-flight budget (back-pressure).",
+        Metrics::get(&m.admission_waits),
+    );
+    counter(
         "floe_bad_frames_total",
         "Connections closed for bad input.",
         Metrics::get(&m.bad_frames),
@@ -97,6 +102,12 @@ pub fn render_metrics(engine: &Engine) -> String {
         out,
         "# HELP floe_segment_upload_failures_in_a_row Segment uploads failed since the last success (object-store health).\n# TYPE floe_segment_upload_failures_in_a_row gauge\nfloe_segment_upload_failures_in_a_row {}",
         Metrics::get(&m.upload_failures_in_a_row)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP floe_segment_uploads_slow_in_a_row Segment uploads slower than {} s since the last faster one (object-store health).\n# TYPE floe_segment_uploads_slow_in_a_row gauge\nfloe_segment_uploads_slow_in_a_row {}",
+        floe_engine::metrics::UPLOAD_SLOW.as_secs(),
+        Metrics::get(&m.upload_slow_in_a_row)
     );
     let _ = writeln!(
         out,
@@ -253,9 +264,10 @@ fn backend_families(out: &mut String, acc: &Accounting) {
 pub const UPLOAD_FAILURES_NOT_READY: u64 = 3;
 
 /// `/readyz`: ready once serving, not while shutting down or while the
-/// object store keeps failing uploads (with the reason in the body).
+/// object store keeps failing or crawling (with the reason in the body).
 fn readiness(engine: &Engine, started: bool) -> (&'static str, String) {
     let failing = Metrics::get(&engine.metrics.upload_failures_in_a_row);
+    let slow = Metrics::get(&engine.metrics.upload_slow_in_a_row);
     if !started {
         ("503 Service Unavailable", "not ready: starting\n".into())
     } else if engine.shutdown.is_triggered() {
@@ -267,6 +279,14 @@ fn readiness(engine: &Engine, started: bool) -> (&'static str, String) {
         (
             "503 Service Unavailable",
             format!("not ready: the last {failing} segment uploads to the object store failed\n"),
+        )
+    } else if slow >= UPLOAD_FAILURES_NOT_READY {
+        (
+            "503 Service Unavailable",
+            format!(
+                "not ready: the last {slow} segment uploads to the object store each took over {} s; producers are being slowed down\n",
+                floe_engine::metrics::UPLOAD_SLOW.as_secs()
+            ),
         )
     } else {
         ("200 OK", "ready\n".into())

@@ -138,12 +138,11 @@ async fn read_loop(
         let len = len as usize;
         // Admit by memory before reading the body: when the shard's budget
         // is spent, this connection stops reading (TCP back-pressure).
-        let permit = match ctx
-            .shard
-            .budget
-            .acquire_static_permit(len.min(budget_max) as u64)
-            .await
-        {
+        let need = len.min(budget_max) as u64;
+        if ctx.shard.budget.available() < need {
+            Metrics::add(&ctx.broker.engine.metrics.admission_waits, 1);
+        }
+        let permit = match ctx.shard.budget.acquire_static_permit(need).await {
             Ok(p) => p,
             Err(_) => return End::ShuttingDown,
         };

@@ -27,8 +27,11 @@ pub struct FaultConfig {
     /// error although a put or delete happened (as after a dropped
     /// connection).
     pub lost_reply_rate: f64,
-    /// The request is delayed by up to `latency_max` (uniform) first.
+    /// The request is delayed first, uniformly between `latency_min` and
+    /// `latency_max` (a slow store rather than a jittery one when the
+    /// minimum is high).
     pub latency_rate: f64,
+    pub latency_min: Duration,
     pub latency_max: Duration,
     /// The request hangs for `timeout_after`, then fails with
     /// [`Error::Timeout`] and does nothing.
@@ -40,7 +43,7 @@ pub struct FaultConfig {
 }
 
 impl FaultConfig {
-    /// Parses `seed=7,errors=0.2,lost_replies=0.05,latency=0.3,latency_max_ms=100,
+    /// Parses `seed=7,errors=0.2,lost_replies=0.05,latency=0.3,latency_min_ms=0,latency_max_ms=100,
     /// timeouts=0.01,timeout_ms=2000,truncate=0.05` (any subset; rates are
     /// per request).
     pub fn parse(spec: &str) -> Result<Self> {
@@ -64,6 +67,7 @@ impl FaultConfig {
                 "errors" => c.error_rate = rate()?,
                 "lost_replies" => c.lost_reply_rate = rate()?,
                 "latency" => c.latency_rate = rate()?,
+                "latency_min_ms" => c.latency_min = ms()?,
                 "latency_max_ms" => c.latency_max = ms()?,
                 "timeouts" => c.timeout_rate = rate()?,
                 "timeout_ms" => c.timeout_after = ms()?,
@@ -90,6 +94,14 @@ impl FaultConfig {
         ];
         let exclusive =
             self.error_rate + self.lost_reply_rate + self.timeout_rate + self.truncate_rate;
+        if self.latency_min > self.latency_max {
+            return Err(Error::Config {
+                reason: format!(
+                    "latency_min_ms {:?} exceeds latency_max_ms {:?}",
+                    self.latency_min, self.latency_max
+                ),
+            });
+        }
         if rates.iter().any(|r| !(0.0..=1.0).contains(r)) || exclusive > 1.0 + f64::EPSILON {
             return Err(Error::Config {
                 reason: format!("fault rates must be in [0, 1] and the exclusive ones sum to at most 1: {self:?}"),
@@ -180,7 +192,7 @@ impl<S: ObjectStore> Faulty<S> {
         let mut d = self.dice();
         let Dice { config: c, rng } = &mut *d;
         let latency = (c.latency_rate > 0.0 && rng.random::<f64>() < c.latency_rate)
-            .then(|| c.latency_max.mul_f64(rng.random::<f64>()));
+            .then(|| c.latency_min + (c.latency_max - c.latency_min).mul_f64(rng.random::<f64>()));
         let x = rng.random::<f64>();
         let cut = rng.random::<f64>();
         let mut edge = 0.0;

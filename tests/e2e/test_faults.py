@@ -88,3 +88,43 @@ def test_readyz_reports_a_failing_store(start_broker, topic_name):
         time.sleep(0.2)
     assert "segment uploads" in body, body
     assert metric(b, "floe_segment_upload_failures_in_a_row") >= 3
+
+
+def test_readyz_and_backpressure_report_a_slow_store(start_broker, topic_name):
+    """Every object-store request takes 2.2-2.6 s: producers are slowed by
+    the in-flight budget (counted), and /readyz says the store is slow; once
+    the store is fast again (restart without faults) it is ready and every
+    acknowledged record is there."""
+    b = start_broker(object_store_faults="seed=5,latency=1,latency_min_ms=2200,latency_max_ms=2600",
+                     inflight_bytes=1 << 20, flush_interval_ms=10)
+    p = Producer(producer_conf(b.bootstrap, **{"message.timeout.ms": 120000, "linger.ms": 20}))
+    acked = {}
+
+    def cb(err, msg):
+        if err is None:
+            acked[(msg.partition(), msg.offset())] = msg.value()
+
+    value = b"s" * 65536
+    deadline = time.monotonic() + 60
+    i = 0
+    while True:
+        try:
+            p.produce(topic_name, value=value + b"%d" % i, partition=0, on_delivery=cb)
+            i += 1
+        except BufferError:
+            pass
+        p.poll(0.05)
+        status, body = b.http_get("/readyz")
+        if status == 503 and metric(b, "floe_admission_waits_total") > 0:
+            break
+        assert time.monotonic() < deadline, "still ready (%s) with every upload slow" % body
+    assert "took over 2 s" in body, body
+    assert metric(b, "floe_segment_uploads_slow_in_a_row") >= 3
+    assert p.flush(120) == 0
+    b.args.pop("object-store-faults")
+    b.restart()
+    assert b.http_get("/readyz")[0] == 200
+    ends = {0: max(o for (_, o) in acked) + 1}
+    seen = consume_partitions(b.bootstrap, topic_name, ends, timeout=60)
+    got = {(0, m.offset): m.value for m in seen[0]}
+    assert all(got.get(k) == v for k, v in acked.items()), "acked records missing after a slow store"
