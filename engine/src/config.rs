@@ -14,6 +14,11 @@ pub struct EngineConfig {
     pub inflight_bytes_max: usize,
     /// Per shard: bytes of stored batches kept for reads.
     pub read_cache_bytes_max: usize,
+    /// Per shard: object-store upload requests (single PUTs or multipart
+    /// parts) in flight at once, across all of its segments.
+    pub upload_concurrency: usize,
+    /// Size of one multipart part (to count a segment's parts).
+    pub upload_part_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -25,6 +30,8 @@ impl Default for EngineConfig {
             flush_bytes: 8 << 20,
             inflight_bytes_max: 256 << 20,
             read_cache_bytes_max: 256 << 20,
+            upload_concurrency: 4,
+            upload_part_bytes: 8 << 20,
         }
     }
 }

@@ -141,6 +141,9 @@ pub struct Shard {
     pub frames: FramePool,
     /// Request bytes admitted and not yet answered (TCP back-pressure).
     pub budget: Rc<glommio::sync::Semaphore>,
+    /// Upload requests in flight for this shard's segments (the
+    /// object-store calls run on the sidecar, hence a tokio semaphore).
+    uploads: Arc<tokio::sync::Semaphore>,
     state: RefCell<ShardState>,
     cache: RefCell<ReadCache>,
     applied_seq: Cell<u64>,
@@ -164,6 +167,7 @@ impl Shard {
         let shard = Rc::new(Self {
             id,
             budget: Rc::new(glommio::sync::Semaphore::new(cfg.inflight_bytes_max as u64)),
+            uploads: Arc::new(tokio::sync::Semaphore::new(cfg.upload_concurrency.max(1))),
             cache: RefCell::new(ReadCache::new(cfg.read_cache_bytes_max)),
             engine,
             frames: FramePool::default(),
@@ -290,7 +294,19 @@ impl Shard {
         let store = self.engine.store.clone();
         let metrics = self.engine.metrics.clone();
         let put_key = key.clone();
+        let uploads = self.uploads.clone();
+        let cfg = &self.engine.config;
+        // A segment takes one permit per part it will send at once (one for
+        // a single PUT), so the shard's uploads together stay within
+        // `upload_concurrency` requests.
+        let permits = size
+            .div_ceil(cfg.upload_part_bytes.max(1) as u64)
+            .clamp(1, cfg.upload_concurrency.max(1) as u64) as u32;
         let upload = self.engine.sidecar.run(async move {
+            let _permits = uploads
+                .acquire_many_owned(permits)
+                .await
+                .map_err(|_| Error::ShuttingDown)?;
             let started = Instant::now();
             let r = store.put(&put_key, parts).await;
             match &r {

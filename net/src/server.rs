@@ -187,6 +187,8 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
             flush_bytes: cfg.flush_bytes,
             inflight_bytes_max: cfg.inflight_bytes,
             read_cache_bytes_max: cfg.read_cache_bytes,
+            upload_concurrency: cfg.upload_concurrency,
+            upload_part_bytes: cfg.upload_part_bytes,
         },
         sidecar: sidecar.handle(),
         store: store.clone(),
