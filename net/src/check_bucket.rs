@@ -151,6 +151,26 @@ pub async fn check(url: &str, opts: &S3Options) -> Result<bool, Error> {
         },
     ));
 
+    results.push((
+        "ListMultipartUploads",
+        match &s3 {
+            None => {
+                Outcome::NotApplicable(format!("{} has no multipart uploads", store.describe()))
+            }
+            Some(_) if opts.express => Outcome::NotApplicable(
+                "floe does not list uploads in S3 Express directory buckets; give the bucket a rule that aborts incomplete multipart uploads".into(),
+            ),
+            // The orphan sweep lists open uploads to abort stale ones.
+            Some(s3) => match s3
+                .list_uploads(&floe_objstore::RequestCounters::default())
+                .await
+            {
+                Ok(_) => Outcome::Ok,
+                Err(e) => Outcome::Failed(explain("s3:ListBucketMultipartUploads", &e)),
+            },
+        },
+    ));
+
     let width = results.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
     let mut failed = Vec::new();
     for (name, outcome) in &results {

@@ -195,7 +195,7 @@ def test_check_bucket(moto, tmp_path):
     r = run_check_bucket(moto, bucket, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     for permission in ["PutObject", "GetObject", "ListBucket", "DeleteObject",
-                       "CreateMultipartUpload+AbortMultipartUpload"]:
+                       "CreateMultipartUpload+AbortMultipartUpload", "ListMultipartUploads"]:
         assert re.search(r"^%s\s+ok$" % re.escape(permission), r.stdout, re.M), r.stdout
     assert moto.keys(bucket) == {}, "check-bucket left objects behind"
     assert moto.open_uploads(bucket) == []
@@ -205,4 +205,5 @@ def test_check_bucket(moto, tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     assert re.search(r'^PutObject\s+FAILED: bucket "%s" does not exist$' % missing, r.stdout, re.M), r.stdout
     assert re.search(r'^ListBucket\s+FAILED: bucket "%s" does not exist$' % missing, r.stdout, re.M), r.stdout
+    assert re.search(r'^ListMultipartUploads\s+FAILED', r.stdout, re.M), r.stdout
     assert "checks failed" in r.stdout, r.stdout
