@@ -12,6 +12,7 @@
 //! Backends are `Send + Sync` and tokio-based; floe's shards reach them
 //! through the engine's sidecar runtime.
 
+pub mod aws_profile;
 mod error;
 mod faulty;
 mod local;

@@ -186,8 +186,8 @@ pub struct S3 {
 
 impl S3 {
     /// Opens `s3://BUCKET[/PREFIX]` with credentials from the standard AWS
-    /// chain (environment, web identity, ECS/EKS container credentials,
-    /// instance metadata). Sends nothing yet.
+    /// chain (environment, the shared files' profile, web identity, ECS/EKS
+    /// container credentials, instance metadata). Sends nothing yet.
     pub fn open(url: &str, opts: &S3Options) -> Result<Self> {
         Self::build(url, opts, None::<object_store::client::ReqwestConnector>)
     }
@@ -220,6 +220,33 @@ impl S3 {
             // One DELETE per object: `delete` deletes one key, and not every
             // S3-compatible store implements DeleteObjects.
             .with_disable_bulk_delete(true);
+        // The environment's keys win; otherwise the selected profile's, as
+        // the AWS SDKs order their chain (object_store reads no profiles).
+        if b.get_config_value(&AmazonS3ConfigKey::AccessKeyId)
+            .is_none()
+        {
+            if let Some(p) = crate::aws_profile::from_env() {
+                match (&p.access_key_id, &p.secret_access_key) {
+                    (Some(id), Some(secret)) => {
+                        b = b.with_access_key_id(id).with_secret_access_key(secret);
+                        if let Some(t) = &p.session_token {
+                            b = b.with_token(t);
+                        }
+                        tracing::info!(profile = %p.name, "S3 credentials from the AWS shared credentials file");
+                    }
+                    _ => {
+                        if let Some(how) = &p.indirect {
+                            tracing::warn!(profile = %p.name, "AWS profile gets its credentials through {how}, which floe does not follow; trying web identity, container and instance credentials");
+                        }
+                    }
+                }
+                if let Some(r) = &p.region {
+                    if b.get_config_value(&AmazonS3ConfigKey::Region).is_none() {
+                        b = b.with_region(r);
+                    }
+                }
+            }
+        }
         if let Some(region) = &opts.region {
             b = b.with_region(region);
         }

@@ -207,3 +207,31 @@ def test_check_bucket(moto, tmp_path):
     assert re.search(r'^ListBucket\s+FAILED: bucket "%s" does not exist$' % missing, r.stdout, re.M), r.stdout
     assert re.search(r'^ListMultipartUploads\s+FAILED', r.stdout, re.M), r.stdout
     assert "checks failed" in r.stdout, r.stdout
+
+
+def test_credentials_from_an_aws_profile(moto, tmp_path):
+    """No keys in the environment: floe takes them from the profile that
+    AWS_PROFILE names in the shared credentials file (as the AWS SDKs do);
+    a profile that does not exist leaves floe without credentials."""
+    bucket = moto.new_bucket()
+    creds = tmp_path / "credentials"
+    creds.write_text("[default]\naws_access_key_id = wrong\n\n[floe-ci]\n"
+                     "aws_access_key_id = %s\naws_secret_access_key = %s\n"
+                     % (CREDENTIALS["AWS_ACCESS_KEY_ID"], CREDENTIALS["AWS_SECRET_ACCESS_KEY"]))
+    config = tmp_path / "config"
+    config.write_text("[profile floe-ci]\nregion = %s\n" % CREDENTIALS.get("AWS_REGION", "us-east-1"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLOE_", "AWS_"))}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(creds), AWS_CONFIG_FILE=str(config),
+               AWS_PROFILE="floe-ci", AWS_EC2_METADATA_DISABLED="true")
+
+    def check(profile):
+        env["AWS_PROFILE"] = profile
+        return subprocess.run(
+            [str(floe_bin()), "check-bucket", "--data-dir", str(tmp_path),
+             "--object-store", "s3://%s/floe" % bucket, "--s3-endpoint", moto.url],
+            env=env, capture_output=True, text=True, timeout=120)
+
+    r = check("floe-ci")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = check("no-such-profile")
+    assert r.returncode == 1, r.stdout + r.stderr
