@@ -21,5 +21,7 @@ pub mod notify;
 pub mod preflight;
 pub mod producer_ids;
 pub mod request;
+pub mod sasl;
 pub mod server;
+pub mod tls;
 pub mod topic_config;

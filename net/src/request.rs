@@ -9,7 +9,8 @@ use kafka_protocol::messages::{
     DescribeConfigsRequest, DescribeGroupsRequest, FetchRequest, FindCoordinatorRequest,
     HeartbeatRequest, InitProducerIdRequest, JoinGroupRequest, LeaveGroupRequest,
     ListGroupsRequest, ListOffsetsRequest, MetadataRequest, OffsetCommitRequest,
-    OffsetDeleteRequest, OffsetFetchRequest, ProduceRequest, RequestHeader, SyncGroupRequest,
+    OffsetDeleteRequest, OffsetFetchRequest, ProduceRequest, RequestHeader,
+    SaslAuthenticateRequest, SaslHandshakeRequest, SyncGroupRequest,
 };
 use kafka_protocol::protocol::Decodable;
 
@@ -42,6 +43,8 @@ pub enum Request {
     ListGroups(ListGroupsRequest),
     DeleteGroups(DeleteGroupsRequest),
     OffsetDelete(OffsetDeleteRequest),
+    SaslHandshake(SaslHandshakeRequest),
+    SaslAuthenticate(SaslAuthenticateRequest),
 }
 
 #[derive(Debug)]
@@ -131,6 +134,8 @@ pub fn decode(mut frame: Bytes) -> Result<Decoded, DecodeError> {
         ApiKey::ListGroups => Request::ListGroups(body(api, version, b)?),
         ApiKey::DeleteGroups => Request::DeleteGroups(body(api, version, b)?),
         ApiKey::OffsetDelete => Request::OffsetDelete(body(api, version, b)?),
+        ApiKey::SaslHandshake => Request::SaslHandshake(body(api, version, b)?),
+        ApiKey::SaslAuthenticate => Request::SaslAuthenticate(body(api, version, b)?),
         _ => {
             return Err(DecodeError::Unsupported {
                 api,
