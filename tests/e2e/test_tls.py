@@ -211,6 +211,57 @@ def test_sasl_listener_closes_requests_before_authentication(secure):
         assert answer[10:] == struct.pack(">h", 5) + b"PLAIN", answer
 
 
+def read_frame(sock, timeout=10):
+    sock.settimeout(timeout)
+    head = sock.recv(4, socket.MSG_WAITALL)
+    assert len(head) == 4, "connection closed instead of an answer"
+    size = struct.unpack(">i", head)[0]
+    return sock.recv(size, socket.MSG_WAITALL) if size else b""
+
+
+def test_sasl_wire_versions(secure):
+    """The paths the real clients above do not take: a v0 handshake with a
+    bare token, SaslAuthenticate v2 (flexible) with a wrong password, and an
+    oversized frame before authentication."""
+    b, _, addrs = secure
+    host, port = addrs["sasl_plaintext"].split(":")
+    plain = lambda pw: b"\0" + USER.encode() + b"\0" + pw
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(raw_request(17, 0, struct.pack(">h", 5) + b"PLAIN"))
+        assert struct.unpack(">ih", read_frame(s)[:6]) == (1, 0)
+        token = plain(PASSWORD.encode())
+        s.sendall(struct.pack(">i", len(token)) + token)
+        assert read_frame(s) == b"", "a v0 token is accepted with an empty frame"
+        s.sendall(raw_request(3, 0, struct.pack(">i", 0)))  # now Metadata is served
+        assert struct.unpack(">i", read_frame(s)[:4]) == (1,)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(raw_request(17, 0, struct.pack(">h", 5) + b"PLAIN"))
+        read_frame(s)
+        token = plain(b"wrong")
+        s.sendall(struct.pack(">i", len(token)) + token)
+        closed, got = closed_by_peer(s)
+        assert closed and got == b"", got
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(raw_request(17, 1, struct.pack(">h", 5) + b"PLAIN"))
+        read_frame(s)
+        token = plain(b"wrong")
+        # v2: header v2 (tagged fields), compact bytes (length + 1)
+        body = bytes([len(token) + 1]) + token + b"\0"
+        s.sendall(raw_request(36, 2, b"\0" + body))
+        answer = read_frame(s)
+        correlation, tags, code = struct.unpack(">ibh", answer[:7])
+        assert (correlation, tags, code) == (1, 0, 58), answer
+        assert b"Authentication failed" in answer, answer
+        closed, _ = closed_by_peer(s)
+        assert closed
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(struct.pack(">i", 1 << 20))  # 1 MiB, over the 512 KiB cap
+        closed, got = closed_by_peer(s)
+        assert closed and got == b""
+    assert "before SASL authentication" in b.log_text()
+    b.assert_no_panic()
+
+
 def kcat_args(protocol, certs, addrs):
     args = ["-b", addrs[protocol], "-X", "security.protocol=" + protocol]
     for k, v in client_conf(protocol, certs, addrs).items():
