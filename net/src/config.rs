@@ -795,6 +795,26 @@ mod tests {
         assert_eq!(tls.client_auth, crate::tls::ClientAuth::Required);
         assert_eq!(tls.client_ca, Some(PathBuf::from("ca.pem")));
         assert_eq!(r.sasl_users_file, Some(PathBuf::from("users")));
+
+        // The same settings as TOML keys; a flag overrides the file.
+        let dir = tempfile_dir();
+        let path = dir.join("secure.toml");
+        std::fs::write(
+            &path,
+            "listeners = \"sasl_ssl://127.0.0.1:1\"\nssl_cert_file = \"c.pem\"\n\
+             ssl_key_file = \"k.pem\"\nsasl_users_file = \"users\"\n",
+        )
+        .expect("write");
+        let r = ServeArgs {
+            config: Some(path),
+            sasl_users_file: Some("flag-users".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .expect("resolves");
+        assert_eq!(r.listeners[0].protocol, SecurityProtocol::SaslSsl);
+        assert_eq!(r.tls.map(|t| t.cert), Some(PathBuf::from("c.pem")));
+        assert_eq!(r.sasl_users_file, Some(PathBuf::from("flag-users")));
     }
 
     #[test]

@@ -65,16 +65,30 @@ enum End {
     Answered(String),
 }
 
+/// A stream a connection is served over.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + 'static {
+    /// Writes may stay in a buffer until flushed (a TLS record whose tail
+    /// did not fit in the socket). Plain TCP writes go straight to the
+    /// socket, so its writer never pays for a flush.
+    const BUFFERED: bool;
+}
+
+impl Stream for glommio::net::TcpStream {
+    const BUFFERED: bool = false;
+}
+
+impl Stream for futures_rustls::server::TlsStream<glommio::net::TcpStream> {
+    const BUFFERED: bool = true;
+}
+
 /// Serves one connection until the client leaves or the broker shuts down.
 /// `sasl_users` is set on SASL listeners.
-pub async fn serve<S>(
+pub async fn serve<S: Stream>(
     mut ctx: Ctx,
     stream: S,
     peer: SocketAddr,
     sasl_users: Option<Arc<sasl::Users>>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + 'static,
-{
+) {
     ctx.peer = Some(peer);
     let (rd, wr) = stream.split();
     let (tx, rx) = mpsc::channel::<Outgoing>(PIPELINE_DEPTH_MAX);
@@ -316,8 +330,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut wr: WriteHalf<W>,
+async fn write_loop<S: Stream>(
+    mut wr: WriteHalf<S>,
     mut rx: mpsc::Receiver<Outgoing>,
     peer: SocketAddr,
 ) {
@@ -343,9 +357,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             head.extend_from_slice(&[0]); // no tagged fields
         }
         let mut result = send(&mut wr, head, parts).await;
-        // A TLS stream may hold the tail of a record when the socket was
-        // full; flushing pushes it out (a no-op on glommio's TcpStream).
-        if result.is_ok() {
+        if S::BUFFERED && result.is_ok() {
             result = wr.flush().await;
         }
         if let Err(e) = result {
