@@ -72,9 +72,31 @@ pub struct ServeArgs {
     #[arg(long, env = "FLOE_ADVERTISED_LISTENERS")]
     pub advertised_listeners: Option<String>,
     /// Security protocol of each listener, comma-separated `NAME:PROTOCOL`
-    /// (Kafka's spelling). Only PLAINTEXT is implemented. [default: PLAINTEXT]
+    /// (Kafka's spelling): PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.
+    /// [default: PLAINTEXT, or the listener's name when it is a protocol's]
     #[arg(long, env = "FLOE_LISTENER_SECURITY_PROTOCOL_MAP")]
     pub listener_security_protocol_map: Option<String>,
+    /// PEM certificate chain of SSL and SASL_SSL listeners (server
+    /// certificate first). [default: none; required by those listeners]
+    #[arg(long, env = "FLOE_SSL_CERT_FILE")]
+    pub ssl_cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of --ssl-cert-file. [default: none]
+    #[arg(long, env = "FLOE_SSL_KEY_FILE")]
+    pub ssl_key_file: Option<PathBuf>,
+    /// PEM CA certificate(s) that client certificates must chain to.
+    /// [default: none]
+    #[arg(long, env = "FLOE_SSL_CLIENT_CA_FILE")]
+    pub ssl_client_ca_file: Option<PathBuf>,
+    /// Client certificates on SSL listeners (Kafka's ssl.client.auth):
+    /// none, requested or required (mutual TLS). SASL_SSL listeners never
+    /// ask for one. [default: none]
+    #[arg(long, env = "FLOE_SSL_CLIENT_AUTH")]
+    pub ssl_client_auth: Option<String>,
+    /// SASL/PLAIN users of SASL_PLAINTEXT and SASL_SSL listeners: a file of
+    /// `user:password` lines (`#` comments). Keep it readable by floe only.
+    /// [default: none; required by those listeners]
+    #[arg(long, env = "FLOE_SASL_USERS_FILE")]
+    pub sasl_users_file: Option<PathBuf>,
     /// HTTP address for /metrics, /healthz and /readyz. [default: 127.0.0.1:9644]
     #[arg(long, env = "FLOE_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
@@ -200,6 +222,10 @@ pub struct Resolved {
     /// Every Kafka listener; never empty. The first one's bind and
     /// advertised addresses are also in `listen` / `advertise_*`.
     pub listeners: Vec<Listener>,
+    /// TLS files of SSL / SASL_SSL listeners (set when one exists).
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// Users file of SASL listeners (set when one exists).
+    pub sasl_users_file: Option<PathBuf>,
     pub listen: String,
     pub advertise_host: String,
     pub advertise_port: u16,
@@ -296,6 +322,7 @@ impl ServeArgs {
                 .clone()
                 .or(file.listener_security_protocol_map.clone()),
         })?;
+        let (tls, sasl_users_file) = resolve_security(&listeners, &self, &file)?;
         let listen = listeners[0].bind.clone();
         let (advertise_host, advertise_port) = (
             listeners[0].advertised_host.clone(),
@@ -355,6 +382,8 @@ impl ServeArgs {
             log: pick!(log, "info".to_string()),
             data_dir,
             listeners,
+            tls,
+            sasl_users_file,
             listen,
             advertise_host,
             advertise_port,
@@ -407,6 +436,78 @@ impl Resolved {
             ..floe_objstore::S3Options::default()
         }
     }
+}
+
+/// The TLS files and SASL users file the listeners need: each is required
+/// when a listener uses it, and refused when none does (a certificate
+/// given for nothing is a configuration mistake worth a clear message).
+fn resolve_security(
+    listeners: &[Listener],
+    flags: &ServeArgs,
+    file: &ServeArgs,
+) -> anyhow::Result<(Option<crate::tls::TlsFiles>, Option<PathBuf>)> {
+    use crate::tls::{ClientAuth, TlsFiles};
+    macro_rules! given {
+        ($f:ident) => {
+            flags.$f.clone().or(file.$f.clone())
+        };
+    }
+    let needs = |p: &[SecurityProtocol]| listeners.iter().find(|l| p.contains(&l.protocol));
+    let tls_listener = needs(&[SecurityProtocol::Ssl, SecurityProtocol::SaslSsl]);
+    let sasl_listener = needs(&[SecurityProtocol::SaslPlaintext, SecurityProtocol::SaslSsl]);
+    let client_auth = match given!(ssl_client_auth) {
+        None => ClientAuth::None,
+        Some(s) => ClientAuth::parse(&s).ok_or_else(|| {
+            anyhow::anyhow!("--ssl-client-auth {s:?} must be none, requested or required")
+        })?,
+    };
+    let (cert, key, client_ca) = (
+        given!(ssl_cert_file),
+        given!(ssl_key_file),
+        given!(ssl_client_ca_file),
+    );
+    let tls = match (tls_listener, cert, key) {
+        (Some(_), Some(cert), Some(key)) => {
+            if client_auth != ClientAuth::None && client_ca.is_none() {
+                anyhow::bail!(
+                    "--ssl-client-auth {client_auth:?} needs --ssl-client-ca-file (the CA client certificates must chain to)"
+                );
+            }
+            Some(TlsFiles {
+                cert,
+                key,
+                client_ca,
+                client_auth,
+            })
+        }
+        (Some(l), _, _) => anyhow::bail!(
+            "listener {:?} is {}: give --ssl-cert-file and --ssl-key-file (PEM)",
+            l.name,
+            l.protocol.kafka_name()
+        ),
+        (None, cert, key) => {
+            if cert.is_some() || key.is_some() || client_ca.is_some() {
+                anyhow::bail!(
+                    "--ssl-cert-file/--ssl-key-file/--ssl-client-ca-file are given but no listener is SSL or SASL_SSL (see --listener-security-protocol-map)"
+                );
+            }
+            None
+        }
+    };
+    let users = given!(sasl_users_file);
+    let sasl = match (sasl_listener, users) {
+        (Some(_), Some(path)) => Some(path),
+        (Some(l), None) => anyhow::bail!(
+            "listener {:?} is {}: give --sasl-users-file (lines of user:password)",
+            l.name,
+            l.protocol.kafka_name()
+        ),
+        (None, Some(_)) => anyhow::bail!(
+            "--sasl-users-file is given but no listener is SASL_PLAINTEXT or SASL_SSL"
+        ),
+        (None, None) => None,
+    };
+    Ok((tls, sasl))
 }
 
 /// A Kafka listener security protocol (Kafka's names).
@@ -609,19 +710,6 @@ fn resolve_listeners(spec: &ListenerSpec) -> anyhow::Result<Vec<Listener>> {
             }
         }
     }
-    if let Some(l) = out
-        .iter()
-        .find(|l| l.protocol != SecurityProtocol::Plaintext)
-    {
-        // Refused rather than served in plain text: a client configured
-        // for TLS or SASL must not silently talk to a broker without it.
-        anyhow::bail!(
-            "listener {:?} asks for {}: floe implements only PLAINTEXT listeners so far \
-             (no TLS, no SASL; see FINDINGS.md). Terminate TLS in front of floe or use PLAINTEXT",
-            l.name,
-            l.protocol.kafka_name()
-        );
-    }
     Ok(out)
 }
 
@@ -718,6 +806,61 @@ mod tests {
     }
 
     #[test]
+    fn security_files_follow_the_listeners() {
+        let r = ServeArgs {
+            listeners: Some(
+                "plain://127.0.0.1:1,tls://127.0.0.1:2,sasl://127.0.0.1:3,both://127.0.0.1:4"
+                    .into(),
+            ),
+            listener_security_protocol_map: Some(
+                "tls:SSL,sasl:SASL_PLAINTEXT,both:sasl_ssl".into(),
+            ),
+            ssl_cert_file: Some("c.pem".into()),
+            ssl_key_file: Some("k.pem".into()),
+            ssl_client_ca_file: Some("ca.pem".into()),
+            ssl_client_auth: Some("Required".into()),
+            sasl_users_file: Some("users".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .expect("resolves");
+        let protocols: Vec<_> = r.listeners.iter().map(|l| l.protocol).collect();
+        assert_eq!(
+            protocols,
+            [
+                SecurityProtocol::Plaintext,
+                SecurityProtocol::Ssl,
+                SecurityProtocol::SaslPlaintext,
+                SecurityProtocol::SaslSsl
+            ]
+        );
+        let tls = r.tls.expect("tls files");
+        assert_eq!(tls.client_auth, crate::tls::ClientAuth::Required);
+        assert_eq!(tls.client_ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(r.sasl_users_file, Some(PathBuf::from("users")));
+
+        // The same settings as TOML keys; a flag overrides the file.
+        let dir = tempfile_dir();
+        let path = dir.join("secure.toml");
+        std::fs::write(
+            &path,
+            "listeners = \"sasl_ssl://127.0.0.1:1\"\nssl_cert_file = \"c.pem\"\n\
+             ssl_key_file = \"k.pem\"\nsasl_users_file = \"users\"\n",
+        )
+        .expect("write");
+        let r = ServeArgs {
+            config: Some(path),
+            sasl_users_file: Some("flag-users".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .expect("resolves");
+        assert_eq!(r.listeners[0].protocol, SecurityProtocol::SaslSsl);
+        assert_eq!(r.tls.map(|t| t.cert), Some(PathBuf::from("c.pem")));
+        assert_eq!(r.sasl_users_file, Some(PathBuf::from("flag-users")));
+    }
+
+    #[test]
     fn listener_mistakes_are_refused_clearly() {
         let err = |a: ServeArgs| a.resolve().unwrap_err().to_string();
         let e = err(ServeArgs {
@@ -741,12 +884,30 @@ mod tests {
             listener_security_protocol_map: Some("secure:SASL_SSL".into()),
             ..Default::default()
         });
-        assert!(e.contains("only PLAINTEXT"), "{e}");
+        assert!(e.contains("give --ssl-cert-file"), "{e}");
         let e = err(ServeArgs {
             listeners: Some("ssl://127.0.0.1:1".into()),
             ..Default::default()
         });
         assert!(e.contains("SSL"), "{e}");
+        let e = err(ServeArgs {
+            listeners: Some("sasl_plaintext://127.0.0.1:1".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("--sasl-users-file"), "{e}");
+        let e = err(ServeArgs {
+            listeners: Some("ssl://127.0.0.1:1".into()),
+            ssl_cert_file: Some("c.pem".into()),
+            ssl_key_file: Some("k.pem".into()),
+            ssl_client_auth: Some("required".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("--ssl-client-ca-file"), "{e}");
+        let e = err(ServeArgs {
+            ssl_cert_file: Some("c.pem".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("no listener is SSL"), "{e}");
         let e = err(ServeArgs {
             listeners: Some("a://127.0.0.1:1".into()),
             listener_security_protocol_map: Some("a:TLS".into()),

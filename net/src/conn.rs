@@ -4,6 +4,15 @@
 //! order. Bad input ends this connection with one log line and touches
 //! nothing else.
 //!
+//! The loop is generic over the stream: a plain `TcpStream`, or a TLS
+//! stream on SSL listeners (tls.rs). Each is its own monomorphised copy,
+//! so PLAINTEXT keeps its direct writes with no TLS indirection.
+//!
+//! On SASL listeners a [`sasl::Session`] gates the connection: until it
+//! has authenticated, only ApiVersions, SaslHandshake and SaslAuthenticate
+//! are served, frames are capped at
+//! [`sasl::UNAUTHENTICATED_FRAME_BYTES_MAX`], and anything else closes it.
+//!
 //! The connection also keeps what floe knows about its client (the
 //! [`ClientView`]): the listener it came in on, the zone and host override
 //! its `client.id` states, and the `rack_id` it sends in Fetch. Handlers
@@ -11,14 +20,14 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use floe_engine::metrics::Metrics;
 use futures::channel::mpsc;
 use futures::future::{select, Either};
-use futures::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use futures::{SinkExt, StreamExt};
-use glommio::net::TcpStream;
 use glommio::sync::StaticPermit;
 use kafka_protocol::messages::ApiKey;
 
@@ -27,12 +36,16 @@ use crate::discovery::ClientView;
 use crate::handlers::{self, Ctx, Pending, Reply};
 use crate::request::Request;
 use crate::request::{self, DecodeError, Decoded, FRAME_BYTES_MIN};
+use crate::sasl;
 
 /// Requests a connection may have started but not yet answered.
 pub const PIPELINE_DEPTH_MAX: usize = 128;
 /// Parts below this size are gathered into one send; larger stored batches
 /// are written from their own buffers (glommio 0.9 has no writev).
 const GATHER_BYTES_MAX: usize = 16 << 10;
+/// `header_version` of a response written without a header: the empty
+/// frame that accepts a SASL v0 bare token.
+const NO_HEADER: i16 = -1;
 
 struct Outgoing {
     correlation_id: i32,
@@ -47,18 +60,47 @@ enum End {
     Closed,
     ShuttingDown,
     Refused(String),
+    /// Refused after the last answer was queued (failed authentication):
+    /// the writer sends it, then closes.
+    Answered(String),
 }
 
-pub async fn serve(mut ctx: Ctx, stream: TcpStream, peer: SocketAddr) {
+/// A stream a connection is served over.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + 'static {
+    /// Writes may stay in a buffer until flushed (a TLS record whose tail
+    /// did not fit in the socket). Plain TCP writes go straight to the
+    /// socket, so its writer never pays for a flush.
+    const BUFFERED: bool;
+}
+
+impl Stream for glommio::net::TcpStream {
+    const BUFFERED: bool = false;
+}
+
+impl Stream for futures_rustls::server::TlsStream<glommio::net::TcpStream> {
+    const BUFFERED: bool = true;
+}
+
+/// Serves one connection until the client leaves or the broker shuts down.
+/// `sasl_users` is set on SASL listeners.
+pub async fn serve<S: Stream>(
+    mut ctx: Ctx,
+    stream: S,
+    peer: SocketAddr,
+    sasl_users: Option<Arc<sasl::Users>>,
+) {
     ctx.peer = Some(peer);
-    let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.split();
     let (tx, rx) = mpsc::channel::<Outgoing>(PIPELINE_DEPTH_MAX);
     let writer = glommio::spawn_local(write_loop(wr, rx, peer));
-    match read_loop(&ctx, rd, tx, peer).await {
+    let session = sasl_users.map(sasl::Session::new);
+    match read_loop(&ctx, rd, tx, peer, session).await {
         End::Refused(why) => {
             Metrics::add(&ctx.broker.engine.metrics.bad_frames, 1);
             tracing::warn!(%peer, "closing connection: {why}");
+        }
+        End::Answered(why) => {
+            tracing::warn!(%peer, listener = %ctx.client.listener, "closing connection: {why}");
         }
         End::Closed | End::ShuttingDown => {}
     }
@@ -104,11 +146,52 @@ pub fn new_client(listener: &str) -> Rc<ClientView> {
     Rc::new(ClientView::on_listener(listener))
 }
 
-async fn read_loop(
+/// Queues `reply` to be written in request order.
+async fn queue(
+    tx: &mut mpsc::Sender<Outgoing>,
+    correlation_id: i32,
+    header_version: i16,
+    reply: Reply,
+    permit: StaticPermit,
+) -> bool {
+    let out = Outgoing {
+        correlation_id,
+        header_version,
+        reply: Box::pin(async move { reply }),
+        _permit: permit,
+    };
+    tx.send(out).await.is_ok()
+}
+
+/// What the SASL session decides about one decoded request.
+enum Gate {
+    /// Serve it as usual.
+    Pass,
+    /// The session answered it (SaslHandshake, SaslAuthenticate).
+    Answer(sasl::Step),
+    /// Not allowed before authentication: close.
+    Refuse(String),
+}
+
+fn gate(session: Option<&mut sasl::Session>, api: ApiKey, request: &Request, version: i16) -> Gate {
+    let Some(session) = session else {
+        return Gate::Pass;
+    };
+    match request {
+        Request::SaslHandshake(req) => Gate::Answer(session.handshake(req, version)),
+        Request::SaslAuthenticate(req) => Gate::Answer(session.authenticate(req, version)),
+        Request::ApiVersions => Gate::Pass,
+        _ if session.authenticated().is_some() => Gate::Pass,
+        _ => Gate::Refuse(format!("{api:?} before SASL authentication")),
+    }
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
     ctx: &Ctx,
-    mut rd: ReadHalf<TcpStream>,
+    mut rd: ReadHalf<R>,
     mut tx: mpsc::Sender<Outgoing>,
     peer: SocketAddr,
+    mut session: Option<sasl::Session>,
 ) -> End {
     let mut conn_ctx = ctx.clone();
     let mut client = ClientState {
@@ -130,9 +213,25 @@ async fn read_loop(
             }
         }
         let len = i32::from_be_bytes(prefix);
-        if len < FRAME_BYTES_MIN as i32 || len as usize > max_request {
+        let unauthenticated = session
+            .as_ref()
+            .is_some_and(|s| s.authenticated().is_none());
+        let raw_token = session
+            .as_ref()
+            .is_some_and(sasl::Session::awaits_raw_token);
+        let (len_min, len_max) = match (raw_token, unauthenticated) {
+            (true, _) => (1, sasl::UNAUTHENTICATED_FRAME_BYTES_MAX),
+            (false, true) => (FRAME_BYTES_MIN, sasl::UNAUTHENTICATED_FRAME_BYTES_MAX),
+            (false, false) => (FRAME_BYTES_MIN, max_request),
+        };
+        if len < len_min as i32 || len as usize > len_max {
             return End::Refused(format!(
-                "frame length {len} outside {FRAME_BYTES_MIN}..={max_request} (socket.request.max.bytes)"
+                "frame length {len} outside {len_min}..={len_max} ({})",
+                if unauthenticated {
+                    "before SASL authentication"
+                } else {
+                    "socket.request.max.bytes"
+                }
             ));
         }
         let len = len as usize;
@@ -151,6 +250,24 @@ async fn read_loop(
             return End::Refused(format!("truncated frame of {len} bytes: {e}"));
         }
         let frame: Bytes = buf.freeze();
+        if raw_token {
+            // After a v0 SaslHandshake the token is the whole frame; an
+            // empty frame accepts it, a failure has no answer but a close.
+            let Some(s) = session.as_mut() else {
+                return End::Closed;
+            };
+            match s.raw_token(&frame) {
+                Ok(user) => {
+                    tracing::debug!(%peer, %user, listener = %ctx.client.listener, "SASL/PLAIN authenticated (v0)");
+                    let empty = Reply::Body(BytesMut::new());
+                    if !queue(&mut tx, 0, NO_HEADER, empty, permit).await {
+                        return End::Closed;
+                    }
+                    continue;
+                }
+                Err(why) => return End::Answered(why),
+            }
+        }
         Metrics::add(&broker.engine.metrics.requests, 1);
         let decoded = match request::decode(frame) {
             Ok(d) => d,
@@ -162,13 +279,7 @@ async fn read_loop(
                 // KIP-511: answer in v0 with UNSUPPORTED_VERSION and our
                 // ranges, so the client retries with one we support.
                 let reply = handlers::api_versions_unsupported();
-                let out = Outgoing {
-                    correlation_id,
-                    header_version: 0,
-                    reply: Box::pin(async move { reply }),
-                    _permit: permit,
-                };
-                if tx.send(out).await.is_err() {
+                if !queue(&mut tx, correlation_id, 0, reply, permit).await {
                     return End::Closed;
                 }
                 continue;
@@ -182,12 +293,33 @@ async fn read_loop(
             header,
             request,
         } = decoded;
+        let header_version = api.response_header_version(version);
+        match gate(session.as_mut(), api, &request, version) {
+            Gate::Pass => {}
+            Gate::Answer(step) => {
+                if let (false, Some(user)) =
+                    (step.close, session.as_ref().and_then(|s| s.authenticated()))
+                {
+                    if api == ApiKey::SaslAuthenticate {
+                        tracing::debug!(%peer, %user, listener = %ctx.client.listener, "SASL/PLAIN authenticated");
+                    }
+                }
+                if !queue(&mut tx, correlation_id, header_version, step.reply, permit).await {
+                    return End::Closed;
+                }
+                if step.close {
+                    return End::Answered(step.why.unwrap_or_else(|| "SASL error".into()));
+                }
+                continue;
+            }
+            Gate::Refuse(why) => return End::Refused(why),
+        }
         client.refresh(&mut conn_ctx, header.client_id.as_deref(), &request);
         let ctx = conn_ctx.clone();
         let reply = handlers::dispatch(&ctx, request, version).await;
         let out = Outgoing {
             correlation_id,
-            header_version: api.response_header_version(version),
+            header_version,
             reply,
             _permit: permit,
         };
@@ -197,8 +329,8 @@ async fn read_loop(
     }
 }
 
-async fn write_loop(
-    mut wr: WriteHalf<TcpStream>,
+async fn write_loop<S: Stream>(
+    mut wr: WriteHalf<S>,
     mut rx: mpsc::Receiver<Outgoing>,
     peer: SocketAddr,
 ) {
@@ -211,13 +343,22 @@ async fn write_loop(
         };
         let body: usize = parts.iter().map(Bytes::remaining).sum();
         let mut head = BytesMut::with_capacity(GATHER_BYTES_MAX);
-        let header_len = if out.header_version >= 1 { 5 } else { 4 };
+        let header_len = match out.header_version {
+            NO_HEADER => 0,
+            v if v >= 1 => 5,
+            _ => 4,
+        };
         head.extend_from_slice(&((header_len + body) as i32).to_be_bytes());
-        head.extend_from_slice(&out.correlation_id.to_be_bytes());
+        if out.header_version != NO_HEADER {
+            head.extend_from_slice(&out.correlation_id.to_be_bytes());
+        }
         if out.header_version >= 1 {
             head.extend_from_slice(&[0]); // no tagged fields
         }
-        let result = send(&mut wr, head, parts).await;
+        let mut result = send(&mut wr, head, parts).await;
+        if S::BUFFERED && result.is_ok() {
+            result = wr.flush().await;
+        }
         if let Err(e) = result {
             tracing::debug!(%peer, error = %e, "client went away");
             return;
@@ -228,8 +369,8 @@ async fn write_loop(
 
 /// Writes `head` followed by `parts`: small parts are gathered into `head`
 /// (flushed whenever it fills), large ones written from their own buffers.
-async fn send(
-    wr: &mut WriteHalf<TcpStream>,
+async fn send<W: AsyncWrite + Unpin>(
+    wr: &mut WriteHalf<W>,
     mut head: BytesMut,
     parts: Vec<Bytes>,
 ) -> std::io::Result<()> {

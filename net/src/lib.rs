@@ -21,6 +21,8 @@ pub mod notify;
 pub mod preflight;
 pub mod producer_ids;
 pub mod request;
+pub mod sasl;
 pub mod server;
 pub mod size_cmd;
+pub mod tls;
 pub mod topic_config;

@@ -9,7 +9,8 @@ use kafka_protocol::messages::{
     DescribeConfigsRequest, DescribeGroupsRequest, FetchRequest, FindCoordinatorRequest,
     HeartbeatRequest, InitProducerIdRequest, JoinGroupRequest, LeaveGroupRequest,
     ListGroupsRequest, ListOffsetsRequest, MetadataRequest, OffsetCommitRequest,
-    OffsetDeleteRequest, OffsetFetchRequest, ProduceRequest, RequestHeader, SyncGroupRequest,
+    OffsetDeleteRequest, OffsetFetchRequest, ProduceRequest, RequestHeader,
+    SaslAuthenticateRequest, SaslHandshakeRequest, SyncGroupRequest,
 };
 use kafka_protocol::protocol::Decodable;
 
@@ -43,6 +44,8 @@ pub enum Request {
     DeleteGroups(DeleteGroupsRequest),
     OffsetDelete(OffsetDeleteRequest),
     DeleteRecords(kafka_protocol::messages::DeleteRecordsRequest),
+    SaslHandshake(SaslHandshakeRequest),
+    SaslAuthenticate(SaslAuthenticateRequest),
 }
 
 #[derive(Debug)]
@@ -133,6 +136,8 @@ pub fn decode(mut frame: Bytes) -> Result<Decoded, DecodeError> {
         ApiKey::DeleteGroups => Request::DeleteGroups(body(api, version, b)?),
         ApiKey::OffsetDelete => Request::OffsetDelete(body(api, version, b)?),
         ApiKey::DeleteRecords => Request::DeleteRecords(body(api, version, b)?),
+        ApiKey::SaslHandshake => Request::SaslHandshake(body(api, version, b)?),
+        ApiKey::SaslAuthenticate => Request::SaslAuthenticate(body(api, version, b)?),
         _ => {
             return Err(DecodeError::Unsupported {
                 api,

@@ -132,6 +132,9 @@ fn log_budgets(cfg: &Resolved) {
 }
 
 pub fn run(cfg: Resolved) -> anyhow::Result<()> {
+    // Certificates and users first: a bad file stops start-up before
+    // anything is registered.
+    let security = ListenerSecurity::load(&cfg)?;
     log_budgets(&cfg);
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
@@ -306,7 +309,11 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
     let mut threads = Vec::new();
     for (i, inbox) in inboxes.into_iter().enumerate() {
         let broker = broker.clone();
-        let listeners = cfg.listeners.clone();
+        let listeners: Vec<_> = cfg
+            .listeners
+            .iter()
+            .map(|l| (l.clone(), security.of(l.protocol)))
+            .collect();
         let bound_tx = bound_tx.clone();
         let barrier = barrier.clone();
         let shards = cfg.shards;
@@ -408,7 +415,7 @@ async fn shard_main(
     shards: usize,
     broker: Arc<Broker>,
     inbox: ShardInbox,
-    listeners: Vec<crate::config::Listener>,
+    listeners: Vec<(crate::config::Listener, Secure)>,
     bound: std::sync::mpsc::Sender<Result<(), String>>,
     barrier: Arc<Barrier>,
 ) {
@@ -418,9 +425,9 @@ async fn shard_main(
     // the kernel spreads each listener's connections over the shards.
     let mut bound_listeners = Vec::with_capacity(listeners.len());
     let mut bind_error = None;
-    for l in &listeners {
+    for (l, secure) in &listeners {
         match glommio::net::TcpListener::bind(l.bind.as_str()) {
-            Ok(socket) => bound_listeners.push((l.name.clone(), socket)),
+            Ok(socket) => bound_listeners.push((l.clone(), secure.clone(), socket)),
             Err(e) => {
                 bind_error = Some(format!(
                     "shard {id}: cannot listen on {} (listener {}): {e}",
@@ -441,15 +448,22 @@ async fn shard_main(
     let idle = Rc::new(event_listener::Event::new());
     let accepting: Vec<_> = bound_listeners
         .into_iter()
-        .map(|(name, socket)| {
+        .map(|(listener, secure, socket)| {
             let ctx = Ctx {
                 shard: shard.clone(),
                 broker: broker.clone(),
                 client_id: None,
                 peer: None,
-                client: conn::new_client(&name),
+                client: conn::new_client(&listener.name),
             };
-            glommio::spawn_local(accept_loop(id, ctx, socket, live.clone(), idle.clone()))
+            glommio::spawn_local(accept_loop(
+                id,
+                ctx,
+                socket,
+                secure,
+                live.clone(),
+                idle.clone(),
+            ))
         })
         .collect();
     futures::future::join_all(accepting).await;
@@ -482,12 +496,74 @@ async fn shard_main(
     commits_done.await;
 }
 
+/// What a listener's connections go through before they are served: the
+/// TLS handshake (SSL, SASL_SSL) and SASL authentication (SASL_*).
+#[derive(Clone, Default)]
+struct Secure {
+    tls: Option<futures_rustls::TlsAcceptor>,
+    sasl: Option<Arc<crate::sasl::Users>>,
+}
+
+/// The broker's TLS acceptors and SASL users, built once at start-up and
+/// shared by every shard.
+#[derive(Clone, Default)]
+struct ListenerSecurity {
+    /// SSL listeners: with `--ssl-client-auth`.
+    ssl: Option<futures_rustls::TlsAcceptor>,
+    /// SASL_SSL listeners: never asks for client certificates.
+    sasl_ssl: Option<futures_rustls::TlsAcceptor>,
+    users: Option<Arc<crate::sasl::Users>>,
+}
+
+impl ListenerSecurity {
+    fn load(cfg: &Resolved) -> anyhow::Result<Self> {
+        use crate::config::SecurityProtocol as P;
+        let uses = |p: P| cfg.listeners.iter().any(|l| l.protocol == p);
+        let mut out = Self::default();
+        if let Some(files) = &cfg.tls {
+            if uses(P::Ssl) {
+                out.ssl = Some(crate::tls::acceptor(files, true)?);
+            }
+            if uses(P::SaslSsl) {
+                out.sasl_ssl = Some(crate::tls::acceptor(files, false)?);
+            }
+            tracing::info!(cert = %files.cert.display(), client_auth = ?files.client_auth, "TLS listeners ready");
+        }
+        if let Some(path) = &cfg.sasl_users_file {
+            let users = crate::sasl::Users::load(path)?;
+            tracing::info!(users = users.len(), file = %path.display(), "SASL/PLAIN users loaded");
+            out.users = Some(users);
+        }
+        Ok(out)
+    }
+
+    fn of(&self, protocol: crate::config::SecurityProtocol) -> Secure {
+        use crate::config::SecurityProtocol as P;
+        match protocol {
+            P::Plaintext => Secure::default(),
+            P::Ssl => Secure {
+                tls: self.ssl.clone(),
+                sasl: None,
+            },
+            P::SaslPlaintext => Secure {
+                tls: None,
+                sasl: self.users.clone(),
+            },
+            P::SaslSsl => Secure {
+                tls: self.sasl_ssl.clone(),
+                sasl: self.users.clone(),
+            },
+        }
+    }
+}
+
 /// Accepts connections on one listener until shutdown; each connection
 /// starts as a client of this listener (`ctx.client`).
 async fn accept_loop(
     shard: usize,
     ctx: Ctx,
     listener: glommio::net::TcpListener,
+    secure: Secure,
     live: Rc<Cell<usize>>,
     idle: Rc<event_listener::Event>,
 ) {
@@ -503,8 +579,19 @@ async fn accept_loop(
                     .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
                 live.set(live.get() + 1);
                 let (ctx, live, idle) = (ctx.clone(), live.clone(), idle.clone());
+                let secure = secure.clone();
                 glommio::spawn_local(async move {
-                    conn::serve(ctx, stream, peer).await;
+                    let _ = stream.set_nodelay(true);
+                    match &secure.tls {
+                        None => conn::serve(ctx, stream, peer, secure.sasl).await,
+                        Some(acceptor) => match crate::tls::handshake(acceptor, stream).await {
+                            Ok(tls) => conn::serve(ctx, tls, peer, secure.sasl).await,
+                            Err(e) => {
+                                Metrics::add(&ctx.broker.engine.metrics.bad_frames, 1);
+                                tracing::warn!(%peer, listener = %ctx.client.listener, error = %e, "closing connection: TLS handshake failed");
+                            }
+                        },
+                    }
                     live.set(live.get() - 1);
                     idle.notify(usize::MAX);
                 })

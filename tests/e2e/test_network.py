@@ -8,8 +8,8 @@ and port overrides (kcat and confluent-kafka end to end), load-balancer mode
 (one address for every broker, letter case varied per node), the per-client
 host_override, `floe diagnose-connection` on healthy and broken advertised
 addresses, a client in its own network namespace (real separation: it
-reaches only the external listener), and the refusal of listeners floe
-cannot secure."""
+reaches only the external listener). TLS and SASL listeners:
+test_tls.py."""
 
 import os
 import random
@@ -451,15 +451,7 @@ def test_diagnose_connection_finds_unreachable_advertised_address(start_broker, 
     assert http.returncode == 1 and "FAIL bootstrap" in http.stdout, http.stdout
 
 
-def test_unimplemented_security_protocols_are_refused_at_start(start_broker):
-    for proto in ["SSL", "SASL_PLAINTEXT", "SASL_SSL"]:
-        b = start_broker(name="sec-%s" % proto.lower(), start=False,
-                         listeners="secure://127.0.0.1:%d" % free_port(),
-                         listener_security_protocol_map="secure:%s" % proto)
-        with pytest.raises(Exception):
-            b.start(timeout=20)
-        assert b.proc.wait(10) == 2
-        assert "only PLAINTEXT" in b.log_text() and proto in b.log_text()
+# SSL, SASL_PLAINTEXT and SASL_SSL listeners: tests/e2e/test_tls.py.
 
 
 # --------------------------------------------------------------------------

@@ -134,6 +134,10 @@ pub async fn dispatch(ctx: &Ctx, request: Request, version: i16) -> Pending {
         Request::DeleteRecords(req) => {
             async move { delete_records::handle(&ctx, req, version).await }.boxed_local()
         }
+        // On SASL listeners the connection's session answers these before
+        // dispatch (conn.rs); reaching here means the listener has no SASL.
+        Request::SaslHandshake(_) => ready(crate::sasl::handshake_not_enabled(version)),
+        Request::SaslAuthenticate(_) => ready(crate::sasl::authenticate_not_enabled(version)),
     }
 }
 
