@@ -50,8 +50,6 @@ async fn cluster_id(meta: &dyn MetaStore) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&kv.value).into_owned())
 }
 
-/// The node id remembered in the data dir, or a new one allocated from the
-/// metadata store and remembered there.
 /// Retention and object cleanup settings for the committer.
 fn lifecycle(
     cfg: &Resolved,
@@ -71,6 +69,8 @@ fn lifecycle(
     }
 }
 
+/// The node id remembered in the data dir, or a new one allocated from the
+/// metadata store and remembered there.
 async fn remembered_node_id(
     data_dir: &std::path::Path,
     meta: &dyn MetaStore,
