@@ -5,7 +5,6 @@
 
 use floe_engine::committer::LOG_ENTRY_TRIMS_MAX;
 use floe_engine::shard::OffsetQuery;
-use floe_engine::PartitionKey;
 use floe_meta::schema::TrimRecord;
 use kafka_protocol::messages::delete_records_request::DeleteRecordsRequest;
 use kafka_protocol::messages::delete_records_response::{
@@ -36,16 +35,9 @@ pub async fn handle(ctx: &Ctx, req: DeleteRecordsRequest, version: i16) -> Reply
                 partitions.push(resp.with_error_code(codes::INVALID_REQUEST));
                 continue;
             }
-            let Some(topic) = topic
-                .as_ref()
-                .filter(|tr| p.partition_index >= 0 && (p.partition_index as u32) < tr.partitions)
-            else {
+            let Some(tp) = super::partition_key(topic.as_deref(), p.partition_index) else {
                 partitions.push(resp.with_error_code(codes::UNKNOWN_TOPIC_OR_PARTITION));
                 continue;
-            };
-            let tp = PartitionKey {
-                topic_id: topic.id,
-                partition: p.partition_index as u32,
             };
             // The high watermark only grows, so an offset within this
             // broker's view is within the cluster's.

@@ -334,11 +334,7 @@ fn now_ms() -> i64 {
 }
 
 fn partition_exists(ctx: &Ctx, topic: &str, partition: i32) -> bool {
-    ctx.broker
-        .engine
-        .topics
-        .get(topic)
-        .is_some_and(|t| partition >= 0 && (partition as u32) < t.partitions)
+    super::partition_key(ctx.broker.engine.topics.get(topic).as_deref(), partition).is_some()
 }
 
 pub async fn offset_commit(ctx: &Ctx, req: OffsetCommitRequest, version: i16) -> Reply {

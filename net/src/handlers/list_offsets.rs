@@ -4,7 +4,6 @@
 
 use bytes::Bytes;
 use floe_engine::shard::OffsetQuery;
-use floe_engine::PartitionKey;
 use kafka_protocol::messages::list_offsets_request::ListOffsetsRequest;
 use kafka_protocol::messages::list_offsets_response::{
     ListOffsetsPartitionResponse, ListOffsetsResponse, ListOffsetsTopicResponse,
@@ -53,16 +52,9 @@ pub async fn handle(ctx: &Ctx, req: ListOffsetsRequest, version: i16) -> Reply {
                 .with_timestamp(-1)
                 .with_offset(-1)
                 .with_leader_epoch(if version >= 4 { 0 } else { -1 });
-            let Some(topic) = topic
-                .as_ref()
-                .filter(|tr| p.partition_index >= 0 && (p.partition_index as u32) < tr.partitions)
-            else {
+            let Some(tp) = super::partition_key(topic.as_deref(), p.partition_index) else {
                 partitions.push(resp.with_error_code(codes::UNKNOWN_TOPIC_OR_PARTITION));
                 continue;
-            };
-            let tp = PartitionKey {
-                topic_id: topic.id,
-                partition: p.partition_index as u32,
             };
             let query = match p.timestamp {
                 LATEST => OffsetQuery::Latest,

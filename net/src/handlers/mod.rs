@@ -65,6 +65,21 @@ pub fn encode<M: Encodable>(m: &M, version: i16) -> Reply {
     }
 }
 
+/// The partition `index` of `topic`, if the topic exists and has it.
+pub fn partition_key(
+    topic: Option<&floe_meta::schema::TopicRecord>,
+    index: i32,
+) -> Option<floe_engine::PartitionKey> {
+    let topic = topic?;
+    let partition = u32::try_from(index)
+        .ok()
+        .filter(|p| *p < topic.partitions)?;
+    Some(floe_engine::PartitionKey {
+        topic_id: topic.id,
+        partition,
+    })
+}
+
 fn ready(r: Reply) -> Pending {
     async move { r }.boxed_local()
 }
