@@ -268,6 +268,21 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Claims or loads the group, then runs `f` on it under the lock.
+    async fn with_slot<T>(
+        &self,
+        group_id: &str,
+        f: impl FnOnce(&mut Slot) -> CoordResult<T>,
+    ) -> CoordResult<T> {
+        self.acquire(group_id).await?;
+        let mut inner = self.lock();
+        let slot = inner
+            .groups
+            .get_mut(group_id)
+            .ok_or(CoordError::NotCoordinator)?;
+        f(slot)
+    }
+
     /// Writes the group's record by CAS on the revision this broker last
     /// saw. Losing the CAS means another broker took the group over.
     async fn persist(&self, group_id: &str) -> CoordResult<()> {
@@ -394,15 +409,12 @@ impl Coordinator {
         generation: i32,
         instance_id: Option<&str>,
     ) -> CoordResult<()> {
-        self.acquire(group_id).await?;
-        let mut inner = self.lock();
-        let slot = inner
-            .groups
-            .get_mut(group_id)
-            .ok_or(CoordError::NotCoordinator)?;
-        slot.group
-            .heartbeat(member_id, generation, instance_id, Instant::now())
-            .map_err(CoordError::Group)
+        self.with_slot(group_id, |slot| {
+            slot.group
+                .heartbeat(member_id, generation, instance_id, Instant::now())
+                .map_err(CoordError::Group)
+        })
+        .await
     }
 
     /// LeaveGroup for several members; one result per member, in order.
@@ -446,18 +458,14 @@ impl Coordinator {
         instance_id: Option<&str>,
         offsets: Vec<(String, i32, OffsetRecord)>,
     ) -> CoordResult<()> {
-        self.acquire(group_id).await?;
-        let new_group = {
-            let inner = self.lock();
-            let slot = inner
-                .groups
-                .get(group_id)
-                .ok_or(CoordError::NotCoordinator)?;
-            slot.group
-                .check_commit(member_id, generation, instance_id)
-                .map_err(CoordError::Group)?;
-            slot.revision == 0
-        };
+        let new_group = self
+            .with_slot(group_id, |slot| {
+                slot.group
+                    .check_commit(member_id, generation, instance_id)
+                    .map_err(CoordError::Group)?;
+                Ok(slot.revision == 0)
+            })
+            .await?;
         let mut ops = Vec::with_capacity(offsets.len());
         for (topic, partition, rec) in offsets {
             let value = serde_json::to_vec(&rec)
@@ -521,15 +529,10 @@ impl Coordinator {
 
     /// Deletes a group without members, with its offsets.
     pub async fn delete_group(&self, group_id: &str) -> CoordResult<()> {
-        self.acquire(group_id).await?;
-        {
-            let mut inner = self.lock();
-            let slot = inner
-                .groups
-                .get_mut(group_id)
-                .ok_or(CoordError::NotCoordinator)?;
-            slot.group.delete().map_err(CoordError::Group)?;
-        }
+        self.with_slot(group_id, |slot| {
+            slot.group.delete().map_err(CoordError::Group)
+        })
+        .await?;
         let prefix = schema::group_offsets_prefix(group_id);
         loop {
             let kvs = self
