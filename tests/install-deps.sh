@@ -24,7 +24,8 @@ log() { printf '[install-deps] %s\n' "$*"; }
 
 # ---------------------------------------------------------------- apt ------
 # systemd: systemd-analyze verifies the unit; curl: the Helm chart's zone init script.
-apt_pkgs=(protobuf-compiler kcat etcd-server etcd-client python3-venv systemd curl)
+# iproute2: `ip netns` for the test that puts a client in its own network.
+apt_pkgs=(protobuf-compiler kcat etcd-server etcd-client python3-venv systemd curl iproute2)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
