@@ -196,7 +196,6 @@ pub struct Group {
     /// Member ids handed out by MEMBER_ID_REQUIRED, until they rejoin.
     pending: BTreeMap<String, Instant>,
     rebalance_deadline: Option<Instant>,
-    next_member: u64,
 }
 
 fn sorted_protocol_names(m: &Member) -> Vec<&str> {
@@ -215,7 +214,6 @@ impl Group {
             members: BTreeMap::new(),
             pending: BTreeMap::new(),
             rebalance_deadline: None,
-            next_member: 0,
         }
     }
 
@@ -280,8 +278,8 @@ impl Group {
         Ok(())
     }
 
-    fn new_member_id(&mut self, client_id: &str) -> String {
-        self.next_member += 1;
+    /// Kafka's shape: the client id, then a random uuid.
+    fn new_member_id(client_id: &str) -> String {
         let base = if client_id.is_empty() {
             "member"
         } else {
@@ -333,13 +331,13 @@ impl Group {
                 }
                 Some(_) => {}
                 None if req.member_id.is_empty() => {
-                    let id = self.new_member_id(&req.client_id);
+                    let id = Self::new_member_id(&req.client_id);
                     return self.add_member(id, req, now);
                 }
                 None => return refuse(GroupError::UnknownMemberId, &req.member_id),
             }
         } else if req.member_id.is_empty() {
-            let id = self.new_member_id(&req.client_id);
+            let id = Self::new_member_id(&req.client_id);
             if req.require_known_member_id {
                 self.pending.insert(id.clone(), now + session_of(&req));
                 return refuse(GroupError::MemberIdRequired, &id);
@@ -434,7 +432,7 @@ impl Group {
                 Effects::default(),
             );
         };
-        let id = self.new_member_id(&req.client_id);
+        let id = Self::new_member_id(&req.client_id);
         let mut fx = Effects::default();
         // A request of the old incarnation that still waits is fenced.
         if m.awaiting_join {
