@@ -1,6 +1,8 @@
 use std::io::{ErrorKind, SeekFrom};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -14,6 +16,7 @@ use crate::{validate_key, Error, ObjectMeta, ObjectStore, Result};
 #[derive(Debug)]
 pub struct LocalDir {
     root: PathBuf,
+    direct: Arc<DirectIo>,
 }
 
 /// Temporary files carry this marker; `list` skips them.
@@ -27,7 +30,16 @@ impl LocalDir {
             key: root.display().to_string(),
             source,
         })?;
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            direct: Arc::new(DirectIo::new(true)),
+        })
+    }
+
+    /// Writes every object through the page cache (no O_DIRECT).
+    pub fn buffered(mut self) -> Self {
+        self.direct = Arc::new(DirectIo::new(false));
+        self
     }
 
     fn path(&self, key: &str) -> Result<PathBuf> {
@@ -52,8 +64,12 @@ fn io<'a>(op: &'static str, key: &'a str) -> impl FnOnce(std::io::Error) -> Erro
     }
 }
 
-fn put_blocking(root: &Path, path: &Path, parts: &[Bytes]) -> std::io::Result<()> {
-    use std::io::{IoSlice, Write};
+fn put_blocking(
+    root: &Path,
+    path: &Path,
+    parts: &[Bytes],
+    direct: &DirectIo,
+) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(root);
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
@@ -63,37 +79,10 @@ fn put_blocking(root: &Path, path: &Path, parts: &[Bytes]) -> std::io::Result<()
         rand::random::<u64>()
     ));
     let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        let parts: Vec<&[u8]> = parts
-            .iter()
-            .map(|p| &p[..])
-            .filter(|p| !p.is_empty())
-            .collect();
-        // `next` is the first part not fully written; `skip` the bytes of it
-        // already written.
-        let (mut next, mut skip) = (0, 0);
-        while next < parts.len() {
-            let slices: Vec<IoSlice<'_>> = std::iter::once(&parts[next][skip..])
-                .chain(parts[next + 1..].iter().copied())
-                .take(IOV_MAX)
-                .map(IoSlice::new)
-                .collect();
-            let mut n = f.write_vectored(&slices)?;
-            if n == 0 {
-                return Err(std::io::Error::new(ErrorKind::WriteZero, "short write"));
-            }
-            while n > 0 && next < parts.len() {
-                let left = parts[next].len() - skip;
-                if n >= left {
-                    n -= left;
-                    next += 1;
-                    skip = 0;
-                } else {
-                    skip += n;
-                    n = 0;
-                }
-            }
-        }
+        let f = match direct.write(&tmp, parts)? {
+            Some(f) => f,
+            None => write_buffered(&tmp, parts)?,
+        };
         f.sync_all()?;
         drop(f);
         std::fs::rename(&tmp, path)?;
@@ -107,6 +96,164 @@ fn put_blocking(root: &Path, path: &Path, parts: &[Bytes]) -> std::io::Result<()
     r
 }
 
+/// Writes `parts` through the page cache with vectored writes (the
+/// caller's buffers go to the kernel as they are).
+fn write_buffered(tmp: &Path, parts: &[Bytes]) -> std::io::Result<std::fs::File> {
+    use std::io::{IoSlice, Write};
+    let mut f = std::fs::File::create(tmp)?;
+    let parts: Vec<&[u8]> = parts
+        .iter()
+        .map(|p| &p[..])
+        .filter(|p| !p.is_empty())
+        .collect();
+    // `next` is the first part not fully written; `skip` the bytes of it
+    // already written.
+    let (mut next, mut skip) = (0, 0);
+    while next < parts.len() {
+        let slices: Vec<IoSlice<'_>> = std::iter::once(&parts[next][skip..])
+            .chain(parts[next + 1..].iter().copied())
+            .take(IOV_MAX)
+            .map(IoSlice::new)
+            .collect();
+        let mut n = f.write_vectored(&slices)?;
+        if n == 0 {
+            return Err(std::io::Error::new(ErrorKind::WriteZero, "short write"));
+        }
+        while n > 0 && next < parts.len() {
+            let left = parts[next].len() - skip;
+            if n >= left {
+                n -= left;
+                next += 1;
+                skip = 0;
+            } else {
+                skip += n;
+                n = 0;
+            }
+        }
+    }
+    Ok(f)
+}
+
+/// O_DIRECT needs the buffer address, the length and the file offset
+/// aligned to the device's logical block; 4 KiB covers Linux block devices.
+const DIRECT_ALIGN: usize = 4096;
+/// Bytes per O_DIRECT write (larger single writes were slower here).
+const DIRECT_CHUNK: usize = 1 << 20;
+/// Staging buffers kept for reuse: about one per concurrent put.
+const STAGING_KEPT: usize = 4;
+/// Staging buffers larger than this are freed, not kept.
+const STAGING_KEPT_BYTES_MAX: usize = 64 << 20;
+
+/// Direct I/O for segment objects. Buffered writes of fresh files cost the
+/// kernel a page-cache page per 4 KiB (allocate, copy, write back): on the
+/// 2-vCPU VM of the benchmarks that capped one writer at ~230 MB/s of system
+/// time, while O_DIRECT wrote 1.3 GB/s with almost no CPU. The parts are
+/// copied once into a reused, aligned staging buffer (their own addresses
+/// are arbitrary slices of request frames), written in 1 MiB O_DIRECT
+/// writes, and the file is cut back to its true length. A filesystem
+/// without O_DIRECT (tmpfs) makes the first open fail with EINVAL; from
+/// then on this store writes through the page cache.
+#[derive(Debug)]
+struct DirectIo {
+    enabled: AtomicBool,
+    staging: Mutex<Vec<Vec<u8>>>,
+}
+
+impl DirectIo {
+    fn new(enabled: bool) -> Self {
+        Self {
+            enabled: AtomicBool::new(enabled),
+            staging: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Writes `parts` to a new file at `tmp` with O_DIRECT and returns it,
+    /// or `None` when direct I/O is off or unsupported here.
+    fn write(&self, tmp: &Path, parts: &[Bytes]) -> std::io::Result<Option<std::fs::File>> {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        if !self.enabled.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let f = match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(tmp)
+        {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                self.unsupported(tmp, &e);
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let padded = len.next_multiple_of(DIRECT_ALIGN);
+        let mut buf = self.take(padded + DIRECT_ALIGN);
+        let at = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        if at >= DIRECT_ALIGN {
+            drop(f);
+            std::fs::remove_file(tmp)?;
+            return Ok(None);
+        }
+        let stage = &mut buf[at..at + padded];
+        let mut pos = 0;
+        for p in parts {
+            stage[pos..pos + p.len()].copy_from_slice(p);
+            pos += p.len();
+        }
+        stage[pos..].fill(0);
+        let mut off = 0;
+        for chunk in stage.chunks(DIRECT_CHUNK) {
+            if let Err(e) = f.write_all_at(chunk, off as u64) {
+                drop(f);
+                std::fs::remove_file(tmp)?;
+                if off == 0 && e.raw_os_error() == Some(libc::EINVAL) {
+                    self.unsupported(tmp, &e);
+                    self.give(buf);
+                    return Ok(None);
+                }
+                return Err(e);
+            }
+            off += chunk.len();
+        }
+        self.give(buf);
+        // Drop the alignment padding; the caller syncs data and size.
+        f.set_len(len as u64)?;
+        Ok(Some(f))
+    }
+
+    fn unsupported(&self, tmp: &Path, e: &std::io::Error) {
+        if self.enabled.swap(false, Ordering::Relaxed) {
+            tracing::info!(path = %tmp.display(), error = %e,
+                "O_DIRECT is not supported here; the local store writes through the page cache");
+        }
+    }
+
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut kept = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        match kept.iter().position(|b| b.len() >= len) {
+            Some(i) => kept.swap_remove(i),
+            None => vec![0; len],
+        }
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        if buf.len() > STAGING_KEPT_BYTES_MAX {
+            return;
+        }
+        let mut kept = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() < STAGING_KEPT {
+            kept.push(buf);
+        } else if let Some(small) = kept.iter_mut().min_by_key(|b| b.len()) {
+            // Keep the larger buffers: segments grow to `flush_bytes`.
+            if small.len() < buf.len() {
+                *small = buf;
+            }
+        }
+    }
+}
+
 /// Most buffers passed to one `writev` (Linux's IOV_MAX).
 const IOV_MAX: usize = 1024;
 
@@ -115,10 +262,10 @@ impl ObjectStore for LocalDir {
     async fn put(&self, key: &str, parts: Vec<Bytes>) -> Result<()> {
         let path = self.path(key)?;
         let root = self.root.clone();
-        // Blocking std I/O on the sidecar's blocking pool: tokio's File would
-        // copy every part into its own buffer; `write_vectored` hands the
-        // caller's buffers to the kernel directly.
-        tokio::task::spawn_blocking(move || put_blocking(&root, &path, &parts))
+        let direct = self.direct.clone();
+        // Blocking std I/O on the sidecar's blocking pool (tokio's File
+        // would copy every part into its own buffer).
+        tokio::task::spawn_blocking(move || put_blocking(&root, &path, &parts, &direct))
             .await
             .map_err(|e| Error::Io {
                 op: "put",
@@ -214,5 +361,47 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = super::LocalDir::open(dir.path()).expect("open");
         crate::conformance::run(&store).await;
+    }
+
+    #[tokio::test]
+    async fn conformance_through_the_page_cache() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = super::LocalDir::open(dir.path()).expect("open").buffered();
+        crate::conformance::run(&store).await;
+    }
+
+    /// Objects of every length around the alignment and chunk boundaries
+    /// read back exactly, whichever path wrote them.
+    #[tokio::test]
+    async fn direct_writes_keep_exact_lengths() {
+        use crate::ObjectStore;
+        use bytes::Bytes;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = super::LocalDir::open(dir.path()).expect("open");
+        let lens = [
+            1,
+            4095,
+            4096,
+            4097,
+            (1 << 20) - 1,
+            1 << 20,
+            (1 << 20) + 4097,
+            3 << 20,
+        ];
+        for (i, len) in lens.into_iter().enumerate() {
+            let body: Vec<u8> = (0..len).map(|j| (j * 7 + i) as u8).collect();
+            // Split unevenly so the staging copy crosses part boundaries.
+            let cut = len / 3;
+            let parts = vec![
+                Bytes::copy_from_slice(&body[..cut]),
+                Bytes::new(),
+                Bytes::copy_from_slice(&body[cut..]),
+            ];
+            let key = format!("segments/obj-{i}");
+            store.put(&key, parts).await.expect("put");
+            let got = store.get(&key).await.expect("get");
+            assert_eq!(got.len(), len, "length of {key}");
+            assert!(got[..] == body[..], "content of {key}");
+        }
     }
 }
