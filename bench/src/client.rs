@@ -126,7 +126,10 @@ impl Conn {
         version: i16,
         corr: i32,
     ) -> Result<Bytes, BenchError> {
-        let mut buf = BytesMut::with_capacity(128);
+        // Sized up front: a produce request grown by doubling copied its
+        // records several times.
+        let body = req.compute_size(version).unwrap_or(0);
+        let mut buf = BytesMut::with_capacity(body + 128);
         buf.put_i32(0);
         RequestHeader::default()
             .with_request_api_key(R::KEY)

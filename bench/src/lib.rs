@@ -1,11 +1,12 @@
 //! floe-bench: a Kafka load generator and latency recorder that drives any
 //! bootstrap address over the wire (issue 7).
 //!
-//! Owns: the wire client ([`client`]), per-second throughput and latency
+//! Owns: the wire client ([`client`]), produce batches ([`batch`]), per-second throughput and latency
 //! recording ([`Recorder`]), and the JSON and SVG reports ([`report`]).
 //! Must never: link floe's own crates — it measures brokers from outside,
 //! so the same binary measures floe, Tansu or Kafka.
 
+pub mod batch;
 pub mod client;
 pub mod report;
 

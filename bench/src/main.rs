@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use clap::{Parser, ValueEnum};
+use floe_bench::batch::BatchMaker;
 use floe_bench::client::{split_batches, Conn};
 use floe_bench::report::{quantiles, series, summary, svg, Quantiles, Summary};
 use floe_bench::{parse_bytes, BenchError, Recorder};
@@ -21,11 +22,15 @@ use kafka_protocol::messages::{
     ProduceRequest, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-};
+use kafka_protocol::records::{Compression, RecordBatchDecoder};
 use serde::Serialize;
 use tokio::sync::Semaphore;
+
+/// jemalloc reuses freed pages; with glibc's malloc every produce request
+/// over its mmap threshold faulted in fresh zeroed pages, which made the
+/// load generator, not the broker, the larger CPU user in a closed loop.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -245,27 +250,6 @@ fn payload(len: usize) -> Bytes {
     Bytes::from(v)
 }
 
-/// Record `i` of a batch. Offsets are deltas within the batch; the encoder
-/// keeps records in one batch only while offset - sequence is constant, and
-/// a producer without an id sends base sequence -1.
-fn record(i: i64, value: Bytes, now_ms: i64) -> Record {
-    Record {
-        transactional: false,
-        control: false,
-        delete_horizon: false,
-        partition_leader_epoch: -1,
-        producer_id: -1,
-        producer_epoch: -1,
-        timestamp_type: TimestampType::Creation,
-        offset: i,
-        sequence: i as i32 - 1,
-        timestamp: now_ms,
-        key: None,
-        value: Some(value),
-        headers: Default::default(),
-    }
-}
-
 fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -307,10 +291,11 @@ async fn produce_worker(
         batch_records_max
     };
     let permits = Arc::new(Semaphore::new(a.inflight.max(1)));
-    let opts = RecordEncodeOptions {
-        version: 2,
-        compression: a.compression.compression(),
-    };
+    let maker = BatchMaker::new(
+        s.template.clone(),
+        batch_records,
+        a.compression.compression(),
+    )?;
     let mut tasks = tokio::task::JoinSet::new();
     let mut sent: u64 = 0;
     let mut j: usize = 0;
@@ -341,18 +326,7 @@ async fn produce_worker(
             .saturating_duration_since(s.base)
             .as_nanos() as u64;
         let now_ms = unix_ms();
-        let records: Vec<Record> = (0..batch_records)
-            .map(|i| {
-                let mut v = BytesMut::from(&s.template[..]);
-                if v.len() >= 8 {
-                    v[..8].copy_from_slice(&stamp.to_be_bytes());
-                }
-                record(i as i64, v.freeze(), now_ms)
-            })
-            .collect();
-        let mut buf = BytesMut::new();
-        RecordBatchEncoder::encode(&mut buf, &records, &opts)
-            .map_err(|e| BenchError::Encode(e.to_string()))?;
+        let batch = maker.make(stamp, now_ms)?;
         let req = ProduceRequest::default()
             .with_acks(a.acks)
             .with_timeout_ms(30_000)
@@ -360,7 +334,7 @@ async fn produce_worker(
                 .with_name(part.0.clone())
                 .with_partition_data(vec![PartitionProduceData::default()
                     .with_index(part.1)
-                    .with_records(Some(buf.freeze()))])]);
+                    .with_records(Some(batch))])]);
         let first_due = sent;
         sent += batch_records;
         let bytes = batch_records * a.record_size;

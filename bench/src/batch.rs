@@ -1,0 +1,207 @@
+//! Produce batches, built fast enough that the load generator is not what
+//! a benchmark measures.
+//!
+//! Every batch of a run has the same shape: `records` records with the same
+//! value, except the first 8 bytes of each value (the e2e stamp) and the
+//! batch timestamps. Uncompressed, the batch is therefore encoded once by
+//! the kafka-protocol encoder; each request copies that template, writes the
+//! stamp and timestamps in place and recomputes the CRC32C. Building a batch
+//! record by record (a value copy, a record, an encoder pass, a growing
+//! buffer) took more of the machine's two cores than the broker under test
+//! did. Compressed batches cannot be patched and are encoded each time.
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
+
+use crate::BenchError;
+
+/// v2 batch header offsets (KIP-98 layout).
+const CRC_AT: usize = 17;
+const ATTRIBUTES_AT: usize = 21;
+const BASE_TIMESTAMP_AT: usize = 27;
+const MAX_TIMESTAMP_AT: usize = 35;
+const RECORDS_AT: usize = 61;
+/// Stamps are 8 bytes at the start of each value.
+pub const STAMP_BYTES: usize = 8;
+/// Written where stamps go while finding them: payloads are printable
+/// ASCII, so 0xFF bytes occur nowhere else in the records section.
+const MARKER: [u8; STAMP_BYTES] = [0xFF; STAMP_BYTES];
+
+pub struct BatchMaker {
+    value: Bytes,
+    records: u64,
+    opts: RecordEncodeOptions,
+    template: Option<Template>,
+}
+
+struct Template {
+    bytes: Vec<u8>,
+    /// Where each record's stamp starts.
+    stamps: Vec<usize>,
+}
+
+impl BatchMaker {
+    /// `value` is every record's value; its first 8 bytes are replaced by
+    /// the stamp when it is that long.
+    pub fn new(value: Bytes, records: u64, compression: Compression) -> Result<Self, BenchError> {
+        let mut maker = Self {
+            value,
+            records: records.max(1),
+            opts: RecordEncodeOptions {
+                version: 2,
+                compression,
+            },
+            template: None,
+        };
+        if matches!(compression, Compression::None) {
+            maker.template = maker.template()?;
+        }
+        Ok(maker)
+    }
+
+    fn template(&self) -> Result<Option<Template>, BenchError> {
+        let stamped = self.value.len() >= STAMP_BYTES;
+        let bytes = self.encode(stamped.then_some(MARKER), 0)?.to_vec();
+        let mut stamps = Vec::new();
+        if stamped {
+            let mut at = RECORDS_AT;
+            while at + STAMP_BYTES <= bytes.len() {
+                if bytes[at..at + STAMP_BYTES] == MARKER {
+                    stamps.push(at);
+                    at += STAMP_BYTES;
+                } else {
+                    at += 1;
+                }
+            }
+            if stamps.len() as u64 != self.records {
+                // A value that is not printable ASCII: encode every time.
+                return Ok(None);
+            }
+        }
+        Ok(Some(Template { bytes, stamps }))
+    }
+
+    /// One batch whose records carry `stamp` and the timestamp `now_ms`.
+    pub fn make(&self, stamp: u64, now_ms: i64) -> Result<Bytes, BenchError> {
+        let Some(t) = &self.template else {
+            return self.encode(Some(stamp.to_be_bytes()), now_ms);
+        };
+        let mut b = BytesMut::from(&t.bytes[..]);
+        let stamp = stamp.to_be_bytes();
+        for &at in &t.stamps {
+            b[at..at + STAMP_BYTES].copy_from_slice(&stamp);
+        }
+        let ts = now_ms.to_be_bytes();
+        b[BASE_TIMESTAMP_AT..BASE_TIMESTAMP_AT + 8].copy_from_slice(&ts);
+        b[MAX_TIMESTAMP_AT..MAX_TIMESTAMP_AT + 8].copy_from_slice(&ts);
+        let crc = crc32c::crc32c(&b[ATTRIBUTES_AT..]);
+        b[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+        Ok(b.freeze())
+    }
+
+    /// The batch through the kafka-protocol encoder, record by record.
+    fn encode(&self, stamp: Option<[u8; STAMP_BYTES]>, now_ms: i64) -> Result<Bytes, BenchError> {
+        let records: Vec<Record> = (0..self.records)
+            .map(|i| {
+                let value = match stamp {
+                    Some(s) if self.value.len() >= STAMP_BYTES => {
+                        let mut v = BytesMut::from(&self.value[..]);
+                        v[..STAMP_BYTES].copy_from_slice(&s);
+                        v.freeze()
+                    }
+                    _ => self.value.clone(),
+                };
+                record(i as i64, value, now_ms)
+            })
+            .collect();
+        let size: usize = self.value.len() * records.len() + 64 * records.len() + 128;
+        let mut buf = BytesMut::with_capacity(size);
+        RecordBatchEncoder::encode(&mut buf, &records, &self.opts)
+            .map_err(|e| BenchError::Encode(e.to_string()))?;
+        Ok(buf.freeze())
+    }
+}
+
+/// Record `i` of a batch. Offsets are deltas within the batch; the encoder
+/// keeps records in one batch only while offset - sequence is constant, and
+/// a producer without an id sends base sequence -1.
+fn record(i: i64, value: Bytes, now_ms: i64) -> Record {
+    Record {
+        transactional: false,
+        control: false,
+        delete_horizon: false,
+        partition_leader_epoch: -1,
+        producer_id: -1,
+        producer_epoch: -1,
+        timestamp_type: TimestampType::Creation,
+        offset: i,
+        sequence: i as i32 - 1,
+        timestamp: now_ms,
+        key: None,
+        value: Some(value),
+        headers: Default::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::records::RecordBatchDecoder;
+
+    fn printable(len: usize) -> Bytes {
+        Bytes::from(
+            (0..len)
+                .map(|i| b' ' + (i * 31 % 95) as u8)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// The patched template is byte for byte what the encoder makes for the
+    /// same stamp and time, and decodes to those records.
+    #[test]
+    fn template_matches_the_encoder() {
+        for (len, records) in [(1024, 256), (8, 3), (100, 1), (5000, 17)] {
+            let m = BatchMaker::new(printable(len), records, Compression::None).expect("maker");
+            assert!(m.template.is_some(), "template for {len} x {records}");
+            let stamp = 0x0102_0304_0506_0708_u64 + len as u64;
+            let now = 1_790_000_000_123 + records as i64;
+            let fast = m.make(stamp, now).expect("make");
+            let slow = m.encode(Some(stamp.to_be_bytes()), now).expect("encode");
+            assert_eq!(fast, slow, "{len} x {records}");
+            let mut buf = fast.clone();
+            let set = RecordBatchDecoder::decode(&mut buf).expect("decode");
+            assert_eq!(set.records.len() as u64, records);
+            for r in &set.records {
+                assert_eq!(r.timestamp, now);
+                let v = r.value.as_ref().expect("value");
+                assert_eq!(v[..8], stamp.to_be_bytes());
+                assert_eq!(v[8..], printable(len)[8..]);
+            }
+        }
+    }
+
+    #[test]
+    fn short_values_and_compression_take_the_encoder() {
+        let m = BatchMaker::new(printable(4), 10, Compression::None).expect("maker");
+        let t = m.template.as_ref().expect("template");
+        assert!(t.stamps.is_empty());
+        let mut b = m.make(7, 1000).expect("make");
+        assert_eq!(
+            RecordBatchDecoder::decode(&mut b)
+                .expect("decode")
+                .records
+                .len(),
+            10
+        );
+        let z = BatchMaker::new(printable(1024), 50, Compression::Zstd).expect("maker");
+        assert!(z.template.is_none());
+        let mut b = z.make(9, 1000).expect("make");
+        let set = RecordBatchDecoder::decode(&mut b).expect("decode");
+        assert_eq!(
+            set.records[49].value.as_ref().expect("value")[..8],
+            9u64.to_be_bytes()
+        );
+    }
+}
