@@ -26,12 +26,6 @@ use kafka_protocol::records::{Compression, RecordBatchDecoder};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-/// jemalloc reuses freed pages; with glibc's malloc every produce request
-/// over its mmap threshold faulted in fresh zeroed pages, which made the
-/// load generator, not the broker, the larger CPU user in a closed loop.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 enum Mode {

@@ -2,14 +2,6 @@ use clap::Parser;
 use floe_net::config::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
-/// jemalloc keeps freed pages for reuse (dirty decay 10 s). With glibc's
-/// malloc every request frame over the mmap threshold was a fresh mapping:
-/// each received byte first faulted in a zeroed page, and each free was an
-/// munmap with a TLB shootdown — together about 15 % of a saturated
-/// broker's CPU in `perf` (FINDINGS, issue 7).
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
