@@ -36,6 +36,8 @@ pub struct Metrics {
     pub admission_waits: AtomicU64,
     pub requests: AtomicU64,
     pub connections_accepted: AtomicU64,
+    /// Connections handed to a shard with fewer (net::balance).
+    pub connections_moved: AtomicU64,
     pub bad_frames: AtomicU64,
     /// Log entries this broker wrote, and CAS attempts it lost to others.
     pub log_entries_written: AtomicU64,

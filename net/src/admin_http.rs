@@ -9,12 +9,14 @@ use std::sync::Arc;
 use floe_engine::metrics::Metrics;
 use floe_engine::Engine;
 use floe_objstore::{Accounting, Purpose, RequestCounters};
+
+use crate::balance::Balance;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Largest request head read from an admin client.
 const REQUEST_BYTES_MAX: usize = 8 << 10;
 
-pub fn render_metrics(engine: &Engine) -> String {
+pub fn render_metrics(engine: &Engine, balance: &Balance) -> String {
     let m = &engine.metrics;
     let mut out = String::new();
     let mut counter = |name: &str, help: &str, v: u64| {
@@ -79,6 +81,11 @@ pub fn render_metrics(engine: &Engine) -> String {
         Metrics::get(&m.connections_accepted),
     );
     counter(
+        "floe_connections_moved_total",
+        "Connections handed to the shard with the fewest, after the kernel's SO_REUSEPORT pick.",
+        Metrics::get(&m.connections_moved),
+    );
+    counter(
         "floe_admission_waits_total",
         "Requests that waited for the shard's in-flight budget (back-pressure).",
         Metrics::get(&m.admission_waits),
@@ -98,6 +105,13 @@ pub fn render_metrics(engine: &Engine) -> String {
         "Commit attempts that lost to another broker's commit and were retried.",
         Metrics::get(&m.log_cas_conflicts),
     );
+    let _ = writeln!(
+        out,
+        "# HELP floe_connections Kafka connections open, by the shard serving them.\n# TYPE floe_connections gauge"
+    );
+    for (shard, n) in balance.loads().into_iter().enumerate() {
+        let _ = writeln!(out, "floe_connections{{shard=\"{shard}\"}} {n}");
+    }
     let _ = writeln!(
         out,
         "# HELP floe_segment_upload_failures_in_a_row Segment uploads failed since the last success (object-store health).\n# TYPE floe_segment_upload_failures_in_a_row gauge\nfloe_segment_upload_failures_in_a_row {}",
@@ -293,12 +307,18 @@ fn readiness(engine: &Engine, started: bool) -> (&'static str, String) {
     }
 }
 
-pub async fn serve(listener: tokio::net::TcpListener, engine: Arc<Engine>, ready: Arc<AtomicBool>) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    engine: Arc<Engine>,
+    balance: Arc<Balance>,
+    ready: Arc<AtomicBool>,
+) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             continue;
         };
         let engine = engine.clone();
+        let balance = balance.clone();
         let ready = ready.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; REQUEST_BYTES_MAX];
@@ -315,7 +335,7 @@ pub async fn serve(listener: tokio::net::TcpListener, engine: Arc<Engine>, ready
             let head = String::from_utf8_lossy(&buf[..n]);
             let path = head.split_whitespace().nth(1).unwrap_or("");
             let (status, body) = match path {
-                "/metrics" => ("200 OK", render_metrics(&engine)),
+                "/metrics" => ("200 OK", render_metrics(&engine, &balance)),
                 "/healthz" => ("200 OK", "ok\n".to_string()),
                 "/readyz" => readiness(&engine, ready.load(Ordering::SeqCst)),
                 _ => ("404 Not Found", "not found\n".to_string()),

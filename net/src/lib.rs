@@ -7,6 +7,7 @@
 
 pub mod admin_http;
 pub mod apis;
+pub mod balance;
 pub mod broker;
 pub mod check_bucket;
 pub mod client_id;

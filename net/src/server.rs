@@ -5,6 +5,7 @@
 //! answer those producers, and return.
 
 use std::cell::Cell;
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use floe_meta::{schema, Compare, MetaStore, Op, Txn};
 use futures::future::{select, Either};
 use glommio::{LocalExecutorBuilder, Placement};
 
+use crate::balance::{Balance, Moved};
 use crate::broker::{Broker, Settings};
 use crate::config::Resolved;
 use crate::conn;
@@ -264,9 +266,12 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
     let admin = sidecar
         .block_on(tokio::net::TcpListener::bind(&cfg.admin_listen))
         .with_context(|| format!("binding the admin listener {}", cfg.admin_listen))?;
+    let (balance, moved) = Balance::new(cfg.shards);
+    let balance = Arc::new(balance);
     sidecar.handle().spawn(crate::admin_http::serve(
         admin,
         engine.clone(),
+        balance.clone(),
         ready.clone(),
     ));
 
@@ -307,8 +312,9 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
     let barrier = Arc::new(Barrier::default());
     let (bound_tx, bound_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let mut threads = Vec::new();
-    for (i, inbox) in inboxes.into_iter().enumerate() {
+    for ((i, inbox), moved) in inboxes.into_iter().enumerate().zip(moved) {
         let broker = broker.clone();
+        let balance = balance.clone();
         let listeners: Vec<_> = cfg
             .listeners
             .iter()
@@ -324,7 +330,12 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
         };
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("floe-shard-{i}"))
-            .spawn(move || shard_main(i, shards, broker, inbox, listeners, bound_tx, barrier))
+            .spawn(move || {
+                let conns = Conns { balance, moved };
+                shard_main(
+                    i, shards, broker, inbox, listeners, conns, bound_tx, barrier,
+                )
+            })
             .map_err(|e| {
                 anyhow::anyhow!(
                     "starting shard {i}: {e} — {}",
@@ -410,12 +421,20 @@ fn io_uring_hint(err: &str) -> String {
     }
 }
 
+/// A shard's share of the broker's connection balance.
+struct Conns {
+    balance: Arc<Balance>,
+    moved: flume::Receiver<Moved>,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn shard_main(
     id: usize,
     shards: usize,
     broker: Arc<Broker>,
     inbox: ShardInbox,
     listeners: Vec<(crate::config::Listener, Secure)>,
+    conns: Conns,
     bound: std::sync::mpsc::Sender<Result<(), String>>,
     barrier: Arc<Barrier>,
 ) {
@@ -444,29 +463,38 @@ async fn shard_main(
         }
         None => Ok(()),
     });
-    let live = Rc::new(Cell::new(0usize));
-    let idle = Rc::new(event_listener::Event::new());
-    let accepting: Vec<_> = bound_listeners
+    let mut sockets = Vec::with_capacity(bound_listeners.len());
+    let mut served = Vec::with_capacity(bound_listeners.len());
+    for (listener, secure, socket) in bound_listeners {
+        let ctx = Ctx {
+            shard: shard.clone(),
+            broker: broker.clone(),
+            client_id: None,
+            peer: None,
+            client: conn::new_client(&listener.name),
+        };
+        served.push((ctx, secure));
+        sockets.push(socket);
+    }
+    let serving = Rc::new(Serving {
+        shard: id,
+        listeners: served,
+        live: Rc::new(Cell::new(0)),
+        idle: Rc::new(event_listener::Event::new()),
+        balance: conns.balance,
+    });
+    let (live, idle) = (serving.live.clone(), serving.idle.clone());
+    let mut accepting: Vec<_> = sockets
         .into_iter()
-        .map(|(listener, secure, socket)| {
-            let ctx = Ctx {
-                shard: shard.clone(),
-                broker: broker.clone(),
-                client_id: None,
-                peer: None,
-                client: conn::new_client(&listener.name),
-            };
-            glommio::spawn_local(accept_loop(
-                id,
-                ctx,
-                socket,
-                secure,
-                live.clone(),
-                idle.clone(),
-            ))
-        })
+        .enumerate()
+        .map(|(index, socket)| glommio::spawn_local(accept_loop(serving.clone(), index, socket)))
         .collect();
+    accepting.push(glommio::spawn_local(moved_loop(
+        serving.clone(),
+        conns.moved,
+    )));
     futures::future::join_all(accepting).await;
+    drop(serving);
     // Drain: connections stop reading and finish what they started.
     let drain = async {
         loop {
@@ -557,17 +585,86 @@ impl ListenerSecurity {
     }
 }
 
-/// Accepts connections on one listener until shutdown; each connection
-/// starts as a client of this listener (`ctx.client`).
-async fn accept_loop(
+/// What one shard needs to serve connections: each listener's context
+/// (by index, the same on every shard) and the counts the drain and the
+/// balance read.
+struct Serving {
     shard: usize,
-    ctx: Ctx,
-    listener: glommio::net::TcpListener,
-    secure: Secure,
+    listeners: Vec<(Ctx, Secure)>,
     live: Rc<Cell<usize>>,
     idle: Rc<event_listener::Event>,
-) {
-    let engine = ctx.broker.engine.clone();
+    balance: Arc<Balance>,
+}
+
+impl Serving {
+    /// Serves a connection of listener `index` on this shard until it
+    /// closes; it was already counted here by the balance.
+    fn spawn(self: &Rc<Self>, index: usize, stream: glommio::net::TcpStream, peer: SocketAddr) {
+        let Some((ctx, secure)) = self.listeners.get(index).cloned() else {
+            self.balance.closed(self.shard);
+            return;
+        };
+        self.live.set(self.live.get() + 1);
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            let _ = stream.set_nodelay(true);
+            match &secure.tls {
+                None => conn::serve(ctx, stream, peer, secure.sasl).await,
+                Some(acceptor) => match crate::tls::handshake(acceptor, stream).await {
+                    Ok(tls) => conn::serve(ctx, tls, peer, secure.sasl).await,
+                    Err(e) => {
+                        Metrics::add(&ctx.broker.engine.metrics.bad_frames, 1);
+                        tracing::warn!(%peer, listener = %ctx.client.listener, error = %e, "closing connection: TLS handshake failed");
+                    }
+                },
+            }
+            me.live.set(me.live.get() - 1);
+            me.balance.closed(me.shard);
+            me.idle.notify(usize::MAX);
+        })
+        .detach();
+    }
+
+    /// Serves `stream` on the shard with the fewest connections: here, or
+    /// handed over (see [`crate::balance`]).
+    fn place(self: &Rc<Self>, index: usize, stream: glommio::net::TcpStream, peer: SocketAddr) {
+        let to = self.balance.place(self.shard);
+        if to == self.shard {
+            return self.spawn(index, stream, peer);
+        }
+        let metrics = &self.listeners[index].0.broker.engine.metrics;
+        let stream = match socket2::SockRef::from(&stream).try_clone() {
+            Ok(socket) => {
+                drop(stream);
+                let moved = Moved {
+                    listener: index,
+                    socket,
+                    peer,
+                };
+                match self.balance.send(to, moved) {
+                    Ok(()) => {
+                        Metrics::add(&metrics.connections_moved, 1);
+                        return;
+                    }
+                    Err(m) => glommio::net::TcpStream::from(m.socket),
+                }
+            }
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "cannot hand a connection to another shard; serving it here");
+                stream
+            }
+        };
+        self.balance.closed(to);
+        self.balance.opened(self.shard);
+        self.spawn(index, stream, peer);
+    }
+}
+
+/// Accepts connections on listener `index` until shutdown; each connection
+/// starts as a client of this listener (`ctx.client`).
+async fn accept_loop(serving: Rc<Serving>, index: usize, listener: glommio::net::TcpListener) {
+    let engine = serving.listeners[index].0.broker.engine.clone();
+    let name = serving.listeners[index].0.client.listener.clone();
     loop {
         let accept = Box::pin(listener.accept());
         let stop = Box::pin(engine.shutdown.wait());
@@ -577,32 +674,31 @@ async fn accept_loop(
                 let peer = stream
                     .peer_addr()
                     .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
-                live.set(live.get() + 1);
-                let (ctx, live, idle) = (ctx.clone(), live.clone(), idle.clone());
-                let secure = secure.clone();
-                glommio::spawn_local(async move {
-                    let _ = stream.set_nodelay(true);
-                    match &secure.tls {
-                        None => conn::serve(ctx, stream, peer, secure.sasl).await,
-                        Some(acceptor) => match crate::tls::handshake(acceptor, stream).await {
-                            Ok(tls) => conn::serve(ctx, tls, peer, secure.sasl).await,
-                            Err(e) => {
-                                Metrics::add(&ctx.broker.engine.metrics.bad_frames, 1);
-                                tracing::warn!(%peer, listener = %ctx.client.listener, error = %e, "closing connection: TLS handshake failed");
-                            }
-                        },
-                    }
-                    live.set(live.get() - 1);
-                    idle.notify(usize::MAX);
-                })
-                .detach();
+                serving.place(index, stream, peer);
             }
             Either::Left((Err(e), _)) => {
                 // Typically EMFILE: back off instead of spinning.
-                tracing::warn!(shard, listener = %ctx.client.listener, error = %e, "accept failed");
+                tracing::warn!(shard = serving.shard, listener = %name, error = %e, "accept failed");
                 glommio::timer::sleep(Duration::from_millis(50)).await;
             }
             Either::Right(_) => break,
+        }
+    }
+}
+
+/// Serves the connections other shards hand to this one, until shutdown.
+async fn moved_loop(serving: Rc<Serving>, moved: flume::Receiver<Moved>) {
+    let engine = serving.listeners.first().map(|l| l.0.broker.engine.clone());
+    let Some(engine) = engine else { return };
+    loop {
+        let next = Box::pin(moved.recv_async());
+        let stop = Box::pin(engine.shutdown.wait());
+        match select(next, stop).await {
+            Either::Left((Ok(m), _)) => {
+                let stream = glommio::net::TcpStream::from(m.socket);
+                serving.spawn(m.listener, stream, m.peer);
+            }
+            Either::Left((Err(_), _)) | Either::Right(_) => break,
         }
     }
 }

@@ -13,6 +13,7 @@ test_tls.py."""
 
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -548,3 +549,62 @@ def test_clients_in_another_network_use_the_external_listener(
     assert "private address" in out and "--advertised-listeners" in out, out
     assert "1 of 3 advertised broker(s) unreachable" in out, out
     assert bad[0].alive()
+
+
+def _connections_per_shard(broker):
+    status, text = broker.http_get("/metrics")
+    assert status == 200, text[:300]
+    return {int(m.group(1)): int(float(m.group(2)))
+            for m in re.finditer(r'^floe_connections\{shard="(\d+)"\} (\S+)$', text, re.M)}
+
+
+def test_connections_are_spread_over_shards(start_broker, topic_name):
+    CONNECTIONS = 30
+    """The kernel's SO_REUSEPORT hash may put every connection on one shard;
+    the broker hands a new connection to the shard serving the fewest, so
+    connections opened one at a time end up evenly spread, and the moved
+    ones carry produce requests like any other."""
+    b = start_broker(shards=2)
+    with kw.connect(b.bootstrap) as admin:
+        name, err, msg = kw.create_topic(admin, topic_name, num_partitions=4, version=2)
+        assert err == 0, (name, err, msg)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            meta = kw.metadata(admin, [topic_name], allow_auto_topic_creation=False)
+            if len(meta["topics"].get(topic_name, (0, {}))[1]) == 4:
+                break
+            time.sleep(0.2)
+        before = _connections_per_shard(b)
+        assert sorted(before) == [0, 1], before
+        socks = []
+        offsets = {}
+        try:
+            for i in range(CONNECTIONS):
+                s = kw.connect(b.bootstrap)
+                socks.append(s)
+                batch = kw.record_batch([(None, b"conn-%d" % i, [])])
+                res = kw.produce_v3(s, topic_name, i % 4, batch, correlation_id=i + 10)
+                err, base = res[(topic_name, i % 4)]
+                assert err == 0, "connection %d: produce error %d" % (i, err)
+                offsets.setdefault(i % 4, []).append(base)
+                # Placed one at a time, they stay within one of each other
+                # after every connection (a hash alone wanders off).
+                now = _connections_per_shard(b)
+                assert abs(now[0] - now[1]) <= 1, (
+                    "after %d connections, per shard %s: not spread (before: %s)" % (
+                        i + 1, now, before))
+            after = _connections_per_shard(b)
+            assert sum(after.values()) == sum(before.values()) + CONNECTIONS, (before, after)
+        finally:
+            for s in socks:
+                s.close()
+        assert {p: sorted(v) for p, v in offsets.items()} == {
+            p: list(range(len(range(p, CONNECTIONS, 4)))) for p in range(4)}, offsets
+        deadline = time.time() + 10
+        while sum(_connections_per_shard(b).values()) != sum(before.values()):
+            assert time.time() < deadline, "closed connections still counted: %s" % (
+                _connections_per_shard(b))
+            time.sleep(0.1)
+        moved = b.metrics().get("floe_connections_moved_total", 0)
+        print("connections moved between shards: %d" % moved)
+    b.assert_no_panic()
