@@ -9,6 +9,10 @@
 #
 #   bench/scripts/side-by-side.sh [SECONDS] [RECORD_SIZE] [PARTITIONS] [CONNECTIONS]
 #
+# Each run first applies the same load for WARMUP seconds (default 10) that
+# are not measured: a broker's first seconds fill its caches with fresh
+# memory (floe: ~600 MB/s for ~7 s, then ~900 MB/s on the 2-vCPU VM).
+#
 # Needs: target/release/{floe,floe-bench} (cargo build --release -p floe-net;
 # cargo build --release -p floe-bench), iperf3; optional: s3s-fs and tansu on PATH (rows are
 # skipped when missing). Everything listens on free loopback ports and is
@@ -18,6 +22,7 @@ secs=${1:-10}
 size=${2:-1024}
 parts=${3:-8}
 conns=${4:-2}
+warmup=${WARMUP:-10}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 target=${CARGO_TARGET_DIR:-$root/target}
 floe=${FLOE_BIN:-$target/release/floe}
@@ -43,7 +48,8 @@ jq_() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 # Object-store PUTs as the backend sees them (single PUTs plus multipart
-# requests), falling back to the engine's count.
+# requests, falling back to the engine's count), and payload bytes produced:
+# both from the broker, so the warm-up counts on both sides of the ratio.
 floe_puts() {
   curl -s "http://$1/metrics" | python3 -c '
 import re, sys
@@ -52,7 +58,7 @@ def total(pat):
     return sum(float(v) for v in re.findall(pat + r"\s+([0-9.e+]+)", text))
 backend = total(r"floe_objstore_backend_requests_total\{[^}]*op=\"(?:put_object|upload_part|create_multipart|complete_multipart)\"[^}]*\}")
 engine = total(r"floe_objstore_requests_total\{[^}]*op=\"put\"[^}]*\}")
-print(int(backend or engine))'
+print(int(backend or engine), int(total(r"floe_produce_payload_bytes_total")))'
 }
 
 declare -A ROW_MBS ROW_P99 ROW_E2E ROW_PUT ROW_P99_FULL
@@ -60,20 +66,21 @@ declare -A ROW_MBS ROW_P99 ROW_E2E ROW_PUT ROW_P99_FULL
 # run_workload NAME BOOTSTRAP [ADMIN]
 run_workload() {
   local name=$1 bs=$2 admin=${3:-}
-  local common=(--bootstrap "$bs" --partitions "$parts" --connections "$conns" --record-size "$size" --acks -1)
-  local puts0=0 puts1=0
+  local common=(--bootstrap "$bs" --partitions "$parts" --connections "$conns" --record-size "$size" --acks -1 --warmup "$warmup")
+  local puts0="0 0" puts1="0 0"
   [ -n "$admin" ] && puts0=$(floe_puts "$admin")
   "$bench" "${common[@]}" --topic-prefix "$name-max" --duration "$secs" \
     --json "$OUT/$name-max.json" --svg "$OUT/$name-max.svg" 2>>"$OUT/$name-bench.log"
   [ -n "$admin" ] && puts1=$(floe_puts "$admin")
-  local mbs rps bytes
+  local mbs rps
   mbs=$(jq_ "$OUT/$name-max.json" 'round(d["produce"]["mb_per_sec"],1)')
   rps=$(jq_ "$OUT/$name-max.json" 'int(d["produce"]["records_per_sec"])')
-  bytes=$(jq_ "$OUT/$name-max.json" 'd["produce"]["bytes"]')
   ROW_MBS[$name]=$mbs
   ROW_P99_FULL[$name]=$(jq_ "$OUT/$name-max.json" 'd["produce"]["latency"]["p99_ms"]')
   if [ -n "$admin" ]; then
-    ROW_PUT[$name]=$(python3 -c "print(round(($puts1-$puts0) / max($bytes/(4<<20),1e-9), 2))")
+    ROW_PUT[$name]=$(python3 -c "
+p0, b0 = map(int, '$puts0'.split()); p1, b1 = map(int, '$puts1'.split())
+print(round((p1 - p0) / max((b1 - b0) / (4 << 20), 1e-9), 2))")
   else
     ROW_PUT[$name]="n/a"
   fi
@@ -164,7 +171,7 @@ if command -v tansu >/dev/null; then
 fi
 
 echo
-echo "side by side: $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) vCPU, ${secs}s per run, ${size} B records, ${parts} partitions, ${conns} connections, acks=all"
+echo "side by side: $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) vCPU, ${secs}s per run after ${warmup}s warm-up, ${size} B records, ${parts} partitions, ${conns} connections, acks=all"
 printf '| %-14s | %12s | %20s | %22s | %18s | %14s |\n' target "produce MB/s" "p99 ms (closed loop)" "produce p99 ms @ half" "e2e p99 ms @ half" "PUTs per 4 MiB"
 printf '|%s|%s|%s|%s|%s|%s|\n' "----------------" "--------------" "----------------------" "------------------------" "--------------------" "----------------"
 [ -n "$IPERF_MBS" ] && printf '| %-14s | %12s | %20s | %22s | %18s | %14s |\n' iperf3 "$IPERF_MBS" - - - -

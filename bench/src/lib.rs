@@ -45,7 +45,8 @@ fn histogram() -> Histogram<u64> {
 }
 
 /// Throughput and latency of one worker, per second and overall; workers'
-/// recorders are merged at the end.
+/// recorders are merged at the end. Events before `start` (a warm-up) are
+/// not recorded.
 #[derive(Debug, Clone)]
 pub struct Recorder {
     start: Instant,
@@ -93,6 +94,9 @@ impl Recorder {
 
     /// Counts records completed at `at`.
     pub fn count(&mut self, at: Instant, records: u64, bytes: u64) {
+        if at < self.start {
+            return;
+        }
         self.records += records;
         self.bytes += bytes;
         if let Some(b) = self.bucket(at) {
@@ -103,6 +107,9 @@ impl Recorder {
 
     /// Records `n` latencies of `latency`, completed at `at`.
     pub fn latency(&mut self, at: Instant, latency: Duration, n: u64) {
+        if at < self.start {
+            return;
+        }
         let us = (latency.as_micros() as u64).clamp(1, LATENCY_US_MAX);
         let _ = self.latency.record_n(us, n);
         if let Some(b) = self.bucket(at) {
@@ -178,6 +185,23 @@ mod tests {
         assert_eq!(a.buckets[2].bytes, 500);
         assert_eq!(a.latency.len(), 11);
         assert!(a.latency.max() >= 49_000);
+    }
+
+    #[test]
+    fn warm_up_is_not_recorded() {
+        let t0 = Instant::now();
+        let mut r = Recorder::new(t0 + Duration::from_secs(5));
+        r.count(t0 + Duration::from_secs(1), 100, 10_000);
+        r.latency(t0 + Duration::from_secs(1), Duration::from_secs(2), 100);
+        r.count(t0 + Duration::from_millis(5500), 3, 300);
+        r.latency(
+            t0 + Duration::from_millis(5500),
+            Duration::from_millis(4),
+            3,
+        );
+        assert_eq!((r.records, r.bytes, r.latency.len()), (3, 300, 3));
+        assert_eq!(r.buckets.len(), 1);
+        assert!(r.latency.max() < 5_000);
     }
 
     #[test]

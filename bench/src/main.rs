@@ -93,9 +93,14 @@ struct Args {
     acks: i16,
     #[arg(long, value_enum, default_value_t = Codec::None)]
     compression: Codec,
-    /// Seconds to run.
+    /// Seconds to measure.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
+    /// Seconds to run the same load before measuring (not counted): lets a
+    /// broker reach its steady state (caches filled, memory recycled), as
+    /// OpenMessaging Benchmark's warm-up does.
+    #[arg(long, default_value_t = 0.0)]
+    warmup: f64,
     /// Records per second across all producers; 0 = as fast as possible
     /// (closed loop). At a fixed rate latency counts from each record's
     /// intended send time, so a stalled broker is not hidden (coordinated
@@ -262,12 +267,13 @@ async fn produce_worker(
     s: Arc<Shared>,
     parts: Vec<Partition>,
     start: Instant,
+    measure_from: Instant,
     deadline: Instant,
 ) -> Result<Recorder, BenchError> {
     let a = &s.args;
-    let rec = Arc::new(Mutex::new(Recorder::new(start)));
+    let rec = Arc::new(Mutex::new(Recorder::new(measure_from)));
     if parts.is_empty() {
-        return Ok(Recorder::new(start));
+        return Ok(Recorder::new(measure_from));
     }
     let mut conns = Conns::default();
     let mut targets = Vec::new();
@@ -421,11 +427,11 @@ async fn consume_worker(
     s: Arc<Shared>,
     parts: Vec<Partition>,
     mut offsets: HashMap<Partition, i64>,
-    start: Instant,
+    measure_from: Instant,
     deadline: Instant,
 ) -> Result<(Recorder, Recorder), BenchError> {
-    let mut rec = Recorder::new(start);
-    let mut e2e = Recorder::new(start);
+    let mut rec = Recorder::new(measure_from);
+    let mut e2e = Recorder::new(measure_from);
     let mut conns = Conns::default();
     let mut by_leader: HashMap<String, Vec<Partition>> = HashMap::new();
     for p in parts {
@@ -536,10 +542,15 @@ async fn run(a: Args) -> Result<Results, BenchError> {
             "e2e mode needs --record-size of at least 8".into(),
         ));
     }
-    let valid = a.duration > 0.0 && a.duration.is_finite() && a.rate >= 0.0 && a.rate.is_finite();
+    let valid = a.duration > 0.0
+        && a.duration.is_finite()
+        && a.rate >= 0.0
+        && a.rate.is_finite()
+        && a.warmup >= 0.0
+        && a.warmup.is_finite();
     if !valid {
         return Err(BenchError::Setup(
-            "--duration must be positive and --rate not negative".into(),
+            "--duration must be positive, --rate and --warmup not negative".into(),
         ));
     }
     let cluster = prepare(&a).await?;
@@ -571,11 +582,18 @@ async fn run(a: Args) -> Result<Results, BenchError> {
     let started_unix_ms = unix_ms();
     let start = Instant::now();
     let run_for = Duration::from_secs_f64(a.duration);
-    let deadline = start + run_for;
+    let measure_from = start + Duration::from_secs_f64(a.warmup);
+    let deadline = measure_from + run_for;
     let mut producers = tokio::task::JoinSet::new();
     if a.mode != Mode::Consume {
         for w in 0..n {
-            producers.spawn(produce_worker(s.clone(), assign(w), start, deadline));
+            producers.spawn(produce_worker(
+                s.clone(),
+                assign(w),
+                start,
+                measure_from,
+                deadline,
+            ));
         }
     }
     let mut consumers = tokio::task::JoinSet::new();
@@ -589,13 +607,13 @@ async fn run(a: Args) -> Result<Results, BenchError> {
             s.clone(),
             assign(w),
             offsets,
-            start,
+            measure_from,
             consume_deadline,
         ));
     }
-    let mut produced = Recorder::new(start);
-    let mut consumed = Recorder::new(start);
-    let mut e2e = Recorder::new(start);
+    let mut produced = Recorder::new(measure_from);
+    let mut consumed = Recorder::new(measure_from);
+    let mut e2e = Recorder::new(measure_from);
     let mut first_error = None;
     while let Some(r) = producers.join_next().await {
         match r {

@@ -101,6 +101,21 @@ def test_closed_loop_and_acks_zero(broker, tmp_path, topic_name):
     broker.assert_no_panic()
 
 
+def test_warm_up_load_is_sent_but_not_measured(broker, tmp_path, topic_name):
+    r = run_bench(tmp_path, broker.bootstrap, "warm", "--topic-prefix", topic_name,
+                  "--partitions", "2", "--warmup", "2", "--duration", "2", "--rate", "3000")
+    p = r["produce"]
+    assert p["records"] > 0 and p["errors"] == 0
+    # 4 s of load at 3000 rec/s, 2 s of it measured.
+    assert 4000 <= p["records"] <= 8000, p["records"]
+    assert len(r["series"]) <= 3
+    back = run_bench(tmp_path, broker.bootstrap, "warm-read", "--mode", "consume",
+                     "--topic-prefix", topic_name, "--duration", "3")
+    assert back["consume"]["records"] >= p["records"] + 4000, (
+        "the warm-up records were not produced: %d read, %d measured" % (
+            back["consume"]["records"], p["records"]))
+
+
 def test_unreachable_bootstrap_fails_cleanly(tmp_path):
     port = free_port()  # nothing listens there
     proc = subprocess.run([str(bench_bin()), "--bootstrap", "127.0.0.1:%d" % port,
