@@ -63,35 +63,15 @@ print(int(backend or engine), int(total(r"floe_produce_payload_bytes_total")))'
 
 declare -A ROW_MBS ROW_P99 ROW_E2E ROW_PUT ROW_P99_FULL
 
-# run_workload NAME BOOTSTRAP [ADMIN]
-run_workload() {
-  local name=$1 bs=$2 admin=${3:-}
-  local common=(--bootstrap "$bs" --partitions "$parts" --connections "$conns" --record-size "$size" --acks -1 --warmup "$warmup")
-  local puts0="0 0" puts1="0 0"
-  [ -n "$admin" ] && puts0=$(floe_puts "$admin")
-  "$bench" "${common[@]}" --topic-prefix "$name-max" --duration "$secs" \
-    --json "$OUT/$name-max.json" --svg "$OUT/$name-max.svg" 2>>"$OUT/$name-bench.log"
-  [ -n "$admin" ] && puts1=$(floe_puts "$admin")
-  local mbs rps
-  mbs=$(jq_ "$OUT/$name-max.json" 'round(d["produce"]["mb_per_sec"],1)')
-  rps=$(jq_ "$OUT/$name-max.json" 'int(d["produce"]["records_per_sec"])')
-  ROW_MBS[$name]=$mbs
-  ROW_P99_FULL[$name]=$(jq_ "$OUT/$name-max.json" 'd["produce"]["latency"]["p99_ms"]')
-  if [ -n "$admin" ]; then
-    ROW_PUT[$name]=$(python3 -c "
-p0, b0 = map(int, '$puts0'.split()); p1, b1 = map(int, '$puts1'.split())
-print(round((p1 - p0) / max((b1 - b0) / (4 << 20), 1e-9), 2))")
-  else
-    ROW_PUT[$name]="n/a"
-  fi
-  local half=$(( rps / 2 ))
-  "$bench" "${common[@]}" --topic-prefix "$name-half" --duration "$secs" --rate "$half" \
-    --json "$OUT/$name-half.json" --svg "$OUT/$name-half.svg" 2>>"$OUT/$name-bench.log"
-  ROW_P99[$name]=$(jq_ "$OUT/$name-half.json" 'd["produce"]["latency"]["p99_ms"]')
-  "$bench" "${common[@]}" --mode e2e --topic-prefix "$name-e2e" --duration "$secs" --rate "$half" \
-    --json "$OUT/$name-e2e.json" --svg "$OUT/$name-e2e.svg" 2>>"$OUT/$name-bench.log"
-  ROW_E2E[$name]=$(jq_ "$OUT/$name-e2e.json" 'd["e2e_latency"]["p99_ms"] if d["e2e_latency"] else "n/a"')
-  echo "  $name: ${mbs} MB/s closed loop; at ${half} rec/s: produce p99 ${ROW_P99[$name]} ms, e2e p99 ${ROW_E2E[$name]} ms; PUT per 4 MiB ${ROW_PUT[$name]}" >&2
+# Each phase (closed loop, half rate, e2e) gets a fresh broker whose data is
+# removed afterwards: at ~1 GB/s a phase writes ~20 GB, more than the three
+# phases together may keep on disk (or, for Tansu, in memory).
+# start_<target> sets BS, ADMIN (floe's admin address, or empty), RUN_PIDS
+# and RUN_DIRS; stop_target stops RUN_PIDS and removes RUN_DIRS.
+stop_target() {
+  for p in "${RUN_PIDS[@]}"; do stop "$p"; done
+  for d in "${RUN_DIRS[@]}"; do rm -rf "$d"; done
+  RUN_PIDS=(); RUN_DIRS=()
 }
 
 start_s3s() {
@@ -99,10 +79,101 @@ start_s3s() {
   port=$(free_port)
   mkdir -p "$dir/bench"
   s3s-fs --host 127.0.0.1 --port "$port" --access-key test --secret-key testtest "$dir" \
-    > "$OUT/s3s-$1.log" 2>&1 &
-  pids+=($!); S3S_PID=$!
+    >> "$OUT/s3s-$1.log" 2>&1 &
+  pids+=($!); RUN_PIDS+=($!); RUN_DIRS+=("$dir")
   wait_port "$port"
   S3S_PORT=$port
+}
+
+start_floe_embedded() {
+  local port admin_port
+  port=$(free_port); admin_port=$(free_port)
+  "$floe" serve --data-dir "$OUT/floe-data" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin_port" \
+    >> "$OUT/floe-embedded.log" 2>&1 &
+  pids+=($!); RUN_PIDS+=($!); RUN_DIRS+=("$OUT/floe-data")
+  wait_port "$port"
+  BS=127.0.0.1:$port; ADMIN=127.0.0.1:$admin_port
+}
+
+start_floe_s3() {
+  local port admin_port
+  start_s3s floe
+  port=$(free_port); admin_port=$(free_port)
+  AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=testtest \
+    "$floe" serve --data-dir "$OUT/floe-s3-data" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin_port" \
+    --object-store s3://bench/floe --s3-endpoint "http://127.0.0.1:$S3S_PORT" \
+    >> "$OUT/floe-s3.log" 2>&1 &
+  # floe stops before s3s-fs: it commits what it accepted on the way out.
+  RUN_PIDS=($! "${RUN_PIDS[@]}"); pids+=($!); RUN_DIRS+=("$OUT/floe-s3-data")
+  wait_port "$port"
+  BS=127.0.0.1:$port; ADMIN=127.0.0.1:$admin_port
+}
+
+start_tansu_memory() {
+  local port
+  port=$(free_port)
+  tansu broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine memory://tansu/ >> "$OUT/tansu-memory.log" 2>&1 &
+  pids+=($!); RUN_PIDS+=($!)
+  wait_port "$port"
+  BS=127.0.0.1:$port; ADMIN=
+}
+
+start_tansu_s3() {
+  local port
+  start_s3s tansu
+  port=$(free_port)
+  AWS_ENDPOINT="http://127.0.0.1:$S3S_PORT" AWS_ALLOW_HTTP=true AWS_ACCESS_KEY_ID=test \
+    AWS_SECRET_ACCESS_KEY=testtest AWS_DEFAULT_REGION=us-east-1 AWS_REGION=us-east-1 \
+    tansu broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine s3://bench/ >> "$OUT/tansu-s3.log" 2>&1 &
+  RUN_PIDS=($! "${RUN_PIDS[@]}"); pids+=($!)
+  wait_port "$port"
+  BS=127.0.0.1:$port; ADMIN=
+}
+
+declare -A ROW_MBS ROW_P99 ROW_E2E ROW_PUT ROW_P99_FULL
+RUN_PIDS=(); RUN_DIRS=()
+
+# run_workload NAME: the three phases against target NAME (start_NAME).
+run_workload() {
+  local name=$1 start=start_${1//-/_}
+  local common=(--partitions "$parts" --connections "$conns" --record-size "$size" --acks -1 --warmup "$warmup")
+  local puts0="0 0" puts1="0 0"
+  $start
+  [ -n "$ADMIN" ] && puts0=$(floe_puts "$ADMIN")
+  "$bench" --bootstrap "$BS" "${common[@]}" --topic-prefix "$name-max" --duration "$secs" \
+    --json "$OUT/$name-max.json" --svg "$OUT/$name-max.svg" 2>>"$OUT/$name-bench.log" || true
+  [ -n "$ADMIN" ] && puts1=$(floe_puts "$ADMIN")
+  stop_target
+  local mbs rps
+  mbs=$(jq_ "$OUT/$name-max.json" 'round(d["produce"]["mb_per_sec"],1)' 2>/dev/null || echo 0)
+  rps=$(jq_ "$OUT/$name-max.json" 'int(d["produce"]["records_per_sec"])' 2>/dev/null || echo 0)
+  if [ "$rps" -le 0 ]; then
+    echo "  $name: no record acknowledged in the closed loop (see $OUT/$name*.log)" >&2
+    return 1
+  fi
+  ROW_MBS[$name]=$mbs
+  ROW_P99_FULL[$name]=$(jq_ "$OUT/$name-max.json" 'd["produce"]["latency"]["p99_ms"]')
+  if [ -n "$ADMIN" ]; then
+    ROW_PUT[$name]=$(python3 -c "
+p0, b0 = map(int, '$puts0'.split()); p1, b1 = map(int, '$puts1'.split())
+print(round((p1 - p0) / max((b1 - b0) / (4 << 20), 1e-9), 2))")
+  else
+    ROW_PUT[$name]="n/a"
+  fi
+  local half=$(( rps / 2 ))
+  $start
+  "$bench" --bootstrap "$BS" "${common[@]}" --topic-prefix "$name-half" --duration "$secs" --rate "$half" \
+    --json "$OUT/$name-half.json" --svg "$OUT/$name-half.svg" 2>>"$OUT/$name-bench.log" || true
+  stop_target
+  ROW_P99[$name]=$(jq_ "$OUT/$name-half.json" 'd["produce"]["latency"]["p99_ms"] if d["produce"]["latency"] else "n/a"')
+  $start
+  "$bench" --bootstrap "$BS" "${common[@]}" --mode e2e --topic-prefix "$name-e2e" --duration "$secs" --rate "$half" \
+    --json "$OUT/$name-e2e.json" --svg "$OUT/$name-e2e.svg" 2>>"$OUT/$name-bench.log" || true
+  stop_target
+  ROW_E2E[$name]=$(jq_ "$OUT/$name-e2e.json" 'd["e2e_latency"]["p99_ms"] if d["e2e_latency"] else "n/a"')
+  echo "  $name: ${mbs} MB/s closed loop; at ${half} rec/s: produce p99 ${ROW_P99[$name]} ms, e2e p99 ${ROW_E2E[$name]} ms; PUT per 4 MiB ${ROW_PUT[$name]}" >&2
 }
 
 order=()
@@ -123,52 +194,16 @@ else
   IPERF_MBS=""
 fi
 
-# 2. floe, embedded default.
-port=$(free_port); admin_port=$(free_port)
-"$floe" serve --data-dir "$OUT/floe-data" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin_port" \
-  > "$OUT/floe-embedded.log" 2>&1 &
-fpid=$!; pids+=($fpid)
-wait_port "$port"
-run_workload floe-embedded "127.0.0.1:$port" "127.0.0.1:$admin_port"; order+=(floe-embedded)
-stop "$fpid"
-
-# 3. floe on S3 (s3s-fs).
-if command -v s3s-fs >/dev/null; then
-  start_s3s floe
-  port=$(free_port); admin_port=$(free_port)
-  AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=testtest \
-    "$floe" serve --data-dir "$OUT/floe-s3-data" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin_port" \
-    --object-store s3://bench/floe --s3-endpoint "http://127.0.0.1:$S3S_PORT" \
-    > "$OUT/floe-s3.log" 2>&1 &
-  fpid=$!; pids+=($fpid)
-  wait_port "$port"
-  run_workload floe-s3 "127.0.0.1:$port" "127.0.0.1:$admin_port"; order+=(floe-s3)
-  stop "$fpid"; stop "$S3S_PID"
-fi
-
-# 4. Tansu, memory and S3.
-if command -v tansu >/dev/null; then
-  port=$(free_port)
-  tansu broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
-    --storage-engine memory://tansu/ > "$OUT/tansu-memory.log" 2>&1 &
-  tpid=$!; pids+=($tpid)
-  wait_port "$port"
-  run_workload tansu-memory "127.0.0.1:$port"; order+=(tansu-memory)
-  stop "$tpid"
-  if command -v s3s-fs >/dev/null; then
-    start_s3s tansu
-    port=$(free_port)
-    AWS_ENDPOINT="http://127.0.0.1:$S3S_PORT" AWS_ALLOW_HTTP=true AWS_ACCESS_KEY_ID=test \
-      AWS_SECRET_ACCESS_KEY=testtest AWS_DEFAULT_REGION=us-east-1 AWS_REGION=us-east-1 \
-      tansu broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
-      --storage-engine s3://bench/ > "$OUT/tansu-s3.log" 2>&1 &
-    tpid=$!; pids+=($tpid)
-    wait_port "$port"
-    run_workload tansu-s3 "127.0.0.1:$port" || echo "  tansu-s3: failed (see $OUT/tansu-s3*.log)" >&2
-    [ -n "${ROW_MBS[tansu-s3]:-}" ] && order+=(tansu-s3)
-    stop "$tpid"; stop "$S3S_PID"
-  fi
-fi
+# 2. floe with the embedded default, 3. floe on S3 (s3s-fs), 4. Tansu with
+# memory and with S3 (s3s-fs) storage. A target that fails is reported and
+# left out of the table.
+targets=(floe-embedded)
+command -v s3s-fs >/dev/null && targets+=(floe-s3)
+command -v tansu >/dev/null && targets+=(tansu-memory)
+command -v tansu >/dev/null && command -v s3s-fs >/dev/null && targets+=(tansu-s3)
+for t in "${targets[@]}"; do
+  if run_workload "$t"; then order+=("$t"); else stop_target; fi
+done
 
 echo
 echo "side by side: $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) vCPU, ${secs}s per run after ${warmup}s warm-up, ${size} B records, ${parts} partitions, ${conns} connections, acks=all"
