@@ -331,10 +331,12 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("floe-shard-{i}"))
             .spawn(move || {
-                let conns = Conns { balance, moved };
-                shard_main(
-                    i, shards, broker, inbox, listeners, conns, bound_tx, barrier,
-                )
+                let conns = Conns {
+                    listeners,
+                    balance,
+                    moved,
+                };
+                shard_main(i, shards, broker, inbox, conns, bound_tx, barrier)
             })
             .map_err(|e| {
                 anyhow::anyhow!(
@@ -421,19 +423,19 @@ fn io_uring_hint(err: &str) -> String {
     }
 }
 
-/// A shard's share of the broker's connection balance.
+/// What a shard accepts connections from: every listener, and its share of
+/// the broker's connection balance.
 struct Conns {
+    listeners: Vec<(crate::config::Listener, Secure)>,
     balance: Arc<Balance>,
     moved: flume::Receiver<Moved>,
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn shard_main(
     id: usize,
     shards: usize,
     broker: Arc<Broker>,
     inbox: ShardInbox,
-    listeners: Vec<(crate::config::Listener, Secure)>,
     conns: Conns,
     bound: std::sync::mpsc::Sender<Result<(), String>>,
     barrier: Arc<Barrier>,
@@ -442,9 +444,9 @@ async fn shard_main(
     let (shard, commits_done) = Shard::start(id, engine.clone(), inbox);
     // Every listener on every shard: glommio binds with SO_REUSEPORT, so
     // the kernel spreads each listener's connections over the shards.
-    let mut bound_listeners = Vec::with_capacity(listeners.len());
+    let mut bound_listeners = Vec::with_capacity(conns.listeners.len());
     let mut bind_error = None;
-    for (l, secure) in &listeners {
+    for (l, secure) in &conns.listeners {
         match glommio::net::TcpListener::bind(l.bind.as_str()) {
             Ok(socket) => bound_listeners.push((l.clone(), secure.clone(), socket)),
             Err(e) => {
