@@ -205,3 +205,139 @@ mod tests {
         );
     }
 }
+
+/// Calls `f(offset delta, value)` for each record of an uncompressed v2
+/// batch, reading only the fields it needs (the decoder builds a record,
+/// with its key, value and header map, for each of them). Returns false,
+/// having called `f` for nothing, when the batch is compressed or does not
+/// parse: decode it with kafka-protocol then.
+pub fn scan_values(batch: &[u8], mut f: impl FnMut(i64, &[u8])) -> bool {
+    const MAGIC_AT: usize = 16;
+    const COUNT_AT: usize = 57;
+    const CODEC_MASK: u8 = 0x07;
+    if batch.len() < RECORDS_AT
+        || batch[MAGIC_AT] != 2
+        || batch[ATTRIBUTES_AT + 1] & CODEC_MASK != 0
+    {
+        return false;
+    }
+    let count = i32::from_be_bytes([
+        batch[COUNT_AT],
+        batch[COUNT_AT + 1],
+        batch[COUNT_AT + 2],
+        batch[COUNT_AT + 3],
+    ]);
+    let Ok(count) = usize::try_from(count) else {
+        return false;
+    };
+    // Parse everything first, so a malformed batch calls `f` for nothing.
+    let mut found = Vec::with_capacity(count.min(batch.len()));
+    let mut pos = RECORDS_AT;
+    for _ in 0..count {
+        let Some((delta, value, end)) = record_value(batch, pos) else {
+            return false;
+        };
+        found.push((delta, value));
+        pos = end;
+    }
+    for (delta, value) in found {
+        f(delta, &batch[value]);
+    }
+    true
+}
+
+/// The offset delta and value range of the record at `pos`, and where the
+/// next one starts.
+fn record_value(b: &[u8], pos: usize) -> Option<(i64, std::ops::Range<usize>, usize)> {
+    let mut p = pos;
+    let len = usize::try_from(varint(b, &mut p)?).ok()?;
+    let end = p.checked_add(len).filter(|&e| e <= b.len())?;
+    p += 1; // attributes
+    varint(b, &mut p)?; // timestamp delta
+    let delta = varint(b, &mut p)?;
+    let key = varint(b, &mut p)?;
+    if key > 0 {
+        p = p.checked_add(usize::try_from(key).ok()?)?;
+    }
+    let value = varint(b, &mut p)?;
+    let value = if value > 0 {
+        let v = usize::try_from(value).ok()?;
+        p..p.checked_add(v)?
+    } else {
+        p..p
+    };
+    (value.end <= end).then_some((delta, value, end))
+}
+
+/// A zigzag varint (Kafka's record fields), advancing `pos`.
+fn varint(b: &[u8], pos: &mut usize) -> Option<i64> {
+    let mut raw: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*pos)?;
+        *pos += 1;
+        raw |= u64::from(byte & 0x7F) << shift;
+        if byte & 0x80 == 0 {
+            return Some((raw >> 1) as i64 ^ -((raw & 1) as i64));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod scan_tests {
+    use super::*;
+    use kafka_protocol::records::RecordBatchDecoder;
+
+    /// The scan finds exactly what the decoder finds, for short and long
+    /// values, keys and headers; compressed and truncated batches are left
+    /// to the decoder.
+    #[test]
+    fn scan_agrees_with_the_decoder() {
+        for (len, n) in [(0, 3), (1, 1), (8, 5), (300, 40), (20_000, 2)] {
+            let value = Bytes::from((0..len).map(|i| b'a' + (i % 26) as u8).collect::<Vec<_>>());
+            let mut records: Vec<Record> = (0..n).map(|i| record(i, value.clone(), 5)).collect();
+            records[0].key = Some(Bytes::from_static(b"some-key"));
+            records[n as usize - 1]
+                .headers
+                .insert("h".into(), Some(Bytes::from_static(b"hv")));
+            let mut buf = BytesMut::new();
+            let opts = RecordEncodeOptions {
+                version: 2,
+                compression: Compression::None,
+            };
+            RecordBatchEncoder::encode(&mut buf, &records, &opts).expect("encode");
+            let batch = buf.freeze();
+            let mut seen = Vec::new();
+            assert!(scan_values(&batch, |d, v| seen.push((d, v.to_vec()))));
+            let set = RecordBatchDecoder::decode(&mut batch.clone()).expect("decode");
+            let want: Vec<(i64, Vec<u8>)> = set
+                .records
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (i as i64, r.value.as_deref().unwrap_or_default().to_vec()))
+                .collect();
+            assert_eq!(seen, want, "{len} x {n}");
+            let mut none = 0;
+            assert!(!scan_values(&batch[..batch.len() - 1], |_, _| none += 1));
+            assert_eq!(none, 0);
+        }
+        let z =
+            BatchMaker::new(Bytes::from_static(b"0123456789"), 4, Compression::Lz4).expect("maker");
+        assert!(!scan_values(&z.make(1, 2).expect("make"), |_, _| {}));
+    }
+
+    #[test]
+    fn varints() {
+        let mut p = 0;
+        assert_eq!(varint(&[0x00], &mut p), Some(0));
+        p = 0;
+        assert_eq!(varint(&[0x01], &mut p), Some(-1));
+        p = 0;
+        assert_eq!(varint(&[0x02], &mut p), Some(1));
+        p = 0;
+        assert_eq!(varint(&[0xAC, 0x02], &mut p), Some(150));
+        assert_eq!(p, 2);
+        p = 0;
+        assert_eq!(varint(&[0x80], &mut p), None);
+    }
+}

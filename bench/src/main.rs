@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
-use floe_bench::batch::BatchMaker;
+use floe_bench::batch::{scan_values, BatchMaker, STAMP_BYTES};
 use floe_bench::client::{split_batches, Conn};
 use floe_bench::report::{quantiles, series, summary, svg, Quantiles, Summary};
 use floe_bench::{parse_bytes, BenchError, Recorder};
@@ -489,27 +489,31 @@ async fn consume_worker(
                         if span.last_offset < *next {
                             continue;
                         }
-                        let mut b = span.bytes.clone();
-                        let set = RecordBatchDecoder::decode(&mut b)
-                            .map_err(|e| BenchError::Decode(e.to_string()))?;
                         let mut n = 0;
                         let mut bytes = 0;
-                        for (i, r) in set.records.iter().enumerate() {
-                            if span.base_offset + (i as i64) < *next {
-                                continue;
+                        let mut take = |delta: i64, value: &[u8]| {
+                            if span.base_offset + delta < *next {
+                                return;
                             }
                             n += 1;
-                            let value = r.value.as_deref().unwrap_or_default();
                             bytes += value.len() as u64;
-                            if measure_e2e && value.len() >= 8 {
-                                let mut st = [0u8; 8];
-                                st.copy_from_slice(&value[..8]);
+                            if measure_e2e && value.len() >= STAMP_BYTES {
+                                let mut st = [0u8; STAMP_BYTES];
+                                st.copy_from_slice(&value[..STAMP_BYTES]);
                                 let sent = u64::from_be_bytes(st);
                                 e2e.latency(
                                     done,
                                     Duration::from_nanos(now_stamp.saturating_sub(sent)),
                                     1,
                                 );
+                            }
+                        };
+                        if !scan_values(&span.bytes, &mut take) {
+                            let mut b = span.bytes.clone();
+                            let set = RecordBatchDecoder::decode(&mut b)
+                                .map_err(|e| BenchError::Decode(e.to_string()))?;
+                            for (i, r) in set.records.iter().enumerate() {
+                                take(i as i64, r.value.as_deref().unwrap_or_default());
                             }
                         }
                         rec.count(done, n, bytes);
