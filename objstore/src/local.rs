@@ -403,5 +403,16 @@ mod tests {
             assert_eq!(got.len(), len, "length of {key}");
             assert!(got[..] == body[..], "content of {key}");
         }
+        // Where this filesystem takes O_DIRECT, the objects above went
+        // through the direct path (not the page-cache fallback).
+        use std::os::unix::fs::OpenOptionsExt;
+        let probe = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(dir.path().join("probe"));
+        if probe.is_ok() {
+            assert!(store.direct.enabled.load(std::sync::atomic::Ordering::Relaxed));
+        }
     }
 }
