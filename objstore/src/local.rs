@@ -412,7 +412,10 @@ mod tests {
             .custom_flags(libc::O_DIRECT)
             .open(dir.path().join("probe"));
         if probe.is_ok() {
-            assert!(store.direct.enabled.load(std::sync::atomic::Ordering::Relaxed));
+            assert!(store
+                .direct
+                .enabled
+                .load(std::sync::atomic::Ordering::Relaxed));
         }
     }
 }
