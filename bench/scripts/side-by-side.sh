@@ -178,6 +178,13 @@ print(round((p1 - p0) / max((b1 - b0) / (4 << 20), 1e-9), 2))")
 
 order=()
 echo "writing results to $OUT" >&2
+# A phase at ~1 GB/s writes (warm-up + measured seconds) GB; ext4 slowed
+# down measurably when a phase filled most of the free space.
+free_gb=$(df -P -BG "$OUT" | awk 'NR==2 {sub("G", "", $4); print $4}')
+need_gb=$(( (warmup + secs) * 3 / 2 ))
+if [ "$free_gb" -lt "$need_gb" ]; then
+  echo "warning: $free_gb GB free under $OUT; a phase may write ~$(( warmup + secs )) GB and slows as the disk fills" >&2
+fi
 
 # 1. iperf3 loopback.
 if command -v iperf3 >/dev/null; then
