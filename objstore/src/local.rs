@@ -151,8 +151,9 @@ const STAGING_KEPT_BYTES_MAX: usize = 64 << 20;
 /// copied once into a reused, aligned staging buffer (their own addresses
 /// are arbitrary slices of request frames), written in 1 MiB O_DIRECT
 /// writes, and the file is cut back to its true length. A filesystem
-/// without O_DIRECT (tmpfs) makes the first open fail with EINVAL; from
-/// then on this store writes through the page cache.
+/// without O_DIRECT (tmpfs before Linux 6.6) fails the open or the first
+/// write with EINVAL; from then on this store writes through the page
+/// cache.
 #[derive(Debug)]
 struct DirectIo {
     enabled: AtomicBool,
@@ -191,33 +192,35 @@ impl DirectIo {
         let padded = len.next_multiple_of(DIRECT_ALIGN);
         let mut buf = self.take(padded + DIRECT_ALIGN);
         let at = buf.as_ptr().align_offset(DIRECT_ALIGN);
-        if at >= DIRECT_ALIGN {
-            drop(f);
-            std::fs::remove_file(tmp)?;
+        // On `Ok(false)` the buffered path rewrites `tmp` (it truncates); on
+        // an error the caller removes it.
+        let written = (|| -> std::io::Result<bool> {
+            if at >= DIRECT_ALIGN {
+                return Ok(false);
+            }
+            let stage = &mut buf[at..at + padded];
+            let mut pos = 0;
+            for p in parts {
+                stage[pos..pos + p.len()].copy_from_slice(p);
+                pos += p.len();
+            }
+            stage[pos..].fill(0);
+            for (i, chunk) in stage.chunks(DIRECT_CHUNK).enumerate() {
+                match f.write_all_at(chunk, (i * DIRECT_CHUNK) as u64) {
+                    Ok(()) => {}
+                    Err(e) if i == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
+                        self.unsupported(tmp, &e);
+                        return Ok(false);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(true)
+        })();
+        self.give(buf);
+        if !written? {
             return Ok(None);
         }
-        let stage = &mut buf[at..at + padded];
-        let mut pos = 0;
-        for p in parts {
-            stage[pos..pos + p.len()].copy_from_slice(p);
-            pos += p.len();
-        }
-        stage[pos..].fill(0);
-        let mut off = 0;
-        for chunk in stage.chunks(DIRECT_CHUNK) {
-            if let Err(e) = f.write_all_at(chunk, off as u64) {
-                drop(f);
-                std::fs::remove_file(tmp)?;
-                if off == 0 && e.raw_os_error() == Some(libc::EINVAL) {
-                    self.unsupported(tmp, &e);
-                    self.give(buf);
-                    return Ok(None);
-                }
-                return Err(e);
-            }
-            off += chunk.len();
-        }
-        self.give(buf);
         // Drop the alignment padding; the caller syncs data and size.
         f.set_len(len as u64)?;
         Ok(Some(f))
