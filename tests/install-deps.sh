@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Installs everything floe's build and end-to-end tests need on a fresh
-# Debian 12 machine (run as root; only the package registries are reachable).
-# Idempotent: re-running it only does what is missing.
+# Debian 12 machine (run as root, or as a user with sudo; only the package
+# registries are reachable). Idempotent: re-running it only does what is
+# missing. After installing, it checks that each prerequisite *works* — not
+# just that a package is listed — and stops with one line naming the package
+# to install when one does not.
 #
-#   apt:  protobuf-compiler (etcd-client's build script needs protoc),
+#   apt:  protobuf-compiler + libprotobuf-dev (etcd-client's build script runs
+#         protoc on etcd's protos, which import google/protobuf/*.proto: only
+#         libprotobuf-dev ships those, protobuf-compiler merely recommends it),
 #         kcat (librdkafka 2.0.2, an old client the broker must serve),
 #         etcd-server etcd-client (distributed-mode metadata),
-#         python3-venv (for the test venv)
+#         python3-venv (for the test venv), openssl (test certificates)
 #   venv: tests/.venv with confluent-kafka, kafka-python, pytest,
 #         pytest-timeout, kafka-python's codec libraries
 #         (lz4, zstandard, python-snappy, cramjam), and moto's S3 server
@@ -21,11 +26,40 @@ root="$(cd "$here/.." && pwd)"
 venv="$here/.venv"
 
 log() { printf '[install-deps] %s\n' "$*"; }
+# One clear line, then stop: what failed and what to install.
+die() { printf '[install-deps] FAILED: %s\n' "$*" >&2; exit 1; }
+
+# A scratch directory for the checks below, removed on exit.
+scratch="$(mktemp -d)"
+cleanup() {
+    local pid
+    for pid in ${check_pids:-}; do kill "$pid" 2>/dev/null || true; done
+    rm -rf "$scratch"
+}
+trap cleanup EXIT
+check_pids=""
+
+# ----------------------------------------------------------- toolchain -----
+# The test command runs cargo fmt and cargo clippy: a toolchain installed with
+# rustup's minimal profile has neither.
+command -v cargo >/dev/null 2>&1 || die "cargo not found: install the Rust toolchain (rustup)"
+for comp in fmt clippy; do
+    if ! cargo "$comp" --version >/dev/null 2>&1; then
+        if command -v rustup >/dev/null 2>&1; then
+            name=$([[ $comp == fmt ]] && echo rustfmt || echo clippy)
+            log "rustup: adding the $name component"
+            rustup component add "$name" >/dev/null
+        fi
+        cargo "$comp" --version >/dev/null 2>&1 \
+            || die "cargo $comp does not run: rustup component add $([[ $comp == fmt ]] && echo rustfmt || echo clippy)"
+    fi
+done
 
 # ---------------------------------------------------------------- apt ------
 # systemd: systemd-analyze verifies the unit; curl: the Helm chart's zone init script.
 # iproute2: `ip netns` for the test that puts a client in its own network.
-apt_pkgs=(protobuf-compiler kcat etcd-server etcd-client python3-venv systemd curl iproute2)
+apt_pkgs=(protobuf-compiler libprotobuf-dev kcat etcd-server etcd-client python3-venv
+          systemd curl iproute2 openssl)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
@@ -34,6 +68,8 @@ for p in "${apt_pkgs[@]}"; do
 done
 if ((${#missing[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
+        command -v sudo >/dev/null 2>&1 \
+            || die "not root and no sudo: run as root, or apt-get install ${missing[*]}"
         SUDO=sudo
     else
         SUDO=
@@ -45,6 +81,18 @@ if ((${#missing[@]})); then
 else
     log "apt: already installed: ${apt_pkgs[*]}"
 fi
+
+# protoc must compile a file that imports the well-known types, exactly as
+# etcd-client's build script will (its first proto imports descriptor.proto).
+cat >"$scratch/wkt.proto" <<'PROTO'
+syntax = "proto3";
+package floe.check;
+import "google/protobuf/descriptor.proto";
+message Check { google.protobuf.FileDescriptorProto f = 1; }
+PROTO
+command -v protoc >/dev/null 2>&1 || die "protoc not found: apt-get install protobuf-compiler"
+protoc -I"$scratch" --include_imports -o"$scratch/wkt.pb" "$scratch/wkt.proto" >/dev/null 2>&1 \
+    || die "protoc cannot find google/protobuf/descriptor.proto: apt-get install libprotobuf-dev"
 
 # --------------------------------------------------------------- venv ------
 # Debian's python3 is what python3-venv is for; fall back to whatever python3
@@ -152,6 +200,79 @@ PYEOF
 fi
 log "helm: $("$venv/bin/helm" version --template '{{.Version}}')"
 
-log "kcat: $(kcat -V 2>&1 | grep -m1 '^Version' || true)"
-log "protoc: $(protoc --version)"
+# ------------------------------------------------------------- checks ------
+# Each check runs the tool the way the tests will, so a missing piece fails
+# here with one line instead of later as a confusing test failure.
+
+free_port() {
+    "$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Polls CMD... every 0.2 s for up to $1 seconds; true once it succeeds.
+wait_for() {
+    local secs=$1 i
+    shift
+    for ((i = 0; i < secs * 5; i++)); do
+        "$@" >/dev/null 2>&1 && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
+# etcd: starts on loopback, answers a put and a get, stops.
+command -v etcd >/dev/null 2>&1 || die "etcd not found: apt-get install etcd-server"
+command -v etcdctl >/dev/null 2>&1 || die "etcdctl not found: apt-get install etcd-client"
+ep=$(free_port)
+pp=$(free_port)
+etcd --name check --data-dir "$scratch/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ep" --advertise-client-urls "http://127.0.0.1:$ep" \
+    --listen-peer-urls "http://127.0.0.1:$pp" --initial-advertise-peer-urls "http://127.0.0.1:$pp" \
+    --initial-cluster "check=http://127.0.0.1:$pp" >"$scratch/etcd.log" 2>&1 &
+check_pids="$check_pids $!"
+etcdctl_check() { ETCDCTL_API=3 etcdctl --endpoints="127.0.0.1:$ep" --dial-timeout=1s "$@"; }
+wait_for 30 etcdctl_check put floe-check ok \
+    || die "etcd did not start on 127.0.0.1:$ep ($(tail -n1 "$scratch/etcd.log")): apt-get install --reinstall etcd-server etcd-client"
+[[ "$(etcdctl_check get --print-value-only floe-check)" == ok ]] \
+    || die "etcd answered a put but not the get: apt-get install --reinstall etcd-server etcd-client"
+log "etcd: $(etcd --version | head -n1) (started, put and get on 127.0.0.1:$ep)"
+
+# moto: its S3 server starts and a bucket takes an object.
+mp=$(free_port)
+"$venv/bin/moto_server" -H 127.0.0.1 -p "$mp" >"$scratch/moto.log" 2>&1 &
+check_pids="$check_pids $!"
+moto_check() {
+    "$venv/bin/python" - "$mp" <<'PYEOF'
+import sys, boto3
+s3 = boto3.client("s3", endpoint_url="http://127.0.0.1:%s" % sys.argv[1], region_name="us-east-1",
+                  aws_access_key_id="check", aws_secret_access_key="check")
+s3.create_bucket(Bucket="floe-check")
+s3.put_object(Bucket="floe-check", Key="k", Body=b"ok")
+assert s3.get_object(Bucket="floe-check", Key="k")["Body"].read() == b"ok"
+PYEOF
+}
+wait_for 60 moto_check \
+    || die "moto's S3 server did not serve a put and get ($(tail -n1 "$scratch/moto.log")): rm -rf $venv and re-run (pip install 'moto[server]' boto3)"
+log "moto: S3 server answered on 127.0.0.1:$mp"
+
+# kcat: runs, and its librdkafka has every codec the tests produce with.
+command -v kcat >/dev/null 2>&1 || die "kcat not found: apt-get install kcat"
+kv="$(kcat -V 2>&1)" || die "kcat -V failed: apt-get install --reinstall kcat"
+for feat in snappy lz4 zstd; do
+    grep -q "$feat" <<<"$kv" || die "kcat's librdkafka lacks $feat: apt-get install kcat librdkafka1 from Debian 12"
+done
+log "kcat: $(grep -m1 '^Version' <<<"$kv" || true)"
+
+# helm: the pinned binary renders (deploy/helm/render.sh runs it).
+"$venv/bin/helm" version --template '{{.Version}}' >/dev/null 2>&1 \
+    || die "$venv/bin/helm does not run: rm $venv/bin/helm and re-run this script"
+
+# node: new enough for kafkajs 2.2.4 (>= 14), and kafkajs loads.
+command -v node >/dev/null 2>&1 || die "node not found: install Node.js 20 with npm"
+node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+((node_major >= 14)) || die "node $(node --version 2>&1) is too old for kafkajs 2.2.4: install Node.js 20"
+NODE_PATH="$node_dir/node_modules" node -e 'require("kafkajs")' >/dev/null 2>&1 \
+    || die "kafkajs does not load from $node_dir: rm -rf $node_dir and re-run this script"
+log "node: $(node --version), kafkajs loads"
+
+log "protoc: $(protoc --version), compiles google/protobuf/descriptor.proto imports"
 log "done (repo: $root)"

@@ -311,7 +311,8 @@ def test_dockerfile_structure_and_build_context():
     assert args["RUST_IMAGE"] == "rust:1-bookworm"
     assert build[0][1] == "${RUST_IMAGE} AS build"
     runs = " ".join(a for i, a in build if i == "RUN")
-    assert "protobuf-compiler" in runs
+    # protoc and the well-known types its etcd protos import.
+    assert "protobuf-compiler" in runs and "libprotobuf-dev" in runs
     assert "cargo build --release --locked -p floe-net --bin floe" in runs
     assert runtime[0][1] == "${RUNTIME_IMAGE}" and "distroless" in args["RUNTIME_IMAGE"]
     copies = [a for i, a in runtime if i == "COPY"]
