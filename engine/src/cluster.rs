@@ -91,7 +91,8 @@ impl Members {
 /// Allocates a node id unused in the cluster (counter in `nodes/next`).
 pub async fn allocate_node_id(meta: &dyn MetaStore) -> Result<i32> {
     let id = floe_meta::take_next(meta, schema::NODES_NEXT, 1).await?;
-    i32::try_from(id).map_err(|_| Error::Metadata {
+    i32::try_from(id).map_err(|_| Error::Corrupt {
+        what: schema::NODES_NEXT.to_string(),
         reason: format!("node id counter {id} is out of range"),
     })
 }
@@ -126,11 +127,8 @@ impl Registration {
                 });
             }
             if Instant::now() >= deadline {
-                return Err(Error::Metadata {
-                    reason: format!(
-                        "node id {} is held by a live broker; give this one another --node-id",
-                        record.node_id
-                    ),
+                return Err(Error::NodeIdTaken {
+                    node_id: record.node_id,
                 });
             }
             if !warned {
@@ -188,7 +186,8 @@ async fn put_record(
     ttl: Duration,
 ) -> Result<Option<LeaseId>> {
     let key = schema::broker_key(record.node_id);
-    let value = Bytes::from(serde_json::to_vec(record).map_err(|e| Error::Metadata {
+    let value = Bytes::from(serde_json::to_vec(record).map_err(|e| Error::Corrupt {
+        what: key.clone(),
         reason: e.to_string(),
     })?);
     let lease = meta.grant_lease(ttl).await?;

@@ -39,8 +39,22 @@ pub struct Footer {
 pub struct FooterChunk {
     pub topic_id: [u8; 16],
     pub partition: u32,
-    /// (pos, len, records, max_ts, producer_id, producer_epoch, base_sequence)
-    pub batches: Vec<(u64, u32, u32, i64, i64, i16, i32)>,
+    pub batches: Vec<FooterBatch>,
+}
+
+/// One batch as the footer describes it. The fields are in the order of
+/// the 7-tuple the footer held before it had names, and rkyv lays out a
+/// struct and a tuple alike (`#[repr(C)]`), so old segments still read.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct FooterBatch {
+    /// Where the batch starts in the segment.
+    pub pos: u64,
+    pub len: u32,
+    pub records: u32,
+    pub max_ts: i64,
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub base_sequence: i32,
 }
 
 /// Identifies one `append` call within an open segment, so that commit
@@ -147,15 +161,15 @@ impl SegmentBuilder {
                     producer_epoch: h.producer_epoch,
                     base_sequence: h.base_sequence,
                 });
-                fc.batches.push((
+                fc.batches.push(FooterBatch {
                     pos,
                     len,
-                    h.records(),
-                    h.max_timestamp,
-                    h.producer_id,
-                    h.producer_epoch,
-                    h.base_sequence,
-                ));
+                    records: h.records(),
+                    max_ts: h.max_timestamp,
+                    producer_id: h.producer_id,
+                    producer_epoch: h.producer_epoch,
+                    base_sequence: h.base_sequence,
+                });
                 appends[append].push((ci, bi));
                 pos += u64::from(len);
                 parts.push(b.bytes.clone());
@@ -277,7 +291,7 @@ mod tests {
             for (bi, br) in chunk.batches.iter().enumerate() {
                 let stored = &object[br.pos as usize..br.pos as usize + br.len as usize];
                 assert_eq!(stored, &s.batch_bytes[ci][bi][..]);
-                assert_eq!(footer.chunks[ci].batches[bi].0, br.pos);
+                assert_eq!(footer.chunks[ci].batches[bi].pos, br.pos);
             }
         }
         let mut corrupt = object.clone();
@@ -286,5 +300,67 @@ mod tests {
         let n = corrupt.len();
         corrupt[n - TRAILER_BYTES - 1] ^= 0xff; // inside the footer
         assert!(read_footer(&corrupt).is_err());
+    }
+
+    /// The footer as segments written before its batches had names.
+    #[derive(rkyv::Archive, rkyv::Serialize)]
+    struct TupleFooter {
+        chunks: Vec<TupleChunk>,
+    }
+    #[derive(rkyv::Archive, rkyv::Serialize)]
+    struct TupleChunk {
+        topic_id: [u8; 16],
+        partition: u32,
+        batches: Vec<(u64, u32, u32, i64, i64, i16, i32)>,
+    }
+
+    #[test]
+    fn footers_written_as_tuples_read_as_named_batches() {
+        let old = TupleFooter {
+            chunks: vec![TupleChunk {
+                topic_id: [9; 16],
+                partition: 4,
+                batches: vec![
+                    (16, 70, 3, 1_700_000_000_000, 1001, 2, 40),
+                    (86, 80, 1, -1, -1, -1, -1),
+                ],
+            }],
+        };
+        let encoded = rkyv::to_bytes::<rkyv::rancor::Error>(&old).expect("encodes");
+        let mut object = SEGMENT_MAGIC.to_vec();
+        object.extend_from_slice(&SEGMENT_VERSION.to_le_bytes());
+        object.resize(HEADER_BYTES, 0);
+        object.extend_from_slice(&encoded);
+        object.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
+        object.extend_from_slice(&crc32c::crc32c(&encoded).to_le_bytes());
+        object.extend_from_slice(TRAILER_MAGIC);
+        let footer = read_footer(&object).expect("an old footer reads");
+        assert_eq!(
+            footer.chunks[0].batches,
+            vec![
+                FooterBatch {
+                    pos: 16,
+                    len: 70,
+                    records: 3,
+                    max_ts: 1_700_000_000_000,
+                    producer_id: 1001,
+                    producer_epoch: 2,
+                    base_sequence: 40,
+                },
+                FooterBatch {
+                    pos: 86,
+                    len: 80,
+                    records: 1,
+                    max_ts: -1,
+                    producer_id: -1,
+                    producer_epoch: -1,
+                    base_sequence: -1,
+                },
+            ]
+        );
+        assert_eq!(
+            (footer.chunks[0].topic_id, footer.chunks[0].partition),
+            ([9; 16], 4)
+        );
     }
 }

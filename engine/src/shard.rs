@@ -18,7 +18,7 @@ use futures::{Future, StreamExt};
 
 use crate::batch::{patched_prefix, Batch};
 use crate::cache::ReadCache;
-use crate::committer::{CommitRequest, IndexUpdate};
+use crate::committer::{CommitRequest, IndexUpdate, SegmentCommitted};
 use crate::index::{IndexEntry, PartitionIndex};
 use crate::metrics::Metrics;
 use crate::pool::FramePool;
@@ -409,9 +409,9 @@ impl Shard {
             .send_async(CommitRequest::Trim { trims, reply: tx })
             .await
             .map_err(|_| Error::ShuttingDown)?;
-        let (seq, starts) = rx.await.unwrap_or(Err(Error::ShuttingDown))?;
-        self.wait_applied(seq).await;
-        Ok(starts)
+        let done = rx.await.unwrap_or(Err(Error::ShuttingDown))?;
+        self.wait_applied(done.seq).await;
+        Ok(done.log_starts)
     }
 
     async fn wait_applied(&self, seq: u64) {
@@ -436,7 +436,7 @@ impl Shard {
             .await
             .map_err(|_| Error::ShuttingDown)?;
         let r = rx.await.unwrap_or(Err(Error::ShuttingDown));
-        let (seq, outcomes) = match r {
+        let SegmentCommitted { seq, outcomes } = match r {
             Ok(v) => v,
             Err(e) => {
                 Metrics::add(&self.engine.metrics.commit_failures, 1);
@@ -458,15 +458,15 @@ impl Shard {
                     let seg = u.segment.clone();
                     let mut st = self.state.borrow_mut();
                     let index = st.indexes.entry(u.tp).or_default();
-                    for (pos, len, records, max_ts, outcome) in u.batches {
-                        if let BatchOutcome::Appended { base_offset } = outcome {
+                    for b in u.batches {
+                        if let BatchOutcome::Appended { base_offset } = b.outcome {
                             index.push(IndexEntry {
                                 base_offset,
-                                records,
-                                max_ts,
+                                records: b.records,
+                                max_ts: b.max_ts,
                                 segment: seg.clone(),
-                                pos,
-                                len,
+                                pos: b.pos,
+                                len: b.len,
                             });
                         }
                     }

@@ -106,10 +106,10 @@ impl Topics {
             .await?;
         let mut map = TopicMap::new();
         for kv in kvs {
-            let t: TopicRecord =
-                serde_json::from_slice(&kv.value).map_err(|e| Error::Metadata {
-                    reason: format!("topic record {}: {e}", kv.key),
-                })?;
+            let t: TopicRecord = serde_json::from_slice(&kv.value).map_err(|e| Error::Corrupt {
+                what: format!("topic record {}", kv.key),
+                reason: e.to_string(),
+            })?;
             map.insert(t.name.clone(), Arc::new(t));
         }
         self.snapshot.store(Arc::new(map));
@@ -143,7 +143,8 @@ impl Topics {
             return Ok(Arc::new(rec));
         }
         let key = schema::topic_key(name);
-        let value = Bytes::from(serde_json::to_vec(&rec).map_err(|e| Error::Metadata {
+        let value = Bytes::from(serde_json::to_vec(&rec).map_err(|e| Error::Corrupt {
+            what: format!("topic record {name:?}"),
             reason: e.to_string(),
         })?);
         let txn = Txn::when(vec![Compare::ModRevision(key.clone(), 0)])
@@ -172,8 +173,8 @@ impl Topics {
         let done = self.meta.txn(txn).await?;
         self.refresh().await?;
         if !done.succeeded {
-            return Err(Error::Metadata {
-                reason: format!("topic {name:?} changed while being deleted; retry"),
+            return Err(Error::Conflict {
+                what: format!("topic {name:?}"),
             });
         }
         Ok(old)
@@ -188,7 +189,8 @@ impl Topics {
             .await?
             .ok_or(Error::UnknownTopic { name: name.into() })?;
         let mut rec: TopicRecord =
-            serde_json::from_slice(&cur.value).map_err(|e| Error::Metadata {
+            serde_json::from_slice(&cur.value).map_err(|e| Error::Corrupt {
+                what: format!("topic record {}", cur.key),
                 reason: e.to_string(),
             })?;
         if total <= rec.partitions || total > PARTITIONS_MAX {
@@ -203,7 +205,8 @@ impl Topics {
             return Ok(());
         }
         rec.partitions = total;
-        let value = Bytes::from(serde_json::to_vec(&rec).map_err(|e| Error::Metadata {
+        let value = Bytes::from(serde_json::to_vec(&rec).map_err(|e| Error::Corrupt {
+            what: format!("topic record {name:?}"),
             reason: e.to_string(),
         })?);
         let txn = Txn::when(vec![Compare::ModRevision(key.clone(), cur.mod_revision)])
@@ -211,8 +214,8 @@ impl Topics {
         let done = self.meta.txn(txn).await?;
         self.refresh().await?;
         if !done.succeeded {
-            return Err(Error::Metadata {
-                reason: format!("topic {name:?} changed concurrently; retry"),
+            return Err(Error::Conflict {
+                what: format!("topic {name:?}"),
             });
         }
         Ok(())

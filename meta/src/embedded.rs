@@ -117,6 +117,22 @@ impl Embedded {
             op: "open",
             reason: format!("{}: {e}", path.display()),
         })?;
+        Self::with_database(db, path.display().to_string())
+    }
+
+    /// A store that lives in memory only, for tests and simulation: the
+    /// same code as the file-backed store, on redb's in-memory backend.
+    pub fn in_memory() -> Result<Self> {
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(|e| Error::Unavailable {
+                op: "open",
+                reason: format!("in-memory store: {e}"),
+            })?;
+        Self::with_database(db, "memory".to_string())
+    }
+
+    fn with_database(db: Database, path: String) -> Result<Self> {
         let w = redb_try!("open", db.begin_write());
         {
             redb_try!("open", w.open_table(KV));
@@ -127,7 +143,7 @@ impl Embedded {
         let store = Self {
             inner: Arc::new(Inner {
                 db,
-                path: path.display().to_string(),
+                path,
                 history: Mutex::new(VecDeque::new()),
                 live,
                 leases: Mutex::new(Leases::default()),
@@ -541,6 +557,12 @@ mod tests {
     async fn conformance() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = super::Embedded::open(dir.path().join("meta.redb")).expect("open");
+        crate::conformance::run(std::sync::Arc::new(store)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn conformance_in_memory() {
+        let store = super::Embedded::in_memory().expect("in-memory store");
         crate::conformance::run(std::sync::Arc::new(store)).await;
     }
 

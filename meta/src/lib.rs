@@ -12,6 +12,7 @@ mod embedded;
 mod error;
 #[cfg(feature = "etcd")]
 mod etcd;
+pub mod faulty;
 
 pub mod conformance;
 pub mod schema;
@@ -22,6 +23,7 @@ pub use embedded::Embedded;
 pub use error::{Error, Result};
 #[cfg(feature = "etcd")]
 pub use etcd::Etcd;
+pub use faulty::{FaultyMeta, MetaFaults};
 
 /// A lease: keys put under it are deleted when it expires or is revoked.
 pub type LeaseId = i64;

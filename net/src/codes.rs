@@ -9,7 +9,19 @@ pub const NONE: i16 = 0;
 
 pub fn engine(e: &Error) -> i16 {
     match e {
-        Error::Storage { .. } | Error::Metadata { .. } => E::KafkaStorageError.code(),
+        // A backend that may answer next time: the client retries. One that
+        // will not (denied credentials, a missing bucket, corrupt metadata)
+        // is a server fault the client cannot fix by retrying.
+        Error::Storage { .. } | Error::Metadata { .. } | Error::Conflict { .. }
+            if e.is_retriable() =>
+        {
+            E::KafkaStorageError.code()
+        }
+        Error::Storage { .. }
+        | Error::Metadata { .. }
+        | Error::Conflict { .. }
+        | Error::Corrupt { .. }
+        | Error::NodeIdTaken { .. } => E::UnknownServerError.code(),
         Error::UnknownPartition { .. } | Error::UnknownTopic { .. } => {
             E::UnknownTopicOrPartition.code()
         }

@@ -216,9 +216,12 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
         .block_on(committer.recover())
         .context("loading the metadata snapshot and replaying the commit log")?;
     let poke = Arc::new(tokio::sync::Notify::new());
-    sidecar
-        .handle()
-        .spawn(committer.run(commit_rx, poke.clone()));
+    sidecar.handle().spawn({
+        let poke = poke.clone();
+        async move {
+            committer.run(commit_rx, poke).await;
+        }
+    });
     sidecar
         .handle()
         .spawn(floe_engine::committer::follow_log(meta.clone(), poke));

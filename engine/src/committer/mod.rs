@@ -1,0 +1,571 @@
+//! The committer: makes sealed segments part of the cluster's log.
+//!
+//! One task per broker, on the sidecar. It group-commits every segment that
+//! is waiting into one log entry with a single compare-and-swap on
+//! `log/head` (two writes whatever the number of partitions), replays log
+//! entries written by others before retrying, and applies each entry
+//! through the [`LogState`] so that offsets come from the order commits
+//! land in the store. Every applied batch is routed to the shard that owns
+//! its partition as an [`IndexUpdate`]. Commits by other brokers are learnt
+//! by watching `log/` (see [`follow_log`]).
+//!
+//! - [`state`]: the log as a pure state machine (no I/O);
+//! - this module: the driver — group commit, CAS append, replay;
+//! - [`snapshot`]: snapshots and trimming the log behind them;
+//! - [`cleanup`]: retention and deleting objects nobody references.
+
+mod cleanup;
+mod snapshot;
+mod state;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+// The commit deadline runs on tokio's clock, so that a simulation with a
+// paused clock reaches it after the same retries as real time would.
+use tokio::time::Instant as RetryClock;
+
+use bytes::Bytes;
+use floe_meta::schema::{self, CommitRecord, ProducerEpoch, SegmentRecord, TrimRecord};
+use floe_meta::{Compare, MetaStore, Op, Txn};
+use floe_objstore::ObjectStore;
+use futures::channel::oneshot;
+
+pub use cleanup::Lifecycle;
+pub use snapshot::{
+    write_snapshot, IndexedBatch, Snapshot, LOG_KEEP_ENTRIES, SNAPSHOT_EVERY_ENTRIES,
+};
+pub use state::{Applied, LogState};
+
+use crate::sequencer::BatchOutcome;
+use crate::{Error, PartitionKey, Result};
+
+/// Most segments committed in one log entry.
+pub const GROUP_SEGMENTS_MAX: usize = 64;
+/// Most batches described by one log entry: with about 80 bytes of JSON per
+/// batch this keeps an entry well under etcd's 1.5 MiB request limit.
+pub const LOG_ENTRY_BATCHES_MAX: usize = 8192;
+const _: () = assert!(LOG_ENTRY_BATCHES_MAX >= crate::segment::SEGMENT_BATCHES_MAX);
+/// Log entries read per range request while catching up.
+pub const REPLAY_BATCH_MAX: usize = 256;
+/// How long a commit keeps trying before its producers get a retriable
+/// error.
+pub const COMMIT_DEADLINE: Duration = Duration::from_secs(5);
+/// Pause between commit attempts while the metadata store is unreachable.
+const COMMIT_RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// The log is read at least this often even without a watch event.
+const LOG_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Most partitions trimmed by one log entry (each trim is about 70 bytes
+/// of JSON).
+pub const LOG_ENTRY_TRIMS_MAX: usize = 4096;
+/// Most objects deleted per cleanup turn; the rest wait for the next turn.
+pub const CLEANUP_DELETES_MAX: usize = 1000;
+
+/// Outcomes of one segment's batches, by chunk then batch.
+pub type SegmentOutcomes = Vec<Vec<BatchOutcome>>;
+
+/// Where a segment landed in the log.
+#[derive(Debug, Clone)]
+pub struct SegmentCommitted {
+    /// The log entry that holds it.
+    pub seq: u64,
+    pub outcomes: SegmentOutcomes,
+}
+
+/// Where a trim landed, and each trimmed partition's log start after it.
+#[derive(Debug, Clone)]
+pub struct TrimCommitted {
+    pub seq: u64,
+    pub log_starts: Vec<u64>,
+}
+
+/// What a shard (or a handler) asks the committer to put in the log.
+pub enum CommitRequest {
+    Segment {
+        segment: SegmentRecord,
+        reply: oneshot::Sender<Result<SegmentCommitted>>,
+    },
+    /// Records a producer epoch bump (KIP-360) in the log.
+    Epoch {
+        epoch: ProducerEpoch,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// Moves log start offsets forward (DeleteRecords).
+    Trim {
+        trims: Vec<TrimRecord>,
+        reply: oneshot::Sender<Result<TrimCommitted>>,
+    },
+}
+
+impl CommitRequest {
+    /// About how many batch-sized items this request adds to a log entry
+    /// (a trim is about as long as a batch in the entry's JSON).
+    fn weight(&self) -> usize {
+        match self {
+            CommitRequest::Segment { segment, .. } => {
+                segment.chunks.iter().map(|c| c.batches.len()).sum()
+            }
+            CommitRequest::Epoch { .. } => 0,
+            CommitRequest::Trim { trims, .. } => trims.len(),
+        }
+    }
+
+    fn fail(self, e: Error) {
+        match self {
+            CommitRequest::Segment { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            CommitRequest::Epoch { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            CommitRequest::Trim { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+}
+
+/// One committed batch of an [`IndexUpdate`], where it sits in its segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommittedBatch {
+    pub pos: u64,
+    pub len: u32,
+    pub records: u32,
+    pub max_ts: i64,
+    pub outcome: BatchOutcome,
+}
+
+/// Committed batches of one partition, for its owning shard's index.
+#[derive(Debug, Clone)]
+pub struct IndexUpdate {
+    pub seq: u64,
+    pub tp: PartitionKey,
+    pub segment: Arc<str>,
+    pub batches: Vec<CommittedBatch>,
+    /// The partition's log start once these batches are in (retention
+    /// moves it; the shard applies it after pushing the batches).
+    pub log_start: u64,
+}
+
+/// Where index updates go: the shard that owns each partition. Every
+/// shard also learns each applied sequence number, after that entry's
+/// updates, so it can tell when its index has caught up with a commit.
+pub trait IndexSink: Send + Sync + 'static {
+    fn send(&self, update: IndexUpdate);
+    fn applied(&self, seq: u64);
+}
+
+/// Commit latency, published to the metrics once a second.
+struct CommitLatency {
+    metrics: Arc<crate::metrics::Metrics>,
+    /// Since the last publication, in microseconds.
+    recent: hdrhistogram::Histogram<u64>,
+    /// Since start, in microseconds.
+    total: hdrhistogram::Histogram<u64>,
+}
+
+impl CommitLatency {
+    fn new(metrics: Arc<crate::metrics::Metrics>) -> Option<Self> {
+        // Auto-resizing, 3 significant digits.
+        Some(Self {
+            metrics,
+            recent: hdrhistogram::Histogram::new(3).ok()?,
+            total: hdrhistogram::Histogram::new(3).ok()?,
+        })
+    }
+
+    fn record(&mut self, elapsed: Duration) {
+        let us = elapsed.as_micros().max(1) as u64;
+        let _ = self.recent.record(us);
+        let _ = self.total.record(us);
+    }
+
+    fn publish(&mut self) {
+        use crate::metrics::Metrics;
+        let (m, h) = (&self.metrics, &mut self.recent);
+        // A second without commits reads as 0, not as the last busy second.
+        let (p50, p99, max) = if h.is_empty() {
+            (0, 0, 0)
+        } else {
+            (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max())
+        };
+        Metrics::set(&m.commit_latency_p50_us, p50);
+        Metrics::set(&m.commit_latency_p99_us, p99);
+        Metrics::set(&m.commit_latency_max_us, max);
+        h.reset();
+        let t = &self.total;
+        Metrics::set(&m.commit_latency_total_p50_us, t.value_at_quantile(0.5));
+        Metrics::set(&m.commit_latency_total_p99_us, t.value_at_quantile(0.99));
+    }
+}
+
+/// The async driver around a [`LogState`]: reads and appends log entries
+/// through the metadata store and routes what each entry decides.
+pub struct Committer {
+    /// A request taken from the queue that did not fit the last entry.
+    carry: Option<CommitRequest>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    latency: Option<CommitLatency>,
+    meta: Arc<dyn MetaStore>,
+    store: Arc<dyn ObjectStore>,
+    state: LogState,
+    sink: Arc<dyn IndexSink>,
+    lifecycle: Option<Lifecycle>,
+    started: Instant,
+}
+
+impl Committer {
+    pub fn new(
+        meta: Arc<dyn MetaStore>,
+        store: Arc<dyn ObjectStore>,
+        sink: Arc<dyn IndexSink>,
+    ) -> Self {
+        Self {
+            carry: None,
+            metrics: None,
+            latency: None,
+            meta,
+            store,
+            state: LogState::default(),
+            sink,
+            lifecycle: None,
+            started: Instant::now(),
+        }
+    }
+
+    /// Makes this committer apply retention and delete objects when its
+    /// broker is the cleanup owner.
+    pub fn with_lifecycle(mut self, lifecycle: Lifecycle) -> Self {
+        self.lifecycle = Some(lifecycle);
+        self
+    }
+
+    /// Publishes commit counters and latency to these metrics.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.latency = CommitLatency::new(metrics.clone());
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The state derived from every entry applied so far.
+    pub fn state(&self) -> &LogState {
+        &self.state
+    }
+
+    /// Start-up: loads the newest snapshot (if any), hands its index to the
+    /// shards, then replays the log after it. Returns the entries replayed.
+    pub async fn recover(&mut self) -> Result<u64> {
+        if let Some(ptr) = snapshot::read_pointer(&*self.meta).await? {
+            let bytes = self.store.get(&ptr.key).await?;
+            let snap = Snapshot::decode(&ptr.key, &bytes)?;
+            let seq = snap.seq;
+            let (state, updates) = LogState::load(snap, SystemTime::now());
+            self.state = state;
+            for u in updates {
+                self.sink.send(u);
+            }
+            self.sink.applied(seq);
+            tracing::info!(seq = ptr.seq, key = %ptr.key, "loaded the metadata snapshot");
+        }
+        self.catch_up().await
+    }
+
+    /// Writes a snapshot of the state after the last applied entry, in the
+    /// background.
+    fn snapshot(&self) {
+        let snap = self.state.snapshot();
+        let seq = snap.seq;
+        let bytes = match snap.encode() {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "encoding a snapshot failed");
+                return;
+            }
+        };
+        let (meta, store) = (self.meta.clone(), self.store.clone());
+        tokio::spawn(async move {
+            if let Err(e) = write_snapshot(&*meta, &*store, seq, bytes).await {
+                tracing::warn!(seq, error = %e, "writing the metadata snapshot failed; the next one will retry");
+            }
+        });
+    }
+
+    /// Replays every entry after the last applied one. Returns how many.
+    pub async fn catch_up(&mut self) -> Result<u64> {
+        let before = self.state.applied();
+        self.replay(None, &mut None).await?;
+        Ok(self.state.applied() - before)
+    }
+
+    /// Applies entry `seq` to the state and routes what it decided.
+    fn apply(&mut self, seq: u64, commit: &CommitRecord) -> Vec<SegmentOutcomes> {
+        let applied = self.state.apply(seq, commit, SystemTime::now());
+        for u in applied.updates {
+            self.sink.send(u);
+        }
+        self.sink.applied(seq);
+        applied.outcomes
+    }
+
+    /// Replays every entry after the last applied one; if one of them is
+    /// exactly `mine`, puts its sequence number and outcomes in `found`.
+    /// `found` is the caller's, so that a read failing after the page that
+    /// held `mine` does not lose the fact that it landed.
+    async fn replay(
+        &mut self,
+        mine: Option<&CommitRecord>,
+        found: &mut Option<(u64, Vec<SegmentOutcomes>)>,
+    ) -> Result<()> {
+        loop {
+            let from = schema::log_key(self.state.applied() + 1);
+            let end = floe_meta::prefix_end(schema::LOG_PREFIX);
+            let kvs = self.meta.range(&from, &end, REPLAY_BATCH_MAX).await?;
+            if kvs.is_empty() {
+                return Ok(());
+            }
+            for kv in kvs {
+                let commit: CommitRecord =
+                    serde_json::from_slice(&kv.value).map_err(|e| Error::Corrupt {
+                        what: format!("log entry {}", kv.key),
+                        reason: e.to_string(),
+                    })?;
+                let seq = self.state.applied() + 1;
+                if kv.key != schema::log_key(seq) {
+                    return Err(Error::Corrupt {
+                        what: "the commit log".into(),
+                        reason: format!(
+                            "a gap: expected {}, found {}",
+                            schema::log_key(seq),
+                            kv.key
+                        ),
+                    });
+                }
+                let outcomes = self.apply(seq, &commit);
+                if mine == Some(&commit) {
+                    *found = Some((seq, outcomes));
+                }
+            }
+        }
+    }
+
+    /// Appends `commit` to the log; returns its sequence number and the
+    /// outcomes of its segments.
+    ///
+    /// A transaction that fails without an answer (timeout, lost
+    /// connection) may still have landed. Before trying again the log is
+    /// replayed looking for this very entry; a new attempt carries the same
+    /// value and compares on the head it read, so at most one copy can ever
+    /// land. Gives up (a retriable error for the producers) after
+    /// `COMMIT_DEADLINE`; the entry may still appear later, which producers
+    /// see as an ordinary retry.
+    async fn append(&mut self, commit: &CommitRecord) -> Result<(u64, Vec<SegmentOutcomes>)> {
+        let value = Bytes::from(serde_json::to_vec(commit).map_err(|e| Error::Corrupt {
+            what: "a new log entry".into(),
+            reason: e.to_string(),
+        })?);
+        let started = RetryClock::now();
+        let deadline = started + COMMIT_DEADLINE;
+        let mut landed = None;
+        loop {
+            let replayed = self.replay(Some(commit), &mut landed).await;
+            if let Some(landed) = landed.take() {
+                return Ok(landed);
+            }
+            match replayed {
+                Ok(()) => {}
+                Err(e) => {
+                    if RetryClock::now() >= deadline {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(COMMIT_RETRY_PAUSE).await;
+                    continue;
+                }
+            }
+            let head = self.state.applied();
+            let guard = if head == 0 {
+                Compare::ModRevision(schema::LOG_HEAD.into(), 0)
+            } else {
+                Compare::Value(schema::LOG_HEAD.into(), Bytes::from(head.to_string()))
+            };
+            let next = head + 1;
+            let txn = Txn::when(vec![guard]).and_then(vec![
+                Op::Put(schema::LOG_HEAD.into(), Bytes::from(next.to_string())),
+                Op::Put(schema::log_key(next), value.clone()),
+            ]);
+            match self.meta.txn(txn).await {
+                Ok(o) if o.succeeded => {
+                    if let Some(l) = &mut self.latency {
+                        l.record(started.elapsed());
+                    }
+                    if let Some(m) = &self.metrics {
+                        crate::metrics::Metrics::add(&m.log_entries_written, 1);
+                    }
+                    let outcomes = self.apply(next, commit);
+                    if next.is_multiple_of(SNAPSHOT_EVERY_ENTRIES) {
+                        self.snapshot();
+                    }
+                    return Ok((next, outcomes));
+                }
+                // Another broker committed first: the replay above learns
+                // its entries on the next turn.
+                Ok(_) => {
+                    if let Some(m) = &self.metrics {
+                        crate::metrics::Metrics::add(&m.log_cas_conflicts, 1);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, seq = next, "commit outcome unknown; checking the log before retrying");
+                    if RetryClock::now() >= deadline {
+                        return Err(e.into());
+                    }
+                    tokio::time::sleep(COMMIT_RETRY_PAUSE).await;
+                }
+            }
+        }
+    }
+
+    /// Serves commit requests and follows the log until every sender is
+    /// gone, then hands the committer back. `poke` is signalled when the log
+    /// may have grown (a watch on `log/`); it is also polled every
+    /// `LOG_POLL_INTERVAL` as a safety net.
+    pub async fn run(
+        mut self,
+        requests: flume::Receiver<CommitRequest>,
+        poke: Arc<tokio::sync::Notify>,
+    ) -> Self {
+        // An interval, not a sleep per turn: under load the other branches
+        // win every turn and a fresh sleep would never fire.
+        let mut tick = tokio::time::interval(LOG_POLL_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let cleanup_every = self
+            .lifecycle
+            .as_ref()
+            .map_or(Duration::from_secs(3600), |l| {
+                l.interval.max(Duration::from_millis(100))
+            });
+        let mut cleanup_tick = tokio::time::interval(cleanup_every);
+        cleanup_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_sweep: Option<Instant> = None;
+        loop {
+            if let Some(first) = self.carry.take() {
+                self.serve_group(first, &requests).await;
+                continue;
+            }
+            tokio::select! {
+                r = requests.recv_async() => match r {
+                    Ok(first) => self.serve_group(first, &requests).await,
+                    Err(_) => return self,
+                },
+                _ = poke.notified() => self.learn().await,
+                _ = tick.tick() => {
+                    self.learn().await;
+                    if let Some(l) = &mut self.latency {
+                        l.publish();
+                    }
+                }
+                _ = cleanup_tick.tick(), if self.lifecycle.is_some() => {
+                    self.cleanup(&mut last_sweep).await;
+                }
+            }
+        }
+    }
+
+    async fn learn(&mut self) {
+        if let Err(e) = self.replay(None, &mut None).await {
+            tracing::debug!(error = %e, "reading the commit log failed; will retry");
+        }
+    }
+
+    /// Commits `first` and whatever else is queued (up to the entry's
+    /// bounds) as one log entry, and answers each request.
+    async fn serve_group(
+        &mut self,
+        first: CommitRequest,
+        requests: &flume::Receiver<CommitRequest>,
+    ) {
+        let mut total = first.weight();
+        let mut group = vec![first];
+        while group.len() < GROUP_SEGMENTS_MAX {
+            let Ok(r) = requests.try_recv() else { break };
+            if total + r.weight() > LOG_ENTRY_BATCHES_MAX {
+                self.carry = Some(r);
+                break;
+            }
+            total += r.weight();
+            group.push(r);
+        }
+        let mut commit = CommitRecord {
+            segments: Vec::new(),
+            epochs: Vec::new(),
+            trims: Vec::new(),
+        };
+        for r in &group {
+            match r {
+                CommitRequest::Segment { segment, .. } => commit.segments.push(segment.clone()),
+                CommitRequest::Epoch { epoch, .. } => commit.epochs.push(*epoch),
+                CommitRequest::Trim { trims, .. } => commit.trims.extend_from_slice(trims),
+            }
+        }
+        let (seq, outcomes) = match self.append(&commit).await {
+            Ok(landed) => landed,
+            Err(e) => {
+                tracing::warn!(error = %e, segments = commit.segments.len(), "commit failed");
+                for r in group {
+                    r.fail(e.clone());
+                }
+                return;
+            }
+        };
+        let mut outcomes = outcomes.into_iter();
+        for r in group {
+            match r {
+                CommitRequest::Segment { reply, .. } => {
+                    let o = outcomes
+                        .next()
+                        .map(|outcomes| SegmentCommitted { seq, outcomes })
+                        .ok_or(Error::Corrupt {
+                            what: format!("log entry {seq}"),
+                            reason: "fewer segment outcomes than segments".into(),
+                        });
+                    let _ = reply.send(o);
+                }
+                CommitRequest::Epoch { reply, .. } => {
+                    let _ = reply.send(Ok(()));
+                }
+                CommitRequest::Trim { trims, reply } => {
+                    let log_starts = trims
+                        .iter()
+                        .map(|t| {
+                            self.state.log_start(&PartitionKey {
+                                topic_id: t.topic_id,
+                                partition: t.partition,
+                            })
+                        })
+                        .collect();
+                    let _ = reply.send(Ok(TrimCommitted { seq, log_starts }));
+                }
+            }
+        }
+    }
+}
+
+/// Pokes the committer whenever `log/` changes, so that commits by other
+/// brokers are applied (and long-polling fetches woken) promptly.
+pub async fn follow_log(meta: Arc<dyn MetaStore>, poke: Arc<tokio::sync::Notify>) {
+    use futures::StreamExt;
+    loop {
+        match meta.watch("log/", 0).await {
+            Ok(mut w) => {
+                while let Some(ev) = w.next().await {
+                    if ev.is_err() {
+                        break;
+                    }
+                    poke.notify_one();
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "watching the commit log failed; retrying"),
+        }
+        poke.notify_one();
+        tokio::time::sleep(COMMIT_RETRY_PAUSE).await;
+    }
+}
