@@ -1,9 +1,9 @@
 //! floe-meta: the metadata port and its backends, plus the cluster schema.
 //!
 //! Owns: the etcd-shaped [`MetaStore`] trait (get, range, compare-and-swap
-//! transactions), the embedded backend (a redb file under the data dir), the
-//! conformance suite every backend passes, and [`schema`] — the keys and
-//! records floe keeps in the store.
+//! transactions), the embedded backend (a redb file under the data dir), and
+//! [`schema`] — the keys and records floe keeps in the store. The
+//! conformance suite every backend passes is in `tests/conformance/`.
 //!
 //! Must never: hold record data (that lives in object storage); interpret
 //! commits (sequencing is the engine's); let a transaction apply partially.
@@ -13,9 +13,16 @@ mod error;
 #[cfg(feature = "etcd")]
 mod etcd;
 pub mod faulty;
-
-pub mod conformance;
 pub mod schema;
+
+// The conformance suite is test code and ships in no build: it lives with
+// the integration tests, which include it too, and names this crate the way
+// they do.
+#[cfg(test)]
+extern crate self as floe_meta;
+#[cfg(test)]
+#[path = "../tests/conformance/mod.rs"]
+mod conformance;
 
 use bytes::Bytes;
 

@@ -14,6 +14,10 @@ use bytes::Bytes;
 use floe_meta::{Etcd, Event, MetaStore, Op, Txn};
 use futures::StreamExt;
 
+// Test code: a panic is the test failing, with the error as its message.
+#[allow(clippy::unwrap_used)]
+mod conformance;
+
 struct EtcdServer {
     child: Option<Child>,
     dir: tempfile::TempDir,
@@ -123,7 +127,7 @@ async fn conformance_on_real_etcd() {
     let store = Etcd::connect(vec![server.endpoint()], "conformance")
         .await
         .expect("connect");
-    floe_meta::conformance::run(Arc::new(store)).await;
+    conformance::run(Arc::new(store)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

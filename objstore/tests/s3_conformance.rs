@@ -1,8 +1,9 @@
 //! The S3 backend against a real S3 server: moto (`tests/install-deps.sh`
 //! puts `moto_server` in `tests/.venv`). Starts moto on a free loopback
 //! port, runs the port's conformance suite with and without a key prefix,
-//! uploads in parts, forces a multipart failure, and checks with
-//! ListMultipartUploads/ListParts that nothing is left over. Stops moto by
+//! uploads in parts, forces a multipart failure, checks with
+//! ListMultipartUploads/ListParts that nothing is left over, and has the
+//! stale-upload sweep find and abort an upload left behind. Stops moto by
 //! PID at the end, panics included.
 //!
 //! Without moto the test is skipped with a printed reason, unless
@@ -17,16 +18,18 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use floe_objstore::s3::PART_BYTES_MIN;
-use floe_objstore::{Error, ObjectStore, Purpose, S3Options, S3};
+use floe_objstore::{Error, ObjectStore, Purpose, RequestCounters, S3Options, S3};
 use object_store::client::{
     HttpClient, HttpConnector, HttpError, HttpRequest, HttpResponse, HttpResponseBody, HttpService,
     ReqwestConnector,
 };
 use object_store::ClientOptions;
+
+mod conformance;
 
 /// Longest wait for moto to answer after start.
 const MOTO_START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -228,11 +231,11 @@ async fn s3_backend_against_moto() {
     // The conformance suite, without and with a prefix.
     create_bucket(&moto, "conf-root");
     let root = S3::open("s3://conf-root", &options(&moto)).unwrap();
-    floe_objstore::conformance::run(&root).await;
+    conformance::run(&root).await;
 
     create_bucket(&moto, "conf-prefix");
     let prefixed = S3::open("s3://conf-prefix/some/prefix/", &options(&moto)).unwrap();
-    floe_objstore::conformance::run(&prefixed).await;
+    conformance::run(&prefixed).await;
     let (_, listing) = http(moto.port, "GET", "/conf-prefix?list-type=2").unwrap();
     assert!(listing.contains("<Key>some/prefix/c/a</Key>"), "{listing}");
     assert!(!listing.contains("<Key>c/a</Key>"), "{listing}");
@@ -317,5 +320,29 @@ async fn s3_backend_against_moto() {
     // The creates and aborts of check-bucket's multipart probe leave nothing.
     s3.probe_multipart("check/probe").await.unwrap();
     assert_eq!(open_uploads(&moto, "multi"), 0);
+
+    // An upload left behind (a broker killed mid-upload): ListMultipartUploads
+    // names it, and the stale-upload sweep aborts it. One outside the
+    // store's prefix is neither listed nor touched.
+    for target in [
+        "/multi/floe/segments/left?uploads",
+        "/multi/elsewhere?uploads",
+    ] {
+        let (status, body) = http(moto.port, "POST", target).unwrap();
+        assert_eq!(status, 200, "CreateMultipartUpload: {body}");
+    }
+    let open = s3.list_uploads(&RequestCounters::default()).await.unwrap();
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert_eq!(open[0].key, "floe/segments/left");
+    assert!(!open[0].upload_id.is_empty());
+    // moto reports one fixed Initiated time for every upload (in 2010), so
+    // only "a time that parsed, not in the future" is checked here.
+    assert!(
+        open[0].initiated <= SystemTime::now() + Duration::from_secs(300),
+        "initiated {:?} is in the future",
+        open[0].initiated
+    );
+    assert_eq!(s3.abort_stale_uploads(Duration::ZERO).await.unwrap(), 1);
+    assert_eq!(open_uploads(&moto, "multi"), 1);
     drop(moto);
 }

@@ -1,16 +1,14 @@
-//! The conformance suite every [`MetaStore`] backend passes.
-
-#![allow(clippy::unwrap_used)]
+//! The conformance suite every [`MetaStore`] backend passes. Test code
+//! only: the backends' unit tests include it from `src/lib.rs`, and the
+//! integration test against a real etcd with `mod conformance;`. Either way
+//! it names the crate `floe_meta`.
 
 use std::sync::Arc;
-
-use bytes::Bytes;
-
 use std::time::Duration;
 
+use bytes::Bytes;
+use floe_meta::{prefix_end, take_next, Compare, Event, KeyValue, MetaStore, Op, Txn, Watch};
 use futures::StreamExt;
-
-use crate::{prefix_end, Compare, Event, MetaStore, Op, Txn};
 
 /// Runs every check against an empty store. Panics on the first violation.
 pub async fn run(store: Arc<dyn MetaStore>) {
@@ -28,7 +26,7 @@ pub async fn run(store: Arc<dyn MetaStore>) {
 /// Bound on waiting for a watch event in the suite.
 const EVENT_WAIT: Duration = Duration::from_secs(10);
 
-async fn next_event(w: &mut crate::Watch) -> Event {
+async fn next_event(w: &mut Watch) -> Event {
     tokio::time::timeout(EVENT_WAIT, w.next())
         .await
         .expect("watch event within the wait")
@@ -184,7 +182,7 @@ async fn put_get_and_revisions(s: &dyn MetaStore) {
 async fn range_by_prefix(s: &dyn MetaStore) {
     let ops = ["r/a", "r/b", "r/c", "rz"].map(|k| put(k, k)).to_vec();
     s.txn(Txn::default().and_then(ops)).await.unwrap();
-    let keys = |v: Vec<crate::KeyValue>| v.into_iter().map(|kv| kv.key).collect::<Vec<_>>();
+    let keys = |v: Vec<KeyValue>| v.into_iter().map(|kv| kv.key).collect::<Vec<_>>();
     let all = s.range("r/", &prefix_end("r/"), usize::MAX).await.unwrap();
     assert_eq!(keys(all), ["r/a", "r/b", "r/c"]);
     let two = s.range("r/", &prefix_end("r/"), 2).await.unwrap();
@@ -238,8 +236,8 @@ async fn concurrent_cas_has_one_winner(s: Arc<dyn MetaStore>) {
 }
 
 async fn counters_hand_out_distinct_values(s: Arc<dyn MetaStore>) {
-    assert_eq!(crate::take_next(&*s, "ctr/a", 5).await.unwrap(), 5);
-    assert_eq!(crate::take_next(&*s, "ctr/a", 5).await.unwrap(), 6);
+    assert_eq!(take_next(&*s, "ctr/a", 5).await.unwrap(), 5);
+    assert_eq!(take_next(&*s, "ctr/a", 5).await.unwrap(), 6);
     let mut tasks = Vec::new();
     // Four contenders: each take succeeds within a few CAS attempts, far
     // inside COUNTER_ATTEMPTS_MAX.
@@ -248,7 +246,7 @@ async fn counters_hand_out_distinct_values(s: Arc<dyn MetaStore>) {
         tasks.push(tokio::spawn(async move {
             let mut got = Vec::new();
             for _ in 0..4 {
-                got.push(crate::take_next(&*s, "ctr/b", 1).await.unwrap());
+                got.push(take_next(&*s, "ctr/b", 1).await.unwrap());
             }
             got
         }));

@@ -1,12 +1,10 @@
-//! The conformance suite every [`ObjectStore`] backend passes. Backends call
-//! [`run`] from their own tests (and, for remote backends, from integration
-//! tests against a real server).
-
-#![allow(clippy::unwrap_used)]
+//! The conformance suite every [`ObjectStore`] backend passes. Test code
+//! only: the backends' unit tests include it from `src/lib.rs`, and the
+//! integration tests against real servers with `mod conformance;`. Either
+//! way it names the crate `floe_objstore`.
 
 use bytes::Bytes;
-
-use crate::{Error, ObjectStore};
+use floe_objstore::{Error, ObjectMeta, ObjectStore};
 
 /// Runs every check against an empty store. Panics on the first violation.
 pub async fn run(store: &dyn ObjectStore) {
@@ -88,7 +86,7 @@ async fn list_by_prefix(s: &dyn ObjectStore) {
             .await
             .unwrap();
     }
-    let keys = |v: Vec<crate::ObjectMeta>| v.into_iter().map(|m| m.key).collect::<Vec<_>>();
+    let keys = |v: Vec<ObjectMeta>| v.into_iter().map(|m| m.key).collect::<Vec<_>>();
     assert_eq!(keys(s.list("l/a/").await.unwrap()), ["l/a/1", "l/a/2"]);
     assert_eq!(
         keys(s.list("l/a").await.unwrap()),
