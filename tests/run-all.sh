@@ -26,7 +26,7 @@ step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo check (the embedded-only build, which needs no protoc)"
-cargo check -p floe-net --no-default-features
+cargo check -p floe --no-default-features
 
 step "cargo build"
 cargo build --workspace --all-targets

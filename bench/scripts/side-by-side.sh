@@ -13,7 +13,7 @@
 # are not measured: a broker's first seconds fill its caches with fresh
 # memory (floe: ~600 MB/s for ~7 s, then ~900 MB/s on the 2-vCPU VM).
 #
-# Needs: target/release/{floe,floe-bench} (cargo build --release -p floe-net;
+# Needs: target/release/{floe,floe-bench} (cargo build --release -p floe;
 # cargo build --release -p floe-bench), iperf3; optional: s3s-fs and tansu on PATH (rows are
 # skipped when missing). Everything listens on free loopback ports and is
 # stopped by PID on exit. Results (JSON, SVG, logs) stay in $OUT.

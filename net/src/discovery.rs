@@ -214,7 +214,7 @@ pub fn coordinator<'a>(visible: &'a [Advertised], key: &[u8]) -> Option<&'a Adve
 }
 
 /// The listener records of this broker, for registration.
-pub fn listener_records(listeners: &[crate::config::Listener]) -> Vec<ListenerRecord> {
+pub fn listener_records(listeners: &[crate::listener::Listener]) -> Vec<ListenerRecord> {
     listeners
         .iter()
         .map(|l| ListenerRecord {

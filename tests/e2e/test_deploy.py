@@ -313,7 +313,7 @@ def test_dockerfile_structure_and_build_context():
     runs = " ".join(a for i, a in build if i == "RUN")
     # protoc and the well-known types its etcd protos import.
     assert "protobuf-compiler" in runs and "libprotobuf-dev" in runs
-    assert "cargo build --release --locked -p floe-net --bin floe" in runs
+    assert "cargo build --release --locked -p floe --bin floe" in runs
     assert runtime[0][1] == "${RUNTIME_IMAGE}" and "distroless" in args["RUNTIME_IMAGE"]
     copies = [a for i, a in runtime if i == "COPY"]
     assert all(c.startswith("--from=build ") for c in copies), copies

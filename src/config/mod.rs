@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use floe_net::listener::{Listener, SecurityProtocol};
 use serde::Deserialize;
 
 #[derive(Debug, Parser)]
@@ -28,14 +29,14 @@ pub enum Command {
     /// naming each failed permission.
     CheckBucket(ServeArgs),
     /// Consumer groups: `floe groups list|describe GROUP --bootstrap HOST:PORT`.
-    Groups(crate::groups_cmd::GroupsArgs),
+    Groups(crate::cmd::groups::GroupsArgs),
     /// Connect as a Kafka client would: ApiVersions and Metadata through
     /// the bootstrap address, then every advertised broker; explain each
     /// failure and its fix. Exits 1 when anything is unreachable.
-    DiagnoseConnection(crate::diagnose::DiagnoseArgs),
+    DiagnoseConnection(crate::cmd::diagnose::DiagnoseArgs),
     /// Size a cluster of m6in instances for a produce throughput, with the
     /// monthly object-store request cost at the default flush settings.
-    Size(crate::size_cmd::SizeArgs),
+    Size(crate::cmd::size::SizeArgs),
 }
 
 /// Every setting of `floe serve`. Each flag also reads a `FLOE_*`
@@ -223,7 +224,7 @@ pub struct Resolved {
     /// advertised addresses are also in `listen` / `advertise_*`.
     pub listeners: Vec<Listener>,
     /// TLS files of SSL / SASL_SSL listeners (set when one exists).
-    pub tls: Option<crate::tls::TlsFiles>,
+    pub tls: Option<floe_net::tls::TlsFiles>,
     /// Users file of SASL listeners (set when one exists).
     pub sasl_users_file: Option<PathBuf>,
     pub listen: String,
@@ -445,8 +446,8 @@ fn resolve_security(
     listeners: &[Listener],
     flags: &ServeArgs,
     file: &ServeArgs,
-) -> anyhow::Result<(Option<crate::tls::TlsFiles>, Option<PathBuf>)> {
-    use crate::tls::{ClientAuth, TlsFiles};
+) -> anyhow::Result<(Option<floe_net::tls::TlsFiles>, Option<PathBuf>)> {
+    use floe_net::tls::{ClientAuth, TlsFiles};
     macro_rules! given {
         ($f:ident) => {
             flags.$f.clone().or(file.$f.clone())
@@ -508,50 +509,6 @@ fn resolve_security(
         (None, None) => None,
     };
     Ok((tls, sasl))
-}
-
-/// A Kafka listener security protocol (Kafka's names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SecurityProtocol {
-    Plaintext,
-    Ssl,
-    SaslPlaintext,
-    SaslSsl,
-}
-
-impl SecurityProtocol {
-    fn parse(s: &str) -> Option<Self> {
-        match s.trim().to_ascii_uppercase().as_str() {
-            "PLAINTEXT" => Some(Self::Plaintext),
-            "SSL" => Some(Self::Ssl),
-            "SASL_PLAINTEXT" => Some(Self::SaslPlaintext),
-            "SASL_SSL" => Some(Self::SaslSsl),
-            _ => None,
-        }
-    }
-
-    pub fn kafka_name(self) -> &'static str {
-        match self {
-            Self::Plaintext => "PLAINTEXT",
-            Self::Ssl => "SSL",
-            Self::SaslPlaintext => "SASL_PLAINTEXT",
-            Self::SaslSsl => "SASL_SSL",
-        }
-    }
-}
-
-/// One Kafka listener: where it binds, what it tells clients that came in
-/// on it, and its security protocol.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Listener {
-    /// Lower-case name; clients of this listener are told every broker's
-    /// address for the listener of the same name.
-    pub name: String,
-    /// HOST:PORT to bind.
-    pub bind: String,
-    pub advertised_host: String,
-    pub advertised_port: u16,
-    pub protocol: SecurityProtocol,
 }
 
 /// The listener of the `--listen` / `--advertise` shorthand.
@@ -835,7 +792,7 @@ mod tests {
             ]
         );
         let tls = r.tls.expect("tls files");
-        assert_eq!(tls.client_auth, crate::tls::ClientAuth::Required);
+        assert_eq!(tls.client_auth, floe_net::tls::ClientAuth::Required);
         assert_eq!(tls.client_ca, Some(PathBuf::from("ca.pem")));
         assert_eq!(r.sasl_users_file, Some(PathBuf::from("users")));
 

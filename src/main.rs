@@ -1,14 +1,29 @@
+//! `floe`: the broker (`floe serve`) and its operator tools.
+//!
+//! This package is the edge where floe meets its operator: the command
+//! line and configuration ([`config`]), start-up and shutdown of a broker
+//! ([`cmd::serve`]), the admin HTTP endpoint, systemd notification, and the
+//! tools (`check-bucket`, `diagnose-connection`, `groups`, `size`). The
+//! engine, the protocol and the backends are libraries it wires together.
+
+mod admin_http;
+mod cmd;
+mod config;
+mod kafka_client;
+mod notify;
+mod preflight;
+
 use clap::Parser;
-use floe_net::config::{Cli, Command};
+use config::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckBucket(args) => floe_net::check_bucket::main(args),
-        Command::Groups(args) => floe_net::groups_cmd::main(args),
-        Command::DiagnoseConnection(args) => floe_net::diagnose::main(args),
-        Command::Size(args) => floe_net::size_cmd::main(args),
+        Command::CheckBucket(args) => cmd::check_bucket::main(args),
+        Command::Groups(args) => cmd::groups::main(args),
+        Command::DiagnoseConnection(args) => cmd::diagnose::main(args),
+        Command::Size(args) => cmd::size::main(args),
         Command::Serve(args) => {
             let resolved = match args.resolve() {
                 Ok(r) => r,
@@ -24,11 +39,11 @@ fn main() -> std::process::ExitCode {
                 .with_writer(std::io::stderr)
                 .init();
             // io_uring and the memory-lock limit, before anything is opened.
-            if let Err(e) = floe_net::preflight::check(resolved.shards) {
+            if let Err(e) = preflight::check(resolved.shards) {
                 tracing::error!("floe: cannot start: {e}");
-                return std::process::ExitCode::from(floe_net::preflight::EXIT_STATUS);
+                return std::process::ExitCode::from(preflight::EXIT_STATUS);
             }
-            match floe_net::server::run(resolved) {
+            match cmd::serve::run(resolved) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("floe: {e:#}");

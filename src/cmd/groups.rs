@@ -4,11 +4,9 @@
 //! committed offsets and lag.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::Buf;
 use clap::{Args, Subcommand};
 use kafka_protocol::messages::describe_groups_request::DescribeGroupsRequest;
 use kafka_protocol::messages::describe_groups_response::DescribeGroupsResponse;
@@ -24,15 +22,13 @@ use kafka_protocol::messages::metadata_request::MetadataRequest;
 use kafka_protocol::messages::metadata_response::MetadataResponse;
 use kafka_protocol::messages::offset_fetch_request::{OffsetFetchRequest, OffsetFetchRequestGroup};
 use kafka_protocol::messages::offset_fetch_response::OffsetFetchResponse;
-use kafka_protocol::messages::{
-    ApiKey, BrokerId, ConsumerProtocolAssignment, GroupId, RequestHeader, ResponseHeader, TopicName,
-};
-use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
+use kafka_protocol::messages::{ApiKey, BrokerId, ConsumerProtocolAssignment, GroupId, TopicName};
+use kafka_protocol::protocol::{Decodable, StrBytes};
+
+use crate::kafka_client::{split_host_port, ClientError, KafkaConn};
 
 /// Longest wait for any one answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
-/// Largest response accepted.
-const RESPONSE_BYTES_MAX: usize = 64 << 20;
 
 #[derive(Debug, Args)]
 pub struct GroupsArgs {
@@ -60,84 +56,20 @@ pub enum GroupsCommand {
 
 #[derive(Debug, thiserror::Error)]
 enum CliError {
-    #[error("{addr}: {source}")]
-    Io {
-        addr: String,
-        source: std::io::Error,
-    },
-    #[error("{addr}: {what}")]
-    Protocol { addr: String, what: String },
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    #[error("{addr:?} is not HOST:PORT")]
+    Address { addr: String },
     #[error("{0}")]
     Kafka(String),
 }
 
-/// One blocking Kafka connection.
-struct Conn {
-    addr: String,
-    stream: TcpStream,
-    correlation: i32,
-}
-
-impl Conn {
-    fn open(addr: &str) -> Result<Self, CliError> {
-        let io = |source| CliError::Io {
-            addr: addr.to_string(),
-            source,
-        };
-        let stream = TcpStream::connect(addr).map_err(io)?;
-        stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
-        stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
-        Ok(Self {
-            addr: addr.to_string(),
-            stream,
-            correlation: 0,
-        })
-    }
-
-    fn call<Req, Resp>(&mut self, api: ApiKey, version: i16, req: &Req) -> Result<Resp, CliError>
-    where
-        Req: Encodable + HeaderVersion,
-        Resp: Decodable + HeaderVersion,
-    {
-        let proto = |what: String| CliError::Protocol {
-            addr: self.addr.clone(),
-            what,
-        };
-        self.correlation += 1;
-        let mut body = BytesMut::new();
-        RequestHeader::default()
-            .with_request_api_key(api as i16)
-            .with_request_api_version(version)
-            .with_correlation_id(self.correlation)
-            .with_client_id(Some(StrBytes::from_static_str("floe-groups")))
-            .encode(&mut body, Req::header_version(version))
-            .map_err(|e| proto(e.to_string()))?;
-        req.encode(&mut body, version)
-            .map_err(|e| proto(e.to_string()))?;
-        let mut frame = Vec::with_capacity(body.len() + 4);
-        frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        frame.extend_from_slice(&body);
-        let io = |source| CliError::Io {
-            addr: self.addr.clone(),
-            source,
-        };
-        self.stream.write_all(&frame).map_err(io)?;
-        let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len).map_err(io)?;
-        let len = u32::from_be_bytes(len) as usize;
-        if len > RESPONSE_BYTES_MAX {
-            return Err(proto(format!("response of {len} bytes is too large")));
-        }
-        let mut buf = vec![0u8; len];
-        self.stream.read_exact(&mut buf).map_err(io)?;
-        let mut b = bytes::Bytes::from(buf);
-        let header = ResponseHeader::decode(&mut b, Resp::header_version(version))
-            .map_err(|e| proto(e.to_string()))?;
-        if header.correlation_id != self.correlation {
-            return Err(proto("response out of order".into()));
-        }
-        Resp::decode(&mut b, version).map_err(|e| proto(e.to_string()))
-    }
+/// Connects to `addr` (HOST:PORT).
+fn open(addr: &str) -> Result<KafkaConn, CliError> {
+    let (host, port) = split_host_port(addr).ok_or_else(|| CliError::Address {
+        addr: addr.to_string(),
+    })?;
+    Ok(KafkaConn::connect(host, port, "floe-groups", IO_TIMEOUT)?)
 }
 
 fn s(v: &str) -> StrBytes {
@@ -154,7 +86,7 @@ fn kafka_error(code: i16, context: &str) -> Result<(), CliError> {
     Err(CliError::Kafka(format!("{context}: {name}")))
 }
 
-fn brokers(conn: &mut Conn) -> Result<Vec<(i32, String)>, CliError> {
+fn brokers(conn: &mut KafkaConn) -> Result<Vec<(i32, String)>, CliError> {
     let md: MetadataResponse = conn.call(
         ApiKey::Metadata,
         9,
@@ -168,11 +100,11 @@ fn brokers(conn: &mut Conn) -> Result<Vec<(i32, String)>, CliError> {
 }
 
 fn list(bootstrap: &str) -> Result<(), CliError> {
-    let mut conn = Conn::open(bootstrap)?;
+    let mut conn = open(bootstrap)?;
     let mut groups = BTreeMap::new();
     // Each broker lists the groups it answers for; ask them all.
     for (id, addr) in brokers(&mut conn)? {
-        let mut c = match Conn::open(&addr) {
+        let mut c = match open(&addr) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("warning: broker {id} ({addr}) unreachable: {e}");
@@ -196,7 +128,7 @@ fn list(bootstrap: &str) -> Result<(), CliError> {
 }
 
 fn describe(group: &str, bootstrap: &str) -> Result<(), CliError> {
-    let mut conn = Conn::open(bootstrap)?;
+    let mut conn = open(bootstrap)?;
     // The batched forms (FindCoordinator v4, OffsetFetch v8) are what
     // current clients send; using them here keeps them tested end to end.
     let fc: FindCoordinatorResponse = conn.call(
@@ -209,7 +141,7 @@ fn describe(group: &str, bootstrap: &str) -> Result<(), CliError> {
     };
     kafka_error(fc.error_code, "FindCoordinator")?;
     let coord_addr = format!("{}:{}", fc.host, fc.port);
-    let mut coord = Conn::open(&coord_addr)?;
+    let mut coord = open(&coord_addr)?;
     let dg: DescribeGroupsResponse = coord.call(
         ApiKey::DescribeGroups,
         5,

@@ -11,23 +11,19 @@
 //! advertised broker, each with a timeout — and exits non-zero when any
 //! step fails.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
 use clap::Args;
 use kafka_protocol::messages::api_versions_request::ApiVersionsRequest;
 use kafka_protocol::messages::api_versions_response::ApiVersionsResponse;
 use kafka_protocol::messages::metadata_request::MetadataRequest;
 use kafka_protocol::messages::metadata_response::MetadataResponse;
-use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
-use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::messages::ApiKey;
+use kafka_protocol::protocol::{Decodable, Encodable};
 
-/// Largest response accepted: a metadata answer without topics is small,
-/// so anything bigger means the peer does not speak Kafka.
-const RESPONSE_BYTES_MAX: usize = 16 << 20;
+use crate::kafka_client::{split_host_port, ClientError, KafkaConn};
 /// Versions used: old enough for any Kafka broker, new enough to carry
 /// racks and the cluster id.
 const API_VERSIONS_VERSION: i16 = 0;
@@ -69,30 +65,32 @@ pub enum Failure {
     },
 }
 
-/// One Kafka connection, blocking, with timeouts.
+/// A Kafka connection as diagnosed: each failure in the client's terms.
 struct Connection {
-    stream: TcpStream,
-    addr: SocketAddr,
-    client_id: String,
+    conn: KafkaConn,
     timeout: Duration,
-    correlation_id: i32,
 }
 
-fn io_failure(addr: SocketAddr, e: &std::io::Error, timeout: Duration) -> Failure {
+/// A client failure, in the terms a user can act on.
+fn failure(e: ClientError, timeout: Duration) -> Failure {
     use std::io::ErrorKind::*;
-    match e.kind() {
-        ConnectionRefused => Failure::Refused { addr },
-        TimedOut | WouldBlock => Failure::TimedOut {
-            addr,
-            ms: timeout.as_millis() as u64,
-        },
-        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => Failure::NotKafka {
-            addr,
-            reason: format!("the connection was closed ({e})"),
-        },
-        _ => Failure::Network {
-            addr,
-            reason: e.to_string(),
+    match e {
+        ClientError::Unresolved { host, reason } => Failure::Unresolved { host, reason },
+        ClientError::NotKafka { addr, reason } => Failure::NotKafka { addr, reason },
+        ClientError::Io { addr, source } => match source.kind() {
+            ConnectionRefused => Failure::Refused { addr },
+            TimedOut | WouldBlock => Failure::TimedOut {
+                addr,
+                ms: timeout.as_millis() as u64,
+            },
+            UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => Failure::NotKafka {
+                addr,
+                reason: format!("the connection was closed ({source})"),
+            },
+            _ => Failure::Network {
+                addr,
+                reason: source.to_string(),
+            },
         },
     }
 }
@@ -104,38 +102,9 @@ fn connect(
     client_id: &str,
     timeout: Duration,
 ) -> Result<Connection, Failure> {
-    let addrs: Vec<SocketAddr> = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| Failure::Unresolved {
-            host: host.to_string(),
-            reason: e.to_string(),
-        })?
-        .collect();
-    let mut last = Failure::Unresolved {
-        host: host.to_string(),
-        reason: "no addresses".into(),
-    };
-    for addr in addrs {
-        match TcpStream::connect_timeout(&addr, timeout) {
-            Ok(stream) => {
-                let set = stream
-                    .set_read_timeout(Some(timeout))
-                    .and_then(|()| stream.set_write_timeout(Some(timeout)));
-                if let Err(e) = set {
-                    return Err(io_failure(addr, &e, timeout));
-                }
-                return Ok(Connection {
-                    stream,
-                    addr,
-                    client_id: client_id.to_string(),
-                    timeout,
-                    correlation_id: 0,
-                });
-            }
-            Err(e) => last = io_failure(addr, &e, timeout),
-        }
-    }
-    Err(last)
+    KafkaConn::connect(host, port, client_id, timeout)
+        .map(|conn| Connection { conn, timeout })
+        .map_err(|e| failure(e, timeout))
 }
 
 impl Connection {
@@ -145,54 +114,9 @@ impl Connection {
         version: i16,
         req: &Req,
     ) -> Result<Resp, Failure> {
-        self.correlation_id += 1;
-        let addr = self.addr;
-        let not_kafka = |reason: String| Failure::NotKafka { addr, reason };
-        let mut body = BytesMut::new();
-        RequestHeader::default()
-            .with_request_api_key(api as i16)
-            .with_request_api_version(version)
-            .with_correlation_id(self.correlation_id)
-            .with_client_id(Some(StrBytes::from_string(self.client_id.clone())))
-            .encode(&mut body, api.request_header_version(version))
-            .and_then(|()| req.encode(&mut body, version))
-            .map_err(|e| not_kafka(format!("encoding the request: {e}")))?;
-        let mut frame = Vec::with_capacity(body.len() + 4);
-        frame.extend_from_slice(&(body.len() as i32).to_be_bytes());
-        frame.extend_from_slice(&body);
-        let timeout = self.timeout;
-        self.stream
-            .write_all(&frame)
-            .map_err(|e| io_failure(addr, &e, timeout))?;
-        let mut prefix = [0u8; 4];
-        self.stream
-            .read_exact(&mut prefix)
-            .map_err(|e| io_failure(addr, &e, timeout))?;
-        let len = i32::from_be_bytes(prefix);
-        if len < 4 || len as usize > RESPONSE_BYTES_MAX {
-            return Err(not_kafka(format!(
-                "a reply of {len} bytes (first bytes {prefix:02x?}; a TLS or HTTP endpoint?)"
-            )));
-        }
-        let mut buf = vec![0u8; len as usize];
-        self.stream
-            .read_exact(&mut buf)
-            .map_err(|e| io_failure(addr, &e, timeout))?;
-        let mut bytes = bytes::Bytes::from(buf);
-        let header = ResponseHeader::decode(&mut bytes, api.response_header_version(version))
-            .map_err(|e| not_kafka(format!("response header: {e}")))?;
-        if header.correlation_id != self.correlation_id {
-            return Err(not_kafka(format!(
-                "correlation id {} instead of {}",
-                header.correlation_id, self.correlation_id
-            )));
-        }
-        let resp = Resp::decode(&mut bytes, version)
-            .map_err(|e| not_kafka(format!("{api:?} v{version} response: {e}")))?;
-        if bytes.has_remaining() {
-            tracing::debug!(left = bytes.remaining(), "trailing bytes in the response");
-        }
-        Ok(resp)
+        self.conn
+            .call(api, version, req)
+            .map_err(|e| failure(e, self.timeout))
     }
 
     fn api_versions(&mut self) -> Result<usize, Failure> {
@@ -203,7 +127,7 @@ impl Connection {
         )?;
         if r.error_code != 0 {
             return Err(Failure::ErrorCode {
-                addr: self.addr,
+                addr: self.conn.addr(),
                 api: "ApiVersions",
                 code: r.error_code,
             });
@@ -285,12 +209,7 @@ pub fn main(args: DiagnoseArgs) -> ExitCode {
         .client_id
         .clone()
         .unwrap_or_else(|| "floe-diagnose".into());
-    let Some((bhost, bport)) = args.bootstrap.rsplit_once(':').and_then(|(h, p)| {
-        Some((
-            h.trim_matches(['[', ']']).to_string(),
-            p.parse::<u16>().ok()?,
-        ))
-    }) else {
+    let Some((bhost, bport)) = split_host_port(&args.bootstrap) else {
         eprintln!("floe: --bootstrap {:?} must be HOST:PORT", args.bootstrap);
         return ExitCode::from(2);
     };
@@ -299,7 +218,7 @@ pub fn main(args: DiagnoseArgs) -> ExitCode {
         bhost,
         timeout.as_millis()
     );
-    let mut boot = match connect(&bhost, bport, &client_id, timeout) {
+    let mut boot = match connect(bhost, bport, &client_id, timeout) {
         Ok(c) => c,
         Err(e) => {
             println!("FAIL bootstrap: {e}");
@@ -311,7 +230,7 @@ pub fn main(args: DiagnoseArgs) -> ExitCode {
     let (apis, md) = match steps {
         Ok(x) => x,
         Err(e) => {
-            println!("FAIL bootstrap {}: {e}", boot.addr);
+            println!("FAIL bootstrap {}: {e}", boot.conn.addr());
             println!("fix: the address answers TCP but not Kafka: check the port (admin HTTP port?) and the listener's security protocol.");
             return ExitCode::FAILURE;
         }
@@ -323,7 +242,7 @@ pub fn main(args: DiagnoseArgs) -> ExitCode {
         .unwrap_or_default();
     println!(
         "ok   bootstrap {} answers ApiVersions ({apis} APIs) and Metadata; cluster {cluster}",
-        boot.addr
+        boot.conn.addr()
     );
     println!("advertised to this client: {} broker(s)", md.brokers.len());
     for b in &md.brokers {
@@ -355,7 +274,7 @@ pub fn main(args: DiagnoseArgs) -> ExitCode {
         let result = connect(&host, port16, &client_id, timeout).and_then(|mut c| {
             c.api_versions()?;
             let md = c.metadata()?;
-            Ok((c.addr, md))
+            Ok((c.conn.addr(), md))
         });
         match result {
             Ok((addr, theirs)) => {
@@ -379,7 +298,7 @@ pub fn main(args: DiagnoseArgs) -> ExitCode {
                 println!(
                     "     the bootstrap address {bhost}:{bport} answers, but clients are then sent to {host}:{port}, which does not: they will bootstrap and then hang or time out."
                 );
-                for line in advice(&e, node, &host, port16, &bhost) {
+                for line in advice(&e, node, &host, port16, bhost) {
                     println!("     {line}");
                 }
             }

@@ -10,7 +10,7 @@ use floe_engine::metrics::Metrics;
 use floe_engine::Engine;
 use floe_objstore::{Accounting, Purpose, RequestCounters};
 
-use crate::balance::Balance;
+use floe_net::balance::Balance;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Largest request head read from an admin client.
