@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const REQUEST_BYTES_MAX: usize = 8 << 10;
 
 pub fn render_metrics(engine: &Engine, balance: &Balance) -> String {
-    let m = &engine.metrics;
+    let m = engine.metrics();
     let mut out = String::new();
     let mut counter = |name: &str, help: &str, v: u64| {
         let _ = writeln!(
@@ -186,7 +186,7 @@ pub fn render_metrics(engine: &Engine, balance: &Balance) -> String {
             })
         }),
     );
-    if let Some(acc) = engine.store.accounting() {
+    if let Some(acc) = engine.object_store_accounting() {
         backend_families(&mut out, &acc);
     }
     out
@@ -280,11 +280,11 @@ pub const UPLOAD_FAILURES_NOT_READY: u64 = 3;
 /// `/readyz`: ready once serving, not while shutting down or while the
 /// object store keeps failing or crawling (with the reason in the body).
 fn readiness(engine: &Engine, started: bool) -> (&'static str, String) {
-    let failing = Metrics::get(&engine.metrics.upload_failures_in_a_row);
-    let slow = Metrics::get(&engine.metrics.upload_slow_in_a_row);
+    let failing = Metrics::get(&engine.metrics().upload_failures_in_a_row);
+    let slow = Metrics::get(&engine.metrics().upload_slow_in_a_row);
     if !started {
         ("503 Service Unavailable", "not ready: starting\n".into())
-    } else if engine.shutdown.is_triggered() {
+    } else if engine.shutdown().is_triggered() {
         (
             "503 Service Unavailable",
             "not ready: shutting down\n".into(),

@@ -13,7 +13,7 @@ mod kafka_client;
 mod notify;
 mod preflight;
 
-use clap::Parser;
+use clap::Parser as _;
 use config::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 

@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-/// Engine settings, resolved by `floe-net` from flags, environment, file
+/// Engine settings, resolved by the `floe` binary from flags, environment, file
 /// and the tuning model.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -19,19 +19,4 @@ pub struct EngineConfig {
     pub upload_concurrency: usize,
     /// Size of one multipart part (to count a segment's parts).
     pub upload_part_bytes: usize,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        Self {
-            node_id: 1,
-            shards: 1,
-            flush_interval: Duration::from_millis(100),
-            flush_bytes: 8 << 20,
-            inflight_bytes_max: 256 << 20,
-            read_cache_bytes_max: 256 << 20,
-            upload_concurrency: 4,
-            upload_part_bytes: 8 << 20,
-        }
-    }
 }

@@ -18,6 +18,7 @@ pub mod cluster;
 pub mod committer;
 pub mod config;
 pub mod coordinator;
+mod engine;
 mod error;
 pub mod group;
 pub mod index;
@@ -31,12 +32,9 @@ pub mod sidecar;
 pub mod topics;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
-use floe_meta::MetaStore;
-use floe_objstore::ObjectStore;
 
 pub use config::EngineConfig;
+pub use engine::{CleanupSettings, Engine, EngineStart};
 pub use error::{Error, Result};
 
 /// A partition, by topic id (new when a topic is created again).
@@ -91,28 +89,5 @@ impl Shutdown {
             }
             l.await;
         }
-    }
-}
-
-/// What every shard of a broker shares: configuration, backends, topic
-/// registry, the links to every shard and the committer. `Send + Sync`;
-/// nothing here is on the per-record path except reading `shards`.
-pub struct Engine {
-    pub config: EngineConfig,
-    pub sidecar: sidecar::SidecarHandle,
-    pub store: Arc<dyn ObjectStore>,
-    pub meta: Arc<dyn MetaStore>,
-    pub topics: Arc<topics::Topics>,
-    pub members: Arc<cluster::Members>,
-    pub committer: flume::Sender<committer::CommitRequest>,
-    pub shards: Vec<shard::ShardLink>,
-    pub metrics: Arc<metrics::Metrics>,
-    pub shutdown: Shutdown,
-    pub cluster_id: String,
-}
-
-impl Engine {
-    pub fn owner(&self, tp: &PartitionKey) -> usize {
-        tp.owner(self.shards.len())
     }
 }

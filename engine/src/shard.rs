@@ -137,7 +137,7 @@ struct Pending {
 /// One shard's state and runtime. Owned by its executor thread.
 pub struct Shard {
     pub id: usize,
-    pub engine: Arc<Engine>,
+    pub(crate) engine: Arc<Engine>,
     pub frames: FramePool,
     /// Request bytes admitted and not yet answered (TCP back-pressure).
     pub budget: Rc<glommio::sync::Semaphore>,

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use floe_engine::coordinator::Coordinator;
 use floe_engine::Engine;
 
 #[derive(Debug, Clone)]
@@ -26,6 +25,4 @@ pub struct Settings {
 pub struct Broker {
     pub engine: Arc<Engine>,
     pub settings: Settings,
-    /// The consumer groups this broker coordinates.
-    pub groups: Arc<Coordinator>,
 }

@@ -1,6 +1,8 @@
 //! Mapping from engine errors to Kafka error codes: only here, at the edge.
 
 use floe_engine::batch::BatchError;
+use floe_engine::coordinator::CoordError;
+use floe_engine::group::GroupError;
 use floe_engine::sequencer::BatchOutcome;
 use floe_engine::Error;
 use kafka_protocol::error::ResponseError as E;
@@ -51,6 +53,34 @@ pub fn outcome(o: &BatchOutcome) -> i16 {
     }
 }
 
+/// A group's own refusal.
+pub fn group(e: GroupError) -> i16 {
+    match e {
+        GroupError::UnknownMemberId => E::UnknownMemberId.code(),
+        GroupError::MemberIdRequired => E::MemberIdRequired.code(),
+        GroupError::IllegalGeneration => E::IllegalGeneration.code(),
+        GroupError::RebalanceInProgress => E::RebalanceInProgress.code(),
+        GroupError::InconsistentGroupProtocol => E::InconsistentGroupProtocol.code(),
+        GroupError::InvalidSessionTimeout => E::InvalidSessionTimeout.code(),
+        GroupError::FencedInstanceId => E::FencedInstanceId.code(),
+        GroupError::GroupMaxSizeReached => E::GroupMaxSizeReached.code(),
+        GroupError::NonEmptyGroup => E::NonEmptyGroup.code(),
+        GroupError::CoordinatorNotAvailable => E::CoordinatorNotAvailable.code(),
+    }
+}
+
+/// A coordinator failure; one it could not tell the client is logged here.
+pub fn coordinator(e: &CoordError) -> i16 {
+    match e {
+        CoordError::NotCoordinator => E::NotCoordinator.code(),
+        CoordError::Unavailable(why) => {
+            tracing::warn!("group request failed: {why}");
+            E::CoordinatorNotAvailable.code()
+        }
+        CoordError::Group(g) => group(*g),
+    }
+}
+
 pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = E::UnknownTopicOrPartition.code();
 pub const INVALID_TOPIC: i16 = E::InvalidTopicException.code();
 pub const INVALID_REQUIRED_ACKS: i16 = E::InvalidRequiredAcks.code();
@@ -62,3 +92,6 @@ pub const FETCH_SESSION_ID_NOT_FOUND: i16 = E::FetchSessionIdNotFound.code();
 pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = E::TransactionalIdAuthorizationFailed.code();
 pub const UNKNOWN_SERVER_ERROR: i16 = E::UnknownServerError.code();
 pub const INVALID_REPLICATION_FACTOR: i16 = E::InvalidReplicationFactor.code();
+pub const INVALID_GROUP_ID: i16 = E::InvalidGroupId.code();
+pub const OFFSET_METADATA_TOO_LARGE: i16 = E::OffsetMetadataTooLarge.code();
+pub const GROUP_SUBSCRIBED_TO_TOPIC: i16 = E::GroupSubscribedToTopic.code();

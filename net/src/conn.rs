@@ -96,7 +96,7 @@ pub async fn serve<S: Stream>(
     let session = sasl_users.map(sasl::Session::new);
     match read_loop(&ctx, rd, tx, peer, session).await {
         End::Refused(why) => {
-            Metrics::add(&ctx.broker.engine.metrics.bad_frames, 1);
+            Metrics::add(&ctx.broker.engine.metrics().bad_frames, 1);
             tracing::warn!(%peer, "closing connection: {why}");
         }
         End::Answered(why) => {
@@ -200,12 +200,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
     };
     let broker = ctx.broker.clone();
     let max_request = broker.settings.max_request_bytes;
-    let budget_max = broker.engine.config.inflight_bytes_max;
+    let budget_max = broker.engine.config().inflight_bytes_max;
     loop {
         let mut prefix = [0u8; 4];
         {
             let read = Box::pin(rd.read_exact(&mut prefix));
-            let stop = Box::pin(broker.engine.shutdown.wait());
+            let stop = Box::pin(broker.engine.shutdown().wait());
             match select(read, stop).await {
                 Either::Left((Ok(()), _)) => {}
                 Either::Left((Err(_), _)) => return End::Closed,
@@ -239,7 +239,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         // is spent, this connection stops reading (TCP back-pressure).
         let need = len.min(budget_max) as u64;
         if ctx.shard.budget.available() < need {
-            Metrics::add(&ctx.broker.engine.metrics.admission_waits, 1);
+            Metrics::add(&ctx.broker.engine.metrics().admission_waits, 1);
         }
         let permit = match ctx.shard.budget.acquire_static_permit(need).await {
             Ok(p) => p,
@@ -268,7 +268,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 Err(why) => return End::Answered(why),
             }
         }
-        Metrics::add(&broker.engine.metrics.requests, 1);
+        Metrics::add(&broker.engine.metrics().requests, 1);
         let decoded = match request::decode(frame) {
             Ok(d) => d,
             Err(DecodeError::Unsupported {

@@ -102,7 +102,7 @@ pub fn self_record(broker: &Broker) -> BrokerRecord {
 /// The brokers `view`'s client may use, by node id, at the addresses it
 /// must use. Never empty when this broker has the client's listener.
 pub fn visible_brokers(broker: &Broker, view: &ClientView) -> Vec<Advertised> {
-    let live = broker.engine.members.live();
+    let live = broker.engine.live_brokers();
     select(&live, &self_record(broker), view)
 }
 

@@ -15,7 +15,6 @@ pub mod conn;
 pub mod discovery;
 pub mod handlers;
 pub mod listener;
-pub mod producer_ids;
 pub mod request;
 pub mod sasl;
 pub mod server;

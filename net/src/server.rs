@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use floe_engine::metrics::Metrics;
-use floe_engine::shard::{Shard, ShardInbox};
 use futures::future::{select, Either};
 
 use crate::balance::{Balance, Moved};
@@ -60,13 +59,18 @@ pub async fn shard_main(
     id: usize,
     shards: usize,
     broker: Arc<Broker>,
-    inbox: ShardInbox,
     conns: Conns,
     bound: std::sync::mpsc::Sender<Result<(), String>>,
     barrier: Arc<Barrier>,
 ) {
-    let engine = broker.engine.clone();
-    let (shard, commits_done) = Shard::start(id, engine.clone(), inbox);
+    let (shard, commits_done) = match broker.engine.start_shard(id) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = bound.send(Err(format!("shard {id}: {e}")));
+            barrier.arrive_and_wait(shards).await;
+            return;
+        }
+    };
     // Every listener on every shard: glommio binds with SO_REUSEPORT, so
     // the kernel spreads each listener's connections over the shards.
     let mut bound_listeners = Vec::with_capacity(conns.listeners.len());
@@ -256,7 +260,7 @@ impl Serving {
                 Some(acceptor) => match crate::tls::handshake(acceptor, stream).await {
                     Ok(tls) => conn::serve(ctx, tls, peer, secure.sasl).await,
                     Err(e) => {
-                        Metrics::add(&ctx.broker.engine.metrics.bad_frames, 1);
+                        Metrics::add(&ctx.broker.engine.metrics().bad_frames, 1);
                         tracing::warn!(%peer, listener = %ctx.client.listener, error = %e, "closing connection: TLS handshake failed");
                     }
                 },
@@ -275,7 +279,7 @@ impl Serving {
         if to == self.shard {
             return self.spawn(index, stream, peer);
         }
-        let metrics = &self.listeners[index].0.broker.engine.metrics;
+        let metrics = &self.listeners[index].0.broker.engine.metrics();
         let stream = match socket2::SockRef::from(&stream).try_clone() {
             Ok(socket) => {
                 drop(stream);
@@ -310,10 +314,10 @@ async fn accept_loop(serving: Rc<Serving>, index: usize, listener: glommio::net:
     let name = serving.listeners[index].0.client.listener.clone();
     loop {
         let accept = Box::pin(listener.accept());
-        let stop = Box::pin(engine.shutdown.wait());
+        let stop = Box::pin(engine.shutdown().wait());
         match select(accept, stop).await {
             Either::Left((Ok(stream), _)) => {
-                Metrics::add(&engine.metrics.connections_accepted, 1);
+                Metrics::add(&engine.metrics().connections_accepted, 1);
                 let peer = stream
                     .peer_addr()
                     .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
@@ -335,7 +339,7 @@ async fn moved_loop(serving: Rc<Serving>, moved: flume::Receiver<Moved>) {
     let Some(engine) = engine else { return };
     loop {
         let next = Box::pin(moved.recv_async());
-        let stop = Box::pin(engine.shutdown.wait());
+        let stop = Box::pin(engine.shutdown().wait());
         match select(next, stop).await {
             Either::Left((Ok(m), _)) => {
                 let stream = glommio::net::TcpStream::from(m.socket);

@@ -131,18 +131,7 @@ pub async fn create_topics(ctx: &Ctx, req: CreateTopicsRequest, version: i16) ->
         }
         let created = broker
             .engine
-            .sidecar
-            .run({
-                let engine = broker.engine.clone();
-                let name = name.clone();
-                let validate_only = req.validate_only;
-                async move {
-                    engine
-                        .topics
-                        .create(&name, partitions as u32, configs, validate_only)
-                        .await
-                }
-            })
+            .create_topic(&name, partitions as u32, configs, req.validate_only)
             .await;
         match created {
             Ok(rec) => {
@@ -199,8 +188,7 @@ pub async fn delete_topics(ctx: &Ctx, req: DeleteTopicsRequest, version: i16) ->
     for (name, id) in names {
         let resolved = name.clone().or_else(|| {
             engine
-                .topics
-                .snapshot()
+                .topics()
                 .values()
                 .find(|t| t.id == id)
                 .map(|t| t.name.clone())
@@ -210,25 +198,17 @@ pub async fn delete_topics(ctx: &Ctx, req: DeleteTopicsRequest, version: i16) ->
             .with_topic_id(id);
         match resolved {
             None => r = r.with_error_code(codes::UNKNOWN_TOPIC_OR_PARTITION),
-            Some(n) => {
-                let e2 = engine.clone();
-                let n2 = n.clone();
-                match engine
-                    .sidecar
-                    .run(async move { e2.topics.delete(&n2).await })
-                    .await
-                {
-                    Ok(rec) => {
-                        tracing::info!(topic = %n, "topic deleted");
-                        r = r.with_topic_id(rec.id).with_name(Some(TopicName(s(n))));
-                    }
-                    Err(e) => {
-                        r = r
-                            .with_error_code(codes::engine(&e))
-                            .with_error_message(message(&e))
-                    }
+            Some(n) => match engine.delete_topic(&n).await {
+                Ok(rec) => {
+                    tracing::info!(topic = %n, "topic deleted");
+                    r = r.with_topic_id(rec.id).with_name(Some(TopicName(s(n))));
                 }
-            }
+                Err(e) => {
+                    r = r
+                        .with_error_code(codes::engine(&e))
+                        .with_error_message(message(&e))
+                }
+            },
         }
         responses.push(r);
     }
@@ -243,7 +223,6 @@ pub async fn create_partitions(ctx: &Ctx, req: CreatePartitionsRequest, version:
     let mut results = Vec::new();
     for t in req.topics {
         let name = t.name.0.to_string();
-        let e2 = engine.clone();
         let count = t.count;
         let validate_only = req.validate_only;
         let r = if count <= 0 {
@@ -251,14 +230,8 @@ pub async fn create_partitions(ctx: &Ctx, req: CreatePartitionsRequest, version:
                 reason: format!("partition count {count} must be positive"),
             })
         } else {
-            let n = name.clone();
             engine
-                .sidecar
-                .run(async move {
-                    e2.topics
-                        .add_partitions(&n, count as u32, validate_only)
-                        .await
-                })
+                .add_partitions(&name, count as u32, validate_only)
                 .await
         };
         let mut res = CreatePartitionsTopicResult::default().with_name(t.name);
@@ -287,7 +260,7 @@ pub fn describe_configs(ctx: &Ctx, req: DescribeConfigsRequest, version: i16) ->
             .with_resource_type(r.resource_type)
             .with_resource_name(r.resource_name.clone());
         let entries = match r.resource_type {
-            RESOURCE_TOPIC => match ctx.broker.engine.topics.get(&name) {
+            RESOURCE_TOPIC => match ctx.broker.engine.topic(&name) {
                 Some(t) => Some(topic_config::describe(&t.configs, settings)),
                 None => {
                     res = res
@@ -344,7 +317,7 @@ pub fn describe_cluster(ctx: &Ctx, version: i16) -> Reply {
     encode(
         &DescribeClusterResponse::default()
             .with_endpoint_type(1)
-            .with_cluster_id(s(ctx.broker.engine.cluster_id.clone()))
+            .with_cluster_id(s(ctx.broker.engine.cluster_id().to_string()))
             .with_controller_id(BrokerId(
                 brokers
                     .first()
@@ -380,7 +353,7 @@ pub async fn init_producer_id(ctx: &Ctx, req: InitProducerIdRequest, version: i1
     }
     let engine = ctx.broker.engine.clone();
     let (pid, epoch) = (req.producer_id.0, req.producer_epoch);
-    let r = crate::producer_ids::init(&engine, pid, epoch).await;
+    let r = engine.init_producer_id(pid, epoch).await;
     match r {
         Ok((pid, epoch)) => encode(
             &resp

@@ -18,7 +18,7 @@ use crate::codes;
 const HIGH_WATERMARK: i64 = -1;
 
 pub async fn handle(ctx: &Ctx, req: DeleteRecordsRequest, version: i16) -> Reply {
-    let snapshot = ctx.broker.engine.topics.snapshot();
+    let snapshot = ctx.broker.engine.topics();
     let asked: usize = req.topics.iter().map(|t| t.partitions.len()).sum();
     // Results by (topic, position); trims with where their answer goes.
     let mut results: Vec<(usize, Vec<DeleteRecordsPartitionResult>)> = Vec::new();

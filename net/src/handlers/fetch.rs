@@ -123,7 +123,7 @@ pub async fn handle(ctx: &Ctx, req: FetchRequest, version: i16) -> Reply {
         ));
     }
     let settings = &ctx.broker.settings;
-    let snapshot = ctx.broker.engine.topics.snapshot();
+    let snapshot = ctx.broker.engine.topics();
     let wait =
         Duration::from_millis((req.max_wait_ms.max(0) as u64).min(settings.fetch_wait_ms_max));
     let deadline = Instant::now() + wait;
@@ -168,7 +168,7 @@ pub async fn handle(ctx: &Ctx, req: FetchRequest, version: i16) -> Reply {
             owners.dedup();
             owners
                 .into_iter()
-                .map(|o| ctx.broker.engine.shards[o].data.listen())
+                .map(|o| ctx.broker.engine.data_event(o).listen())
                 .collect()
         };
         let mut total = 0usize;
@@ -244,7 +244,7 @@ pub async fn handle(ctx: &Ctx, req: FetchRequest, version: i16) -> Reply {
             || errors
             || now >= deadline
             || listeners.is_empty()
-            || ctx.broker.engine.shutdown.is_triggered()
+            || ctx.broker.engine.shutdown().is_triggered()
         {
             return Reply::Parts(encode_fetch_response(version, codes::NONE, &topics));
         }

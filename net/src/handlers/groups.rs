@@ -10,9 +10,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use floe_engine::coordinator::{CoordError, Coordinator, GroupSummary};
-use floe_engine::group::{GroupError, GroupState, JoinRequest};
+use floe_engine::group::{GroupState, JoinRequest};
 use floe_meta::schema::OffsetRecord;
-use kafka_protocol::error::ResponseError as E;
 use kafka_protocol::messages::delete_groups_request::DeleteGroupsRequest;
 use kafka_protocol::messages::delete_groups_response::{
     DeletableGroupResult, DeleteGroupsResponse,
@@ -61,53 +60,14 @@ fn s(v: impl Into<String>) -> StrBytes {
     StrBytes::from_string(v.into())
 }
 
-fn group_code(e: GroupError) -> i16 {
-    match e {
-        GroupError::UnknownMemberId => E::UnknownMemberId.code(),
-        GroupError::MemberIdRequired => E::MemberIdRequired.code(),
-        GroupError::IllegalGeneration => E::IllegalGeneration.code(),
-        GroupError::RebalanceInProgress => E::RebalanceInProgress.code(),
-        GroupError::InconsistentGroupProtocol => E::InconsistentGroupProtocol.code(),
-        GroupError::InvalidSessionTimeout => E::InvalidSessionTimeout.code(),
-        GroupError::FencedInstanceId => E::FencedInstanceId.code(),
-        GroupError::GroupMaxSizeReached => E::GroupMaxSizeReached.code(),
-        GroupError::NonEmptyGroup => E::NonEmptyGroup.code(),
-        GroupError::CoordinatorNotAvailable => E::CoordinatorNotAvailable.code(),
-    }
-}
-
-fn code(e: &CoordError) -> i16 {
-    match e {
-        CoordError::NotCoordinator => E::NotCoordinator.code(),
-        CoordError::Unavailable(why) => {
-            tracing::warn!("group request failed: {why}");
-            E::CoordinatorNotAvailable.code()
-        }
-        CoordError::Group(g) => group_code(*g),
-    }
-}
-
-fn coordinator(ctx: &Ctx) -> Arc<Coordinator> {
-    ctx.broker.groups.clone()
-}
-
-/// Runs coordinator work on the sidecar; a broker shutting down answers
-/// NOT_COORDINATOR so clients move to another broker.
-async fn on_sidecar<T, F>(ctx: &Ctx, f: F) -> Result<T, CoordError>
+/// Runs `f` with the group coordinator (on the engine's runtime).
+async fn on_coordinator<T, F, Fut>(ctx: &Ctx, f: F) -> Result<T, CoordError>
 where
     T: Send + 'static,
-    F: Future<Output = Result<T, CoordError>> + Send + 'static,
+    F: FnOnce(Arc<Coordinator>) -> Fut,
+    Fut: Future<Output = Result<T, CoordError>> + Send + 'static,
 {
-    match ctx
-        .broker
-        .engine
-        .sidecar
-        .run(async move { Ok(f.await) })
-        .await
-    {
-        Ok(r) => r,
-        Err(_) => Err(CoordError::NotCoordinator),
-    }
+    ctx.broker.engine.with_groups(f).await
 }
 
 fn client_host(ctx: &Ctx) -> String {
@@ -120,9 +80,8 @@ fn client_host(ctx: &Ctx) -> String {
 /// the group now if the client can see it, else the rendezvous choice among
 /// the brokers the client sees (which claims it on first use).
 async fn locate(ctx: &Ctx, group: &str, visible: &[Advertised]) -> Result<Advertised, CoordError> {
-    let coord = coordinator(ctx);
     let g = group.to_string();
-    let owner = on_sidecar(ctx, async move { coord.current_owner(&g).await }).await?;
+    let owner = on_coordinator(ctx, |coord| async move { coord.current_owner(&g).await }).await?;
     if let Some(b) = owner.and_then(|o| visible.iter().find(|b| b.node_id == o)) {
         return Ok(b.clone());
     }
@@ -149,7 +108,7 @@ pub async fn find_coordinator(ctx: &Ctx, req: FindCoordinatorRequest, version: i
                 .with_error_code(codes::TRANSACTIONAL_ID_AUTHORIZATION_FAILED)
                 .with_error_message(Some(s("floe does not support transactions")))
         } else if key.is_empty() {
-            entry.with_error_code(E::InvalidGroupId.code())
+            entry.with_error_code(codes::INVALID_GROUP_ID)
         } else {
             match locate(ctx, key.as_str(), &visible).await {
                 Ok(b) => entry
@@ -157,7 +116,7 @@ pub async fn find_coordinator(ctx: &Ctx, req: FindCoordinatorRequest, version: i
                     .with_host(s(b.host))
                     .with_port(i32::from(b.port)),
                 Err(e) => entry
-                    .with_error_code(code(&e))
+                    .with_error_code(codes::coordinator(&e))
                     .with_error_message(Some(s(e.to_string()))),
             }
         };
@@ -185,7 +144,7 @@ pub async fn join(ctx: &Ctx, req: JoinGroupRequest, version: i16) -> Reply {
         .with_protocol_name(Some(StrBytes::default()))
         .with_member_id(req.member_id.clone());
     if req.group_id.is_empty() {
-        return encode(&resp.with_error_code(E::InvalidGroupId.code()), version);
+        return encode(&resp.with_error_code(codes::INVALID_GROUP_ID), version);
     }
     let join = JoinRequest {
         member_id: req.member_id.to_string(),
@@ -206,9 +165,12 @@ pub async fn join(ctx: &Ctx, req: JoinGroupRequest, version: i16) -> Reply {
             .collect(),
         require_known_member_id: version >= 4,
     };
-    let coord = coordinator(ctx);
     let group = req.group_id.to_string();
-    let answer = on_sidecar(ctx, async move { Ok(coord.join(&group, join).await) }).await;
+    let answer = on_coordinator(
+        ctx,
+        |coord| async move { Ok(coord.join(&group, join).await) },
+    )
+    .await;
     let resp = match answer {
         Ok(Ok(j)) => resp
             .with_generation_id(j.generation)
@@ -227,14 +189,15 @@ pub async fn join(ctx: &Ctx, req: JoinGroupRequest, version: i16) -> Reply {
                     })
                     .collect(),
             ),
-        Ok(Err((e, id))) => resp.with_error_code(code(&e)).with_member_id(s(id)),
-        Err(e) => resp.with_error_code(code(&e)),
+        Ok(Err((e, id))) => resp
+            .with_error_code(codes::coordinator(&e))
+            .with_member_id(s(id)),
+        Err(e) => resp.with_error_code(codes::coordinator(&e)),
     };
     encode(&resp, version)
 }
 
 pub async fn sync(ctx: &Ctx, req: SyncGroupRequest, version: i16) -> Reply {
-    let coord = coordinator(ctx);
     let group = req.group_id.to_string();
     let member = req.member_id.to_string();
     let instance = req.group_instance_id.as_ref().map(|i| i.to_string());
@@ -244,7 +207,7 @@ pub async fn sync(ctx: &Ctx, req: SyncGroupRequest, version: i16) -> Reply {
         .iter()
         .map(|a| (a.member_id.to_string(), a.assignment.clone()))
         .collect();
-    let r = on_sidecar(ctx, async move {
+    let r = on_coordinator(ctx, |coord| async move {
         coord
             .sync(
                 &group,
@@ -261,24 +224,26 @@ pub async fn sync(ctx: &Ctx, req: SyncGroupRequest, version: i16) -> Reply {
             .with_protocol_type(Some(s(synced.protocol_type)))
             .with_protocol_name(Some(s(synced.protocol)))
             .with_assignment(synced.assignment),
-        Err(e) => SyncGroupResponse::default().with_error_code(code(&e)),
+        Err(e) => SyncGroupResponse::default().with_error_code(codes::coordinator(&e)),
     };
     encode(&resp, version)
 }
 
 pub async fn heartbeat(ctx: &Ctx, req: HeartbeatRequest, version: i16) -> Reply {
-    let coord = coordinator(ctx);
     let group = req.group_id.to_string();
     let member = req.member_id.to_string();
     let instance = req.group_instance_id.as_ref().map(|i| i.to_string());
     let generation = req.generation_id;
-    let r = on_sidecar(ctx, async move {
+    let r = on_coordinator(ctx, |coord| async move {
         coord
             .heartbeat(&group, &member, generation, instance.as_deref())
             .await
     })
     .await;
-    let code = r.err().map(|e| code(&e)).unwrap_or(codes::NONE);
+    let code = r
+        .err()
+        .map(|e| codes::coordinator(&e))
+        .unwrap_or(codes::NONE);
     encode(&HeartbeatResponse::default().with_error_code(code), version)
 }
 
@@ -296,9 +261,12 @@ pub async fn leave(ctx: &Ctx, req: LeaveGroupRequest, version: i16) -> Reply {
     } else {
         vec![(req.member_id.to_string(), None)]
     };
-    let coord = coordinator(ctx);
     let group = req.group_id.to_string();
-    let r = on_sidecar(ctx, async move { coord.leave(&group, members).await }).await;
+    let r = on_coordinator(
+        ctx,
+        |coord| async move { coord.leave(&group, members).await },
+    )
+    .await;
     let resp = match r {
         Ok(results) if version >= 3 => LeaveGroupResponse::default().with_members(
             results
@@ -307,7 +275,7 @@ pub async fn leave(ctx: &Ctx, req: LeaveGroupRequest, version: i16) -> Reply {
                     MemberResponse::default()
                         .with_member_id(s(id))
                         .with_group_instance_id(instance.map(s))
-                        .with_error_code(r.err().map(group_code).unwrap_or(codes::NONE))
+                        .with_error_code(r.err().map(codes::group).unwrap_or(codes::NONE))
                 })
                 .collect(),
         ),
@@ -315,11 +283,11 @@ pub async fn leave(ctx: &Ctx, req: LeaveGroupRequest, version: i16) -> Reply {
             let code = results
                 .into_iter()
                 .find_map(|(_, _, r)| r.err())
-                .map(group_code)
+                .map(codes::group)
                 .unwrap_or(codes::NONE);
             LeaveGroupResponse::default().with_error_code(code)
         }
-        Err(e) => LeaveGroupResponse::default().with_error_code(code(&e)),
+        Err(e) => LeaveGroupResponse::default().with_error_code(codes::coordinator(&e)),
     };
     encode(&resp, version)
 }
@@ -334,7 +302,7 @@ fn now_ms() -> i64 {
 }
 
 fn partition_exists(ctx: &Ctx, topic: &str, partition: i32) -> bool {
-    super::partition_key(ctx.broker.engine.topics.get(topic).as_deref(), partition).is_some()
+    super::partition_key(ctx.broker.engine.topic(topic).as_deref(), partition).is_some()
 }
 
 pub async fn offset_commit(ctx: &Ctx, req: OffsetCommitRequest, version: i16) -> Reply {
@@ -352,7 +320,7 @@ pub async fn offset_commit(ctx: &Ctx, req: OffsetCommitRequest, version: i16) ->
                 .as_ref()
                 .is_some_and(|m| m.len() > max_metadata)
             {
-                E::OffsetMetadataTooLarge.code()
+                codes::OFFSET_METADATA_TOO_LARGE
             } else {
                 known.push((
                     t.name.to_string(),
@@ -375,21 +343,20 @@ pub async fn offset_commit(ctx: &Ctx, req: OffsetCommitRequest, version: i16) ->
         results.push((t.name.clone(), parts));
     }
     let failure = if req.group_id.is_empty() {
-        Some(E::InvalidGroupId.code())
+        Some(codes::INVALID_GROUP_ID)
     } else {
-        let coord = coordinator(ctx);
         let group = req.group_id.to_string();
         let member = req.member_id.to_string();
         let instance = req.group_instance_id.as_ref().map(|i| i.to_string());
         let generation = req.generation_id_or_member_epoch;
-        on_sidecar(ctx, async move {
+        on_coordinator(ctx, |coord| async move {
             coord
                 .commit_offsets(&group, &member, generation, instance.as_deref(), known)
                 .await
         })
         .await
         .err()
-        .map(|e| code(&e))
+        .map(|e| codes::coordinator(&e))
     };
     let topics = results
         .into_iter()
@@ -425,10 +392,13 @@ async fn fetch_group(
     group: &str,
     topics: Option<Vec<(String, Vec<i32>)>>,
 ) -> Result<Vec<(String, Vec<(i32, Option<OffsetRecord>)>)>, CoordError> {
-    let coord = coordinator(ctx);
     let g = group.to_string();
     let asked = topics.clone();
-    let found = on_sidecar(ctx, async move { coord.fetch_offsets(&g, asked).await }).await?;
+    let found = on_coordinator(
+        ctx,
+        |coord| async move { coord.fetch_offsets(&g, asked).await },
+    )
+    .await?;
     let mut by_topic: BTreeMap<String, BTreeMap<i32, OffsetRecord>> = BTreeMap::new();
     for (t, p, rec) in found {
         by_topic.entry(t).or_default().insert(p, rec);
@@ -492,7 +462,7 @@ pub async fn offset_fetch(ctx: &Ctx, req: OffsetFetchRequest, version: i16) -> R
                         })
                         .collect(),
                 ),
-                Err(e) => entry.with_error_code(code(&e)),
+                Err(e) => entry.with_error_code(codes::coordinator(&e)),
             };
             groups.push(entry);
         }
@@ -529,7 +499,7 @@ pub async fn offset_fetch(ctx: &Ctx, req: OffsetFetchRequest, version: i16) -> R
                 })
                 .collect(),
         ),
-        Err(e) => OffsetFetchResponse::default().with_error_code(code(&e)),
+        Err(e) => OffsetFetchResponse::default().with_error_code(codes::coordinator(&e)),
     };
     encode(&resp, version)
 }
@@ -539,16 +509,15 @@ pub async fn offset_fetch(ctx: &Ctx, req: OffsetFetchRequest, version: i16) -> R
 pub async fn describe(ctx: &Ctx, req: DescribeGroupsRequest, version: i16) -> Reply {
     let mut groups = Vec::with_capacity(req.groups.len());
     for g in req.groups {
-        let coord = coordinator(ctx);
         let id = g.to_string();
-        let r = on_sidecar(ctx, async move { coord.describe(&id).await }).await;
+        let r = on_coordinator(ctx, |coord| async move { coord.describe(&id).await }).await;
         let entry = DescribedGroup::default()
             .with_group_id(g.clone())
             .with_authorized_operations(i32::MIN);
         groups.push(match r {
             Ok(sum) => described(entry, sum),
             Err(e) => entry
-                .with_error_code(code(&e))
+                .with_error_code(codes::coordinator(&e))
                 .with_group_state(s(GroupState::Dead.as_str())),
         });
     }
@@ -591,8 +560,7 @@ fn described(entry: DescribedGroup, sum: GroupSummary) -> DescribedGroup {
 /// coordinates now) for which it is the client's rendezvous choice — so an
 /// admin client that asks every broker it sees lists each group once.
 pub async fn list(ctx: &Ctx, req: ListGroupsRequest, version: i16) -> Reply {
-    let coord = coordinator(ctx);
-    let r = on_sidecar(ctx, async move { coord.list().await }).await;
+    let r = on_coordinator(ctx, |coord| async move { coord.list().await }).await;
     let me = ctx.broker.settings.node_id;
     let visible = discovery::visible_brokers(&ctx.broker, &ctx.client);
     let states: Vec<String> = req.states_filter.iter().map(|x| x.to_lowercase()).collect();
@@ -622,7 +590,7 @@ pub async fn list(ctx: &Ctx, req: ListGroupsRequest, version: i16) -> Reply {
                 })
                 .collect(),
         ),
-        Err(e) => ListGroupsResponse::default().with_error_code(code(&e)),
+        Err(e) => ListGroupsResponse::default().with_error_code(codes::coordinator(&e)),
     };
     encode(&resp, version)
 }
@@ -630,13 +598,16 @@ pub async fn list(ctx: &Ctx, req: ListGroupsRequest, version: i16) -> Reply {
 pub async fn delete(ctx: &Ctx, req: DeleteGroupsRequest, version: i16) -> Reply {
     let mut results = Vec::with_capacity(req.groups_names.len());
     for g in req.groups_names {
-        let coord = coordinator(ctx);
         let id = g.to_string();
-        let r = on_sidecar(ctx, async move { coord.delete_group(&id).await }).await;
+        let r = on_coordinator(ctx, |coord| async move { coord.delete_group(&id).await }).await;
         results.push(
             DeletableGroupResult::default()
                 .with_group_id(g)
-                .with_error_code(r.err().map(|e| code(&e)).unwrap_or(codes::NONE)),
+                .with_error_code(
+                    r.err()
+                        .map(|e| codes::coordinator(&e))
+                        .unwrap_or(codes::NONE),
+                ),
         );
     }
     encode(
@@ -663,14 +634,16 @@ fn subscribed(subscriptions: &[Bytes]) -> Vec<String> {
 }
 
 pub async fn offset_delete(ctx: &Ctx, req: OffsetDeleteRequest, version: i16) -> Reply {
-    let coord = coordinator(ctx);
     let group = req.group_id.to_string();
-    let state = on_sidecar(ctx, async move { coord.member_subscriptions(&group).await }).await;
+    let state = on_coordinator(ctx, |coord| async move {
+        coord.member_subscriptions(&group).await
+    })
+    .await;
     let (state, protocol_type, subs) = match state {
         Ok(x) => x,
         Err(e) => {
             return encode(
-                &OffsetDeleteResponse::default().with_error_code(code(&e)),
+                &OffsetDeleteResponse::default().with_error_code(codes::coordinator(&e)),
                 version,
             )
         }
@@ -686,7 +659,7 @@ pub async fn offset_delete(ctx: &Ctx, req: OffsetDeleteRequest, version: i16) ->
         let mut parts = Vec::with_capacity(t.partitions.len());
         for p in &t.partitions {
             let code = if busy.iter().any(|b| b == t.name.as_str()) {
-                E::GroupSubscribedToTopic.code()
+                codes::GROUP_SUBSCRIBED_TO_TOPIC
             } else if !partition_exists(ctx, t.name.as_str(), p.partition_index) {
                 codes::UNKNOWN_TOPIC_OR_PARTITION
             } else {
@@ -705,16 +678,14 @@ pub async fn offset_delete(ctx: &Ctx, req: OffsetDeleteRequest, version: i16) ->
                 .with_partitions(parts),
         );
     }
-    let coord = coordinator(ctx);
     let group = req.group_id.to_string();
-    let r = on_sidecar(
-        ctx,
-        async move { coord.delete_offsets(&group, delete).await },
-    )
+    let r = on_coordinator(ctx, |coord| async move {
+        coord.delete_offsets(&group, delete).await
+    })
     .await;
     let resp = match r {
         Ok(()) => OffsetDeleteResponse::default().with_topics(topics),
-        Err(e) => OffsetDeleteResponse::default().with_error_code(code(&e)),
+        Err(e) => OffsetDeleteResponse::default().with_error_code(codes::coordinator(&e)),
     };
     encode(&resp, version)
 }

@@ -41,7 +41,7 @@ fn find_in_batch(batch: &Bytes, ts: Option<i64>) -> Option<(i64, i64)> {
 }
 
 pub async fn handle(ctx: &Ctx, req: ListOffsetsRequest, version: i16) -> Reply {
-    let snapshot = ctx.broker.engine.topics.snapshot();
+    let snapshot = ctx.broker.engine.topics();
     let mut topics = Vec::with_capacity(req.topics.len());
     for t in req.topics {
         let topic = snapshot.get(t.name.0.as_str()).cloned();

@@ -46,26 +46,8 @@ fn error_entry(name: &str, code: i16) -> MetadataResponseTopic {
 
 /// Creates a topic on first use when the broker and request allow it.
 pub async fn auto_create(ctx: &Ctx, name: &str) -> Result<Arc<TopicRecord>, i16> {
-    let engine = ctx.broker.engine.clone();
     let partitions = ctx.broker.settings.num_partitions;
-    let n = name.to_string();
-    let r = engine
-        .sidecar
-        .clone()
-        .run(async move {
-            match engine
-                .topics
-                .create(&n, partitions, Default::default(), false)
-                .await
-            {
-                Err(floe_engine::Error::TopicExists { .. }) => engine
-                    .topics
-                    .get(&n)
-                    .ok_or(floe_engine::Error::UnknownTopic { name: n }),
-                other => other,
-            }
-        })
-        .await;
+    let r = ctx.broker.engine.ensure_topic(name, partitions).await;
     match r {
         Ok(t) => {
             tracing::info!(topic = %name, partitions, "topic auto-created");
@@ -78,7 +60,7 @@ pub async fn auto_create(ctx: &Ctx, name: &str) -> Result<Arc<TopicRecord>, i16>
 pub async fn handle(ctx: &Ctx, req: MetadataRequest, version: i16) -> Reply {
     let st = &ctx.broker.settings;
     let brokers = discovery::visible_brokers(&ctx.broker, &ctx.client);
-    let snapshot = ctx.broker.engine.topics.snapshot();
+    let snapshot = ctx.broker.engine.topics();
     // v0: an empty list means all topics; v1+: null means all topics.
     let requested: Option<Vec<String>> = match req.topics {
         None => None,
@@ -129,7 +111,7 @@ pub async fn handle(ctx: &Ctx, req: MetadataRequest, version: i16) -> Reply {
                 .collect(),
         )
         .with_cluster_id(Some(StrBytes::from_string(
-            ctx.broker.engine.cluster_id.clone(),
+            ctx.broker.engine.cluster_id().to_string(),
         )))
         .with_controller_id(BrokerId(brokers.first().map_or(st.node_id, |b| b.node_id)))
         .with_cluster_authorized_operations(i32::MIN)

@@ -72,7 +72,7 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
     }
     let engine = &ctx.broker.engine;
     let settings = &ctx.broker.settings;
-    let snapshot = engine.topics.snapshot();
+    let snapshot = engine.topics();
     let mut topics = Vec::with_capacity(req.topic_data.len());
     for t in req.topic_data {
         let name = t.name.0.to_string();
@@ -103,7 +103,7 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
                 Ok(batches) => {
                     // The socket-to-frame copy is the only copy of payload
                     // bytes before upload.
-                    Metrics::add(&engine.metrics.produce_copied_bytes, records.len() as u64);
+                    Metrics::add(&engine.metrics().produce_copied_bytes, records.len() as u64);
                     let tp = PartitionKey {
                         topic_id: topic.id,
                         partition: index as u32,

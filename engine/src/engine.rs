@@ -1,0 +1,369 @@
+//! [`Engine`]: what one broker's engine offers the protocol layer, and how
+//! it starts. The protocol layer holds an `Arc<Engine>` and, on each shard,
+//! that shard's [`Shard`]; it never reaches the sidecar, the committer or
+//! the backends itself.
+//!
+//! Start-up ([`Engine::start`]) loads topics, registers the broker under a
+//! lease, recovers the commit log (snapshot, then replay), and spawns on
+//! the sidecar every background task the engine owns: the committer, the
+//! log, topic and membership followers, the registration keep-alive and
+//! the group coordinator. Each shard thread then calls
+//! [`Engine::start_shard`].
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use floe_meta::schema::{self, BrokerRecord, ProducerEpoch, TopicRecord};
+use floe_meta::{Compare, MetaStore, Op, Txn};
+use floe_objstore::ObjectStore;
+use futures::channel::oneshot;
+
+use crate::cluster::{Members, Registration};
+use crate::committer::{CommitRequest, Committer, Lifecycle};
+use crate::coordinator::{CoordError, Coordinator};
+use crate::metrics::Metrics;
+use crate::shard::{self, Shard, ShardInbox, ShardIndexSink, ShardLink};
+use crate::sidecar::{Sidecar, SidecarHandle};
+use crate::topics::{TopicMap, Topics};
+use crate::{EngineConfig, Error, PartitionKey, Result, Shutdown};
+
+/// Commit requests queued before shards wait for the committer.
+const COMMIT_QUEUE_MAX: usize = 1024;
+/// First producer id handed out; lower ones are left unused.
+const PRODUCER_ID_FIRST: i64 = 1000;
+
+/// How the engine cleans up after itself: retention and object deletion
+/// (see [`crate::committer::Lifecycle`]).
+#[derive(Debug, Clone)]
+pub struct CleanupSettings {
+    /// How often the cleanup owner applies retention and deletes.
+    pub interval: Duration,
+    /// A released segment is deleted this long after its last reference.
+    pub delete_grace: Duration,
+    /// An object the log does not know is deleted once this old.
+    pub orphan_grace: Duration,
+    /// How often the bucket is listed for orphans.
+    pub orphan_sweep_interval: Duration,
+    /// Multipart uploads older than this are aborted (S3 only).
+    pub multipart_abort_after: Duration,
+}
+
+/// Everything [`Engine::start`] needs besides the backends.
+pub struct EngineStart {
+    pub config: EngineConfig,
+    /// This broker as the cluster sees it (its `node_id` is
+    /// `config.node_id`).
+    pub broker: BrokerRecord,
+    /// The membership lease: a broker silent this long is gone.
+    pub lease_ttl: Duration,
+    pub cleanup: CleanupSettings,
+}
+
+/// A running engine. Shared by every shard (`Send + Sync`); nothing here is
+/// on the per-record path except reading `shards`.
+pub struct Engine {
+    pub(crate) config: EngineConfig,
+    pub(crate) sidecar: SidecarHandle,
+    pub(crate) store: Arc<dyn ObjectStore>,
+    pub(crate) meta: Arc<dyn MetaStore>,
+    pub(crate) topics: Arc<Topics>,
+    pub(crate) members: Arc<Members>,
+    pub(crate) committer: flume::Sender<CommitRequest>,
+    pub(crate) shards: Vec<ShardLink>,
+    pub(crate) metrics: Arc<Metrics>,
+    shutdown: Shutdown,
+    cluster_id: String,
+    groups: Arc<Coordinator>,
+    /// Each shard's receivers, taken by [`Engine::start_shard`].
+    inboxes: Mutex<Vec<Option<ShardInbox>>>,
+    /// Log entries replayed at start-up.
+    replayed: u64,
+}
+
+impl Engine {
+    /// Starts the engine on `sidecar` (where `meta` was opened; the caller
+    /// keeps the runtime and shuts it down after the shards): see the
+    /// module documentation for what runs where.
+    pub fn start(
+        start: EngineStart,
+        sidecar: &Sidecar,
+        store: Arc<dyn ObjectStore>,
+        meta: Arc<dyn MetaStore>,
+    ) -> Result<Arc<Self>> {
+        let handle = sidecar.handle();
+        let node_id = start.config.node_id;
+        let topics = Arc::new(sidecar.block_on(Topics::load(meta.clone()))?);
+        let cluster_id = sidecar.block_on(cluster_id(&*meta))?;
+        let registration = sidecar.block_on(Registration::register(
+            meta.clone(),
+            start.broker,
+            start.lease_ttl,
+        ))?;
+        let members = Arc::new(Members::default());
+        let (links, inboxes): (Vec<_>, Vec<ShardInbox>) =
+            (0..start.config.shards).map(|_| shard::link()).unzip();
+        let (commit_tx, commit_rx) = flume::bounded(COMMIT_QUEUE_MAX);
+        let metrics = Arc::new(Metrics::default());
+        let sink = Arc::new(ShardIndexSink {
+            links: links.iter().map(|l| l.index.clone()).collect(),
+        });
+        let c = &start.cleanup;
+        let lifecycle = Lifecycle {
+            node_id,
+            topics: topics.clone(),
+            members: members.clone(),
+            interval: c.interval,
+            delete_grace: c.delete_grace,
+            orphan_grace: c.orphan_grace,
+            orphan_sweep_interval: c.orphan_sweep_interval,
+            multipart_abort_after: c.multipart_abort_after,
+        };
+        let mut committer = Committer::new(meta.clone(), store.clone(), sink)
+            .with_metrics(metrics.clone())
+            .with_lifecycle(lifecycle);
+        let replayed = sidecar.block_on(committer.recover())?;
+        let groups = Coordinator::new(node_id, meta.clone(), start.lease_ttl);
+        let engine = Arc::new(Self {
+            config: start.config,
+            sidecar: handle.clone(),
+            store,
+            meta: meta.clone(),
+            topics: topics.clone(),
+            members: members.clone(),
+            committer: commit_tx,
+            shards: links,
+            metrics,
+            shutdown: Shutdown::default(),
+            cluster_id,
+            groups: groups.clone(),
+            inboxes: Mutex::new(inboxes.into_iter().map(Some).collect()),
+            replayed,
+        });
+        let poke = Arc::new(tokio::sync::Notify::new());
+        handle.spawn({
+            let poke = poke.clone();
+            async move {
+                committer.run(commit_rx, poke).await;
+            }
+        });
+        handle.spawn(crate::committer::follow_log(meta.clone(), poke));
+        handle.spawn(topics.follow());
+        handle.spawn(members.follow(meta));
+        let stop = || {
+            let engine = Arc::downgrade(&engine);
+            async move {
+                if let Some(e) = engine.upgrade() {
+                    e.shutdown.wait().await;
+                }
+            }
+        };
+        handle.spawn(registration.maintain(stop()));
+        handle.spawn(groups.run(stop()));
+        Ok(engine)
+    }
+
+    /// Starts shard `id`'s side of the engine on the calling (shard)
+    /// thread: its segment builder, index and read cache. The future
+    /// resolves once the shard is closed and its last commits are done.
+    pub fn start_shard(
+        self: &Arc<Self>,
+        id: usize,
+    ) -> Result<(std::rc::Rc<Shard>, impl Future<Output = ()>)> {
+        let inbox = self
+            .inboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(id)
+            .and_then(Option::take)
+            .ok_or_else(|| Error::Corrupt {
+                what: format!("shard {id}"),
+                reason: "started twice, or beyond the configured shards".into(),
+            })?;
+        Ok(Shard::start(id, self.clone(), inbox))
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn node_id(&self) -> i32 {
+        self.config.node_id
+    }
+
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster_id
+    }
+
+    /// Log entries replayed at start-up.
+    pub fn replayed(&self) -> u64 {
+        self.replayed
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
+    }
+
+    /// The object store's own request counts, when its backend keeps them.
+    pub fn object_store_accounting(&self) -> Option<Arc<floe_objstore::Accounting>> {
+        self.store.accounting()
+    }
+
+    /// Human-readable names of the backends, for the start-up line.
+    pub fn describe_backends(&self) -> (String, String) {
+        (self.store.describe(), self.meta.describe())
+    }
+
+    /// The shard that owns `tp` on every broker.
+    pub fn owner(&self, tp: &PartitionKey) -> usize {
+        tp.owner(self.shards.len())
+    }
+
+    /// Notified whenever the partitions `shard` owns gain committed data
+    /// (long-polling fetches wait on it).
+    pub fn data_event(&self, shard: usize) -> &event_listener::Event {
+        &self.shards[shard % self.shards.len()].data
+    }
+
+    /// Live brokers, by node id.
+    pub fn live_brokers(&self) -> Arc<Vec<BrokerRecord>> {
+        self.members.live()
+    }
+
+    // ---- topics ----------------------------------------------------------
+
+    pub fn topic(&self, name: &str) -> Option<Arc<TopicRecord>> {
+        self.topics.get(name)
+    }
+
+    /// Every topic, as of the last change this broker saw.
+    pub fn topics(&self) -> Arc<TopicMap> {
+        self.topics.snapshot()
+    }
+
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        configs: std::collections::BTreeMap<String, String>,
+        validate_only: bool,
+    ) -> Result<Arc<TopicRecord>> {
+        let (topics, name) = (self.topics.clone(), name.to_string());
+        self.sidecar
+            .run(async move {
+                topics
+                    .create(&name, partitions, configs, validate_only)
+                    .await
+            })
+            .await
+    }
+
+    /// The topic `name`, created with `partitions` if it does not exist
+    /// (auto-creation: a concurrent creator's topic is as good as ours).
+    pub async fn ensure_topic(&self, name: &str, partitions: u32) -> Result<Arc<TopicRecord>> {
+        let (topics, name) = (self.topics.clone(), name.to_string());
+        self.sidecar
+            .run(async move {
+                match topics
+                    .create(&name, partitions, Default::default(), false)
+                    .await
+                {
+                    Err(Error::TopicExists { .. }) => {
+                        topics.get(&name).ok_or(Error::UnknownTopic { name })
+                    }
+                    other => other,
+                }
+            })
+            .await
+    }
+
+    pub async fn delete_topic(&self, name: &str) -> Result<Arc<TopicRecord>> {
+        let (topics, name) = (self.topics.clone(), name.to_string());
+        self.sidecar
+            .run(async move { topics.delete(&name).await })
+            .await
+    }
+
+    /// Raises topic `name`'s partition count to `total`.
+    pub async fn add_partitions(&self, name: &str, total: u32, validate_only: bool) -> Result<()> {
+        let (topics, name) = (self.topics.clone(), name.to_string());
+        self.sidecar
+            .run(async move { topics.add_partitions(&name, total, validate_only).await })
+            .await
+    }
+
+    // ---- producers -------------------------------------------------------
+
+    /// InitProducerId without a transactional id: a new producer id, or
+    /// (when the client passes its current id and epoch) the same id at the
+    /// next epoch, recorded in the commit log so that every broker's
+    /// sequencer fences batches of the old one (KIP-360).
+    pub async fn init_producer_id(&self, producer_id: i64, epoch: i16) -> Result<(i64, i16)> {
+        if producer_id < 0 || epoch < 0 || epoch == i16::MAX {
+            let meta = self.meta.clone();
+            let id = self
+                .sidecar
+                .run(async move {
+                    Ok(
+                        floe_meta::take_next(&*meta, schema::PRODUCERS_NEXT, PRODUCER_ID_FIRST)
+                            .await?,
+                    )
+                })
+                .await?;
+            return Ok((id, 0));
+        }
+        let bumped = ProducerEpoch {
+            producer_id,
+            epoch: epoch + 1,
+        };
+        let (tx, rx) = oneshot::channel();
+        self.committer
+            .send_async(CommitRequest::Epoch {
+                epoch: bumped,
+                reply: tx,
+            })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.unwrap_or(Err(Error::ShuttingDown))?;
+        Ok((producer_id, bumped.epoch))
+    }
+
+    // ---- consumer groups -------------------------------------------------
+
+    /// Runs `f` with this broker's group coordinator on the sidecar, where
+    /// its metadata-store calls run. A broker shutting down answers
+    /// [`CoordError::NotCoordinator`], so clients move to another broker.
+    pub async fn with_groups<T, F, Fut>(&self, f: F) -> Result<T, CoordError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Coordinator>) -> Fut,
+        Fut: Future<Output = Result<T, CoordError>> + Send + 'static,
+    {
+        let work = f(self.groups.clone());
+        match self.sidecar.run(async move { Ok(work.await) }).await {
+            Ok(r) => r,
+            Err(_) => Err(CoordError::NotCoordinator),
+        }
+    }
+}
+
+/// The cluster id, created by the first broker that starts.
+async fn cluster_id(meta: &dyn MetaStore) -> Result<String> {
+    if let Some(kv) = meta.get(schema::CLUSTER_ID).await? {
+        return Ok(String::from_utf8_lossy(&kv.value).into_owned());
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let txn = Txn::when(vec![Compare::ModRevision(schema::CLUSTER_ID.into(), 0)]).and_then(vec![
+        Op::Put(schema::CLUSTER_ID.into(), Bytes::from(id.clone())),
+    ]);
+    meta.txn(txn).await?;
+    let kv = meta.get(schema::CLUSTER_ID).await?.ok_or(Error::Conflict {
+        what: schema::CLUSTER_ID.to_string(),
+    })?;
+    Ok(String::from_utf8_lossy(&kv.value).into_owned())
+}
