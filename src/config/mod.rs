@@ -1,43 +1,30 @@
 //! `floe` command line and configuration: CLI flags override `FLOE_*`
 //! environment variables, which override the TOML file, which overrides
-//! the defaults.
+//! the defaults ([`defaults`], the one place they are written).
+//!
+//! - [`cli`]: the command tree;
+//! - this module: `floe serve`'s settings and their precedence;
+//! - [`listeners`]: the listener grammar;
+//! - [`security`]: the TLS and SASL files the listeners need.
+
+mod cli;
+pub mod defaults;
+mod listeners;
+mod security;
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
-use floe_net::listener::{Listener, SecurityProtocol};
+use clap::Args;
+use floe_net::listener::Listener;
 use serde::Deserialize;
 
-#[derive(Debug, Parser)]
-#[command(
-    name = "floe",
-    version,
-    about = "A diskless, Kafka-compatible streaming broker"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run a broker.
-    Serve(ServeArgs),
-    /// Check that the configured object store grants what floe needs
-    /// (PutObject, GetObject, ListBucket, DeleteObject, multipart create and
-    /// abort); takes serve's flags, environment and config file. Exits 1
-    /// naming each failed permission.
-    CheckBucket(ServeArgs),
-    /// Consumer groups: `floe groups list|describe GROUP --bootstrap HOST:PORT`.
-    Groups(crate::cmd::groups::GroupsArgs),
-    /// Connect as a Kafka client would: ApiVersions and Metadata through
-    /// the bootstrap address, then every advertised broker; explain each
-    /// failure and its fix. Exits 1 when anything is unreachable.
-    DiagnoseConnection(crate::cmd::diagnose::DiagnoseArgs),
-    /// Size a cluster of m6in instances for a produce throughput, with the
-    /// monthly object-store request cost at the default flush settings.
-    Size(crate::cmd::size::SizeArgs),
-}
+pub use cli::{Cli, Command};
+#[cfg(test)]
+use floe_net::listener::SecurityProtocol;
+#[cfg(test)]
+use listeners::{machine_host_name, SHORTHAND_LISTENER};
+use listeners::{resolve_listeners, ListenerSpec};
+use security::resolve_security;
 
 /// Every setting of `floe serve`. Each flag also reads a `FLOE_*`
 /// environment variable and a key of the same name (with underscores) in
@@ -270,7 +257,7 @@ pub struct Resolved {
 /// Most shards accepted: more than this is a configuration mistake.
 pub const SHARDS_MAX: usize = 256;
 
-fn split_host_port(addr: &str, what: &str) -> anyhow::Result<(String, u16)> {
+pub(super) fn split_host_port(addr: &str, what: &str) -> anyhow::Result<(String, u16)> {
     let (host, port) = addr
         .rsplit_once(':')
         .ok_or_else(|| anyhow::anyhow!("{what} {addr:?} must be HOST:PORT"))?;
@@ -309,7 +296,7 @@ impl ServeArgs {
                     .unwrap_or_else(|| $default)
             };
         }
-        let data_dir = pick!(data_dir, PathBuf::from("floe-data"));
+        let data_dir = pick!(data_dir, PathBuf::from(defaults::DATA_DIR));
         let listeners = resolve_listeners(&ListenerSpec {
             listen: self.listen.clone().or(file.listen.clone()),
             advertise: self.advertise.clone().or(file.advertise.clone()),
@@ -334,11 +321,11 @@ impl ServeArgs {
         if shards == 0 || shards > SHARDS_MAX {
             anyhow::bail!("--shards {shards} must be between 1 and {SHARDS_MAX}");
         }
-        let flush_interval_ms = pick!(flush_interval_ms, 100);
+        let flush_interval_ms = pick!(flush_interval_ms, defaults::FLUSH_INTERVAL_MS);
         if flush_interval_ms == 0 || flush_interval_ms > 60_000 {
             anyhow::bail!("--flush-interval-ms {flush_interval_ms} must be between 1 and 60000");
         }
-        let flush_bytes = pick!(flush_bytes, 8 << 20);
+        let flush_bytes = pick!(flush_bytes, defaults::FLUSH_BYTES);
         if flush_bytes < 1024 {
             anyhow::bail!("--flush-bytes {flush_bytes} must be at least 1024");
         }
@@ -360,27 +347,27 @@ impl ServeArgs {
             read_hedge_ms,
             s3_defaults.hedge_after.map_or(0, |d| d.as_millis() as u64)
         );
-        let max_request_bytes = pick!(max_request_bytes, 104_857_600);
+        let max_request_bytes = pick!(max_request_bytes, defaults::MAX_REQUEST_BYTES);
         let inflight_bytes = pick!(inflight_bytes, budgets.inflight_bytes);
         if inflight_bytes < 1 << 20 {
             anyhow::bail!("--inflight-bytes {inflight_bytes} must be at least 1 MiB");
         }
         let resolved = Resolved {
-            admin_listen: pick!(admin_listen, "127.0.0.1:9644".to_string()),
+            admin_listen: pick!(admin_listen, defaults::ADMIN_LISTEN.to_string()),
             node_id: self.node_id.or(file.node_id),
-            meta: pick!(meta, "embedded".to_string()),
+            meta: pick!(meta, defaults::META.to_string()),
             zone: match self.zone.clone().or(file.zone.clone()) {
                 Some(z) => z,
                 None => zone_from_file(self.zone_file.as_ref().or(file.zone_file.as_ref()))?,
             },
-            group: pick!(group, "default".to_string()),
-            lease_ttl_secs: pick!(lease_ttl_secs, 10).clamp(2, 300),
-            auto_create_topics: pick!(auto_create_topics, true),
-            num_partitions: pick!(num_partitions, 1).max(1),
-            max_message_bytes: pick!(max_message_bytes, 1_048_588),
+            group: pick!(group, defaults::GROUP.to_string()),
+            lease_ttl_secs: pick!(lease_ttl_secs, defaults::LEASE_TTL_SECS).clamp(2, 300),
+            auto_create_topics: pick!(auto_create_topics, defaults::AUTO_CREATE_TOPICS),
+            num_partitions: pick!(num_partitions, defaults::NUM_PARTITIONS).max(1),
+            max_message_bytes: pick!(max_message_bytes, defaults::MAX_MESSAGE_BYTES),
             read_cache_bytes: pick!(read_cache_bytes, budgets.read_cache_bytes),
-            fetch_wait_ms_max: pick!(fetch_wait_ms_max, 30_000),
-            log: pick!(log, "info".to_string()),
+            fetch_wait_ms_max: pick!(fetch_wait_ms_max, defaults::FETCH_WAIT_MS_MAX),
+            log: pick!(log, defaults::LOG.to_string()),
             data_dir,
             listeners,
             tls,
@@ -399,13 +386,19 @@ impl ServeArgs {
             upload_concurrency,
             multipart_threshold_bytes,
             read_hedge_ms,
-            cleanup_interval_secs: pick!(cleanup_interval_secs, 60).max(1),
-            delete_grace_secs: pick!(delete_grace_secs, 60),
-            // Commits give up after 5 s; an orphan grace below a minute
-            // would risk deleting an upload whose commit is still landing.
-            orphan_grace_secs: pick!(orphan_grace_secs, 3600),
-            orphan_sweep_interval_secs: pick!(orphan_sweep_interval_secs, 600).max(1),
-            multipart_abort_after_secs: pick!(multipart_abort_after_secs, 86_400),
+            cleanup_interval_secs: pick!(cleanup_interval_secs, defaults::CLEANUP_INTERVAL_SECS)
+                .max(1),
+            delete_grace_secs: pick!(delete_grace_secs, defaults::DELETE_GRACE_SECS),
+            orphan_grace_secs: pick!(orphan_grace_secs, defaults::ORPHAN_GRACE_SECS),
+            orphan_sweep_interval_secs: pick!(
+                orphan_sweep_interval_secs,
+                defaults::ORPHAN_SWEEP_INTERVAL_SECS
+            )
+            .max(1),
+            multipart_abort_after_secs: pick!(
+                multipart_abort_after_secs,
+                defaults::MULTIPART_ABORT_AFTER_SECS
+            ),
             object_store_faults: self
                 .object_store_faults
                 .clone()
@@ -437,237 +430,6 @@ impl Resolved {
             ..floe_objstore::S3Options::default()
         }
     }
-}
-
-/// The TLS files and SASL users file the listeners need: each is required
-/// when a listener uses it, and refused when none does (a certificate
-/// given for nothing is a configuration mistake worth a clear message).
-fn resolve_security(
-    listeners: &[Listener],
-    flags: &ServeArgs,
-    file: &ServeArgs,
-) -> anyhow::Result<(Option<floe_net::tls::TlsFiles>, Option<PathBuf>)> {
-    use floe_net::tls::{ClientAuth, TlsFiles};
-    macro_rules! given {
-        ($f:ident) => {
-            flags.$f.clone().or(file.$f.clone())
-        };
-    }
-    let needs = |p: &[SecurityProtocol]| listeners.iter().find(|l| p.contains(&l.protocol));
-    let tls_listener = needs(&[SecurityProtocol::Ssl, SecurityProtocol::SaslSsl]);
-    let sasl_listener = needs(&[SecurityProtocol::SaslPlaintext, SecurityProtocol::SaslSsl]);
-    let client_auth = match given!(ssl_client_auth) {
-        None => ClientAuth::None,
-        Some(s) => ClientAuth::parse(&s).ok_or_else(|| {
-            anyhow::anyhow!("--ssl-client-auth {s:?} must be none, requested or required")
-        })?,
-    };
-    let (cert, key, client_ca) = (
-        given!(ssl_cert_file),
-        given!(ssl_key_file),
-        given!(ssl_client_ca_file),
-    );
-    let tls = match (tls_listener, cert, key) {
-        (Some(_), Some(cert), Some(key)) => {
-            if client_auth != ClientAuth::None && client_ca.is_none() {
-                anyhow::bail!(
-                    "--ssl-client-auth {client_auth:?} needs --ssl-client-ca-file (the CA client certificates must chain to)"
-                );
-            }
-            Some(TlsFiles {
-                cert,
-                key,
-                client_ca,
-                client_auth,
-            })
-        }
-        (Some(l), _, _) => anyhow::bail!(
-            "listener {:?} is {}: give --ssl-cert-file and --ssl-key-file (PEM)",
-            l.name,
-            l.protocol.kafka_name()
-        ),
-        (None, cert, key) => {
-            if cert.is_some() || key.is_some() || client_ca.is_some() {
-                anyhow::bail!(
-                    "--ssl-cert-file/--ssl-key-file/--ssl-client-ca-file are given but no listener is SSL or SASL_SSL (see --listener-security-protocol-map)"
-                );
-            }
-            None
-        }
-    };
-    let users = given!(sasl_users_file);
-    let sasl = match (sasl_listener, users) {
-        (Some(_), Some(path)) => Some(path),
-        (Some(l), None) => anyhow::bail!(
-            "listener {:?} is {}: give --sasl-users-file (lines of user:password)",
-            l.name,
-            l.protocol.kafka_name()
-        ),
-        (None, Some(_)) => anyhow::bail!(
-            "--sasl-users-file is given but no listener is SASL_PLAINTEXT or SASL_SSL"
-        ),
-        (None, None) => None,
-    };
-    Ok((tls, sasl))
-}
-
-/// The listener of the `--listen` / `--advertise` shorthand.
-pub const SHORTHAND_LISTENER: &str = "plaintext";
-/// Most listeners per broker: more is a configuration mistake.
-pub const LISTENERS_MAX: usize = 16;
-
-/// The listener settings as given (before defaults).
-#[derive(Debug, Default)]
-struct ListenerSpec {
-    listen: Option<String>,
-    advertise: Option<String>,
-    listeners: Option<String>,
-    advertised: Option<String>,
-    protocols: Option<String>,
-}
-
-fn is_wildcard(host: &str) -> bool {
-    matches!(host, "" | "0.0.0.0" | "::")
-}
-
-/// The name other machines may reach this one by, for listeners bound to
-/// every interface and given no advertised address.
-fn machine_host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_string())
-}
-
-/// Splits `NAME://HOST:PORT`, lower-casing the name.
-fn split_named(entry: &str, what: &str) -> anyhow::Result<(String, String, u16)> {
-    let (name, addr) = entry
-        .split_once("://")
-        .ok_or_else(|| anyhow::anyhow!("{what} entry {entry:?} must be NAME://HOST:PORT"))?;
-    let name = name.trim().to_ascii_lowercase();
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
-        anyhow::bail!("{what} entry {entry:?}: listener name must be letters, digits, _ or -");
-    }
-    let (host, port) = split_host_port(addr.trim(), what)?;
-    Ok((name, host, port))
-}
-
-fn entries(list: &str) -> impl Iterator<Item = &str> {
-    list.split(',').map(str::trim).filter(|e| !e.is_empty())
-}
-
-fn resolve_listeners(spec: &ListenerSpec) -> anyhow::Result<Vec<Listener>> {
-    let mut out: Vec<Listener> = Vec::new();
-    let mut add = |name: String, host: String, port: u16, what: &str| -> anyhow::Result<()> {
-        if out.iter().any(|l| l.name == name) {
-            anyhow::bail!("{what}: listener {name:?} is defined twice");
-        }
-        let bind = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
-        if out.iter().any(|l| l.bind == bind) {
-            anyhow::bail!("{what}: two listeners bind {bind}");
-        }
-        let advertised_host = if is_wildcard(&host) {
-            machine_host_name()
-        } else {
-            host
-        };
-        out.push(Listener {
-            name,
-            bind,
-            advertised_host,
-            advertised_port: port,
-            protocol: SecurityProtocol::Plaintext,
-        });
-        Ok(())
-    };
-    // --listen's listener comes first: it is the one logged and the one
-    // older records' single address describes.
-    let listen = match (&spec.listen, &spec.listeners) {
-        (Some(l), _) => Some(l.clone()),
-        (None, None) => Some("127.0.0.1:9092".to_string()),
-        (None, Some(_)) => None,
-    };
-    if let Some(l) = listen {
-        let (host, port) = split_host_port(&l, "--listen")?;
-        add(SHORTHAND_LISTENER.to_string(), host, port, "--listen")?;
-    }
-    if let Some(list) = &spec.listeners {
-        for e in entries(list) {
-            let (name, host, port) = split_named(e, "--listeners")?;
-            add(name, host, port, "--listeners")?;
-        }
-    }
-    if out.is_empty() {
-        anyhow::bail!("--listeners names no listener");
-    }
-    if out.len() > LISTENERS_MAX {
-        anyhow::bail!("{} listeners; at most {LISTENERS_MAX}", out.len());
-    }
-    let mut set_advertised = |name: &str, host: String, port: u16, what: &str| match out
-        .iter_mut()
-        .find(|l| l.name == name)
-    {
-        Some(l) => {
-            l.advertised_host = host;
-            l.advertised_port = port;
-            Ok(())
-        }
-        None => Err(anyhow::anyhow!(
-            "{what} names listener {name:?}, which --listeners/--listen does not define"
-        )),
-    };
-    if let Some(a) = &spec.advertise {
-        let (host, port) = split_host_port(a, "--advertise")?;
-        set_advertised(SHORTHAND_LISTENER, host, port, "--advertise")?;
-    }
-    if let Some(list) = &spec.advertised {
-        for e in entries(list) {
-            let (name, host, port) = split_named(e, "--advertised-listeners")?;
-            if host.is_empty() || is_wildcard(&host) || port == 0 {
-                anyhow::bail!(
-                    "--advertised-listeners entry {e:?}: clients cannot connect to {host:?}:{port}"
-                );
-            }
-            set_advertised(&name, host, port, "--advertised-listeners")?;
-        }
-    }
-    // Kafka's default map: a listener named after a protocol uses it.
-    for l in &mut out {
-        if let Some(p) = SecurityProtocol::parse(&l.name) {
-            l.protocol = p;
-        }
-    }
-    if let Some(map) = &spec.protocols {
-        for e in entries(map) {
-            let (name, proto) = e.split_once(':').ok_or_else(|| {
-                anyhow::anyhow!(
-                    "--listener-security-protocol-map entry {e:?} must be NAME:PROTOCOL"
-                )
-            })?;
-            let name = name.trim().to_ascii_lowercase();
-            let proto = SecurityProtocol::parse(proto).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "--listener-security-protocol-map entry {e:?}: protocol must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
-                )
-            })?;
-            match out.iter_mut().find(|l| l.name == name) {
-                Some(l) => l.protocol = proto,
-                None => anyhow::bail!(
-                    "--listener-security-protocol-map names listener {name:?}, which --listeners/--listen does not define"
-                ),
-            }
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -948,5 +710,73 @@ mod tests {
         let d = std::env::temp_dir().join(format!("floe-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&d).expect("mkdir");
         d
+    }
+
+    #[test]
+    fn help_states_the_defaults_resolve_uses() {
+        use clap::CommandFactory;
+        let mut cli = Cli::command();
+        let serve = cli.find_subcommand_mut("serve").expect("serve");
+        let help = |id: &str| {
+            serve
+                .get_arguments()
+                .find(|a| a.get_id() == id)
+                .map(|a| {
+                    format!(
+                        "{} {}",
+                        a.get_help().map(|h| h.to_string()).unwrap_or_default(),
+                        a.get_long_help().map(|h| h.to_string()).unwrap_or_default()
+                    )
+                })
+                .unwrap_or_default()
+        };
+        let s3 = floe_objstore::S3Options::default();
+        let hedge_ms = s3.hedge_after.map_or(0, |d| d.as_millis());
+        let cases = [
+            ("data_dir", format!("./{}", defaults::DATA_DIR)),
+            ("listen", defaults::LISTEN.to_string()),
+            ("admin_listen", defaults::ADMIN_LISTEN.to_string()),
+            ("flush_interval_ms", defaults::FLUSH_INTERVAL_MS.to_string()),
+            ("flush_bytes", defaults::FLUSH_BYTES.to_string()),
+            ("meta", defaults::META.to_string()),
+            ("group", defaults::GROUP.to_string()),
+            ("lease_ttl_secs", defaults::LEASE_TTL_SECS.to_string()),
+            (
+                "auto_create_topics",
+                defaults::AUTO_CREATE_TOPICS.to_string(),
+            ),
+            ("num_partitions", defaults::NUM_PARTITIONS.to_string()),
+            ("max_request_bytes", defaults::MAX_REQUEST_BYTES.to_string()),
+            ("max_message_bytes", defaults::MAX_MESSAGE_BYTES.to_string()),
+            ("fetch_wait_ms_max", defaults::FETCH_WAIT_MS_MAX.to_string()),
+            ("log", defaults::LOG.to_string()),
+            (
+                "cleanup_interval_secs",
+                defaults::CLEANUP_INTERVAL_SECS.to_string(),
+            ),
+            ("delete_grace_secs", defaults::DELETE_GRACE_SECS.to_string()),
+            ("orphan_grace_secs", defaults::ORPHAN_GRACE_SECS.to_string()),
+            (
+                "orphan_sweep_interval_secs",
+                defaults::ORPHAN_SWEEP_INTERVAL_SECS.to_string(),
+            ),
+            (
+                "multipart_abort_after_secs",
+                defaults::MULTIPART_ABORT_AFTER_SECS.to_string(),
+            ),
+            (
+                "multipart_threshold_bytes",
+                s3.multipart_threshold_bytes.to_string(),
+            ),
+            ("read_hedge_ms", hedge_ms.to_string()),
+            ("s3_express", s3.express.to_string()),
+        ];
+        for (id, want) in cases {
+            let h = help(id);
+            assert!(
+                h.contains(&format!("[default: {want}]")),
+                "--{id}: its help {h:?} does not state the default {want}"
+            );
+        }
     }
 }

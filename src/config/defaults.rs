@@ -1,0 +1,29 @@
+//! Every default of `floe serve` that is not derived from the machine
+//! (shards and memory budgets come from `floe_tuning`, S3 settings from
+//! `floe_objstore::S3Options::default`). `resolve` takes them from here;
+//! a test checks that `floe serve --help` states these same values.
+
+pub const DATA_DIR: &str = "floe-data";
+pub const LISTEN: &str = "127.0.0.1:9092";
+pub const ADMIN_LISTEN: &str = "127.0.0.1:9644";
+pub const FLUSH_INTERVAL_MS: u64 = 100;
+pub const FLUSH_BYTES: usize = 8 << 20;
+pub const META: &str = "embedded";
+pub const GROUP: &str = "default";
+pub const LEASE_TTL_SECS: u64 = 10;
+pub const AUTO_CREATE_TOPICS: bool = true;
+pub const NUM_PARTITIONS: u32 = 1;
+/// Kafka's socket.request.max.bytes.
+pub const MAX_REQUEST_BYTES: usize = 104_857_600;
+/// Kafka's message.max.bytes.
+pub const MAX_MESSAGE_BYTES: usize = 1_048_588;
+pub const FETCH_WAIT_MS_MAX: u64 = 30_000;
+pub const LOG: &str = "info";
+pub const CLEANUP_INTERVAL_SECS: u64 = 60;
+/// Kafka's file.delete.delay.ms is 60 s.
+pub const DELETE_GRACE_SECS: u64 = 60;
+/// Commits give up after 5 s; an orphan grace below a minute would risk
+/// deleting an upload whose commit is still landing.
+pub const ORPHAN_GRACE_SECS: u64 = 3600;
+pub const ORPHAN_SWEEP_INTERVAL_SECS: u64 = 600;
+pub const MULTIPART_ABORT_AFTER_SECS: u64 = 86_400;
