@@ -105,7 +105,7 @@ impl Engine {
         let (links, inboxes): (Vec<_>, Vec<ShardInbox>) =
             (0..start.config.shards).map(|_| shard::link()).unzip();
         let (commit_tx, commit_rx) = flume::bounded(COMMIT_QUEUE_MAX);
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::new(start.config.shards));
         let sink = Arc::new(ShardIndexSink {
             links: links.iter().map(|l| l.index.clone()).collect(),
         });

@@ -1,44 +1,85 @@
-//! Broker counters, exported by `floe-net` on `/metrics`. Updated once per
-//! batch, segment or request, never per record.
-
-/// An upload slower than this counts towards a slow object store. An
-/// 8 MiB PUT takes well under a second on S3 or a local disk.
-pub const UPLOAD_SLOW: std::time::Duration = std::time::Duration::from_secs(2);
+//! Broker counters, exported on `/metrics` by the admin endpoint. Updated
+//! once per batch, segment or request, never per record.
+//!
+//! What the data path counts is counted per shard ([`ShardCounters`]): each
+//! shard writes only its own block, on its own cache lines, and a scrape
+//! sums the shards. What is written off the data path (the committer, the
+//! uploads on the sidecar, the object-store calls) stays in shared atomics.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use floe_objstore::RequestCounters;
 
+/// An upload slower than this counts towards a slow object store. An
+/// 8 MiB PUT takes well under a second on S3 or a local disk.
+pub const UPLOAD_SLOW: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A counter with a single writer, its shard's thread: an increment is a
+/// load and a store, no locked read-modify-write. Any thread may read it.
 #[derive(Debug, Default)]
-pub struct Metrics {
-    /// RecordBatch bytes accepted from producers.
-    pub produce_payload_bytes: AtomicU64,
+pub struct ShardCounter(AtomicU64);
+
+impl ShardCounter {
+    /// Only the owning shard's thread may call this: two writers would lose
+    /// increments.
+    pub fn add(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// The counters of one shard's data path. Owned by shard `id` of
+/// [`Metrics::shard`]: only that shard's thread writes them (through
+/// `Shard::counters`), the scraper on the sidecar reads them. Aligned to
+/// 128 bytes (two cache lines, for adjacent-line prefetch) so that no two
+/// shards' blocks share a line.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct ShardCounters {
+    /// RecordBatch bytes accepted from producers (by the owner of their
+    /// partition).
+    pub produce_payload_bytes: ShardCounter,
     /// RecordBatch bytes copied in user space between the socket and the
-    /// object store (the one socket-to-buffer copy counts).
-    pub produce_copied_bytes: AtomicU64,
-    pub produce_batches: AtomicU64,
-    pub fetch_bytes: AtomicU64,
+    /// object store (the one socket-to-buffer copy counts), by the shard
+    /// that read them.
+    pub produce_copied_bytes: ShardCounter,
+    pub produce_batches: ShardCounter,
+    pub fetch_bytes: ShardCounter,
     /// Partition reads that failed for another reason than an offset out
     /// of range (the object store failing, an object missing).
-    pub fetch_read_errors: AtomicU64,
-    pub segments_committed: AtomicU64,
-    pub segment_bytes: AtomicU64,
-    pub commit_failures: AtomicU64,
-    pub upload_failures: AtomicU64,
+    pub fetch_read_errors: ShardCounter,
+    pub segments_committed: ShardCounter,
+    pub segment_bytes: ShardCounter,
+    pub commit_failures: ShardCounter,
+    pub upload_failures: ShardCounter,
+    /// Requests that waited for the shard's in-flight budget before being
+    /// read: back-pressure, usually because uploads are not keeping up.
+    pub admission_waits: ShardCounter,
+    pub requests: ShardCounter,
+    pub connections_accepted: ShardCounter,
+    /// Connections this shard handed to a shard with fewer (net::balance).
+    pub connections_moved: ShardCounter,
+    pub bad_frames: ShardCounter,
+}
+
+const _: () = assert!(std::mem::align_of::<ShardCounters>() == 128);
+
+/// Every counter of a broker: one [`ShardCounters`] per shard, plus the
+/// broker-wide ones below. Those are shared atomics on purpose: they are
+/// written off the data path (by the committer, by uploads running on the
+/// sidecar, once per object-store call) or by several shards as one
+/// health signal (the `_in_a_row` gauges /readyz reads).
+#[derive(Debug)]
+pub struct Metrics {
+    shards: Box<[ShardCounters]>,
     /// Segment uploads that failed since the last one that succeeded (any
     /// shard): the object store's health, for /readyz.
     pub upload_failures_in_a_row: AtomicU64,
     /// Segment uploads slower than [`UPLOAD_SLOW`] since the last one that
     /// was not (any shard): a slow store, for /readyz.
     pub upload_slow_in_a_row: AtomicU64,
-    /// Requests that waited for the shard's in-flight budget before being
-    /// read: back-pressure, usually because uploads are not keeping up.
-    pub admission_waits: AtomicU64,
-    pub requests: AtomicU64,
-    pub connections_accepted: AtomicU64,
-    /// Connections handed to a shard with fewer (net::balance).
-    pub connections_moved: AtomicU64,
-    pub bad_frames: AtomicU64,
     /// Log entries this broker wrote, and CAS attempts it lost to others.
     pub log_entries_written: AtomicU64,
     pub log_cas_conflicts: AtomicU64,
@@ -57,6 +98,34 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    pub fn new(shards: usize) -> Self {
+        Self {
+            shards: (0..shards).map(|_| ShardCounters::default()).collect(),
+            upload_failures_in_a_row: AtomicU64::default(),
+            upload_slow_in_a_row: AtomicU64::default(),
+            log_entries_written: AtomicU64::default(),
+            log_cas_conflicts: AtomicU64::default(),
+            commit_latency_p50_us: AtomicU64::default(),
+            commit_latency_p99_us: AtomicU64::default(),
+            commit_latency_max_us: AtomicU64::default(),
+            commit_latency_total_p50_us: AtomicU64::default(),
+            commit_latency_total_p99_us: AtomicU64::default(),
+            objstore_intake: RequestCounters::default(),
+            objstore_fetch: RequestCounters::default(),
+            objstore_cleanup: RequestCounters::default(),
+        }
+    }
+
+    /// Shard `id`'s counters; only that shard writes them.
+    pub(crate) fn shard(&self, id: usize) -> &ShardCounters {
+        &self.shards[id]
+    }
+
+    /// One counter summed over every shard, for a scrape.
+    pub fn sum(&self, pick: impl Fn(&ShardCounters) -> &ShardCounter) -> u64 {
+        self.shards.iter().map(|s| pick(s).get()).sum()
+    }
+
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }
@@ -65,5 +134,31 @@ impl Metrics {
     }
     pub fn set(gauge: &AtomicU64, v: u64) {
         gauge.store(v, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scrape_sums_the_shards() {
+        let m = Metrics::new(3);
+        m.shard(0).requests.add(2);
+        m.shard(2).requests.add(5);
+        m.shard(1).fetch_bytes.add(7);
+        assert_eq!(m.sum(|s| &s.requests), 7);
+        assert_eq!(m.sum(|s| &s.fetch_bytes), 7);
+        assert_eq!(m.sum(|s| &s.bad_frames), 0);
+    }
+
+    #[test]
+    fn shards_do_not_share_a_cache_line() {
+        let m = Metrics::new(2);
+        let (a, b) = (
+            m.shard(0) as *const _ as usize,
+            m.shard(1) as *const _ as usize,
+        );
+        assert!(b - a >= 128 && a % 128 == 0);
     }
 }

@@ -20,7 +20,7 @@ use crate::batch::{patched_prefix, Batch};
 use crate::cache::ReadCache;
 use crate::committer::{CommitRequest, IndexUpdate, SegmentCommitted};
 use crate::index::{IndexEntry, PartitionIndex};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ShardCounters};
 use crate::pool::FramePool;
 use crate::segment::{SealedSegment, SegmentBuilder};
 use crate::sequencer::BatchOutcome;
@@ -193,6 +193,12 @@ impl Shard {
         &self.engine.shards[self.id]
     }
 
+    /// This shard's counters, written only on this shard's thread (a
+    /// `Shard` is not `Sync`, so only its thread holds one).
+    pub fn counters(&self) -> &ShardCounters {
+        self.engine.metrics.shard(self.id)
+    }
+
     /// Hands validated batches to their partition's owning shard, in the
     /// order calls are made (a connection calls this in request order), and
     /// returns a future of their outcome once durable and committed (or
@@ -235,8 +241,9 @@ impl Shard {
     ) -> oneshot::Receiver<Result<Vec<BatchOutcome>>> {
         let (tx, rx) = oneshot::channel();
         let bytes: usize = batches.iter().map(|b| b.bytes.len()).sum();
-        Metrics::add(&self.engine.metrics.produce_payload_bytes, bytes as u64);
-        Metrics::add(&self.engine.metrics.produce_batches, batches.len() as u64);
+        let counters = self.counters();
+        counters.produce_payload_bytes.add(bytes as u64);
+        counters.produce_batches.add(batches.len() as u64);
         let full = {
             let mut st = self.state.borrow_mut();
             let first = st.builder.is_empty();
@@ -371,7 +378,7 @@ impl Shard {
             } = p;
             let result = match upload.await {
                 Err(e) => {
-                    Metrics::add(&self.engine.metrics.upload_failures, 1);
+                    self.counters().upload_failures.add(1);
                     Metrics::add(&self.engine.metrics.upload_failures_in_a_row, 1);
                     tracing::warn!(shard = self.id, segment = %record.key, error = %e, "segment upload failed; producers get a retriable error");
                     Err(e)
@@ -439,12 +446,13 @@ impl Shard {
         let SegmentCommitted { seq, outcomes } = match r {
             Ok(v) => v,
             Err(e) => {
-                Metrics::add(&self.engine.metrics.commit_failures, 1);
+                self.counters().commit_failures.add(1);
                 return Err(e);
             }
         };
-        Metrics::add(&self.engine.metrics.segments_committed, 1);
-        Metrics::add(&self.engine.metrics.segment_bytes, size);
+        let counters = self.counters();
+        counters.segments_committed.add(1);
+        counters.segment_bytes.add(size);
         // Answer only once this shard's index shows the commit, so that a
         // producer's acknowledged offsets are immediately readable.
         self.wait_applied(seq).await;
@@ -664,7 +672,7 @@ impl Shard {
             parts.push(stored.slice(prefix.len()..));
             bytes += stored.len();
         }
-        Metrics::add(&self.engine.metrics.fetch_bytes, bytes as u64);
+        self.counters().fetch_bytes.add(bytes as u64);
         Ok(ReadResult {
             high_watermark: hwm,
             log_start,
@@ -692,7 +700,7 @@ impl Shard {
                 };
             }
         }
-        Metrics::add(&self.engine.metrics.fetch_read_errors, 1);
+        self.counters().fetch_read_errors.add(1);
         e
     }
 

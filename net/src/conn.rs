@@ -23,7 +23,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
-use floe_engine::metrics::Metrics;
 use futures::channel::mpsc;
 use futures::future::{select, Either};
 use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -96,7 +95,7 @@ pub async fn serve<S: Stream>(
     let session = sasl_users.map(sasl::Session::new);
     match read_loop(&ctx, rd, tx, peer, session).await {
         End::Refused(why) => {
-            Metrics::add(&ctx.broker.engine.metrics().bad_frames, 1);
+            ctx.shard.counters().bad_frames.add(1);
             tracing::warn!(%peer, "closing connection: {why}");
         }
         End::Answered(why) => {
@@ -239,7 +238,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         // is spent, this connection stops reading (TCP back-pressure).
         let need = len.min(budget_max) as u64;
         if ctx.shard.budget.available() < need {
-            Metrics::add(&ctx.broker.engine.metrics().admission_waits, 1);
+            ctx.shard.counters().admission_waits.add(1);
         }
         let permit = match ctx.shard.budget.acquire_static_permit(need).await {
             Ok(p) => p,
@@ -268,7 +267,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 Err(why) => return End::Answered(why),
             }
         }
-        Metrics::add(&broker.engine.metrics().requests, 1);
+        ctx.shard.counters().requests.add(1);
         let decoded = match request::decode(frame) {
             Ok(d) => d,
             Err(DecodeError::Unsupported {

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use floe_engine::metrics::Metrics;
 use futures::future::{select, Either};
 
 use crate::balance::{Balance, Moved};
@@ -260,7 +259,7 @@ impl Serving {
                 Some(acceptor) => match crate::tls::handshake(acceptor, stream).await {
                     Ok(tls) => conn::serve(ctx, tls, peer, secure.sasl).await,
                     Err(e) => {
-                        Metrics::add(&ctx.broker.engine.metrics().bad_frames, 1);
+                        ctx.shard.counters().bad_frames.add(1);
                         tracing::warn!(%peer, listener = %ctx.client.listener, error = %e, "closing connection: TLS handshake failed");
                     }
                 },
@@ -279,7 +278,7 @@ impl Serving {
         if to == self.shard {
             return self.spawn(index, stream, peer);
         }
-        let metrics = &self.listeners[index].0.broker.engine.metrics();
+        let shard = &self.listeners[index].0.shard;
         let stream = match socket2::SockRef::from(&stream).try_clone() {
             Ok(socket) => {
                 drop(stream);
@@ -290,7 +289,7 @@ impl Serving {
                 };
                 match self.balance.send(to, moved) {
                     Ok(()) => {
-                        Metrics::add(&metrics.connections_moved, 1);
+                        shard.counters().connections_moved.add(1);
                         return;
                     }
                     Err(m) => glommio::net::TcpStream::from(m.socket),
@@ -311,13 +310,14 @@ impl Serving {
 /// starts as a client of this listener (`ctx.client`).
 async fn accept_loop(serving: Rc<Serving>, index: usize, listener: glommio::net::TcpListener) {
     let engine = serving.listeners[index].0.broker.engine.clone();
+    let shard = serving.listeners[index].0.shard.clone();
     let name = serving.listeners[index].0.client.listener.clone();
     loop {
         let accept = Box::pin(listener.accept());
         let stop = Box::pin(engine.shutdown().wait());
         match select(accept, stop).await {
             Either::Left((Ok(stream), _)) => {
-                Metrics::add(&engine.metrics().connections_accepted, 1);
+                shard.counters().connections_accepted.add(1);
                 let peer = stream
                     .peer_addr()
                     .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());

@@ -2,7 +2,6 @@
 //! owning shard, and answer once their segment is durable and committed.
 
 use floe_engine::batch;
-use floe_engine::metrics::Metrics;
 use floe_engine::sequencer::BatchOutcome;
 use floe_engine::PartitionKey;
 use futures::future::join_all;
@@ -103,7 +102,10 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
                 Ok(batches) => {
                     // The socket-to-frame copy is the only copy of payload
                     // bytes before upload.
-                    Metrics::add(&engine.metrics().produce_copied_bytes, records.len() as u64);
+                    ctx.shard
+                        .counters()
+                        .produce_copied_bytes
+                        .add(records.len() as u64);
                     let tp = PartitionKey {
                         topic_id: topic.id,
                         partition: index as u32,
