@@ -5,7 +5,7 @@
 #   TCP (iperf3, the ceiling).
 # For each broker: produce as fast as possible (closed loop), then at half of
 # that rate (open loop, latency from intended send time), then end-to-end at
-# half rate. Prints a table and the ratios of issue 7's targets.
+# half rate. Prints a table and the ratios of floe's benchmark targets.
 #
 #   bench/scripts/side-by-side.sh [SECONDS] [RECORD_SIZE] [PARTITIONS] [CONNECTIONS]
 #

@@ -1,5 +1,5 @@
 //! floe-bench: a Kafka load generator and latency recorder that drives any
-//! bootstrap address over the wire (issue 7).
+//! bootstrap address over the wire.
 //!
 //! Owns: the wire client ([`client`]), produce batches ([`batch`]), per-second throughput and latency
 //! recording ([`Recorder`]), and the JSON and SVG reports ([`report`]).

@@ -160,7 +160,7 @@ fn vary_shared_hosts(brokers: &mut [Advertised]) {
 
 /// `host` with its i-th letter upper-cased when bit i of `node_id` is set:
 /// distinct for node ids below 2^(letters in host). A host without letters
-/// (an IP address) cannot vary; see the README on load-balancer mode.
+/// (an IP address) cannot vary; see docs/network.md on load-balancer mode.
 pub fn vary_case(host: &str, node_id: i32) -> String {
     let bits = node_id as u32 as u64;
     let mut letter = 0u32;
