@@ -48,11 +48,15 @@ pub const LOG_ENTRY_BATCHES_MAX: usize = 8192;
 const _: () = assert!(LOG_ENTRY_BATCHES_MAX >= crate::segment::SEGMENT_BATCHES_MAX);
 /// Log entries read per range request while catching up.
 pub const REPLAY_BATCH_MAX: usize = 256;
-/// How long a commit keeps trying before its producers get a retriable
-/// error.
+/// How long a commit that was never sent keeps trying before its producers
+/// get a retriable error; one whose outcome is unknown never gives up.
 pub const COMMIT_DEADLINE: Duration = Duration::from_secs(5);
 /// Pause between commit attempts while the metadata store is unreachable.
 const COMMIT_RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// Pause between attempts to settle an unknown outcome past the deadline.
+const COMMIT_SETTLE_PAUSE: Duration = Duration::from_secs(1);
+/// A settling commit warns once per this many attempts.
+const SETTLE_WARN_EVERY_ATTEMPTS: u64 = 10;
 /// The log is read at least this often even without a watch event.
 const LOG_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Most partitions trimmed by one log entry (each trim is about 70 bytes
@@ -355,9 +359,12 @@ impl Committer {
     /// connection) may still have landed. Before trying again the log is
     /// replayed looking for this very entry; a new attempt carries the same
     /// value and compares on the head it read, so at most one copy can ever
-    /// land. Gives up (a retriable error for the producers) after
-    /// `COMMIT_DEADLINE`; the entry may still appear later, which producers
-    /// see as an ordinary retry.
+    /// land. Once an attempt's outcome is unknown, the entry is settled,
+    /// never abandoned: the committer keeps replaying and retrying until the
+    /// log shows it or a retry lands, however long the metadata store is
+    /// away, and everything queued behind it waits. Only an entry never
+    /// sent gives up, after `COMMIT_DEADLINE`, with an error that truly
+    /// means "not written".
     async fn append(&mut self, commit: &CommitRecord) -> Result<(u64, Vec<SegmentOutcomes>)> {
         let value = Bytes::from(serde_json::to_vec(commit).map_err(|e| Error::Corrupt {
             what: "a new log entry".into(),
@@ -366,20 +373,28 @@ impl Committer {
         let started = RetryClock::now();
         let deadline = started + COMMIT_DEADLINE;
         let mut landed = None;
+        // Whether some attempt may have landed.
+        let mut unknown = false;
+        let mut attempts: u64 = 0;
         loop {
             let replayed = self.replay(Some(commit), &mut landed).await;
             if let Some(landed) = landed.take() {
+                if unknown {
+                    tracing::info!(
+                        seq = landed.0,
+                        attempts,
+                        "commit outcome settled: the entry is in the log"
+                    );
+                }
                 return Ok(landed);
             }
-            match replayed {
-                Ok(()) => {}
-                Err(e) => {
-                    if RetryClock::now() >= deadline {
-                        return Err(e);
-                    }
-                    tokio::time::sleep(COMMIT_RETRY_PAUSE).await;
-                    continue;
+            if let Err(e) = replayed {
+                if !unknown && RetryClock::now() >= deadline {
+                    return Err(e);
                 }
+                self.settle_pause(unknown, started, attempts, &e).await;
+                attempts += 1;
+                continue;
             }
             let head = self.state.applied();
             let guard = if head == 0 {
@@ -392,6 +407,7 @@ impl Committer {
                 Op::Put(schema::LOG_HEAD.into(), Bytes::from(next.to_string())),
                 Op::Put(schema::log_key(next), value.clone()),
             ]);
+            attempts += 1;
             match self.meta.txn(txn).await {
                 Ok(o) if o.succeeded => {
                     if let Some(l) = &mut self.latency {
@@ -414,14 +430,28 @@ impl Committer {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, seq = next, "commit outcome unknown; checking the log before retrying");
-                    if RetryClock::now() >= deadline {
-                        return Err(e.into());
-                    }
-                    tokio::time::sleep(COMMIT_RETRY_PAUSE).await;
+                    unknown = true;
+                    self.settle_pause(unknown, started, attempts, &e.into())
+                        .await;
                 }
             }
         }
+    }
+
+    /// Waits before the next attempt: briefly within the deadline, then
+    /// (settling an unknown outcome) at a slower pace, with a warning now
+    /// and then so that a stuck commit is visible.
+    async fn settle_pause(&self, unknown: bool, started: RetryClock, attempts: u64, e: &Error) {
+        let waited = started.elapsed();
+        if waited < COMMIT_DEADLINE {
+            tracing::debug!(error = %e, attempts, "commit attempt failed; checking the log before retrying");
+            tokio::time::sleep(COMMIT_RETRY_PAUSE).await;
+            return;
+        }
+        if unknown && attempts.is_multiple_of(SETTLE_WARN_EVERY_ATTEMPTS) {
+            tracing::warn!(error = %e, attempts, waited_ms = waited.as_millis() as u64, "commit outcome still unknown; its producers wait until the log tells");
+        }
+        tokio::time::sleep(COMMIT_SETTLE_PAUSE).await;
     }
 
     /// Serves commit requests and follows the log until every sender is
