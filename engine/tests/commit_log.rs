@@ -258,6 +258,8 @@ fn check(
     s: Schedule,
 ) -> Result<String, String> {
     let reference = committers[0].state().snapshot();
+    // Not a skipped test: committer 0 is the reference the others are
+    // compared with.
     for (i, c) in committers.iter().enumerate().skip(1) {
         if c.state().snapshot() != reference {
             return Err(format!(
