@@ -39,6 +39,21 @@ pub enum Error {
     },
     #[error("broker is shutting down")]
     ShuttingDown,
+    /// The commit was certainly not written (never sent, or settled as
+    /// not landed) and is given up: the producer may retry.
+    #[error("commit not written: {reason}")]
+    CommitAbandoned { reason: String },
+    /// Whether the commit landed cannot be known any more (the log was
+    /// trimmed past where it could be): an idempotent producer's retry
+    /// finds out, by its sequence numbers.
+    #[error("commit outcome unknown: {reason}")]
+    CommitOutcomeUnknown { reason: String },
+    /// The offset is above what this broker has learnt of the log, and the
+    /// log could not be read to tell whether it exists.
+    #[error(
+        "offset {offset} is not available yet on this broker (it knows up to {high_watermark})"
+    )]
+    OffsetNotAvailable { offset: u64, high_watermark: u64 },
     #[error("topic {name:?} already exists")]
     TopicExists { name: String },
     #[error("topic {name:?} does not exist")]
@@ -57,7 +72,11 @@ impl Error {
         match self {
             Error::Storage { source } => source.is_retriable(),
             Error::Metadata { source } => source.is_retriable(),
-            Error::Conflict { .. } | Error::ShuttingDown => true,
+            Error::Conflict { .. }
+            | Error::ShuttingDown
+            | Error::CommitAbandoned { .. }
+            | Error::CommitOutcomeUnknown { .. }
+            | Error::OffsetNotAvailable { .. } => true,
             _ => false,
         }
     }

@@ -172,7 +172,7 @@ impl Sequencer {
             *current = b.producer_epoch;
             let last = b.base_sequence.wrapping_add(b.records as i32 - 1);
             let state = self.producers.entry((b.producer_id, tp)).or_default();
-            if state.epoch == b.producer_epoch {
+            if state.epoch == b.producer_epoch && !state.recent.is_empty() {
                 if let Some(&(_, _, base)) = state
                     .recent
                     .iter()
@@ -186,8 +186,11 @@ impl Sequencer {
                     }
                 }
             } else {
-                // A new epoch starts its sequences again at zero.
-                if b.base_sequence != 0 && !state.recent.is_empty() {
+                // A producer's first batch on a partition, and its first
+                // in a new epoch, must start at sequence 0, as in Kafka:
+                // accepting any other lets a later batch land before an
+                // earlier one that failed and will be retried.
+                if b.base_sequence != 0 {
                     return BatchOutcome::OutOfOrder;
                 }
                 state.epoch = b.producer_epoch;
@@ -309,6 +312,29 @@ mod tests {
             BatchOutcome::Appended { base_offset: 5 }
         );
         assert_eq!(outcome(&mut s, 0, br(1, 9, 0, 5)), BatchOutcome::Fenced);
+    }
+
+    #[test]
+    fn a_first_batch_must_start_at_sequence_zero() {
+        let mut s = Sequencer::default();
+        // New on this partition: only sequence 0 is accepted.
+        assert_eq!(outcome(&mut s, 0, br(2, 4, 0, 5)), BatchOutcome::OutOfOrder);
+        assert_eq!(s.high_watermark(&tp(0)), 0);
+        assert_eq!(
+            outcome(&mut s, 0, br(5, 4, 0, 0)),
+            BatchOutcome::Appended { base_offset: 0 }
+        );
+        assert_eq!(
+            outcome(&mut s, 0, br(2, 4, 0, 5)),
+            BatchOutcome::Appended { base_offset: 5 }
+        );
+        // A new epoch starts again at 0, on every partition.
+        assert_eq!(outcome(&mut s, 0, br(1, 4, 1, 7)), BatchOutcome::OutOfOrder);
+        assert_eq!(
+            outcome(&mut s, 0, br(1, 4, 1, 0)),
+            BatchOutcome::Appended { base_offset: 7 }
+        );
+        assert_eq!(outcome(&mut s, 1, br(1, 4, 1, 3)), BatchOutcome::OutOfOrder);
     }
 
     #[test]

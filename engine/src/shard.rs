@@ -132,6 +132,8 @@ struct Pending {
     appends: Vec<Vec<(usize, usize)>>,
     waiters: Vec<oneshot::Sender<Result<Vec<BatchOutcome>>>>,
     upload: std::pin::Pin<Box<dyn Future<Output = Result<()>>>>,
+    /// Sealed, before the upload began.
+    sealed_at: tokio::time::Instant,
 }
 
 /// One shard's state and runtime. Owned by its executor thread.
@@ -290,6 +292,7 @@ impl Shard {
             self.started_ms, self.engine.config.node_id, self.id, n
         );
         let seg: Arc<str> = Arc::from(key.as_str());
+        let sealed_at = tokio::time::Instant::now();
         {
             let mut cache = self.cache.borrow_mut();
             for (chunk, bytes) in chunks.iter().zip(batch_bytes) {
@@ -332,6 +335,7 @@ impl Shard {
             appends,
             waiters,
             upload: Box::pin(upload),
+            sealed_at,
         };
         let queue = self.commit_queue.borrow();
         match queue.as_ref() {
@@ -375,6 +379,7 @@ impl Shard {
                 appends,
                 waiters,
                 upload,
+                sealed_at,
             } = p;
             let result = match upload.await {
                 Err(e) => {
@@ -385,7 +390,7 @@ impl Shard {
                 }
                 Ok(()) => {
                     Metrics::set(&self.engine.metrics.upload_failures_in_a_row, 0);
-                    self.commit(record).await
+                    self.commit(record, sealed_at).await
                 }
             };
             match result {
@@ -431,13 +436,18 @@ impl Shard {
         }
     }
 
-    async fn commit(&self, record: SegmentRecord) -> Result<Vec<Vec<BatchOutcome>>> {
+    async fn commit(
+        &self,
+        record: SegmentRecord,
+        sealed_at: tokio::time::Instant,
+    ) -> Result<Vec<Vec<BatchOutcome>>> {
         let size = record.size;
         let (tx, rx) = oneshot::channel();
         self.engine
             .committer
             .send_async(CommitRequest::Segment {
                 segment: record,
+                sealed_at,
                 reply: tx,
             })
             .await

@@ -17,15 +17,15 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use floe_engine::committer::{CommitRequest, Committer, IndexSink, IndexUpdate, SegmentCommitted};
 use floe_engine::sequencer::BatchOutcome;
-use floe_engine::PartitionKey;
+use floe_engine::{retention, PartitionKey};
 use floe_meta::faulty::Rng;
 use floe_meta::schema::{BatchRecord, ChunkRecord, SegmentRecord};
 use floe_meta::{Embedded, FaultyMeta, MetaFaults, MetaStore};
-use floe_objstore::{Memory, ObjectStore};
+use floe_objstore::{Memory, ObjectMeta, ObjectStore};
 use futures::channel::oneshot;
 
 /// What one committer told its shards.
@@ -57,14 +57,41 @@ struct Schedule {
     segments_per_producer: usize,
     partitions: u32,
     faults: MetaFaults,
+    /// Faults of the last committer instead (a broker that lags).
+    lagger: Option<MetaFaults>,
+    /// Segments an idempotent producer keeps in flight at once.
+    window: usize,
+    /// Plain producers write producer ids below -1 (a client may).
+    odd_producer_ids: bool,
+    /// Runs an orphan sweep with this grace next to the committers.
+    orphan_grace: Option<Duration>,
 }
 
-/// One batch a producer sent: who, where, which sequence.
+impl Schedule {
+    fn new(seed: u64, faults: MetaFaults) -> Self {
+        Self {
+            seed,
+            committers: 3,
+            producers_per_committer: 2,
+            segments_per_producer: 8,
+            partitions: 2,
+            faults,
+            lagger: None,
+            window: 1,
+            odd_producer_ids: false,
+            orphan_grace: None,
+        }
+    }
+}
+
+/// One batch a producer sent: who, where, and its place in the
+/// producer's order for that partition (the sequence number can start
+/// again at 0 in a new epoch; this cannot).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct BatchId {
     producer: i64,
     partition: u32,
-    sequence: i32,
+    idx: u32,
 }
 
 /// What the producers saw.
@@ -78,6 +105,10 @@ struct Acks {
     failures: u64,
     /// Segment keys of the attempts answered with an error.
     failed_keys: HashSet<String>,
+    /// When each segment object was uploaded (tokio's clock).
+    uploaded: HashMap<String, tokio::time::Instant>,
+    /// Producer epochs bumped after an out-of-order answer.
+    epoch_bumps: u64,
 }
 
 const RECORDS_PER_BATCH_MAX: u64 = 4;
@@ -88,123 +119,312 @@ fn topic() -> uuid::Uuid {
     uuid::Uuid::from_u128(0xf10e)
 }
 
-/// One producer: commits `segments` segments through `committer`, each
-/// with batches for random partitions. An idempotent producer (even ids)
-/// retries a failed segment with the same batches (same sequences) in a
-/// new segment object, as a shard does when the producer retries; a plain
-/// one (odd ids) never retries, so each of its batches is sent once and
-/// any copy in the log is the committer's doing.
-async fn produce(
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One batch of a producer, as the producer tracks it.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    id: BatchId,
+    records: u32,
+    /// Sequence and epoch of the current attempt.
+    seq: i32,
+    epoch: i16,
+    acked: Option<u64>,
+}
+
+/// Uploads a segment holding `batches` (at most one per partition) and
+/// asks the committer to commit it; returns the reply, or None when the
+/// reply was dropped.
+#[allow(clippy::too_many_arguments)]
+async fn send_segment(
+    key: &str,
+    producer_id: i64,
+    batches: &[Sent],
+    max_ts: i64,
+    committer: &flume::Sender<CommitRequest>,
+    store: &Arc<dyn ObjectStore>,
+    acks: &Mutex<Acks>,
+) -> Result<oneshot::Receiver<floe_engine::Result<SegmentCommitted>>, String> {
+    let sealed_at = tokio::time::Instant::now();
+    let mut pos = 16;
+    let mut record = SegmentRecord {
+        key: key.to_string(),
+        size: 0,
+        chunks: Vec::new(),
+    };
+    {
+        let mut a = lock(acks);
+        let mut by_partition: BTreeMap<u32, Vec<&Sent>> = BTreeMap::new();
+        for b in batches {
+            by_partition.entry(b.id.partition).or_default().push(b);
+        }
+        for (partition, bs) in by_partition {
+            let mut chunk = ChunkRecord {
+                topic_id: topic(),
+                partition,
+                batches: Vec::new(),
+            };
+            for b in bs {
+                let len = 61 + 10 * b.records;
+                chunk.batches.push(BatchRecord {
+                    pos,
+                    len,
+                    records: b.records,
+                    max_ts,
+                    producer_id,
+                    producer_epoch: if producer_id >= 0 { b.epoch } else { -1 },
+                    base_sequence: if producer_id >= 0 { b.seq } else { -1 },
+                });
+                a.placed.insert((key.to_string(), pos), b.id);
+                pos += u64::from(len);
+            }
+            record.chunks.push(chunk);
+        }
+        a.uploaded.insert(key.to_string(), sealed_at);
+    }
+    record.size = pos;
+    store
+        .put(key, vec![bytes::Bytes::from(vec![0u8; pos as usize])])
+        .await
+        .map_err(|e| format!("upload of {key}: {e}"))?;
+    let (tx, rx) = oneshot::channel();
+    committer
+        .send_async(CommitRequest::Segment {
+            segment: record,
+            sealed_at,
+            reply: tx,
+        })
+        .await
+        .map_err(|_| "committer gone".to_string())?;
+    Ok(rx)
+}
+
+/// The batches a producer will send, each to a random partition, in order.
+fn plan_batches(producer: i64, s: Schedule, rng: &mut Rng) -> Vec<Vec<Sent>> {
+    let mut next_idx: BTreeMap<u32, u32> = BTreeMap::new();
+    let mut next_seq: BTreeMap<u32, i32> = BTreeMap::new();
+    (0..s.segments_per_producer)
+        .map(|_| {
+            let mut seg: Vec<Sent> = Vec::new();
+            for _ in 0..1 + rng.below(3) {
+                let partition = rng.below(u64::from(s.partitions)) as u32;
+                if seg.iter().any(|b| b.id.partition == partition) {
+                    continue;
+                }
+                let records = 1 + rng.below(RECORDS_PER_BATCH_MAX) as u32;
+                let idx = next_idx.entry(partition).or_insert(0);
+                let seq = next_seq.entry(partition).or_insert(0);
+                seg.push(Sent {
+                    id: BatchId {
+                        producer,
+                        partition,
+                        idx: *idx,
+                    },
+                    records,
+                    seq: *seq,
+                    epoch: 0,
+                    acked: None,
+                });
+                *idx += 1;
+                *seq += records as i32;
+            }
+            seg
+        })
+        .collect()
+}
+
+/// Each producer's own draws, from the schedule's seed.
+fn producer_rng(producer: i64, s: Schedule) -> Rng {
+    Rng(s.seed ^ (producer as u64).wrapping_mul(0x2545_f491_4f6c_dd1d))
+}
+
+/// A plain producer (no idempotence): sends each segment once, one at a
+/// time, and never retries, so any copy of its batches in the log is the
+/// committer's doing.
+async fn produce_plain(
     producer: i64,
     s: Schedule,
     committer: flume::Sender<CommitRequest>,
+    store: Arc<dyn ObjectStore>,
     acks: Arc<Mutex<Acks>>,
 ) -> Result<(), String> {
-    let mut rng = Rng(s.seed ^ (producer as u64).wrapping_mul(0x2545_f491_4f6c_dd1d));
-    let mut next_seq: BTreeMap<u32, i32> = BTreeMap::new();
-    let idempotent = producer % 2 == 0;
-    for n in 0..s.segments_per_producer {
-        // Batches of this segment, by partition.
-        let mut chunks: BTreeMap<u32, Vec<(BatchId, u32)>> = BTreeMap::new();
-        for _ in 0..1 + rng.below(4) {
-            let partition = rng.below(u64::from(s.partitions)) as u32;
-            let records = 1 + rng.below(RECORDS_PER_BATCH_MAX) as u32;
-            let seq = next_seq.entry(partition).or_insert(0);
-            chunks.entry(partition).or_default().push((
-                BatchId {
-                    producer,
-                    partition,
-                    sequence: *seq,
-                },
-                records,
-            ));
-            *seq += records as i32;
-        }
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            if attempt > ATTEMPTS_MAX {
-                return Err(format!(
-                    "producer {producer} segment {n}: no commit in {ATTEMPTS_MAX} attempts"
-                ));
-            }
-            let key = format!("segments/p{producer}-n{n}-a{attempt}");
-            let mut pos = 16;
-            let mut record = SegmentRecord {
-                key: key.clone(),
-                size: 0,
-                chunks: Vec::new(),
-            };
-            {
-                let mut a = acks.lock().unwrap_or_else(|e| e.into_inner());
-                for (partition, batches) in &chunks {
-                    let mut chunk = ChunkRecord {
-                        topic_id: topic(),
-                        partition: *partition,
-                        batches: Vec::new(),
-                    };
-                    for (id, records) in batches {
-                        let len = 61 + 10 * records;
-                        chunk.batches.push(BatchRecord {
-                            pos,
-                            len,
-                            records: *records,
-                            max_ts: 1_000 + n as i64,
-                            producer_id: if idempotent { producer } else { -1 },
-                            producer_epoch: if idempotent { 0 } else { -1 },
-                            base_sequence: if idempotent { id.sequence } else { -1 },
-                        });
-                        a.placed.insert((key.clone(), pos), *id);
-                        pos += u64::from(len);
+    let mut rng = producer_rng(producer, s);
+    // A client may put any negative producer id in a plain batch.
+    let producer_id = if s.odd_producer_ids {
+        -2 - rng.below(1000) as i64
+    } else {
+        -1
+    };
+    for (n, seg) in plan_batches(producer, s, &mut rng).into_iter().enumerate() {
+        let key = format!("segments/p{producer}-n{n}");
+        let rx = send_segment(&key, producer_id, &seg, n as i64, &committer, &store, &acks).await?;
+        match rx.await.map_err(|_| "reply dropped".to_string())? {
+            Ok(SegmentCommitted { outcomes, .. }) => {
+                let mut a = lock(&acks);
+                // One chunk per partition, in partition order.
+                let mut order = seg.clone();
+                order.sort_by_key(|b| b.id.partition);
+                for (b, o) in order.iter().zip(&outcomes) {
+                    match o.first() {
+                        Some(BatchOutcome::Appended { base_offset }) => {
+                            a.offsets.insert(b.id, *base_offset);
+                        }
+                        other => return Err(format!("{:?} answered {other:?}", b.id)),
                     }
-                    record.chunks.push(chunk);
                 }
             }
-            record.size = pos;
-            let (tx, rx) = oneshot::channel();
-            committer
-                .send_async(CommitRequest::Segment {
-                    segment: record,
-                    reply: tx,
-                })
-                .await
-                .map_err(|_| "committer gone".to_string())?;
+            Err(_) => {
+                let mut a = lock(&acks);
+                a.failures += 1;
+                a.failed_keys.insert(key);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An idempotent producer with up to `window` segments in flight: each
+/// round sends the first unacknowledged batch of every partition in one
+/// segment, the second in the next segment, and so on, a moment apart
+/// (as a shard seals them), then waits for every answer. A batch answered
+/// with an error or out of order is sent again next round with the same
+/// sequence; when the first unacknowledged batch of a partition is
+/// refused as out of order although everything before it was
+/// acknowledged, the producer bumps its epoch and numbers what is left
+/// from 0 again, as librdkafka and the Java client do.
+async fn produce_idempotent(
+    producer: i64,
+    s: Schedule,
+    committer: flume::Sender<CommitRequest>,
+    store: Arc<dyn ObjectStore>,
+    acks: Arc<Mutex<Acks>>,
+) -> Result<(), String> {
+    let mut rng = producer_rng(producer, s);
+    let mut batches: Vec<Sent> = plan_batches(producer, s, &mut rng)
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut epoch: i16 = 0;
+    let rounds_max = ATTEMPTS_MAX * s.segments_per_producer;
+    for round in 0.. {
+        if batches.iter().all(|b| b.acked.is_some()) {
+            return Ok(());
+        }
+        if round > rounds_max {
+            return Err(format!(
+                "producer {producer}: batches unacknowledged after {rounds_max} rounds"
+            ));
+        }
+        // Segment k holds the k-th unacknowledged batch of each partition.
+        let mut segments: Vec<Vec<usize>> = Vec::new();
+        let mut per_partition: BTreeMap<u32, usize> = BTreeMap::new();
+        for (i, b) in batches.iter().enumerate() {
+            if b.acked.is_some() {
+                continue;
+            }
+            let k = per_partition.entry(b.id.partition).or_insert(0);
+            if *k < s.window {
+                if segments.len() <= *k {
+                    segments.push(Vec::new());
+                }
+                segments[*k].push(i);
+            }
+            *k += 1;
+        }
+        let mut replies = Vec::new();
+        for (k, seg) in segments.iter().enumerate() {
+            if k > 0 {
+                tokio::time::sleep(Duration::from_millis(rng.below(3))).await;
+            }
+            let key = format!("segments/p{producer}-r{round}-k{k}");
+            let sent: Vec<Sent> = seg.iter().map(|&i| batches[i]).collect();
+            let rx = send_segment(
+                &key,
+                producer,
+                &sent,
+                round as i64,
+                &committer,
+                &store,
+                &acks,
+            )
+            .await?;
+            replies.push((key, rx));
+        }
+        let mut refused: Vec<usize> = Vec::new();
+        for ((key, rx), seg) in replies.into_iter().zip(&segments) {
             let reply = rx.await.map_err(|_| "reply dropped".to_string())?;
-            let SegmentCommitted { outcomes, .. } = match reply {
-                Ok(c) => c,
+            let outcomes = match reply {
+                Ok(SegmentCommitted { outcomes, .. }) => outcomes,
                 Err(_) => {
-                    let mut a = acks.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut a = lock(&acks);
                     a.failures += 1;
                     a.failed_keys.insert(key);
-                    if idempotent {
-                        continue;
-                    }
-                    break;
+                    continue;
                 }
             };
-            let mut a = acks.lock().unwrap_or_else(|e| e.into_inner());
-            for ((_, batches), chunk_out) in chunks.iter().zip(&outcomes) {
-                for ((id, _), o) in batches.iter().zip(chunk_out) {
-                    let offset = match o {
+            // One chunk per partition, in partition order.
+            let mut order: Vec<usize> = seg.clone();
+            order.sort_by_key(|&i| batches[i].id.partition);
+            for (&i, chunk) in order.iter().zip(&outcomes) {
+                let b = &mut batches[i];
+                match chunk.first() {
+                    Some(
                         BatchOutcome::Appended { base_offset }
-                        | BatchOutcome::Duplicate { base_offset } => *base_offset,
-                        other => {
-                            return Err(format!("{id:?} answered {other:?} on attempt {attempt}"))
+                        | BatchOutcome::Duplicate { base_offset },
+                    ) => {
+                        if let Some(prev) = b.acked {
+                            if prev != *base_offset {
+                                return Err(format!(
+                                    "{:?} acknowledged at {prev} and at {base_offset}",
+                                    b.id
+                                ));
+                            }
                         }
-                    };
-                    if let Some(prev) = a.offsets.insert(*id, offset) {
-                        return Err(format!("{id:?} acknowledged twice: at {prev} and {offset}"));
+                        b.acked = Some(*base_offset);
+                        let mut a = lock(&acks);
+                        if let Some(prev) = a.offsets.insert(b.id, *base_offset) {
+                            if prev != *base_offset {
+                                return Err(format!(
+                                    "{:?} acknowledged at {prev} and at {base_offset}",
+                                    b.id
+                                ));
+                            }
+                        }
                     }
+                    Some(BatchOutcome::OutOfOrder) => refused.push(i),
+                    other => return Err(format!("{:?} answered {other:?}", b.id)),
                 }
             }
-            break;
+        }
+        // Out of order with nothing before it outstanding: the producer's
+        // sequence is out of step with the log; bump the epoch.
+        let desync = refused.iter().any(|&i| {
+            let b = &batches[i];
+            batches
+                .iter()
+                .filter(|o| o.id.partition == b.id.partition && o.id.idx < b.id.idx)
+                .all(|o| o.acked.is_some())
+        });
+        if desync {
+            epoch += 1;
+            lock(&acks).epoch_bumps += 1;
+            let mut next_seq: BTreeMap<u32, i32> = BTreeMap::new();
+            for b in batches.iter_mut().filter(|b| b.acked.is_none()) {
+                let seq = next_seq.entry(b.id.partition).or_insert(0);
+                b.seq = *seq;
+                b.epoch = epoch;
+                *seq += b.records as i32;
+            }
         }
     }
     Ok(())
 }
 
 async fn catch_up(c: &mut Committer) -> Result<(), String> {
-    for _ in 0..ATTEMPTS_MAX {
+    // Outages are counted in requests: enough attempts to outlast several.
+    for _ in 0..20 * ATTEMPTS_MAX {
         if c.catch_up().await.is_ok() {
             return Ok(());
         }
@@ -212,30 +432,102 @@ async fn catch_up(c: &mut Committer) -> Result<(), String> {
     Err("a committer could not catch up".into())
 }
 
+/// The orphan sweep of the cleanup owner, on the sim's clock: every
+/// quarter grace it catches a committer of its own up with the log and
+/// deletes, by the product's rule ([`retention::orphans`]), the uploads
+/// the log does not know that are older than the grace.
+async fn sweep(
+    meta: Arc<dyn MetaStore>,
+    store: Arc<dyn ObjectStore>,
+    acks: Arc<Mutex<Acks>>,
+    grace: Duration,
+    done: Arc<tokio::sync::Notify>,
+) -> u64 {
+    let t0 = tokio::time::Instant::now();
+    let sim_time = |t: tokio::time::Instant| SystemTime::UNIX_EPOCH + (t - t0);
+    let mut owner = Committer::new(meta, store.clone(), Arc::new(Recorder::default()));
+    let mut deleted = 0;
+    loop {
+        tokio::select! {
+            _ = done.notified() => return deleted,
+            _ = tokio::time::sleep(grace / 4) => {}
+        }
+        if owner.catch_up().await.is_err() {
+            continue;
+        }
+        let known = owner.state().refs().known_keys();
+        let Ok(listing) = store.list(retention::SEGMENTS_PREFIX).await else {
+            continue;
+        };
+        let listing: Vec<ObjectMeta> = {
+            let a = lock(&acks);
+            listing
+                .into_iter()
+                .filter_map(|m| {
+                    let at = *a.uploaded.get(&m.key)?;
+                    Some(ObjectMeta {
+                        last_modified: sim_time(at),
+                        ..m
+                    })
+                })
+                .collect()
+        };
+        let now = sim_time(tokio::time::Instant::now());
+        for key in retention::orphans(&listing, &known, now, grace) {
+            if store.delete(&key).await.is_ok() {
+                deleted += 1;
+            }
+        }
+    }
+}
+
 async fn run_schedule(s: Schedule) -> Result<String, String> {
     let base: Arc<dyn MetaStore> = Arc::new(Embedded::in_memory().map_err(|e| e.to_string())?);
     let store: Arc<dyn ObjectStore> = Arc::new(Memory::default());
     let acks = Arc::new(Mutex::new(Acks::default()));
+    let sweep_done = Arc::new(tokio::sync::Notify::new());
+    let sweeper = s.orphan_grace.map(|grace| {
+        tokio::spawn(sweep(
+            base.clone(),
+            store.clone(),
+            acks.clone(),
+            grace,
+            sweep_done.clone(),
+        ))
+    });
     let mut running = Vec::new();
     let mut producers = Vec::new();
     let mut recorders = Vec::new();
     for c in 0..s.committers {
+        let faults = match s.lagger {
+            Some(f) if c + 1 == s.committers => f,
+            _ => s.faults,
+        };
         let meta = Arc::new(FaultyMeta::new(
             base.clone(),
             MetaFaults {
                 seed: s.seed.wrapping_mul(31).wrapping_add(c as u64),
-                ..s.faults
+                ..faults
             },
         ));
         let recorder = Arc::new(Recorder::default());
         recorders.push(recorder.clone());
-        let committer = Committer::new(meta, store.clone(), recorder);
+        let mut committer = Committer::new(meta, store.clone(), recorder);
+        if let Some(grace) = s.orphan_grace {
+            // As the product derives it from the orphan grace.
+            committer = committer.with_max_commit_age(grace / 2);
+        }
         let (tx, rx) = flume::bounded(64);
         let poke = Arc::new(tokio::sync::Notify::new());
         running.push(tokio::spawn(committer.run(rx, poke)));
         for p in 0..s.producers_per_committer {
             let id = 1000 + (c * s.producers_per_committer + p) as i64;
-            producers.push(tokio::spawn(produce(id, s, tx.clone(), acks.clone())));
+            let (tx, store, acks) = (tx.clone(), store.clone(), acks.clone());
+            producers.push(if id % 2 == 0 {
+                tokio::spawn(produce_idempotent(id, s, tx, store, acks))
+            } else {
+                tokio::spawn(produce_plain(id, s, tx, store, acks))
+            });
         }
     }
     for p in producers {
@@ -247,14 +539,28 @@ async fn run_schedule(s: Schedule) -> Result<String, String> {
         catch_up(&mut c).await?;
         committers.push(c);
     }
-    let acks = acks.lock().unwrap_or_else(|e| e.into_inner());
-    check(&committers, &recorders, &acks, s)
+    sweep_done.notify_one();
+    let swept = match sweeper {
+        Some(t) => t.await.map_err(|e| e.to_string())?,
+        None => 0,
+    };
+    let present: HashSet<String> = store
+        .list(retention::SEGMENTS_PREFIX)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
+    let acks = lock(&acks);
+    let summary = check(&committers, &recorders, &acks, &present, s)?;
+    Ok(format!("{summary}, {swept} orphans swept"))
 }
 
 fn check(
     committers: &[Committer],
     recorders: &[Arc<Recorder>],
     acks: &Acks,
+    present: &HashSet<String>,
     s: Schedule,
 ) -> Result<String, String> {
     let reference = committers[0].state().snapshot();
@@ -269,7 +575,7 @@ fn check(
     }
     let mut seen: HashSet<BatchId> = HashSet::new();
     let mut at_offset: HashMap<(u32, u64), BatchId> = HashMap::new();
-    let mut last_seq: HashMap<(i64, u32), i32> = HashMap::new();
+    let mut last_idx: HashMap<(i64, u32), u32> = HashMap::new();
     for partition in 0..s.partitions {
         let tp = PartitionKey {
             topic_id: topic(),
@@ -299,6 +605,12 @@ fn check(
                 .placed
                 .get(&(key.clone(), b.pos))
                 .ok_or_else(|| format!("{key}@{} was never sent", b.pos))?;
+            if !present.contains(key) {
+                return Err(format!(
+                    "{id:?} is in the log at {}, but its object {key} was deleted",
+                    b.base_offset
+                ));
+            }
             if acks.failed_keys.contains(key) {
                 return Err(format!(
                     "{id:?} is in the log at {}, although its request ({key}) was answered with an error",
@@ -308,10 +620,11 @@ fn check(
             if !seen.insert(id) {
                 return Err(format!("{id:?} is in partition {partition} twice"));
             }
-            if let Some(prev) = last_seq.insert((id.producer, partition), id.sequence) {
-                if prev >= id.sequence {
+            if let Some(prev) = last_idx.insert((id.producer, partition), id.idx) {
+                if prev >= id.idx {
                     return Err(format!(
-                        "{id:?} follows sequence {prev}: producer order broken"
+                        "{id:?} at {} follows the producer's batch {prev}: producer order broken",
+                        b.base_offset
                     ));
                 }
             }
@@ -369,10 +682,11 @@ fn check(
         }
     }
     Ok(format!(
-        "{} entries, {} batches acknowledged, {} failed requests retried",
+        "{} entries, {} batches acknowledged, {} failed requests, {} epoch bumps",
         committers[0].state().applied(),
         acks.offsets.len(),
-        acks.failures
+        acks.failures,
+        acks.epoch_bumps
     ))
 }
 
@@ -415,12 +729,9 @@ fn concurrent_committers_give_contiguous_offsets() {
         "concurrent_committers_give_contiguous_offsets",
         200,
         |seed| Schedule {
-            seed,
-            committers: 3,
-            producers_per_committer: 2,
-            segments_per_producer: 8,
             partitions: 3,
-            faults: MetaFaults::none(),
+            window: 1 + (seed % 4) as usize,
+            ..Schedule::new(seed, MetaFaults::none())
         },
     );
 }
@@ -431,18 +742,19 @@ fn lost_replies_and_refused_requests_neither_lose_nor_duplicate() {
         "lost_replies_and_refused_requests_neither_lose_nor_duplicate",
         300,
         |seed| Schedule {
-            seed,
-            committers: 3,
-            producers_per_committer: 2,
-            segments_per_producer: 8,
-            partitions: 2,
-            faults: MetaFaults {
+            window: 1 + (seed % 3) as usize,
+            odd_producer_ids: true,
+            ..Schedule::new(
                 seed,
-                txn_reply_lost: 0.15,
-                txn_refused: 0.1,
-                read_failed: 0.1,
-                ..MetaFaults::none()
-            },
+                MetaFaults {
+                    seed,
+                    txn_reply_lost: 0.15,
+                    txn_refused: 0.1,
+                    read_failed: 0.1,
+                    delay_max_ms: 20,
+                    ..MetaFaults::none()
+                },
+            )
         },
     );
 }
@@ -456,18 +768,73 @@ fn outages_past_the_commit_deadline_neither_lose_nor_duplicate() {
         "outages_past_the_commit_deadline_neither_lose_nor_duplicate",
         100,
         |seed| Schedule {
-            seed,
-            committers: 3,
-            producers_per_committer: 2,
             segments_per_producer: 6,
-            partitions: 2,
-            faults: MetaFaults {
+            window: 1 + (seed % 2) as usize,
+            ..Schedule::new(
                 seed,
-                txn_reply_lost: 0.05,
-                outage_start: 0.02,
-                outage_requests: 80,
-                ..MetaFaults::none()
-            },
+                MetaFaults {
+                    seed,
+                    txn_reply_lost: 0.05,
+                    outage_start: 0.02,
+                    outage_requests: 80,
+                    outage_txn_applied: 0.5,
+                    ..MetaFaults::none()
+                },
+            )
+        },
+    );
+}
+
+/// Producers with several segments in flight, some of which fail while
+/// later ones commit: the log must keep each producer's order.
+#[test]
+fn pipelined_producers_keep_their_order_through_failures() {
+    run_many(
+        "pipelined_producers_keep_their_order_through_failures",
+        150,
+        |seed| Schedule {
+            segments_per_producer: 10,
+            partitions: 3,
+            window: 4,
+            ..Schedule::new(
+                seed,
+                MetaFaults {
+                    seed,
+                    read_failed: 0.05,
+                    outage_start: 0.03,
+                    outage_requests: 40,
+                    outage_txn_applied: 0.5,
+                    delay_max_ms: 5,
+                    ..MetaFaults::none()
+                },
+            )
+        },
+    );
+}
+
+/// A committer cut off from the metadata store for longer than the orphan
+/// grace, while the cleanup owner sweeps: an upload the sweep deleted must
+/// never be committed afterwards.
+#[test]
+fn the_orphan_sweep_never_deletes_what_a_late_commit_references() {
+    run_many(
+        "the_orphan_sweep_never_deletes_what_a_late_commit_references",
+        100,
+        |seed| Schedule {
+            segments_per_producer: 6,
+            window: 2,
+            orphan_grace: Some(Duration::from_secs(30)),
+            ..Schedule::new(
+                seed,
+                MetaFaults {
+                    seed,
+                    txn_refused: 0.05,
+                    outage_start: 0.02,
+                    outage_requests: 150,
+                    outage_txn_applied: 0.0,
+                    ..MetaFaults::none()
+                },
+            )
         },
     );
 }

@@ -1,7 +1,8 @@
 //! A [`MetaStore`] wrapper that injects the failures a real etcd client
 //! sees: a transaction whose reply is lost after it was applied ("outcome
 //! unknown"), a request refused before it reached the store (a lost
-//! connection), and failed reads. Decisions come from a seeded generator,
+//! connection), failed reads, outages (a run of failed requests, as when a
+//! broker is cut off from etcd) and delays. Decisions come from a seeded generator,
 //! so a failing schedule can be run again from its seed. With
 //! [`MetaFaults::none`] it passes the conformance suite.
 
@@ -21,9 +22,16 @@ pub struct MetaFaults {
     /// A `get` or `range` fails.
     pub read_failed: f64,
     /// A request starts an outage: it and the next `outage_requests`
-    /// requests fail (transactions are applied, their replies lost).
+    /// requests fail.
     pub outage_start: f64,
     pub outage_requests: u32,
+    /// The chance that a transaction sent during an outage is applied
+    /// anyway (its reply lost, as when the link breaks on the way back);
+    /// the others never reach the store (cut off on the way there).
+    pub outage_txn_applied: f64,
+    /// Each request first waits a uniform delay up to this many
+    /// milliseconds (on tokio's clock, so a paused clock makes it free).
+    pub delay_max_ms: u64,
 }
 
 impl MetaFaults {
@@ -35,6 +43,8 @@ impl MetaFaults {
             read_failed: 0.0,
             outage_start: 0.0,
             outage_requests: 0,
+            outage_txn_applied: 1.0,
+            delay_max_ms: 0,
         }
     }
 }
@@ -114,6 +124,17 @@ impl FaultyMeta {
         true
     }
 
+    async fn delay(&self) {
+        if self.faults.delay_max_ms == 0 {
+            return;
+        }
+        let ms = {
+            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+            rng.below(self.faults.delay_max_ms + 1)
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+
     fn read_fault(&self, op: &'static str) -> Result<()> {
         if self.in_outage() {
             return Err(Error::Unavailable {
@@ -135,16 +156,19 @@ impl FaultyMeta {
 #[async_trait::async_trait]
 impl MetaStore for FaultyMeta {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        self.delay().await;
         self.read_fault("get")?;
         self.inner.get(key).await
     }
 
     async fn range(&self, start: &str, end: &str, limit: usize) -> Result<Vec<KeyValue>> {
+        self.delay().await;
         self.read_fault("range")?;
         self.inner.range(start, end, limit).await
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome> {
+        self.delay().await;
         if self.roll(self.faults.txn_refused) {
             self.counts.txn_refused.fetch_add(1, Ordering::Relaxed);
             return Err(Error::Unavailable {
@@ -152,7 +176,21 @@ impl MetaStore for FaultyMeta {
                 reason: "injected: connection lost before the request was sent".into(),
             });
         }
-        let lose_reply = self.in_outage() || self.roll(self.faults.txn_reply_lost);
+        if self.in_outage() {
+            if !self.roll(self.faults.outage_txn_applied) {
+                return Err(Error::Unavailable {
+                    op: "txn",
+                    reason: "injected: outage (the request never reached the store)".into(),
+                });
+            }
+            self.inner.txn(txn).await?;
+            self.counts.txn_reply_lost.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::Unavailable {
+                op: "txn",
+                reason: "injected: outage (reply lost after the transaction was applied)".into(),
+            });
+        }
+        let lose_reply = self.roll(self.faults.txn_reply_lost);
         let outcome = self.inner.txn(txn).await?;
         if lose_reply {
             self.counts.txn_reply_lost.fetch_add(1, Ordering::Relaxed);

@@ -102,7 +102,7 @@ pub struct TopicRecord {
 /// size, chunks; topic, partition, batches; offset in object, length,
 /// record count, max timestamp, producer id, epoch, sequence) because an
 /// entry lists every batch and must stay far below etcd's request limit.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitRecord {
     pub segments: Vec<SegmentRecord>,
     /// Producer epoch changes (KIP-360 bumps) applied before the segments.
@@ -183,8 +183,11 @@ fn is_zero_i32(v: &i32) -> bool {
 fn no_producer() -> i64 {
     -1
 }
+/// Only -1 is left out: a client may put any negative id in a batch
+/// without a producer, and an entry must read back exactly as written
+/// (a committer recognises its own entry in the log by comparing it).
 fn is_no_producer(v: &i64) -> bool {
-    *v < 0
+    *v == -1
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -283,6 +286,24 @@ mod group_key_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_records_read_back_exactly_as_written() {
+        for producer_id in [-1, -2, -7_000, 0, 42] {
+            let b = BatchRecord {
+                pos: 16,
+                len: 70,
+                records: 1,
+                max_ts: 5,
+                producer_id,
+                producer_epoch: -1,
+                base_sequence: -1,
+            };
+            let json = serde_json::to_vec(&b).expect("encodes");
+            let back: BatchRecord = serde_json::from_slice(&json).expect("decodes");
+            assert_eq!(back, b, "producer id {producer_id}");
+        }
+    }
 
     #[test]
     fn broker_records_without_listeners_still_parse() {

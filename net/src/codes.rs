@@ -28,6 +28,13 @@ pub fn engine(e: &Error) -> i16 {
             E::UnknownTopicOrPartition.code()
         }
         Error::OffsetOutOfRange { .. } => E::OffsetOutOfRange.code(),
+        // Certainly not written: a retriable "not persisted" error.
+        Error::CommitAbandoned { .. } => E::KafkaStorageError.code(),
+        // Kafka's "may or may not have been written": an idempotent
+        // producer retries with the same sequence and learns which.
+        Error::CommitOutcomeUnknown { .. } => E::RequestTimedOut.code(),
+        // Retriable, and clients refresh metadata (they never reset).
+        Error::OffsetNotAvailable { .. } => E::OffsetNotAvailable.code(),
         // Clients refresh metadata and retry elsewhere.
         Error::ShuttingDown => E::NotLeaderOrFollower.code(),
         Error::TopicExists { .. } => E::TopicAlreadyExists.code(),

@@ -103,10 +103,21 @@ impl Committer {
             // orphan by then, and the sweep retries it.
             self.state.refs_mut().forget(k);
         }
-        let sweep = self.started.elapsed() >= l.delete_grace
+        let mut sweep = self.started.elapsed() >= l.delete_grace
             && last_sweep.is_none_or(|t| t.elapsed() >= l.orphan_sweep_interval);
-        // What the log knows now; anything committed after this instant
-        // was uploaded moments ago, far younger than the orphan grace.
+        // The sweep judges what the log knows by this committer's state:
+        // it must have read the log to its head first, or a segment
+        // committed since it last did would look like an orphan.
+        if sweep {
+            if let Err(e) = self.catch_up().await {
+                tracing::debug!(error = %e, "reading the commit log failed; the orphan sweep waits");
+                sweep = false;
+            }
+        }
+        // What the log knows now. Anything committed after this instant
+        // was sealed less than the maximum commit age (half the grace)
+        // ago, when its request was sent: it is younger than the grace
+        // unless that request spent half the grace on its way.
         let known = sweep.then(|| self.state.refs().known_keys());
         if sweep {
             *last_sweep = Some(Instant::now());
@@ -162,11 +173,10 @@ impl Committer {
         }
         let n = trims.len();
         let commit = CommitRecord {
-            segments: Vec::new(),
-            epochs: Vec::new(),
             trims,
+            ..CommitRecord::default()
         };
-        match self.append(&commit).await {
+        match self.append(&commit, None).await {
             Ok((seq, _)) => {
                 tracing::info!(seq, partitions = n, "retention moved log start offsets")
             }

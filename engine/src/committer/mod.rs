@@ -40,6 +40,10 @@ pub use state::{Applied, LogState};
 use crate::sequencer::BatchOutcome;
 use crate::{Error, PartitionKey, Result};
 
+/// A log entry with nothing in it (what a fence writes), as
+/// `CommitRecord::default()` encodes.
+const EMPTY_ENTRY: &[u8] = br#"{"segments":[]}"#;
+
 /// Most segments committed in one log entry.
 pub const GROUP_SEGMENTS_MAX: usize = 64;
 /// Most batches described by one log entry: with about 80 bytes of JSON per
@@ -87,6 +91,9 @@ pub struct TrimCommitted {
 pub enum CommitRequest {
     Segment {
         segment: SegmentRecord,
+        /// When the segment was sealed, before its upload began: its
+        /// object is at most this old (see [`Committer::with_max_commit_age`]).
+        sealed_at: RetryClock,
         reply: oneshot::Sender<Result<SegmentCommitted>>,
     },
     /// Records a producer epoch bump (KIP-360) in the log.
@@ -215,6 +222,8 @@ pub struct Committer {
     state: LogState,
     sink: Arc<dyn IndexSink>,
     lifecycle: Option<Lifecycle>,
+    /// Segments sealed longer ago than this are never sent to the log.
+    max_commit_age: Option<Duration>,
     started: Instant,
 }
 
@@ -233,14 +242,30 @@ impl Committer {
             state: LogState::default(),
             sink,
             lifecycle: None,
+            max_commit_age: None,
             started: Instant::now(),
         }
     }
 
     /// Makes this committer apply retention and delete objects when its
-    /// broker is the cleanup owner.
+    /// broker is the cleanup owner. Commits then respect half the orphan
+    /// grace as their maximum age (see [`Self::with_max_commit_age`]).
     pub fn with_lifecycle(mut self, lifecycle: Lifecycle) -> Self {
+        self.max_commit_age = Some(lifecycle.orphan_grace / 2);
         self.lifecycle = Some(lifecycle);
+        self
+    }
+
+    /// Never sends a log entry holding a segment sealed longer than `age`
+    /// ago. The orphan sweep deletes uploads the log does not know once
+    /// they are older than its grace; a commit sent later than that could
+    /// land after the sweep read the log, and point at a deleted object.
+    /// So an older segment is given up (its producers retry), and an entry
+    /// whose outcome is unknown is settled by fencing its position with an
+    /// empty entry instead of being sent again. Half the grace leaves the
+    /// other half for a request that is already on its way.
+    pub fn with_max_commit_age(mut self, age: Duration) -> Self {
+        self.max_commit_age = Some(age);
         self
     }
 
@@ -353,33 +378,48 @@ impl Committer {
     }
 
     /// Appends `commit` to the log; returns its sequence number and the
-    /// outcomes of its segments.
+    /// outcomes of its segments. `sealed` is when its oldest segment was
+    /// sealed.
     ///
     /// A transaction that fails without an answer (timeout, lost
-    /// connection) may still have landed. Before trying again the log is
-    /// replayed looking for this very entry; a new attempt carries the same
-    /// value and compares on the head it read, so at most one copy can ever
-    /// land. Once an attempt's outcome is unknown, the entry is settled,
-    /// never abandoned: the committer keeps replaying and retrying until the
-    /// log shows it or a retry lands, however long the metadata store is
-    /// away, and everything queued behind it waits. Only an entry never
-    /// sent gives up, after `COMMIT_DEADLINE`, with an error that truly
-    /// means "not written".
-    async fn append(&mut self, commit: &CommitRecord) -> Result<(u64, Vec<SegmentOutcomes>)> {
+    /// connection) may still have landed. Each attempt compares the head
+    /// it read, so it can only land as the entry right after that head.
+    /// Before trying again the log is replayed looking for this very
+    /// entry; a new attempt carries the same value, so at most one copy
+    /// can ever land. An unknown outcome is settled, never abandoned: the
+    /// committer keeps replaying until the log shows the entry, or shows
+    /// another entry at every position an attempt could have taken,
+    /// however long the metadata store is away, and everything queued
+    /// behind it waits. Only an entry known not to be written gives up:
+    /// after `COMMIT_DEADLINE`, or once a segment is older than the
+    /// maximum commit age (then a position an unknown attempt may still
+    /// take is fenced with an empty entry, rather than the entry sent
+    /// again).
+    async fn append(
+        &mut self,
+        commit: &CommitRecord,
+        sealed: Option<RetryClock>,
+    ) -> Result<(u64, Vec<SegmentOutcomes>)> {
         let value = Bytes::from(serde_json::to_vec(commit).map_err(|e| Error::Corrupt {
             what: "a new log entry".into(),
             reason: e.to_string(),
         })?);
         let started = RetryClock::now();
         let deadline = started + COMMIT_DEADLINE;
+        let max_age = self.max_commit_age;
+        let too_old = |now: RetryClock| match (sealed, max_age) {
+            (Some(t), Some(max)) => now.saturating_duration_since(t) >= max,
+            _ => false,
+        };
         let mut landed = None;
-        // Whether some attempt may have landed.
-        let mut unknown = false;
+        // The highest head an attempt with an unknown outcome compared on:
+        // it landed as the entry after that head, or not at all.
+        let mut unknown_at: Option<u64> = None;
         let mut attempts: u64 = 0;
         loop {
             let replayed = self.replay(Some(commit), &mut landed).await;
             if let Some(landed) = landed.take() {
-                if unknown {
+                if unknown_at.is_some() {
                     tracing::info!(
                         seq = landed.0,
                         attempts,
@@ -389,26 +429,62 @@ impl Committer {
                 return Ok(landed);
             }
             if let Err(e) = replayed {
-                if !unknown && RetryClock::now() >= deadline {
+                if unknown_at.is_none() && RetryClock::now() >= deadline {
                     return Err(e);
                 }
-                self.settle_pause(unknown, started, attempts, &e).await;
+                self.settle_pause(unknown_at.is_some(), started, attempts, &e)
+                    .await;
                 attempts += 1;
                 continue;
             }
             let head = self.state.applied();
+            if unknown_at.is_some_and(|at| head > at) {
+                // Entry at+1 is another's (the replay would have found
+                // ours), and no attempt could land anywhere else.
+                tracing::info!(
+                    attempts,
+                    "commit outcome settled: the entry is not in the log"
+                );
+                unknown_at = None;
+            }
+            let now = RetryClock::now();
+            let old = too_old(now);
+            if unknown_at.is_none() && (old || now >= deadline) {
+                return Err(Error::CommitAbandoned {
+                    reason: if old {
+                        "a segment waited longer than the maximum commit age".into()
+                    } else {
+                        format!("the metadata store refused it for {COMMIT_DEADLINE:?}")
+                    },
+                });
+            }
+            // Too old to send again while an attempt may still land: take
+            // that position with an empty entry instead.
+            let fence = old;
             let guard = if head == 0 {
                 Compare::ModRevision(schema::LOG_HEAD.into(), 0)
             } else {
                 Compare::Value(schema::LOG_HEAD.into(), Bytes::from(head.to_string()))
             };
             let next = head + 1;
+            let entry = if fence {
+                Bytes::from_static(EMPTY_ENTRY)
+            } else {
+                value.clone()
+            };
             let txn = Txn::when(vec![guard]).and_then(vec![
                 Op::Put(schema::LOG_HEAD.into(), Bytes::from(next.to_string())),
-                Op::Put(schema::log_key(next), value.clone()),
+                Op::Put(schema::log_key(next), entry),
             ]);
             attempts += 1;
             match self.meta.txn(txn).await {
+                Ok(o) if o.succeeded && fence => {
+                    tracing::info!(
+                        seq = next,
+                        "fenced the position of a commit too old to send again"
+                    );
+                    self.apply(next, &CommitRecord::default());
+                }
                 Ok(o) if o.succeeded => {
                     if let Some(l) = &mut self.latency {
                         l.record(started.elapsed());
@@ -430,9 +506,12 @@ impl Committer {
                     }
                 }
                 Err(e) => {
-                    unknown = true;
-                    self.settle_pause(unknown, started, attempts, &e.into())
-                        .await;
+                    // A fence landing or not changes nothing: it holds no
+                    // data, and the next replay settles either way.
+                    if !fence {
+                        unknown_at = Some(unknown_at.map_or(head, |at| at.max(head)));
+                    }
+                    self.settle_pause(true, started, attempts, &e.into()).await;
                 }
             }
         }
@@ -524,19 +603,21 @@ impl Committer {
             total += r.weight();
             group.push(r);
         }
-        let mut commit = CommitRecord {
-            segments: Vec::new(),
-            epochs: Vec::new(),
-            trims: Vec::new(),
-        };
+        let mut commit = CommitRecord::default();
+        let mut sealed: Option<RetryClock> = None;
         for r in &group {
             match r {
-                CommitRequest::Segment { segment, .. } => commit.segments.push(segment.clone()),
+                CommitRequest::Segment {
+                    segment, sealed_at, ..
+                } => {
+                    commit.segments.push(segment.clone());
+                    sealed = Some(sealed.map_or(*sealed_at, |t| t.min(*sealed_at)));
+                }
                 CommitRequest::Epoch { epoch, .. } => commit.epochs.push(*epoch),
                 CommitRequest::Trim { trims, .. } => commit.trims.extend_from_slice(trims),
             }
         }
-        let (seq, outcomes) = match self.append(&commit).await {
+        let (seq, outcomes) = match self.append(&commit, sealed).await {
             Ok(landed) => landed,
             Err(e) => {
                 tracing::warn!(error = %e, segments = commit.segments.len(), "commit failed");
