@@ -167,6 +167,12 @@ impl Collector for BrokerCollector {
             "Commit attempts that lost to another broker's commit and were retried.",
             [(NO_LABELS, Metrics::get(&m.log_cas_conflicts))],
         )?;
+        counter(
+            &mut out,
+            "floe_log_snapshot_reloads_total",
+            "Times this broker fell behind the trimmed commit log and reloaded the snapshot in place.",
+            [(NO_LABELS, Metrics::get(&m.log_snapshot_reloads))],
+        )?;
         gauge(
             &mut out,
             "floe_connections",
@@ -491,6 +497,7 @@ mod tests {
             "floe_bad_frames_total counter",
             "floe_log_entries_written_total counter",
             "floe_log_cas_conflicts_total counter",
+            "floe_log_snapshot_reloads_total counter",
             "floe_connections gauge",
             "floe_segment_upload_failures_in_a_row gauge",
             "floe_segment_uploads_slow_in_a_row gauge",

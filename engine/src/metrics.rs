@@ -83,6 +83,9 @@ pub struct Metrics {
     /// Log entries this broker wrote, and CAS attempts it lost to others.
     pub log_entries_written: AtomicU64,
     pub log_cas_conflicts: AtomicU64,
+    /// Times this broker fell behind the trimmed log and reloaded the
+    /// snapshot in place.
+    pub log_snapshot_reloads: AtomicU64,
     /// Commit latency (CAS round trips and retries) over the last interval,
     /// in microseconds, published by the committer.
     pub commit_latency_p50_us: AtomicU64,
@@ -105,6 +108,7 @@ impl Metrics {
             upload_slow_in_a_row: AtomicU64::default(),
             log_entries_written: AtomicU64::default(),
             log_cas_conflicts: AtomicU64::default(),
+            log_snapshot_reloads: AtomicU64::default(),
             commit_latency_p50_us: AtomicU64::default(),
             commit_latency_p99_us: AtomicU64::default(),
             commit_latency_max_us: AtomicU64::default(),

@@ -82,6 +82,26 @@ pub enum ShardMsg {
 pub enum IndexMsg {
     Update(IndexUpdate),
     Applied(u64),
+    /// Replaces the whole index (a snapshot loaded in place).
+    Reload(Vec<IndexUpdate>),
+}
+
+/// Applies one committed update to a shard's indexes.
+fn apply_update(indexes: &mut HashMap<PartitionKey, PartitionIndex>, u: IndexUpdate) {
+    let index = indexes.entry(u.tp).or_default();
+    for b in u.batches {
+        if let BatchOutcome::Appended { base_offset } = b.outcome {
+            index.push(IndexEntry {
+                base_offset,
+                records: b.records,
+                max_ts: b.max_ts,
+                segment: u.segment.clone(),
+                pos: b.pos,
+                len: b.len,
+            });
+        }
+    }
+    index.advance_log_start(u.log_start);
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -472,23 +492,13 @@ impl Shard {
     async fn index_loop(self: Rc<Self>, rx: flume::Receiver<IndexMsg>) {
         while let Ok(msg) = rx.recv_async().await {
             match msg {
-                IndexMsg::Update(u) => {
-                    let seg = u.segment.clone();
-                    let mut st = self.state.borrow_mut();
-                    let index = st.indexes.entry(u.tp).or_default();
-                    for b in u.batches {
-                        if let BatchOutcome::Appended { base_offset } = b.outcome {
-                            index.push(IndexEntry {
-                                base_offset,
-                                records: b.records,
-                                max_ts: b.max_ts,
-                                segment: seg.clone(),
-                                pos: b.pos,
-                                len: b.len,
-                            });
-                        }
+                IndexMsg::Update(u) => apply_update(&mut self.state.borrow_mut().indexes, u),
+                IndexMsg::Reload(updates) => {
+                    let mut fresh = HashMap::new();
+                    for u in updates {
+                        apply_update(&mut fresh, u);
                     }
-                    index.advance_log_start(u.log_start);
+                    self.state.borrow_mut().indexes = fresh;
                 }
                 IndexMsg::Applied(seq) => {
                     self.applied_seq.set(seq);
@@ -772,5 +782,15 @@ impl crate::committer::IndexSink for ShardIndexSink {
         for l in &self.links {
             let _ = l.send(IndexMsg::Applied(seq));
         }
+    }
+    fn reload(&self, seq: u64, updates: Vec<IndexUpdate>) {
+        let mut by_shard: Vec<Vec<IndexUpdate>> = vec![Vec::new(); self.links.len()];
+        for u in updates {
+            by_shard[u.tp.owner(self.links.len())].push(u);
+        }
+        for (l, updates) in self.links.iter().zip(by_shard) {
+            let _ = l.send(IndexMsg::Reload(updates));
+        }
+        self.applied(seq);
     }
 }

@@ -33,6 +33,8 @@ use futures::channel::oneshot;
 struct Recorder {
     updates: Mutex<Vec<IndexUpdate>>,
     applied: Mutex<u64>,
+    /// Snapshots loaded in place.
+    reloads: std::sync::atomic::AtomicU64,
 }
 
 impl IndexSink for Recorder {
@@ -46,6 +48,12 @@ impl IndexSink for Recorder {
         let mut a = self.applied.lock().unwrap_or_else(|e| e.into_inner());
         assert!(seq > *a, "applied went from {} to {seq}", *a);
         *a = seq;
+    }
+    fn reload(&self, seq: u64, updates: Vec<IndexUpdate>) {
+        *self.updates.lock().unwrap_or_else(|e| e.into_inner()) = updates;
+        self.reloads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.applied(seq);
     }
 }
 
@@ -65,6 +73,9 @@ struct Schedule {
     odd_producer_ids: bool,
     /// Runs an orphan sweep with this grace next to the committers.
     orphan_grace: Option<Duration>,
+    /// Snapshot every this many entries, keep this many behind (the
+    /// product's window is 500 and 1,000).
+    log_window: Option<(u64, u64)>,
 }
 
 impl Schedule {
@@ -80,6 +91,7 @@ impl Schedule {
             window: 1,
             odd_producer_ids: false,
             orphan_grace: None,
+            log_window: None,
         }
     }
 }
@@ -109,6 +121,8 @@ struct Acks {
     uploaded: HashMap<String, tokio::time::Instant>,
     /// Producer epochs bumped after an out-of-order answer.
     epoch_bumps: u64,
+    /// Requests answered "outcome unknown".
+    unknown: u64,
 }
 
 const RECORDS_PER_BATCH_MAX: u64 = 4;
@@ -275,6 +289,9 @@ async fn produce_plain(
                     }
                 }
             }
+            // Maybe in the log, maybe not: neither acknowledged nor
+            // refused.
+            Err(floe_engine::Error::CommitOutcomeUnknown { .. }) => lock(&acks).unknown += 1,
             Err(_) => {
                 let mut a = lock(&acks);
                 a.failures += 1;
@@ -357,6 +374,11 @@ async fn produce_idempotent(
             let reply = rx.await.map_err(|_| "reply dropped".to_string())?;
             let outcomes = match reply {
                 Ok(SegmentCommitted { outcomes, .. }) => outcomes,
+                // The retry finds out, by the sequence numbers.
+                Err(floe_engine::Error::CommitOutcomeUnknown { .. }) => {
+                    lock(&acks).unknown += 1;
+                    continue;
+                }
                 Err(_) => {
                     let mut a = lock(&acks);
                     a.failures += 1;
@@ -517,6 +539,9 @@ async fn run_schedule(s: Schedule) -> Result<String, String> {
             // As the product derives it from the orphan grace.
             committer = committer.with_max_commit_age(grace / 2);
         }
+        if let Some((every, keep)) = s.log_window {
+            committer = committer.with_log_window(every, keep);
+        }
         let (tx, rx) = flume::bounded(64);
         let poke = Arc::new(tokio::sync::Notify::new());
         running.push(tokio::spawn(committer.run(rx, poke)));
@@ -553,7 +578,14 @@ async fn run_schedule(s: Schedule) -> Result<String, String> {
         .collect();
     let acks = lock(&acks);
     let summary = check(&committers, &recorders, &acks, &present, s)?;
-    Ok(format!("{summary}, {swept} orphans swept"))
+    let reloads: u64 = recorders
+        .iter()
+        .map(|r| r.reloads.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    Ok(format!(
+        "{summary}, {swept} orphans swept, {reloads} snapshot reloads, {} outcomes unknown",
+        acks.unknown
+    ))
 }
 
 fn check(
@@ -835,6 +867,31 @@ fn the_orphan_sweep_never_deletes_what_a_late_commit_references() {
                     ..MetaFaults::none()
                 },
             )
+        },
+    );
+}
+
+/// A committer cut off for long while the others write, snapshot and trim
+/// the log behind them: when it returns, the entries it needs are gone.
+/// It must load the snapshot in place and carry on, agreeing with the
+/// others, and settle (or declare unknown) what it had in flight.
+#[test]
+fn a_committer_behind_the_trimmed_log_reloads_the_snapshot() {
+    run_many(
+        "a_committer_behind_the_trimmed_log_reloads_the_snapshot",
+        100,
+        |seed| Schedule {
+            segments_per_producer: 12,
+            window: 2,
+            log_window: Some((4, 6)),
+            lagger: Some(MetaFaults {
+                seed,
+                outage_start: 0.05,
+                outage_requests: 60,
+                outage_txn_applied: 0.5,
+                ..MetaFaults::none()
+            }),
+            ..Schedule::new(seed, MetaFaults::none())
         },
     );
 }

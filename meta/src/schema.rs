@@ -85,6 +85,15 @@ pub fn log_key(seq: u64) -> String {
     format!("log/{seq:020}")
 }
 
+/// The sequence number of a log entry's key (`None` for any other key).
+pub fn parse_log_key(key: &str) -> Option<u64> {
+    let digits = key.strip_prefix("log/")?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
 /// A topic as the cluster knows it. `id` changes when a topic is deleted and
 /// created again, so stale offsets never leak into the new topic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -286,6 +295,14 @@ mod group_key_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_keys_parse_back() {
+        assert_eq!(parse_log_key(&log_key(0)), Some(0));
+        assert_eq!(parse_log_key(&log_key(1234)), Some(1234));
+        assert_eq!(parse_log_key(LOG_HEAD), None);
+        assert_eq!(parse_log_key("log/12"), None);
+    }
 
     #[test]
     fn batch_records_read_back_exactly_as_written() {

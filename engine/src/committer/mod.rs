@@ -164,6 +164,10 @@ pub struct IndexUpdate {
 pub trait IndexSink: Send + Sync + 'static {
     fn send(&self, update: IndexUpdate);
     fn applied(&self, seq: u64);
+    /// Replaces everything sent so far by `updates` (a snapshot loaded
+    /// after entry `seq`), then counts `seq` as applied. Each shard swaps
+    /// its whole index at once, so no reader sees it half built.
+    fn reload(&self, seq: u64, updates: Vec<IndexUpdate>);
 }
 
 /// Commit latency, published to the metrics once a second.
@@ -224,6 +228,13 @@ pub struct Committer {
     lifecycle: Option<Lifecycle>,
     /// Segments sealed longer ago than this are never sent to the log.
     max_commit_age: Option<Duration>,
+    /// A snapshot is written after every this many entries, and this many
+    /// entries are kept behind it.
+    snapshot_every: u64,
+    log_keep: u64,
+    /// Log positions a snapshot load skipped over (first, last) during
+    /// the current append: entries there were never seen one by one.
+    skipped: Option<(u64, u64)>,
     started: Instant,
 }
 
@@ -243,6 +254,9 @@ impl Committer {
             sink,
             lifecycle: None,
             max_commit_age: None,
+            snapshot_every: SNAPSHOT_EVERY_ENTRIES,
+            log_keep: LOG_KEEP_ENTRIES,
+            skipped: None,
             started: Instant::now(),
         }
     }
@@ -276,6 +290,15 @@ impl Committer {
         self
     }
 
+    /// Writes snapshots every `snapshot_every` entries and keeps `keep`
+    /// entries behind each (tests use a small window to make trimming
+    /// race a lagging committer).
+    pub fn with_log_window(mut self, snapshot_every: u64, keep: u64) -> Self {
+        self.snapshot_every = snapshot_every.max(1);
+        self.log_keep = keep.max(self.snapshot_every);
+        self
+    }
+
     /// The state derived from every entry applied so far.
     pub fn state(&self) -> &LogState {
         &self.state
@@ -285,18 +308,52 @@ impl Committer {
     /// shards, then replays the log after it. Returns the entries replayed.
     pub async fn recover(&mut self) -> Result<u64> {
         if let Some(ptr) = snapshot::read_pointer(&*self.meta).await? {
-            let bytes = self.store.get(&ptr.key).await?;
-            let snap = Snapshot::decode(&ptr.key, &bytes)?;
-            let seq = snap.seq;
-            let (state, updates) = LogState::load(snap, SystemTime::now());
-            self.state = state;
-            for u in updates {
-                self.sink.send(u);
-            }
-            self.sink.applied(seq);
+            self.load_snapshot(&ptr).await?;
             tracing::info!(seq = ptr.seq, key = %ptr.key, "loaded the metadata snapshot");
         }
         self.catch_up().await
+    }
+
+    /// Replaces the state (and the shards' indexes) by the snapshot
+    /// `ptr` names.
+    async fn load_snapshot(&mut self, ptr: &schema::SnapshotPointer) -> Result<()> {
+        let bytes = self.store.get(&ptr.key).await?;
+        let snap = Snapshot::decode(&ptr.key, &bytes)?;
+        let seq = snap.seq;
+        let (state, updates) = LogState::load(snap, SystemTime::now());
+        self.state = state;
+        self.sink.reload(seq, updates);
+        Ok(())
+    }
+
+    /// The log has no entry after the last applied one, but a later one
+    /// (`found`): the entries this committer needs were trimmed behind a
+    /// snapshot while it lagged. Loads that snapshot in place, as a
+    /// starting broker does, and carries on from it.
+    async fn reload_behind_trim(&mut self, found: u64) -> Result<()> {
+        let applied = self.state.applied();
+        let ptr = snapshot::read_pointer(&*self.meta).await?;
+        let Some(ptr) = ptr.filter(|p| p.seq + 1 >= found) else {
+            return Err(Error::Corrupt {
+                what: "the commit log".into(),
+                reason: format!(
+                    "a gap: entries {} to {} are missing and no snapshot covers them",
+                    applied + 1,
+                    found - 1
+                ),
+            });
+        };
+        self.load_snapshot(&ptr).await?;
+        self.skipped = Some((applied + 1, ptr.seq));
+        if let Some(m) = &self.metrics {
+            crate::metrics::Metrics::add(&m.log_snapshot_reloads, 1);
+        }
+        tracing::warn!(
+            applied,
+            snapshot = ptr.seq,
+            "this broker fell behind the trimmed commit log; reloaded the snapshot and carries on from it"
+        );
+        Ok(())
     }
 
     /// Writes a snapshot of the state after the last applied entry, in the
@@ -311,9 +368,9 @@ impl Committer {
                 return;
             }
         };
-        let (meta, store) = (self.meta.clone(), self.store.clone());
+        let (meta, store, keep) = (self.meta.clone(), self.store.clone(), self.log_keep);
         tokio::spawn(async move {
-            if let Err(e) = write_snapshot(&*meta, &*store, seq, bytes).await {
+            if let Err(e) = write_snapshot(&*meta, &*store, seq, bytes, keep).await {
                 tracing::warn!(seq, error = %e, "writing the metadata snapshot failed; the next one will retry");
             }
         });
@@ -360,14 +417,13 @@ impl Committer {
                     })?;
                 let seq = self.state.applied() + 1;
                 if kv.key != schema::log_key(seq) {
-                    return Err(Error::Corrupt {
+                    let found = schema::parse_log_key(&kv.key).ok_or_else(|| Error::Corrupt {
                         what: "the commit log".into(),
-                        reason: format!(
-                            "a gap: expected {}, found {}",
-                            schema::log_key(seq),
-                            kv.key
-                        ),
-                    });
+                        reason: format!("unexpected key {}", kv.key),
+                    })?;
+                    self.reload_behind_trim(found).await?;
+                    // Read again from after the snapshot.
+                    break;
                 }
                 let outcomes = self.apply(seq, &commit);
                 if mine == Some(&commit) {
@@ -416,6 +472,7 @@ impl Committer {
         // it landed as the entry after that head, or not at all.
         let mut unknown_at: Option<u64> = None;
         let mut attempts: u64 = 0;
+        self.skipped = None;
         loop {
             let replayed = self.replay(Some(commit), &mut landed).await;
             if let Some(landed) = landed.take() {
@@ -436,6 +493,18 @@ impl Committer {
                     .await;
                 attempts += 1;
                 continue;
+            }
+            if let (Some(at), Some((first, last))) = (unknown_at, self.skipped) {
+                if (first..=last).contains(&(at + 1)) {
+                    // The entry that could be ours was trimmed before
+                    // this committer read it: nobody can tell any more.
+                    return Err(Error::CommitOutcomeUnknown {
+                        reason: format!(
+                            "log entry {} was trimmed behind a snapshot before this broker read it",
+                            at + 1
+                        ),
+                    });
+                }
             }
             let head = self.state.applied();
             if unknown_at.is_some_and(|at| head > at) {
@@ -493,7 +562,7 @@ impl Committer {
                         crate::metrics::Metrics::add(&m.log_entries_written, 1);
                     }
                     let outcomes = self.apply(next, commit);
-                    if next.is_multiple_of(SNAPSHOT_EVERY_ENTRIES) {
+                    if next.is_multiple_of(self.snapshot_every) {
                         self.snapshot();
                     }
                     return Ok((next, outcomes));

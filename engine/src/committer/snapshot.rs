@@ -112,12 +112,13 @@ pub async fn read_pointer(meta: &dyn MetaStore) -> Result<Option<SnapshotPointer
 }
 
 /// Stores a snapshot after entry `seq`, points `log/snapshot` at it (only
-/// ever forward), and deletes log entries far behind it.
+/// ever forward), and deletes log entries more than `keep` behind it.
 pub async fn write_snapshot(
     meta: &dyn MetaStore,
     store: &dyn ObjectStore,
     seq: u64,
     bytes: Bytes,
+    keep: u64,
 ) -> Result<()> {
     let key = snapshot_key(seq);
     store.put(&key, vec![bytes]).await?;
@@ -155,8 +156,8 @@ pub async fn write_snapshot(
         return Ok(());
     }
     tracing::info!(seq, key = %key, "metadata snapshot written");
-    // Trim: entries up to seq - LOG_KEEP_ENTRIES are no longer needed.
-    let Some(upto) = seq.checked_sub(LOG_KEEP_ENTRIES) else {
+    // Trim: entries up to seq - keep are no longer needed.
+    let Some(upto) = seq.checked_sub(keep) else {
         return Ok(());
     };
     loop {
