@@ -367,15 +367,10 @@ pub fn render_metrics(registry: &Registry, metrics: &Metrics) -> String {
     out
 }
 
-/// Consecutive failed segment uploads after which the broker reports
-/// itself not ready: its producers are getting errors.
-pub const UPLOAD_FAILURES_NOT_READY: u64 = 3;
-
-/// `/readyz`: ready once serving, not while shutting down or while the
-/// object store keeps failing or crawling (with the reason in the body).
+/// `/readyz`: ready once serving, not while shutting down, nor while the
+/// engine's health says it cannot serve (the reason is in the body; see
+/// `floe_engine::health`).
 fn readiness(engine: &Engine, started: bool) -> (&'static str, String) {
-    let failing = Metrics::get(&engine.metrics().upload_failures_in_a_row);
-    let slow = Metrics::get(&engine.metrics().upload_slow_in_a_row);
     if !started {
         ("503 Service Unavailable", "not ready: starting\n".into())
     } else if engine.shutdown().is_triggered() {
@@ -383,19 +378,8 @@ fn readiness(engine: &Engine, started: bool) -> (&'static str, String) {
             "503 Service Unavailable",
             "not ready: shutting down\n".into(),
         )
-    } else if failing >= UPLOAD_FAILURES_NOT_READY {
-        (
-            "503 Service Unavailable",
-            format!("not ready: the last {failing} segment uploads to the object store failed\n"),
-        )
-    } else if slow >= UPLOAD_FAILURES_NOT_READY {
-        (
-            "503 Service Unavailable",
-            format!(
-                "not ready: the last {slow} segment uploads to the object store each took over {} s; producers are being slowed down\n",
-                UPLOAD_SLOW.as_secs()
-            ),
-        )
+    } else if let Some(reason) = engine.unready_reason() {
+        ("503 Service Unavailable", format!("not ready: {reason}\n"))
     } else {
         ("200 OK", "ready\n".into())
     }

@@ -145,15 +145,41 @@ impl Registration {
     /// Renews the lease every third of its TTL until `stop` resolves, then
     /// revokes it so the broker leaves at once. Re-registers if the lease
     /// was lost (for example after the store was unreachable for a TTL).
-    pub async fn maintain(mut self, stop: impl std::future::Future<Output = ()>) {
+    /// Each renewal is stamped in `metrics`; when `ready()` changes, the
+    /// record is written again saying so, and other brokers' Metadata
+    /// answers leave this broker out while it is not ready.
+    pub async fn maintain(
+        mut self,
+        stop: impl std::future::Future<Output = ()>,
+        metrics: Arc<crate::metrics::Metrics>,
+        ready: impl Fn() -> bool,
+    ) {
+        use crate::metrics::Metrics;
+        Metrics::set(&metrics.lease_renewed_at_ms, crate::health::now_ms());
         let mut stop = std::pin::pin!(stop);
         loop {
             tokio::select! {
                 _ = &mut stop => break,
                 _ = tokio::time::sleep(self.ttl / 3) => {}
             }
+            let ready = ready();
+            if ready != self.record.ready {
+                self.record.ready = ready;
+                match put_leased(&*self.meta, &self.record, self.lease).await {
+                    Ok(()) => tracing::warn!(
+                        node = self.record.node_id,
+                        ready,
+                        "told the cluster this broker's readiness changed"
+                    ),
+                    Err(e) => {
+                        // Tried again on the next turn.
+                        self.record.ready = !ready;
+                        tracing::debug!(error = %e, "updating the registration failed");
+                    }
+                }
+            }
             match self.meta.keep_alive(self.lease).await {
-                Ok(()) => {}
+                Ok(()) => Metrics::set(&metrics.lease_renewed_at_ms, crate::health::now_ms()),
                 Err(floe_meta::Error::LeaseExpired { .. }) => {
                     tracing::warn!(
                         node = self.record.node_id,
@@ -177,6 +203,18 @@ impl Registration {
             tracing::debug!(error = %e, "revoking the registration lease failed; it will expire");
         }
     }
+}
+
+/// Writes the record again under the lease it holds.
+async fn put_leased(meta: &dyn MetaStore, record: &BrokerRecord, lease: LeaseId) -> Result<()> {
+    let key = schema::broker_key(record.node_id);
+    let value = Bytes::from(serde_json::to_vec(record).map_err(|e| Error::Corrupt {
+        what: key.clone(),
+        reason: e.to_string(),
+    })?);
+    meta.txn(Txn::default().and_then(vec![Op::PutLeased(key, value, lease)]))
+        .await?;
+    Ok(())
 }
 
 /// Puts the record under a fresh lease if the key is free; `None` if taken.

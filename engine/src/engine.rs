@@ -80,6 +80,8 @@ pub struct Engine {
     inboxes: Mutex<Vec<Option<ShardInbox>>>,
     /// Log entries replayed at start-up.
     replayed: u64,
+    /// The membership lease TTL (health judges staleness by it).
+    lease_ttl: Duration,
 }
 
 impl Engine {
@@ -140,6 +142,7 @@ impl Engine {
             groups: groups.clone(),
             inboxes: Mutex::new(inboxes.into_iter().map(Some).collect()),
             replayed,
+            lease_ttl: start.lease_ttl,
         });
         let poke = Arc::new(tokio::sync::Notify::new());
         handle.spawn({
@@ -159,7 +162,16 @@ impl Engine {
                 }
             }
         };
-        handle.spawn(registration.maintain(stop()));
+        let ready = {
+            let engine = Arc::downgrade(&engine);
+            move || {
+                engine
+                    .upgrade()
+                    .is_none_or(|e| e.unready_reason().is_none())
+            }
+        };
+        handle.spawn(registration.maintain(stop(), engine.metrics.clone(), ready));
+        handle.spawn(probe_store(Arc::downgrade(&engine)));
         handle.spawn(groups.run(stop()));
         Ok(engine)
     }
@@ -201,6 +213,12 @@ impl Engine {
         self.replayed
     }
 
+    /// Why this broker cannot serve now, if it cannot (see
+    /// [`crate::health`]).
+    pub fn unready_reason(&self) -> Option<String> {
+        crate::health::unready_reason(&self.metrics, self.lease_ttl, crate::health::now_ms())
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
@@ -231,6 +249,21 @@ impl Engine {
     }
 
     /// Live brokers, by node id.
+    /// Reads the commit log to its head; answers the last entry applied
+    /// then. Once this broker's shards have applied it, they know every
+    /// commit that landed before the call.
+    pub fn sync_log(&self) -> impl Future<Output = Result<u64>> + 'static {
+        let committer = self.committer.clone();
+        async move {
+            let (reply, rx) = oneshot::channel();
+            committer
+                .send_async(CommitRequest::Sync { reply })
+                .await
+                .map_err(|_| Error::ShuttingDown)?;
+            rx.await.unwrap_or(Err(Error::ShuttingDown))
+        }
+    }
+
     pub fn live_brokers(&self) -> Arc<Vec<BrokerRecord>> {
         self.members.live()
     }
@@ -366,4 +399,42 @@ async fn cluster_id(meta: &dyn MetaStore) -> Result<String> {
         what: schema::CLUSTER_ID.to_string(),
     })?;
     Ok(String::from_utf8_lossy(&kv.value).into_owned())
+}
+
+/// How often a broker that is not ready because of its object store checks
+/// whether the store is back.
+const STORE_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// The object a store probe writes (one per broker, overwritten).
+fn probe_key(node_id: i32) -> String {
+    format!("health/{node_id}")
+}
+
+/// While the last uploads failed (or crawled), writes a small object every
+/// `STORE_PROBE_INTERVAL`, and clears the failure counts once one succeeds
+/// in time. Without it a broker that Metadata stopped handing out would get
+/// no uploads to prove the store healthy again. Costs nothing while ready.
+async fn probe_store(engine: std::sync::Weak<Engine>) {
+    loop {
+        tokio::time::sleep(STORE_PROBE_INTERVAL).await;
+        let Some(e) = engine.upgrade() else { return };
+        let m = &e.metrics;
+        let failing = Metrics::get(&m.upload_failures_in_a_row);
+        let slow = Metrics::get(&m.upload_slow_in_a_row);
+        if failing < crate::health::UPLOAD_FAILURES_NOT_READY
+            && slow < crate::health::UPLOAD_FAILURES_NOT_READY
+        {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let body = Bytes::from(crate::health::now_ms().to_string());
+        match e.store.put(&probe_key(e.config.node_id), vec![body]).await {
+            Ok(()) if started.elapsed() <= crate::metrics::UPLOAD_SLOW => {
+                tracing::info!("the object store answers again; uploads resume");
+                Metrics::set(&m.upload_failures_in_a_row, 0);
+                Metrics::set(&m.upload_slow_in_a_row, 0);
+            }
+            Ok(()) => Metrics::set(&m.upload_failures_in_a_row, 0),
+            Err(err) => tracing::debug!(error = %err, "object store probe failed"),
+        }
+    }
 }

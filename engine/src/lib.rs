@@ -21,6 +21,7 @@ pub mod coordinator;
 mod engine;
 mod error;
 pub mod group;
+pub mod health;
 pub mod index;
 pub mod metrics;
 pub mod pool;

@@ -86,6 +86,10 @@ pub struct Metrics {
     /// Times this broker fell behind the trimmed log and reloaded the
     /// snapshot in place.
     pub log_snapshot_reloads: AtomicU64,
+    /// When the commit log was last read to its head, and when the
+    /// membership lease was last renewed (Unix ms): health, for /readyz.
+    pub log_read_at_ms: AtomicU64,
+    pub lease_renewed_at_ms: AtomicU64,
     /// Commit latency (CAS round trips and retries) over the last interval,
     /// in microseconds, published by the committer.
     pub commit_latency_p50_us: AtomicU64,
@@ -109,6 +113,8 @@ impl Metrics {
             log_entries_written: AtomicU64::default(),
             log_cas_conflicts: AtomicU64::default(),
             log_snapshot_reloads: AtomicU64::default(),
+            log_read_at_ms: AtomicU64::default(),
+            lease_renewed_at_ms: AtomicU64::default(),
             commit_latency_p50_us: AtomicU64::default(),
             commit_latency_p99_us: AtomicU64::default(),
             commit_latency_max_us: AtomicU64::default(),

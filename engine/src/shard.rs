@@ -62,6 +62,10 @@ pub fn link() -> (ShardLink, ShardInbox) {
     )
 }
 
+/// How long a read above this broker's high watermark waits for the log
+/// to be read to its head before answering "not available".
+const SYNC_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub enum ShardMsg {
     Append {
         tp: PartitionKey,
@@ -643,7 +647,40 @@ impl Shard {
         Ok(out.into_iter().flatten().collect())
     }
 
+    /// Reads through this shard's index. An offset above what this broker
+    /// has learnt may exist already (another broker committed it and this
+    /// one lags): the log is read to its head first, and only an offset
+    /// still above it then is out of range. When the log cannot be read in
+    /// time the answer is "not available", which clients retry, never
+    /// "out of range", which makes them reset their position.
     async fn read_local(&self, req: ReadRequest) -> Result<ReadResult> {
+        match self.read_indexed(req).await {
+            Err(Error::OffsetOutOfRange {
+                offset,
+                high_watermark,
+                ..
+            }) if offset > high_watermark => {
+                let synced = futures::future::select(
+                    Box::pin(self.engine.sync_log()),
+                    Box::pin(glommio::timer::sleep(SYNC_WAIT_MAX)),
+                )
+                .await;
+                match synced {
+                    futures::future::Either::Left((Ok(seq), _)) => {
+                        self.wait_applied(seq).await;
+                        self.read_indexed(req).await
+                    }
+                    _ => Err(Error::OffsetNotAvailable {
+                        offset,
+                        high_watermark,
+                    }),
+                }
+            }
+            r => r,
+        }
+    }
+
+    async fn read_indexed(&self, req: ReadRequest) -> Result<ReadResult> {
         let (entries, hwm, log_start) = {
             let st = self.state.borrow();
             let Some(index) = st.indexes.get(&req.tp) else {

@@ -49,6 +49,17 @@ pub struct BrokerRecord {
     pub group: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub listeners: Vec<ListenerRecord>,
+    /// Whether the broker can serve (see the engine's health module);
+    /// Metadata hands out only ready brokers. Absent means ready.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub ready: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+fn is_true(v: &bool) -> bool {
+    *v
 }
 
 /// One listener of a broker as clients must reach it: its (lower-case)

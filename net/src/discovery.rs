@@ -75,6 +75,8 @@ pub struct Advertised {
     pub port: u16,
     /// The broker's zone (Kafka's rack), if it has one.
     pub rack: Option<String>,
+    /// Whether it can serve: partitions are led only by ready brokers.
+    pub ready: bool,
 }
 
 fn group_of(b: &BrokerRecord) -> &str {
@@ -86,7 +88,8 @@ fn group_of(b: &BrokerRecord) -> &str {
 }
 
 /// This broker's own record: it is answering, so it is live whatever the
-/// membership view says (which lags a few milliseconds at start-up).
+/// membership view says (which lags a few milliseconds at start-up), and
+/// ready as its own health says now.
 pub fn self_record(broker: &Broker) -> BrokerRecord {
     let st = &broker.settings;
     BrokerRecord {
@@ -96,6 +99,7 @@ pub fn self_record(broker: &Broker) -> BrokerRecord {
         zone: st.zone.clone(),
         group: st.group.clone(),
         listeners: st.listeners.clone(),
+        ready: broker.engine.unready_reason().is_none(),
     }
 }
 
@@ -108,6 +112,14 @@ pub fn visible_brokers(broker: &Broker, view: &ClientView) -> Vec<Advertised> {
 
 /// [`visible_brokers`] as a pure function of the membership, the answering
 /// broker's record and the client's view.
+///
+/// Brokers that are not ready stay in the list (marked), so that clients
+/// keep their connections to them: librdkafka fails the requests in
+/// flight to a broker that leaves Metadata as "not persisted", although
+/// their commits may still land, and an idempotent producer then re-sends
+/// them under a new epoch, as duplicates. Only partition leadership moves
+/// away from them (see [`leader`]), and clients drain their requests to
+/// the old leader before using the new one.
 pub fn select(live: &[BrokerRecord], me: &BrokerRecord, view: &ClientView) -> Vec<Advertised> {
     let group = group_of(me);
     let mut candidates: Vec<&BrokerRecord> = live
@@ -135,6 +147,7 @@ pub fn select(live: &[BrokerRecord], me: &BrokerRecord, view: &ClientView) -> Ve
                     .unwrap_or_else(|| host.to_string()),
                 port,
                 rack: (!b.zone.is_empty()).then(|| b.zone.clone()),
+                ready: b.ready,
             })
         })
         .collect();
@@ -196,11 +209,15 @@ fn rendezvous(brokers: &[Advertised], key: u64) -> Option<&Advertised> {
         .max_by_key(|b| (mix(key ^ mix(b.node_id as u64)), b.node_id))
 }
 
-/// The broker named leader of a partition among `visible`.
+/// The broker named leader of a partition among the ready brokers of
+/// `visible` (among all of them when none is ready, as when the metadata
+/// store is away from every broker: moving then would help nobody).
 pub fn leader(visible: &[Advertised], topic_id: uuid::Uuid, partition: u32) -> Option<i32> {
     let (hi, lo) = topic_id.as_u64_pair();
     let key = mix(hi ^ mix(lo ^ mix(u64::from(partition))));
-    rendezvous(visible, key).map(|b| b.node_id)
+    let ready: Vec<Advertised> = visible.iter().filter(|b| b.ready).cloned().collect();
+    let pool = if ready.is_empty() { visible } else { &ready };
+    rendezvous(pool, key).map(|b| b.node_id)
 }
 
 /// The broker that coordinates `key` (a consumer group id, a transactional
@@ -248,6 +265,7 @@ mod tests {
                     port: 9094,
                 },
             ],
+            ready: true,
         }
     }
 
@@ -257,6 +275,7 @@ mod tests {
             host: "h".into(),
             port: 1,
             rack: None,
+            ready: true,
         }
     }
 
@@ -269,6 +288,38 @@ mod tests {
             listener: listener.into(),
             zone: zone.map(str::to_string),
             host_override: None,
+        }
+    }
+
+    #[test]
+    fn brokers_that_are_not_ready_lead_nothing_but_stay_listed() {
+        let mut live = vec![rec(1, "", ""), rec(2, "", ""), rec(3, "", "")];
+        live[1].ready = false;
+        let visible = select(&live, &live[0], &view("internal", None));
+        assert_eq!(ids(&visible), [1, 2, 3], "still listed");
+        let topic = uuid::Uuid::from_u128(7);
+        let leaders: Vec<i32> = (0..64).filter_map(|p| leader(&visible, topic, p)).collect();
+        assert!(!leaders.contains(&2), "an unready broker leads nothing");
+        assert!(leaders.contains(&1) && leaders.contains(&3));
+        // Partitions of ready brokers do not move (rendezvous hashing).
+        let all_ready = select(
+            &[rec(1, "", ""), rec(2, "", ""), rec(3, "", "")],
+            &live[0],
+            &view("internal", None),
+        );
+        for p in 0..64 {
+            let before = leader(&all_ready, topic, p);
+            if before != Some(2) {
+                assert_eq!(leader(&visible, topic, p), before);
+            }
+        }
+        // Nobody ready: leadership stays where it was.
+        for b in &mut live {
+            b.ready = false;
+        }
+        let none_ready = select(&live, &live[0], &view("internal", None));
+        for p in 0..64 {
+            assert_eq!(leader(&none_ready, topic, p), leader(&all_ready, topic, p));
         }
     }
 

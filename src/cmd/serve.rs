@@ -214,6 +214,7 @@ fn start_engine(
             zone: cfg.zone.clone(),
             group: cfg.group.clone(),
             listeners: floe_net::discovery::listener_records(&cfg.listeners),
+            ready: true,
         },
         lease_ttl: Duration::from_secs(cfg.lease_ttl_secs),
         cleanup: CleanupSettings {

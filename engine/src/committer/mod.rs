@@ -106,6 +106,10 @@ pub enum CommitRequest {
         trims: Vec<TrimRecord>,
         reply: oneshot::Sender<Result<TrimCommitted>>,
     },
+    /// Reads the log to its head (a linearizable read) and answers the
+    /// last applied entry: everything committed before the request is
+    /// then known to this broker.
+    Sync { reply: oneshot::Sender<Result<u64>> },
 }
 
 impl CommitRequest {
@@ -116,7 +120,7 @@ impl CommitRequest {
             CommitRequest::Segment { segment, .. } => {
                 segment.chunks.iter().map(|c| c.batches.len()).sum()
             }
-            CommitRequest::Epoch { .. } => 0,
+            CommitRequest::Epoch { .. } | CommitRequest::Sync { .. } => 0,
             CommitRequest::Trim { trims, .. } => trims.len(),
         }
     }
@@ -130,6 +134,9 @@ impl CommitRequest {
                 let _ = reply.send(Err(e));
             }
             CommitRequest::Trim { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            CommitRequest::Sync { reply } => {
                 let _ = reply.send(Err(e));
             }
         }
@@ -407,6 +414,9 @@ impl Committer {
             let end = floe_meta::prefix_end(schema::LOG_PREFIX);
             let kvs = self.meta.range(&from, &end, REPLAY_BATCH_MAX).await?;
             if kvs.is_empty() {
+                if let Some(m) = &self.metrics {
+                    crate::metrics::Metrics::set(&m.log_read_at_ms, crate::health::now_ms());
+                }
                 return Ok(());
             }
             for kv in kvs {
@@ -661,11 +671,17 @@ impl Committer {
         first: CommitRequest,
         requests: &flume::Receiver<CommitRequest>,
     ) {
+        if let CommitRequest::Sync { reply } = first {
+            let r = self.replay(None, &mut None).await;
+            let _ = reply.send(r.map(|()| self.state.applied()));
+            return;
+        }
         let mut total = first.weight();
         let mut group = vec![first];
         while group.len() < GROUP_SEGMENTS_MAX {
             let Ok(r) = requests.try_recv() else { break };
-            if total + r.weight() > LOG_ENTRY_BATCHES_MAX {
+            if matches!(r, CommitRequest::Sync { .. }) || total + r.weight() > LOG_ENTRY_BATCHES_MAX
+            {
                 self.carry = Some(r);
                 break;
             }
@@ -684,6 +700,7 @@ impl Committer {
                 }
                 CommitRequest::Epoch { epoch, .. } => commit.epochs.push(*epoch),
                 CommitRequest::Trim { trims, .. } => commit.trims.extend_from_slice(trims),
+                CommitRequest::Sync { .. } => {}
             }
         }
         let (seq, outcomes) = match self.append(&commit, sealed).await {
@@ -723,6 +740,9 @@ impl Committer {
                         })
                         .collect();
                     let _ = reply.send(Ok(TrimCommitted { seq, log_starts }));
+                }
+                CommitRequest::Sync { reply } => {
+                    let _ = reply.send(Ok(seq));
                 }
             }
         }
