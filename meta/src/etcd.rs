@@ -256,16 +256,22 @@ impl MetaStore for Etcd {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+        // A lease that expired while this client was cut off is reported
+        // either as a zero TTL or as an error saying it is not found; both
+        // mean "register again", never "try the same lease later".
+        let gone = |e: etcd_client::Error| {
+            // etcd says "etcdserver: requested lease not found" (a gRPC
+            // status) or the client "lease keep alive error: lease not found".
+            if e.to_string().contains("lease not found") {
+                Error::LeaseExpired { lease }
+            } else {
+                unavailable("keep_alive")(e)
+            }
+        };
         let mut c = self.client.clone();
-        let (mut keeper, mut stream) = c
-            .lease_keep_alive(lease)
-            .await
-            .map_err(unavailable("keep_alive"))?;
-        keeper
-            .keep_alive()
-            .await
-            .map_err(unavailable("keep_alive"))?;
-        match stream.message().await.map_err(unavailable("keep_alive"))? {
+        let (mut keeper, mut stream) = c.lease_keep_alive(lease).await.map_err(gone)?;
+        keeper.keep_alive().await.map_err(gone)?;
+        match stream.message().await.map_err(gone)? {
             Some(r) if r.ttl() > 0 => Ok(()),
             _ => Err(Error::LeaseExpired { lease }),
         }

@@ -496,6 +496,38 @@ def produce_v3(sock, topic, partition, batch, correlation_id=3, acks=-1):
 
 
 # --------------------------------------------------------------------------
+# Fetch v4, one partition
+# --------------------------------------------------------------------------
+def fetch_v4(sock, topic, partition, offset, max_wait_ms=0, max_bytes=1 << 20, correlation_id=5):
+    """Returns (error_code, high_watermark, record bytes) for one partition."""
+    body = (
+        i32(-1)  # replica id
+        + i32(max_wait_ms)
+        + i32(0)  # min bytes
+        + i32(max_bytes)
+        + i8(0)  # isolation: read uncommitted
+        + array([string(topic) + array([i32(partition) + i64(offset) + i32(max_bytes)])])
+    )
+    r = roundtrip(sock, 1, 4, body, correlation_id)
+    r.i32()  # throttle
+    out = None
+    for _ in range(r.i32()):
+        r.string()
+        for _ in range(r.i32()):
+            r.i32()  # partition
+            err = r.i16()
+            hwm = r.i64()
+            r.i64()  # last stable offset
+            n = r.i32()
+            for _ in range(max(n, 0)):
+                r.i64()
+                r.i64()
+            records = r.bytes_() or b""
+            out = (err, hwm, records)
+    return out
+
+
+# --------------------------------------------------------------------------
 # CreateTopics v0..v7, one topic per request
 # --------------------------------------------------------------------------
 CREATE_TOPICS_MAX_IMPLEMENTED = 7
