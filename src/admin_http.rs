@@ -175,6 +175,12 @@ impl Collector for BrokerCollector {
         )?;
         gauge(
             &mut out,
+            "floe_producer_ids",
+            "Idempotent producer ids the commit log remembers (they expire after a day of silence).",
+            [(NO_LABELS, Metrics::get(&m.producer_ids))],
+        )?;
+        gauge(
+            &mut out,
             "floe_connections",
             "Kafka connections open, by the shard serving them.",
             self.balance
@@ -482,6 +488,7 @@ mod tests {
             "floe_log_entries_written_total counter",
             "floe_log_cas_conflicts_total counter",
             "floe_log_snapshot_reloads_total counter",
+            "floe_producer_ids gauge",
             "floe_connections gauge",
             "floe_segment_upload_failures_in_a_row gauge",
             "floe_segment_uploads_slow_in_a_row gauge",

@@ -90,6 +90,8 @@ pub struct Metrics {
     /// membership lease was last renewed (Unix ms): health, for /readyz.
     pub log_read_at_ms: AtomicU64,
     pub lease_renewed_at_ms: AtomicU64,
+    /// Producer ids the log remembers (published once a second).
+    pub producer_ids: AtomicU64,
     /// Commit latency (CAS round trips and retries) over the last interval,
     /// in microseconds, published by the committer.
     pub commit_latency_p50_us: AtomicU64,
@@ -115,6 +117,7 @@ impl Metrics {
             log_snapshot_reloads: AtomicU64::default(),
             log_read_at_ms: AtomicU64::default(),
             lease_renewed_at_ms: AtomicU64::default(),
+            producer_ids: AtomicU64::default(),
             commit_latency_p50_us: AtomicU64::default(),
             commit_latency_p99_us: AtomicU64::default(),
             commit_latency_max_us: AtomicU64::default(),

@@ -16,6 +16,17 @@ use crate::PartitionKey;
 /// How many recent batches per producer and partition are remembered for
 /// duplicate detection (Kafka keeps 5, matching max.in.flight of 5).
 pub const PRODUCER_BATCHES_MAX: usize = 5;
+/// A producer id silent this long (by the log's time) is forgotten, as
+/// Kafka's `producer.id.expiration.ms` (default one day) does. It is a
+/// constant, not a broker setting: every broker must expire the same
+/// producers at the same entry, or their offsets would diverge. Its next
+/// batch must then start a new epoch at sequence 0 (clients bump the epoch
+/// on the out-of-order answer).
+pub const PRODUCER_ID_EXPIRATION_MS: u64 = 24 * 3600 * 1000;
+/// Expired producers are swept from memory each time the log's time
+/// crosses a multiple of this (a deterministic schedule); between sweeps
+/// an expired producer is treated as expired all the same.
+const PRODUCER_SWEEP_EVERY_MS: u64 = 60 * 1000;
 
 /// What the log decided for one batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +57,10 @@ pub struct Sequencer {
     /// Log start offsets above 0 (retention, DeleteRecords).
     log_start: HashMap<PartitionKey, u64>,
     applied: u64,
+    /// The log's time: the largest `at_ms` applied.
+    log_time: u64,
+    /// The log's time when each producer id was last seen.
+    last_seen: HashMap<i64, u64>,
 }
 
 fn next_seq(seq: i32, records: u32) -> i32 {
@@ -64,6 +79,11 @@ pub struct SequencerState {
     /// Absent from snapshots written before retention existed.
     #[serde(default)]
     log_start: Vec<(PartitionKey, u64)>,
+    /// Absent from snapshots written before producers expired.
+    #[serde(default)]
+    log_time: u64,
+    #[serde(default)]
+    last_seen: Vec<(i64, u64)>,
 }
 
 impl Sequencer {
@@ -81,12 +101,16 @@ impl Sequencer {
         producers.sort_unstable_by_key(|(id, tp, _)| (*id, *tp));
         let mut log_start: Vec<_> = self.log_start.iter().map(|(k, v)| (*k, *v)).collect();
         log_start.sort_unstable();
+        let mut last_seen: Vec<_> = self.last_seen.iter().map(|(k, v)| (*k, *v)).collect();
+        last_seen.sort_unstable();
         SequencerState {
             applied: self.applied,
             next_offset,
             epochs,
             producers,
             log_start,
+            log_time: self.log_time,
+            last_seen,
         }
     }
 
@@ -101,7 +125,60 @@ impl Sequencer {
                 .map(|(id, tp, p)| ((id, tp), p))
                 .collect(),
             log_start: st.log_start.into_iter().collect(),
+            log_time: st.log_time,
+            last_seen: st.last_seen.into_iter().collect(),
         }
+    }
+
+    /// Producer ids remembered (for tests and metrics).
+    pub fn producers_known(&self) -> usize {
+        self.epochs.len()
+    }
+
+    /// Whether `producer_id` has been silent past the expiration.
+    fn expired(&self, producer_id: i64) -> bool {
+        self.last_seen
+            .get(&producer_id)
+            .is_some_and(|&t| t.saturating_add(PRODUCER_ID_EXPIRATION_MS) < self.log_time)
+    }
+
+    /// Forgets `producer_id` entirely.
+    fn forget(&mut self, producer_id: i64) {
+        self.epochs.remove(&producer_id);
+        self.last_seen.remove(&producer_id);
+        self.producers.retain(|(id, _), _| *id != producer_id);
+    }
+
+    /// Advances the log's time to `at_ms` (never backwards); sweeps the
+    /// expired producers when it crosses a sweep boundary.
+    fn advance_time(&mut self, at_ms: u64) {
+        if at_ms <= self.log_time {
+            return;
+        }
+        let crossed = at_ms / PRODUCER_SWEEP_EVERY_MS != self.log_time / PRODUCER_SWEEP_EVERY_MS;
+        self.log_time = at_ms;
+        if crossed {
+            let expired: std::collections::HashSet<i64> = self
+                .last_seen
+                .iter()
+                .filter(|(_, &t)| t.saturating_add(PRODUCER_ID_EXPIRATION_MS) < at_ms)
+                .map(|(id, _)| *id)
+                .collect();
+            if !expired.is_empty() {
+                self.epochs.retain(|id, _| !expired.contains(id));
+                self.last_seen.retain(|id, _| !expired.contains(id));
+                self.producers.retain(|(id, _), _| !expired.contains(id));
+            }
+        }
+    }
+
+    /// Notes that `producer_id` is active now, forgetting what it had if it
+    /// had expired.
+    fn seen(&mut self, producer_id: i64) {
+        if self.expired(producer_id) {
+            self.forget(producer_id);
+        }
+        self.last_seen.insert(producer_id, self.log_time);
     }
 
     /// The sequence number of the last applied commit.
@@ -128,7 +205,9 @@ impl Sequencer {
     pub fn apply(&mut self, seq: u64, commit: &CommitRecord) -> Vec<Vec<Vec<BatchOutcome>>> {
         assert_eq!(seq, self.applied + 1, "commit log replayed out of order");
         self.applied = seq;
+        self.advance_time(commit.at_ms);
         for e in &commit.epochs {
+            self.seen(e.producer_id);
             let cur = self.epochs.entry(e.producer_id).or_insert(e.epoch);
             *cur = (*cur).max(e.epoch);
         }
@@ -165,6 +244,7 @@ impl Sequencer {
 
     fn apply_batch(&mut self, tp: PartitionKey, b: &BatchRecord) -> BatchOutcome {
         if b.producer_id >= 0 {
+            self.seen(b.producer_id);
             let current = self.epochs.entry(b.producer_id).or_insert(b.producer_epoch);
             if b.producer_epoch < *current {
                 return BatchOutcome::Fenced;
@@ -226,6 +306,7 @@ mod tests {
         CommitRecord {
             epochs: vec![],
             trims: vec![],
+            at_ms: 0,
             segments: vec![SegmentRecord {
                 key: "s".into(),
                 size: 0,
@@ -335,6 +416,53 @@ mod tests {
             BatchOutcome::Appended { base_offset: 7 }
         );
         assert_eq!(outcome(&mut s, 1, br(1, 4, 1, 3)), BatchOutcome::OutOfOrder);
+    }
+
+    #[test]
+    fn silent_producers_expire_by_the_log_time() {
+        let mut s = Sequencer::default();
+        let at = |s: &mut Sequencer, ms: u64, p: u32, b: BatchRecord| {
+            let seq = s.applied() + 1;
+            let mut c = commit(vec![(p, b)]);
+            c.at_ms = ms;
+            s.apply(seq, &c)[0][0][0]
+        };
+        let t0 = 1_000_000_000;
+        assert!(matches!(
+            at(&mut s, t0, 0, br(2, 7, 0, 0)),
+            BatchOutcome::Appended { .. }
+        ));
+        assert!(matches!(
+            at(&mut s, t0, 0, br(2, 8, 0, 0)),
+            BatchOutcome::Appended { .. }
+        ));
+        // Producer 8 stays active; producer 7 falls silent.
+        let late = t0 + PRODUCER_ID_EXPIRATION_MS - 1;
+        assert!(matches!(
+            at(&mut s, late, 0, br(1, 8, 0, 2)),
+            BatchOutcome::Appended { .. }
+        ));
+        // Just before the expiration, 7's retry is still a duplicate.
+        assert_eq!(
+            at(&mut s, late, 0, br(2, 7, 0, 0)),
+            BatchOutcome::Duplicate { base_offset: 0 }
+        );
+        // Past it (the retry above counted as activity), 7 is forgotten:
+        // its next sequence is refused, a new epoch at 0 is accepted.
+        let after = late + PRODUCER_ID_EXPIRATION_MS + 1;
+        assert_eq!(
+            at(&mut s, after, 0, br(1, 7, 0, 2)),
+            BatchOutcome::OutOfOrder
+        );
+        assert!(matches!(
+            at(&mut s, after, 0, br(1, 7, 1, 0)),
+            BatchOutcome::Appended { .. }
+        ));
+        // The sweep freed 8 (silent since `late`).
+        assert_eq!(s.producers_known(), 1);
+        // And the state round-trips with the log time.
+        let back = Sequencer::from_state(s.state());
+        assert_eq!(back.state(), s.state());
     }
 
     #[test]

@@ -318,10 +318,23 @@ impl Shard {
         let seg: Arc<str> = Arc::from(key.as_str());
         let sealed_at = tokio::time::Instant::now();
         {
+            // The batches are slices of request frames, themselves carved
+            // from 4 MiB slabs: cached as they are, a 100-byte batch would
+            // keep a whole slab alive, uncounted. The cache gets one packed
+            // copy per segment instead, so it pins exactly what it counts
+            // (and the frames go once the upload is done).
+            let total: usize = batch_bytes.iter().flatten().map(Bytes::len).sum();
+            let mut packed = bytes::BytesMut::with_capacity(total);
+            for data in batch_bytes.iter().flatten() {
+                packed.extend_from_slice(data);
+            }
+            let packed = packed.freeze();
             let mut cache = self.cache.borrow_mut();
-            for (chunk, bytes) in chunks.iter().zip(batch_bytes) {
+            let mut at = 0;
+            for (chunk, bytes) in chunks.iter().zip(&batch_bytes) {
                 for (b, data) in chunk.batches.iter().zip(bytes) {
-                    cache.insert(seg.clone(), b.pos, data);
+                    cache.insert(seg.clone(), b.pos, packed.slice(at..at + data.len()));
+                    at += data.len();
                 }
             }
         }

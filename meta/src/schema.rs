@@ -132,6 +132,16 @@ pub struct CommitRecord {
     /// after the segments. Through the log, so every broker agrees on them.
     #[serde(default, rename = "r", skip_serializing_if = "Vec::is_empty")]
     pub trims: Vec<TrimRecord>,
+    /// The writer's wall clock when it built the entry (Unix ms; 0 in
+    /// entries written before it existed). The log's time is the largest
+    /// seen so far, so it never runs backwards; producer state expires by
+    /// it, the same way on every broker.
+    #[serde(default, rename = "a", skip_serializing_if = "is_zero_u64")]
+    pub at_ms: u64,
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
 }
 
 /// Moves a partition's log start offset forward: offsets below `log_start`

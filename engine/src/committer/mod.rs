@@ -650,6 +650,10 @@ impl Committer {
                     if let Some(l) = &mut self.latency {
                         l.publish();
                     }
+                    if let Some(m) = &self.metrics {
+                        let n = self.state.producers_known() as u64;
+                        crate::metrics::Metrics::set(&m.producer_ids, n);
+                    }
                 }
                 _ = cleanup_tick.tick(), if self.lifecycle.is_some() => {
                     self.cleanup(&mut last_sweep).await;
@@ -688,7 +692,10 @@ impl Committer {
             total += r.weight();
             group.push(r);
         }
-        let mut commit = CommitRecord::default();
+        let mut commit = CommitRecord {
+            at_ms: crate::health::now_ms(),
+            ..CommitRecord::default()
+        };
         let mut sealed: Option<RetryClock> = None;
         for r in &group {
             match r {

@@ -59,6 +59,11 @@ impl LogState {
         self.sequencer.high_watermark(tp)
     }
 
+    /// Producer ids the log remembers (they expire; see the sequencer).
+    pub fn producers_known(&self) -> usize {
+        self.sequencer.producers_known()
+    }
+
     /// Which segments the log references or released.
     pub fn refs(&self) -> &SegmentRefs {
         &self.refs
@@ -407,6 +412,7 @@ mod tests {
                     }],
                     epochs: Vec::new(),
                     trims,
+                    at_ms: 0,
                 }
             })
             .collect()
