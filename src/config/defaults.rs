@@ -22,8 +22,9 @@ pub const LOG: &str = "info";
 pub const CLEANUP_INTERVAL_SECS: u64 = 60;
 /// Kafka's file.delete.delay.ms is 60 s.
 pub const DELETE_GRACE_SECS: u64 = 60;
-/// Commits give up after 5 s; an orphan grace below a minute would risk
-/// deleting an upload whose commit is still landing.
+/// A segment sealed more than half the orphan grace ago is never sent to
+/// the log, so the sweep cannot delete an upload a commit will reference;
+/// an hour leaves room for long metadata outages.
 pub const ORPHAN_GRACE_SECS: u64 = 3600;
 pub const ORPHAN_SWEEP_INTERVAL_SECS: u64 = 600;
 pub const MULTIPART_ABORT_AFTER_SECS: u64 = 86_400;
