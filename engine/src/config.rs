@@ -19,4 +19,7 @@ pub struct EngineConfig {
     pub upload_concurrency: usize,
     /// Size of one multipart part (to count a segment's parts).
     pub upload_part_bytes: usize,
+    /// An idempotent producer id silent this long (by the log's time) is
+    /// forgotten; written into each log entry this broker commits.
+    pub producer_id_expiration_ms: u64,
 }

@@ -17,11 +17,12 @@ use crate::PartitionKey;
 /// duplicate detection (Kafka keeps 5, matching max.in.flight of 5).
 pub const PRODUCER_BATCHES_MAX: usize = 5;
 /// A producer id silent this long (by the log's time) is forgotten, as
-/// Kafka's `producer.id.expiration.ms` (default one day) does. It is a
-/// constant, not a broker setting: every broker must expire the same
-/// producers at the same entry, or their offsets would diverge. Its next
-/// batch must then start a new epoch at sequence 0 (clients bump the epoch
-/// on the out-of-order answer).
+/// Kafka's `producer.id.expiration.ms` (default one day) does. Every broker
+/// must expire the same producers at the same entry, or their offsets
+/// would diverge, so the value in force is the one the last entry carried
+/// (its writer's setting), this default when none did. A forgotten
+/// producer's next batch must start a new epoch at sequence 0 (clients
+/// bump the epoch on the out-of-order answer).
 pub const PRODUCER_ID_EXPIRATION_MS: u64 = 24 * 3600 * 1000;
 /// Expired producers are swept from memory each time the log's time
 /// crosses a multiple of this (a deterministic schedule); between sweeps
@@ -61,6 +62,8 @@ pub struct Sequencer {
     log_time: u64,
     /// The log's time when each producer id was last seen.
     last_seen: HashMap<i64, u64>,
+    /// The expiration in force (the last entry's, 0: the default).
+    expiration_ms: u64,
 }
 
 fn next_seq(seq: i32, records: u32) -> i32 {
@@ -84,6 +87,8 @@ pub struct SequencerState {
     log_time: u64,
     #[serde(default)]
     last_seen: Vec<(i64, u64)>,
+    #[serde(default)]
+    expiration_ms: u64,
 }
 
 impl Sequencer {
@@ -111,6 +116,7 @@ impl Sequencer {
             log_start,
             log_time: self.log_time,
             last_seen,
+            expiration_ms: self.expiration_ms,
         }
     }
 
@@ -127,6 +133,7 @@ impl Sequencer {
             log_start: st.log_start.into_iter().collect(),
             log_time: st.log_time,
             last_seen: st.last_seen.into_iter().collect(),
+            expiration_ms: st.expiration_ms,
         }
     }
 
@@ -135,11 +142,20 @@ impl Sequencer {
         self.epochs.len()
     }
 
+    fn expiration(&self) -> u64 {
+        if self.expiration_ms == 0 {
+            PRODUCER_ID_EXPIRATION_MS
+        } else {
+            self.expiration_ms
+        }
+    }
+
     /// Whether `producer_id` has been silent past the expiration.
     fn expired(&self, producer_id: i64) -> bool {
+        let exp = self.expiration();
         self.last_seen
             .get(&producer_id)
-            .is_some_and(|&t| t.saturating_add(PRODUCER_ID_EXPIRATION_MS) < self.log_time)
+            .is_some_and(|&t| t.saturating_add(exp) < self.log_time)
     }
 
     /// Forgets `producer_id` entirely.
@@ -158,10 +174,11 @@ impl Sequencer {
         let crossed = at_ms / PRODUCER_SWEEP_EVERY_MS != self.log_time / PRODUCER_SWEEP_EVERY_MS;
         self.log_time = at_ms;
         if crossed {
+            let exp = self.expiration();
             let expired: std::collections::HashSet<i64> = self
                 .last_seen
                 .iter()
-                .filter(|(_, &t)| t.saturating_add(PRODUCER_ID_EXPIRATION_MS) < at_ms)
+                .filter(|(_, &t)| t.saturating_add(exp) < at_ms)
                 .map(|(id, _)| *id)
                 .collect();
             if !expired.is_empty() {
@@ -205,6 +222,9 @@ impl Sequencer {
     pub fn apply(&mut self, seq: u64, commit: &CommitRecord) -> Vec<Vec<Vec<BatchOutcome>>> {
         assert_eq!(seq, self.applied + 1, "commit log replayed out of order");
         self.applied = seq;
+        if commit.producer_expiration_ms > 0 {
+            self.expiration_ms = commit.producer_expiration_ms;
+        }
         self.advance_time(commit.at_ms);
         for e in &commit.epochs {
             self.seen(e.producer_id);
@@ -307,6 +327,7 @@ mod tests {
             epochs: vec![],
             trims: vec![],
             at_ms: 0,
+            producer_expiration_ms: 0,
             segments: vec![SegmentRecord {
                 key: "s".into(),
                 size: 0,

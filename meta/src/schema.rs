@@ -138,6 +138,10 @@ pub struct CommitRecord {
     /// it, the same way on every broker.
     #[serde(default, rename = "a", skip_serializing_if = "is_zero_u64")]
     pub at_ms: u64,
+    /// The writer's producer id expiration (ms; 0: the default). The log
+    /// decides, so brokers apply the same value at the same entry.
+    #[serde(default, rename = "x", skip_serializing_if = "is_zero_u64")]
+    pub producer_expiration_ms: u64,
 }
 
 fn is_zero_u64(v: &u64) -> bool {

@@ -206,6 +206,7 @@ fn start_engine(
             read_cache_bytes_max: cfg.read_cache_bytes,
             upload_concurrency: cfg.upload_concurrency,
             upload_part_bytes: cfg.upload_part_bytes,
+            producer_id_expiration_ms: cfg.producer_id_expiration_ms,
         },
         broker: BrokerRecord {
             node_id,

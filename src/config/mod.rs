@@ -141,6 +141,12 @@ pub struct ServeArgs {
     /// How often the bucket is listed for orphans and old snapshots. [default: 600]
     #[arg(long, env = "FLOE_ORPHAN_SWEEP_INTERVAL_SECS")]
     pub orphan_sweep_interval_secs: Option<u64>,
+    /// An idempotent producer id silent this long is forgotten (Kafka's
+    /// producer.id.expiration.ms). Carried in each commit-log entry, so all
+    /// brokers expire the same producers; set it the same everywhere.
+    /// [default: 86400000]
+    #[arg(long, env = "FLOE_PRODUCER_ID_EXPIRATION_MS")]
+    pub producer_id_expiration_ms: Option<u64>,
     /// S3: multipart uploads under the prefix started longer ago than this
     /// are aborted by the sweep. [default: 86400]
     #[arg(long, env = "FLOE_MULTIPART_ABORT_AFTER_SECS")]
@@ -233,6 +239,7 @@ pub struct Resolved {
     pub delete_grace_secs: u64,
     pub orphan_grace_secs: u64,
     pub orphan_sweep_interval_secs: u64,
+    pub producer_id_expiration_ms: u64,
     pub multipart_abort_after_secs: u64,
     pub object_store_faults: Option<String>,
     /// `None`: allocate one (or reuse the one remembered in the data dir).
@@ -390,6 +397,11 @@ impl ServeArgs {
                 .max(1),
             delete_grace_secs: pick!(delete_grace_secs, defaults::DELETE_GRACE_SECS),
             orphan_grace_secs: pick!(orphan_grace_secs, defaults::ORPHAN_GRACE_SECS),
+            producer_id_expiration_ms: pick!(
+                producer_id_expiration_ms,
+                defaults::PRODUCER_ID_EXPIRATION_MS
+            )
+            .max(1),
             orphan_sweep_interval_secs: pick!(
                 orphan_sweep_interval_secs,
                 defaults::ORPHAN_SWEEP_INTERVAL_SECS
@@ -756,6 +768,10 @@ mod tests {
             ),
             ("delete_grace_secs", defaults::DELETE_GRACE_SECS.to_string()),
             ("orphan_grace_secs", defaults::ORPHAN_GRACE_SECS.to_string()),
+            (
+                "producer_id_expiration_ms",
+                defaults::PRODUCER_ID_EXPIRATION_MS.to_string(),
+            ),
             (
                 "orphan_sweep_interval_secs",
                 defaults::ORPHAN_SWEEP_INTERVAL_SECS.to_string(),

@@ -235,6 +235,8 @@ pub struct Committer {
     lifecycle: Option<Lifecycle>,
     /// Segments sealed longer ago than this are never sent to the log.
     max_commit_age: Option<Duration>,
+    /// Written into each entry (0: the log's default).
+    producer_expiration_ms: u64,
     /// A snapshot is written after every this many entries, and this many
     /// entries are kept behind it.
     snapshot_every: u64,
@@ -261,6 +263,7 @@ impl Committer {
             sink,
             lifecycle: None,
             max_commit_age: None,
+            producer_expiration_ms: 0,
             snapshot_every: SNAPSHOT_EVERY_ENTRIES,
             log_keep: LOG_KEEP_ENTRIES,
             skipped: None,
@@ -294,6 +297,13 @@ impl Committer {
     pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
         self.latency = CommitLatency::new(metrics.clone());
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Asks, in every entry this committer writes, that producer ids
+    /// silent for `ms` be forgotten (see the sequencer).
+    pub fn with_producer_expiration(mut self, ms: u64) -> Self {
+        self.producer_expiration_ms = ms;
         self
     }
 
@@ -694,6 +704,7 @@ impl Committer {
         }
         let mut commit = CommitRecord {
             at_ms: crate::health::now_ms(),
+            producer_expiration_ms: self.producer_expiration_ms,
             ..CommitRecord::default()
         };
         let mut sealed: Option<RetryClock> = None;

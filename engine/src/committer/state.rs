@@ -413,6 +413,7 @@ mod tests {
                     epochs: Vec::new(),
                     trims,
                     at_ms: 0,
+                    producer_expiration_ms: 0,
                 }
             })
             .collect()
