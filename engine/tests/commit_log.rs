@@ -76,6 +76,10 @@ struct Schedule {
     /// Snapshot every this many entries, keep this many behind (the
     /// product's window is 500 and 1,000).
     log_window: Option<(u64, u64)>,
+    /// Times the first committer crashes (its task is dropped wherever it
+    /// is, between upload and commit or mid-transaction) and restarts from
+    /// the snapshot and the log, as a broker killed with -9 does.
+    crashes: u32,
 }
 
 impl Schedule {
@@ -92,6 +96,7 @@ impl Schedule {
             odd_producer_ids: false,
             orphan_grace: None,
             log_window: None,
+            crashes: 0,
         }
     }
 }
@@ -274,7 +279,13 @@ async fn produce_plain(
     for (n, seg) in plan_batches(producer, s, &mut rng).into_iter().enumerate() {
         let key = format!("segments/p{producer}-n{n}");
         let rx = send_segment(&key, producer_id, &seg, n as i64, &committer, &store, &acks).await?;
-        match rx.await.map_err(|_| "reply dropped".to_string())? {
+        // A dropped reply (the committer crashed) is an unknown outcome.
+        let reply = rx
+            .await
+            .unwrap_or(Err(floe_engine::Error::CommitOutcomeUnknown {
+                reason: "the committer crashed".into(),
+            }));
+        match reply {
             Ok(SegmentCommitted { outcomes, .. }) => {
                 let mut a = lock(&acks);
                 // One chunk per partition, in partition order.
@@ -371,7 +382,12 @@ async fn produce_idempotent(
         }
         let mut refused: Vec<usize> = Vec::new();
         for ((key, rx), seg) in replies.into_iter().zip(&segments) {
-            let reply = rx.await.map_err(|_| "reply dropped".to_string())?;
+            // A dropped reply (the committer crashed) is an unknown outcome.
+            let reply = rx
+                .await
+                .unwrap_or(Err(floe_engine::Error::CommitOutcomeUnknown {
+                    reason: "the committer crashed".into(),
+                }));
             let outcomes = match reply {
                 Ok(SegmentCommitted { outcomes, .. }) => outcomes,
                 // The retry finds out, by the sequence numbers.
@@ -503,6 +519,65 @@ async fn sweep(
     }
 }
 
+/// Runs one committer until its queue closes, crashing it `crashes` times
+/// at random moments (its task dropped wherever it is: requests in flight
+/// lose their replies, an upload may never be committed) and starting a
+/// fresh one from the snapshot and the log each time, as a restarted
+/// broker does. Returns the last committer, what it told its shards, and
+/// how many crashes happened.
+async fn supervise(
+    meta: Arc<dyn MetaStore>,
+    store: Arc<dyn ObjectStore>,
+    s: Schedule,
+    requests: flume::Receiver<CommitRequest>,
+    crashes: u32,
+) -> Result<(Committer, Arc<Recorder>, u32), String> {
+    let mut rng = Rng(s.seed ^ 0xc0ff_ee00);
+    let mut crashed = 0;
+    loop {
+        let recorder = Arc::new(Recorder::default());
+        let mut committer = Committer::new(meta.clone(), store.clone(), recorder.clone());
+        if let Some(grace) = s.orphan_grace {
+            // As the product derives it from the orphan grace.
+            committer = committer.with_max_commit_age(grace / 2);
+        }
+        if let Some((every, keep)) = s.log_window {
+            committer = committer.with_log_window(every, keep);
+        }
+        if crashed > 0 {
+            let mut recovered = false;
+            for _ in 0..20 * ATTEMPTS_MAX {
+                if committer.recover().await.is_ok() {
+                    recovered = true;
+                    break;
+                }
+            }
+            if !recovered {
+                return Err("a restarted committer could not recover".into());
+            }
+        }
+        let poke = Arc::new(tokio::sync::Notify::new());
+        let mut task = tokio::spawn(committer.run(requests.clone(), poke));
+        if crashed < crashes {
+            let after = Duration::from_millis(rng.below(200));
+            tokio::select! {
+                done = &mut task => {
+                    let c = done.map_err(|e| e.to_string())?;
+                    return Ok((c, recorder, crashed));
+                }
+                _ = tokio::time::sleep(after) => {
+                    task.abort();
+                    let _ = task.await;
+                    crashed += 1;
+                    continue;
+                }
+            }
+        }
+        let c = task.await.map_err(|e| e.to_string())?;
+        return Ok((c, recorder, crashed));
+    }
+}
+
 async fn run_schedule(s: Schedule) -> Result<String, String> {
     let base: Arc<dyn MetaStore> = Arc::new(Embedded::in_memory().map_err(|e| e.to_string())?);
     let store: Arc<dyn ObjectStore> = Arc::new(Memory::default());
@@ -532,19 +607,9 @@ async fn run_schedule(s: Schedule) -> Result<String, String> {
                 ..faults
             },
         ));
-        let recorder = Arc::new(Recorder::default());
-        recorders.push(recorder.clone());
-        let mut committer = Committer::new(meta, store.clone(), recorder);
-        if let Some(grace) = s.orphan_grace {
-            // As the product derives it from the orphan grace.
-            committer = committer.with_max_commit_age(grace / 2);
-        }
-        if let Some((every, keep)) = s.log_window {
-            committer = committer.with_log_window(every, keep);
-        }
         let (tx, rx) = flume::bounded(64);
-        let poke = Arc::new(tokio::sync::Notify::new());
-        running.push(tokio::spawn(committer.run(rx, poke)));
+        let crashes = if c == 0 { s.crashes } else { 0 };
+        running.push(tokio::spawn(supervise(meta, store.clone(), s, rx, crashes)));
         for p in 0..s.producers_per_committer {
             let id = 1000 + (c * s.producers_per_committer + p) as i64;
             let (tx, store, acks) = (tx.clone(), store.clone(), acks.clone());
@@ -559,10 +624,13 @@ async fn run_schedule(s: Schedule) -> Result<String, String> {
         p.await.map_err(|e| e.to_string())??;
     }
     let mut committers = Vec::new();
+    let mut restarts = 0;
     for r in running {
-        let mut c = r.await.map_err(|e| e.to_string())?;
+        let (mut c, recorder, n) = r.await.map_err(|e| e.to_string())??;
         catch_up(&mut c).await?;
         committers.push(c);
+        recorders.push(recorder);
+        restarts += n;
     }
     sweep_done.notify_one();
     let swept = match sweeper {
@@ -583,7 +651,7 @@ async fn run_schedule(s: Schedule) -> Result<String, String> {
         .map(|r| r.reloads.load(std::sync::atomic::Ordering::Relaxed))
         .sum();
     Ok(format!(
-        "{summary}, {swept} orphans swept, {reloads} snapshot reloads, {} outcomes unknown",
+        "{summary}, {swept} orphans swept, {reloads} snapshot reloads, {} outcomes unknown, {restarts} crashes",
         acks.unknown
     ))
 }
@@ -892,6 +960,35 @@ fn a_committer_behind_the_trimmed_log_reloads_the_snapshot() {
                 ..MetaFaults::none()
             }),
             ..Schedule::new(seed, MetaFaults::none())
+        },
+    );
+}
+
+/// Committers killed at random moments (between an upload and its commit,
+/// or mid-transaction) and restarted from the snapshot and the log, next to
+/// an orphan sweep: replies lost to a crash are unknown outcomes, which the
+/// idempotent producers' retries settle; nothing acknowledged is lost or
+/// doubled, and no committed object is swept.
+#[test]
+fn committers_that_crash_and_restart_lose_nothing() {
+    run_many(
+        "committers_that_crash_and_restart_lose_nothing",
+        100,
+        |seed| Schedule {
+            segments_per_producer: 8,
+            window: 2,
+            crashes: 1 + (seed % 3) as u32,
+            log_window: Some((5, 8)),
+            orphan_grace: Some(Duration::from_secs(30)),
+            ..Schedule::new(
+                seed,
+                MetaFaults {
+                    seed,
+                    txn_reply_lost: 0.05,
+                    delay_max_ms: 10,
+                    ..MetaFaults::none()
+                },
+            )
         },
     );
 }
