@@ -91,8 +91,17 @@ impl Slot {
 #[derive(Default)]
 struct Inner {
     lease: Option<LeaseId>,
+    /// When the last renewal (or the grant) of `lease` that succeeded was
+    /// sent: etcd keeps the lease at least a TTL after that, not longer
+    /// for sure.
+    renewed_at: Option<Instant>,
     groups: HashMap<String, Slot>,
 }
+
+/// The part of the lease TTL this broker coordinates for after its last
+/// successful renewal was sent; the rest covers clock-rate differences.
+const LEASE_TRUST_NUM: u32 = 9;
+const LEASE_TRUST_DEN: u32 = 10;
 
 /// A group as ListGroups/DescribeGroups show it.
 #[derive(Debug, Clone)]
@@ -170,16 +179,51 @@ impl Coordinator {
         }
     }
 
+    /// Whether the ownership lease is surely still alive in the metadata
+    /// store. Past that point another broker may claim this broker's
+    /// groups, so it stops coordinating them at once (every request then
+    /// answers NOT_COORDINATOR), even while the store is unreachable and
+    /// cannot tell: two coordinators accepting offset commits for one group
+    /// would let committed offsets go backwards.
+    fn check_lease(&self) -> bool {
+        let mut inner = self.lock();
+        let Some(at) = inner.renewed_at else {
+            return true;
+        };
+        if at.elapsed() < self.lease_ttl * LEASE_TRUST_NUM / LEASE_TRUST_DEN {
+            return true;
+        }
+        if !inner.groups.is_empty() {
+            tracing::warn!(
+                groups = inner.groups.len(),
+                "group ownership lease not renewed in time; no longer coordinating any group"
+            );
+        }
+        inner.lease = None;
+        inner.renewed_at = None;
+        inner.groups.clear();
+        false
+    }
+
     async fn renew(&self) {
         let lease = self.lock().lease;
         let Some(lease) = lease else { return };
+        let sent = Instant::now();
         match self.meta.keep_alive(lease).await {
-            Ok(()) => {}
+            Ok(()) => {
+                let mut inner = self.lock();
+                if inner.lease == Some(lease) {
+                    inner.renewed_at = Some(sent);
+                }
+            }
             Err(floe_meta::Error::LeaseExpired { .. }) => {
                 tracing::warn!("group ownership lease lost; dropping every coordinated group");
                 self.drop_all();
             }
-            Err(e) => tracing::warn!(error = %e, "renewing the group ownership lease failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "renewing the group ownership lease failed");
+                self.check_lease();
+            }
         }
     }
 
@@ -197,6 +241,7 @@ impl Coordinator {
     fn drop_all(&self) {
         let mut inner = self.lock();
         inner.lease = None;
+        inner.renewed_at = None;
         // Dropping the slots drops the senders: waiting requests answer
         // NOT_COORDINATOR and their clients look the coordinator up again.
         inner.groups.clear();
@@ -209,6 +254,9 @@ impl Coordinator {
     /// Makes this broker the group's coordinator if nobody is, and loads
     /// the group. `NotCoordinator` when another live broker holds it.
     async fn acquire(&self, group_id: &str) -> CoordResult<()> {
+        if !self.check_lease() {
+            return Err(CoordError::NotCoordinator);
+        }
         if self.lock().groups.contains_key(group_id) {
             return Ok(());
         }
@@ -220,8 +268,11 @@ impl Coordinator {
         let lease = match held {
             Some(l) => l,
             None => {
+                let sent = Instant::now();
                 let l = self.meta.grant_lease(self.lease_ttl).await?;
-                self.lock().lease = Some(l);
+                let mut inner = self.lock();
+                inner.lease = Some(l);
+                inner.renewed_at = Some(sent);
                 l
             }
         };
@@ -476,11 +527,25 @@ impl Coordinator {
             ));
         }
         // More than one transaction's worth of partitions is written in
-        // chunks; each partition's offset is still written whole.
+        // chunks; each partition's offset is still written whole. Each
+        // chunk lands only while this broker still holds the group's
+        // ownership key: a coordinator that lost the group (its lease
+        // expired, another broker claimed it) can never write an offset
+        // over the new coordinator's.
+        let owner = Compare::Value(
+            schema::group_owner_key(group_id),
+            Bytes::from(self.node_id.to_string()),
+        );
         for chunk in ops.chunks(Txn::OPS_MAX) {
-            self.meta
-                .txn(Txn::when(vec![]).and_then(chunk.to_vec()))
+            let done = self
+                .meta
+                .txn(Txn::when(vec![owner.clone()]).and_then(chunk.to_vec()))
                 .await?;
+            if !done.succeeded {
+                tracing::warn!(group = %group_id, "another broker coordinates this group now; offset commit refused");
+                self.drop_group(group_id);
+                return Err(CoordError::NotCoordinator);
+            }
         }
         if new_group {
             // A group known only by its offsets (simple consumers) still

@@ -608,6 +608,13 @@ impl Shard {
 
     /// Fetches the stored bytes of index entries, from the cache or with
     /// one ranged GET per run of adjacent batches in one segment.
+    /// The stored bytes of `entries`, from the cache or the object store,
+    /// as a prefix: when a read fails after earlier batches were loaded,
+    /// those are returned (a Kafka fetch may answer with fewer batches than
+    /// asked). Only a failure on the first batch fails the read — so a
+    /// consumer catching up through a store that fails now and then still
+    /// progresses, instead of needing every one of a fetch's reads (often
+    /// hundreds of small segments) to succeed at once.
     async fn load(&self, entries: &[IndexEntry]) -> Result<Vec<Bytes>> {
         let mut out: Vec<Option<Bytes>> = {
             let cache = self.cache.borrow();
@@ -646,7 +653,17 @@ impl Shard {
                     }
                     r.map_err(Error::from)
                 })
-                .await?;
+                .await;
+            let data = match data {
+                Ok(d) => d,
+                Err(e) if i == 0 => return Err(e),
+                Err(e) => {
+                    tracing::debug!(error = %e, loaded = i, "a read failed; answering the batches before it");
+                    self.counters().fetch_read_errors.add(1);
+                    out.truncate(i);
+                    break;
+                }
+            };
             let seg = entries[i].segment.clone();
             let mut cache = self.cache.borrow_mut();
             for k in i..j {
