@@ -97,12 +97,60 @@ pub async fn allocate_node_id(meta: &dyn MetaStore) -> Result<i32> {
     })
 }
 
+/// What fences this broker's commits on its registration. Clients learn
+/// that a broker left when its lease expires and it drops out of Metadata;
+/// librdkafka then fails the requests it had in flight there as "not
+/// persisted" and may send those records again under a new epoch. So a
+/// commit must never land once the registration it was made under is
+/// gone: every log entry compares the registration key's create revision
+/// (a re-registration creates the key anew), and segments sealed before
+/// the current registration are never committed.
+#[derive(Debug)]
+pub struct Fence {
+    key: String,
+    create_revision: std::sync::atomic::AtomicU64,
+    registered_at: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Fence {
+    fn new(key: String, create_revision: u64) -> Self {
+        Self {
+            key,
+            create_revision: create_revision.into(),
+            registered_at: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// The registration key it compares.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The registration key's create revision now.
+    pub fn revision(&self) -> u64 {
+        self.create_revision
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// When the current registration was made.
+    pub fn registered_at(&self) -> tokio::time::Instant {
+        *self.registered_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn renew(&self, create_revision: u64) {
+        *self.registered_at.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
+        self.create_revision
+            .store(create_revision, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// A broker's registration: renewed while it lives, revoked on shutdown.
 pub struct Registration {
     meta: Arc<dyn MetaStore>,
     record: BrokerRecord,
     ttl: Duration,
     lease: LeaseId,
+    fence: Arc<Fence>,
 }
 
 impl Registration {
@@ -118,12 +166,14 @@ impl Registration {
         let mut warned = false;
         loop {
             let lease = put_record(&*meta, &record, ttl).await?;
-            if let Some(lease) = lease {
+            if let Some((lease, revision)) = lease {
+                let fence = Arc::new(Fence::new(schema::broker_key(record.node_id), revision));
                 return Ok(Self {
                     meta,
                     record,
                     ttl,
                     lease,
+                    fence,
                 });
             }
             if Instant::now() >= deadline {
@@ -140,6 +190,11 @@ impl Registration {
             }
             tokio::time::sleep(RETRY_PAUSE).await;
         }
+    }
+
+    /// The fence on this registration, for the committer.
+    pub fn fence(&self) -> Arc<Fence> {
+        self.fence.clone()
     }
 
     /// Renews the lease every third of its TTL until `stop` resolves, then
@@ -186,7 +241,10 @@ impl Registration {
                         "registration lease lost; registering again"
                     );
                     match put_record(&*self.meta, &self.record, self.ttl).await {
-                        Ok(Some(lease)) => self.lease = lease,
+                        Ok(Some((lease, revision))) => {
+                            self.lease = lease;
+                            self.fence.renew(revision);
+                        }
                         Ok(None) => tracing::error!(
                             node = self.record.node_id,
                             "node id taken by another broker while this one was away"
@@ -217,12 +275,13 @@ async fn put_leased(meta: &dyn MetaStore, record: &BrokerRecord, lease: LeaseId)
     Ok(())
 }
 
-/// Puts the record under a fresh lease if the key is free; `None` if taken.
+/// Puts the record under a fresh lease if the key is free, returning the
+/// lease and the key's create revision; `None` if taken.
 async fn put_record(
     meta: &dyn MetaStore,
     record: &BrokerRecord,
     ttl: Duration,
-) -> Result<Option<LeaseId>> {
+) -> Result<Option<(LeaseId, u64)>> {
     let key = schema::broker_key(record.node_id);
     let value = Bytes::from(serde_json::to_vec(record).map_err(|e| Error::Corrupt {
         what: key.clone(),
@@ -231,8 +290,10 @@ async fn put_record(
     let lease = meta.grant_lease(ttl).await?;
     let txn = Txn::when(vec![Compare::ModRevision(key.clone(), 0)])
         .and_then(vec![Op::PutLeased(key, value, lease)]);
-    if meta.txn(txn).await?.succeeded {
-        Ok(Some(lease))
+    let outcome = meta.txn(txn).await?;
+    if outcome.succeeded {
+        // The key was absent: this transaction created it.
+        Ok(Some((lease, outcome.revision)))
     } else {
         let _ = meta.revoke_lease(lease).await;
         Ok(None)

@@ -123,6 +123,7 @@ impl Engine {
             multipart_abort_after: c.multipart_abort_after,
         };
         let mut committer = Committer::new(meta.clone(), store.clone(), sink)
+            .with_fence(registration.fence())
             .with_producer_expiration(start.config.producer_id_expiration_ms)
             .with_metrics(metrics.clone())
             .with_lifecycle(lifecycle);

@@ -992,3 +992,78 @@ fn committers_that_crash_and_restart_lose_nothing() {
         },
     );
 }
+
+/// A commit made under a registration that has lapsed never lands: the
+/// clients were told the broker left, and librdkafka fails the requests in
+/// flight there as "not persisted".
+#[tokio::test]
+async fn a_commit_never_lands_once_its_registration_lapsed() {
+    use floe_engine::cluster::Registration;
+    use floe_meta::schema::BrokerRecord;
+    let meta: Arc<dyn MetaStore> = Arc::new(Embedded::in_memory().expect("store"));
+    let store: Arc<dyn ObjectStore> = Arc::new(Memory::default());
+    let record = BrokerRecord {
+        node_id: 7,
+        host: "h".into(),
+        port: 1,
+        zone: String::new(),
+        group: String::new(),
+        listeners: Vec::new(),
+        ready: true,
+    };
+    let reg = Registration::register(meta.clone(), record, Duration::from_secs(30))
+        .await
+        .expect("registers");
+    let committer =
+        Committer::new(meta.clone(), store, Arc::new(Recorder::default())).with_fence(reg.fence());
+    let (tx, rx) = flume::bounded(8);
+    let running = tokio::spawn(committer.run(rx, Arc::new(tokio::sync::Notify::new())));
+    let commit = |n: u32| {
+        let tx = tx.clone();
+        async move {
+            let (reply, answer) = oneshot::channel();
+            let segment = SegmentRecord {
+                key: format!("segments/s{n}"),
+                size: 100,
+                chunks: vec![ChunkRecord {
+                    topic_id: topic(),
+                    partition: 0,
+                    batches: vec![BatchRecord {
+                        pos: 16,
+                        len: 70,
+                        records: 1,
+                        max_ts: 0,
+                        producer_id: -1,
+                        producer_epoch: -1,
+                        base_sequence: -1,
+                    }],
+                }],
+            };
+            tx.send_async(CommitRequest::Segment {
+                segment,
+                sealed_at: tokio::time::Instant::now(),
+                reply,
+            })
+            .await
+            .expect("queued");
+            answer.await.expect("answered")
+        }
+    };
+    assert!(commit(1).await.is_ok(), "commits while registered");
+    // The lease lapses: the registration key is gone.
+    let key = reg.fence().key().to_string();
+    meta.txn(floe_meta::Txn::default().and_then(vec![floe_meta::Op::Delete(key)]))
+        .await
+        .expect("deleted");
+    match commit(2).await {
+        Err(floe_engine::Error::CommitAbandoned { .. }) => {}
+        other => panic!("a commit under a lapsed registration answered {other:?}"),
+    }
+    drop(tx);
+    let c = running.await.expect("committer");
+    assert_eq!(
+        c.state().applied(),
+        1,
+        "only the first commit is in the log"
+    );
+}

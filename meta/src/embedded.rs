@@ -252,6 +252,13 @@ impl Embedded {
                         Some(v) => decode(key, v.value())?.kv.value == *want,
                         None => false,
                     },
+                    Compare::CreateRevision(key, want) => {
+                        let cur = match redb_try!("txn", kv.get(key.as_str())) {
+                            Some(v) => decode(key, v.value())?.kv.create_revision,
+                            None => 0,
+                        };
+                        cur == *want
+                    }
                 };
             }
             let ops = if holds { &txn.success } else { &txn.failure };

@@ -152,6 +152,9 @@ impl MetaStore for Etcd {
                 Compare::Value(k, v) => {
                     EtcdCompare::value(self.full(k), CompareOp::Equal, v.to_vec())
                 }
+                Compare::CreateRevision(k, rev) => {
+                    EtcdCompare::create_revision(self.full(k), CompareOp::Equal, *rev as i64)
+                }
             })
             .collect();
         let t = EtcdTxn::new()

@@ -81,6 +81,10 @@ pub enum Compare {
     ModRevision(String, u64),
     /// The key exists and holds exactly this value.
     Value(String, Bytes),
+    /// The key's create revision equals this (0: absent): it still exists
+    /// and was not deleted and created again since, however often it was
+    /// rewritten. What fences writes on a registration's life.
+    CreateRevision(String, u64),
 }
 
 /// A write inside a transaction.

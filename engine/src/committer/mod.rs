@@ -237,6 +237,8 @@ pub struct Committer {
     max_commit_age: Option<Duration>,
     /// Written into each entry (0: the log's default).
     producer_expiration_ms: u64,
+    /// Entries land only while this broker's registration lives.
+    fence: Option<Arc<crate::cluster::Fence>>,
     /// A snapshot is written after every this many entries, and this many
     /// entries are kept behind it.
     snapshot_every: u64,
@@ -264,6 +266,7 @@ impl Committer {
             lifecycle: None,
             max_commit_age: None,
             producer_expiration_ms: 0,
+            fence: None,
             snapshot_every: SNAPSHOT_EVERY_ENTRIES,
             log_keep: LOG_KEEP_ENTRIES,
             skipped: None,
@@ -298,6 +301,28 @@ impl Committer {
         self.latency = CommitLatency::new(metrics.clone());
         self.metrics = Some(metrics);
         self
+    }
+
+    /// Makes every entry this committer writes land only while the
+    /// registration behind `fence` lives (see [`crate::cluster::Fence`]).
+    pub fn with_fence(mut self, fence: Arc<crate::cluster::Fence>) -> Self {
+        self.fence = Some(fence);
+        self
+    }
+
+    /// Whether the registration this append started under is gone: the
+    /// fence moved (this broker registered again), or the key no longer
+    /// has that create revision. A read error counts as "not known gone".
+    async fn fence_lost(&self, rev: u64) -> bool {
+        let Some(f) = &self.fence else { return false };
+        if f.revision() != rev {
+            return true;
+        }
+        match self.meta.get(f.key()).await {
+            Ok(Some(kv)) => kv.create_revision != rev,
+            Ok(None) => true,
+            Err(_) => false,
+        }
     }
 
     /// Asks, in every entry this committer writes, that producer ids
@@ -492,6 +517,9 @@ impl Committer {
         // it landed as the entry after that head, or not at all.
         let mut unknown_at: Option<u64> = None;
         let mut attempts: u64 = 0;
+        // The registration every attempt of this entry is fenced on.
+        let fenced_on = self.fence.as_ref().map(|f| f.revision()).filter(|r| *r > 0);
+        let mut fenced = false;
         self.skipped = None;
         loop {
             let replayed = self.replay(Some(commit), &mut landed).await;
@@ -526,6 +554,16 @@ impl Committer {
                     });
                 }
             }
+            if let Some(rev) = fenced_on {
+                fenced |= self.fence.as_ref().is_some_and(|f| f.revision() != rev);
+            }
+            if fenced {
+                // No attempt can land any more, and the replay above read
+                // the log to its head without finding one that did.
+                return Err(Error::CommitAbandoned {
+                    reason: "this broker's registration lapsed while the commit was pending".into(),
+                });
+            }
             let head = self.state.applied();
             if unknown_at.is_some_and(|at| head > at) {
                 // Entry at+1 is another's (the replay would have found
@@ -556,12 +594,16 @@ impl Committer {
                 Compare::Value(schema::LOG_HEAD.into(), Bytes::from(head.to_string()))
             };
             let next = head + 1;
+            let mut guards = vec![guard];
+            if let (Some(rev), Some(f)) = (fenced_on, &self.fence) {
+                guards.push(Compare::CreateRevision(f.key().to_string(), rev));
+            }
             let entry = if fence {
                 Bytes::from_static(EMPTY_ENTRY)
             } else {
                 value.clone()
             };
-            let txn = Txn::when(vec![guard]).and_then(vec![
+            let txn = Txn::when(guards).and_then(vec![
                 Op::Put(schema::LOG_HEAD.into(), Bytes::from(next.to_string())),
                 Op::Put(schema::log_key(next), entry),
             ]);
@@ -587,9 +629,18 @@ impl Committer {
                     }
                     return Ok((next, outcomes));
                 }
-                // Another broker committed first: the replay above learns
-                // its entries on the next turn.
+                // Another broker committed first (the replay above learns
+                // its entries on the next turn), or the fence failed.
                 Ok(_) => {
+                    if let Some(rev) = fenced_on {
+                        if self.fence_lost(rev).await {
+                            tracing::warn!(
+                                "this broker's registration lapsed; its pending commit is given up"
+                            );
+                            fenced = true;
+                            continue;
+                        }
+                    }
                     if let Some(m) = &self.metrics {
                         crate::metrics::Metrics::add(&m.log_cas_conflicts, 1);
                     }
@@ -701,6 +752,23 @@ impl Committer {
             }
             total += r.weight();
             group.push(r);
+        }
+        // Segments sealed before this broker's current registration were
+        // accepted while clients may already have been told they failed
+        // (see `Fence`): never commit them.
+        if let Some(since) = self.fence.as_ref().map(|f| f.registered_at()) {
+            let (stale, fresh): (Vec<_>, Vec<_>) = group.into_iter().partition(
+                |r| matches!(r, CommitRequest::Segment { sealed_at, .. } if *sealed_at < since),
+            );
+            for r in stale {
+                r.fail(Error::CommitAbandoned {
+                    reason: "sealed before this broker registered again".into(),
+                });
+            }
+            group = fresh;
+            if group.is_empty() {
+                return;
+            }
         }
         let mut commit = CommitRecord {
             at_ms: crate::health::now_ms(),

@@ -210,6 +210,26 @@ async fn cas_branches(s: &dyn MetaStore) {
     let right = Txn::when(vec![Compare::Value("c/k".into(), Bytes::from("first"))])
         .and_then(vec![put("c/k", "second")]);
     assert!(s.txn(right).await.unwrap().succeeded);
+    // Compare on the create revision: rewrites keep it, a delete and a
+    // new put change it.
+    let created = s.get("c/k").await.unwrap().unwrap().create_revision;
+    assert!(created > 0);
+    let fenced = |rev| {
+        Txn::when(vec![Compare::CreateRevision("c/k".into(), rev)]).and_then(vec![put("c/f", "1")])
+    };
+    assert!(s.txn(fenced(created)).await.unwrap().succeeded);
+    s.txn(Txn::default().and_then(vec![Op::Delete("c/k".into())]))
+        .await
+        .unwrap();
+    assert!(!s.txn(fenced(created)).await.unwrap().succeeded);
+    assert!(s.txn(fenced(0)).await.unwrap().succeeded, "0 means absent");
+    s.txn(Txn::default().and_then(vec![put("c/k", "again")]))
+        .await
+        .unwrap();
+    assert!(
+        !s.txn(fenced(created)).await.unwrap().succeeded,
+        "created again"
+    );
 }
 
 async fn concurrent_cas_has_one_winner(s: Arc<dyn MetaStore>) {
