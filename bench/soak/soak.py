@@ -342,6 +342,9 @@ class Load:
         deadline = time.monotonic() + timeout
         for w in self.workers:
             w.join(timeout=max(0.1, deadline - time.monotonic()))
+        # Dropping the last reference destroys the client: its connections
+        # close, so the brokers' floe_connections can fall to 0.
+        self.admin = None
         return [w.name for w in self.workers if w.is_alive()]
 
     def close(self):

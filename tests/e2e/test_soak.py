@@ -30,10 +30,10 @@ def test_churn_leaves_connections_fds_and_memory_bounded(start_broker, tmp_path)
     # not count as growth.
     b = start_broker(name="soak", auto_create_topics=False, read_cache_bytes=4 << 20)
     args = soak.options(WARM_SECS + CHURN_SECS, "--single", "--mbps", "1", "--retention-secs", "60")
-    load = soak.Load(args, [b.bootstrap], tmp_path / "clients.log")
-    load.create_topics()
     idle = soak.proc_status(b.pid)
     idle_conns = b.metrics()["floe_connections"]
+    load = soak.Load(args, [b.bootstrap], tmp_path / "clients.log")
+    load.create_topics()
     sampler = soak.Sampler(tmp_path / "samples.csv", [b], load)
     try:
         load.start()
