@@ -31,6 +31,14 @@ use crate::{EngineConfig, Error, PartitionKey, Result, Shutdown};
 
 /// Commit requests queued before shards wait for the committer.
 const COMMIT_QUEUE_MAX: usize = 1024;
+fn snapshot_gone(e: &Error) -> bool {
+    matches!(e, Error::Storage { source } if matches!(source.root(), floe_objstore::Error::NotFound { .. }))
+}
+
+/// Attempts to load the snapshot and replay the log at start-up, a second
+/// apart, before the broker gives up (a store down for two minutes).
+const RECOVER_ATTEMPTS_MAX: u32 = 120;
+const RECOVER_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// First producer id handed out; lower ones are left unused.
 const PRODUCER_ID_FIRST: i64 = 1000;
 
@@ -127,7 +135,28 @@ impl Engine {
             .with_producer_expiration(start.config.producer_id_expiration_ms)
             .with_metrics(metrics.clone())
             .with_lifecycle(lifecycle);
-        let replayed = sidecar.block_on(committer.recover())?;
+        let replayed = sidecar.block_on(async {
+            // A store or metadata hiccup at start-up (the snapshot read
+            // failing once) is retried, as it would be later; only an
+            // error retrying cannot fix stops the broker.
+            let mut attempt = 0u32;
+            loop {
+                match committer.recover().await {
+                    Ok(n) => return Ok(n),
+                    // A snapshot deleted under us (the pointer moved on)
+                    // is read again through the new pointer.
+                    Err(e)
+                        if (e.is_retriable() || snapshot_gone(&e))
+                            && attempt < RECOVER_ATTEMPTS_MAX =>
+                    {
+                        attempt += 1;
+                        tracing::warn!(error = %e, attempt, "loading the commit log failed; retrying");
+                        tokio::time::sleep(RECOVER_RETRY_PAUSE).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        })?;
         let groups = Coordinator::new(node_id, meta.clone(), start.lease_ttl);
         let engine = Arc::new(Self {
             config: start.config,
