@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use floe_meta::schema::CommitRecord;
 use floe_objstore::ObjectStore;
 
-use super::{snapshot, Committer, CLEANUP_DELETES_MAX, LOG_ENTRY_TRIMS_MAX};
+use super::{
+    snapshot, Committer, CLEANUP_DELETES_CONCURRENT, CLEANUP_DELETES_MAX, LOG_ENTRY_TRIMS_MAX,
+};
 use crate::retention::RetentionPolicy;
 
 /// Settings and views the cleanup owner needs (see [`Committer::cleanup`]).
@@ -195,19 +197,22 @@ async fn delete_all(
     keys: &[String],
 ) -> usize {
     let mut deleted = 0;
-    for k in keys {
-        match store.delete(k).await {
-            Ok(()) => {
-                deleted += 1;
-                if let Some(c) = counters {
-                    floe_objstore::RequestCounters::bump(&c.deletes);
+    for chunk in keys.chunks(CLEANUP_DELETES_CONCURRENT) {
+        let results = futures::future::join_all(chunk.iter().map(|k| store.delete(k))).await;
+        for (k, r) in chunk.iter().zip(results) {
+            match r {
+                Ok(()) => {
+                    deleted += 1;
+                    if let Some(c) = counters {
+                        floe_objstore::RequestCounters::bump(&c.deletes);
+                    }
                 }
-            }
-            Err(e) => {
-                if let Some(c) = counters {
-                    c.error();
+                Err(e) => {
+                    if let Some(c) = counters {
+                        c.error();
+                    }
+                    tracing::warn!(key = %k, error = %e, "deleting an object failed; the orphan sweep retries");
                 }
-                tracing::warn!(key = %k, error = %e, "deleting an object failed; the orphan sweep retries");
             }
         }
     }
