@@ -29,7 +29,7 @@ const REQUEST_BYTES_MAX: usize = 8 << 10;
 type FieldCounter<T, V> = (&'static str, &'static str, fn(&T) -> &V);
 
 /// The counters every shard keeps, each summed over the shards.
-const SHARD_COUNTERS: [FieldCounter<ShardCounters, ShardCounter>; 14] = [
+const SHARD_COUNTERS: [FieldCounter<ShardCounters, ShardCounter>; 15] = [
     (
         "floe_produce_payload_bytes_total",
         "RecordBatch bytes accepted from producers.",
@@ -39,6 +39,11 @@ const SHARD_COUNTERS: [FieldCounter<ShardCounters, ShardCounter>; 14] = [
         "floe_produce_copied_bytes_total",
         "RecordBatch bytes copied in user space before upload (the socket read counts once).",
         |s| &s.produce_copied_bytes,
+    ),
+    (
+        "floe_read_cache_copied_bytes_total",
+        "Payload bytes copied into the read cache when segments are sealed.",
+        |s| &s.cache_copied_bytes,
     ),
     (
         "floe_produce_batches_total",
@@ -473,6 +478,7 @@ mod tests {
         let mut want = [
             "floe_produce_payload_bytes_total counter",
             "floe_produce_copied_bytes_total counter",
+            "floe_read_cache_copied_bytes_total counter",
             "floe_produce_batches_total counter",
             "floe_fetch_bytes_total counter",
             "floe_fetch_read_errors_total counter",

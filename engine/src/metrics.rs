@@ -45,6 +45,9 @@ pub struct ShardCounters {
     /// object store (the one socket-to-buffer copy counts), by the shard
     /// that read them.
     pub produce_copied_bytes: ShardCounter,
+    /// Payload bytes copied into the read cache when a segment is sealed
+    /// (one packed buffer per segment, so the cache pins what it counts).
+    pub cache_copied_bytes: ShardCounter,
     pub produce_batches: ShardCounter,
     pub fetch_bytes: ShardCounter,
     /// Partition reads that failed for another reason than an offset out

@@ -329,6 +329,7 @@ impl Shard {
                 packed.extend_from_slice(data);
             }
             let packed = packed.freeze();
+            self.counters().cache_copied_bytes.add(total as u64);
             let mut cache = self.cache.borrow_mut();
             let mut at = 0;
             for (chunk, bytes) in chunks.iter().zip(&batch_bytes) {

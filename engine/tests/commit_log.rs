@@ -254,6 +254,17 @@ fn plan_batches(producer: i64, s: Schedule, rng: &mut Rng) -> Vec<Vec<Sent>> {
         .collect()
 }
 
+/// The committer's answer; a dropped reply (the committer crashed) is an
+/// unknown outcome.
+async fn answer(
+    rx: oneshot::Receiver<floe_engine::Result<SegmentCommitted>>,
+) -> floe_engine::Result<SegmentCommitted> {
+    rx.await
+        .unwrap_or(Err(floe_engine::Error::CommitOutcomeUnknown {
+            reason: "the committer crashed".into(),
+        }))
+}
+
 /// Each producer's own draws, from the schedule's seed.
 fn producer_rng(producer: i64, s: Schedule) -> Rng {
     Rng(s.seed ^ (producer as u64).wrapping_mul(0x2545_f491_4f6c_dd1d))
@@ -279,12 +290,7 @@ async fn produce_plain(
     for (n, seg) in plan_batches(producer, s, &mut rng).into_iter().enumerate() {
         let key = format!("segments/p{producer}-n{n}");
         let rx = send_segment(&key, producer_id, &seg, n as i64, &committer, &store, &acks).await?;
-        // A dropped reply (the committer crashed) is an unknown outcome.
-        let reply = rx
-            .await
-            .unwrap_or(Err(floe_engine::Error::CommitOutcomeUnknown {
-                reason: "the committer crashed".into(),
-            }));
+        let reply = answer(rx).await;
         match reply {
             Ok(SegmentCommitted { outcomes, .. }) => {
                 let mut a = lock(&acks);
@@ -382,12 +388,7 @@ async fn produce_idempotent(
         }
         let mut refused: Vec<usize> = Vec::new();
         for ((key, rx), seg) in replies.into_iter().zip(&segments) {
-            // A dropped reply (the committer crashed) is an unknown outcome.
-            let reply = rx
-                .await
-                .unwrap_or(Err(floe_engine::Error::CommitOutcomeUnknown {
-                    reason: "the committer crashed".into(),
-                }));
+            let reply = answer(rx).await;
             let outcomes = match reply {
                 Ok(SegmentCommitted { outcomes, .. }) => outcomes,
                 // The retry finds out, by the sequence numbers.
