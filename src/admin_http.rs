@@ -186,6 +186,18 @@ impl Collector for BrokerCollector {
         )?;
         gauge(
             &mut out,
+            "floe_log_partitions",
+            "Partitions the commit log knows; a deleted topic's are forgotten once its data is trimmed.",
+            [(NO_LABELS, Metrics::get(&m.log_partitions))],
+        )?;
+        gauge(
+            &mut out,
+            "floe_log_segment_table",
+            "Segment keys in this broker's commit-log state: live segments and, until the next renumbering, deleted ones.",
+            [(NO_LABELS, Metrics::get(&m.log_segment_table))],
+        )?;
+        gauge(
+            &mut out,
             "floe_connections",
             "Kafka connections open, by the shard serving them.",
             self.balance

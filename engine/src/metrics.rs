@@ -95,6 +95,10 @@ pub struct Metrics {
     pub lease_renewed_at_ms: AtomicU64,
     /// Producer ids the log remembers (published once a second).
     pub producer_ids: AtomicU64,
+    /// Partitions the commit log knows, and keys in its segment table
+    /// (published once a second): both follow what exists, not history.
+    pub log_partitions: AtomicU64,
+    pub log_segment_table: AtomicU64,
     /// Commit latency (CAS round trips and retries) over the last interval,
     /// in microseconds, published by the committer.
     pub commit_latency_p50_us: AtomicU64,
@@ -121,6 +125,8 @@ impl Metrics {
             log_read_at_ms: AtomicU64::default(),
             lease_renewed_at_ms: AtomicU64::default(),
             producer_ids: AtomicU64::default(),
+            log_partitions: AtomicU64::default(),
+            log_segment_table: AtomicU64::default(),
             commit_latency_p50_us: AtomicU64::default(),
             commit_latency_p99_us: AtomicU64::default(),
             commit_latency_max_us: AtomicU64::default(),

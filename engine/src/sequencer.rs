@@ -198,6 +198,24 @@ impl Sequencer {
         self.last_seen.insert(producer_id, self.log_time);
     }
 
+    pub fn partitions_known(&self) -> usize {
+        self.next_offset.len()
+    }
+
+    /// Whether the log ever put a batch in `tp` (and has not forgotten it).
+    pub fn knows(&self, tp: &PartitionKey) -> bool {
+        self.next_offset.contains_key(tp)
+    }
+
+    /// Drops everything about `tp` (a deleted topic's partition with
+    /// nothing left readable). Should a late segment still write to it,
+    /// the partition starts again from offset 0.
+    fn forget_partition(&mut self, tp: &PartitionKey) {
+        self.next_offset.remove(tp);
+        self.log_start.remove(tp);
+        self.producers.retain(|(_, p), _| p != tp);
+    }
+
     /// The sequence number of the last applied commit.
     pub fn applied(&self) -> u64 {
         self.applied
@@ -254,9 +272,13 @@ impl Sequencer {
             };
             // Forward only, and never past what exists: a trim decided on
             // an older view stays valid whatever landed since.
-            let to = t.log_start.min(self.high_watermark(&tp));
+            let hwm = self.high_watermark(&tp);
+            let to = t.log_start.min(hwm);
             if to > self.log_start(&tp) {
                 self.log_start.insert(tp, to);
+            }
+            if t.forget && self.log_start(&tp) == hwm {
+                self.forget_partition(&tp);
             }
         }
         outcomes
@@ -511,23 +533,27 @@ mod tests {
         );
     }
 
+    /// Applies an entry that only trims partition 0 to `to`; returns the
+    /// new log start.
+    fn trim0(s: &mut Sequencer, to: u64, forget: bool) -> u64 {
+        let seq = s.applied() + 1;
+        let mut c = commit(vec![]);
+        c.segments.clear();
+        c.trims.push(floe_meta::schema::TrimRecord {
+            topic_id: tp(0).topic_id,
+            partition: 0,
+            log_start: to,
+            forget,
+        });
+        s.apply(seq, &c);
+        s.log_start(&tp(0))
+    }
+
     #[test]
     fn trims_move_the_log_start_forward_only_and_not_past_the_end() {
-        use floe_meta::schema::TrimRecord;
         let mut s = Sequencer::default();
         outcome(&mut s, 0, br(10, -1, 0, -1));
-        let trim = |s: &mut Sequencer, to: u64| {
-            let seq = s.applied() + 1;
-            let mut c = commit(vec![]);
-            c.segments.clear();
-            c.trims.push(TrimRecord {
-                topic_id: tp(0).topic_id,
-                partition: 0,
-                log_start: to,
-            });
-            s.apply(seq, &c);
-            s.log_start(&tp(0))
-        };
+        let trim = |s: &mut Sequencer, to: u64| trim0(s, to, false);
         assert_eq!(trim(&mut s, 4), 4);
         assert_eq!(trim(&mut s, 2), 4, "never backwards");
         assert_eq!(trim(&mut s, 99), 10, "never past the high watermark");
@@ -545,6 +571,34 @@ mod tests {
         json.as_object_mut().expect("object").remove("log_start");
         let old: SequencerState = serde_json::from_value(json).expect("decode");
         assert_eq!(Sequencer::from_state(old).log_start(&tp(0)), 0);
+    }
+
+    #[test]
+    fn a_forgetting_trim_drops_the_partition_only_once_nothing_is_left() {
+        let mut s = Sequencer::default();
+        outcome(&mut s, 0, br(3, 9, 0, 0));
+        outcome(&mut s, 1, br(2, 9, 0, 0));
+        let forget = |s: &mut Sequencer, to: u64| trim0(s, to, true);
+        // Planned on an older view: records remain, so it only trims.
+        forget(&mut s, 2);
+        assert!(s.knows(&tp(0)));
+        assert_eq!(s.log_start(&tp(0)), 2);
+        forget(&mut s, 3);
+        assert!(!s.knows(&tp(0)), "everything trimmed: forgotten");
+        assert_eq!((s.log_start(&tp(0)), s.high_watermark(&tp(0))), (0, 0));
+        assert!(s.knows(&tp(1)), "other partitions stay");
+        let st = s.state();
+        assert!(st.producers.iter().all(|(_, p, _)| *p != tp(0)));
+        assert_eq!(st.producers.len(), 1, "producer 9 on partition 1 stays");
+        assert_eq!(
+            outcome(&mut s, 1, br(2, 9, 0, 0)),
+            BatchOutcome::Duplicate { base_offset: 0 }
+        );
+        // A late batch starts the partition again from 0.
+        assert_eq!(
+            outcome(&mut s, 0, br(1, -1, 0, -1)),
+            BatchOutcome::Appended { base_offset: 0 }
+        );
     }
 
     #[test]

@@ -92,6 +92,10 @@ pub enum IndexMsg {
 
 /// Applies one committed update to a shard's indexes.
 fn apply_update(indexes: &mut HashMap<PartitionKey, PartitionIndex>, u: IndexUpdate) {
+    if u.forget {
+        indexes.remove(&u.tp);
+        return;
+    }
     let index = indexes.entry(u.tp).or_default();
     for b in u.batches {
         if let BatchOutcome::Appended { base_offset } = b.outcome {

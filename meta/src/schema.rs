@@ -159,6 +159,15 @@ pub struct TrimRecord {
     pub partition: u32,
     #[serde(rename = "o")]
     pub log_start: u64,
+    /// The partition's topic is deleted: once the trim leaves nothing
+    /// readable, every broker forgets the partition (offsets, producer
+    /// state, index), so deleted topics leave no state behind.
+    #[serde(default, rename = "f", skip_serializing_if = "is_false")]
+    pub forget: bool,
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

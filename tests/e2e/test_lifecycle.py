@@ -18,6 +18,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from floe_clients import (
+    admin_client,
     consume_partitions,
     consumer_conf,
     create_topic,
@@ -141,6 +142,44 @@ def test_time_retention_deletes_old_segments_and_moves_log_start(store, topic_na
     seen = consume_partitions(broker.bootstrap, topic_name, fresh_ends)
     verify(fresh, delivered_fresh, seen, contiguous_from_zero=False)
     assert metric(broker, "floe_fetch_read_errors_total") == 0
+
+
+def test_a_deleted_topic_leaves_no_state_behind(store, topic_name):
+    """DeleteTopics: the topic's segments are deleted and the commit log
+    forgets its partitions (offsets, producer state, index), so topics
+    created and deleted all day cost nothing once gone. Another topic is
+    untouched, and a restart (snapshot + replay) agrees."""
+    broker = store.start(**FAST_CLEANUP)
+    kept_topic = topic_name + "-kept"
+    create_topic(broker.bootstrap, kept_topic, 1)
+    create_topic(broker.bootstrap, topic_name, 3)
+    producer = Producer(producer_conf(broker.bootstrap))
+    kept = gen_records(300, seed=45, ts_base=int(time.time() * 1000))
+    delivered_kept = produce_records(producer, kept_topic, kept, partition_of=lambda i: 0)
+    kept_segments = store.keys("segments/")
+    gone = gen_records(900, seed=46, ts_base=int(time.time() * 1000))
+    produce_records(producer, topic_name, gone, partition_of=lambda i: i % 3)
+    doomed = store.keys("segments/") - kept_segments
+    assert kept_segments and doomed
+    wait_for("the log to know 4 partitions",
+             lambda: metric(broker, "floe_log_partitions") == 4,
+             state=lambda: metric(broker, "floe_log_partitions"))
+
+    admin = admin_client(broker.bootstrap)
+    admin.delete_topics([topic_name], request_timeout=15)[topic_name].result(timeout=20)
+    wait_for("the deleted topic's partitions to be forgotten",
+             lambda: metric(broker, "floe_log_partitions") == 1,
+             state=lambda: metric(broker, "floe_log_partitions"))
+    wait_for("the deleted topic's segments to be deleted",
+             lambda: not (store.keys("segments/") & doomed))
+    assert kept_segments <= store.keys("segments/"), "a kept topic's segment was deleted"
+
+    broker.restart()
+    wait_for("the restarted broker to know 1 partition",
+             lambda: metric(broker, "floe_log_partitions") == 1,
+             state=lambda: metric(broker, "floe_log_partitions"))
+    seen = consume_partitions(broker.bootstrap, kept_topic, ends_from_delivery(delivered_kept))
+    verify(kept, delivered_kept, seen)
 
 
 def assert_out_of_range_from_zero(bootstrap, topic):

@@ -168,6 +168,9 @@ pub struct IndexUpdate {
     /// The partition's log start once these batches are in (retention
     /// moves it; the shard applies it after pushing the batches).
     pub log_start: u64,
+    /// The partition's topic is deleted and nothing of it is left: the
+    /// shard drops the partition's index.
+    pub forget: bool,
 }
 
 /// Where index updates go: the shard that owns each partition. Every
@@ -717,8 +720,10 @@ impl Committer {
                         l.publish();
                     }
                     if let Some(m) = &self.metrics {
-                        let n = self.state.producers_known() as u64;
-                        crate::metrics::Metrics::set(&m.producer_ids, n);
+                        use crate::metrics::Metrics;
+                        Metrics::set(&m.producer_ids, self.state.producers_known() as u64);
+                        Metrics::set(&m.log_partitions, self.state.partitions_known() as u64);
+                        Metrics::set(&m.log_segment_table, self.state.segment_table_len() as u64);
                     }
                 }
                 _ = cleanup_tick.tick(), if self.lifecycle.is_some() => {

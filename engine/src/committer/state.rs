@@ -42,8 +42,14 @@ pub struct LogState {
     /// index).
     segments: Vec<Arc<str>>,
     segment_ids: HashMap<Arc<str>, u32>,
+    /// The table is renumbered when it reaches this many keys, dropping
+    /// segments deleted since (0: [`SEGMENT_TABLE_MIN`]).
+    compact_at: usize,
     refs: SegmentRefs,
 }
+
+/// The segment table is not renumbered below this many keys.
+const SEGMENT_TABLE_MIN: usize = 4096;
 
 impl LogState {
     /// The sequence number of the last applied entry (0: none).
@@ -64,6 +70,11 @@ impl LogState {
         self.sequencer.producers_known()
     }
 
+    /// Partitions the log knows (deleted topics' are forgotten).
+    pub fn partitions_known(&self) -> usize {
+        self.sequencer.partitions_known()
+    }
+
     /// Which segments the log references or released.
     pub fn refs(&self) -> &SegmentRefs {
         &self.refs
@@ -78,14 +89,65 @@ impl LogState {
         self.index.get(tp).map_or(&[], Vec::as_slice)
     }
 
+    /// Keys in the segment table (live ones and, until the next
+    /// renumbering, some already deleted).
+    pub fn segment_table_len(&self) -> usize {
+        self.segments.len()
+    }
+
     fn segment_id(&mut self, key: &Arc<str>) -> u32 {
         if let Some(id) = self.segment_ids.get(key) {
             return *id;
+        }
+        if self.segments.len() >= self.compact_at.max(SEGMENT_TABLE_MIN) {
+            self.compact_segments();
         }
         let id = self.segments.len() as u32;
         self.segments.push(key.clone());
         self.segment_ids.insert(key.clone(), id);
         id
+    }
+
+    /// The segments worth numbering — referenced by a batch, or released
+    /// and perhaps not yet deleted — as (old number → new number, keys).
+    fn live_segments(&self) -> (Vec<u32>, Vec<Arc<str>>) {
+        let mut keep: Vec<bool> = self
+            .segments
+            .iter()
+            .map(|k| self.refs.is_known(k))
+            .collect();
+        for e in self.index.values().flatten() {
+            if let Some(k) = keep.get_mut(e.segment as usize) {
+                *k = true;
+            }
+        }
+        let mut renumber = vec![u32::MAX; self.segments.len()];
+        let mut live = Vec::new();
+        for (id, key) in self.segments.iter().enumerate() {
+            if keep[id] {
+                renumber[id] = live.len() as u32;
+                live.push(key.clone());
+            }
+        }
+        (renumber, live)
+    }
+
+    /// Renumbers the segment table without the segments deleted since the
+    /// last time, so it grows with the live segments, not with every
+    /// segment ever committed. Amortized: the next renumbering waits until
+    /// the table has doubled.
+    fn compact_segments(&mut self) {
+        let (renumber, live) = self.live_segments();
+        for e in self.index.values_mut().flatten() {
+            e.segment = renumber[e.segment as usize];
+        }
+        self.segment_ids = live
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.clone(), i as u32))
+            .collect();
+        self.compact_at = (2 * live.len()).max(SEGMENT_TABLE_MIN);
+        self.segments = live;
     }
 
     /// Applies entry `seq`, which must directly follow the last applied
@@ -140,6 +202,7 @@ impl LogState {
                             outcome: *o,
                         })
                         .collect(),
+                    forget: false,
                 });
             }
         }
@@ -167,8 +230,15 @@ impl LogState {
                 partition: t.partition,
             };
             let log_start = self.sequencer.log_start(&tp);
+            // A forgetting trim the sequencer followed leaves the
+            // partition unknown: every batch goes, and so does the entry.
+            let forget = t.forget && !self.sequencer.knows(&tp);
             if let Some(entries) = self.index.get_mut(&tp) {
-                let gone = entries.partition_point(|e| e.end_offset() <= log_start);
+                let gone = if forget {
+                    entries.len()
+                } else {
+                    entries.partition_point(|e| e.end_offset() <= log_start)
+                };
                 let mut by_segment: BTreeMap<u32, u64> = BTreeMap::new();
                 for e in entries.drain(..gone) {
                     *by_segment.entry(e.segment).or_default() += 1;
@@ -179,12 +249,16 @@ impl LogState {
                     }
                 }
             }
+            if forget {
+                self.index.remove(&tp);
+            }
             updates.push(IndexUpdate {
                 seq,
                 tp,
                 segment: Arc::from(""),
                 batches: Vec::new(),
                 log_start,
+                forget,
             });
         }
     }
@@ -194,14 +268,8 @@ impl LogState {
     /// deleted, are listed (renumbered): the list does not grow with every
     /// segment ever written.
     pub fn snapshot(&self) -> Snapshot {
-        let mut renumber: HashMap<u32, u32> = HashMap::new();
-        let mut segments = Vec::new();
-        for (id, key) in self.segments.iter().enumerate() {
-            if self.refs.is_known(key) {
-                renumber.insert(id as u32, segments.len() as u32);
-                segments.push(key.to_string());
-            }
-        }
+        let (renumber, live) = self.live_segments();
+        let segments = live.iter().map(|k| k.to_string()).collect();
         let index = self
             .index
             .iter()
@@ -209,7 +277,7 @@ impl LogState {
                 let entries = v
                     .iter()
                     .map(|e| IndexedBatch {
-                        segment: renumber.get(&e.segment).copied().unwrap_or(e.segment),
+                        segment: renumber[e.segment as usize],
                         ..*e
                     })
                     .collect();
@@ -258,6 +326,7 @@ impl LogState {
                     segment: Arc::from(""),
                     batches: Vec::new(),
                     log_start: first,
+                    forget: false,
                 });
             }
             // One update per run of batches in the same segment.
@@ -291,6 +360,7 @@ impl LogState {
                         })
                         .collect(),
                     log_start,
+                    forget: false,
                 });
             }
         }
@@ -300,13 +370,25 @@ impl LogState {
                 state.refs.release(seg, 1, snap.seq, now);
             }
         }
-        state.index = snap.index.into_iter().collect();
+        // Batches in a segment the snapshot does not list were skipped
+        // above (and logged); they are not kept either.
+        let listed = state.segments.len();
+        state.index = snap
+            .index
+            .into_iter()
+            .map(|(tp, mut v)| {
+                v.retain(|e| (e.segment as usize) < listed);
+                (tp, v)
+            })
+            .collect();
         (state, updates)
     }
 
     /// The trims retention asks for at `now_ms`, at most `trims_max`.
     /// A partition of a topic missing from `policies` (deleted) is trimmed
-    /// to its end.
+    /// to its end; a later turn that finds it still missing, and empty,
+    /// has every broker forget it. Two turns, so that one misreading of
+    /// the topics never costs a live partition its offsets.
     pub fn plan_retention(
         &self,
         policies: &HashMap<uuid::Uuid, RetentionPolicy>,
@@ -317,10 +399,12 @@ impl LogState {
         let mut trims = Vec::new();
         for (tp, entries) in &self.index {
             let start = self.sequencer.log_start(tp);
+            let mut forget = false;
             let to = match policies.get(&tp.topic_id) {
                 None => {
                     let hwm = self.sequencer.high_watermark(tp);
-                    (hwm > start).then_some(hwm)
+                    forget = hwm == start && entries.is_empty();
+                    (hwm > start || forget).then_some(hwm)
                 }
                 Some(p) if p.is_unlimited() => None,
                 Some(p) => planner.plan(*p, start, entries.len(), |i| StoredBatch {
@@ -335,6 +419,7 @@ impl LogState {
                     topic_id: tp.topic_id,
                     partition: tp.partition,
                     log_start: to,
+                    forget,
                 });
                 if trims.len() == trims_max {
                     break;
@@ -349,6 +434,7 @@ impl LogState {
 mod tests {
     use super::*;
     use floe_meta::schema::{BatchRecord, ChunkRecord, SegmentRecord};
+    use std::time::Duration;
 
     fn tp(p: u32) -> PartitionKey {
         PartitionKey {
@@ -400,6 +486,7 @@ mod tests {
                         topic_id: tp(1).topic_id,
                         partition: rnd(4) as u32,
                         log_start: rnd(40),
+                        forget: rnd(3) == 0,
                     }]
                 } else {
                     Vec::new()
@@ -463,6 +550,129 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// One plain batch of one record in partition `p`, in its own segment
+    /// named after `i` (also its position, to check the index later).
+    fn single(i: u64, p: u32, trims: Vec<TrimRecord>) -> CommitRecord {
+        CommitRecord {
+            segments: vec![SegmentRecord {
+                key: format!("segments/{i:06}"),
+                size: 100,
+                chunks: vec![ChunkRecord {
+                    topic_id: tp(p).topic_id,
+                    partition: p,
+                    batches: vec![BatchRecord {
+                        pos: i,
+                        len: 100,
+                        records: 1,
+                        max_ts: i as i64,
+                        producer_id: -1,
+                        producer_epoch: -1,
+                        base_sequence: -1,
+                    }],
+                }],
+            }],
+            epochs: Vec::new(),
+            trims,
+            at_ms: 0,
+            producer_expiration_ms: 0,
+        }
+    }
+
+    #[test]
+    fn the_segment_table_grows_with_live_segments_not_with_history() {
+        let now = SystemTime::UNIX_EPOCH;
+        let mut s = LogState::default();
+        let mut largest = 0;
+        for i in 1..=30_000u64 {
+            let p = (i % 4) as u32;
+            // Every 50th entry keeps only the last 20 batches of each
+            // partition.
+            let trims = if i % 50 == 0 {
+                (0..4)
+                    .map(|q| TrimRecord {
+                        topic_id: tp(q).topic_id,
+                        partition: q,
+                        log_start: s.high_watermark(&tp(q)).saturating_sub(20),
+                        forget: false,
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            s.apply(i, &single(i, p, trims), now);
+            // The cleanup owner deleted what was released.
+            for k in s.refs().deletable(u64::MAX, now, Duration::ZERO) {
+                s.refs_mut().forget(&k);
+            }
+            largest = largest.max(s.segment_table_len());
+        }
+        assert!(
+            largest <= 2 * SEGMENT_TABLE_MIN,
+            "the table reached {largest} keys"
+        );
+        // Renumbered many times, every batch still names its own segment.
+        let snap = s.snapshot();
+        let mut batches = 0;
+        for (_, entries) in &snap.index {
+            for e in entries {
+                assert_eq!(
+                    snap.segments[e.segment as usize],
+                    format!("segments/{:06}", e.pos)
+                );
+                batches += 1;
+            }
+        }
+        assert!(batches >= 4 * 20, "{batches} batches kept");
+        let (loaded, _) = LogState::load(snap.clone(), now);
+        assert_eq!(loaded.snapshot(), snap);
+    }
+
+    #[test]
+    fn a_deleted_topic_is_trimmed_then_forgotten_everywhere() {
+        let now = SystemTime::UNIX_EPOCH;
+        let mut s = LogState::default();
+        for i in 1..=6u64 {
+            s.apply(i, &single(i, (i % 2) as u32, Vec::new()), now);
+        }
+        let mut seq = 6;
+        let mut turn = |s: &mut LogState, policies: &HashMap<uuid::Uuid, RetentionPolicy>| {
+            let trims = s.plan_retention(policies, 0, 100);
+            seq += 1;
+            let applied = s.apply(
+                seq,
+                &CommitRecord {
+                    trims: trims.clone(),
+                    ..CommitRecord::default()
+                },
+                now,
+            );
+            (trims, applied.updates)
+        };
+        // The topic exists, with no limits: nothing to do.
+        let mut live = HashMap::new();
+        live.insert(
+            tp(0).topic_id,
+            RetentionPolicy::from_configs(Some("-1"), None),
+        );
+        assert!(turn(&mut s, &live).0.is_empty());
+        // Deleted: the first turn trims both partitions to their end...
+        let (trims, updates) = turn(&mut s, &HashMap::new());
+        assert_eq!(trims.len(), 2);
+        assert!(trims.iter().all(|t| !t.forget && t.log_start == 3));
+        assert!(updates.iter().all(|u| !u.forget && u.log_start == 3));
+        assert!(s.batches(&tp(0)).is_empty());
+        assert_eq!(s.high_watermark(&tp(1)), 3, "still known");
+        assert_eq!(s.refs().known_keys().len(), 6, "released, not yet deleted");
+        // ...the next forgets them on every broker that applies the log.
+        let (trims, updates) = turn(&mut s, &HashMap::new());
+        assert!(trims.iter().all(|t| t.forget), "{trims:?}");
+        assert_eq!(updates.iter().filter(|u| u.forget).count(), 2);
+        assert_eq!(s.high_watermark(&tp(1)), 0);
+        assert!(s.snapshot().index.is_empty());
+        assert!(!s.sequencer.knows(&tp(0)) && !s.sequencer.knows(&tp(1)));
+        assert!(turn(&mut s, &HashMap::new()).0.is_empty(), "nothing left");
     }
 
     #[test]

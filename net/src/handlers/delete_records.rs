@@ -61,6 +61,7 @@ pub async fn handle(ctx: &Ctx, req: DeleteRecordsRequest, version: i16) -> Reply
                     topic_id: tp.topic_id,
                     partition: tp.partition,
                     log_start: to,
+                    forget: false,
                 },
                 (ti, partitions.len()),
             ));
