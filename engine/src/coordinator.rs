@@ -33,6 +33,13 @@ use crate::group::{
 const TICK_INTERVAL: Duration = Duration::from_millis(100);
 /// Keys read per range request when listing offsets or groups.
 const RANGE_KEYS_MAX: usize = 10_000;
+/// An empty group nobody asked about for this long is unloaded and its
+/// claim given up: the record and offsets stay in the metadata store, and
+/// the next request claims and loads it again. Memory follows the groups
+/// in use, not every group ever created.
+pub const GROUP_IDLE_UNLOAD: Duration = Duration::from_secs(300);
+/// How often idle groups are looked for.
+const UNLOAD_INTERVAL: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CoordError {
@@ -71,9 +78,21 @@ struct Slot {
     revision: u64,
     joins: HashMap<String, oneshot::Sender<Result<Joined, GroupError>>>,
     syncs: HashMap<String, oneshot::Sender<Result<Synced, GroupError>>>,
+    /// When a request last reached the group.
+    touched: Instant,
 }
 
 impl Slot {
+    /// Empty, nobody waiting, and untouched for `idle` at `now`.
+    fn is_idle(&self, now: Instant, idle: Duration) -> bool {
+        self.group.state() == GroupState::Empty
+            && self.group.is_empty()
+            && self.group.next_deadline().is_none()
+            && self.joins.is_empty()
+            && self.syncs.is_empty()
+            && now.saturating_duration_since(self.touched) >= idle
+    }
+
     fn deliver(&mut self, fx: &mut Effects) {
         for (id, r) in fx.joined.drain(..) {
             if let Some(tx) = self.joins.remove(&id) {
@@ -147,11 +166,15 @@ impl Coordinator {
         let mut stop = std::pin::pin!(stop);
         let mut tick = tokio::time::interval(TICK_INTERVAL);
         let mut renew = tokio::time::interval(self.lease_ttl / 3);
+        let mut unload = tokio::time::interval(UNLOAD_INTERVAL);
         loop {
             tokio::select! {
                 _ = &mut stop => break,
                 _ = tick.tick() => self.tick(Instant::now()).await,
                 _ = renew.tick() => self.renew().await,
+                _ = unload.tick() => {
+                    self.unload_idle(Instant::now(), GROUP_IDLE_UNLOAD).await;
+                }
             }
         }
         self.resign().await;
@@ -177,6 +200,61 @@ impl Coordinator {
                 tracing::warn!(group = %id, error = %e, "persisting the group failed");
             }
         }
+    }
+
+    /// Unloads the groups idle for `idle` at `now` (see
+    /// [`GROUP_IDLE_UNLOAD`]); returns how many went. Each is persisted
+    /// first, so the record the next coordinator loads is this one, then
+    /// dropped and its claim deleted while no claim or write can run. A
+    /// request already past its claim finds no group (NOT_COORDINATOR) or
+    /// fails its ownership compare, and its client asks again.
+    pub async fn unload_idle(&self, now: Instant, idle: Duration) -> usize {
+        let candidates: Vec<String> = self
+            .lock()
+            .groups
+            .iter()
+            .filter(|(_, s)| s.is_idle(now, idle))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let me = Bytes::from(self.node_id.to_string());
+        let mut unloaded = 0;
+        for id in candidates {
+            if let Err(e) = self.persist(&id).await {
+                tracing::debug!(group = %id, error = %e, "persisting an idle group failed; it stays loaded");
+                continue;
+            }
+            let _w = self.writes.lock().await;
+            {
+                let mut inner = self.lock();
+                if !inner.groups.get(&id).is_some_and(|s| s.is_idle(now, idle)) {
+                    continue;
+                }
+                inner.groups.remove(&id);
+            }
+            let key = schema::group_owner_key(&id);
+            let released = self
+                .meta
+                .txn(
+                    Txn::when(vec![Compare::Value(key.clone(), me.clone())])
+                        .and_then(vec![Op::Delete(key)]),
+                )
+                .await;
+            if let Err(e) = released {
+                // The claim stays until this broker's lease ends; the next
+                // request here claims the group again as its own.
+                tracing::debug!(group = %id, error = %e, "releasing an idle group's claim failed");
+            }
+            unloaded += 1;
+        }
+        if unloaded > 0 {
+            tracing::debug!(groups = unloaded, "unloaded idle empty groups");
+        }
+        unloaded
+    }
+
+    /// Groups this broker has loaded.
+    pub fn groups_loaded(&self) -> usize {
+        self.lock().groups.len()
     }
 
     /// Whether the ownership lease is surely still alive in the metadata
@@ -257,7 +335,8 @@ impl Coordinator {
         if !self.check_lease() {
             return Err(CoordError::NotCoordinator);
         }
-        if self.lock().groups.contains_key(group_id) {
+        if let Some(slot) = self.lock().groups.get_mut(group_id) {
+            slot.touched = Instant::now();
             return Ok(());
         }
         let _w = self.writes.lock().await;
@@ -314,6 +393,7 @@ impl Coordinator {
                 revision,
                 joins: HashMap::new(),
                 syncs: HashMap::new(),
+                touched: now,
             },
         );
         Ok(())
@@ -758,5 +838,94 @@ impl Coordinator {
             });
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use floe_meta::Embedded;
+
+    fn offset(o: i64) -> OffsetRecord {
+        OffsetRecord {
+            offset: o,
+            leader_epoch: -1,
+            metadata: None,
+            commit_ms: 0,
+        }
+    }
+
+    async fn commit(c: &Coordinator, group: &str, o: i64) -> CoordResult<()> {
+        // A simple consumer's commit: no member, no generation.
+        c.commit_offsets(group, "", -1, None, vec![("t".into(), 0, offset(o))])
+            .await
+    }
+
+    #[tokio::test]
+    async fn an_idle_empty_group_is_unloaded_and_comes_back_whole() {
+        let meta: Arc<dyn MetaStore> = Arc::new(Embedded::in_memory().expect("store"));
+        let c = Coordinator::new(1, meta.clone(), Duration::from_secs(10));
+        commit(&c, "g", 5).await.expect("commit");
+        assert_eq!(c.groups_loaded(), 1);
+        let owner = schema::group_owner_key("g");
+        assert!(meta.get(&owner).await.expect("get").is_some(), "claimed");
+
+        // Touched just now: not idle yet.
+        assert_eq!(c.unload_idle(Instant::now(), GROUP_IDLE_UNLOAD).await, 0);
+        assert_eq!(c.groups_loaded(), 1);
+        let later = Instant::now() + GROUP_IDLE_UNLOAD;
+        assert_eq!(c.unload_idle(later, GROUP_IDLE_UNLOAD).await, 1);
+        assert_eq!(c.groups_loaded(), 0);
+        assert!(
+            meta.get(&owner).await.expect("get").is_none(),
+            "claim released"
+        );
+        assert!(
+            meta.get(&schema::group_key("g"))
+                .await
+                .expect("get")
+                .is_some(),
+            "record kept"
+        );
+        let kept = c.fetch_offsets("g", None).await.expect("fetch");
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].2.offset, 5, "offsets kept");
+
+        // Another broker may now claim it; here this one does, and the
+        // group continues.
+        commit(&c, "g", 9).await.expect("commit after unloading");
+        assert_eq!(c.groups_loaded(), 1);
+        assert_eq!(
+            c.fetch_offsets("g", None).await.expect("fetch")[0].2.offset,
+            9
+        );
+        let listed = c.list().await.expect("list");
+        assert!(listed.iter().any(|g| g.group_id == "g"), "still listed");
+    }
+
+    #[tokio::test]
+    async fn a_group_claimed_elsewhere_meanwhile_keeps_its_claim() {
+        let meta: Arc<dyn MetaStore> = Arc::new(Embedded::in_memory().expect("store"));
+        let a = Coordinator::new(1, meta.clone(), Duration::from_secs(10));
+        let b = Coordinator::new(2, meta.clone(), Duration::from_secs(10));
+        commit(&a, "g", 1).await.expect("commit");
+        assert_eq!(
+            commit(&b, "g", 2).await.err().map(|e| e.to_string()),
+            Some(CoordError::NotCoordinator.to_string()),
+            "a holds the group"
+        );
+        let later = Instant::now() + GROUP_IDLE_UNLOAD;
+        assert_eq!(a.unload_idle(later, GROUP_IDLE_UNLOAD).await, 1);
+        commit(&b, "g", 3).await.expect("b claims it once a let go");
+        // a's idle sweep must never delete b's claim.
+        assert_eq!(a.unload_idle(later, GROUP_IDLE_UNLOAD).await, 0);
+        let owner = meta.get(&schema::group_owner_key("g")).await.expect("get");
+        assert_eq!(owner.map(|kv| kv.value), Some(Bytes::from("2")));
+        // a answers NOT_COORDINATOR now; b's offset stands.
+        assert!(commit(&a, "g", 4).await.is_err());
+        assert_eq!(
+            a.fetch_offsets("g", None).await.expect("fetch")[0].2.offset,
+            3
+        );
     }
 }
