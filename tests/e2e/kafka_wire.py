@@ -195,6 +195,11 @@ class Reader:
             if shift > 63:
                 raise ValueError("varint too long")
 
+    def varint(self):
+        """A zigzag-encoded signed varint (record fields)."""
+        v = self.uvarint()
+        return (v >> 1) ^ -(v & 1)
+
     def string(self):
         n = self.i16()
         if n < 0:
@@ -458,6 +463,42 @@ def record_batch(records, base_timestamp=None, corrupt_crc=False, producer_id=-1
     # batchLength counts from partitionLeaderEpoch to the end.
     after_length = i32(-1) + i8(2) + u32(crc) + after_crc
     return i64(0) + i32(len(after_length)) + after_length
+
+
+def decode_batches(data: bytes):
+    """[(offset, key, value)] of every record in uncompressed v2 record
+    batches; a partial batch at the end (cut by max_bytes) is skipped."""
+    out = []
+    pos = 0
+    while pos + 12 <= len(data):
+        base, length = struct.unpack(">qi", data[pos:pos + 12])
+        end = pos + 12 + length
+        if end > len(data):
+            break
+        r = Reader(data[pos + 12:end])
+        r.i32()  # partition leader epoch
+        assert r.i8() == 2, "record batch magic"
+        r._take(4)  # crc
+        attributes = r.i16()
+        assert attributes & 7 == 0, "compressed batch (attributes %d)" % attributes
+        r.i32(), r.i64(), r.i64(), r.i64(), r.i16(), r.i32()
+        for _ in range(r.i32()):
+            r.varint()  # record length
+            r.i8()  # attributes
+            r.varint()  # timestamp delta
+            offset_delta = r.varint()
+            klen = r.varint()
+            key = r._take(klen) if klen >= 0 else None
+            vlen = r.varint()
+            value = r._take(vlen) if vlen >= 0 else None
+            for _ in range(r.varint()):
+                r._take(r.varint())
+                hlen = r.varint()
+                if hlen >= 0:
+                    r._take(hlen)
+            out.append((base + offset_delta, key, value))
+        pos = end
+    return out
 
 
 # --------------------------------------------------------------------------
