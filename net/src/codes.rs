@@ -44,6 +44,25 @@ pub fn engine(e: &Error) -> i16 {
     }
 }
 
+/// A failed append of a partition's batches. For idempotent batches a
+/// "not persisted" answer is never given: the batch may be a retry of one
+/// already in the log (sent first through a broker that died before it
+/// answered). Kafka's leader finds such a duplicate before it writes;
+/// floe finds it only when the commit is sequenced, so a write that failed
+/// cannot tell. Told "not persisted", librdkafka re-sends the records under
+/// a new epoch and they are written twice; told "possibly persisted"
+/// (REQUEST_TIMED_OUT), it retries the same sequence, which the log then
+/// recognises as a duplicate (answered with the first copy's offset) or
+/// appends.
+pub fn append(e: &Error, idempotent: bool) -> i16 {
+    let code = engine(e);
+    if idempotent && code == E::KafkaStorageError.code() {
+        E::RequestTimedOut.code()
+    } else {
+        code
+    }
+}
+
 pub fn batch(e: &BatchError) -> i16 {
     match e {
         BatchError::Truncated { .. } | BatchError::CrcMismatch { .. } => E::CorruptMessage.code(),

@@ -7,7 +7,9 @@ import time
 
 from confluent_kafka import Producer
 
+import kafka_wire as kw
 from floe_clients import consume_partitions, create_topic, producer_conf, watermarks
+from test_cluster import etcd  # noqa: F401  (fixture)
 
 PARTITIONS = 8
 FAULTS = "seed=7,errors=0.2,lost_replies=0.1,latency=0.3,latency_max_ms=100,truncate=0.2"
@@ -68,6 +70,44 @@ def test_no_acknowledged_record_lost_while_the_store_fails(start_broker, topic_n
     b.restart()
     check("read back through the failing store")
     print("segments committed %d; uploads failed and retried by producers %d" % (committed, upload_failures))
+
+
+REQUEST_TIMED_OUT = 7
+KAFKA_STORAGE_ERROR = 56
+
+
+def test_a_retry_of_a_batch_in_the_log_is_never_answered_not_persisted(start_broker, etcd, tmp_path, topic_name):  # noqa: F811
+    """An idempotent batch committed through broker a, its answer lost, is
+    retried through b, whose every upload fails. b cannot write it, but it
+    must not say "not persisted" (KAFKA_STORAGE_ERROR): the producer would
+    send the records again under a new epoch and they would be in the log
+    twice. It says "possibly persisted" (REQUEST_TIMED_OUT), the producer
+    retries the same sequence, and the log answers with the first copy's
+    offset. A plain batch has no such retry: its failure stays
+    KAFKA_STORAGE_ERROR."""
+    objects = tmp_path / "shared-objects"
+    objects.mkdir()
+    common = dict(meta="etcd://%s/floe-%d" % (etcd.endpoint, time.monotonic_ns()),
+                  object_store="file://%s" % objects, flush_interval_ms=10, lease_ttl_secs=3)
+    a = start_broker(name="a", node_id=1, **common)
+    b = start_broker(name="b", node_id=2, object_store_faults="seed=1,errors=1", **common)
+    create_topic(a.bootstrap, topic_name, 1)
+    once = kw.record_batch([(None, b"once", [])], producer_id=9_000_001, producer_epoch=0, base_sequence=0)
+    plain = kw.record_batch([(None, b"plain", [])])
+
+    def produce(broker, batch):
+        with kw.connect(broker.bootstrap, timeout=30) as s:
+            return kw.produce_v3(s, topic_name, 0, batch)[(topic_name, 0)][:2]
+
+    err, offset = produce(a, once)
+    assert err == 0
+    assert produce(b, once)[0] == REQUEST_TIMED_OUT
+    assert produce(b, plain)[0] == KAFKA_STORAGE_ERROR
+    assert produce(a, once) == (0, offset), "the retry is the first copy"
+    with kw.connect(a.bootstrap) as s:
+        err, hwm, data = kw.fetch_v4(s, topic_name, 0, 0)
+    assert (err, hwm) == (0, offset + 1)
+    assert [v for _, _, v in kw.decode_batches(data)].count(b"once") == 1
 
 
 def test_readyz_reports_a_failing_store(start_broker, topic_name):

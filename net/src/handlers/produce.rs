@@ -110,14 +110,17 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
                         topic_id: topic.id,
                         partition: index as u32,
                     };
+                    let idempotent = batches.iter().any(|b| b.header.is_idempotent());
                     let appended = ctx.shard.append(tp, batches).await;
                     parts.push(
                         async move {
                             match appended.await {
                                 Ok(outcomes) => answer(index, &outcomes),
-                                Err(e) => {
-                                    partition_error(index, codes::engine(&e), Some(e.to_string()))
-                                }
+                                Err(e) => partition_error(
+                                    index,
+                                    codes::append(&e, idempotent),
+                                    Some(e.to_string()),
+                                ),
                             }
                         }
                         .boxed_local(),
