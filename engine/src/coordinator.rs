@@ -80,6 +80,10 @@ struct Slot {
     syncs: HashMap<String, oneshot::Sender<Result<Synced, GroupError>>>,
     /// When a request last reached the group.
     touched: Instant,
+    /// Mod revision of `group-owners/<id>` as this broker's claim wrote
+    /// it: unique to this claim. Writes compare it, not the node id, which
+    /// an earlier claim by this same broker also wrote.
+    claim: u64,
 }
 
 impl Slot {
@@ -216,7 +220,6 @@ impl Coordinator {
             .filter(|(_, s)| s.is_idle(now, idle))
             .map(|(id, _)| id.clone())
             .collect();
-        let me = Bytes::from(self.node_id.to_string());
         let mut unloaded = 0;
         for id in candidates {
             if let Err(e) = self.persist(&id).await {
@@ -224,18 +227,19 @@ impl Coordinator {
                 continue;
             }
             let _w = self.writes.lock().await;
-            {
-                let mut inner = self.lock();
-                if !inner.groups.get(&id).is_some_and(|s| s.is_idle(now, idle)) {
-                    continue;
+            let claim = {
+                let inner = self.lock();
+                match inner.groups.get(&id) {
+                    Some(s) if s.is_idle(now, idle) => s.claim,
+                    _ => continue,
                 }
-                inner.groups.remove(&id);
-            }
+            };
+            self.lock().groups.remove(&id);
             let key = schema::group_owner_key(&id);
             let released = self
                 .meta
                 .txn(
-                    Txn::when(vec![Compare::Value(key.clone(), me.clone())])
+                    Txn::when(vec![Compare::ModRevision(key.clone(), claim)])
                         .and_then(vec![Op::Delete(key)]),
                 )
                 .await;
@@ -371,6 +375,8 @@ impl Coordinator {
                     .and_then(vec![Op::PutLeased(owner_key, me, lease)]),
             )
             .await?;
+        // The claim's put is the transaction's only write: its revision.
+        let claim = claimed.revision;
         if !claimed.succeeded {
             return Err(CoordError::NotCoordinator);
         }
@@ -394,6 +400,7 @@ impl Coordinator {
                 joins: HashMap::new(),
                 syncs: HashMap::new(),
                 touched: now,
+                claim,
             },
         );
         Ok(())
@@ -589,12 +596,12 @@ impl Coordinator {
         instance_id: Option<&str>,
         offsets: Vec<(String, i32, OffsetRecord)>,
     ) -> CoordResult<()> {
-        let new_group = self
+        let (new_group, claim) = self
             .with_slot(group_id, |slot| {
                 slot.group
                     .check_commit(member_id, generation, instance_id)
                     .map_err(CoordError::Group)?;
-                Ok(slot.revision == 0)
+                Ok((slot.revision == 0, slot.claim))
             })
             .await?;
         let mut ops = Vec::with_capacity(offsets.len());
@@ -608,24 +615,16 @@ impl Coordinator {
         }
         // More than one transaction's worth of partitions is written in
         // chunks; each partition's offset is still written whole. Each
-        // chunk lands only while this broker still holds the group's
-        // ownership key: a coordinator that lost the group (its lease
-        // expired, another broker claimed it) can never write an offset
-        // over the new coordinator's.
-        let owner = Compare::Value(
-            schema::group_owner_key(group_id),
-            Bytes::from(self.node_id.to_string()),
-        );
+        // chunk lands only while the claim it was validated under stands:
+        // a coordinator that lost the group (its lease expired, another
+        // broker claimed it) can never write an offset over the new
+        // coordinator's. Not even a request of its own from an earlier
+        // claim, held up in the network until this broker claimed the
+        // group again (nemesis seed 5: an offset went back from 2970 to
+        // 640 so): the compare is on this claim's revision.
         for chunk in ops.chunks(Txn::OPS_MAX) {
-            let done = self
-                .meta
-                .txn(Txn::when(vec![owner.clone()]).and_then(chunk.to_vec()))
+            self.write_under_claim(group_id, claim, chunk.to_vec())
                 .await?;
-            if !done.succeeded {
-                tracing::warn!(group = %group_id, "another broker coordinates this group now; offset commit refused");
-                self.drop_group(group_id);
-                return Err(CoordError::NotCoordinator);
-            }
         }
         if new_group {
             // A group known only by its offsets (simple consumers) still
@@ -674,10 +673,12 @@ impl Coordinator {
 
     /// Deletes a group without members, with its offsets.
     pub async fn delete_group(&self, group_id: &str) -> CoordResult<()> {
-        self.with_slot(group_id, |slot| {
-            slot.group.delete().map_err(CoordError::Group)
-        })
-        .await?;
+        let claim = self
+            .with_slot(group_id, |slot| {
+                slot.group.delete().map_err(CoordError::Group)?;
+                Ok(slot.claim)
+            })
+            .await?;
         let prefix = schema::group_offsets_prefix(group_id);
         loop {
             let kvs = self
@@ -688,16 +689,33 @@ impl Coordinator {
                 break;
             }
             let ops = kvs.into_iter().map(|kv| Op::Delete(kv.key)).collect();
-            self.meta.txn(Txn::when(vec![]).and_then(ops)).await?;
+            self.write_under_claim(group_id, claim, ops).await?;
         }
         let _w = self.writes.lock().await;
-        self.meta
-            .txn(Txn::when(vec![]).and_then(vec![
+        self.write_under_claim(
+            group_id,
+            claim,
+            vec![
                 Op::Delete(schema::group_key(group_id)),
                 Op::Delete(schema::group_owner_key(group_id)),
-            ]))
-            .await?;
+            ],
+        )
+        .await?;
         self.lock().groups.remove(group_id);
+        Ok(())
+    }
+
+    /// Applies `ops` only while this broker's claim `claim` on the group
+    /// stands (see [`Slot::claim`]); otherwise the group is dropped here
+    /// and the caller answers NOT_COORDINATOR.
+    async fn write_under_claim(&self, group_id: &str, claim: u64, ops: Vec<Op>) -> CoordResult<()> {
+        let owner = Compare::ModRevision(schema::group_owner_key(group_id), claim);
+        let done = self.meta.txn(Txn::when(vec![owner]).and_then(ops)).await?;
+        if !done.succeeded {
+            tracing::warn!(group = %group_id, "another broker coordinates this group now; write refused");
+            self.drop_group(group_id);
+            return Err(CoordError::NotCoordinator);
+        }
         Ok(())
     }
 
@@ -709,13 +727,13 @@ impl Coordinator {
         group_id: &str,
         keys: Vec<(String, i32)>,
     ) -> CoordResult<()> {
+        let claim = self.with_slot(group_id, |slot| Ok(slot.claim)).await?;
         let ops: Vec<Op> = keys
             .iter()
             .map(|(t, p)| Op::Delete(schema::offset_key(group_id, t, *p)))
             .collect();
         for chunk in ops.chunks(Txn::OPS_MAX) {
-            self.meta
-                .txn(Txn::when(vec![]).and_then(chunk.to_vec()))
+            self.write_under_claim(group_id, claim, chunk.to_vec())
                 .await?;
         }
         Ok(())
@@ -901,6 +919,98 @@ mod tests {
         );
         let listed = c.list().await.expect("list");
         assert!(listed.iter().any(|g| g.group_id == "g"), "still listed");
+    }
+
+    /// A store that holds back the next transaction writing an offset
+    /// until told to let it through: a request delayed in the network.
+    struct Gate {
+        inner: Arc<dyn MetaStore>,
+        armed: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+        held: tokio::sync::Notify,
+    }
+
+    #[async_trait::async_trait]
+    impl MetaStore for Gate {
+        async fn get(&self, key: &str) -> floe_meta::Result<Option<floe_meta::KeyValue>> {
+            self.inner.get(key).await
+        }
+        async fn range(
+            &self,
+            start: &str,
+            end: &str,
+            limit: usize,
+        ) -> floe_meta::Result<Vec<floe_meta::KeyValue>> {
+            self.inner.range(start, end, limit).await
+        }
+        async fn txn(&self, txn: Txn) -> floe_meta::Result<floe_meta::TxnOutcome> {
+            let writes_offset = txn
+                .success
+                .iter()
+                .any(|op| matches!(op, Op::Put(k, _) if k.starts_with(schema::OFFSETS_PREFIX)));
+            let wait = if writes_offset {
+                self.armed.lock().expect("lock").take()
+            } else {
+                None
+            };
+            if let Some(rx) = wait {
+                self.held.notify_one();
+                let _ = rx.await;
+            }
+            self.inner.txn(txn).await
+        }
+        async fn revision(&self) -> floe_meta::Result<u64> {
+            self.inner.revision().await
+        }
+        async fn watch(&self, prefix: &str, from: u64) -> floe_meta::Result<floe_meta::Watch> {
+            self.inner.watch(prefix, from).await
+        }
+        async fn grant_lease(&self, ttl: Duration) -> floe_meta::Result<LeaseId> {
+            self.inner.grant_lease(ttl).await
+        }
+        async fn keep_alive(&self, lease: LeaseId) -> floe_meta::Result<()> {
+            self.inner.keep_alive(lease).await
+        }
+        async fn revoke_lease(&self, lease: LeaseId) -> floe_meta::Result<()> {
+            self.inner.revoke_lease(lease).await
+        }
+        fn describe(&self) -> String {
+            "gate".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_offset_write_from_an_earlier_claim_never_lands() {
+        let base: Arc<dyn MetaStore> = Arc::new(Embedded::in_memory().expect("store"));
+        let gate = Arc::new(Gate {
+            inner: base,
+            armed: Mutex::new(None),
+            held: tokio::sync::Notify::new(),
+        });
+        let c = Coordinator::new(1, gate.clone(), Duration::from_secs(10));
+        commit(&c, "g", 5).await.expect("commit");
+        // A commit of 3, validated under this claim, is held up on its way.
+        let (release, rx) = tokio::sync::oneshot::channel();
+        *gate.armed.lock().expect("lock") = Some(rx);
+        let stale = {
+            let c = c.clone();
+            tokio::spawn(async move { commit(&c, "g", 3).await })
+        };
+        gate.held.notified().await;
+        // Meanwhile the claim is given up, and the same broker claims the
+        // group again and commits 7.
+        let later = Instant::now() + GROUP_IDLE_UNLOAD;
+        assert_eq!(c.unload_idle(later, GROUP_IDLE_UNLOAD).await, 1);
+        commit(&c, "g", 7)
+            .await
+            .expect("commit under the new claim");
+        // The held-up write arrives: its claim is gone, so it is refused.
+        let _ = release.send(());
+        let r = stale.await.expect("task");
+        assert!(r.is_err(), "an offset write of an earlier claim landed");
+        assert_eq!(
+            c.fetch_offsets("g", None).await.expect("fetch")[0].2.offset,
+            7
+        );
     }
 
     #[tokio::test]
