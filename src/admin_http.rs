@@ -504,6 +504,8 @@ mod tests {
             "floe_admission_waits_total counter",
             "floe_bad_frames_total counter",
             "floe_log_entries_written_total counter",
+            "floe_log_partitions gauge",
+            "floe_log_segment_table gauge",
             "floe_log_cas_conflicts_total counter",
             "floe_log_snapshot_reloads_total counter",
             "floe_producer_ids gauge",

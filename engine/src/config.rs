@@ -22,4 +22,8 @@ pub struct EngineConfig {
     /// An idempotent producer id silent this long (by the log's time) is
     /// forgotten; written into each log entry this broker commits.
     pub producer_id_expiration_ms: u64,
+    /// Write a snapshot every this many log entries.
+    pub snapshot_every_entries: u64,
+    /// Log entries kept behind the newest snapshot.
+    pub log_keep_entries: u64,
 }

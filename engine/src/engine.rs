@@ -133,6 +133,10 @@ impl Engine {
         let mut committer = Committer::new(meta.clone(), store.clone(), sink)
             .with_fence(registration.fence())
             .with_producer_expiration(start.config.producer_id_expiration_ms)
+            .with_log_window(
+                start.config.snapshot_every_entries,
+                start.config.log_keep_entries,
+            )
             .with_metrics(metrics.clone())
             .with_lifecycle(lifecycle);
         let replayed = sidecar.block_on(async {

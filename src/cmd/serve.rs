@@ -207,6 +207,8 @@ fn start_engine(
             upload_concurrency: cfg.upload_concurrency,
             upload_part_bytes: cfg.upload_part_bytes,
             producer_id_expiration_ms: cfg.producer_id_expiration_ms,
+            snapshot_every_entries: cfg.snapshot_every_entries,
+            log_keep_entries: cfg.log_keep_entries,
         },
         broker: BrokerRecord {
             node_id,

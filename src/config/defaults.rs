@@ -27,6 +27,8 @@ pub const DELETE_GRACE_SECS: u64 = 60;
 /// an hour leaves room for long metadata outages.
 pub const ORPHAN_GRACE_SECS: u64 = 3600;
 pub const ORPHAN_SWEEP_INTERVAL_SECS: u64 = 600;
+pub const SNAPSHOT_EVERY_ENTRIES: u64 = floe_engine::committer::SNAPSHOT_EVERY_ENTRIES;
+pub const LOG_KEEP_ENTRIES: u64 = floe_engine::committer::LOG_KEEP_ENTRIES;
 /// Kafka's producer.id.expiration.ms default: one day.
 pub const PRODUCER_ID_EXPIRATION_MS: u64 = floe_engine::sequencer::PRODUCER_ID_EXPIRATION_MS;
 pub const MULTIPART_ABORT_AFTER_SECS: u64 = 86_400;

@@ -147,6 +147,15 @@ pub struct ServeArgs {
     /// [default: 86400000]
     #[arg(long, env = "FLOE_PRODUCER_ID_EXPIRATION_MS")]
     pub producer_id_expiration_ms: Option<u64>,
+    /// A snapshot of the commit log's state is written every this many
+    /// entries. [default: 500]
+    #[arg(long, env = "FLOE_SNAPSHOT_EVERY_ENTRIES")]
+    pub snapshot_every_entries: Option<u64>,
+    /// Log entries kept behind the newest snapshot; older ones are deleted
+    /// from the metadata store. A broker further behind reloads the
+    /// snapshot in place. At least the snapshot interval. [default: 1000]
+    #[arg(long, env = "FLOE_LOG_KEEP_ENTRIES")]
+    pub log_keep_entries: Option<u64>,
     /// S3: multipart uploads under the prefix started longer ago than this
     /// are aborted by the sweep. [default: 86400]
     #[arg(long, env = "FLOE_MULTIPART_ABORT_AFTER_SECS")]
@@ -240,6 +249,8 @@ pub struct Resolved {
     pub orphan_grace_secs: u64,
     pub orphan_sweep_interval_secs: u64,
     pub producer_id_expiration_ms: u64,
+    pub snapshot_every_entries: u64,
+    pub log_keep_entries: u64,
     pub multipart_abort_after_secs: u64,
     pub object_store_faults: Option<String>,
     /// `None`: allocate one (or reuse the one remembered in the data dir).
@@ -402,6 +413,9 @@ impl ServeArgs {
                 defaults::PRODUCER_ID_EXPIRATION_MS
             )
             .max(1),
+            snapshot_every_entries: pick!(snapshot_every_entries, defaults::SNAPSHOT_EVERY_ENTRIES)
+                .max(1),
+            log_keep_entries: pick!(log_keep_entries, defaults::LOG_KEEP_ENTRIES).max(1),
             orphan_sweep_interval_secs: pick!(
                 orphan_sweep_interval_secs,
                 defaults::ORPHAN_SWEEP_INTERVAL_SECS
@@ -776,6 +790,11 @@ mod tests {
                 "orphan_sweep_interval_secs",
                 defaults::ORPHAN_SWEEP_INTERVAL_SECS.to_string(),
             ),
+            (
+                "snapshot_every_entries",
+                defaults::SNAPSHOT_EVERY_ENTRIES.to_string(),
+            ),
+            ("log_keep_entries", defaults::LOG_KEEP_ENTRIES.to_string()),
             (
                 "multipart_abort_after_secs",
                 defaults::MULTIPART_ABORT_AFTER_SECS.to_string(),
