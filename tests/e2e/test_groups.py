@@ -294,6 +294,51 @@ def test_offsets_read_back_through_every_broker_and_after_restart(cluster, topic
         assert offsets_via(b) == want, "after restart, through %s" % b.name
 
 
+def test_offset_delete_and_delete_groups(cluster, topic_name):
+    """OffsetDelete removes some of an empty group's offsets; DeleteGroups
+    refuses a group with members (NON_EMPTY_GROUP) and removes an empty
+    one with its offsets, as every broker then reads back."""
+    from kafka import TopicPartition as KTP
+
+    brokers = cluster
+    bootstrap = bootstrap_all(brokers)
+    create_topic(bootstrap, topic_name, PARTITIONS)
+    produce_n(bootstrap, topic_name, 20 * PARTITIONS)
+    group = "del-" + topic_name
+    c = KafkaConsumer(topic_name, bootstrap_servers=bootstrap, group_id=group,
+                      auto_offset_reset="earliest", enable_auto_commit=False,
+                      consumer_timeout_ms=10000)
+    assert sum(1 for _ in c) == 20 * PARTITIONS
+    c.commit()
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        # A member is still in the group.
+        refused = dict(admin.delete_groups([group]))
+        # kafka-python names the error class, or says "OK".
+        assert refused[group] == "NonEmptyGroupError", refused
+        c.close()
+        offsets = admin.list_group_offsets(group)
+        offsets = offsets.get(group, offsets)
+        assert {tp.partition: om.offset for tp, om in offsets.items()} == {p: 20 for p in range(PARTITIONS)}
+        done = admin.delete_group_offsets(group, [KTP(topic_name, 0)])
+        assert {tp.partition: e.__name__ for tp, e in done.items()} == {0: "NoError"}, done
+        for b in brokers:
+            a = KafkaAdminClient(bootstrap_servers=b.bootstrap)
+            try:
+                left = a.list_group_offsets(group)
+                left = left.get(group, left)
+                assert {tp.partition for tp in left} == set(range(1, PARTITIONS)), "through %s: %s" % (b.name, left)
+            finally:
+                a.close()
+        deleted = dict(admin.delete_groups([group]))
+        assert deleted[group] == "OK", deleted
+        left = admin.list_group_offsets(group)
+        assert not left.get(group, left), left
+        assert group not in {g[0] if isinstance(g, tuple) else g.group for g in admin.list_groups()}
+    finally:
+        admin.close()
+
+
 def test_kcat_consumes_as_a_group(cluster, topic_name):
     brokers = cluster
     bootstrap = bootstrap_all(brokers)
