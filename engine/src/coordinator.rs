@@ -227,14 +227,16 @@ impl Coordinator {
                 continue;
             }
             let _w = self.writes.lock().await;
+            // Checked and removed under one lock: a request that touched
+            // the group since keeps it loaded.
             let claim = {
-                let inner = self.lock();
-                match inner.groups.get(&id) {
-                    Some(s) if s.is_idle(now, idle) => s.claim,
-                    _ => continue,
+                let mut inner = self.lock();
+                if !inner.groups.get(&id).is_some_and(|s| s.is_idle(now, idle)) {
+                    continue;
                 }
+                inner.groups.remove(&id).map(|s| s.claim)
             };
-            self.lock().groups.remove(&id);
+            let Some(claim) = claim else { continue };
             let key = schema::group_owner_key(&id);
             let released = self
                 .meta
