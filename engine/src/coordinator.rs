@@ -89,8 +89,8 @@ struct Slot {
 impl Slot {
     /// Empty, nobody waiting, and untouched for `idle` at `now`.
     fn is_idle(&self, now: Instant, idle: Duration) -> bool {
+        // No deadline: no member, no pending member id, no rebalance.
         self.group.state() == GroupState::Empty
-            && self.group.is_empty()
             && self.group.next_deadline().is_none()
             && self.joins.is_empty()
             && self.syncs.is_empty()
@@ -377,11 +377,11 @@ impl Coordinator {
                     .and_then(vec![Op::PutLeased(owner_key, me, lease)]),
             )
             .await?;
-        // The claim's put is the transaction's only write: its revision.
-        let claim = claimed.revision;
         if !claimed.succeeded {
             return Err(CoordError::NotCoordinator);
         }
+        // The claim's put is the transaction's only write: its revision.
+        let claim = claimed.revision;
         let now = Instant::now();
         let (group, revision) = match self.meta.get(&schema::group_key(group_id)).await? {
             Some(kv) => match serde_json::from_slice::<GroupRecord>(&kv.value) {

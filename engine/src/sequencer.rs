@@ -7,7 +7,7 @@
 //! deterministically, so a retry is recognised whichever broker it reaches.
 //! Plain state, no I/O.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use floe_meta::schema::{BatchRecord, CommitRecord};
 
@@ -207,15 +207,6 @@ impl Sequencer {
         self.next_offset.contains_key(tp)
     }
 
-    /// Drops everything about `tp` (a deleted topic's partition with
-    /// nothing left readable). Should a late segment still write to it,
-    /// the partition starts again from offset 0.
-    fn forget_partition(&mut self, tp: &PartitionKey) {
-        self.next_offset.remove(tp);
-        self.log_start.remove(tp);
-        self.producers.retain(|(_, p), _| p != tp);
-    }
-
     /// The sequence number of the last applied commit.
     pub fn applied(&self) -> u64 {
         self.applied
@@ -265,6 +256,7 @@ impl Sequencer {
                     .collect()
             })
             .collect();
+        let mut forgotten = HashSet::new();
         for t in &commit.trims {
             let tp = PartitionKey {
                 topic_id: t.topic_id,
@@ -277,9 +269,19 @@ impl Sequencer {
             if to > self.log_start(&tp) {
                 self.log_start.insert(tp, to);
             }
+            // A deleted topic's partition with nothing left readable is
+            // forgotten; should a late segment still write to it, it
+            // starts again from offset 0.
             if t.forget && self.log_start(&tp) == hwm {
-                self.forget_partition(&tp);
+                self.next_offset.remove(&tp);
+                self.log_start.remove(&tp);
+                forgotten.insert(tp);
             }
+        }
+        if !forgotten.is_empty() {
+            // One pass over the producer state for the whole entry, which
+            // may forget thousands of partitions of a deleted topic.
+            self.producers.retain(|(_, tp), _| !forgotten.contains(tp));
         }
         outcomes
     }
