@@ -31,7 +31,8 @@ LEASE_TTL = 3
 class Etcd:
     """A real etcd on loopback, data on /dev/shm; stoppable and restartable."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, compaction_retention: str = "5s"):
+        self.compaction_retention = compaction_retention
         base = Path("/dev/shm") if Path("/dev/shm").is_dir() else workdir
         self.data = base / ("floe-etcd-%d-%d" % (os.getpid(), time.monotonic_ns()))
         self.client_port = free_port()
@@ -53,7 +54,7 @@ class Etcd:
              "--listen-client-urls", client, "--advertise-client-urls", client,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
              "--initial-cluster", "n1=" + peer,
-             "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "5s"],
+             "--auto-compaction-mode", "periodic", "--auto-compaction-retention", self.compaction_retention],
             stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 20
         while True:
