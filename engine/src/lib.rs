@@ -21,6 +21,7 @@ pub mod config;
 pub mod coordinator;
 mod engine;
 mod error;
+mod gaps;
 pub mod group;
 pub mod health;
 pub mod index;

@@ -40,6 +40,11 @@ pub enum BatchOutcome {
     OutOfOrder,
     /// The batch's producer epoch is older than the producer's current one.
     Fenced,
+    /// Not appended, and retriable: refused as out of order only because an
+    /// earlier batch of its producer failed on this broker moments ago. The
+    /// sequencer never decides this; a shard turns `OutOfOrder` into it
+    /// (see `gaps`).
+    NotPersisted,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

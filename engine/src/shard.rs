@@ -19,6 +19,7 @@ use futures::{Future, StreamExt};
 use crate::batch::{patched_prefix, Batch};
 use crate::cache::ReadCache;
 use crate::committer::{CommitRequest, IndexUpdate, SegmentCommitted};
+use crate::gaps::FailedBatches;
 use crate::index::{IndexEntry, PartitionIndex};
 use crate::metrics::{Metrics, ShardCounters};
 use crate::pool::FramePool;
@@ -65,6 +66,10 @@ pub fn link() -> (ShardLink, ShardInbox) {
 /// How long a read above this broker's high watermark waits for the log
 /// to be read to its head before answering "not available".
 const SYNC_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+/// Ranged GETs one partition read keeps in flight. A consumer catching up
+/// reads batches spread over many intake segments, one GET each; one after
+/// another they cost a fetch the sum of the store's latencies.
+const RUNS_IN_FLIGHT: usize = 16;
 
 pub enum ShardMsg {
     Append {
@@ -180,6 +185,8 @@ pub struct Shard {
     applied: event_listener::Event,
     opened: event_listener::Event,
     commit_queue: RefCell<Option<mpsc::UnboundedSender<Pending>>>,
+    /// Idempotent batches that failed here lately (see `gaps`).
+    failed: RefCell<FailedBatches>,
     started_ms: u128,
 }
 
@@ -206,6 +213,7 @@ impl Shard {
             applied: event_listener::Event::new(),
             opened: event_listener::Event::new(),
             commit_queue: RefCell::new(Some(ctx)),
+            failed: RefCell::default(),
             started_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis()),
@@ -432,17 +440,23 @@ impl Shard {
                 }
                 Ok(()) => {
                     Metrics::set(&self.engine.metrics.upload_failures_in_a_row, 0);
-                    self.commit(record, sealed_at).await
+                    self.commit(record.clone(), sealed_at).await
                 }
             };
             match result {
-                Ok(outcomes) => {
+                Ok(mut outcomes) => {
+                    self.failed
+                        .borrow_mut()
+                        .review(&record, &mut outcomes, Instant::now());
                     for (append, tx) in appends.into_iter().zip(waiters) {
                         let o = append.iter().map(|&(c, b)| outcomes[c][b]).collect();
                         let _ = tx.send(Ok(o));
                     }
                 }
                 Err(e) => {
+                    self.failed
+                        .borrow_mut()
+                        .segment_failed(&record, Instant::now());
                     for tx in waiters {
                         let _ = tx.send(Err(e.clone()));
                     }
@@ -611,15 +625,15 @@ impl Shard {
         &self.engine.shards[self.engine.owner(tp)].data
     }
 
-    /// Fetches the stored bytes of index entries, from the cache or with
-    /// one ranged GET per run of adjacent batches in one segment.
-    /// The stored bytes of `entries`, from the cache or the object store,
-    /// as a prefix: when a read fails after earlier batches were loaded,
-    /// those are returned (a Kafka fetch may answer with fewer batches than
-    /// asked). Only a failure on the first batch fails the read — so a
-    /// consumer catching up through a store that fails now and then still
-    /// progresses, instead of needing every one of a fetch's reads (often
-    /// hundreds of small segments) to succeed at once.
+    /// The stored bytes of `entries`, from the cache or with one ranged GET
+    /// per run of adjacent batches in one segment, up to
+    /// [`RUNS_IN_FLIGHT`] GETs at once, as a prefix: when a read fails after
+    /// earlier batches were loaded, those are returned (a Kafka fetch may
+    /// answer with fewer batches than asked). Only a failure on the first
+    /// batch fails the read — so a consumer catching up through a store
+    /// that fails now and then still progresses, instead of needing every
+    /// one of a fetch's reads (often hundreds of small segments) to succeed
+    /// at once.
     async fn load(&self, entries: &[IndexEntry]) -> Result<Vec<Bytes>> {
         let mut out: Vec<Option<Bytes>> = {
             let cache = self.cache.borrow();
@@ -628,6 +642,7 @@ impl Shard {
                 .map(|e| cache.get(&e.segment, e.pos))
                 .collect()
         };
+        let mut runs = Vec::new();
         let mut i = 0;
         while i < entries.len() {
             if out[i].is_some() {
@@ -642,42 +657,47 @@ impl Shard {
             {
                 j += 1;
             }
-            let start = entries[i].pos;
-            let end = entries[j - 1].pos + u64::from(entries[j - 1].len);
-            let key = entries[i].segment.to_string();
+            runs.push(i..j);
+            i = j;
+        }
+        let get = |run: std::ops::Range<usize>| {
+            let start = entries[run.start].pos;
+            let end = entries[run.end - 1].pos + u64::from(entries[run.end - 1].len);
+            let key = entries[run.start].segment.to_string();
             let store = self.engine.store.clone();
             let metrics = self.engine.metrics.clone();
-            let data = self
-                .engine
-                .sidecar
-                .run(async move {
-                    let r = store.get_range(&key, start..end).await;
-                    match &r {
-                        Ok(b) => metrics.objstore_fetch.get(b.len() as u64),
-                        Err(_) => metrics.objstore_fetch.error(),
-                    }
-                    r.map_err(Error::from)
-                })
-                .await;
+            let data = self.engine.sidecar.run(async move {
+                let r = store.get_range(&key, start..end).await;
+                match &r {
+                    Ok(b) => metrics.objstore_fetch.get(b.len() as u64),
+                    Err(_) => metrics.objstore_fetch.error(),
+                }
+                r.map_err(Error::from)
+            });
+            async move { (run, start, data.await) }
+        };
+        let mut loaded = futures::stream::iter(runs)
+            .map(get)
+            .buffered(RUNS_IN_FLIGHT);
+        while let Some((run, start, data)) = loaded.next().await {
             let data = match data {
                 Ok(d) => d,
-                Err(e) if i == 0 => return Err(e),
+                Err(e) if run.start == 0 => return Err(e),
                 Err(e) => {
-                    tracing::debug!(error = %e, loaded = i, "a read failed; answering the batches before it");
+                    tracing::debug!(error = %e, loaded = run.start, "a read failed; answering the batches before it");
                     self.counters().fetch_read_errors.add(1);
-                    out.truncate(i);
+                    out.truncate(run.start);
                     break;
                 }
             };
-            let seg = entries[i].segment.clone();
+            let seg = entries[run.start].segment.clone();
             let mut cache = self.cache.borrow_mut();
-            for k in i..j {
+            for k in run {
                 let off = (entries[k].pos - start) as usize;
                 let b = data.slice(off..off + entries[k].len as usize);
                 cache.insert(seg.clone(), entries[k].pos, b.clone());
                 out[k] = Some(b);
             }
-            i = j;
         }
         Ok(out.into_iter().flatten().collect())
     }

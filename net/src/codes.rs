@@ -76,6 +76,9 @@ pub fn outcome(o: &BatchOutcome) -> i16 {
         BatchOutcome::Appended { .. } | BatchOutcome::Duplicate { .. } => NONE,
         BatchOutcome::OutOfOrder => E::OutOfOrderSequenceNumber.code(),
         BatchOutcome::Fenced => E::InvalidProducerEpoch.code(),
+        // Retriable and "not persisted" for every client: the producer
+        // re-sends the failed batch and this one in order.
+        BatchOutcome::NotPersisted => E::NotEnoughReplicas.code(),
     }
 }
 

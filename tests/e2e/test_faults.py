@@ -3,6 +3,7 @@ object was written but the answer lost), latency and truncated reads. No
 acknowledged record may be lost, producers must retry to success, and the
 broker must say it is unhealthy while the store keeps failing."""
 
+import logging
 import time
 
 from confluent_kafka import Producer
@@ -19,17 +20,26 @@ def metric(broker, name):
     return broker.metrics().get(name, 0)
 
 
+class Deliveries:
+    """A producer's delivery reports: acknowledged (partition, offset) ->
+    value, and the names of the errors of failed deliveries."""
+
+    def __init__(self):
+        self.acked, self.failed = {}, []
+
+    def callback(self, err, msg):
+        if err is None:
+            self.acked[(msg.partition(), msg.offset())] = msg.value()
+        else:
+            self.failed.append(err.name())
+
+
 def test_no_acknowledged_record_lost_while_the_store_fails(start_broker, topic_name):
     b = start_broker(object_store_faults=FAULTS, flush_interval_ms=20, num_partitions=PARTITIONS)
     assert "fault injection is ON" in b.log_text()
     create_topic(b.bootstrap, topic_name, PARTITIONS)
-    acked, failed = {}, []
-
-    def cb(err, msg):
-        if err is None:
-            acked[(msg.partition(), msg.offset())] = msg.value()
-        else:
-            failed.append(err.name())
+    deliveries = Deliveries()
+    acked, failed, cb = deliveries.acked, deliveries.failed, deliveries.callback
 
     p = Producer(producer_conf(b.bootstrap, **{
         "enable.idempotence": True, "linger.ms": 0, "batch.num.messages": 40,
@@ -70,6 +80,73 @@ def test_no_acknowledged_record_lost_while_the_store_fails(start_broker, topic_n
     b.restart()
     check("read back through the failing store")
     print("segments committed %d; uploads failed and retried by producers %d" % (committed, upload_failures))
+
+
+class EosLog(logging.Handler):
+    """librdkafka's idempotence debug log (`debug=eos`), counted: sequence
+    gaps the broker reported and epoch bumps the producer made."""
+
+    def __init__(self):
+        super().__init__()
+        self.gaps = self.bumps = self.lines = 0
+        self.examples = []
+        self.log = logging.getLogger("eos-%d" % id(self))
+        self.log.propagate = False
+        self.log.setLevel(logging.DEBUG)
+        self.log.addHandler(self)
+
+    def emit(self, record):
+        line = record.getMessage()
+        self.lines += 1
+        gap = "skipped sequence numbers" in line
+        bump = "bumped epoch" in line
+        self.gaps += gap
+        self.bumps += bump
+        if (gap or bump) and len(self.examples) < 5:
+            self.examples.append(line)
+
+
+def test_a_batch_behind_a_failed_one_is_retried_not_renumbered(start_broker, topic_name):
+    """An idempotent producer pipelines requests; when the segment holding
+    one batch fails to upload and the next segment, holding the producer's
+    next batch, commits, that batch leaves a sequence gap. Answered
+    OUT_OF_ORDER_SEQUENCE_NUMBER (Kafka's answer), librdkafka bumps the
+    producer's epoch and renumbers every message not yet acknowledged — on
+    every partition, including messages another broker may have persisted
+    (found by the fault harness: values written twice). floe answers such a
+    batch "not persisted, retry" (NOT_ENOUGH_REPLICAS), and the producer
+    re-sends both in order under the same epoch."""
+    b = start_broker(object_store_faults="seed=11,errors=0.25", flush_interval_ms=10,
+                     num_partitions=PARTITIONS)
+    create_topic(b.bootstrap, topic_name, PARTITIONS)
+    deliveries = Deliveries()
+    acked, failed, cb = deliveries.acked, deliveries.failed, deliveries.callback
+
+    eos = EosLog()
+    p = Producer(producer_conf(b.bootstrap, **{
+        "enable.idempotence": True, "linger.ms": 0, "message.timeout.ms": 120000,
+        "retry.backoff.ms": 20, "debug": "eos"}), logger=eos.log)
+    # Paced, so that the requests in flight straddle segments (a burst
+    # lands in one segment, which fails or commits whole).
+    total = 3000
+    for i in range(total):
+        p.produce(topic_name, value=b"g-%06d" % i, partition=i % PARTITIONS, on_delivery=cb)
+        if i % 4 == 3:
+            p.poll(0)
+            time.sleep(0.002)
+    assert p.flush(120) == 0, "records neither delivered nor failed"
+    assert not failed, "deliveries failed instead of being retried: %s" % failed[:5]
+    assert len(acked) == total
+    upload_failures = metric(b, "floe_segment_upload_failures_total")
+    assert upload_failures >= 20, "only %d uploads failed: faults barely ran" % upload_failures
+    assert eos.lines > 0, "no debug log from librdkafka: the check below would be empty"
+    assert eos.gaps == 0 and eos.bumps == 0, (
+        "the producer was told of %d sequence gaps and bumped its epoch %d times, e.g. %s"
+        % (eos.gaps, eos.bumps, eos.examples[:2]))
+    wm = watermarks(b.bootstrap, topic_name, range(PARTITIONS), timeout=20)
+    ends = {q: hi for q, (lo, hi) in wm.items()}
+    assert sum(ends.values()) == total, "the log holds %d records for %d acknowledged" % (
+        sum(ends.values()), total)
 
 
 REQUEST_TIMED_OUT = 7
