@@ -11,6 +11,10 @@ use crate::{Error, Result};
 
 /// Threads of the sidecar runtime: I/O-bound work only.
 pub const SIDECAR_THREADS: usize = 2;
+/// Threads of its blocking pool, where the local-directory object store's
+/// file calls run (tokio's default allows 512: each idle one lingers 10 s
+/// with its stack and, under glibc, a malloc arena that keeps its pages).
+pub const SIDECAR_BLOCKING_THREADS: usize = 16;
 
 pub struct Sidecar {
     runtime: tokio::runtime::Runtime,
@@ -20,6 +24,7 @@ impl Sidecar {
     pub fn start() -> std::io::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(SIDECAR_THREADS)
+            .max_blocking_threads(SIDECAR_BLOCKING_THREADS)
             .thread_name("floe-sidecar")
             .enable_all()
             .build()?;

@@ -1,11 +1,10 @@
-use std::io::{ErrorKind, SeekFrom};
+use std::io::ErrorKind;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::{validate_key, Error, ObjectMeta, ObjectStore, Result};
 
@@ -280,23 +279,32 @@ impl ObjectStore for LocalDir {
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
         let path = self.path(key)?;
-        let mut f = tokio::fs::File::open(&path)
-            .await
-            .map_err(io("open", key))?;
-        let size = f.metadata().await.map_err(io("stat", key))?.len();
-        if range.start > range.end || range.end > size {
-            return Err(Error::RangeOutOfBounds {
-                key: key.to_string(),
-                range,
-                size,
-            });
-        }
-        f.seek(SeekFrom::Start(range.start))
-            .await
-            .map_err(io("seek", key))?;
-        let mut buf = vec![0u8; (range.end - range.start) as usize];
-        f.read_exact(&mut buf).await.map_err(io("read", key))?;
-        Ok(Bytes::from(buf))
+        let owned_key = key.to_string();
+        // One trip to the blocking pool (open, stat, positioned read), not
+        // one per call: catch-up reads send many of these at once.
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let key = owned_key.as_str();
+            let f = std::fs::File::open(&path).map_err(io("open", key))?;
+            let size = f.metadata().map_err(io("stat", key))?.len();
+            if range.start > range.end || range.end > size {
+                return Err(Error::RangeOutOfBounds {
+                    key: key.to_string(),
+                    range,
+                    size,
+                });
+            }
+            let mut buf = vec![0u8; (range.end - range.start) as usize];
+            f.read_exact_at(&mut buf, range.start)
+                .map_err(io("read", key))?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+        .map_err(|e| Error::Io {
+            op: "get_range",
+            key: key.to_string(),
+            source: std::io::Error::other(e),
+        })?
     }
 
     async fn get(&self, key: &str) -> Result<Bytes> {
