@@ -259,6 +259,22 @@ impl DirectIo {
 /// Most buffers passed to one `writev` (Linux's IOV_MAX).
 const IOV_MAX: usize = 1024;
 
+/// Runs `f` on the sidecar's blocking pool; a task that panicked or was
+/// cancelled is an I/O error of `op` on `key`.
+async fn blocking<T: Send + 'static>(
+    op: &'static str,
+    key: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Io {
+            op,
+            key: key.to_string(),
+            source: std::io::Error::other(e),
+        })?
+}
+
 #[async_trait::async_trait]
 impl ObjectStore for LocalDir {
     async fn put(&self, key: &str, parts: Vec<Bytes>) -> Result<()> {
@@ -267,14 +283,11 @@ impl ObjectStore for LocalDir {
         let direct = self.direct.clone();
         // Blocking std I/O on the sidecar's blocking pool (tokio's File
         // would copy every part into its own buffer).
-        tokio::task::spawn_blocking(move || put_blocking(&root, &path, &parts, &direct))
-            .await
-            .map_err(|e| Error::Io {
-                op: "put",
-                key: key.to_string(),
-                source: std::io::Error::other(e),
-            })?
-            .map_err(io("put", key))
+        let owned_key = key.to_string();
+        blocking("put", key, move || {
+            put_blocking(&root, &path, &parts, &direct).map_err(io("put", &owned_key))
+        })
+        .await
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
@@ -282,7 +295,7 @@ impl ObjectStore for LocalDir {
         let owned_key = key.to_string();
         // One trip to the blocking pool (open, stat, positioned read), not
         // one per call: catch-up reads send many of these at once.
-        tokio::task::spawn_blocking(move || {
+        blocking("get_range", key, move || {
             use std::os::unix::fs::FileExt;
             let key = owned_key.as_str();
             let f = std::fs::File::open(&path).map_err(io("open", key))?;
@@ -300,11 +313,6 @@ impl ObjectStore for LocalDir {
             Ok(Bytes::from(buf))
         })
         .await
-        .map_err(|e| Error::Io {
-            op: "get_range",
-            key: key.to_string(),
-            source: std::io::Error::other(e),
-        })?
     }
 
     async fn get(&self, key: &str) -> Result<Bytes> {
