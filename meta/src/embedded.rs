@@ -1,4 +1,4 @@
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -40,7 +40,7 @@ pub struct Embedded {
 }
 
 struct Inner {
-    db: Database,
+    storage: Storage,
     path: String,
     /// In memory: calls run on the caller's thread (no file I/O to keep
     /// off the async executor), not on tokio's blocking pool.
@@ -120,32 +120,32 @@ impl Embedded {
             op: "open",
             reason: format!("{}: {e}", path.display()),
         })?;
-        Self::with_database(db, path.display().to_string(), false)
+        Self::with_database(db, path.display().to_string())
     }
 
     /// A store that lives in memory only, for tests and simulation: the
-    /// same code as the file-backed store, on redb's in-memory backend.
+    /// same transactions, watches and leases as the file-backed store, on
+    /// a sorted map instead of redb (whose commit costs dominated the
+    /// commit-log simulation), its calls run inline.
     pub fn in_memory() -> Result<Self> {
-        let db = Database::builder()
-            .create_with_backend(MemoryPages::default())
-            .map_err(|e| Error::Unavailable {
-                op: "open",
-                reason: format!("in-memory store: {e}"),
-            })?;
-        Self::with_database(db, "memory".to_string(), true)
+        Self::with_storage(Storage::Map(Mutex::default()), "memory".to_string(), true)
     }
 
-    fn with_database(db: Database, path: String, inline: bool) -> Result<Self> {
+    fn with_database(db: Database, path: String) -> Result<Self> {
         let w = redb_try!("open", db.begin_write());
         {
             redb_try!("open", w.open_table(KV));
             redb_try!("open", w.open_table(STATE));
         }
         redb_try!("open", w.commit());
+        Self::with_storage(Storage::Redb(db), path, false)
+    }
+
+    fn with_storage(storage: Storage, path: String, inline: bool) -> Result<Self> {
         let (live, _) = broadcast::channel(LIVE_EVENTS_MAX);
         let store = Self {
             inner: Arc::new(Inner {
-                db,
+                storage,
                 path,
                 inline,
                 history: Mutex::new(VecDeque::new()),
@@ -166,17 +166,12 @@ impl Embedded {
     }
 
     fn drop_orphaned_leased_keys(&self) -> Result<()> {
-        let r = redb_try!("open", self.inner.db.begin_read());
-        let t = redb_try!("open", r.open_table(KV));
         let mut orphans = Vec::new();
-        for item in redb_try!("open", t.iter()) {
-            let (k, v) = redb_try!("open", item);
-            if decode(k.value(), v.value())?.lease != 0 {
-                orphans.push(Op::Delete(k.value().to_string()));
+        for (k, v) in self.inner.storage.scan("open", "", None, usize::MAX)? {
+            if decode(&k, &v)?.lease != 0 {
+                orphans.push(Op::Delete(k));
             }
         }
-        drop(t);
-        drop(r);
         for chunk in orphans.chunks(Txn::OPS_MAX) {
             self.txn_blocking(Txn::default().and_then(chunk.to_vec()))?;
         }
@@ -184,34 +179,26 @@ impl Embedded {
     }
 
     fn get_blocking(&self, key: &str) -> Result<Option<KeyValue>> {
-        let r = redb_try!("get", self.inner.db.begin_read());
-        let t = redb_try!("get", r.open_table(KV));
-        match redb_try!("get", t.get(key)) {
-            Some(v) => Ok(Some(decode(key, v.value())?.kv)),
+        match self.inner.storage.get("get", key)? {
+            Some(v) => Ok(Some(decode(key, &v)?.kv)),
             None => Ok(None),
         }
     }
 
     fn range_blocking(&self, start: &str, end: &str, limit: usize) -> Result<Vec<KeyValue>> {
-        let r = redb_try!("range", self.inner.db.begin_read());
-        let t = redb_try!("range", r.open_table(KV));
-        let mut out = Vec::new();
         if start >= end {
-            return Ok(out);
+            return Ok(Vec::new());
         }
-        for item in redb_try!("range", t.range(start..end)).take(limit) {
-            let (k, v) = redb_try!("range", item);
-            out.push(decode(k.value(), v.value())?.kv);
-        }
-        Ok(out)
+        self.inner
+            .storage
+            .scan("range", start, Some(end), limit)?
+            .into_iter()
+            .map(|(k, v)| decode(&k, &v).map(|r| r.kv))
+            .collect()
     }
 
     fn revision_blocking(&self) -> Result<u64> {
-        let r = redb_try!("revision", self.inner.db.begin_read());
-        let t = redb_try!("revision", r.open_table(STATE));
-        Ok(redb_try!("revision", t.get(REVISION))
-            .map(|v| v.value())
-            .unwrap_or(0))
+        self.inner.storage.revision()
     }
 
     fn txn_blocking(&self, txn: Txn) -> Result<TxnOutcome> {
@@ -233,41 +220,23 @@ impl Embedded {
                 }
             }
         }
-        let w = redb_try!("txn", self.inner.db.begin_write());
         let mut events = Vec::new();
         let mut leased = Vec::new();
-        let outcome = {
-            let mut kv = redb_try!("txn", w.open_table(KV));
-            let mut state = redb_try!("txn", w.open_table(STATE));
-            let mut revision = redb_try!("txn", state.get(REVISION))
-                .map(|v| v.value())
-                .unwrap_or(0);
+        let outcome = self.inner.storage.write(|kv, revision| {
             let mut holds = true;
             for c in &txn.compares {
+                let cur = kv.get(c.key())?.map(|v| decode(c.key(), &v)).transpose()?;
                 holds &= match c {
-                    Compare::ModRevision(key, want) => {
-                        let cur = match redb_try!("txn", kv.get(key.as_str())) {
-                            Some(v) => decode(key, v.value())?.kv.mod_revision,
-                            None => 0,
-                        };
-                        cur == *want
-                    }
-                    Compare::Value(key, want) => match redb_try!("txn", kv.get(key.as_str())) {
-                        Some(v) => decode(key, v.value())?.kv.value == *want,
-                        None => false,
-                    },
-                    Compare::CreateRevision(key, want) => {
-                        let cur = match redb_try!("txn", kv.get(key.as_str())) {
-                            Some(v) => decode(key, v.value())?.kv.create_revision,
-                            None => 0,
-                        };
-                        cur == *want
+                    Compare::ModRevision(_, want) => cur.map_or(0, |r| r.kv.mod_revision) == *want,
+                    Compare::Value(_, want) => cur.is_some_and(|r| r.kv.value == *want),
+                    Compare::CreateRevision(_, want) => {
+                        cur.map_or(0, |r| r.kv.create_revision) == *want
                     }
                 };
             }
             let ops = if holds { &txn.success } else { &txn.failure };
             if !ops.is_empty() {
-                revision += 1;
+                *revision += 1;
                 for op in ops {
                     match op {
                         Op::Put(key, value) | Op::PutLeased(key, value, _) => {
@@ -275,12 +244,11 @@ impl Embedded {
                                 Op::PutLeased(_, _, l) => *l,
                                 _ => 0,
                             };
-                            let create = match redb_try!("txn", kv.get(key.as_str())) {
-                                Some(v) => decode(key, v.value())?.kv.create_revision,
-                                None => revision,
+                            let create = match kv.get(key)? {
+                                Some(v) => decode(key, &v)?.kv.create_revision,
+                                None => *revision,
                             };
-                            let rec = encode(create, revision, lease, value);
-                            redb_try!("txn", kv.insert(key.as_str(), rec.as_slice()));
+                            kv.insert(key, encode(create, *revision, lease, value))?;
                             if lease != 0 {
                                 leased.push((key.clone(), lease));
                             }
@@ -288,27 +256,25 @@ impl Embedded {
                                 key: key.clone(),
                                 value: value.clone(),
                                 create_revision: create,
-                                mod_revision: revision,
+                                mod_revision: *revision,
                             }));
                         }
                         Op::Delete(key) => {
-                            if redb_try!("txn", kv.remove(key.as_str())).is_some() {
+                            if kv.remove(key)? {
                                 events.push(Event::Delete {
                                     key: key.clone(),
-                                    mod_revision: revision,
+                                    mod_revision: *revision,
                                 });
                             }
                         }
                     }
                 }
-                redb_try!("txn", state.insert(REVISION, revision));
             }
-            TxnOutcome {
+            Ok(TxnOutcome {
                 succeeded: holds,
-                revision,
-            }
-        };
-        redb_try!("txn", w.commit());
+                revision: *revision,
+            })
+        })?;
         {
             let mut leases = lock(&self.inner.leases);
             for (key, lease) in leased {
@@ -359,19 +325,14 @@ impl Embedded {
     /// Deletes the keys still held by `lease` (a key re-put without the
     /// lease since then is left alone).
     fn delete_leased(&self, lease: LeaseId, keys: BTreeSet<String>) -> Result<()> {
-        let mine: Vec<Op> = {
-            let r = redb_try!("lease", self.inner.db.begin_read());
-            let t = redb_try!("lease", r.open_table(KV));
-            let mut ops = Vec::new();
-            for k in keys {
-                if let Some(v) = redb_try!("lease", t.get(k.as_str())) {
-                    if decode(&k, v.value())?.lease == lease {
-                        ops.push(Op::Delete(k));
-                    }
+        let mut mine = Vec::new();
+        for k in keys {
+            if let Some(v) = self.inner.storage.get("lease", &k)? {
+                if decode(&k, &v)?.lease == lease {
+                    mine.push(Op::Delete(k));
                 }
             }
-            ops
-        };
+        }
         for chunk in mine.chunks(Txn::OPS_MAX) {
             self.txn_blocking(Txn::default().and_then(chunk.to_vec()))?;
         }
@@ -392,68 +353,164 @@ fn sweep_leases(store: Weak<Inner>) {
     }
 }
 
-/// redb's pages in one vector. redb's own `InMemoryBackend` grows its
-/// vector one zero byte at a time, which was a fifth of the commit-log
-/// simulation's time.
-#[derive(Debug, Default)]
-struct MemoryPages(std::sync::RwLock<Vec<u8>>);
+/// Where the records live.
+enum Storage {
+    /// A redb file: durable, one writer at a time.
+    Redb(Database),
+    /// A sorted map under a lock (in-memory stores).
+    Map(Mutex<MapState>),
+}
 
-impl MemoryPages {
-    fn out_of_range() -> std::io::Error {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "beyond the in-memory store's end",
-        )
+#[derive(Default)]
+struct MapState {
+    kv: BTreeMap<String, Vec<u8>>,
+    revision: u64,
+}
+
+/// The records a transaction reads and writes, whatever the storage.
+trait Records {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    fn insert(&mut self, key: &str, record: Vec<u8>) -> Result<()>;
+    /// Whether the key was there.
+    fn remove(&mut self, key: &str) -> Result<bool>;
+}
+
+impl Records for redb::Table<'_, &'static str, &'static [u8]> {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(redb_try!("txn", ReadableTable::get(self, key)).map(|v| v.value().to_vec()))
+    }
+
+    fn insert(&mut self, key: &str, record: Vec<u8>) -> Result<()> {
+        redb_try!("txn", redb::Table::insert(self, key, record.as_slice()));
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &str) -> Result<bool> {
+        Ok(redb_try!("txn", redb::Table::remove(self, key)).is_some())
     }
 }
 
-impl redb::StorageBackend for MemoryPages {
-    fn len(&self) -> std::result::Result<u64, std::io::Error> {
-        Ok(self.0.read().unwrap_or_else(|p| p.into_inner()).len() as u64)
+impl Records for BTreeMap<String, Vec<u8>> {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(BTreeMap::get(self, key).cloned())
     }
 
-    fn read(&self, offset: u64, len: usize) -> std::result::Result<Vec<u8>, std::io::Error> {
-        let pages = self.0.read().unwrap_or_else(|p| p.into_inner());
-        let at = usize::try_from(offset).map_err(|_| Self::out_of_range())?;
-        pages
-            .get(at..at.saturating_add(len))
-            .map(<[u8]>::to_vec)
-            .ok_or_else(Self::out_of_range)
-    }
-
-    fn set_len(&self, len: u64) -> std::result::Result<(), std::io::Error> {
-        let len = usize::try_from(len).map_err(|_| Self::out_of_range())?;
-        self.0
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .resize(len, 0);
+    fn insert(&mut self, key: &str, record: Vec<u8>) -> Result<()> {
+        BTreeMap::insert(self, key.to_string(), record);
         Ok(())
     }
 
-    fn sync_data(&self, _eventual: bool) -> std::result::Result<(), std::io::Error> {
-        Ok(())
+    fn remove(&mut self, key: &str) -> Result<bool> {
+        Ok(BTreeMap::remove(self, key).is_some())
+    }
+}
+
+impl Storage {
+    fn get(&self, op: &'static str, key: &str) -> Result<Option<Vec<u8>>> {
+        match self {
+            Storage::Redb(db) => {
+                let r = db.begin_read().map_err(|e| unavailable(op)(e.into()))?;
+                let t = r.open_table(KV).map_err(|e| unavailable(op)(e.into()))?;
+                let v = t.get(key).map_err(|e| unavailable(op)(e.into()))?;
+                Ok(v.map(|v| v.value().to_vec()))
+            }
+            Storage::Map(m) => Ok(lock(m).kv.get(key).cloned()),
+        }
     }
 
-    fn write(&self, offset: u64, data: &[u8]) -> std::result::Result<(), std::io::Error> {
-        let mut pages = self.0.write().unwrap_or_else(|p| p.into_inner());
-        let at = usize::try_from(offset).map_err(|_| Self::out_of_range())?;
-        pages
-            .get_mut(at..at.saturating_add(data.len()))
-            .ok_or_else(Self::out_of_range)?
-            .copy_from_slice(data);
-        Ok(())
+    /// Records with keys in `[start, end)` (no end: to the last key).
+    fn scan(
+        &self,
+        op: &'static str,
+        start: &str,
+        end: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let bounds = (Included(start), end.map_or(Unbounded, Excluded));
+        match self {
+            Storage::Redb(db) => {
+                let r = db.begin_read().map_err(|e| unavailable(op)(e.into()))?;
+                let t = r.open_table(KV).map_err(|e| unavailable(op)(e.into()))?;
+                let mut out = Vec::new();
+                for item in t
+                    .range::<&str>(bounds)
+                    .map_err(|e| unavailable(op)(e.into()))?
+                    .take(limit)
+                {
+                    let (k, v) = item.map_err(|e| unavailable(op)(e.into()))?;
+                    out.push((k.value().to_string(), v.value().to_vec()));
+                }
+                Ok(out)
+            }
+            Storage::Map(m) => Ok(lock(m)
+                .kv
+                .range::<str, _>(bounds)
+                .take(limit)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()),
+        }
+    }
+
+    fn revision(&self) -> Result<u64> {
+        match self {
+            Storage::Redb(db) => {
+                let r = redb_try!("revision", db.begin_read());
+                let t = redb_try!("revision", r.open_table(STATE));
+                Ok(redb_try!("revision", t.get(REVISION))
+                    .map(|v| v.value())
+                    .unwrap_or(0))
+            }
+            Storage::Map(m) => Ok(lock(m).revision),
+        }
+    }
+
+    /// Runs `f` as one serializable transaction over the records and the
+    /// store's revision; what it changed is kept only if it returns `Ok`
+    /// (the map applies as it goes: its records always decode, so `f`
+    /// cannot fail half way there).
+    fn write<T>(&self, f: impl FnOnce(&mut dyn Records, &mut u64) -> Result<T>) -> Result<T> {
+        match self {
+            Storage::Redb(db) => {
+                let w = redb_try!("txn", db.begin_write());
+                let out = {
+                    let mut kv = redb_try!("txn", w.open_table(KV));
+                    let mut state = redb_try!("txn", w.open_table(STATE));
+                    let before = redb_try!("txn", state.get(REVISION))
+                        .map(|v| v.value())
+                        .unwrap_or(0);
+                    let mut revision = before;
+                    let out = f(&mut kv, &mut revision)?;
+                    if revision != before {
+                        redb_try!("txn", state.insert(REVISION, revision));
+                    }
+                    out
+                };
+                redb_try!("txn", w.commit());
+                Ok(out)
+            }
+            Storage::Map(m) => {
+                let mut m = lock(m);
+                let MapState { kv, revision } = &mut *m;
+                f(kv, revision)
+            }
+        }
     }
 }
 
 impl Embedded {
-    /// Runs a store call: on tokio's blocking pool for a file, inline for
-    /// memory.
+    /// Runs a store call: on tokio's blocking pool for a file, on the
+    /// caller's thread for memory.
     async fn call<T: Send + 'static>(
         &self,
         op: &'static str,
         f: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<T> {
         if self.inner.inline {
+            // Still a point where other tasks run, as a call over the
+            // network (or to the blocking pool) is: the simulation's
+            // interleavings depend on it.
+            tokio::task::yield_now().await;
             return f();
         }
         blocking(op, f).await

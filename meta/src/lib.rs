@@ -87,6 +87,15 @@ pub enum Compare {
     CreateRevision(String, u64),
 }
 
+impl Compare {
+    /// The key compared.
+    pub fn key(&self) -> &str {
+        match self {
+            Compare::ModRevision(k, _) | Compare::Value(k, _) | Compare::CreateRevision(k, _) => k,
+        }
+    }
+}
+
 /// A write inside a transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
