@@ -828,7 +828,7 @@ fn run_many(name: &str, count: u64, make: impl Fn(u64) -> Schedule) {
 fn concurrent_committers_give_contiguous_offsets() {
     run_many(
         "concurrent_committers_give_contiguous_offsets",
-        200,
+        2000,
         |seed| Schedule {
             partitions: 3,
             window: 1 + (seed % 4) as usize,
@@ -841,7 +841,7 @@ fn concurrent_committers_give_contiguous_offsets() {
 fn lost_replies_and_refused_requests_neither_lose_nor_duplicate() {
     run_many(
         "lost_replies_and_refused_requests_neither_lose_nor_duplicate",
-        300,
+        3000,
         |seed| Schedule {
             window: 1 + (seed % 3) as usize,
             odd_producer_ids: true,
@@ -867,7 +867,7 @@ fn lost_replies_and_refused_requests_neither_lose_nor_duplicate() {
 fn outages_past_the_commit_deadline_neither_lose_nor_duplicate() {
     run_many(
         "outages_past_the_commit_deadline_neither_lose_nor_duplicate",
-        100,
+        1000,
         |seed| Schedule {
             segments_per_producer: 6,
             window: 1 + (seed % 2) as usize,
@@ -892,7 +892,7 @@ fn outages_past_the_commit_deadline_neither_lose_nor_duplicate() {
 fn pipelined_producers_keep_their_order_through_failures() {
     run_many(
         "pipelined_producers_keep_their_order_through_failures",
-        150,
+        1500,
         |seed| Schedule {
             segments_per_producer: 10,
             partitions: 3,
@@ -920,7 +920,7 @@ fn pipelined_producers_keep_their_order_through_failures() {
 fn the_orphan_sweep_never_deletes_what_a_late_commit_references() {
     run_many(
         "the_orphan_sweep_never_deletes_what_a_late_commit_references",
-        100,
+        1000,
         |seed| Schedule {
             segments_per_producer: 6,
             window: 2,
@@ -948,7 +948,7 @@ fn the_orphan_sweep_never_deletes_what_a_late_commit_references() {
 fn a_committer_behind_the_trimmed_log_reloads_the_snapshot() {
     run_many(
         "a_committer_behind_the_trimmed_log_reloads_the_snapshot",
-        100,
+        1000,
         |seed| Schedule {
             segments_per_producer: 12,
             window: 2,
@@ -974,7 +974,7 @@ fn a_committer_behind_the_trimmed_log_reloads_the_snapshot() {
 fn committers_that_crash_and_restart_lose_nothing() {
     run_many(
         "committers_that_crash_and_restart_lose_nothing",
-        100,
+        1000,
         |seed| Schedule {
             segments_per_producer: 8,
             window: 2,
