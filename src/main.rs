@@ -17,15 +17,6 @@ use clap::Parser as _;
 use config::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
-/// mimalloc, not glibc's malloc. With glibc, each thread that allocates
-/// (shards, sidecar workers, the blocking pool) gets an arena, buffers
-/// allocated on one thread are freed on another, and arenas keep their
-/// fragmented pages: in the one-hour soak RSS rose 13–24 MiB/h while the
-/// heap heaptrack saw stayed flat. mimalloc returns freed pages to the OS.
-#[cfg(not(feature = "system-alloc"))]
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
