@@ -37,6 +37,46 @@ struct Failed {
     at: Instant,
 }
 
+/// One idempotent batch of a segment, where `gaps` looks.
+#[derive(Debug, Clone, Copy)]
+struct Idempotent {
+    chunk: usize,
+    batch: usize,
+    producer: (i64, PartitionKey),
+    epoch: i16,
+    seq: i32,
+}
+
+/// A segment's idempotent batches, taken before the segment goes to the
+/// committer (which keeps its record): one small list, empty without an
+/// allocation when no batch is idempotent, instead of a copy of the record.
+#[derive(Debug, Default)]
+pub struct IdempotentBatches(Vec<Idempotent>);
+
+impl IdempotentBatches {
+    pub fn of(record: &SegmentRecord) -> Self {
+        let mut out = Vec::new();
+        for (c, chunk) in record.chunks.iter().enumerate() {
+            let tp = PartitionKey {
+                topic_id: chunk.topic_id,
+                partition: chunk.partition,
+            };
+            for (i, b) in chunk.batches.iter().enumerate() {
+                if b.producer_id >= 0 {
+                    out.push(Idempotent {
+                        chunk: c,
+                        batch: i,
+                        producer: (b.producer_id, tp),
+                        epoch: b.producer_epoch,
+                        seq: b.base_sequence,
+                    });
+                }
+            }
+        }
+        Self(out)
+    }
+}
+
 /// Producer partitions whose batches failed on this shard lately.
 #[derive(Debug, Default)]
 pub struct FailedBatches {
@@ -45,30 +85,21 @@ pub struct FailedBatches {
 
 impl FailedBatches {
     /// Remembers the idempotent batches of a segment that failed.
-    pub fn segment_failed(&mut self, record: &SegmentRecord, now: Instant) {
+    pub fn segment_failed(&mut self, batches: &IdempotentBatches, now: Instant) {
         self.failed
             .retain(|_, f| now.duration_since(f.at) < GAP_GRACE);
-        for chunk in &record.chunks {
-            let tp = PartitionKey {
-                topic_id: chunk.topic_id,
-                partition: chunk.partition,
+        for b in &batches.0 {
+            let fresh = Failed {
+                epoch: b.epoch,
+                first_seq: b.seq,
+                at: now,
             };
-            for b in chunk.batches.iter().filter(|b| b.producer_id >= 0) {
-                let f = self.failed.entry((b.producer_id, tp)).or_insert(Failed {
-                    epoch: b.producer_epoch,
-                    first_seq: b.base_sequence,
-                    at: now,
-                });
-                if f.epoch != b.producer_epoch {
-                    *f = Failed {
-                        epoch: b.producer_epoch,
-                        first_seq: b.base_sequence,
-                        at: now,
-                    };
-                } else {
-                    f.first_seq = f.first_seq.min(b.base_sequence);
-                    f.at = now;
-                }
+            let f = self.failed.entry(b.producer).or_insert(fresh);
+            if f.epoch == b.epoch {
+                f.first_seq = f.first_seq.min(b.seq);
+                f.at = now;
+            } else {
+                *f = fresh;
             }
         }
     }
@@ -79,38 +110,32 @@ impl FailedBatches {
     /// landed at or past the failed sequence ends the failure's effect.
     pub fn review(
         &mut self,
-        record: &SegmentRecord,
+        batches: &IdempotentBatches,
         outcomes: &mut [Vec<BatchOutcome>],
         now: Instant,
     ) {
         if self.failed.is_empty() {
             return;
         }
-        for (chunk, outs) in record.chunks.iter().zip(outcomes.iter_mut()) {
-            let tp = PartitionKey {
-                topic_id: chunk.topic_id,
-                partition: chunk.partition,
+        for b in &batches.0 {
+            let Some(f) = self.failed.get(&b.producer).copied() else {
+                continue;
             };
-            for (b, out) in chunk.batches.iter().zip(outs.iter_mut()) {
-                let key = (b.producer_id, tp);
-                let Some(f) = self.failed.get(&key).copied() else {
-                    continue;
-                };
-                if now.duration_since(f.at) >= GAP_GRACE || f.epoch != b.producer_epoch {
-                    self.failed.remove(&key);
-                    continue;
+            if now.duration_since(f.at) >= GAP_GRACE || f.epoch != b.epoch {
+                self.failed.remove(&b.producer);
+                continue;
+            }
+            let out = &mut outcomes[b.chunk][b.batch];
+            match out {
+                BatchOutcome::OutOfOrder if b.seq > f.first_seq => {
+                    *out = BatchOutcome::NotPersisted;
                 }
-                match out {
-                    BatchOutcome::OutOfOrder if b.base_sequence > f.first_seq => {
-                        *out = BatchOutcome::NotPersisted;
-                    }
-                    BatchOutcome::Appended { .. } | BatchOutcome::Duplicate { .. }
-                        if b.base_sequence >= f.first_seq =>
-                    {
-                        self.failed.remove(&key);
-                    }
-                    _ => {}
+                BatchOutcome::Appended { .. } | BatchOutcome::Duplicate { .. }
+                    if b.seq >= f.first_seq =>
+                {
+                    self.failed.remove(&b.producer);
                 }
+                _ => {}
             }
         }
     }
@@ -132,8 +157,8 @@ mod tests {
     use floe_meta::schema::{BatchRecord, ChunkRecord};
     use uuid::Uuid;
 
-    fn segment(topic: Uuid, batches: &[(i64, i16, i32)]) -> SegmentRecord {
-        SegmentRecord {
+    fn segment(topic: Uuid, batches: &[(i64, i16, i32)]) -> IdempotentBatches {
+        IdempotentBatches::of(&SegmentRecord {
             key: "s".into(),
             size: 0,
             chunks: vec![ChunkRecord {
@@ -154,7 +179,7 @@ mod tests {
                     )
                     .collect(),
             }],
-        }
+        })
     }
 
     #[test]

@@ -19,7 +19,7 @@ use futures::{Future, StreamExt};
 use crate::batch::{patched_prefix, Batch};
 use crate::cache::ReadCache;
 use crate::committer::{CommitRequest, IndexUpdate, SegmentCommitted};
-use crate::gaps::FailedBatches;
+use crate::gaps::{FailedBatches, IdempotentBatches};
 use crate::index::{IndexEntry, PartitionIndex};
 use crate::metrics::{Metrics, ShardCounters};
 use crate::pool::FramePool;
@@ -431,6 +431,8 @@ impl Shard {
                 upload,
                 sealed_at,
             } = p;
+            // What `gaps` needs of the record, which the commit takes.
+            let idempotent = IdempotentBatches::of(&record);
             let result = match upload.await {
                 Err(e) => {
                     self.counters().upload_failures.add(1);
@@ -440,14 +442,14 @@ impl Shard {
                 }
                 Ok(()) => {
                     Metrics::set(&self.engine.metrics.upload_failures_in_a_row, 0);
-                    self.commit(record.clone(), sealed_at).await
+                    self.commit(record, sealed_at).await
                 }
             };
             match result {
                 Ok(mut outcomes) => {
                     self.failed
                         .borrow_mut()
-                        .review(&record, &mut outcomes, Instant::now());
+                        .review(&idempotent, &mut outcomes, Instant::now());
                     for (append, tx) in appends.into_iter().zip(waiters) {
                         let o = append.iter().map(|&(c, b)| outcomes[c][b]).collect();
                         let _ = tx.send(Ok(o));
@@ -456,7 +458,7 @@ impl Shard {
                 Err(e) => {
                     self.failed
                         .borrow_mut()
-                        .segment_failed(&record, Instant::now());
+                        .segment_failed(&idempotent, Instant::now());
                     for tx in waiters {
                         let _ = tx.send(Err(e.clone()));
                     }

@@ -42,9 +42,6 @@ pub struct Embedded {
 struct Inner {
     storage: Storage,
     path: String,
-    /// In memory: calls run on the caller's thread (no file I/O to keep
-    /// off the async executor), not on tokio's blocking pool.
-    inline: bool,
     /// Held by a transaction from its write until its events are
     /// published, so that watchers get revisions in order (two writers
     /// publishing after their commits could otherwise swap, and a watcher
@@ -69,7 +66,7 @@ fn unavailable(op: &'static str) -> impl FnOnce(redb::Error) -> Error {
 }
 
 macro_rules! redb_try {
-    ($op:literal, $e:expr) => {
+    ($op:expr, $e:expr) => {
         $e.map_err(|e| unavailable($op)(e.into()))?
     };
 }
@@ -133,7 +130,7 @@ impl Embedded {
     /// a sorted map instead of redb (whose commit costs dominated the
     /// commit-log simulation), its calls run inline.
     pub fn in_memory() -> Result<Self> {
-        Self::with_storage(Storage::Map(Mutex::default()), "memory".to_string(), true)
+        Self::with_storage(Storage::Map(Mutex::default()), "memory".to_string())
     }
 
     fn with_database(db: Database, path: String) -> Result<Self> {
@@ -143,16 +140,15 @@ impl Embedded {
             redb_try!("open", w.open_table(STATE));
         }
         redb_try!("open", w.commit());
-        Self::with_storage(Storage::Redb(db), path, false)
+        Self::with_storage(Storage::Redb(db), path)
     }
 
-    fn with_storage(storage: Storage, path: String, inline: bool) -> Result<Self> {
+    fn with_storage(storage: Storage, path: String) -> Result<Self> {
         let (live, _) = broadcast::channel(LIVE_EVENTS_MAX);
         let store = Self {
             inner: Arc::new(Inner {
                 storage,
                 path,
-                inline,
                 writer: Mutex::new(()),
                 history: Mutex::new(VecDeque::new()),
                 live,
@@ -416,10 +412,9 @@ impl Storage {
     fn get(&self, op: &'static str, key: &str) -> Result<Option<Vec<u8>>> {
         match self {
             Storage::Redb(db) => {
-                let r = db.begin_read().map_err(|e| unavailable(op)(e.into()))?;
-                let t = r.open_table(KV).map_err(|e| unavailable(op)(e.into()))?;
-                let v = t.get(key).map_err(|e| unavailable(op)(e.into()))?;
-                Ok(v.map(|v| v.value().to_vec()))
+                let r = redb_try!(op, db.begin_read());
+                let t = redb_try!(op, r.open_table(KV));
+                Ok(redb_try!(op, t.get(key)).map(|v| v.value().to_vec()))
             }
             Storage::Map(m) => Ok(lock(m).kv.get(key).cloned()),
         }
@@ -437,15 +432,11 @@ impl Storage {
         let bounds = (Included(start), end.map_or(Unbounded, Excluded));
         match self {
             Storage::Redb(db) => {
-                let r = db.begin_read().map_err(|e| unavailable(op)(e.into()))?;
-                let t = r.open_table(KV).map_err(|e| unavailable(op)(e.into()))?;
+                let r = redb_try!(op, db.begin_read());
+                let t = redb_try!(op, r.open_table(KV));
                 let mut out = Vec::new();
-                for item in t
-                    .range::<&str>(bounds)
-                    .map_err(|e| unavailable(op)(e.into()))?
-                    .take(limit)
-                {
-                    let (k, v) = item.map_err(|e| unavailable(op)(e.into()))?;
+                for item in redb_try!(op, t.range::<&str>(bounds)).take(limit) {
+                    let (k, v) = redb_try!(op, item);
                     out.push((k.value().to_string(), v.value().to_vec()));
                 }
                 Ok(out)
@@ -513,7 +504,8 @@ impl Embedded {
         op: &'static str,
         f: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        if self.inner.inline {
+        // In memory there is no file I/O to keep off the async executor.
+        if matches!(self.inner.storage, Storage::Map(_)) {
             // Still a point where other tasks run, as a call over the
             // network (or to the blocking pool) is: the simulation's
             // interleavings depend on it.
