@@ -10,6 +10,7 @@ mod admin_http;
 mod cmd;
 mod config;
 mod kafka_client;
+mod malloc;
 mod notify;
 mod preflight;
 
@@ -37,7 +38,14 @@ fn main() -> std::process::ExitCode {
                     EnvFilter::try_new(&resolved.log).unwrap_or_else(|_| EnvFilter::new("info")),
                 )
                 .with_writer(std::io::stderr)
+                // Colours for a terminal only, not escape codes in a file or
+                // the journal.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
+            let trim = std::time::Duration::from_secs(resolved.malloc_trim_interval_secs);
+            if let Err(e) = malloc::spawn_trimmer(trim) {
+                tracing::warn!("no malloc_trim thread: {e}");
+            }
             // io_uring and the memory-lock limit, before anything is opened.
             if let Err(e) = preflight::check(resolved.shards) {
                 tracing::error!("floe: cannot start: {e}");

@@ -32,3 +32,5 @@ pub const LOG_KEEP_ENTRIES: u64 = floe_engine::committer::LOG_KEEP_ENTRIES;
 /// Kafka's producer.id.expiration.ms default: one day.
 pub const PRODUCER_ID_EXPIRATION_MS: u64 = floe_engine::sequencer::PRODUCER_ID_EXPIRATION_MS;
 pub const MULTIPART_ABORT_AFTER_SECS: u64 = 86_400;
+/// How often free heap pages go back to the system (src/malloc.rs).
+pub const MALLOC_TRIM_INTERVAL_SECS: u64 = 10;

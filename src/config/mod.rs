@@ -147,6 +147,11 @@ pub struct ServeArgs {
     /// [default: 86400000]
     #[arg(long, env = "FLOE_PRODUCER_ID_EXPIRATION_MS")]
     pub producer_id_expiration_ms: Option<u64>,
+    /// Free memory inside glibc's heaps is returned to the system this
+    /// often (malloc_trim), so RSS follows what the broker uses; 0: never.
+    /// [default: 10]
+    #[arg(long, env = "FLOE_MALLOC_TRIM_INTERVAL_SECS")]
+    pub malloc_trim_interval_secs: Option<u64>,
     /// A snapshot of the commit log's state is written every this many
     /// entries. [default: 500]
     #[arg(long, env = "FLOE_SNAPSHOT_EVERY_ENTRIES")]
@@ -249,6 +254,7 @@ pub struct Resolved {
     pub orphan_grace_secs: u64,
     pub orphan_sweep_interval_secs: u64,
     pub producer_id_expiration_ms: u64,
+    pub malloc_trim_interval_secs: u64,
     pub snapshot_every_entries: u64,
     pub log_keep_entries: u64,
     pub multipart_abort_after_secs: u64,
@@ -413,6 +419,10 @@ impl ServeArgs {
                 defaults::PRODUCER_ID_EXPIRATION_MS
             )
             .max(1),
+            malloc_trim_interval_secs: pick!(
+                malloc_trim_interval_secs,
+                defaults::MALLOC_TRIM_INTERVAL_SECS
+            ),
             snapshot_every_entries: pick!(snapshot_every_entries, defaults::SNAPSHOT_EVERY_ENTRIES)
                 .max(1),
             log_keep_entries: pick!(log_keep_entries, defaults::LOG_KEEP_ENTRIES).max(1),
@@ -789,6 +799,10 @@ mod tests {
             (
                 "orphan_sweep_interval_secs",
                 defaults::ORPHAN_SWEEP_INTERVAL_SECS.to_string(),
+            ),
+            (
+                "malloc_trim_interval_secs",
+                defaults::MALLOC_TRIM_INTERVAL_SECS.to_string(),
             ),
             (
                 "snapshot_every_entries",
