@@ -178,6 +178,18 @@ impl Collector for BrokerCollector {
             "Times this broker fell behind the trimmed commit log and reloaded the snapshot in place.",
             [(NO_LABELS, Metrics::get(&m.log_snapshot_reloads))],
         )?;
+        counter(
+            &mut out,
+            "floe_archives_written_total",
+            "Archive objects this broker wrote that the commit log took.",
+            [(NO_LABELS, Metrics::get(&m.archives_written))],
+        )?;
+        counter(
+            &mut out,
+            "floe_archive_bytes_total",
+            "Bytes of the archive objects this broker wrote that the commit log took.",
+            [(NO_LABELS, Metrics::get(&m.archive_bytes))],
+        )?;
         gauge(
             &mut out,
             "floe_producer_ids",
@@ -508,6 +520,8 @@ mod tests {
             "floe_log_segment_table gauge",
             "floe_log_cas_conflicts_total counter",
             "floe_log_snapshot_reloads_total counter",
+            "floe_archives_written_total counter",
+            "floe_archive_bytes_total counter",
             "floe_producer_ids gauge",
             "floe_connections gauge",
             "floe_segment_upload_failures_in_a_row gauge",

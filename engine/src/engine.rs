@@ -56,6 +56,8 @@ pub struct CleanupSettings {
     pub orphan_sweep_interval: Duration,
     /// Multipart uploads older than this are aborted (S3 only).
     pub multipart_abort_after: Duration,
+    /// The archiving job (see `committer::archiving`).
+    pub archive: crate::committer::ArchiveSettings,
 }
 
 /// Everything [`Engine::start`] needs besides the backends.
@@ -138,7 +140,11 @@ impl Engine {
                 start.config.log_keep_entries,
             )
             .with_metrics(metrics.clone())
-            .with_lifecycle(lifecycle);
+            .with_lifecycle(lifecycle)
+            .with_archiver(crate::committer::Archiver::new(
+                c.archive.clone(),
+                &commit_tx,
+            ));
         let replayed = sidecar.block_on(async {
             // A store or metadata hiccup at start-up (the snapshot read
             // failing once) is retried, as it would be later; only an

@@ -48,6 +48,33 @@ impl PartitionIndex {
         self.entries.push_back(e);
     }
 
+    /// Replaces the batches `e` covers (from its base offset to its next
+    /// offset, whole batches) by `e`: an archive object taking over from
+    /// the intake segments. False, and nothing changed, when no run of
+    /// batches starts and ends exactly there.
+    pub fn replace(&mut self, e: IndexEntry) -> bool {
+        let from = self
+            .entries
+            .partition_point(|x| x.base_offset < e.base_offset);
+        let to = self
+            .entries
+            .partition_point(|x| x.next_offset() < e.next_offset());
+        let fits = self
+            .entries
+            .get(from)
+            .is_some_and(|x| x.base_offset == e.base_offset)
+            && self
+                .entries
+                .get(to)
+                .is_some_and(|x| x.next_offset() == e.next_offset());
+        if !fits {
+            return false;
+        }
+        self.entries.drain(from..=to);
+        self.entries.insert(from, e);
+        true
+    }
+
     /// Moves the log start forward (retention, DeleteRecords) and drops the
     /// batches wholly before it. An index with no batch left also moves its
     /// high watermark there, so the next batch pushed continues from it
@@ -153,6 +180,34 @@ mod tests {
         assert_eq!((p.log_start(), p.high_watermark()), (7, 7));
         p.push(e(7, 2, 0));
         assert_eq!(p.high_watermark(), 9);
+    }
+
+    #[test]
+    fn an_archive_replaces_exactly_the_batches_it_covers() {
+        let mut p = PartitionIndex::default();
+        for (base, n) in [(0, 3), (3, 2), (5, 1), (6, 4)] {
+            p.push(e(base, n, base as i64));
+        }
+        let mut arc = e(3, 3, 5);
+        arc.segment = Arc::from("archives/a");
+        // Not on batch boundaries: refused, nothing changes.
+        assert!(!p.replace(IndexEntry {
+            base_offset: 4,
+            records: 2,
+            ..arc.clone()
+        }));
+        assert!(!p.replace(IndexEntry {
+            records: 4,
+            ..arc.clone()
+        }));
+        assert!(p.replace(arc.clone()));
+        let bases: Vec<u64> = (0..4)
+            .filter_map(|i| p.entry(i))
+            .map(|x| x.base_offset)
+            .collect();
+        assert_eq!(bases, vec![0, 3, 6]);
+        assert_eq!(p.entry(p.position(5).unwrap_or(9)), Some(&arc));
+        assert_eq!(p.high_watermark(), 10);
     }
 
     #[test]

@@ -89,6 +89,9 @@ pub struct Metrics {
     /// Times this broker fell behind the trimmed log and reloaded the
     /// snapshot in place.
     pub log_snapshot_reloads: AtomicU64,
+    /// Archive objects this broker wrote that the log took, and their bytes.
+    pub archives_written: AtomicU64,
+    pub archive_bytes: AtomicU64,
     /// When the commit log was last read to its head, and when the
     /// membership lease was last renewed (Unix ms): health, for /readyz.
     pub log_read_at_ms: AtomicU64,
@@ -122,6 +125,8 @@ impl Metrics {
             log_entries_written: AtomicU64::default(),
             log_cas_conflicts: AtomicU64::default(),
             log_snapshot_reloads: AtomicU64::default(),
+            archives_written: AtomicU64::default(),
+            archive_bytes: AtomicU64::default(),
             log_read_at_ms: AtomicU64::default(),
             lease_renewed_at_ms: AtomicU64::default(),
             producer_ids: AtomicU64::default(),

@@ -29,6 +29,15 @@ pub const RETENTION_MS_DEFAULT: i64 = 7 * 24 * 3600 * 1000;
 pub const RETENTION_BYTES_DEFAULT: i64 = -1;
 /// Where segment objects live; the orphan sweep looks nowhere else.
 pub const SEGMENTS_PREFIX: &str = "segments/";
+/// Where archive objects live (`engine/src/archive.rs`): one partition's
+/// batches each. The orphan sweep looks here too.
+pub const ARCHIVES_PREFIX: &str = "archives/";
+
+/// Whether an object key names an archive object (else a segment).
+pub fn is_archive_key(key: &str) -> bool {
+    key.starts_with(ARCHIVES_PREFIX)
+}
+
 /// Where snapshots live (`snapshots/<seq, 20 digits>.json`).
 pub const SNAPSHOTS_PREFIX: &str = "snapshots/";
 
@@ -229,7 +238,7 @@ impl SegmentRefs {
     }
 }
 
-/// Objects under `segments/` that nothing in the log knows (`known`, from
+/// Objects under `segments/` or `archives/` that nothing in the log knows (`known`, from
 /// [`SegmentRefs::known_keys`] taken before the listing), older than
 /// `grace`: uploads whose commit never landed.
 pub fn orphans(
@@ -240,7 +249,7 @@ pub fn orphans(
 ) -> Vec<String> {
     listing
         .iter()
-        .filter(|m| m.key.starts_with(SEGMENTS_PREFIX))
+        .filter(|m| m.key.starts_with(SEGMENTS_PREFIX) || is_archive_key(&m.key))
         .filter(|m| !known.contains(m.key.as_str()))
         .filter(|m| m.last_modified + grace <= now)
         .map(|m| m.key.clone())

@@ -354,6 +354,7 @@ mod tests {
     fn commit(batches: Vec<(u32, BatchRecord)>) -> CommitRecord {
         CommitRecord {
             epochs: vec![],
+            archives: Vec::new(),
             trims: vec![],
             at_ms: 0,
             producer_expiration_ms: 0,

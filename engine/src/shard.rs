@@ -16,16 +16,25 @@ use floe_meta::schema::SegmentRecord;
 use futures::channel::{mpsc, oneshot};
 use futures::{Future, StreamExt};
 
+use crate::archive::{decode_footer, read_trailer, ArchiveFooter};
 use crate::batch::{patched_prefix, Batch};
-use crate::cache::ReadCache;
+use crate::cache::{FooterCache, ReadCache};
 use crate::committer::{CommitRequest, IndexUpdate, SegmentCommitted};
 use crate::gaps::{FailedBatches, IdempotentBatches};
 use crate::index::{IndexEntry, PartitionIndex};
 use crate::metrics::{Metrics, ShardCounters};
 use crate::pool::FramePool;
+use crate::retention::is_archive_key;
 use crate::segment::{SealedSegment, SegmentBuilder};
 use crate::sequencer::BatchOutcome;
 use crate::{Engine, Error, PartitionKey, Result};
+
+/// Bytes of decoded archive footers a shard keeps (about 48 bytes per
+/// batch: a 64 MiB archive of 16 KiB batches has a 200 KB footer).
+pub const FOOTER_CACHE_BYTES: usize = 16 << 20;
+/// The tail of an archive read first for its footer: the trailer and, for
+/// most objects, the whole footer in one GET.
+const FOOTER_PROBE_BYTES: u64 = 64 << 10;
 
 /// Messages queued per shard mailbox before senders wait.
 pub const MAILBOX_MESSAGES_MAX: usize = 1024;
@@ -95,6 +104,42 @@ pub enum IndexMsg {
     Reload(Vec<IndexUpdate>),
 }
 
+/// One batch of an archive object as an index entry of its own.
+fn archived_entry(b: &crate::archive::ArchiveBatch, key: &Arc<str>) -> IndexEntry {
+    IndexEntry {
+        base_offset: b.base_offset,
+        records: b.at.records,
+        max_ts: b.at.max_ts,
+        segment: key.clone(),
+        pos: b.at.pos,
+        len: b.at.len,
+    }
+}
+
+/// The batches of an archive to read from `offset` on, whole batches,
+/// after `spent` bytes of the answer: while they fit `max_bytes`, and at
+/// least one when the answer is still `empty` (KIP-74).
+fn archived_batches(
+    footer: &ArchiveFooter,
+    key: &Arc<str>,
+    offset: u64,
+    spent: usize,
+    max_bytes: usize,
+    empty: bool,
+) -> Vec<IndexEntry> {
+    let first = footer.batches.partition_point(|b| b.end_offset() <= offset);
+    let mut out = Vec::new();
+    let mut bytes = spent;
+    for b in &footer.batches[first..] {
+        if !(empty && out.is_empty()) && bytes + b.at.len as usize > max_bytes {
+            break;
+        }
+        bytes += b.at.len as usize;
+        out.push(archived_entry(b, key));
+    }
+    out
+}
+
 /// Applies one committed update to a shard's indexes.
 fn apply_update(indexes: &mut HashMap<PartitionKey, PartitionIndex>, u: IndexUpdate) {
     if u.forget {
@@ -104,14 +149,22 @@ fn apply_update(indexes: &mut HashMap<PartitionKey, PartitionIndex>, u: IndexUpd
     let index = indexes.entry(u.tp).or_default();
     for b in u.batches {
         if let BatchOutcome::Appended { base_offset } = b.outcome {
-            index.push(IndexEntry {
+            let e = IndexEntry {
                 base_offset,
                 records: b.records,
                 max_ts: b.max_ts,
                 segment: u.segment.clone(),
                 pos: b.pos,
                 len: b.len,
-            });
+            };
+            if !u.archived {
+                index.push(e);
+            } else if !index.replace(e) {
+                // The committer checked this against the same log: a
+                // mismatch is a bug. The batches stay readable until
+                // their segments' delete grace.
+                tracing::error!(tp = ?u.tp, archive = %u.segment, base_offset, "an archive does not match this shard's index");
+            }
         }
     }
     index.advance_log_start(u.log_start);
@@ -181,6 +234,7 @@ pub struct Shard {
     uploads: Arc<tokio::sync::Semaphore>,
     state: RefCell<ShardState>,
     cache: RefCell<ReadCache>,
+    footers: RefCell<FooterCache>,
     applied_seq: Cell<u64>,
     applied: event_listener::Event,
     opened: event_listener::Event,
@@ -206,6 +260,7 @@ impl Shard {
             budget: Rc::new(glommio::sync::Semaphore::new(cfg.inflight_bytes_max as u64)),
             uploads: Arc::new(tokio::sync::Semaphore::new(cfg.upload_concurrency.max(1))),
             cache: RefCell::new(ReadCache::new(cfg.read_cache_bytes_max)),
+            footers: RefCell::new(FooterCache::new(FOOTER_CACHE_BYTES)),
             engine,
             frames: FramePool::default(),
             state: RefCell::new(ShardState::default()),
@@ -704,6 +759,66 @@ impl Shard {
         Ok(out.into_iter().flatten().collect())
     }
 
+    /// The footer of the archive object `e` names, from the cache or the
+    /// object's tail (one GET, two for a footer larger than the probe).
+    async fn footer(&self, e: &IndexEntry) -> Result<Rc<ArchiveFooter>> {
+        if let Some(f) = self.footers.borrow().get(&e.segment) {
+            return Ok(f);
+        }
+        let size = u64::from(e.len);
+        let key = e.segment.to_string();
+        let store = self.engine.store.clone();
+        let metrics = self.engine.metrics.clone();
+        let footer = self
+            .engine
+            .sidecar
+            .run(async move {
+                let get = |range: std::ops::Range<u64>| {
+                    let (store, metrics, key) = (store.clone(), metrics.clone(), key.clone());
+                    async move {
+                        let r = store.get_range(&key, range).await;
+                        match &r {
+                            Ok(b) => metrics.objstore_fetch.get(b.len() as u64),
+                            Err(_) => metrics.objstore_fetch.error(),
+                        }
+                        r.map_err(Error::from)
+                    }
+                };
+                let corrupt = |e: crate::archive::ArchiveError| Error::Corrupt {
+                    what: format!("archive object {key}"),
+                    reason: e.to_string(),
+                };
+                let tail = get(size.saturating_sub(FOOTER_PROBE_BYTES)..size).await?;
+                let t = tail.len().saturating_sub(crate::segment::TRAILER_BYTES);
+                let (len, crc) = read_trailer(&tail[t..], size).map_err(corrupt)?;
+                let raw = if len <= t {
+                    tail.slice(t - len..t)
+                } else {
+                    let end = size - crate::segment::TRAILER_BYTES as u64;
+                    get(end - len as u64..end).await?
+                };
+                decode_footer(&raw, crc).map_err(corrupt)
+            })
+            .await?;
+        if footer.base_offset != e.base_offset || footer.end_offset != e.next_offset() {
+            return Err(Error::Corrupt {
+                what: format!("archive object {}", e.segment),
+                reason: format!(
+                    "its footer holds offsets {}..{}, the log says {}..{}",
+                    footer.base_offset,
+                    footer.end_offset,
+                    e.base_offset,
+                    e.next_offset()
+                ),
+            });
+        }
+        let footer = Rc::new(footer);
+        self.footers
+            .borrow_mut()
+            .insert(e.segment.clone(), footer.clone());
+        Ok(footer)
+    }
+
     /// Reads through this shard's index. An offset above what this broker
     /// has learnt may exist already (another broker committed it and this
     /// one lags): the log is read to its head first, and only an offset
@@ -762,6 +877,12 @@ impl Shard {
             if let Some(mut i) = index.position(req.offset).filter(|_| req.max_bytes > 0) {
                 let mut bytes = 0usize;
                 while let Some(e) = index.entry(i) {
+                    // An archive object is opened into its batches below,
+                    // with what is left of the budget.
+                    if is_archive_key(&e.segment) {
+                        entries.push(e.clone());
+                        break;
+                    }
                     // The first batch is returned even when larger than
                     // max_bytes, so a consumer always makes progress (KIP-74).
                     if !entries.is_empty() && bytes + e.len as usize > req.max_bytes {
@@ -774,6 +895,23 @@ impl Shard {
             }
             (entries, hwm, log_start)
         };
+        let mut entries = entries;
+        if let Some(archive) = entries.pop_if(|e| is_archive_key(&e.segment)) {
+            let spent = entries.iter().map(|e| e.len as usize).sum();
+            match self.footer(&archive).await {
+                Ok(footer) => entries.extend(archived_batches(
+                    &footer,
+                    &archive.segment,
+                    req.offset.max(archive.base_offset),
+                    spent,
+                    req.max_bytes,
+                    entries.is_empty(),
+                )),
+                Err(e) if entries.is_empty() => return Err(self.read_failed(req, e)),
+                // The batches before it are an answer (a prefix).
+                Err(e) => tracing::debug!(error = %e, "reading an archive's footer failed"),
+            }
+        }
         let data = match self.load(&entries).await {
             Ok(data) => data,
             Err(e) => return Err(self.read_failed(req, e)),
@@ -834,6 +972,25 @@ impl Shard {
                 index.high_watermark(),
                 index.log_start(),
             )
+        };
+        let entry = match entry {
+            Some(e) if is_archive_key(&e.segment) => {
+                let footer = self.footer(&e).await?;
+                let pick = match query {
+                    OffsetQuery::Timestamp(ts) => {
+                        footer.batches.iter().position(|b| b.at.max_ts >= ts)
+                    }
+                    _ => {
+                        let max = footer.batches.iter().map(|b| b.at.max_ts).max();
+                        footer
+                            .batches
+                            .iter()
+                            .rposition(|b| Some(b.at.max_ts) == max)
+                    }
+                };
+                pick.map(|i| archived_entry(&footer.batches[i], &e.segment))
+            }
+            e => e,
         };
         let batch = match entry {
             None => None,

@@ -128,6 +128,11 @@ pub struct CommitRecord {
     /// Producer epoch changes (KIP-360 bumps) applied before the segments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub epochs: Vec<ProducerEpoch>,
+    /// Runs of a partition's batches rewritten into archive objects,
+    /// applied after the segments and before the trims (see
+    /// [`ArchiveRecord`]).
+    #[serde(default, rename = "v", skip_serializing_if = "Vec::is_empty")]
+    pub archives: Vec<ArchiveRecord>,
     /// Log start offsets moved forward (retention, DeleteRecords), applied
     /// after the segments. Through the log, so every broker agrees on them.
     #[serde(default, rename = "r", skip_serializing_if = "Vec::is_empty")]
@@ -142,6 +147,31 @@ pub struct CommitRecord {
     /// decides, so brokers apply the same value at the same entry.
     #[serde(default, rename = "x", skip_serializing_if = "is_zero_u64")]
     pub producer_expiration_ms: u64,
+}
+
+/// Offsets `[base_offset, end_offset)` of one partition now live in one
+/// archive object (`archives/…`), in offset order with their base offsets
+/// written in and an offset index in its footer. An entry's archive takes
+/// effect only if, when it is applied, the partition's first batches not
+/// yet archived start exactly at `base_offset` and one of them ends
+/// exactly at `end_offset`: those batches are then replaced by the
+/// archive. Otherwise (retention or another archiver moved first) it is
+/// ignored, and its object is an orphan for the sweep.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveRecord {
+    #[serde(rename = "t")]
+    pub topic_id: Uuid,
+    #[serde(rename = "p")]
+    pub partition: u32,
+    #[serde(rename = "k")]
+    pub key: String,
+    /// Object size in bytes.
+    #[serde(rename = "z")]
+    pub size: u64,
+    #[serde(rename = "o")]
+    pub base_offset: u64,
+    #[serde(rename = "e")]
+    pub end_offset: u64,
 }
 
 fn is_zero_u64(v: &u64) -> bool {

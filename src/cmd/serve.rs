@@ -226,6 +226,13 @@ fn start_engine(
             orphan_grace: Duration::from_secs(cfg.orphan_grace_secs),
             orphan_sweep_interval: Duration::from_secs(cfg.orphan_sweep_interval_secs),
             multipart_abort_after: Duration::from_secs(cfg.multipart_abort_after_secs),
+            archive: floe_engine::committer::ArchiveSettings {
+                target_bytes: cfg.archive_target_bytes,
+                max_age: Duration::from_secs(cfg.archive_max_age_secs),
+                // Often enough to archive a busy partition soon after it
+                // reaches the target.
+                interval: Duration::from_secs(cfg.archive_max_age_secs.clamp(1, 5)),
+            },
         },
     };
     Engine::start(start, sidecar, store, meta)

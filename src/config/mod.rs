@@ -147,6 +147,16 @@ pub struct ServeArgs {
     /// [default: 86400000]
     #[arg(long, env = "FLOE_PRODUCER_ID_EXPIRATION_MS")]
     pub producer_id_expiration_ms: Option<u64>,
+    /// A partition's committed batches are rewritten into archive objects
+    /// of about this many bytes, one partition each (its reads then cost
+    /// one GET per fetch, and its retention deletes whole objects); 0 turns
+    /// archiving off. [default: 67108864]
+    #[arg(long, env = "FLOE_ARCHIVE_TARGET_BYTES")]
+    pub archive_target_bytes: Option<u64>,
+    /// A partition with less than the target waiting is archived once its
+    /// oldest batch not yet archived has waited this long. [default: 600]
+    #[arg(long, env = "FLOE_ARCHIVE_MAX_AGE_SECS")]
+    pub archive_max_age_secs: Option<u64>,
     /// Free memory inside glibc's heaps is returned to the system this
     /// often (malloc_trim), so RSS follows what the broker uses; 0: never.
     /// [default: 10]
@@ -255,6 +265,8 @@ pub struct Resolved {
     pub orphan_sweep_interval_secs: u64,
     pub producer_id_expiration_ms: u64,
     pub malloc_trim_interval_secs: u64,
+    pub archive_target_bytes: u64,
+    pub archive_max_age_secs: u64,
     pub snapshot_every_entries: u64,
     pub log_keep_entries: u64,
     pub multipart_abort_after_secs: u64,
@@ -419,6 +431,9 @@ impl ServeArgs {
                 defaults::PRODUCER_ID_EXPIRATION_MS
             )
             .max(1),
+            archive_target_bytes: pick!(archive_target_bytes, defaults::ARCHIVE_TARGET_BYTES),
+            archive_max_age_secs: pick!(archive_max_age_secs, defaults::ARCHIVE_MAX_AGE_SECS)
+                .max(1),
             malloc_trim_interval_secs: pick!(
                 malloc_trim_interval_secs,
                 defaults::MALLOC_TRIM_INTERVAL_SECS
@@ -799,6 +814,14 @@ mod tests {
             (
                 "orphan_sweep_interval_secs",
                 defaults::ORPHAN_SWEEP_INTERVAL_SECS.to_string(),
+            ),
+            (
+                "archive_target_bytes",
+                defaults::ARCHIVE_TARGET_BYTES.to_string(),
+            ),
+            (
+                "archive_max_age_secs",
+                defaults::ARCHIVE_MAX_AGE_SECS.to_string(),
             ),
             (
                 "malloc_trim_interval_secs",

@@ -219,7 +219,7 @@ async fn delete_all(
     deleted
 }
 
-/// Lists `segments/` and `snapshots/` and deletes uploads the log never
+/// Lists `segments/`, `archives/` and `snapshots/` and deletes uploads the log never
 /// committed (older than the orphan grace) and snapshots superseded for
 /// longer than the delete grace.
 async fn sweep_orphans(
@@ -242,13 +242,18 @@ async fn sweep_orphans(
     };
     let now = std::time::SystemTime::now();
     let mut doomed = Vec::new();
-    if let Some(listing) = list(crate::retention::SEGMENTS_PREFIX).await {
-        doomed.extend(crate::retention::orphans(
-            &listing,
-            known,
-            now,
-            l.orphan_grace,
-        ));
+    for prefix in [
+        crate::retention::SEGMENTS_PREFIX,
+        crate::retention::ARCHIVES_PREFIX,
+    ] {
+        if let Some(listing) = list(prefix).await {
+            doomed.extend(crate::retention::orphans(
+                &listing,
+                known,
+                now,
+                l.orphan_grace,
+            ));
+        }
     }
     let orphans = doomed.len();
     if let Some(current) = snapshot_key {

@@ -14,6 +14,7 @@
 //! - [`snapshot`]: snapshots and trimming the log behind them;
 //! - [`cleanup`]: retention and deleting objects nobody references.
 
+mod archiving;
 mod cleanup;
 mod snapshot;
 mod state;
@@ -26,11 +27,14 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::time::Instant as RetryClock;
 
 use bytes::Bytes;
-use floe_meta::schema::{self, CommitRecord, ProducerEpoch, SegmentRecord, TrimRecord};
+use floe_meta::schema::{
+    self, ArchiveRecord, CommitRecord, ProducerEpoch, SegmentRecord, TrimRecord,
+};
 use floe_meta::{Compare, MetaStore, Op, Txn};
 use floe_objstore::ObjectStore;
 use futures::channel::oneshot;
 
+pub use archiving::{archiver_of, ArchiveSettings, Archiver, ARCHIVE_BYTES_MAX};
 pub use cleanup::Lifecycle;
 pub use snapshot::{
     write_snapshot, IndexedBatch, Snapshot, LOG_KEEP_ENTRIES, SNAPSHOT_EVERY_ENTRIES,
@@ -111,6 +115,14 @@ pub enum CommitRequest {
         trims: Vec<TrimRecord>,
         reply: oneshot::Sender<Result<TrimCommitted>>,
     },
+    /// Replaces a partition's first unarchived batches by an archive
+    /// object; answers whether the log took it.
+    Archive {
+        archive: ArchiveRecord,
+        /// When its upload began (the object is at most this old).
+        uploaded_at: RetryClock,
+        reply: oneshot::Sender<Result<bool>>,
+    },
     /// Reads the log to its head (a linearizable read) and answers the
     /// last applied entry: everything committed before the request is
     /// then known to this broker.
@@ -127,6 +139,7 @@ impl CommitRequest {
             }
             CommitRequest::Epoch { .. } | CommitRequest::Sync { .. } => 0,
             CommitRequest::Trim { trims, .. } => trims.len(),
+            CommitRequest::Archive { .. } => 1,
         }
     }
 
@@ -139,6 +152,9 @@ impl CommitRequest {
                 let _ = reply.send(Err(e));
             }
             CommitRequest::Trim { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            CommitRequest::Archive { reply, .. } => {
                 let _ = reply.send(Err(e));
             }
             CommitRequest::Sync { reply } => {
@@ -171,6 +187,9 @@ pub struct IndexUpdate {
     /// The partition's topic is deleted and nothing of it is left: the
     /// shard drops the partition's index.
     pub forget: bool,
+    /// `batches` is one archive object, which replaces the batches over
+    /// its offsets (already in the index) instead of following them.
+    pub archived: bool,
 }
 
 /// Where index updates go: the shard that owns each partition. Every
@@ -241,6 +260,8 @@ pub struct Committer {
     state: LogState,
     sink: Arc<dyn IndexSink>,
     lifecycle: Option<Lifecycle>,
+    /// Writes archive objects for the partitions this broker archives.
+    archiver: Option<Archiver>,
     /// Segments sealed longer ago than this are never sent to the log.
     max_commit_age: Option<Duration>,
     /// Written into each entry (0: the log's default).
@@ -272,6 +293,7 @@ impl Committer {
             state: LogState::default(),
             sink,
             lifecycle: None,
+            archiver: None,
             max_commit_age: None,
             producer_expiration_ms: 0,
             fence: None,
@@ -301,6 +323,13 @@ impl Committer {
     /// other half for a request that is already on its way.
     pub fn with_max_commit_age(mut self, age: Duration) -> Self {
         self.max_commit_age = Some(age);
+        self
+    }
+
+    /// Makes this committer archive the partitions that fall to its broker
+    /// (needs [`Self::with_lifecycle`] for membership and topics).
+    pub fn with_archiver(mut self, archiver: Archiver) -> Self {
+        self.archiver = Some(archiver);
         self
     }
 
@@ -703,6 +732,12 @@ impl Committer {
         let mut cleanup_tick = tokio::time::interval(cleanup_every);
         cleanup_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_sweep: Option<Instant> = None;
+        let archive_every = self
+            .archiver
+            .as_ref()
+            .map_or(Duration::from_secs(3600), Archiver::interval);
+        let mut archive_tick = tokio::time::interval(archive_every);
+        archive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if let Some(first) = self.carry.take() {
                 self.serve_group(first, &requests).await;
@@ -729,6 +764,7 @@ impl Committer {
                 _ = cleanup_tick.tick(), if self.lifecycle.is_some() => {
                     self.cleanup(&mut last_sweep).await;
                 }
+                _ = archive_tick.tick(), if self.archiver.is_some() => self.archive_turn(),
             }
         }
     }
@@ -796,6 +832,14 @@ impl Committer {
                 }
                 CommitRequest::Epoch { epoch, .. } => commit.epochs.push(*epoch),
                 CommitRequest::Trim { trims, .. } => commit.trims.extend_from_slice(trims),
+                CommitRequest::Archive {
+                    archive,
+                    uploaded_at,
+                    ..
+                } => {
+                    commit.archives.push(archive.clone());
+                    sealed = Some(sealed.map_or(*uploaded_at, |t| t.min(*uploaded_at)));
+                }
                 CommitRequest::Sync { .. } => {}
             }
         }
@@ -836,6 +880,12 @@ impl Committer {
                         })
                         .collect();
                     let _ = reply.send(Ok(TrimCommitted { seq, log_starts }));
+                }
+                CommitRequest::Archive { archive, reply, .. } => {
+                    // Taken exactly when the log now references it (a key
+                    // is never reused, and nothing releases it this soon).
+                    let taken = self.state.refs().is_referenced(&archive.key);
+                    let _ = reply.send(Ok(taken));
                 }
                 CommitRequest::Sync { reply } => {
                     let _ = reply.send(Ok(seq));

@@ -10,11 +10,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use floe_meta::schema::{CommitRecord, TrimRecord};
+use floe_meta::schema::{ArchiveRecord, CommitRecord, TrimRecord};
 
 use super::snapshot::{IndexedBatch, Snapshot};
 use super::{CommittedBatch, IndexUpdate, SegmentOutcomes};
-use crate::retention::{RetentionPlanner, RetentionPolicy, SegmentRefs, StoredBatch};
+use crate::retention::{
+    is_archive_key, RetentionPlanner, RetentionPolicy, SegmentRefs, StoredBatch,
+};
 use crate::sequencer::{BatchOutcome, Sequencer};
 use crate::PartitionKey;
 
@@ -27,6 +29,8 @@ pub struct Applied {
     pub outcomes: Vec<SegmentOutcomes>,
     /// For the shards that own the partitions, in the order to apply them.
     pub updates: Vec<IndexUpdate>,
+    /// Whether each of the entry's archives took effect.
+    pub archived: Vec<bool>,
 }
 
 /// Everything derived from the log up to [`LogState::applied`]: offsets
@@ -203,15 +207,132 @@ impl LogState {
                         })
                         .collect(),
                     forget: false,
+                    archived: false,
                 });
             }
         }
+        let archived = commit
+            .archives
+            .iter()
+            .map(|a| self.apply_archive(seq, a, now, &mut updates))
+            .collect();
         self.apply_trims(seq, &commit.trims, now, &mut updates);
         Applied {
             seq,
             outcomes,
             updates,
+            archived,
         }
+    }
+
+    /// Where the batches of `entries` not yet archived begin: archives are
+    /// always a prefix of a partition's index.
+    fn first_unarchived(&self, entries: &[IndexedBatch]) -> usize {
+        entries.partition_point(|e| {
+            self.segments
+                .get(e.segment as usize)
+                .is_some_and(|k| is_archive_key(k))
+        })
+    }
+
+    /// The batches of `tp` not yet in an archive object, oldest first,
+    /// with their segment keys: what an archiver rewrites next.
+    pub fn unarchived(
+        &self,
+        tp: &PartitionKey,
+    ) -> impl Iterator<Item = (&IndexedBatch, &Arc<str>)> {
+        let entries = self.batches(tp);
+        let from = self.first_unarchived(entries);
+        entries[from..]
+            .iter()
+            .filter_map(|e| Some((e, self.segments.get(e.segment as usize)?)))
+    }
+
+    /// Every partition with an index, in key order.
+    pub fn partitions(&self) -> impl Iterator<Item = &PartitionKey> {
+        self.index.keys()
+    }
+
+    /// Replaces the first batches of a partition not yet archived by the
+    /// archive `a`, if they are exactly the ones it holds (see
+    /// [`ArchiveRecord`]); whether it did. Their segments lose those
+    /// references (and are released when nothing else holds them).
+    fn apply_archive(
+        &mut self,
+        seq: u64,
+        a: &ArchiveRecord,
+        now: SystemTime,
+        updates: &mut Vec<IndexUpdate>,
+    ) -> bool {
+        let tp = PartitionKey {
+            topic_id: a.topic_id,
+            partition: a.partition,
+        };
+        let (Ok(records), Ok(len)) = (
+            u32::try_from(a.end_offset.saturating_sub(a.base_offset)),
+            u32::try_from(a.size),
+        ) else {
+            return false;
+        };
+        if records == 0 || !is_archive_key(&a.key) || self.refs.is_known(&a.key) {
+            return false;
+        }
+        let Some(entries) = self.index.get(&tp) else {
+            return false;
+        };
+        let from = self.first_unarchived(entries);
+        let rest = &entries[from..];
+        if rest.first().map(|e| e.base_offset) != Some(a.base_offset) {
+            return false;
+        }
+        let to = rest.partition_point(|e| e.end_offset() < a.end_offset);
+        if rest.get(to).map(IndexedBatch::end_offset) != Some(a.end_offset) {
+            return false;
+        }
+        let key: Arc<str> = Arc::from(a.key.as_str());
+        let id = self.segment_id(&key);
+        let Some(entries) = self.index.get_mut(&tp) else {
+            return false;
+        };
+        let replaced: Vec<IndexedBatch> = entries.drain(from..=from + to).collect();
+        let max_ts = replaced.iter().map(|e| e.max_ts).max().unwrap_or(-1);
+        let archive = IndexedBatch {
+            base_offset: a.base_offset,
+            records,
+            max_ts,
+            segment: id,
+            pos: 0,
+            len,
+        };
+        entries.insert(from, archive);
+        let mut by_segment: BTreeMap<u32, u64> = BTreeMap::new();
+        for e in &replaced {
+            *by_segment.entry(e.segment).or_default() += 1;
+        }
+        self.refs.hold(&key, 1);
+        for (seg, n) in by_segment {
+            if let Some(k) = self.segments.get(seg as usize) {
+                self.refs.release(k, n, seq, now);
+            }
+        }
+        updates.push(IndexUpdate {
+            seq,
+            tp,
+            log_start: self.sequencer.log_start(&tp),
+            segment: key,
+            batches: vec![CommittedBatch {
+                pos: 0,
+                len,
+                records,
+                max_ts,
+                outcome: BatchOutcome::Appended {
+                    base_offset: a.base_offset,
+                },
+            }],
+            forget: false,
+            archived: true,
+        });
+        true
     }
 
     /// After the sequencer applied entry `seq`'s trims: drops the batches
@@ -259,6 +380,7 @@ impl LogState {
                 batches: Vec::new(),
                 log_start,
                 forget,
+                archived: false,
             });
         }
     }
@@ -327,6 +449,7 @@ impl LogState {
                     batches: Vec::new(),
                     log_start: first,
                     forget: false,
+                    archived: false,
                 });
             }
             // One update per run of batches in the same segment.
@@ -361,6 +484,7 @@ impl LogState {
                         .collect(),
                     log_start,
                     forget: false,
+                    archived: false,
                 });
             }
         }
@@ -433,7 +557,7 @@ impl LogState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use floe_meta::schema::{BatchRecord, ChunkRecord, SegmentRecord};
+    use floe_meta::schema::{ArchiveRecord, BatchRecord, ChunkRecord, SegmentRecord};
     use std::time::Duration;
 
     fn tp(p: u32) -> PartitionKey {
@@ -498,6 +622,7 @@ mod tests {
                         chunks,
                     }],
                     epochs: Vec::new(),
+                    archives: Vec::new(),
                     trims,
                     at_ms: 0,
                     producer_expiration_ms: 0,
@@ -574,6 +699,7 @@ mod tests {
                 }],
             }],
             epochs: Vec::new(),
+            archives: Vec::new(),
             trims,
             at_ms: 0,
             producer_expiration_ms: 0,
@@ -673,6 +799,106 @@ mod tests {
         assert!(s.snapshot().index.is_empty());
         assert!(!s.sequencer.knows(&tp(0)) && !s.sequencer.knows(&tp(1)));
         assert!(turn(&mut s, &HashMap::new()).0.is_empty(), "nothing left");
+    }
+
+    fn archive(p: u32, key: &str, base_offset: u64, end_offset: u64) -> CommitRecord {
+        CommitRecord {
+            archives: vec![ArchiveRecord {
+                topic_id: tp(p).topic_id,
+                partition: p,
+                key: key.into(),
+                size: 1000,
+                base_offset,
+                end_offset,
+            }],
+            ..CommitRecord::default()
+        }
+    }
+
+    #[test]
+    fn an_archive_replaces_the_first_unarchived_batches_it_matches_and_no_others() {
+        let now = SystemTime::UNIX_EPOCH;
+        let mut s = LogState::default();
+        // Partition 0 gets offsets 0..6 in six segments.
+        for i in 1..=6u64 {
+            s.apply(i, &single(i, 0, Vec::new()), now);
+        }
+        let mut seq = 6;
+        let mut try_archive = |s: &mut LogState, key: &str, from: u64, to: u64| {
+            seq += 1;
+            s.apply(seq, &archive(0, key, from, to), now).archived[0]
+        };
+        // Not from the first batch, past the end, not a batch boundary,
+        // empty, or not under archives/: ignored.
+        assert!(!try_archive(&mut s, "archives/x", 1, 3));
+        assert!(!try_archive(&mut s, "archives/x", 0, 7));
+        assert!(!try_archive(&mut s, "archives/x", 0, 0));
+        assert!(!try_archive(&mut s, "segments/x", 0, 3));
+        assert_eq!(s.batches(&tp(0)).len(), 6);
+        assert!(try_archive(&mut s, "archives/a", 0, 3));
+        // The same key again, or a range already archived: ignored.
+        assert!(!try_archive(&mut s, "archives/a", 3, 4));
+        assert!(!try_archive(&mut s, "archives/b", 0, 3));
+        assert!(try_archive(&mut s, "archives/b", 3, 5));
+        let b = s.batches(&tp(0));
+        assert_eq!(
+            b.iter()
+                .map(|e| (e.base_offset, e.end_offset()))
+                .collect::<Vec<_>>(),
+            vec![(0, 3), (3, 5), (5, 6)]
+        );
+        assert_eq!(b[0].max_ts, 3, "the newest of the batches it replaced");
+        assert_eq!(s.unarchived(&tp(0)).count(), 1);
+        // The segments it replaced are released; the archives are held.
+        for i in 1..=5u64 {
+            assert!(!s.refs().is_referenced(&format!("segments/{i:06}")));
+            assert!(s.refs().is_known(&format!("segments/{i:06}")));
+        }
+        assert!(s.refs().is_referenced("archives/a") && s.refs().is_referenced("segments/000006"));
+        // A snapshot carries the archives, and a loaded state continues.
+        let (loaded, updates) = LogState::load(s.snapshot(), now);
+        assert_eq!(loaded.snapshot(), s.snapshot());
+        assert!(updates.iter().any(|u| &*u.segment == "archives/b"));
+        // Retention drops a whole archive only once it is wholly expired.
+        seq += 1;
+        let trim = |log_start| CommitRecord {
+            trims: vec![TrimRecord {
+                topic_id: tp(0).topic_id,
+                partition: 0,
+                log_start,
+                forget: false,
+            }],
+            ..CommitRecord::default()
+        };
+        s.apply(seq, &trim(2), now);
+        assert!(s.refs().is_referenced("archives/a"));
+        seq += 1;
+        s.apply(seq, &trim(3), now);
+        assert!(!s.refs().is_referenced("archives/a"));
+        assert_eq!(s.batches(&tp(0))[0].base_offset, 3);
+    }
+
+    #[test]
+    fn an_archive_that_lost_to_a_trim_is_ignored() {
+        let now = SystemTime::UNIX_EPOCH;
+        let mut s = LogState::default();
+        for i in 1..=4u64 {
+            s.apply(i, &single(i, 1, Vec::new()), now);
+        }
+        let trim = CommitRecord {
+            trims: vec![TrimRecord {
+                topic_id: tp(1).topic_id,
+                partition: 1,
+                log_start: 2,
+                forget: false,
+            }],
+            ..CommitRecord::default()
+        };
+        s.apply(5, &trim, now);
+        // Planned before the trim: from offset 0, which is gone.
+        assert!(!s.apply(6, &archive(1, "archives/late", 0, 3), now).archived[0]);
+        assert!(s.apply(7, &archive(1, "archives/now", 2, 4), now).archived[0]);
+        assert!(!s.refs().is_known("archives/late"));
     }
 
     #[test]

@@ -1,0 +1,114 @@
+"""The long-term log: committed batches rewritten into per-partition archive
+objects, the switch committed through the log, intake segments deleted once
+nothing references them, retention per topic by whole archive objects.
+
+Each test runs on the local directory store and on moto's S3 server. The
+archive target is small (16 KiB) and the maximum age one second, so a few
+thousand records make several archives per partition."""
+
+from __future__ import annotations
+
+import time
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from floe_clients import (
+    consume_partitions,
+    consumer_conf,
+    create_topic,
+    ends_from_delivery,
+    gen_records,
+    produce_records,
+    producer_conf,
+    verify,
+    watermarks,
+)
+from test_lifecycle import FAST_CLEANUP, HOUR_MS, metric, moto, store, wait_for  # noqa: F401
+
+ARCHIVE_FAST = dict(FAST_CLEANUP, archive_target_bytes=16 << 10, archive_max_age_secs=1)
+
+
+def offsets_for_times(bootstrap, topic, partition, timestamps):
+    """One request per timestamp: a request names a partition once."""
+    c = Consumer(consumer_conf(bootstrap))
+    try:
+        return [c.offsets_for_times([TopicPartition(topic, partition, ts)], timeout=10)[0].offset
+                for ts in timestamps]
+    finally:
+        c.close()
+
+
+def test_archived_partitions_read_back_whole_and_their_intake_segments_go(store, topic_name):
+    broker = store.start(**ARCHIVE_FAST)
+    create_topic(broker.bootstrap, topic_name, 2)
+    records = gen_records(4000, seed=61, ts_base=int(time.time() * 1000) - 60_000)
+    producer = Producer(producer_conf(broker.bootstrap, **{"linger.ms": 5}))
+    delivered = produce_records(producer, topic_name, records, partition_of=lambda i: i % 2)
+    ends = ends_from_delivery(delivered)
+    intake = store.keys("segments/")
+    assert intake, "no intake segments written"
+
+    # Every batch moves into archives; then no intake segment is referenced,
+    # and after the delete grace none is left.
+    wait_for("intake segments archived and deleted", lambda: not (store.keys("segments/") & intake),
+             state=lambda: "archives=%d segments=%d" % (len(store.keys("archives/")),
+                                                        len(store.keys("segments/"))))
+    archives = store.keys("archives/")
+    assert len(archives) >= 4, archives
+    assert metric(broker, "floe_archives_written_total") >= len(archives)
+    assert all(k.split("/")[2] in ("0", "1") for k in archives), archives
+
+    # Read from the beginning: every record at its acknowledged offset, now
+    # served from archive objects.
+    seen = consume_partitions(broker.bootstrap, topic_name, ends)
+    verify(records, delivered, seen)
+    # A timestamp inside an archive finds the first record at or after it.
+    by_partition = {}
+    for i, (p, off) in enumerate(delivered):
+        by_partition.setdefault(p, []).append((off, records[i].ts))
+    for p, rows in by_partition.items():
+        rows.sort()
+        picks = [rows[len(rows) // 3], rows[len(rows) * 2 // 3]]
+        got = offsets_for_times(broker.bootstrap, topic_name, p, [ts for _, ts in picks])
+        assert got == [off for off, _ in picks], (p, picks, got)
+
+    # A restart loads the archives from the snapshot and the log.
+    broker.restart()
+    assert watermarks(broker.bootstrap, topic_name, [0, 1]) == {p: (0, ends[p]) for p in (0, 1)}
+    seen = consume_partitions(broker.bootstrap, topic_name, ends)
+    verify(records, delivered, seen)
+    assert metric(broker, "floe_fetch_read_errors_total") == 0
+
+
+def test_short_retention_leaves_the_bucket_though_it_shared_segments(store, topic_name):
+    """Two topics written by one producer share every intake segment. The
+    short-retention topic's records expire at once; its bytes must leave
+    the bucket within retention plus the archiving delay, although the
+    long-retention topic keeps the segments' other half."""
+    broker = store.start(**ARCHIVE_FAST)
+    short, long_ = topic_name + "-short", topic_name + "-long"
+    create_topic(broker.bootstrap, short, 1, config={"retention.ms": str(HOUR_MS // 2)})
+    create_topic(broker.bootstrap, long_, 1)
+    producer = Producer(producer_conf(broker.bootstrap, **{"linger.ms": 20}))
+    old = gen_records(2000, seed=71, ts_base=int(time.time() * 1000) - HOUR_MS)
+    keep = gen_records(2000, seed=72, ts_base=int(time.time() * 1000))
+    # Interleaved, so each flush holds both topics.
+    kept = []
+    for i in range(0, 2000, 100):
+        produce_records(producer, short, old[i:i + 100])
+        kept += produce_records(producer, long_, keep[i:i + 100])
+    intake = store.keys("segments/")
+    assert intake
+
+    def archived_topics():
+        return {k.split("/")[1] for k in store.keys("archives/")}
+
+    wait_for("the short topic's log start at its end",
+             lambda: watermarks(broker.bootstrap, short, [0])[0] == (2000, 2000))
+    wait_for("every shared intake segment deleted", lambda: not (store.keys("segments/") & intake))
+    # Archives of the short topic (if it was archived before it expired)
+    # go too: one topic's archives are left.
+    wait_for("only the long topic's archives left", lambda: len(archived_topics()) == 1,
+             state=lambda: str(archived_topics()))
+    seen = consume_partitions(broker.bootstrap, long_, {0: 2000})
+    verify(keep, kept, seen)
