@@ -32,6 +32,9 @@ use crate::{Engine, Error, PartitionKey, Result};
 /// Bytes of decoded archive footers a shard keeps (about 48 bytes per
 /// batch: a 64 MiB archive of 16 KiB batches has a 200 KB footer).
 pub const FOOTER_CACHE_BYTES: usize = 16 << 20;
+/// A read that misses the cache inside an archive object reads this far
+/// ahead in the same GET (see `read_indexed`).
+pub const ARCHIVE_READ_AHEAD_BYTES: usize = 8 << 20;
 /// The tail of an archive read first for its footer: the trailer and, for
 /// most objects, the whole footer in one GET.
 const FOOTER_PROBE_BYTES: u64 = 64 << 10;
@@ -896,24 +899,60 @@ impl Shard {
             (entries, hwm, log_start)
         };
         let mut entries = entries;
+        let mut wanted = entries.len();
         if let Some(archive) = entries.pop_if(|e| is_archive_key(&e.segment)) {
+            wanted -= 1;
             let spent = entries.iter().map(|e| e.len as usize).sum();
             match self.footer(&archive).await {
-                Ok(footer) => entries.extend(archived_batches(
-                    &footer,
-                    &archive.segment,
-                    req.offset.max(archive.base_offset),
-                    spent,
-                    req.max_bytes,
-                    entries.is_empty(),
-                )),
+                Ok(footer) => {
+                    let from = req.offset.max(archive.base_offset);
+                    let answer = archived_batches(
+                        &footer,
+                        &archive.segment,
+                        from,
+                        spent,
+                        req.max_bytes,
+                        entries.is_empty(),
+                    );
+                    wanted += answer.len();
+                    // Read-ahead: a read that misses the cache inside an
+                    // archive also fetches the batches after its answer,
+                    // in the same GET, into the cache; a consumer catching
+                    // up then costs a GET per ARCHIVE_READ_AHEAD_BYTES, not
+                    // one per fetch.
+                    let missed = answer
+                        .first()
+                        .is_some_and(|e| self.cache.borrow().get(&e.segment, e.pos).is_none());
+                    let ahead = if missed {
+                        let run: usize = answer.iter().map(|e| e.len as usize).sum();
+                        let next = answer.last().map_or(from, IndexEntry::next_offset);
+                        archived_batches(
+                            &footer,
+                            &archive.segment,
+                            next,
+                            run,
+                            ARCHIVE_READ_AHEAD_BYTES,
+                            false,
+                        )
+                        .into_iter()
+                        .filter(|e| e.base_offset >= next)
+                        .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    entries.extend(answer);
+                    entries.extend(ahead);
+                }
                 Err(e) if entries.is_empty() => return Err(self.read_failed(req, e)),
                 // The batches before it are an answer (a prefix).
                 Err(e) => tracing::debug!(error = %e, "reading an archive's footer failed"),
             }
         }
         let data = match self.load(&entries).await {
-            Ok(data) => data,
+            Ok(mut data) => {
+                data.truncate(wanted);
+                data
+            }
             Err(e) => return Err(self.read_failed(req, e)),
         };
         let mut parts = Vec::with_capacity(2 * data.len());

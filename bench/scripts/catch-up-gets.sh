@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Object-store GETs per GiB read back by a consumer that starts at the
+# beginning, from intake segments or from archive objects: produce about
+# 1 GiB to 8 partitions, let the archiving job run (or not), restart the
+# broker (empty read cache), consume everything with kcat (librdkafka's
+# default 1 MiB per partition per fetch) and count the fetch GETs.
+#
+#   bench/scripts/catch-up-gets.sh [FLOE_BIN] [ARCHIVE_TARGET_BYTES] [SECONDS]
+#
+# ARCHIVE_TARGET_BYTES 0 turns archiving off (every batch read from its
+# intake segment). Needs target/release/floe-bench and kcat. Listens on
+# free loopback ports; the broker it starts is stopped by its PID.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+floe=${1:-$root/target/release/floe}
+target=${2:-67108864}
+secs=${3:-4}
+bench=${FLOE_BENCH_BIN:-$root/target/release/floe-bench}
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+dir=$(mktemp -d /tmp/floe-gets.XXXXXX)
+port=$(free_port); admin=$(free_port)
+pid=
+trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$dir"' EXIT
+start() {
+  "$floe" serve --data-dir "$dir/data" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
+    --num-partitions 8 --archive-target-bytes "$target" --archive-max-age-secs 5 \
+    --cleanup-interval-secs 2 --delete-grace-secs 2 >> "$dir/floe.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+}
+metric() { curl -s "127.0.0.1:$admin/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
+gets() { curl -s "127.0.0.1:$admin/metrics" | awk '/^floe_objstore_requests_total\{/ && /purpose="fetch"/ && /op="get"/ {s += $2} END {print s + 0}'; }
+start
+"$bench" --bootstrap "127.0.0.1:$port" --partitions 8 --connections 2 --record-size 1024 --acks -1 \
+  --warmup 0 --duration "$secs" --topic-prefix gets > /dev/null
+produced=$(metric floe_produce_payload_bytes_total)
+if [ "$target" != 0 ]; then
+  # Until every intake segment is archived and deleted.
+  for _ in $(seq 120); do
+    sleep 1
+    [ -z "$(find "$dir/data/objects/segments" -type f 2>/dev/null | head -1)" ] && break
+  done
+fi
+archives=$( (find "$dir/data/objects/archives" -type f 2>/dev/null || true) | wc -l)
+segments=$( (find "$dir/data/objects/segments" -type f 2>/dev/null || true) | wc -l)
+kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+start
+before=$(gets)
+t0=$(date +%s.%N)
+kcat -C -b "127.0.0.1:$port" -t gets-0 -o beginning -e -q -f '' 2>/dev/null
+t1=$(date +%s.%N)
+after=$(gets)
+fetched=$(metric floe_fetch_bytes_total)
+python3 - "$produced" "$fetched" "$before" "$after" "$archives" "$segments" "$t0" "$t1" "$target" <<'PY'
+import sys
+produced, fetched, before, after, archives, segments, t0, t1, target = sys.argv[1:]
+gib = float(fetched) / 2**30
+print("archive target %s B: %.2f GiB produced, %s archive objects and %s intake segments before the restart; "
+      "read back %.2f GiB in %.1f s with %d GETs: %.0f GETs per GiB"
+      % (target, float(produced) / 2**30, archives, segments, gib, float(t1) - float(t0),
+         float(after) - float(before), (float(after) - float(before)) / gib if gib else float("nan")))
+PY
