@@ -13,7 +13,9 @@
 //! - every acknowledged batch is in the log at its acknowledged offset, once;
 //! - each producer's batches keep their order within a partition;
 //! - a request answered with an error is not in the log;
-//! - what the committers sent to their shards builds the same index.
+//! - what the committers sent to their shards builds the same index;
+//! - an archive the log took holds exactly the batches it replaced, and
+//!   its object is never swept.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -23,7 +25,7 @@ use floe_engine::committer::{CommitRequest, Committer, IndexSink, IndexUpdate, S
 use floe_engine::sequencer::BatchOutcome;
 use floe_engine::{retention, PartitionKey};
 use floe_meta::faulty::Rng;
-use floe_meta::schema::{BatchRecord, ChunkRecord, SegmentRecord};
+use floe_meta::schema::{ArchiveRecord, BatchRecord, ChunkRecord, SegmentRecord};
 use floe_meta::{Embedded, FaultyMeta, MetaFaults, MetaStore};
 use floe_objstore::{Memory, ObjectMeta, ObjectStore};
 use futures::channel::oneshot;
@@ -80,6 +82,9 @@ struct Schedule {
     /// is, between upload and commit or mid-transaction) and restarts from
     /// the snapshot and the log, as a broker killed with -9 does.
     crashes: u32,
+    /// An archiver rewrites the first unarchived batches of a partition
+    /// now and then, committing through the first committer.
+    archiver: bool,
 }
 
 impl Schedule {
@@ -97,6 +102,7 @@ impl Schedule {
             orphan_grace: None,
             log_window: None,
             crashes: 0,
+            archiver: false,
         }
     }
 }
@@ -128,6 +134,12 @@ struct Acks {
     epoch_bumps: u64,
     /// Requests answered "outcome unknown".
     unknown: u64,
+    /// The batches each archive object was planned with: (base offset,
+    /// segment key and position).
+    archived: HashMap<String, Vec<(u64, (String, u64))>>,
+    /// Archive entries the log took, and archives tried.
+    archives_taken: u64,
+    archives_tried: u64,
 }
 
 const RECORDS_PER_BATCH_MAX: u64 = 4;
@@ -495,9 +507,13 @@ async fn sweep(
             continue;
         }
         let known = owner.state().refs().known_keys();
-        let Ok(listing) = store.list(retention::SEGMENTS_PREFIX).await else {
+        let (Ok(mut listing), Ok(archives)) = (
+            store.list(retention::SEGMENTS_PREFIX).await,
+            store.list(retention::ARCHIVES_PREFIX).await,
+        ) else {
             continue;
         };
+        listing.extend(archives);
         let listing: Vec<ObjectMeta> = {
             let a = lock(&acks);
             listing
@@ -516,6 +532,83 @@ async fn sweep(
             if store.delete(&key).await.is_ok() {
                 deleted += 1;
             }
+        }
+    }
+}
+
+/// The archiving job, on the sim's clock: now and then it plans an
+/// archive of a partition's first unarchived batches from a committer of
+/// its own (perhaps behind the log), uploads it and asks `requests` (the
+/// first committer, which may crash and lose the reply) to commit it.
+async fn archive_now_and_then(
+    meta: Arc<dyn MetaStore>,
+    store: Arc<dyn ObjectStore>,
+    acks: Arc<Mutex<Acks>>,
+    requests: flume::Sender<CommitRequest>,
+    s: Schedule,
+    done: Arc<tokio::sync::Notify>,
+) {
+    let mut rng = Rng(s.seed ^ 0xa5c1_1e00);
+    let mut planner = Committer::new(meta, store.clone(), Arc::new(Recorder::default()));
+    for n in 0u64.. {
+        tokio::select! {
+            _ = done.notified() => return,
+            _ = tokio::time::sleep(Duration::from_millis(10 + rng.below(100))) => {}
+        }
+        if planner.catch_up().await.is_err() {
+            continue;
+        }
+        let tp = PartitionKey {
+            topic_id: topic(),
+            partition: rng.below(u64::from(s.partitions)) as u32,
+        };
+        let take = 1 + rng.below(5) as usize;
+        let batches: Vec<(u64, u64, String, u64, u32)> = planner
+            .state()
+            .unarchived(&tp)
+            .take(take)
+            .map(|(b, key)| (b.base_offset, b.end_offset(), key.to_string(), b.pos, b.len))
+            .collect();
+        let (Some(first), Some(last)) = (batches.first(), batches.last()) else {
+            continue;
+        };
+        let key = format!("{}{}-{n}", retention::ARCHIVES_PREFIX, s.seed);
+        let size: u64 = batches.iter().map(|b| u64::from(b.4)).sum::<u64>() + 32;
+        let archive = ArchiveRecord {
+            topic_id: tp.topic_id,
+            partition: tp.partition,
+            key: key.clone(),
+            size,
+            base_offset: first.0,
+            end_offset: last.1,
+        };
+        let uploaded_at = tokio::time::Instant::now();
+        {
+            let mut a = lock(&acks);
+            a.archived.insert(
+                key.clone(),
+                batches.iter().map(|b| (b.0, (b.2.clone(), b.3))).collect(),
+            );
+            a.uploaded.insert(key.clone(), uploaded_at);
+            a.archives_tried += 1;
+        }
+        if store
+            .put(&key, vec![bytes::Bytes::from(vec![0u8; size as usize])])
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        let (reply, answer) = oneshot::channel();
+        let sent = requests
+            .send_async(CommitRequest::Archive {
+                archive,
+                uploaded_at,
+                reply,
+            })
+            .await;
+        if sent.is_ok() && matches!(answer.await, Ok(Ok(true))) {
+            lock(&acks).archives_taken += 1;
         }
     }
 }
@@ -596,6 +689,8 @@ async fn run_schedule(s: Schedule) -> Result<String, String> {
     let mut running = Vec::new();
     let mut producers = Vec::new();
     let mut recorders = Vec::new();
+    let archive_done = Arc::new(tokio::sync::Notify::new());
+    let mut archiver = None;
     for c in 0..s.committers {
         let faults = match s.lagger {
             Some(f) if c + 1 == s.committers => f,
@@ -609,6 +704,16 @@ async fn run_schedule(s: Schedule) -> Result<String, String> {
             },
         ));
         let (tx, rx) = flume::bounded(64);
+        if c == 0 && s.archiver {
+            archiver = Some(tokio::spawn(archive_now_and_then(
+                base.clone(),
+                store.clone(),
+                acks.clone(),
+                tx.clone(),
+                s,
+                archive_done.clone(),
+            )));
+        }
         let crashes = if c == 0 { s.crashes } else { 0 };
         running.push(tokio::spawn(supervise(meta, store.clone(), s, rx, crashes)));
         for p in 0..s.producers_per_committer {
@@ -624,6 +729,11 @@ async fn run_schedule(s: Schedule) -> Result<String, String> {
     for p in producers {
         p.await.map_err(|e| e.to_string())??;
     }
+    // The first committer's queue closes once the archiver lets go of it.
+    archive_done.notify_one();
+    if let Some(a) = archiver {
+        a.await.map_err(|e| e.to_string())?;
+    }
     let mut committers = Vec::new();
     let mut restarts = 0;
     for r in running {
@@ -633,18 +743,27 @@ async fn run_schedule(s: Schedule) -> Result<String, String> {
         recorders.push(recorder);
         restarts += n;
     }
+    // Let the sweep judge every object once more, all of them past the
+    // grace: one the log references but does not know would go now.
+    if let Some(grace) = s.orphan_grace {
+        tokio::time::sleep(grace * 2).await;
+    }
     sweep_done.notify_one();
     let swept = match sweeper {
         Some(t) => t.await.map_err(|e| e.to_string())?,
         None => 0,
     };
-    let present: HashSet<String> = store
-        .list(retention::SEGMENTS_PREFIX)
-        .await
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .map(|m| m.key)
-        .collect();
+    let mut present: HashSet<String> = HashSet::new();
+    for prefix in [retention::SEGMENTS_PREFIX, retention::ARCHIVES_PREFIX] {
+        present.extend(
+            store
+                .list(prefix)
+                .await
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|m| m.key),
+        );
+    }
     let acks = lock(&acks);
     let summary = check(&committers, &recorders, &acks, &present, s)?;
     let reloads: u64 = recorders
@@ -652,8 +771,8 @@ async fn run_schedule(s: Schedule) -> Result<String, String> {
         .map(|r| r.reloads.load(std::sync::atomic::Ordering::Relaxed))
         .sum();
     Ok(format!(
-        "{summary}, {swept} orphans swept, {reloads} snapshot reloads, {} outcomes unknown, {restarts} crashes",
-        acks.unknown
+        "{summary}, {swept} orphans swept, {reloads} snapshot reloads, {} outcomes unknown, {restarts} crashes, {} of {} archives taken",
+        acks.unknown, acks.archives_taken, acks.archives_tried
     ))
 }
 
@@ -698,38 +817,56 @@ fn check(
                 ));
             }
             expected = b.end_offset();
-            let key = reference
+            let object = reference
                 .segments
                 .get(b.segment as usize)
                 .ok_or_else(|| format!("segment {} not listed", b.segment))?;
-            let id = *acks
-                .placed
-                .get(&(key.clone(), b.pos))
-                .ok_or_else(|| format!("{key}@{} was never sent", b.pos))?;
-            if !present.contains(key) {
+            if !present.contains(object) {
                 return Err(format!(
-                    "{id:?} is in the log at {}, but its object {key} was deleted",
+                    "offset {} is in the log, but its object {object} was deleted",
                     b.base_offset
                 ));
             }
-            if acks.failed_keys.contains(key) {
-                return Err(format!(
-                    "{id:?} is in the log at {}, although its request ({key}) was answered with an error",
-                    b.base_offset
-                ));
-            }
-            if !seen.insert(id) {
-                return Err(format!("{id:?} is in partition {partition} twice"));
-            }
-            if let Some(prev) = last_idx.insert((id.producer, partition), id.idx) {
-                if prev >= id.idx {
+            // An archive stands for the batches it was planned with.
+            let held: Vec<(u64, (String, u64))> = if retention::is_archive_key(object) {
+                let planned = acks
+                    .archived
+                    .get(object)
+                    .ok_or_else(|| format!("archive {object} was never written"))?;
+                if planned.first().map(|p| p.0) != Some(b.base_offset) {
                     return Err(format!(
-                        "{id:?} at {} follows the producer's batch {prev}: producer order broken",
-                        b.base_offset
+                        "archive {object} is in the log at {}, but was planned from {:?}",
+                        b.base_offset,
+                        planned.first()
                     ));
                 }
+                planned.clone()
+            } else {
+                vec![(b.base_offset, (object.clone(), b.pos))]
+            };
+            for (base_offset, (key, pos)) in &held {
+                let (base_offset, key) = (*base_offset, key);
+                let id = *acks
+                    .placed
+                    .get(&(key.clone(), *pos))
+                    .ok_or_else(|| format!("{key}@{pos} was never sent"))?;
+                if acks.failed_keys.contains(key) {
+                    return Err(format!(
+                    "{id:?} is in the log at {base_offset}, although its request ({key}) was answered with an error"
+                ));
+                }
+                if !seen.insert(id) {
+                    return Err(format!("{id:?} is in partition {partition} twice"));
+                }
+                if let Some(prev) = last_idx.insert((id.producer, partition), id.idx) {
+                    if prev >= id.idx {
+                        return Err(format!(
+                        "{id:?} at {base_offset} follows the producer's batch {prev}: producer order broken"
+                    ));
+                    }
+                }
+                at_offset.insert((partition, base_offset), id);
             }
-            at_offset.insert((partition, b.base_offset), id);
         }
     }
     for (id, offset) in &acks.offsets {
@@ -749,12 +886,28 @@ fn check(
     }
     // What each committer told its shards builds the same index.
     for (i, r) in recorders.iter().enumerate() {
-        let mut index: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        // Base offset -> records, per partition; an archive replaces the
+        // batches over its range, as a shard's index does.
+        let mut index: BTreeMap<u32, BTreeMap<u64, u32>> = BTreeMap::new();
         for u in r.updates.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let offsets = index.entry(u.tp.partition).or_default();
             for b in &u.batches {
                 if let BatchOutcome::Appended { base_offset } = b.outcome {
-                    offsets.push(base_offset);
+                    if u.archived {
+                        let end = base_offset + u64::from(b.records);
+                        let covered: Vec<u64> =
+                            offsets.range(base_offset..end).map(|(o, _)| *o).collect();
+                        if covered.first() != Some(&base_offset) {
+                            return Err(format!(
+                                "committer {i} archived {base_offset}..{end} of partition {}, which starts no batch",
+                                u.tp.partition
+                            ));
+                        }
+                        for o in covered {
+                            offsets.remove(&o);
+                        }
+                    }
+                    offsets.insert(base_offset, b.records);
                 }
             }
         }
@@ -769,7 +922,10 @@ fn check(
                 .iter()
                 .map(|b| b.base_offset)
                 .collect();
-            let got = index.get(&partition).cloned().unwrap_or_default();
+            let got: Vec<u64> = index
+                .get(&partition)
+                .map(|o| o.keys().copied().collect())
+                .unwrap_or_default();
             if got != want {
                 return Err(format!("committer {i} sent partition {partition} offsets {got:?}, the log has {want:?}"));
             }
@@ -986,6 +1142,38 @@ fn committers_that_crash_and_restart_lose_nothing() {
                 MetaFaults {
                     seed,
                     txn_reply_lost: 0.05,
+                    delay_max_ms: 10,
+                    ..MetaFaults::none()
+                },
+            )
+        },
+    );
+}
+
+/// An archiver racing the producers' commits, crashes of the committer it
+/// commits through (between its upload and its commit, or with the reply
+/// lost) and an orphan sweep: an archive lands only over exactly the
+/// batches it was planned with, never twice, and no archive the log
+/// references is swept.
+#[test]
+fn archives_race_commits_crashes_and_the_sweep() {
+    run_many(
+        "archives_race_commits_crashes_and_the_sweep",
+        1000,
+        |seed| Schedule {
+            segments_per_producer: 10,
+            window: 2,
+            crashes: (seed % 3) as u32,
+            log_window: Some((5, 8)),
+            // Short, so the sweep judges archives within the schedule.
+            orphan_grace: Some(Duration::from_secs(2)),
+            archiver: true,
+            ..Schedule::new(
+                seed,
+                MetaFaults {
+                    seed,
+                    txn_reply_lost: 0.05,
+                    txn_refused: 0.02,
                     delay_max_ms: 10,
                     ..MetaFaults::none()
                 },
