@@ -117,6 +117,10 @@ struct BatchId {
     idx: u32,
 }
 
+/// A batch at its offset, by where it was sent: (base offset, (segment
+/// key, position)).
+type Placed = (u64, (String, u64));
+
 /// What the producers saw.
 #[derive(Default)]
 struct Acks {
@@ -136,7 +140,7 @@ struct Acks {
     unknown: u64,
     /// The batches each archive object was planned with: (base offset,
     /// segment key and position).
-    archived: HashMap<String, Vec<(u64, (String, u64))>>,
+    archived: HashMap<String, Vec<Placed>>,
     /// Archive entries the log took, and archives tried.
     archives_taken: u64,
     archives_tried: u64,
@@ -828,7 +832,7 @@ fn check(
                 ));
             }
             // An archive stands for the batches it was planned with.
-            let held: Vec<(u64, (String, u64))> = if retention::is_archive_key(object) {
+            let held: Vec<Placed> = if retention::is_archive_key(object) {
                 let planned = acks
                     .archived
                     .get(object)
