@@ -146,6 +146,11 @@ class Run:
             "shards": self.args.shards,
             "read-cache-bytes": 64 << 20,
             "inflight-bytes": 64 << 20,
+            # Small archives, soon: the switch from intake segments to
+            # archive objects happens many times under the faults, and the
+            # final reads come from archives.
+            "archive-target-bytes": self.args.archive_target_bytes,
+            "archive-max-age-secs": 2,
         }
         if self.args.store == "s3":
             moto_bin = Path(os.environ.get("FLOE_MOTO_SERVER", REPO / "tests/.venv/bin/moto_server"))
@@ -323,7 +328,8 @@ class Run:
         self.log("healed: all brokers ready")
 
     METRICS = ("floe_fetch_read_errors_total", "floe_objstore_requests_total", "floe_commit_failures_total",
-               "floe_segment_upload_failures_total", "floe_log_snapshot_reloads_total")
+               "floe_segment_upload_failures_total", "floe_log_snapshot_reloads_total",
+               "floe_archives_written_total")
 
     def broker_metrics(self):
         """A few counters of each broker's /metrics (summed over labels)."""
@@ -600,6 +606,8 @@ def main(argv=None):
     ap.add_argument("--shards", type=int, default=1, help="shards per broker")
     ap.add_argument("--objstore-faults", default="errors=0.05,lost_replies=0.02,latency=0.1,latency_max_ms=200",
                     help="each broker's --object-store-faults, without the seed ('' for none)")
+    ap.add_argument("--archive-target-bytes", type=int, default=256 << 10,
+                    help="archive objects of about this size, after 2 s at most (0: no archiving)")
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds of load before the first fault")
     ap.add_argument("--quiet", type=float, default=5.0, help="seconds of load after healing")
     ap.add_argument("--workdir", default=None, help="where the run's directory goes (default: $TMPDIR)")

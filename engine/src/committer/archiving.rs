@@ -255,9 +255,8 @@ async fn archive(
     let mut reads = futures::stream::iter(runs)
         .map(|run| async move {
             let (s, e) = (&batches[run.start], &batches[run.end - 1]);
-            let data = store
-                .get_range(&s.segment, s.pos..e.pos + u64::from(e.len))
-                .await;
+            let range = s.pos..e.pos + u64::from(e.len);
+            let data = retried(|| store.get_range(&s.segment, range.clone())).await;
             (run, data)
         })
         .buffered(READS_IN_FLIGHT);
@@ -301,7 +300,9 @@ async fn archive(
         end_offset,
     };
     let started = RetryClock::now();
-    store.put(&key, sealed.parts).await?;
+    // The same key and bytes each time: a retry after a lost reply is
+    // harmless.
+    retried(|| store.put(&key, sealed.parts.clone())).await?;
     let (reply, answer) = oneshot::channel();
     let sent = requests
         .send_async(CommitRequest::Archive {
@@ -327,6 +328,32 @@ async fn archive(
         }
         // Perhaps in the log: the sweep decides once the log is known.
         Err(e) => Err(e),
+    }
+}
+
+/// Attempts per object-store call of the job: an archive reads many
+/// intake ranges, and one failure would otherwise waste all the others.
+const ATTEMPTS: u32 = 4;
+
+/// `call` until it succeeds, up to [`ATTEMPTS`] times, 100 ms apart and
+/// doubling.
+async fn retried<T, F, Fut>(mut call: F) -> floe_objstore::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = floe_objstore::Result<T>>,
+{
+    let mut pause = Duration::from_millis(100);
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Err(e) if attempt < ATTEMPTS => {
+                tracing::debug!(error = %e, attempt, "archiving: an object-store call failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                attempt += 1;
+            }
+            r => return r,
+        }
     }
 }
 
