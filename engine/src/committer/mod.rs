@@ -272,9 +272,10 @@ pub struct Committer {
     /// entries are kept behind it.
     snapshot_every: u64,
     log_keep: u64,
-    /// Log positions a snapshot load skipped over (first, last) during
-    /// the current append: entries there were never seen one by one.
-    skipped: Option<(u64, u64)>,
+    /// Log positions snapshot loads skipped over (first, last) during
+    /// the current append: entries there were never seen one by one. All
+    /// of them: a second load must not hide what the first skipped.
+    skipped: Vec<(u64, u64)>,
     started: Instant,
 }
 
@@ -299,7 +300,7 @@ impl Committer {
             fence: None,
             snapshot_every: SNAPSHOT_EVERY_ENTRIES,
             log_keep: LOG_KEEP_ENTRIES,
-            skipped: None,
+            skipped: Vec::new(),
             started: Instant::now(),
         }
     }
@@ -423,7 +424,7 @@ impl Committer {
             });
         };
         self.load_snapshot(&ptr).await?;
-        self.skipped = Some((applied + 1, ptr.seq));
+        self.skipped.push((applied + 1, ptr.seq));
         if let Some(m) = &self.metrics {
             crate::metrics::Metrics::add(&m.log_snapshot_reloads, 1);
         }
@@ -557,7 +558,7 @@ impl Committer {
         // The registration every attempt of this entry is fenced on.
         let fenced_on = self.fence.as_ref().map(|f| f.revision()).filter(|r| *r > 0);
         let mut fenced = false;
-        self.skipped = None;
+        self.skipped.clear();
         loop {
             let replayed = self.replay(Some(commit), &mut landed).await;
             if let Some(landed) = landed.take() {
@@ -579,8 +580,12 @@ impl Committer {
                 attempts += 1;
                 continue;
             }
-            if let (Some(at), Some((first, last))) = (unknown_at, self.skipped) {
-                if (first..=last).contains(&(at + 1)) {
+            if let Some(at) = unknown_at {
+                if self
+                    .skipped
+                    .iter()
+                    .any(|(first, last)| (first..=last).contains(&&(at + 1)))
+                {
                     // The entry that could be ours was trimmed before
                     // this committer read it: nobody can tell any more.
                     return Err(Error::CommitOutcomeUnknown {

@@ -879,6 +879,57 @@ mod tests {
     }
 
     #[test]
+    fn a_loaded_snapshot_with_archives_continues_like_its_source() {
+        let now = SystemTime::UNIX_EPOCH;
+        for seed in 1..300u64 {
+            let log = entries(seed, 60);
+            let cut = 1 + (seed as usize * 7) % 58;
+            let mut rng = floe_meta::faulty::Rng(seed ^ 0xa4c);
+            let (mut a, mut b) = (LogState::default(), None::<LogState>);
+            let mut seq = 0;
+            for (i, e) in log.iter().enumerate() {
+                if i == cut {
+                    let snap = a.snapshot();
+                    let bytes = snap.encode().expect("encodes");
+                    b = Some(
+                        LogState::load(Snapshot::decode("s", &bytes).expect("decodes"), now).0,
+                    );
+                }
+                // Now and then an archive of a partition's first few
+                // unarchived batches, planned from `a`.
+                let mut entries_now = vec![e.clone()];
+                if rng.below(3) == 0 {
+                    let p = rng.below(4) as u32;
+                    let take = 1 + rng.below(4) as usize;
+                    let planned: Vec<(u64, u64)> = a
+                        .unarchived(&tp(p))
+                        .take(take)
+                        .map(|(x, _)| (x.base_offset, x.end_offset()))
+                        .collect();
+                    if let (Some(f), Some(l)) = (planned.first(), planned.last()) {
+                        entries_now.push(archive(p, &format!("archives/{seed}-{i}"), f.0, l.1));
+                    }
+                }
+                for e in entries_now {
+                    seq += 1;
+                    let x = a.apply(seq, &e, now);
+                    if let Some(b) = b.as_mut() {
+                        let y = b.apply(seq, &e, now);
+                        assert_eq!(x.outcomes, y.outcomes, "seed {seed}: entry {seq}");
+                        assert_eq!(x.archived, y.archived, "seed {seed}: entry {seq}");
+                    }
+                }
+            }
+            let b = b.expect("cut inside the log");
+            assert_eq!(
+                a.snapshot(),
+                b.snapshot(),
+                "seed {seed}: same state at the end"
+            );
+        }
+    }
+
+    #[test]
     fn an_archive_that_lost_to_a_trim_is_ignored() {
         let now = SystemTime::UNIX_EPOCH;
         let mut s = LogState::default();
