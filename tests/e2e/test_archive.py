@@ -23,6 +23,7 @@ from floe_clients import (
     verify,
     watermarks,
 )
+from test_cluster import etcd, wait_members  # noqa: F401  (etcd: a fixture)
 from test_lifecycle import FAST_CLEANUP, HOUR_MS, metric, moto, store, wait_for  # noqa: F401
 
 ARCHIVE_FAST = dict(FAST_CLEANUP, archive_target_bytes=16 << 10, archive_max_age_secs=1)
@@ -112,3 +113,51 @@ def test_short_retention_leaves_the_bucket_though_it_shared_segments(store, topi
              state=lambda: str(archived_topics()))
     seen = consume_partitions(broker.bootstrap, long_, {0: 2000})
     verify(keep, kept, seen)
+
+
+def test_archiving_is_spread_over_brokers_and_taken_over_when_one_dies(start_broker, request, tmp_path,
+                                                                      topic_name):
+    """Three brokers on etcd share the partitions to archive (rendezvous
+    hashing over the live brokers). After a kill -9 the others archive its
+    partitions too: every intake segment written after the kill is
+    archived and deleted, and every record reads back."""
+    etcd = request.getfixturevalue("etcd")
+    objects = tmp_path / "shared-objects"
+    objects.mkdir()
+    prefix = "floe-arc-%d" % time.monotonic_ns()
+    brokers = [start_broker(name="b%d" % n, node_id=n, object_store="file://%s" % objects,
+                            meta="etcd://%s/%s" % (etcd.endpoint, prefix), lease_ttl_secs=3,
+                            **ARCHIVE_FAST)
+               for n in (1, 2, 3)]
+    wait_members(brokers[0], {1, 2, 3})
+    create_topic(brokers[0].bootstrap, topic_name, 24)
+
+    def segments():
+        return {str(p.relative_to(objects)) for p in (objects / "segments").glob("*") if p.is_file()}
+
+    def produce(broker, seed):
+        records = gen_records(4800, seed=seed, ts_base=int(time.time() * 1000))
+        delivered = produce_records(Producer(producer_conf(broker.bootstrap, **{"linger.ms": 5})),
+                                    topic_name, records, partition_of=lambda i: i % 24)
+        return records, delivered
+
+    first = produce(brokers[1], 81)
+    intake = segments()
+    wait_for("the first intake segments archived and deleted", lambda: not (segments() & intake), timeout=90)
+    writers = [b for b in brokers if metric(b, "floe_archives_written_total") > 0]
+    assert len(writers) >= 2, "archives written by %s only" % [b.name for b in writers]
+
+    victim = writers[0]
+    victim.kill9()
+    alive = [b for b in brokers if b is not victim]
+    wait_members(alive[0], {int(b.name[1:]) for b in alive})
+    second = produce(alive[0], 82)
+    intake = segments()
+    wait_for("intake written after the kill archived and deleted", lambda: not (segments() & intake),
+             timeout=90)
+
+    records = first[0] + second[0]
+    delivered = first[1] + second[1]
+    ends = ends_from_delivery(delivered)
+    seen = consume_partitions(alive[1].bootstrap, topic_name, ends)
+    verify(records, delivered, seen)
