@@ -24,7 +24,15 @@ from floe_clients import (
     watermarks,
 )
 from test_cluster import etcd, wait_members  # noqa: F401  (etcd: a fixture)
-from test_lifecycle import FAST_CLEANUP, HOUR_MS, metric, moto, store, wait_for  # noqa: F401
+from test_lifecycle import (  # noqa: F401  (moto, store: fixtures)
+    FAST_CLEANUP,
+    HOUR_MS,
+    metric,
+    moto,
+    shared_store_cluster,
+    store,
+    wait_for,
+)
 
 ARCHIVE_FAST = dict(FAST_CLEANUP, archive_target_bytes=16 << 10, archive_max_age_secs=1)
 
@@ -121,15 +129,8 @@ def test_archiving_is_spread_over_brokers_and_taken_over_when_one_dies(start_bro
     hashing over the live brokers). After a kill -9 the others archive its
     partitions too: every intake segment written after the kill is
     archived and deleted, and every record reads back."""
-    etcd = request.getfixturevalue("etcd")
-    objects = tmp_path / "shared-objects"
-    objects.mkdir()
-    prefix = "floe-arc-%d" % time.monotonic_ns()
-    brokers = [start_broker(name="b%d" % n, node_id=n, object_store="file://%s" % objects,
-                            meta="etcd://%s/%s" % (etcd.endpoint, prefix), lease_ttl_secs=3,
-                            **ARCHIVE_FAST)
-               for n in (1, 2, 3)]
-    wait_members(brokers[0], {1, 2, 3})
+    brokers, objects = shared_store_cluster(start_broker, request.getfixturevalue("etcd"), tmp_path,
+                                            **ARCHIVE_FAST)
     create_topic(brokers[0].bootstrap, topic_name, 24)
 
     def segments():

@@ -439,19 +439,25 @@ def test_delete_records_moves_the_log_start_and_frees_segments(store, topic_name
     verify(second, d_second, seen, contiguous_from_zero=False)
 
 
-def test_cluster_agrees_on_log_start_and_one_owner_cleans(start_broker, request, tmp_path, topic_name):
-    """Three brokers on etcd: the retention trim is one log entry, so every
-    broker reports the same earliest offset; only the live broker with the
-    lowest node id runs retention, and when it dies the next one takes over."""
-    etcd = request.getfixturevalue("etcd")
+def shared_store_cluster(start_broker, etcd, tmp_path, **flags):
+    """Brokers b1, b2, b3 (node ids 1-3) on etcd and one shared local
+    directory store; returns them, all members, and the store's root."""
     objects = tmp_path / "shared-objects"
     objects.mkdir()
     prefix = "floe-lc-%d" % time.monotonic_ns()
     brokers = [start_broker(name="b%d" % n, node_id=n, object_store="file://%s" % objects,
-                            meta="etcd://%s/%s" % (etcd.endpoint, prefix), lease_ttl_secs=3,
-                            **FAST_CLEANUP)
+                            meta="etcd://%s/%s" % (etcd.endpoint, prefix), lease_ttl_secs=3, **flags)
                for n in (1, 2, 3)]
     wait_members(brokers[0], {1, 2, 3})
+    return brokers, objects
+
+
+def test_cluster_agrees_on_log_start_and_one_owner_cleans(start_broker, request, tmp_path, topic_name):
+    """Three brokers on etcd: the retention trim is one log entry, so every
+    broker reports the same earliest offset; only the live broker with the
+    lowest node id runs retention, and when it dies the next one takes over."""
+    brokers, _ = shared_store_cluster(start_broker, request.getfixturevalue("etcd"), tmp_path,
+                                      **FAST_CLEANUP)
     create_topic(brokers[1].bootstrap, topic_name, 2, config={"retention.ms": str(HOUR_MS // 2)})
     now = int(time.time() * 1000)
     old = gen_records(1000, seed=48, ts_base=now - HOUR_MS)
