@@ -33,8 +33,9 @@ use crate::{Engine, Error, PartitionKey, Result};
 /// batch: a 64 MiB archive of 16 KiB batches has a 200 KB footer).
 pub const FOOTER_CACHE_BYTES: usize = 16 << 20;
 /// A read that misses the cache inside an archive object reads this far
-/// ahead in the same GET (see `read_indexed`).
-pub const ARCHIVE_READ_AHEAD_BYTES: usize = 8 << 20;
+/// ahead in the same GET (see `read_indexed`), but never more than a
+/// sixteenth of the shard's read cache.
+pub const ARCHIVE_READ_AHEAD_BYTES: usize = 16 << 20;
 /// The tail of an archive read first for its footer: the trailer and, for
 /// most objects, the whole footer in one GET.
 const FOOTER_PROBE_BYTES: u64 = 64 << 10;
@@ -920,18 +921,26 @@ impl Shard {
                     // in the same GET, into the cache; a consumer catching
                     // up then costs a GET per ARCHIVE_READ_AHEAD_BYTES, not
                     // one per fetch.
-                    let missed = answer
-                        .first()
-                        .is_some_and(|e| self.cache.borrow().get(&e.segment, e.pos).is_none());
-                    let ahead = if missed {
-                        let run: usize = answer.iter().map(|e| e.len as usize).sum();
+                    // Any batch of the answer missing (the last read-ahead
+                    // may have ended inside it): its GET runs on ahead.
+                    let uncached: usize = {
+                        let cache = self.cache.borrow();
+                        answer
+                            .iter()
+                            .filter(|e| cache.get(&e.segment, e.pos).is_none())
+                            .map(|e| e.len as usize)
+                            .sum()
+                    };
+                    let ahead = if uncached > 0 {
+                        let run = uncached;
                         let next = answer.last().map_or(from, IndexEntry::next_offset);
                         archived_batches(
                             &footer,
                             &archive.segment,
                             next,
                             run,
-                            ARCHIVE_READ_AHEAD_BYTES,
+                            ARCHIVE_READ_AHEAD_BYTES
+                                .min(self.engine.config.read_cache_bytes_max / 16),
                             false,
                         )
                         .into_iter()
