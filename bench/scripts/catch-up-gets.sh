@@ -8,8 +8,10 @@
 #   bench/scripts/catch-up-gets.sh [FLOE_BIN] [ARCHIVE_TARGET_BYTES] [SECONDS]
 #
 # ARCHIVE_TARGET_BYTES 0 turns archiving off (every batch read from its
-# intake segment). Needs target/release/floe-bench and kcat. Listens on
-# free loopback ports; the broker it starts is stopped by its PID.
+# intake segment). With MOTO=1 the store is a moto_server started here
+# (tests/.venv), else a local directory. Needs target/release/floe-bench
+# and kcat. Listens on free loopback ports; every process it starts is
+# stopped by its PID.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 floe=${1:-$root/target/release/floe}
@@ -19,11 +21,23 @@ bench=${FLOE_BENCH_BIN:-$root/target/release/floe-bench}
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 dir=$(mktemp -d /tmp/floe-gets.XXXXXX)
 port=$(free_port); admin=$(free_port)
-pid=
-trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$dir"' EXIT
+pid= moto=
+trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; [ -n "$moto" ] && kill "$moto" 2>/dev/null; rm -rf "$dir"' EXIT
+store=(--object-store "file://$dir/data/objects")
+objects() { find "$dir/data/objects/$1" -type f 2>/dev/null || true; }
+if [ -n "${MOTO:-}" ]; then
+  mport=$(free_port)
+  "$root/tests/.venv/bin/moto_server" -H 127.0.0.1 -p "$mport" > "$dir/moto.log" 2>&1 &
+  moto=$!
+  export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=testtest AWS_REGION=us-east-1
+  for _ in $(seq 100); do curl -s "127.0.0.1:$mport" > /dev/null && break; sleep 0.2; done
+  curl -s -X PUT "127.0.0.1:$mport/gets" > /dev/null
+  store=(--object-store s3://gets/floe --s3-endpoint "http://127.0.0.1:$mport")
+  objects() { curl -s "127.0.0.1:$mport/gets?list-type=2&prefix=floe/$1" | grep -o '<Key>[^<]*</Key>' || true; }
+fi
 start() {
   "$floe" serve --data-dir "$dir/data" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
-    --num-partitions 8 --archive-target-bytes "$target" --archive-max-age-secs 5 \
+    "${store[@]}" --num-partitions 8 --archive-target-bytes "$target" --archive-max-age-secs 5 \
     --cleanup-interval-secs 2 --delete-grace-secs 2 >> "$dir/floe.log" 2>&1 &
   pid=$!
   for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
@@ -38,11 +52,11 @@ if [ "$target" != 0 ]; then
   # Until every intake segment is archived and deleted.
   for _ in $(seq 120); do
     sleep 1
-    [ -z "$(find "$dir/data/objects/segments" -type f 2>/dev/null | head -1)" ] && break
+    [ -z "$(objects segments/ | head -1)" ] && break
   done
 fi
-archives=$( (find "$dir/data/objects/archives" -type f 2>/dev/null || true) | wc -l)
-segments=$( (find "$dir/data/objects/segments" -type f 2>/dev/null || true) | wc -l)
+archives=$(objects archives/ | wc -l)
+segments=$(objects segments/ | wc -l)
 kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
 start
 before=$(gets)
