@@ -32,8 +32,6 @@ pub const LOG_KEEP_ENTRIES: u64 = floe_engine::committer::LOG_KEEP_ENTRIES;
 /// Kafka's producer.id.expiration.ms default: one day.
 pub const PRODUCER_ID_EXPIRATION_MS: u64 = floe_engine::sequencer::PRODUCER_ID_EXPIRATION_MS;
 pub const MULTIPART_ABORT_AFTER_SECS: u64 = 86_400;
-/// How often free heap pages go back to the system (src/malloc.rs).
-pub const MALLOC_TRIM_INTERVAL_SECS: u64 = 10;
 /// Archive objects of about 64 MiB: few GETs per GiB read, and a whole
 /// object per retention step.
 pub const ARCHIVE_TARGET_BYTES: u64 = 64 << 20;

@@ -157,11 +157,6 @@ pub struct ServeArgs {
     /// oldest batch not yet archived has waited this long. [default: 600]
     #[arg(long, env = "FLOE_ARCHIVE_MAX_AGE_SECS")]
     pub archive_max_age_secs: Option<u64>,
-    /// Free memory inside glibc's heaps is returned to the system this
-    /// often (malloc_trim), so RSS follows what the broker uses; 0: never.
-    /// [default: 10]
-    #[arg(long, env = "FLOE_MALLOC_TRIM_INTERVAL_SECS")]
-    pub malloc_trim_interval_secs: Option<u64>,
     /// A snapshot of the commit log's state is written every this many
     /// entries. [default: 500]
     #[arg(long, env = "FLOE_SNAPSHOT_EVERY_ENTRIES")]
@@ -264,7 +259,6 @@ pub struct Resolved {
     pub orphan_grace_secs: u64,
     pub orphan_sweep_interval_secs: u64,
     pub producer_id_expiration_ms: u64,
-    pub malloc_trim_interval_secs: u64,
     pub archive_target_bytes: u64,
     pub archive_max_age_secs: u64,
     pub snapshot_every_entries: u64,
@@ -434,10 +428,6 @@ impl ServeArgs {
             archive_target_bytes: pick!(archive_target_bytes, defaults::ARCHIVE_TARGET_BYTES),
             archive_max_age_secs: pick!(archive_max_age_secs, defaults::ARCHIVE_MAX_AGE_SECS)
                 .max(1),
-            malloc_trim_interval_secs: pick!(
-                malloc_trim_interval_secs,
-                defaults::MALLOC_TRIM_INTERVAL_SECS
-            ),
             snapshot_every_entries: pick!(snapshot_every_entries, defaults::SNAPSHOT_EVERY_ENTRIES)
                 .max(1),
             log_keep_entries: pick!(log_keep_entries, defaults::LOG_KEEP_ENTRIES).max(1),
@@ -822,10 +812,6 @@ mod tests {
             (
                 "archive_max_age_secs",
                 defaults::ARCHIVE_MAX_AGE_SECS.to_string(),
-            ),
-            (
-                "malloc_trim_interval_secs",
-                defaults::MALLOC_TRIM_INTERVAL_SECS.to_string(),
             ),
             (
                 "snapshot_every_entries",
