@@ -24,6 +24,7 @@ fn main() -> std::process::ExitCode {
         Command::Groups(args) => cmd::groups::main(args),
         Command::DiagnoseConnection(args) => cmd::diagnose::main(args),
         Command::Size(args) => cmd::size::main(args),
+        Command::Inspect(args) => cmd::inspect::main(args),
         Command::Serve(args) => {
             let resolved = match args.resolve() {
                 Ok(r) => r,

@@ -44,15 +44,9 @@ pub fn main(args: ServeArgs) -> ExitCode {
         retry_deadline: CHECK_RETRY_DEADLINE,
         ..cfg.object_store_options()
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match super::command_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("floe: starting a runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match rt.block_on(check(&cfg.object_store, &opts)) {
         Ok(true) => ExitCode::SUCCESS,

@@ -3,5 +3,36 @@
 pub mod check_bucket;
 pub mod diagnose;
 pub mod groups;
+pub mod inspect;
 pub mod serve;
 pub mod size;
+
+/// A one-thread tokio runtime for a command that runs a few requests, or
+/// the exit code after saying why there is none.
+pub fn command_runtime() -> Result<tokio::runtime::Runtime, std::process::ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("floe: starting a runtime: {e}");
+            std::process::ExitCode::FAILURE
+        })
+}
+
+/// Opens the configured metadata store, saying which one failed and, for
+/// the embedded one, that another floe may hold it.
+pub async fn open_meta(
+    cfg: &crate::config::Resolved,
+) -> anyhow::Result<std::sync::Arc<dyn floe_meta::MetaStore>> {
+    use anyhow::Context as _;
+    floe_meta::open(&cfg.meta, &cfg.data_dir.join("meta.redb"))
+        .await
+        .with_context(|| {
+            if cfg.meta == "embedded" {
+                "opening the embedded metadata store (is another floe using this data dir?)"
+                    .to_string()
+            } else {
+                format!("opening the metadata store {}", cfg.meta)
+            }
+        })
+}

@@ -168,16 +168,7 @@ fn open_backends(cfg: &Resolved) -> anyhow::Result<Backends> {
         tracing::warn!(faults = %f, "object-store fault injection is ON (testing only)");
     }
     let sidecar = Sidecar::start().context("starting the sidecar runtime")?;
-    let meta: Arc<dyn MetaStore> = sidecar
-        .block_on(floe_meta::open(&cfg.meta, &cfg.data_dir.join("meta.redb")))
-        .with_context(|| {
-            if cfg.meta == "embedded" {
-                "opening the embedded metadata store (is another floe using this data dir?)"
-                    .to_string()
-            } else {
-                format!("opening the metadata store {}", cfg.meta)
-            }
-        })?;
+    let meta: Arc<dyn MetaStore> = sidecar.block_on(super::open_meta(cfg))?;
     Ok(Backends {
         sidecar,
         store,

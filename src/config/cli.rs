@@ -30,6 +30,10 @@ pub enum Command {
     /// the bootstrap address, then every advertised broker; explain each
     /// failure and its fix. Exits 1 when anything is unreachable.
     DiagnoseConnection(crate::cmd::diagnose::DiagnoseArgs),
+    /// A topic's partitions as the commit log has them: archive objects
+    /// and intake segments with their offset ranges. Takes serve's flags;
+    /// with the embedded metadata store, stop the broker first.
+    Inspect(crate::cmd::inspect::InspectArgs),
     /// Size a cluster of m6in instances for a produce throughput, with the
     /// monthly object-store request cost at the default flush settings.
     Size(crate::cmd::size::SizeArgs),

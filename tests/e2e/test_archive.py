@@ -8,10 +8,13 @@ thousand records make several archives per partition."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from conftest import floe_bin
 from floe_clients import (
     consume_partitions,
     consumer_conf,
@@ -87,6 +90,24 @@ def test_archived_partitions_read_back_whole_and_their_intake_segments_go(store,
     seen = consume_partitions(broker.bootstrap, topic_name, ends)
     verify(records, delivered, seen)
     assert metric(broker, "floe_fetch_read_errors_total") == 0
+
+    # `floe inspect`, with the broker's own flags, lists each partition's
+    # archive objects: those in the bucket, covering every offset.
+    broker.stop()
+    flags = [a for k, v in broker.args.items() if k not in ("listen", "advertise", "admin-listen")
+             for a in ("--" + k, str(v))]
+    out = subprocess.run([str(floe_bin()), "inspect", "--data-dir", str(broker.data_dir),
+                          "--topic", topic_name] + flags, env=dict(os.environ, **broker.extra_env),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    listed = set()
+    for p in (0, 1):
+        header = "partition %d: log start 0, high watermark %d" % (p, ends[p])
+        assert header in out.stdout, out.stdout
+    for line in out.stdout.splitlines():
+        if line.strip().startswith("archive"):
+            listed.add(line.split()[-1])
+    assert listed == archives, (sorted(listed), sorted(archives))
 
 
 def test_short_retention_leaves_the_bucket_though_it_shared_segments(store, topic_name):

@@ -241,9 +241,14 @@ impl LogState {
         &self,
         tp: &PartitionKey,
     ) -> impl Iterator<Item = (&IndexedBatch, &Arc<str>)> {
-        let entries = self.batches(tp);
-        let from = self.first_unarchived(entries);
-        entries[from..]
+        let from = self.first_unarchived(self.batches(tp));
+        self.layout(tp).skip(from)
+    }
+
+    /// Every readable entry of `tp` in offset order (archive objects, then
+    /// intake batches) with the key of the object that holds it.
+    pub fn layout(&self, tp: &PartitionKey) -> impl Iterator<Item = (&IndexedBatch, &Arc<str>)> {
+        self.batches(tp)
             .iter()
             .filter_map(|e| Some((e, self.segments.get(e.segment as usize)?)))
     }
