@@ -200,6 +200,15 @@ impl Committer {
         tokio::spawn(floe_objstore::with_purpose(
             floe_objstore::Purpose::Cleanup,
             async move {
+                // Cleared however the round ends: a job that panicked must
+                // not stop this broker's archiving for good.
+                struct Idle(Arc<AtomicBool>);
+                impl Drop for Idle {
+                    fn drop(&mut self) {
+                        self.0.store(false, Ordering::Release);
+                    }
+                }
+                let _idle = Idle(busy);
                 for job in jobs {
                     let (tp, n) = (job.tp, job.batches.len());
                     match archive(&*store, &requests, node, job).await {
@@ -218,7 +227,6 @@ impl Committer {
                         }
                     }
                 }
-                busy.store(false, Ordering::Release);
             },
         ));
     }
@@ -266,7 +274,16 @@ async fn archive(
         let start = batches[run.start].pos;
         for b in &batches[run] {
             let at = (b.pos - start) as usize;
-            let stored = data.slice(at..at + b.len as usize);
+            let Some(stored) = data.get(at..at + b.len as usize).map(|s| data.slice_ref(s)) else {
+                return Err(Error::Corrupt {
+                    what: format!("segment {}", b.segment),
+                    reason: format!(
+                        "a read of the batch at offset {} came back short ({} bytes)",
+                        b.base_offset,
+                        data.len()
+                    ),
+                });
+            };
             builder
                 .push(b.base_offset, stored)
                 .map_err(|e| Error::Corrupt {
