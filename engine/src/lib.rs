@@ -19,6 +19,7 @@ pub mod cluster;
 pub mod committer;
 pub mod config;
 pub mod coordinator;
+pub mod crash;
 mod engine;
 mod error;
 mod gaps;

@@ -916,13 +916,12 @@ impl Shard {
                         entries.is_empty(),
                     );
                     wanted += answer.len();
-                    // Read-ahead: a read that misses the cache inside an
-                    // archive also fetches the batches after its answer,
-                    // in the same GET, into the cache; a consumer catching
-                    // up then costs a GET per ARCHIVE_READ_AHEAD_BYTES, not
-                    // one per fetch.
-                    // Any batch of the answer missing (the last read-ahead
-                    // may have ended inside it): its GET runs on ahead.
+                    // Read-ahead: when any batch of the answer is not
+                    // cached (the last read-ahead may have ended inside
+                    // it), its GET also fetches the batches after the
+                    // answer into the cache; a consumer catching up then
+                    // costs a GET per ARCHIVE_READ_AHEAD_BYTES, not one
+                    // per fetch.
                     let uncached: usize = {
                         let cache = self.cache.borrow();
                         answer

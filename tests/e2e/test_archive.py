@@ -12,6 +12,7 @@ import os
 import subprocess
 import time
 
+import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from conftest import floe_bin
@@ -94,19 +95,9 @@ def test_archived_partitions_read_back_whole_and_their_intake_segments_go(store,
     # `floe inspect`, with the broker's own flags, lists each partition's
     # archive objects: those in the bucket, covering every offset.
     broker.stop()
-    flags = [a for k, v in broker.args.items() if k not in ("listen", "advertise", "admin-listen")
-             for a in ("--" + k, str(v))]
-    out = subprocess.run([str(floe_bin()), "inspect", "--data-dir", str(broker.data_dir),
-                          "--topic", topic_name] + flags, env=dict(os.environ, **broker.extra_env),
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    listed = set()
+    report, listed = inspect_archives(broker, topic_name)
     for p in (0, 1):
-        header = "partition %d: log start 0, high watermark %d" % (p, ends[p])
-        assert header in out.stdout, out.stdout
-    for line in out.stdout.splitlines():
-        if line.strip().startswith("archive"):
-            listed.add(line.split()[-1])
+        assert "partition %d: log start 0, high watermark %d" % (p, ends[p]) in report, report
     assert listed == archives, (sorted(listed), sorted(archives))
 
 
@@ -183,3 +174,48 @@ def test_archiving_is_spread_over_brokers_and_taken_over_when_one_dies(start_bro
     ends = ends_from_delivery(delivered)
     seen = consume_partitions(alive[1].bootstrap, topic_name, ends)
     verify(records, delivered, seen)
+
+
+def inspect_archives(broker, topic):
+    """The archive objects `floe inspect` lists for `topic` (broker stopped)."""
+    flags = [a for k, v in broker.args.items() if k not in ("listen", "advertise", "admin-listen")
+             for a in ("--" + k, str(v))]
+    out = subprocess.run([str(floe_bin()), "inspect", "--data-dir", str(broker.data_dir),
+                          "--topic", topic] + flags, env=dict(os.environ, **broker.extra_env),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout, {line.split()[-1] for line in out.stdout.splitlines()
+                        if line.strip().startswith("archive")}
+
+
+@pytest.mark.parametrize("point", ["archive-read", "archive-uploaded", "archive-committed"])
+def test_a_broker_killed_at_each_step_of_archiving_loses_nothing(start_broker, topic_name, point):
+    """The broker aborts (as under kill -9) the first time archiving reaches
+    `point`; restarted, it archives everything, every record reads back,
+    and the bucket ends up holding exactly the archives the log names (an
+    archive uploaded but never committed is swept as an orphan)."""
+    broker = start_broker(extra_env={"FLOE_TEST_CRASH_AT": point}, orphan_grace_secs=4, **ARCHIVE_FAST)
+    create_topic(broker.bootstrap, topic_name, 2)
+    records = gen_records(3000, seed=91, ts_base=int(time.time() * 1000) - 60_000)
+    delivered = produce_records(Producer(producer_conf(broker.bootstrap, **{"linger.ms": 5})),
+                                topic_name, records, partition_of=lambda i: i % 2)
+    ends = ends_from_delivery(delivered)
+    code = broker.wait_exit(60)
+    assert code != 0 and ("FLOE_TEST_CRASH_AT=%s" % point) in broker.log_text(), code
+    del broker.extra_env["FLOE_TEST_CRASH_AT"]
+    broker.start()
+    objects = broker.data_dir / "objects"
+
+    def intake_left():
+        return [p for p in (objects / "segments").glob("*") if p.is_file()]
+
+    wait_for("every intake segment archived and deleted", lambda: not intake_left())
+    seen = consume_partitions(broker.bootstrap, topic_name, ends)
+    verify(records, delivered, seen)
+    if point == "archive-uploaded":
+        wait_for("the uncommitted archive swept",
+                 lambda: "orphan sweep deleted objects" in broker.log_text())
+    broker.stop()
+    in_bucket = {str(p.relative_to(objects)) for p in (objects / "archives").rglob("*") if p.is_file()}
+    report, listed = inspect_archives(broker, topic_name)
+    assert listed == in_bucket, report

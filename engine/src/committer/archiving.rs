@@ -293,6 +293,7 @@ async fn archive(
         }
     }
     drop(reads);
+    crate::crash::point("archive-read");
     let end_offset = builder.next_offset();
     debug_assert_eq!(
         end_offset,
@@ -320,6 +321,7 @@ async fn archive(
     // The same key and bytes each time: a retry after a lost reply is
     // harmless.
     retried(|| store.put(&key, sealed.parts.clone())).await?;
+    crate::crash::point("archive-uploaded");
     let (reply, answer) = oneshot::channel();
     let sent = requests
         .send_async(CommitRequest::Archive {
@@ -333,7 +335,10 @@ async fn archive(
         Err(_) => Err(Error::ShuttingDown),
     };
     match outcome {
-        Ok(true) => Ok(Some(record)),
+        Ok(true) => {
+            crate::crash::point("archive-committed");
+            Ok(Some(record))
+        }
         // Known not to be in the log: nothing will ever read the object.
         Ok(false) => {
             let _ = store.delete(&key).await;
