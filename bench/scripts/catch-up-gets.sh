@@ -8,7 +8,8 @@
 #   bench/scripts/catch-up-gets.sh [FLOE_BIN] [ARCHIVE_TARGET_BYTES] [SECONDS]
 #
 # ARCHIVE_TARGET_BYTES 0 turns archiving off (every batch read from its
-# intake segment). With MOTO=1 the store is a moto_server started here
+# intake segment). CONSUMERS=N reads with N kcat processes at once (their
+# misses of one range share a GET). With MOTO=1 the store is a moto_server started here
 # (tests/.venv), else a local directory. Needs target/release/floe-bench
 # and kcat. Listens on free loopback ports; every process it starts is
 # stopped by its PID.
@@ -61,7 +62,12 @@ kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
 start
 before=$(gets)
 t0=$(date +%s.%N)
-kcat -C -b "127.0.0.1:$port" -t gets-0 -o beginning -e -q -f '' 2>/dev/null
+kpids=()
+for _ in $(seq "${CONSUMERS:-1}"); do
+  kcat -C -b "127.0.0.1:$port" -t gets-0 -o beginning -e -q -f '' 2>/dev/null &
+  kpids+=($!)
+done
+wait "${kpids[@]}"
 t1=$(date +%s.%N)
 after=$(gets)
 fetched=$(metric floe_fetch_bytes_total)

@@ -14,7 +14,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use floe_meta::schema::SegmentRecord;
 use futures::channel::{mpsc, oneshot};
-use futures::{Future, StreamExt};
+use futures::{Future, FutureExt as _, StreamExt};
 
 use crate::archive::{decode_footer, read_trailer, ArchiveFooter};
 use crate::batch::{patched_prefix, Batch};
@@ -39,6 +39,17 @@ pub const ARCHIVE_READ_AHEAD_BYTES: usize = 16 << 20;
 /// The tail of an archive read first for its footer: the trailer and, for
 /// most objects, the whole footer in one GET.
 const FOOTER_PROBE_BYTES: u64 = 64 << 10;
+
+/// A ranged GET in flight, shared by every read that wants a prefix of it.
+type SharedGet = futures::future::Shared<futures::future::LocalBoxFuture<'static, Result<Bytes>>>;
+
+/// Weak: a GET every reader gave up on (a closed connection) is not kept
+/// here waiting for a poll that never comes.
+struct InflightGet {
+    id: u64,
+    end: u64,
+    get: futures::future::WeakShared<futures::future::LocalBoxFuture<'static, Result<Bytes>>>,
+}
 
 /// Messages queued per shard mailbox before senders wait.
 pub const MAILBOX_MESSAGES_MAX: usize = 1024;
@@ -239,6 +250,9 @@ pub struct Shard {
     state: RefCell<ShardState>,
     cache: RefCell<ReadCache>,
     footers: RefCell<FooterCache>,
+    /// Ranged GETs in flight by (object, start), for `shared_get`.
+    inflight: Rc<RefCell<HashMap<(Arc<str>, u64), InflightGet>>>,
+    inflight_ids: Cell<u64>,
     applied_seq: Cell<u64>,
     applied: event_listener::Event,
     opened: event_listener::Event,
@@ -265,6 +279,8 @@ impl Shard {
             uploads: Arc::new(tokio::sync::Semaphore::new(cfg.upload_concurrency.max(1))),
             cache: RefCell::new(ReadCache::new(cfg.read_cache_bytes_max)),
             footers: RefCell::new(FooterCache::new(FOOTER_CACHE_BYTES)),
+            inflight: Rc::default(),
+            inflight_ids: Cell::new(0),
             engine,
             frames: FramePool::default(),
             state: RefCell::new(ShardState::default()),
@@ -724,18 +740,19 @@ impl Shard {
         let get = |run: std::ops::Range<usize>| {
             let start = entries[run.start].pos;
             let end = entries[run.end - 1].pos + u64::from(entries[run.end - 1].len);
-            let key = entries[run.start].segment.to_string();
-            let store = self.engine.store.clone();
-            let metrics = self.engine.metrics.clone();
-            let data = self.engine.sidecar.run(async move {
-                let r = store.get_range(&key, start..end).await;
-                match &r {
-                    Ok(b) => metrics.objstore_fetch.get(b.len() as u64),
-                    Err(_) => metrics.objstore_fetch.error(),
-                }
-                r.map_err(Error::from)
-            });
-            async move { (run, start, data.await) }
+            let object = entries[run.start].segment.clone();
+            let data = self.shared_get(object, start, end);
+            async move {
+                let data = data.await.and_then(|d| {
+                    d.get(..(end - start) as usize)
+                        .map(|s| d.slice_ref(s))
+                        .ok_or_else(|| Error::Corrupt {
+                            what: format!("a read of {}", entries[run.start].segment),
+                            reason: format!("{} bytes came back for {}", d.len(), end - start),
+                        })
+                });
+                (run, start, data)
+            }
         };
         let mut loaded = futures::stream::iter(runs)
             .map(get)
@@ -761,6 +778,54 @@ impl Shard {
             }
         }
         Ok(out.into_iter().flatten().collect())
+    }
+
+    /// The bytes `start..end` of `object`, or more from `start` on: a GET
+    /// of this shard already in flight from `start` that reaches `end` is
+    /// awaited instead of sending another (consumers reading the same
+    /// range at once, as after a restart, share one GET).
+    fn shared_get(&self, object: Arc<str>, start: u64, end: u64) -> SharedGet {
+        if let Some(g) = self
+            .inflight
+            .borrow()
+            .get(&(object.clone(), start))
+            .filter(|g| g.end >= end)
+            .and_then(|g| g.get.upgrade())
+        {
+            return g;
+        }
+        let key = object.to_string();
+        let store = self.engine.store.clone();
+        let metrics = self.engine.metrics.clone();
+        let data = self.engine.sidecar.run(async move {
+            let r = store.get_range(&key, start..end).await;
+            match &r {
+                Ok(b) => metrics.objstore_fetch.get(b.len() as u64),
+                Err(_) => metrics.objstore_fetch.error(),
+            }
+            r.map_err(Error::from)
+        });
+        let id = self.inflight_ids.get() + 1;
+        self.inflight_ids.set(id);
+        let inflight = self.inflight.clone();
+        let slot = (object, start);
+        let done = slot.clone();
+        let get = async move {
+            let r = data.await;
+            let mut map = inflight.borrow_mut();
+            if map.get(&done).is_some_and(|g| g.id == id) {
+                map.remove(&done);
+            }
+            r
+        }
+        .boxed_local()
+        .shared();
+        if let Some(weak) = get.downgrade() {
+            let mut map = self.inflight.borrow_mut();
+            map.retain(|_, g| g.get.upgrade().is_some());
+            map.insert(slot, InflightGet { id, end, get: weak });
+        }
+        get
     }
 
     /// The footer of the archive object `e` names, from the cache or the
