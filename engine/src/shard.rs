@@ -43,6 +43,9 @@ const FOOTER_PROBE_BYTES: u64 = 64 << 10;
 /// A ranged GET in flight, shared by every read that wants a prefix of it.
 type SharedGet = futures::future::Shared<futures::future::LocalBoxFuture<'static, Result<Bytes>>>;
 
+/// Ranged GETs in flight by (object, start).
+type InflightGets = HashMap<(Arc<str>, u64), InflightGet>;
+
 /// Weak: a GET every reader gave up on (a closed connection) is not kept
 /// here waiting for a poll that never comes.
 struct InflightGet {
@@ -251,7 +254,7 @@ pub struct Shard {
     cache: RefCell<ReadCache>,
     footers: RefCell<FooterCache>,
     /// Ranged GETs in flight by (object, start), for `shared_get`.
-    inflight: Rc<RefCell<HashMap<(Arc<str>, u64), InflightGet>>>,
+    inflight: Rc<RefCell<InflightGets>>,
     inflight_ids: Cell<u64>,
     applied_seq: Cell<u64>,
     applied: event_listener::Event,
