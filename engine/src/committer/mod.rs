@@ -887,8 +887,10 @@ impl Committer {
                     let _ = reply.send(Ok(TrimCommitted { seq, log_starts }));
                 }
                 CommitRequest::Archive { archive, reply, .. } => {
-                    // Taken exactly when the log now references it (a key
-                    // is never reused, and nothing releases it this soon).
+                    // Taken when the log now references it: keys are never
+                    // reused. One a trim in the same entry released at once
+                    // reads as not taken, and its writer deletes it; no
+                    // reader can reach it either way.
                     let taken = self.state.refs().is_referenced(&archive.key);
                     let _ = reply.send(Ok(taken));
                 }
