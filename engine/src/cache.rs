@@ -10,102 +10,114 @@ use bytes::Bytes;
 
 use crate::archive::{ArchiveBatch, ArchiveFooter};
 
-/// Decoded archive footers: one GET per fetch once an object's footer is
-/// here. Bytes are estimated from the batch count.
+/// What an entry costs a cache's byte budget.
+trait Weigh {
+    fn weight(&self) -> usize;
+}
+
+impl Weigh for Bytes {
+    fn weight(&self) -> usize {
+        self.len()
+    }
+}
+
+/// Estimated from the batch count.
+impl Weigh for Rc<ArchiveFooter> {
+    fn weight(&self) -> usize {
+        64 + self.batches.len() * std::mem::size_of::<ArchiveBatch>()
+    }
+}
+
+/// Entries bounded by their total weight, evicted oldest first: what both
+/// caches are.
 #[derive(Debug)]
-pub struct FooterCache {
-    footers: HashMap<Arc<str>, Rc<ArchiveFooter>>,
-    order: VecDeque<Arc<str>>,
+struct Fifo<K, V> {
+    entries: HashMap<K, V>,
+    order: VecDeque<K>,
     bytes: usize,
     bytes_max: usize,
 }
 
-fn footer_bytes(f: &ArchiveFooter) -> usize {
-    64 + f.batches.len() * std::mem::size_of::<ArchiveBatch>()
+impl<K: std::hash::Hash + Eq + Clone, V: Weigh + Clone> Fifo<K, V> {
+    fn new(bytes_max: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+            bytes: 0,
+            bytes_max,
+        }
+    }
+
+    fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.entries.get(key).cloned()
+    }
+
+    /// Keeps `value` unless it alone exceeds the budget or `key` is here.
+    fn insert(&mut self, key: K, value: V) {
+        let weight = value.weight();
+        if weight > self.bytes_max || self.entries.contains_key(&key) {
+            return;
+        }
+        self.bytes += weight;
+        self.entries.insert(key.clone(), value);
+        self.order.push_back(key);
+        while self.bytes > self.bytes_max {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(v) = self.entries.remove(&old) {
+                self.bytes -= v.weight();
+            }
+        }
+    }
 }
+
+/// Decoded archive footers: one GET per fetch once an object's footer is
+/// here.
+#[derive(Debug)]
+pub struct FooterCache(Fifo<Arc<str>, Rc<ArchiveFooter>>);
 
 impl FooterCache {
     pub fn new(bytes_max: usize) -> Self {
-        Self {
-            footers: HashMap::new(),
-            order: VecDeque::new(),
-            bytes: 0,
-            bytes_max,
-        }
+        Self(Fifo::new(bytes_max))
     }
 
     pub fn get(&self, key: &str) -> Option<Rc<ArchiveFooter>> {
-        self.footers.get(key).cloned()
+        self.0.get(key)
     }
 
     pub fn insert(&mut self, key: Arc<str>, footer: Rc<ArchiveFooter>) {
-        let size = footer_bytes(&footer);
-        if size > self.bytes_max || self.footers.contains_key(&key) {
-            return;
-        }
-        self.bytes += size;
-        self.footers.insert(key.clone(), footer);
-        self.order.push_back(key);
-        while self.bytes > self.bytes_max {
-            let Some(old) = self.order.pop_front() else {
-                break;
-            };
-            if let Some(f) = self.footers.remove(&old) {
-                self.bytes -= footer_bytes(&f);
-            }
-        }
+        self.0.insert(key, footer);
     }
 
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.0.bytes
     }
 }
 
+/// Stored batches by (segment, position).
 #[derive(Debug)]
-pub struct ReadCache {
-    batches: HashMap<(Arc<str>, u64), Bytes>,
-    order: VecDeque<(Arc<str>, u64)>,
-    bytes: usize,
-    bytes_max: usize,
-}
+pub struct ReadCache(Fifo<(Arc<str>, u64), Bytes>);
 
 impl ReadCache {
     pub fn new(bytes_max: usize) -> Self {
-        Self {
-            batches: HashMap::new(),
-            order: VecDeque::new(),
-            bytes: 0,
-            bytes_max,
-        }
+        Self(Fifo::new(bytes_max))
     }
 
     pub fn get(&self, segment: &Arc<str>, pos: u64) -> Option<Bytes> {
-        self.batches.get(&(segment.clone(), pos)).cloned()
+        self.0.get(&(segment.clone(), pos))
     }
 
     pub fn insert(&mut self, segment: Arc<str>, pos: u64, batch: Bytes) {
-        if batch.len() > self.bytes_max {
-            return;
-        }
-        let key = (segment, pos);
-        if self.batches.contains_key(&key) {
-            return;
-        }
-        self.bytes += batch.len();
-        self.batches.insert(key.clone(), batch);
-        self.order.push_back(key);
-        while self.bytes > self.bytes_max {
-            let Some(old) = self.order.pop_front() else {
-                break;
-            };
-            if let Some(b) = self.batches.remove(&old) {
-                self.bytes -= b.len();
-            }
-        }
+        self.0.insert((segment, pos), batch);
     }
 
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.0.bytes
     }
 }
 
@@ -152,7 +164,7 @@ mod tests {
                 ],
             })
         };
-        let one = footer_bytes(&footer(10));
+        let one = footer(10).weight();
         let mut c = FooterCache::new(2 * one);
         for k in ["a", "b", "c"] {
             c.insert(Arc::from(k), footer(10));

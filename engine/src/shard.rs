@@ -838,40 +838,27 @@ impl Shard {
             return Ok(f);
         }
         let size = u64::from(e.len);
-        let key = e.segment.to_string();
-        let store = self.engine.store.clone();
-        let metrics = self.engine.metrics.clone();
-        let footer = self
-            .engine
-            .sidecar
-            .run(async move {
-                let get = |range: std::ops::Range<u64>| {
-                    let (store, metrics, key) = (store.clone(), metrics.clone(), key.clone());
-                    async move {
-                        let r = store.get_range(&key, range).await;
-                        match &r {
-                            Ok(b) => metrics.objstore_fetch.get(b.len() as u64),
-                            Err(_) => metrics.objstore_fetch.error(),
-                        }
-                        r.map_err(Error::from)
-                    }
-                };
-                let corrupt = |e: crate::archive::ArchiveError| Error::Corrupt {
-                    what: format!("archive object {key}"),
-                    reason: e.to_string(),
-                };
-                let tail = get(size.saturating_sub(FOOTER_PROBE_BYTES)..size).await?;
-                let t = tail.len().saturating_sub(crate::segment::TRAILER_BYTES);
-                let (len, crc) = read_trailer(&tail[t..], size).map_err(corrupt)?;
-                let raw = if len <= t {
-                    tail.slice(t - len..t)
-                } else {
-                    let end = size - crate::segment::TRAILER_BYTES as u64;
-                    get(end - len as u64..end).await?
-                };
-                decode_footer(&raw, crc).map_err(corrupt)
-            })
+        let corrupt = |err: crate::archive::ArchiveError| Error::Corrupt {
+            what: format!("archive object {}", e.segment),
+            reason: err.to_string(),
+        };
+        let tail = self
+            .shared_get(
+                e.segment.clone(),
+                size.saturating_sub(FOOTER_PROBE_BYTES),
+                size,
+            )
             .await?;
+        let t = tail.len().saturating_sub(crate::segment::TRAILER_BYTES);
+        let (len, crc) = read_trailer(&tail[t..], size).map_err(corrupt)?;
+        let raw = if len <= t {
+            tail.slice(t - len..t)
+        } else {
+            let end = size - crate::segment::TRAILER_BYTES as u64;
+            self.shared_get(e.segment.clone(), end - len as u64, end)
+                .await?
+        };
+        let footer = decode_footer(&raw, crc).map_err(corrupt)?;
         if footer.base_offset != e.base_offset || footer.end_offset != e.next_offset() {
             return Err(Error::Corrupt {
                 what: format!("archive object {}", e.segment),

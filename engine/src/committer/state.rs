@@ -241,14 +241,21 @@ impl LogState {
         &self,
         tp: &PartitionKey,
     ) -> impl Iterator<Item = (&IndexedBatch, &Arc<str>)> {
-        let from = self.first_unarchived(self.batches(tp));
-        self.layout(tp).skip(from)
+        let entries = self.batches(tp);
+        self.with_keys(&entries[self.first_unarchived(entries)..])
     }
 
     /// Every readable entry of `tp` in offset order (archive objects, then
     /// intake batches) with the key of the object that holds it.
     pub fn layout(&self, tp: &PartitionKey) -> impl Iterator<Item = (&IndexedBatch, &Arc<str>)> {
-        self.batches(tp)
+        self.with_keys(self.batches(tp))
+    }
+
+    fn with_keys<'a>(
+        &'a self,
+        entries: &'a [IndexedBatch],
+    ) -> impl Iterator<Item = (&'a IndexedBatch, &'a Arc<str>)> {
+        entries
             .iter()
             .filter_map(|e| Some((e, self.segments.get(e.segment as usize)?)))
     }
@@ -820,6 +827,19 @@ mod tests {
         }
     }
 
+    /// An entry moving partition `p`'s log start to `log_start`.
+    fn trim_to(p: u32, log_start: u64) -> CommitRecord {
+        CommitRecord {
+            trims: vec![TrimRecord {
+                topic_id: tp(p).topic_id,
+                partition: p,
+                log_start,
+                forget: false,
+            }],
+            ..CommitRecord::default()
+        }
+    }
+
     #[test]
     fn an_archive_replaces_the_first_unarchived_batches_it_matches_and_no_others() {
         let now = SystemTime::UNIX_EPOCH;
@@ -866,19 +886,10 @@ mod tests {
         assert!(updates.iter().any(|u| &*u.segment == "archives/b"));
         // Retention drops a whole archive only once it is wholly expired.
         seq += 1;
-        let trim = |log_start| CommitRecord {
-            trims: vec![TrimRecord {
-                topic_id: tp(0).topic_id,
-                partition: 0,
-                log_start,
-                forget: false,
-            }],
-            ..CommitRecord::default()
-        };
-        s.apply(seq, &trim(2), now);
+        s.apply(seq, &trim_to(0, 2), now);
         assert!(s.refs().is_referenced("archives/a"));
         seq += 1;
-        s.apply(seq, &trim(3), now);
+        s.apply(seq, &trim_to(0, 3), now);
         assert!(!s.refs().is_referenced("archives/a"));
         assert_eq!(s.batches(&tp(0))[0].base_offset, 3);
     }
@@ -941,16 +952,7 @@ mod tests {
         for i in 1..=4u64 {
             s.apply(i, &single(i, 1, Vec::new()), now);
         }
-        let trim = CommitRecord {
-            trims: vec![TrimRecord {
-                topic_id: tp(1).topic_id,
-                partition: 1,
-                log_start: 2,
-                forget: false,
-            }],
-            ..CommitRecord::default()
-        };
-        s.apply(5, &trim, now);
+        s.apply(5, &trim_to(1, 2), now);
         // Planned before the trim: from offset 0, which is gone.
         assert!(!s.apply(6, &archive(1, "archives/late", 0, 3), now).archived[0]);
         assert!(s.apply(7, &archive(1, "archives/now", 2, 4), now).archived[0]);
