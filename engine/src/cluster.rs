@@ -197,24 +197,33 @@ impl Registration {
         self.fence.clone()
     }
 
-    /// Renews the lease every third of its TTL until `stop` resolves, then
-    /// revokes it so the broker leaves at once. Re-registers if the lease
-    /// was lost (for example after the store was unreachable for a TTL).
-    /// Each renewal is stamped in `metrics`; when `ready()` changes, the
-    /// record is written again saying so, and other brokers' Metadata
+    /// Renews the lease every third of its TTL until `drained` resolves,
+    /// then revokes it so the broker leaves at once. Re-registers if the
+    /// lease was lost (for example after the store was unreachable for a
+    /// TTL). Each renewal is stamped in `metrics`; when `ready()` changes,
+    /// the record is written again saying so, and other brokers' Metadata
     /// answers leave this broker out while it is not ready.
+    ///
+    /// `stopping` (the shutdown trigger) only wakes the loop early, so a
+    /// draining broker says at once that it is not ready (`ready()` must
+    /// answer false by then); the lease itself is held until `drained`,
+    /// because the commits of what the shards seal while draining are
+    /// fenced by it and would be given up without it.
     pub async fn maintain(
         mut self,
-        stop: impl std::future::Future<Output = ()>,
+        stopping: impl std::future::Future<Output = ()>,
+        drained: impl std::future::Future<Output = ()>,
         metrics: Arc<crate::metrics::Metrics>,
         ready: impl Fn() -> bool,
     ) {
         use crate::metrics::Metrics;
         Metrics::set(&metrics.lease_renewed_at_ms, crate::health::now_ms());
-        let mut stop = std::pin::pin!(stop);
+        let mut drained = std::pin::pin!(drained);
+        let mut stopping = std::pin::pin!(futures::FutureExt::fuse(stopping));
         loop {
             tokio::select! {
-                _ = &mut stop => break,
+                _ = &mut drained => break,
+                _ = &mut stopping => {}
                 _ = tokio::time::sleep(self.ttl / 3) => {}
             }
             let ready = ready();

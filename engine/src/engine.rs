@@ -84,6 +84,11 @@ pub struct Engine {
     pub(crate) shards: Vec<ShardLink>,
     pub(crate) metrics: Arc<Metrics>,
     shutdown: Shutdown,
+    /// Set by [`Engine::leave`] once the shards have drained: the
+    /// registration is revoked only then.
+    drained: Arc<Shutdown>,
+    /// Set once the registration is revoked (or given up).
+    left: Arc<Shutdown>,
     cluster_id: String,
     groups: Arc<Coordinator>,
     /// Each shard's receivers, taken by [`Engine::start_shard`].
@@ -179,6 +184,8 @@ impl Engine {
             shards: links,
             metrics,
             shutdown: Shutdown::default(),
+            drained: Arc::default(),
+            left: Arc::default(),
             cluster_id,
             groups: groups.clone(),
             inboxes: Mutex::new(inboxes.into_iter().map(Some).collect()),
@@ -208,10 +215,20 @@ impl Engine {
             move || {
                 engine
                     .upgrade()
-                    .is_none_or(|e| e.unready_reason().is_none())
+                    .is_none_or(|e| !e.shutdown.is_triggered() && e.unready_reason().is_none())
             }
         };
-        handle.spawn(registration.maintain(stop(), engine.metrics.clone(), ready));
+        handle.spawn({
+            let (drained, left) = (engine.drained.clone(), engine.left.clone());
+            let metrics = engine.metrics.clone();
+            let stopping = stop();
+            async move {
+                registration
+                    .maintain(stopping, drained.wait(), metrics, ready)
+                    .await;
+                left.trigger();
+            }
+        });
         handle.spawn(probe_store(Arc::downgrade(&engine)));
         handle.spawn(groups.run(stop()));
         Ok(engine)
@@ -266,6 +283,22 @@ impl Engine {
 
     pub fn shutdown(&self) -> &Shutdown {
         &self.shutdown
+    }
+
+    /// Leaves the cluster: revokes this broker's registration. Call it
+    /// after the shards have drained (their futures from
+    /// [`Engine::start_shard`] resolved), never before: the drain's
+    /// commits are fenced by the registration. Waits at most one lease
+    /// TTL for the revoke; the lease expires by itself otherwise.
+    pub async fn leave(&self) {
+        self.shutdown.trigger();
+        self.drained.trigger();
+        if tokio::time::timeout(self.lease_ttl, self.left.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("revoking the registration timed out; its lease will expire");
+        }
     }
 
     /// The object store's own request counts, when its backend keeps them.

@@ -138,6 +138,9 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
             tracing::error!("shard thread ended abnormally: {e:?}");
         }
     }
+    // Only now, with every drain commit answered, does the broker give up
+    // the registration that fences those commits.
+    sidecar.block_on(engine.leave());
     sidecar.shutdown();
     match failure {
         Some(e) => Err(anyhow::anyhow!(e)),
