@@ -23,7 +23,7 @@ use crate::committer::{CommitRequest, IndexUpdate, SegmentCommitted};
 use crate::gaps::{FailedBatches, IdempotentBatches};
 use crate::index::{IndexEntry, PartitionIndex};
 use crate::metrics::{Metrics, ShardCounters};
-use crate::pool::FramePool;
+use crate::pool::{FramePool, Recycler};
 use crate::retention::is_archive_key;
 use crate::segment::{SealedSegment, SegmentBuilder};
 use crate::sequencer::BatchOutcome;
@@ -56,6 +56,12 @@ struct InflightGet {
 
 /// Messages queued per shard mailbox before senders wait.
 pub const MAILBOX_MESSAGES_MAX: usize = 1024;
+/// Most bytes of frame slabs a shard keeps for reuse (bounded also by
+/// its in-flight budget): see [`crate::pool`].
+const FRAMES_KEPT_MAX: usize = 32 << 20;
+/// Most bytes of packed-segment buffers a shard keeps for reuse (those
+/// the read cache holds, and a couple free).
+const PACKS_KEPT_MAX: usize = 256 << 20;
 
 /// The shared, `Send` side of a shard: how other shards and the committer
 /// reach it.
@@ -245,6 +251,8 @@ pub struct Shard {
     pub id: usize,
     pub(crate) engine: Arc<Engine>,
     pub frames: FramePool,
+    /// Buffers of sealed segments' packed copies (held by the read cache).
+    packs: RefCell<Recycler>,
     /// Request bytes admitted and not yet answered (TCP back-pressure).
     pub budget: Rc<glommio::sync::Semaphore>,
     /// Upload requests in flight for this shard's segments (the
@@ -276,6 +284,11 @@ impl Shard {
     ) -> (Rc<Self>, impl Future<Output = ()>) {
         let (ctx, crx) = mpsc::unbounded();
         let cfg = &engine.config;
+        let frames_kept = cfg.inflight_bytes_max.min(FRAMES_KEPT_MAX);
+        let packs_kept = cfg
+            .read_cache_bytes_max
+            .saturating_add(2 * cfg.flush_bytes)
+            .min(PACKS_KEPT_MAX);
         let shard = Rc::new(Self {
             id,
             budget: Rc::new(glommio::sync::Semaphore::new(cfg.inflight_bytes_max as u64)),
@@ -285,7 +298,8 @@ impl Shard {
             inflight: Rc::default(),
             inflight_ids: Cell::new(0),
             engine,
-            frames: FramePool::default(),
+            frames: FramePool::new(frames_kept),
+            packs: RefCell::new(Recycler::new(packs_kept)),
             state: RefCell::new(ShardState::default()),
             applied_seq: Cell::new(0),
             applied: event_listener::Event::new(),
@@ -414,10 +428,13 @@ impl Shard {
             // copy per segment instead, so it pins exactly what it counts
             // (and the frames go once the upload is done).
             let total: usize = batch_bytes.iter().flatten().map(Bytes::len).sum();
-            let mut packed = bytes::BytesMut::with_capacity(total);
+            let mut packs = self.packs.borrow_mut();
+            let mut packed = packs.take(total);
             for data in batch_bytes.iter().flatten() {
                 packed.extend_from_slice(data);
             }
+            packs.keep_rest(&mut packed);
+            drop(packs);
             let packed = packed.freeze();
             self.counters().cache_copied_bytes.add(total as u64);
             let mut cache = self.cache.borrow_mut();
