@@ -190,6 +190,18 @@ impl Collector for BrokerCollector {
             "Bytes of the archive objects this broker wrote that the commit log took.",
             [(NO_LABELS, Metrics::get(&m.archive_bytes))],
         )?;
+        counter(
+            &mut out,
+            "floe_compactions_total",
+            "Compacted archive objects this broker wrote that the commit log took.",
+            [(NO_LABELS, Metrics::get(&m.compactions))],
+        )?;
+        counter(
+            &mut out,
+            "floe_compaction_records_dropped_total",
+            "Records this broker's compaction passes left out (superseded values, expired tombstones, records without a key).",
+            [(NO_LABELS, Metrics::get(&m.compaction_records_dropped))],
+        )?;
         gauge(
             &mut out,
             "floe_producer_ids",
@@ -522,6 +534,8 @@ mod tests {
             "floe_log_snapshot_reloads_total counter",
             "floe_archives_written_total counter",
             "floe_archive_bytes_total counter",
+            "floe_compactions_total counter",
+            "floe_compaction_records_dropped_total counter",
             "floe_producer_ids gauge",
             "floe_connections gauge",
             "floe_segment_upload_failures_in_a_row gauge",

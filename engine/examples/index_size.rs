@@ -161,6 +161,7 @@ fn main() {
                         size: bytes,
                         base_offset: from,
                         end_offset: to,
+                        replaces: Vec::new(),
                     });
                 }
             }

@@ -81,6 +81,8 @@ pub struct ArchiveBuilder {
     base_offset: u64,
     next_offset: u64,
     batches: Vec<ArchiveBatch>,
+    /// Compaction's output: batches may leave gaps between them.
+    gaps: bool,
 }
 
 /// An assembled archive object: `parts` concatenated are the object.
@@ -117,7 +119,24 @@ impl ArchiveBuilder {
             base_offset,
             next_offset: base_offset,
             batches: Vec::new(),
+            gaps: false,
         }
+    }
+
+    /// An archive written by compaction: a batch may start after the end
+    /// of the one before it (the records between are gone; their offsets
+    /// stay unused).
+    pub fn compacted(tp: PartitionKey, base_offset: u64) -> Self {
+        Self {
+            gaps: true,
+            ..Self::new(tp, base_offset)
+        }
+    }
+
+    /// Makes the archive end at `offset` (compaction: the records at its
+    /// end are gone, yet it spans the offsets of the archives it replaces).
+    pub fn extend_to(&mut self, offset: u64) {
+        self.next_offset = self.next_offset.max(offset);
     }
 
     /// Bytes of the object so far (without its footer).
@@ -129,6 +148,11 @@ impl ArchiveBuilder {
         self.batches.is_empty()
     }
 
+    /// The first offset the archive spans.
+    pub fn base_offset(&self) -> u64 {
+        self.base_offset
+    }
+
     /// One past the last offset added.
     pub fn next_offset(&self) -> u64 {
         self.next_offset
@@ -137,7 +161,7 @@ impl ArchiveBuilder {
     /// Adds the batch stored as `stored` (as the producer sent it), which
     /// the log placed at `base_offset`: it must follow the previous one.
     pub fn push(&mut self, base_offset: u64, stored: Bytes) -> Result<(), ArchiveError> {
-        if base_offset != self.next_offset {
+        if base_offset != self.next_offset && !(self.gaps && base_offset > self.next_offset) {
             return Err(ArchiveError::NotContiguous {
                 want: self.next_offset,
                 got: base_offset,

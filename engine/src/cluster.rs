@@ -220,16 +220,21 @@ impl Registration {
         Metrics::set(&metrics.lease_renewed_at_ms, crate::health::now_ms());
         let mut drained = std::pin::pin!(drained);
         let mut stopping = std::pin::pin!(futures::FutureExt::fuse(stopping));
+        let mut draining = false;
         loop {
             tokio::select! {
                 _ = &mut drained => break,
-                _ = &mut stopping => {}
+                _ = &mut stopping => draining = true,
                 _ = tokio::time::sleep(self.ttl / 3) => {}
             }
             let ready = ready();
             if ready != self.record.ready {
                 self.record.ready = ready;
                 match put_leased(&*self.meta, &self.record, self.lease).await {
+                    Ok(()) if draining => tracing::info!(
+                        node = self.record.node_id,
+                        "told the cluster this broker is draining"
+                    ),
                     Ok(()) => tracing::warn!(
                         node = self.record.node_id,
                         ready,

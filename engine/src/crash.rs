@@ -5,7 +5,9 @@
 //!
 //! Points: `archive-read` (an archive's intake batches read, nothing
 //! uploaded), `archive-uploaded` (the object written, its log entry not
-//! sent), `archive-committed` (the entry in the log, the job not told).
+//! sent), `archive-committed` (the entry in the log, the job not told);
+//! the same three steps of a compaction pass: `compact-read`,
+//! `compact-uploaded`, `compact-committed`.
 
 use std::sync::OnceLock;
 

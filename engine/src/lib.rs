@@ -17,6 +17,7 @@ pub mod batch;
 pub mod cache;
 pub mod cluster;
 pub mod committer;
+pub mod compact;
 pub mod config;
 pub mod coordinator;
 pub mod crash;

@@ -92,6 +92,11 @@ pub struct Metrics {
     /// Archive objects this broker wrote that the log took, and their bytes.
     pub archives_written: AtomicU64,
     pub archive_bytes: AtomicU64,
+    /// Compacted archives this broker wrote that the log took, and the
+    /// records its compaction passes dropped (superseded, expired
+    /// tombstones, keyless).
+    pub compactions: AtomicU64,
+    pub compaction_records_dropped: AtomicU64,
     /// When the commit log was last read to its head, and when the
     /// membership lease was last renewed (Unix ms): health, for /readyz.
     pub log_read_at_ms: AtomicU64,
@@ -127,6 +132,8 @@ impl Metrics {
             log_snapshot_reloads: AtomicU64::default(),
             archives_written: AtomicU64::default(),
             archive_bytes: AtomicU64::default(),
+            compactions: AtomicU64::default(),
+            compaction_records_dropped: AtomicU64::default(),
             log_read_at_ms: AtomicU64::default(),
             lease_renewed_at_ms: AtomicU64::default(),
             producer_ids: AtomicU64::default(),

@@ -928,12 +928,29 @@ impl Shard {
         }
     }
 
-    async fn read_indexed(&self, req: ReadRequest) -> Result<ReadResult> {
+    async fn read_indexed(&self, mut req: ReadRequest) -> Result<ReadResult> {
+        // A compacted archive may hold no batch at or after the offset
+        // (its last records are gone): the read goes on at the next entry,
+        // as Kafka's does across a gap.
+        loop {
+            match self.read_indexed_once(req).await? {
+                Ok(r) => return Ok(r),
+                Err(next) => req.offset = next,
+            }
+        }
+    }
+
+    /// One read, or (`Err`) the offset to read from instead when the
+    /// archive holding `req.offset` has no batch from there on.
+    async fn read_indexed_once(
+        &self,
+        req: ReadRequest,
+    ) -> Result<std::result::Result<ReadResult, u64>> {
         let (entries, hwm, log_start) = {
             let st = self.state.borrow();
             let Some(index) = st.indexes.get(&req.tp) else {
                 if req.offset == 0 {
-                    return Ok(ReadResult::default());
+                    return Ok(Ok(ReadResult::default()));
                 }
                 return Err(Error::OffsetOutOfRange {
                     offset: req.offset,
@@ -987,6 +1004,12 @@ impl Shard {
                         req.max_bytes,
                         entries.is_empty(),
                     );
+                    if answer.is_empty() && entries.is_empty() {
+                        let next = archive.next_offset();
+                        if next < hwm {
+                            return Ok(Err(next));
+                        }
+                    }
                     wanted += answer.len();
                     // Read-ahead: when any batch of the answer is not
                     // cached (the last read-ahead may have ended inside
@@ -1044,12 +1067,12 @@ impl Shard {
             bytes += stored.len();
         }
         self.counters().fetch_bytes.add(bytes as u64);
-        Ok(ReadResult {
+        Ok(Ok(ReadResult {
             high_watermark: hwm,
             log_start,
             parts,
             bytes,
-        })
+        }))
     }
 
     /// A read whose batches retention trimmed while they were being read

@@ -144,9 +144,13 @@ struct Acks {
     /// Archive entries the log took, and archives tried.
     archives_taken: u64,
     archives_tried: u64,
+    /// Of those taken, compacted archives (replacing archives).
+    compactions_taken: u64,
 }
 
 const RECORDS_PER_BATCH_MAX: u64 = 4;
+/// Compacted archives the logs took, over every schedule run here.
+static COMPACTIONS_TAKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Attempts per segment before the schedule is declared stuck.
 const ATTEMPTS_MAX: usize = 200;
 
@@ -566,6 +570,66 @@ async fn archive_now_and_then(
             topic_id: topic(),
             partition: rng.below(u64::from(s.partitions)) as u32,
         };
+        // Now and then a compaction pass instead: a run of two or three
+        // of the partition's archives rewritten into one (the simulation
+        // drops no record; what is tested is the switch).
+        let archives: Vec<(u64, u64, String, u32)> = planner
+            .state()
+            .layout(&tp)
+            .take_while(|(_, k)| retention::is_archive_key(k))
+            .map(|(b, k)| (b.base_offset, b.end_offset(), k.to_string(), b.len))
+            .collect();
+        if archives.len() >= 2 && rng.below(3) == 0 {
+            let len = 2 + rng.below(2).min(archives.len() as u64 - 2) as usize;
+            let from = rng.below((archives.len() - len + 1) as u64) as usize;
+            let run = &archives[from..from + len];
+            let key = format!("{}{}-{n}-c", retention::ARCHIVES_PREFIX, s.seed);
+            let size: u64 = run.iter().map(|a| u64::from(a.3)).sum();
+            let archive = ArchiveRecord {
+                topic_id: tp.topic_id,
+                partition: tp.partition,
+                key: key.clone(),
+                size,
+                base_offset: run[0].0,
+                end_offset: run[len - 1].1,
+                replaces: run.iter().map(|a| a.2.clone()).collect(),
+            };
+            let uploaded_at = tokio::time::Instant::now();
+            {
+                let mut a = lock(&acks);
+                let held: Option<Vec<Placed>> = run
+                    .iter()
+                    .map(|r| a.archived.get(&r.2).cloned())
+                    .collect::<Option<Vec<_>>>()
+                    .map(|v| v.concat());
+                let Some(held) = held else { continue };
+                a.archived.insert(key.clone(), held);
+                a.uploaded.insert(key.clone(), uploaded_at);
+                a.archives_tried += 1;
+            }
+            if store
+                .put(&key, vec![bytes::Bytes::from(vec![0u8; size as usize])])
+                .await
+                .is_err()
+            {
+                continue;
+            }
+            let (reply, answer) = oneshot::channel();
+            let sent = requests
+                .send_async(CommitRequest::Archive {
+                    archive,
+                    uploaded_at,
+                    reply,
+                })
+                .await;
+            if sent.is_ok() && matches!(answer.await, Ok(Ok(true))) {
+                let mut a = lock(&acks);
+                a.archives_taken += 1;
+                a.compactions_taken += 1;
+                COMPACTIONS_TAKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            continue;
+        }
         let take = 1 + rng.below(5) as usize;
         let batches: Vec<(u64, u64, String, u64, u32)> = planner
             .state()
@@ -585,6 +649,7 @@ async fn archive_now_and_then(
             size,
             base_offset: first.0,
             end_offset: last.1,
+            replaces: Vec::new(),
         };
         let uploaded_at = tokio::time::Instant::now();
         {
@@ -775,8 +840,8 @@ async fn run_schedule(s: Schedule) -> Result<String, String> {
         .map(|r| r.reloads.load(std::sync::atomic::Ordering::Relaxed))
         .sum();
     Ok(format!(
-        "{summary}, {swept} orphans swept, {reloads} snapshot reloads, {} outcomes unknown, {restarts} crashes, {} of {} archives taken",
-        acks.unknown, acks.archives_taken, acks.archives_tried
+        "{summary}, {swept} orphans swept, {reloads} snapshot reloads, {} outcomes unknown, {restarts} crashes, {} of {} archives taken ({} compacted)",
+        acks.unknown, acks.archives_taken, acks.archives_tried, acks.compactions_taken
     ))
 }
 
@@ -981,7 +1046,10 @@ fn run_many(name: &str, count: u64, make: impl Fn(u64) -> Schedule) {
             Err(_) => panic!("{name}: schedule with seed {seed} did not finish"),
         }
     }
-    eprintln!("{name}: {count} schedules from seed {first} passed; the last: {last}");
+    eprintln!(
+        "{name}: {count} schedules from seed {first} passed ({} compacted archives taken in this process); the last: {last}",
+        COMPACTIONS_TAKEN.load(std::sync::atomic::Ordering::Relaxed)
+    );
 }
 
 #[test]

@@ -157,6 +157,11 @@ pub struct CommitRecord {
 /// exactly at `end_offset`: those batches are then replaced by the
 /// archive. Otherwise (retention or another archiver moved first) it is
 /// ignored, and its object is an orphan for the sweep.
+///
+/// A *compacted* archive (non-empty `replaces`) takes the place of
+/// archives instead: it takes effect only if `replaces` names a run of the
+/// partition's archives, in order, that spans exactly `[base_offset,
+/// end_offset)`; those are then released.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchiveRecord {
     #[serde(rename = "t")]
@@ -172,6 +177,10 @@ pub struct ArchiveRecord {
     pub base_offset: u64,
     #[serde(rename = "e")]
     pub end_offset: u64,
+    /// The archives a compaction pass rewrote into this one (empty: an
+    /// archive of intake batches).
+    #[serde(default, rename = "r", skip_serializing_if = "Vec::is_empty")]
+    pub replaces: Vec<String>,
 }
 
 fn is_zero_u64(v: &u64) -> bool {

@@ -20,6 +20,7 @@ pub enum ConfigKind {
     Long = 5,
     String = 2,
     List = 7,
+    Double = 6,
 }
 
 pub struct ConfigEntry {
@@ -43,9 +44,9 @@ const KNOWN: &[Known] = &[
     Known {
         name: "cleanup.policy",
         kind: ConfigKind::List,
-        choices: &["delete"],
+        choices: &["delete", "compact", "compact,delete", "delete,compact"],
         min: 0,
-        doc: "Only 'delete' is supported; compaction is not implemented.",
+        doc: "delete: retention by time and size; compact: the latest value per key is kept (records need a key); both: compacted and retained.",
     },
     Known {
         name: "compression.type",
@@ -53,6 +54,20 @@ const KNOWN: &[Known] = &[
         choices: &["producer"],
         min: 0,
         doc: "Batches are stored as producers compressed them.",
+    },
+    Known {
+        name: "delete.retention.ms",
+        kind: ConfigKind::Long,
+        choices: &[],
+        min: 0,
+        doc: "Compacted topics: how long a tombstone (a key with no value) is kept after it was written.",
+    },
+    Known {
+        name: "max.compaction.lag.ms",
+        kind: ConfigKind::Long,
+        choices: &[],
+        min: 1,
+        doc: "Compacted topics: the longest a record stays uncompacted once archived.",
     },
     Known {
         name: "max.message.bytes",
@@ -67,6 +82,20 @@ const KNOWN: &[Known] = &[
         choices: &["CreateTime"],
         min: 0,
         doc: "Only CreateTime is supported.",
+    },
+    Known {
+        name: "min.cleanable.dirty.ratio",
+        kind: ConfigKind::Double,
+        choices: &[],
+        min: 0,
+        doc: "Compacted topics: a partition is compacted once this share of its archived bytes is not yet compacted.",
+    },
+    Known {
+        name: "min.compaction.lag.ms",
+        kind: ConfigKind::Long,
+        choices: &[],
+        min: 0,
+        doc: "Compacted topics: the least time a record stays uncompacted.",
     },
     Known {
         name: "min.insync.replicas",
@@ -109,6 +138,10 @@ fn default_value(name: &str, settings: &Settings) -> String {
     match name {
         "cleanup.policy" => "delete".into(),
         "compression.type" => "producer".into(),
+        "delete.retention.ms" => "86400000".into(),
+        "max.compaction.lag.ms" => i64::MAX.to_string(),
+        "min.cleanable.dirty.ratio" => "0.5".into(),
+        "min.compaction.lag.ms" => "0".into(),
         "max.message.bytes" => settings.max_message_bytes.to_string(),
         "message.timestamp.type" => "CreateTime".into(),
         "min.insync.replicas" => "1".into(),
@@ -125,7 +158,15 @@ pub fn validate(name: &str, value: &str) -> Result<(), String> {
     let Some(k) = KNOWN.iter().find(|k| k.name == name) else {
         return Err(format!("unknown or unsupported topic config {name:?}"));
     };
+    if k.kind == ConfigKind::Double {
+        return match value.trim().parse::<f64>() {
+            Ok(v) if (0.0..=1.0).contains(&v) => Ok(()),
+            _ => Err(format!("{name}={value:?} must be a number from 0 to 1")),
+        };
+    }
     if !k.choices.is_empty() {
+        let value = value.replace(' ', "");
+        let value = value.as_str();
         return if k.choices.contains(&value) {
             Ok(())
         } else {
@@ -246,7 +287,13 @@ mod tests {
         assert!(validate("retention.ms", "-1").is_ok());
         assert!(validate("retention.ms", "x").is_err());
         assert!(validate("max.message.bytes", "99999999999").is_err());
-        assert!(validate("cleanup.policy", "compact").is_err());
+        assert!(validate("cleanup.policy", "compact").is_ok());
+        assert!(validate("cleanup.policy", "compact, delete").is_ok());
+        assert!(validate("cleanup.policy", "shred").is_err());
+        assert!(validate("min.cleanable.dirty.ratio", "0.01").is_ok());
+        assert!(validate("min.cleanable.dirty.ratio", "1.5").is_err());
+        assert!(validate("delete.retention.ms", "0").is_ok());
+        assert!(validate("max.compaction.lag.ms", "0").is_err());
         assert!(validate("no.such.config", "1").is_err());
     }
 }

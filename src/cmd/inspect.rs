@@ -123,8 +123,15 @@ fn describe(state: &LogState, tp: &PartitionKey) -> String {
         let end = run[run.len() - 1].0.end_offset();
         let bytes: u64 = run.iter().map(|(e, _)| u64::from(e.len)).sum();
         if is_archive_key(key) {
+            // A compaction pass wrote it (the records that lost are gone,
+            // their offsets unused); its key ends in -c<when>.
+            let kind = if floe_engine::compact::is_compacted_key(key) {
+                "compacted"
+            } else {
+                "archive  "
+            };
             out += &format!(
-                "  archive  {}..{}  {bytes} bytes  {key}\n",
+                "  {kind}  {}..{}  {bytes} bytes  {key}\n",
                 first.base_offset, end
             );
         } else {

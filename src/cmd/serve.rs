@@ -226,6 +226,7 @@ fn start_engine(
                 // Often enough to archive a busy partition soon after it
                 // reaches the target.
                 interval: Duration::from_secs(cfg.archive_max_age_secs.clamp(1, 5)),
+                key_map_bytes: usize::try_from(cfg.compaction_key_map_bytes).unwrap_or(usize::MAX),
             },
         },
     };

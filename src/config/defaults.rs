@@ -38,3 +38,6 @@ pub const ARCHIVE_TARGET_BYTES: u64 = 64 << 20;
 /// A slow partition's batches stay in intake segments at most about ten
 /// minutes.
 pub const ARCHIVE_MAX_AGE_SECS: u64 = 600;
+/// Memory for one compaction pass's key map: about 40 bytes a key, so
+/// 1.6 million keys; a pass over more dirty keys goes in several.
+pub const COMPACTION_KEY_MAP_BYTES: u64 = 64 << 20;

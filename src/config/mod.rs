@@ -157,6 +157,13 @@ pub struct ServeArgs {
     /// oldest batch not yet archived has waited this long. [default: 600]
     #[arg(long, env = "FLOE_ARCHIVE_MAX_AGE_SECS")]
     pub archive_max_age_secs: Option<u64>,
+    /// Memory for the key map of one compaction pass over a compacted
+    /// topic's partition (about 40 bytes a key); when the dirty keys do
+    /// not fit, the partition is compacted in several passes.
+    /// Compaction works on archive objects, so it needs archiving on.
+    /// [default: 67108864]
+    #[arg(long, env = "FLOE_COMPACTION_KEY_MAP_BYTES")]
+    pub compaction_key_map_bytes: Option<u64>,
     /// A snapshot of the commit log's state is written every this many
     /// entries. [default: 500]
     #[arg(long, env = "FLOE_SNAPSHOT_EVERY_ENTRIES")]
@@ -261,6 +268,7 @@ pub struct Resolved {
     pub producer_id_expiration_ms: u64,
     pub archive_target_bytes: u64,
     pub archive_max_age_secs: u64,
+    pub compaction_key_map_bytes: u64,
     pub snapshot_every_entries: u64,
     pub log_keep_entries: u64,
     pub multipart_abort_after_secs: u64,
@@ -428,6 +436,11 @@ impl ServeArgs {
             archive_target_bytes: pick!(archive_target_bytes, defaults::ARCHIVE_TARGET_BYTES),
             archive_max_age_secs: pick!(archive_max_age_secs, defaults::ARCHIVE_MAX_AGE_SECS)
                 .max(1),
+            compaction_key_map_bytes: pick!(
+                compaction_key_map_bytes,
+                defaults::COMPACTION_KEY_MAP_BYTES
+            )
+            .max(1 << 20),
             snapshot_every_entries: pick!(snapshot_every_entries, defaults::SNAPSHOT_EVERY_ENTRIES)
                 .max(1),
             log_keep_entries: pick!(log_keep_entries, defaults::LOG_KEEP_ENTRIES).max(1),
@@ -812,6 +825,10 @@ mod tests {
             (
                 "archive_max_age_secs",
                 defaults::ARCHIVE_MAX_AGE_SECS.to_string(),
+            ),
+            (
+                "compaction_key_map_bytes",
+                defaults::COMPACTION_KEY_MAP_BYTES.to_string(),
             ),
             (
                 "snapshot_every_entries",

@@ -185,7 +185,7 @@ def inspect_archives(broker, topic):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout, {line.split()[-1] for line in out.stdout.splitlines()
-                        if line.strip().startswith("archive")}
+                        if line.strip().startswith(("archive", "compacted"))}
 
 
 @pytest.mark.parametrize("point", ["archive-read", "archive-uploaded", "archive-committed"])

@@ -55,16 +55,20 @@ pub struct ArchiveSettings {
     pub max_age: Duration,
     /// How often due partitions are looked for.
     pub interval: Duration,
+    /// Memory for the key map of one compaction pass (compacted topics).
+    pub key_map_bytes: usize,
 }
 
 /// The job's state inside the committer.
 pub struct Archiver {
-    settings: ArchiveSettings,
+    pub(super) settings: ArchiveSettings,
     /// Weak, so the committer still stops once everyone else has let go
     /// of its queue.
-    requests: flume::WeakSender<CommitRequest>,
+    pub(super) requests: flume::WeakSender<CommitRequest>,
     /// A round of archives is being written.
     busy: Arc<AtomicBool>,
+    /// A round of compaction passes is running.
+    pub(super) compacting: Arc<AtomicBool>,
     /// When this broker first saw each partition it archives with
     /// batches waiting.
     waiting_since: HashMap<PartitionKey, Instant>,
@@ -76,6 +80,7 @@ impl Archiver {
             settings,
             requests: requests.downgrade(),
             busy: Arc::default(),
+            compacting: Arc::default(),
             waiting_since: HashMap::new(),
         }
     }
@@ -316,6 +321,7 @@ async fn archive(
         size: sealed.size,
         base_offset,
         end_offset,
+        replaces: Vec::new(),
     };
     let started = RetryClock::now();
     // The same key and bytes each time: a retry after a lost reply is
@@ -359,7 +365,7 @@ const ATTEMPTS: u32 = 4;
 
 /// `call` until it succeeds, up to [`ATTEMPTS`] times, 100 ms apart and
 /// doubling.
-async fn retried<T, F, Fut>(mut call: F) -> floe_objstore::Result<T>
+pub(super) async fn retried<T, F, Fut>(mut call: F) -> floe_objstore::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = floe_objstore::Result<T>>,

@@ -158,10 +158,14 @@ impl Committer {
             .values()
             .map(|t| {
                 let cfg = |k: &str| t.configs.get(k).map(String::as_str);
-                (
-                    t.id,
-                    RetentionPolicy::from_configs(cfg("retention.ms"), cfg("retention.bytes")),
-                )
+                // A compacted topic without `delete` in its policy keeps
+                // its records by key, not by age or size (Kafka's rule).
+                let policy = if crate::compact::CompactionPolicy::from_configs(cfg).delete {
+                    RetentionPolicy::from_configs(cfg("retention.ms"), cfg("retention.bytes"))
+                } else {
+                    RetentionPolicy::from_configs(Some("-1"), Some("-1"))
+                };
+                (t.id, policy)
             })
             .collect();
         let now_ms = std::time::SystemTime::now()

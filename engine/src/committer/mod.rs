@@ -16,6 +16,7 @@
 
 mod archiving;
 mod cleanup;
+mod compaction;
 mod snapshot;
 mod state;
 
@@ -769,7 +770,10 @@ impl Committer {
                 _ = cleanup_tick.tick(), if self.lifecycle.is_some() => {
                     self.cleanup(&mut last_sweep).await;
                 }
-                _ = archive_tick.tick(), if self.archiver.is_some() => self.archive_turn(),
+                _ = archive_tick.tick(), if self.archiver.is_some() => {
+                    self.archive_turn();
+                    self.compact_turn();
+                }
             }
         }
     }

@@ -292,6 +292,9 @@ impl LogState {
         let Some(entries) = self.index.get(&tp) else {
             return false;
         };
+        if !a.replaces.is_empty() {
+            return self.apply_compacted(seq, tp, a, records, len, now, updates);
+        }
         let from = self.first_unarchived(entries);
         let rest = &entries[from..];
         if rest.first().map(|e| e.base_offset) != Some(a.base_offset) {
@@ -325,6 +328,90 @@ impl LogState {
         for (seg, n) in by_segment {
             if let Some(k) = self.segments.get(seg as usize) {
                 self.refs.release(k, n, seq, now);
+            }
+        }
+        updates.push(IndexUpdate {
+            seq,
+            tp,
+            log_start: self.sequencer.log_start(&tp),
+            segment: key,
+            batches: vec![CommittedBatch {
+                pos: 0,
+                len,
+                records,
+                max_ts,
+                outcome: BatchOutcome::Appended {
+                    base_offset: a.base_offset,
+                },
+            }],
+            forget: false,
+            archived: true,
+        });
+        true
+    }
+
+    /// Puts the compacted archive `a` in place of the run of archives it
+    /// names, if they are still the partition's and span exactly its
+    /// offsets; whether it did. They are released.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_compacted(
+        &mut self,
+        seq: u64,
+        tp: PartitionKey,
+        a: &ArchiveRecord,
+        records: u32,
+        len: u32,
+        now: SystemTime,
+        updates: &mut Vec<IndexUpdate>,
+    ) -> bool {
+        let Some(entries) = self.index.get(&tp) else {
+            return false;
+        };
+        let archived = &entries[..self.first_unarchived(entries)];
+        let key_of = |e: &IndexedBatch| self.segments.get(e.segment as usize);
+        let Some(from) = archived
+            .iter()
+            .position(|e| key_of(e).is_some_and(|k| **k == *a.replaces[0]))
+        else {
+            return false;
+        };
+        let to = from + a.replaces.len();
+        let Some(run) = archived.get(from..to) else {
+            return false;
+        };
+        let matches = run
+            .iter()
+            .zip(&a.replaces)
+            .all(|(e, k)| key_of(e).is_some_and(|have| **have == **k))
+            && run[0].base_offset == a.base_offset
+            && run[run.len() - 1].end_offset() == a.end_offset;
+        if !matches {
+            return false;
+        }
+        let key: Arc<str> = Arc::from(a.key.as_str());
+        let id = self.segment_id(&key);
+        let Some(entries) = self.index.get_mut(&tp) else {
+            return false;
+        };
+        let replaced: Vec<IndexedBatch> = entries.drain(from..to).collect();
+        // The newest timestamp of what was rewritten: what remains is no
+        // newer, and retention by time keeps it no longer than before.
+        let max_ts = replaced.iter().map(|e| e.max_ts).max().unwrap_or(-1);
+        entries.insert(
+            from,
+            IndexedBatch {
+                base_offset: a.base_offset,
+                records,
+                max_ts,
+                segment: id,
+                pos: 0,
+                len,
+            },
+        );
+        self.refs.hold(&key, 1);
+        for e in &replaced {
+            if let Some(k) = self.segments.get(e.segment as usize) {
+                self.refs.release(k, 1, seq, now);
             }
         }
         updates.push(IndexUpdate {
@@ -822,6 +909,7 @@ mod tests {
                 size: 1000,
                 base_offset,
                 end_offset,
+                replaces: Vec::new(),
             }],
             ..CommitRecord::default()
         }
@@ -892,6 +980,68 @@ mod tests {
         s.apply(seq, &trim_to(0, 3), now);
         assert!(!s.refs().is_referenced("archives/a"));
         assert_eq!(s.batches(&tp(0))[0].base_offset, 3);
+    }
+
+    #[test]
+    fn a_compacted_archive_replaces_the_run_of_archives_it_names_and_no_other() {
+        let now = SystemTime::UNIX_EPOCH;
+        let mut s = LogState::default();
+        for i in 1..=8u64 {
+            s.apply(i, &single(i, 0, Vec::new()), now);
+        }
+        let mut seq = 8;
+        // Four archives of two batches each: a 0..2, b 2..4, c 4..6, d 6..8.
+        for (k, from) in [("a", 0), ("b", 2), ("c", 4), ("d", 6)] {
+            seq += 1;
+            let key = format!("archives/{k}");
+            assert!(
+                s.apply(seq, &archive(0, &key, from, from + 2), now)
+                    .archived[0]
+            );
+        }
+        let mut compact = |s: &mut LogState, key: &str, from: u64, to: u64, replaces: &[&str]| {
+            seq += 1;
+            let mut c = archive(0, key, from, to);
+            c.archives[0].replaces = replaces.iter().map(|k| format!("archives/{k}")).collect();
+            s.apply(seq, &c, now).archived[0]
+        };
+        // Not a run, out of order, a range that is not the run's, a key
+        // that is not an archive of the partition: ignored.
+        assert!(!compact(&mut s, "archives/x", 0, 6, &["a", "c"]));
+        assert!(!compact(&mut s, "archives/x", 0, 4, &["b", "a"]));
+        assert!(!compact(&mut s, "archives/x", 0, 3, &["a", "b"]));
+        assert!(!compact(&mut s, "archives/x", 2, 4, &["b", "c"]));
+        assert!(!compact(&mut s, "archives/x", 0, 2, &["zz"]));
+        assert!(!compact(&mut s, "archives/x", 6, 10, &["d", "e"]));
+        // The run b, c: replaced by one archive spanning 2..6.
+        assert!(compact(&mut s, "archives/bc", 2, 6, &["b", "c"]));
+        let spans = |s: &LogState| {
+            s.layout(&tp(0))
+                .map(|(e, k)| (e.base_offset, e.end_offset(), k.to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            spans(&s),
+            vec![
+                (0, 2, "archives/a".into()),
+                (2, 6, "archives/bc".into()),
+                (6, 8, "archives/d".into()),
+            ]
+        );
+        assert!(!s.refs().is_referenced("archives/b") && s.refs().is_known("archives/b"));
+        assert!(s.refs().is_referenced("archives/bc"));
+        // Replaced archives cannot be replaced again; the new one can.
+        assert!(!compact(&mut s, "archives/y", 2, 4, &["b"]));
+        assert!(compact(&mut s, "archives/all", 0, 8, &["a", "bc", "d"]));
+        assert_eq!(spans(&s), vec![(0, 8, "archives/all".into())]);
+        // The high watermark and log start are untouched; a snapshot
+        // carries it; retention still trims it whole.
+        assert_eq!((s.log_start(&tp(0)), s.high_watermark(&tp(0))), (0, 8));
+        let (loaded, _) = LogState::load(s.snapshot(), now);
+        assert_eq!(loaded.snapshot(), s.snapshot());
+        seq += 1;
+        s.apply(seq, &trim_to(0, 8), now);
+        assert!(!s.refs().is_referenced("archives/all"));
     }
 
     #[test]

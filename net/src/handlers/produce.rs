@@ -1,7 +1,8 @@
 //! Produce: validate each partition's batches in place, hand them to the
 //! owning shard, and answer once their segment is durable and committed.
 
-use floe_engine::batch;
+use floe_engine::batch::{self, BatchError};
+use floe_engine::compact::CompactionPolicy;
 use floe_engine::sequencer::BatchOutcome;
 use floe_engine::PartitionKey;
 use futures::future::join_all;
@@ -42,6 +43,27 @@ fn answer(index: i32, outcomes: &[BatchOutcome]) -> PartitionProduceResponse {
         .with_base_offset(base)
         .with_log_append_time_ms(-1)
         .with_log_start_offset(0)
+}
+
+/// A compacted topic keeps the latest value per key: a record without a
+/// key is refused (Kafka: INVALID_RECORD).
+fn refuse_keyless(batches: &[batch::Batch], topic: &str, partition: i32) -> Result<(), BatchError> {
+    for b in batches {
+        match floe_engine::compact::all_keyed(&b.bytes) {
+            Ok(true) => {}
+            Ok(false) => return Err(BatchError::Invalid {
+                reason: format!(
+                    "compacted topic cannot accept a record without a key in {topic}-{partition}"
+                ),
+            }),
+            Err(e) => {
+                return Err(BatchError::Invalid {
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
@@ -91,7 +113,16 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
             };
             let records = p.records.unwrap_or_default();
             let limit = crate::topic_config::max_message_bytes(&topic.configs, settings);
-            match batch::validate(&records, limit) {
+            let compacted =
+                CompactionPolicy::from_configs(|k| topic.configs.get(k).map(String::as_str))
+                    .compact;
+            let validated = batch::validate(&records, limit).and_then(|batches| {
+                if compacted {
+                    refuse_keyless(&batches, &name, index)?;
+                }
+                Ok(batches)
+            });
+            match validated {
                 Err(e) => {
                     tracing::debug!(topic = %name, partition = index, error = %e, "produce refused");
                     let code = codes::batch(&e);

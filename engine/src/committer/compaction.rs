@@ -1,0 +1,330 @@
+//! The compaction job: compacted topics (`cleanup.policy=compact`) keep
+//! the latest value of each key. A pass over a partition reads its dirty
+//! archives into a key map, rewrites its archives from the first to the
+//! last one mapped without the records that lost (`crate::compact`), and
+//! commits each compacted archive in place of the archives it replaces
+//! (an [`ArchiveRecord`] with `replaces`).
+//!
+//! It runs where the partition is archived (`archiver_of`), one pass at a
+//! time per broker, and is as crash-safe as archiving: outputs are
+//! uploaded before their entry is sent, an output the log did not take is
+//! deleted, one whose fate is unknown is left to the orphan sweep, and the
+//! archives an output replaces are released through the log and deleted
+//! after the delete grace, so fetches that located them still read them.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use floe_meta::schema::ArchiveRecord;
+use floe_objstore::ObjectStore;
+use futures::channel::oneshot;
+
+use super::archiving::{archiver_of, retried};
+use super::{CommitRequest, Committer, RetryClock};
+use crate::archive::{read_footer, ArchiveBuilder};
+use crate::compact::{
+    archive_written_ms, compacted_key, filter_batch, plan_pass, survives, CompactionPolicy, Kept,
+    KeyMap, PassInput,
+};
+use crate::retention::{is_archive_key, ARCHIVES_PREFIX};
+use crate::{Error, PartitionKey, Result};
+
+/// One pass over one partition.
+#[derive(Debug)]
+struct Pass {
+    tp: PartitionKey,
+    policy: CompactionPolicy,
+    inputs: Vec<PassInput>,
+    log_start: u64,
+    /// The pass reaches the partition's last offset: its last batch stays
+    /// whole, so the log never ends in a gap (Kafka never cleans the
+    /// active segment).
+    at_head: bool,
+}
+
+/// What a pass did.
+#[derive(Debug, Default)]
+struct PassDone {
+    outputs: u64,
+    dropped: u64,
+}
+
+impl Committer {
+    /// One compaction turn: when no pass is running, finds the compacted
+    /// partitions this broker archives that are due, and compacts them in
+    /// the background, one after another.
+    pub(super) fn compact_turn(&mut self) {
+        let (Some(l), Some(a)) = (self.lifecycle.clone(), self.archiver.as_mut()) else {
+            return;
+        };
+        if a.settings.target_bytes == 0 || a.compacting.load(Ordering::Acquire) {
+            return;
+        }
+        let policies: HashMap<uuid::Uuid, CompactionPolicy> = l
+            .topics
+            .snapshot()
+            .values()
+            .filter_map(|t| {
+                let p = CompactionPolicy::from_configs(|k| t.configs.get(k).map(String::as_str));
+                p.compact.then_some((t.id, p))
+            })
+            .collect();
+        if policies.is_empty() {
+            return;
+        }
+        let nodes: Vec<i32> = l.members.live().iter().map(|b| b.node_id).collect();
+        let now_ms = crate::health::now_ms();
+        let capacity = KeyMap::capacity_for(a.settings.key_map_bytes);
+        let mut passes = Vec::new();
+        for tp in self.state.partitions() {
+            let Some(policy) = policies.get(&tp.topic_id) else {
+                continue;
+            };
+            if archiver_of(tp, &nodes) != Some(l.node_id) {
+                continue;
+            }
+            let archives: Vec<PassInput> = self
+                .state
+                .layout(tp)
+                .take_while(|(_, k)| is_archive_key(k))
+                .map(|(e, k)| PassInput {
+                    key: k.clone(),
+                    base_offset: e.base_offset,
+                    end_offset: e.end_offset(),
+                    size: u64::from(e.len),
+                    max_ts: e.max_ts,
+                })
+                .collect();
+            let Some(end) = plan_pass(&archives, policy, now_ms, capacity) else {
+                continue;
+            };
+            let mut inputs = archives;
+            inputs.truncate(end);
+            let at_head = inputs
+                .last()
+                .is_some_and(|i| i.end_offset >= self.state.high_watermark(tp));
+            passes.push(Pass {
+                tp: *tp,
+                policy: *policy,
+                inputs,
+                log_start: self.state.log_start(tp),
+                at_head,
+            });
+        }
+        if passes.is_empty() {
+            return;
+        }
+        let Some(requests) = a.requests.upgrade() else {
+            return;
+        };
+        a.compacting.store(true, Ordering::Release);
+        let busy = a.compacting.clone();
+        let (store, node, target) = (self.store.clone(), l.node_id, a.settings.target_bytes);
+        let metrics = self.metrics.clone();
+        tokio::spawn(floe_objstore::with_purpose(
+            floe_objstore::Purpose::Cleanup,
+            async move {
+                struct Idle(Arc<std::sync::atomic::AtomicBool>);
+                impl Drop for Idle {
+                    fn drop(&mut self) {
+                        self.0.store(false, Ordering::Release);
+                    }
+                }
+                let _idle = Idle(busy);
+                for pass in passes {
+                    let tp = pass.tp;
+                    match compact(&*store, &requests, node, target, pass).await {
+                        Ok(done) => {
+                            if let Some(m) = &metrics {
+                                crate::metrics::Metrics::add(&m.compactions, done.outputs);
+                                crate::metrics::Metrics::add(
+                                    &m.compaction_records_dropped,
+                                    done.dropped,
+                                );
+                            }
+                            tracing::debug!(
+                                ?tp,
+                                outputs = done.outputs,
+                                dropped = done.dropped,
+                                "compacted"
+                            );
+                        }
+                        Err(e) => {
+                            tracing::warn!(?tp, error = %e, "compaction failed; a later turn retries")
+                        }
+                    }
+                }
+            },
+        ));
+    }
+}
+
+/// Runs one pass: maps the dirty inputs' keys, rewrites the inputs into
+/// compacted archives of about `target` bytes (each replacing a run of
+/// whole inputs) and commits each.
+async fn compact(
+    store: &dyn ObjectStore,
+    requests: &flume::Sender<CommitRequest>,
+    node: i32,
+    target: u64,
+    pass: Pass,
+) -> Result<PassDone> {
+    let corrupt = |key: &str, reason: String| Error::Corrupt {
+        what: format!("archive {key}"),
+        reason,
+    };
+    let mut map = KeyMap::default();
+    for input in pass
+        .inputs
+        .iter()
+        .filter(|i| !crate::compact::is_compacted_key(&i.key))
+    {
+        let object = retried(|| store.get(&input.key)).await?;
+        let footer = read_footer(&object).map_err(|e| corrupt(&input.key, e.to_string()))?;
+        for b in &footer.batches {
+            let stored = batch_bytes(&object, b.at.pos, b.at.len)
+                .ok_or_else(|| corrupt(&input.key, "a batch lies outside the object".into()))?;
+            map.add_batch(b.base_offset, &stored)
+                .map_err(|e| corrupt(&input.key, e.to_string()))?;
+        }
+    }
+    let now_ms = crate::health::now_ms();
+    let prefix = format!(
+        "{ARCHIVES_PREFIX}{}/{}/",
+        pass.tp.topic_id, pass.tp.partition
+    );
+    let mut done = PassDone::default();
+    let mut out: Option<Output> = None;
+    let last = pass.inputs.len().saturating_sub(1);
+    for (i, input) in pass.inputs.iter().enumerate() {
+        let object = retried(|| store.get(&input.key)).await?;
+        let footer = read_footer(&object).map_err(|e| corrupt(&input.key, e.to_string()))?;
+        let expire = archive_written_ms(&input.key)
+            .is_some_and(|w| w.saturating_add(pass.policy.delete_retention_ms) <= now_ms);
+        let o = out.get_or_insert_with(|| Output::new(pass.tp, input.base_offset));
+        let batches = footer.batches.len();
+        for (j, b) in footer.batches.iter().enumerate() {
+            let stored = batch_bytes(&object, b.at.pos, b.at.len)
+                .ok_or_else(|| corrupt(&input.key, "a batch lies outside the object".into()))?;
+            let head = pass.at_head && i == last && j + 1 == batches;
+            let kept = if head {
+                Kept::All
+            } else {
+                let mut dropped = 0u64;
+                let kept = filter_batch(b.base_offset, &stored, |r| {
+                    let keep = r.offset as u64 >= pass.log_start && survives(r, &map, expire);
+                    dropped += u64::from(!keep);
+                    keep
+                })
+                .map_err(|e| corrupt(&input.key, e.to_string()))?;
+                done.dropped += dropped;
+                kept
+            };
+            let pushed = match kept {
+                Kept::All => o.builder.push(b.base_offset, stored),
+                Kept::Some {
+                    base_offset,
+                    stored,
+                } => o.builder.push(base_offset, stored),
+                Kept::None => Ok(()),
+            };
+            pushed.map_err(|e| corrupt(&input.key, e.to_string()))?;
+        }
+        o.builder.extend_to(input.end_offset);
+        o.replaces.push(input.key.to_string());
+        o.written_ms = o
+            .written_ms
+            .max(archive_written_ms(&input.key).unwrap_or(now_ms));
+        if o.builder.bytes() >= target || i == last {
+            if let Some(o) = out.take() {
+                crate::crash::point("compact-read");
+                if commit(store, requests, node, &prefix, now_ms, o).await? {
+                    done.outputs += 1;
+                }
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// A compacted archive being assembled.
+struct Output {
+    builder: ArchiveBuilder,
+    replaces: Vec<String>,
+    written_ms: u64,
+}
+
+impl Output {
+    fn new(tp: PartitionKey, base_offset: u64) -> Self {
+        Self {
+            builder: ArchiveBuilder::compacted(tp, base_offset),
+            replaces: Vec::new(),
+            written_ms: 0,
+        }
+    }
+}
+
+/// Uploads `o` and commits it in place of the archives it replaces;
+/// whether the log took it.
+async fn commit(
+    store: &dyn ObjectStore,
+    requests: &flume::Sender<CommitRequest>,
+    node: i32,
+    prefix: &str,
+    now_ms: u64,
+    o: Output,
+) -> Result<bool> {
+    let base_offset = o.builder.base_offset();
+    let end_offset = o.builder.next_offset();
+    let sealed = o.builder.seal();
+    let key = compacted_key(prefix, base_offset, node, o.written_ms, now_ms);
+    let footer = sealed.footer.clone();
+    let record = ArchiveRecord {
+        topic_id: uuid::Uuid::from_bytes(footer.topic_id),
+        partition: footer.partition,
+        key: key.clone(),
+        size: sealed.size,
+        base_offset,
+        end_offset,
+        replaces: o.replaces,
+    };
+    let started = RetryClock::now();
+    retried(|| store.put(&key, sealed.parts.clone())).await?;
+    crate::crash::point("compact-uploaded");
+    let (reply, answer) = oneshot::channel();
+    let sent = requests
+        .send_async(CommitRequest::Archive {
+            archive: record,
+            uploaded_at: started,
+            reply,
+        })
+        .await;
+    let outcome = match sent {
+        Ok(()) => answer.await.unwrap_or(Err(Error::ShuttingDown)),
+        Err(_) => Err(Error::ShuttingDown),
+    };
+    match outcome {
+        Ok(true) => {
+            crate::crash::point("compact-committed");
+            Ok(true)
+        }
+        Ok(false) => {
+            let _ = store.delete(&key).await;
+            Ok(false)
+        }
+        Err(e @ Error::CommitAbandoned { .. }) => {
+            let _ = store.delete(&key).await;
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The stored bytes of one batch of an archive object.
+fn batch_bytes(object: &Bytes, pos: u64, len: u32) -> Option<Bytes> {
+    let start = usize::try_from(pos).ok()?;
+    let end = start.checked_add(len as usize)?;
+    (end <= object.len()).then(|| object.slice(start..end))
+}
