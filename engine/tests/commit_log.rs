@@ -607,22 +607,7 @@ async fn archive_now_and_then(
                 a.uploaded.insert(key.clone(), uploaded_at);
                 a.archives_tried += 1;
             }
-            if store
-                .put(&key, vec![bytes::Bytes::from(vec![0u8; size as usize])])
-                .await
-                .is_err()
-            {
-                continue;
-            }
-            let (reply, answer) = oneshot::channel();
-            let sent = requests
-                .send_async(CommitRequest::Archive {
-                    archive,
-                    uploaded_at,
-                    reply,
-                })
-                .await;
-            if sent.is_ok() && matches!(answer.await, Ok(Ok(true))) {
+            if put_and_commit(&*store, &requests, archive, size, uploaded_at).await {
                 let mut a = lock(&acks);
                 a.archives_taken += 1;
                 a.compactions_taken += 1;
@@ -661,25 +646,34 @@ async fn archive_now_and_then(
             a.uploaded.insert(key.clone(), uploaded_at);
             a.archives_tried += 1;
         }
-        if store
-            .put(&key, vec![bytes::Bytes::from(vec![0u8; size as usize])])
-            .await
-            .is_err()
-        {
-            continue;
-        }
-        let (reply, answer) = oneshot::channel();
-        let sent = requests
-            .send_async(CommitRequest::Archive {
-                archive,
-                uploaded_at,
-                reply,
-            })
-            .await;
-        if sent.is_ok() && matches!(answer.await, Ok(Ok(true))) {
+        if put_and_commit(&*store, &requests, archive, size, uploaded_at).await {
             lock(&acks).archives_taken += 1;
         }
     }
+}
+
+/// Uploads a stand-in object of `size` bytes for `archive` and sends its
+/// entry; whether the log took it.
+async fn put_and_commit(
+    store: &dyn ObjectStore,
+    requests: &flume::Sender<CommitRequest>,
+    archive: ArchiveRecord,
+    size: u64,
+    uploaded_at: tokio::time::Instant,
+) -> bool {
+    let body = vec![bytes::Bytes::from(vec![0u8; size as usize])];
+    if store.put(&archive.key, body).await.is_err() {
+        return false;
+    }
+    let (reply, answer) = oneshot::channel();
+    let sent = requests
+        .send_async(CommitRequest::Archive {
+            archive,
+            uploaded_at,
+            reply,
+        })
+        .await;
+    sent.is_ok() && matches!(answer.await, Ok(Ok(true)))
 }
 
 /// Runs one committer until its queue closes, crashing it `crashes` times

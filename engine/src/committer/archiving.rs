@@ -198,43 +198,53 @@ impl Committer {
         let Some(requests) = a.requests.upgrade() else {
             return;
         };
-        a.busy.store(true, Ordering::Release);
-        let busy = a.busy.clone();
         let (store, node) = (self.store.clone(), l.node_id);
         let metrics = self.metrics.clone();
-        tokio::spawn(floe_objstore::with_purpose(
-            floe_objstore::Purpose::Cleanup,
-            async move {
-                // Cleared however the round ends: a job that panicked must
-                // not stop this broker's archiving for good.
-                struct Idle(Arc<AtomicBool>);
-                impl Drop for Idle {
-                    fn drop(&mut self) {
-                        self.0.store(false, Ordering::Release);
+        spawn_round(&a.busy, async move {
+            for job in jobs {
+                let (tp, n) = (job.tp, job.batches.len());
+                match archive(&*store, &requests, node, job).await {
+                    Ok(Some(a)) => {
+                        if let Some(m) = &metrics {
+                            crate::metrics::Metrics::add(&m.archives_written, 1);
+                            crate::metrics::Metrics::add(&m.archive_bytes, a.size);
+                        }
+                        tracing::debug!(?tp, batches = n, key = %a.key, size = a.size, "archived");
+                    }
+                    Ok(None) => {
+                        tracing::debug!(?tp, "an archive was not taken: the partition moved on")
+                    }
+                    Err(e) => {
+                        tracing::warn!(?tp, error = %e, "archiving failed; a later turn retries")
                     }
                 }
-                let _idle = Idle(busy);
-                for job in jobs {
-                    let (tp, n) = (job.tp, job.batches.len());
-                    match archive(&*store, &requests, node, job).await {
-                        Ok(Some(a)) => {
-                            if let Some(m) = &metrics {
-                                crate::metrics::Metrics::add(&m.archives_written, 1);
-                                crate::metrics::Metrics::add(&m.archive_bytes, a.size);
-                            }
-                            tracing::debug!(?tp, batches = n, key = %a.key, size = a.size, "archived");
-                        }
-                        Ok(None) => {
-                            tracing::debug!(?tp, "an archive was not taken: the partition moved on")
-                        }
-                        Err(e) => {
-                            tracing::warn!(?tp, error = %e, "archiving failed; a later turn retries")
-                        }
-                    }
-                }
-            },
-        ));
+            }
+        });
     }
+}
+
+/// Runs `round` in the background, with `busy` set until it ends however
+/// it ends (a job that panicked must not stop this broker's archiving or
+/// compaction for good). Its object-store calls count as cleanup.
+pub(super) fn spawn_round(
+    busy: &Arc<AtomicBool>,
+    round: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    struct Idle(Arc<AtomicBool>);
+    impl Drop for Idle {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Release);
+        }
+    }
+    busy.store(true, Ordering::Release);
+    let idle = Idle(busy.clone());
+    tokio::spawn(floe_objstore::with_purpose(
+        floe_objstore::Purpose::Cleanup,
+        async move {
+            let _idle = idle;
+            round.await;
+        },
+    ));
 }
 
 /// Reads `job`'s batches, writes them as one archive object and commits
@@ -323,15 +333,32 @@ async fn archive(
         end_offset,
         replaces: Vec::new(),
     };
+    let taken = upload_and_commit(store, requests, sealed.parts, record.clone(), "archive").await?;
+    Ok(taken.then_some(record))
+}
+
+/// Uploads an archive object (`parts`) and sends its entry `record`;
+/// whether the log took it. The crash points `<step>-uploaded` and
+/// `<step>-committed` mark the two steps. An object the log is known not
+/// to reference is deleted; one whose entry may have landed is left to
+/// the orphan sweep.
+pub(super) async fn upload_and_commit(
+    store: &dyn ObjectStore,
+    requests: &flume::Sender<CommitRequest>,
+    parts: Vec<Bytes>,
+    record: ArchiveRecord,
+    step: &str,
+) -> Result<bool> {
+    let key = record.key.clone();
     let started = RetryClock::now();
     // The same key and bytes each time: a retry after a lost reply is
     // harmless.
-    retried(|| store.put(&key, sealed.parts.clone())).await?;
-    crate::crash::point("archive-uploaded");
+    retried(|| store.put(&key, parts.clone())).await?;
+    crate::crash::point(&format!("{step}-uploaded"));
     let (reply, answer) = oneshot::channel();
     let sent = requests
         .send_async(CommitRequest::Archive {
-            archive: record.clone(),
+            archive: record,
             uploaded_at: started,
             reply,
         })
@@ -342,13 +369,13 @@ async fn archive(
     };
     match outcome {
         Ok(true) => {
-            crate::crash::point("archive-committed");
-            Ok(Some(record))
+            crate::crash::point(&format!("{step}-committed"));
+            Ok(true)
         }
         // Known not to be in the log: nothing will ever read the object.
         Ok(false) => {
             let _ = store.delete(&key).await;
-            Ok(None)
+            Ok(false)
         }
         Err(e @ Error::CommitAbandoned { .. }) => {
             let _ = store.delete(&key).await;

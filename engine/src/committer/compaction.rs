@@ -14,15 +14,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use floe_meta::schema::ArchiveRecord;
 use floe_objstore::ObjectStore;
-use futures::channel::oneshot;
 
-use super::archiving::{archiver_of, retried};
-use super::{CommitRequest, Committer, RetryClock};
+use super::archiving::{archiver_of, retried, spawn_round, upload_and_commit};
+use super::{CommitRequest, Committer};
 use crate::archive::{read_footer, ArchiveBuilder};
 use crate::compact::{
     archive_written_ms, compacted_key, filter_batch, plan_pass, survives, CompactionPolicy, Kept,
@@ -119,45 +117,33 @@ impl Committer {
         let Some(requests) = a.requests.upgrade() else {
             return;
         };
-        a.compacting.store(true, Ordering::Release);
-        let busy = a.compacting.clone();
         let (store, node, target) = (self.store.clone(), l.node_id, a.settings.target_bytes);
         let metrics = self.metrics.clone();
-        tokio::spawn(floe_objstore::with_purpose(
-            floe_objstore::Purpose::Cleanup,
-            async move {
-                struct Idle(Arc<std::sync::atomic::AtomicBool>);
-                impl Drop for Idle {
-                    fn drop(&mut self) {
-                        self.0.store(false, Ordering::Release);
-                    }
-                }
-                let _idle = Idle(busy);
-                for pass in passes {
-                    let tp = pass.tp;
-                    match compact(&*store, &requests, node, target, pass).await {
-                        Ok(done) => {
-                            if let Some(m) = &metrics {
-                                crate::metrics::Metrics::add(&m.compactions, done.outputs);
-                                crate::metrics::Metrics::add(
-                                    &m.compaction_records_dropped,
-                                    done.dropped,
-                                );
-                            }
-                            tracing::debug!(
-                                ?tp,
-                                outputs = done.outputs,
-                                dropped = done.dropped,
-                                "compacted"
+        spawn_round(&a.compacting, async move {
+            for pass in passes {
+                let tp = pass.tp;
+                match compact(&*store, &requests, node, target, pass).await {
+                    Ok(done) => {
+                        if let Some(m) = &metrics {
+                            crate::metrics::Metrics::add(&m.compactions, done.outputs);
+                            crate::metrics::Metrics::add(
+                                &m.compaction_records_dropped,
+                                done.dropped,
                             );
                         }
-                        Err(e) => {
-                            tracing::warn!(?tp, error = %e, "compaction failed; a later turn retries")
-                        }
+                        tracing::debug!(
+                            ?tp,
+                            outputs = done.outputs,
+                            dropped = done.dropped,
+                            "compacted"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(?tp, error = %e, "compaction failed; a later turn retries")
                     }
                 }
-            },
-        ));
+            }
+        });
     }
 }
 
@@ -290,36 +276,7 @@ async fn commit(
         end_offset,
         replaces: o.replaces,
     };
-    let started = RetryClock::now();
-    retried(|| store.put(&key, sealed.parts.clone())).await?;
-    crate::crash::point("compact-uploaded");
-    let (reply, answer) = oneshot::channel();
-    let sent = requests
-        .send_async(CommitRequest::Archive {
-            archive: record,
-            uploaded_at: started,
-            reply,
-        })
-        .await;
-    let outcome = match sent {
-        Ok(()) => answer.await.unwrap_or(Err(Error::ShuttingDown)),
-        Err(_) => Err(Error::ShuttingDown),
-    };
-    match outcome {
-        Ok(true) => {
-            crate::crash::point("compact-committed");
-            Ok(true)
-        }
-        Ok(false) => {
-            let _ = store.delete(&key).await;
-            Ok(false)
-        }
-        Err(e @ Error::CommitAbandoned { .. }) => {
-            let _ = store.delete(&key).await;
-            Err(e)
-        }
-        Err(e) => Err(e),
-    }
+    upload_and_commit(store, requests, sealed.parts, record, "compact").await
 }
 
 /// The stored bytes of one batch of an archive object.

@@ -280,7 +280,8 @@ impl LogState {
             topic_id: a.topic_id,
             partition: a.partition,
         };
-        let (Ok(records), Ok(len)) = (
+        // Its span and size fit an index entry's fields.
+        let (Ok(records), Ok(_)) = (
             u32::try_from(a.end_offset.saturating_sub(a.base_offset)),
             u32::try_from(a.size),
         ) else {
@@ -293,7 +294,7 @@ impl LogState {
             return false;
         };
         if !a.replaces.is_empty() {
-            return self.apply_compacted(seq, tp, a, records, len, now, updates);
+            return self.apply_compacted(seq, tp, a, now, updates);
         }
         let from = self.first_unarchived(entries);
         let rest = &entries[from..];
@@ -304,22 +305,46 @@ impl LogState {
         if rest.get(to).map(IndexedBatch::end_offset) != Some(a.end_offset) {
             return false;
         }
+        self.install(seq, tp, a, from..from + to + 1, now, updates);
+        true
+    }
+
+    /// Puts archive `a` in place of the entries `range` of `tp` (checked by
+    /// the caller), holds it, releases what those entries referenced, and
+    /// tells the owning shard.
+    fn install(
+        &mut self,
+        seq: u64,
+        tp: PartitionKey,
+        a: &ArchiveRecord,
+        range: std::ops::Range<usize>,
+        now: SystemTime,
+        updates: &mut Vec<IndexUpdate>,
+    ) {
         let key: Arc<str> = Arc::from(a.key.as_str());
         let id = self.segment_id(&key);
         let Some(entries) = self.index.get_mut(&tp) else {
-            return false;
+            return;
         };
-        let replaced: Vec<IndexedBatch> = entries.drain(from..=from + to).collect();
+        let from = range.start;
+        let replaced: Vec<IndexedBatch> = entries.drain(range).collect();
+        // The newest timestamp of what it replaces (a compacted archive
+        // holds no newer record, and retention by time keeps it no longer).
         let max_ts = replaced.iter().map(|e| e.max_ts).max().unwrap_or(-1);
-        let archive = IndexedBatch {
-            base_offset: a.base_offset,
-            records,
-            max_ts,
-            segment: id,
-            pos: 0,
-            len,
-        };
-        entries.insert(from, archive);
+        // Both fit: checked by `apply_archive`.
+        let records = a.end_offset.saturating_sub(a.base_offset) as u32;
+        let len = a.size as u32;
+        entries.insert(
+            from,
+            IndexedBatch {
+                base_offset: a.base_offset,
+                records,
+                max_ts,
+                segment: id,
+                pos: 0,
+                len,
+            },
+        );
         let mut by_segment: BTreeMap<u32, u64> = BTreeMap::new();
         for e in &replaced {
             *by_segment.entry(e.segment).or_default() += 1;
@@ -347,20 +372,16 @@ impl LogState {
             forget: false,
             archived: true,
         });
-        true
     }
 
     /// Puts the compacted archive `a` in place of the run of archives it
     /// names, if they are still the partition's and span exactly its
     /// offsets; whether it did. They are released.
-    #[allow(clippy::too_many_arguments)]
     fn apply_compacted(
         &mut self,
         seq: u64,
         tp: PartitionKey,
         a: &ArchiveRecord,
-        records: u32,
-        len: u32,
         now: SystemTime,
         updates: &mut Vec<IndexUpdate>,
     ) -> bool {
@@ -385,53 +406,10 @@ impl LogState {
             .all(|(e, k)| key_of(e).is_some_and(|have| **have == **k))
             && run[0].base_offset == a.base_offset
             && run[run.len() - 1].end_offset() == a.end_offset;
-        if !matches {
-            return false;
+        if matches {
+            self.install(seq, tp, a, from..to, now, updates);
         }
-        let key: Arc<str> = Arc::from(a.key.as_str());
-        let id = self.segment_id(&key);
-        let Some(entries) = self.index.get_mut(&tp) else {
-            return false;
-        };
-        let replaced: Vec<IndexedBatch> = entries.drain(from..to).collect();
-        // The newest timestamp of what was rewritten: what remains is no
-        // newer, and retention by time keeps it no longer than before.
-        let max_ts = replaced.iter().map(|e| e.max_ts).max().unwrap_or(-1);
-        entries.insert(
-            from,
-            IndexedBatch {
-                base_offset: a.base_offset,
-                records,
-                max_ts,
-                segment: id,
-                pos: 0,
-                len,
-            },
-        );
-        self.refs.hold(&key, 1);
-        for e in &replaced {
-            if let Some(k) = self.segments.get(e.segment as usize) {
-                self.refs.release(k, 1, seq, now);
-            }
-        }
-        updates.push(IndexUpdate {
-            seq,
-            tp,
-            log_start: self.sequencer.log_start(&tp),
-            segment: key,
-            batches: vec![CommittedBatch {
-                pos: 0,
-                len,
-                records,
-                max_ts,
-                outcome: BatchOutcome::Appended {
-                    base_offset: a.base_offset,
-                },
-            }],
-            forget: false,
-            archived: true,
-        });
-        true
+        matches
     }
 
     /// After the sequencer applied entry `seq`'s trims: drops the batches

@@ -51,11 +51,13 @@ fn refuse_keyless(batches: &[batch::Batch], topic: &str, partition: i32) -> Resu
     for b in batches {
         match floe_engine::compact::all_keyed(&b.bytes) {
             Ok(true) => {}
-            Ok(false) => return Err(BatchError::Invalid {
-                reason: format!(
+            Ok(false) => {
+                return Err(BatchError::Invalid {
+                    reason: format!(
                     "compacted topic cannot accept a record without a key in {topic}-{partition}"
                 ),
-            }),
+                })
+            }
             Err(e) => {
                 return Err(BatchError::Invalid {
                     reason: e.to_string(),
