@@ -33,15 +33,21 @@ pub struct Recycler {
     kept: VecDeque<(usize, BytesMut)>,
     kept_bytes: usize,
     max_bytes: usize,
+    free_max_bytes: usize,
 }
 
 impl Recycler {
-    /// Keeps at most `max_bytes` of buffers.
-    pub fn new(max_bytes: usize) -> Self {
+    /// Keeps at most `max_bytes` of buffers, of which at most
+    /// `free_max_bytes` unused (their users all gone): buffers in use are
+    /// counted by their users' own budgets (in-flight bytes, read cache),
+    /// unused ones only here, so a broker that was busy once does not keep
+    /// its peak.
+    pub fn new(max_bytes: usize, free_max_bytes: usize) -> Self {
         Self {
             kept: VecDeque::new(),
             kept_bytes: 0,
             max_bytes,
+            free_max_bytes,
         }
     }
 
@@ -84,6 +90,20 @@ impl Recycler {
                 None => break,
             }
         }
+        // Unused buffers beyond their allowance go, newest kept.
+        let mut free = 0;
+        let free_max = self.free_max_bytes;
+        let mut dropped = 0;
+        self.kept.retain_mut(|(c, h)| {
+            let unused = h.try_reclaim(*c);
+            if unused && free + *c > free_max {
+                dropped += *c;
+                return false;
+            }
+            free += if unused { *c } else { 0 };
+            true
+        });
+        self.kept_bytes -= dropped;
         self.kept_bytes += cap;
         self.kept.push_back((cap, handle));
     }
@@ -116,12 +136,13 @@ struct Frames {
 }
 
 impl FramePool {
-    /// Keeps up to `kept_bytes` of slabs and large frame buffers.
+    /// Keeps up to `kept_bytes` of slabs and large frame buffers, of which
+    /// two slabs' worth unused.
     pub fn new(kept_bytes: usize) -> Self {
         Self {
             state: RefCell::new(Frames {
                 slab: None,
-                kept: Recycler::new(kept_bytes),
+                kept: Recycler::new(kept_bytes, 2 * SLAB_BYTES),
             }),
         }
     }
@@ -219,7 +240,7 @@ mod tests {
 
     #[test]
     fn reused_buffers_fit_their_length() {
-        let mut r = Recycler::new(64 << 20);
+        let mut r = Recycler::new(64 << 20, 64 << 20);
         let mut big = r.take(8 << 20);
         big.extend_from_slice(&[1; 100]);
         r.keep_rest(&mut big);
@@ -234,7 +255,7 @@ mod tests {
 
     #[test]
     fn kept_bytes_are_bounded() {
-        let mut r = Recycler::new(10 << 20);
+        let mut r = Recycler::new(10 << 20, 10 << 20);
         let mut live = Vec::new();
         for _ in 0..10 {
             let mut b = r.take(3 << 20);
@@ -245,6 +266,27 @@ mod tests {
         assert!(r.kept_bytes() <= 10 << 20, "{}", r.kept_bytes());
         // Buffers let go of are still intact for their users.
         assert!(live.iter().all(|b| b[..] == [7; 10]));
+    }
+
+    #[test]
+    fn unused_buffers_are_kept_within_their_allowance() {
+        let mut r = Recycler::new(64 << 20, 2 << 20);
+        let mut live = Vec::new();
+        for i in 0..8 {
+            let mut b = r.take(1 << 20);
+            b.extend_from_slice(&[i; 10]);
+            r.keep_rest(&mut b);
+            live.push(b);
+        }
+        // All in use: all kept.
+        assert!(r.kept_bytes() >= 8 << 20);
+        live.truncate(2);
+        let mut b = r.take(4 << 20);
+        b.extend_from_slice(&[9; 10]);
+        r.keep_rest(&mut b);
+        // Two in use, the new one, and at most 2 MiB unused.
+        assert!(r.kept_bytes() <= (2 + 2 + 2) * (1 << 20) + (5 << 20), "{}", r.kept_bytes());
+        assert!(live.iter().enumerate().all(|(i, b)| b[..] == [i as u8; 10]));
     }
 
     #[test]

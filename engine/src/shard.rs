@@ -289,6 +289,7 @@ impl Shard {
             .read_cache_bytes_max
             .saturating_add(2 * cfg.flush_bytes)
             .min(PACKS_KEPT_MAX);
+        let packs_free = cfg.flush_bytes;
         let shard = Rc::new(Self {
             id,
             budget: Rc::new(glommio::sync::Semaphore::new(cfg.inflight_bytes_max as u64)),
@@ -299,7 +300,7 @@ impl Shard {
             inflight_ids: Cell::new(0),
             engine,
             frames: FramePool::new(frames_kept),
-            packs: RefCell::new(Recycler::new(packs_kept)),
+            packs: RefCell::new(Recycler::new(packs_kept, packs_free)),
             state: RefCell::new(ShardState::default()),
             applied_seq: Cell::new(0),
             applied: event_listener::Event::new(),
