@@ -285,7 +285,11 @@ mod tests {
         b.extend_from_slice(&[9; 10]);
         r.keep_rest(&mut b);
         // Two in use, the new one, and at most 2 MiB unused.
-        assert!(r.kept_bytes() <= (2 + 2 + 2) * (1 << 20) + (5 << 20), "{}", r.kept_bytes());
+        assert!(
+            r.kept_bytes() <= (2 + 2 + 2) * (1 << 20) + (5 << 20),
+            "{}",
+            r.kept_bytes()
+        );
         assert!(live.iter().enumerate().all(|(i, b)| b[..] == [i as u8; 10]));
     }
 
