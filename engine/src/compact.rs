@@ -293,12 +293,21 @@ impl PassInput {
 /// was written more than `max.compaction.lag.ms` ago; it maps dirty
 /// archives while their records fit the map (at least one), and rewrites
 /// everything from the first archive to the last one mapped.
+/// What [`plan_pass`] chose: rewrite `archives[..end]`; `limited` when
+/// dirty archives after them did not fit the key map (the next pass takes
+/// them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassPlan {
+    pub end: usize,
+    pub limited: bool,
+}
+
 pub fn plan_pass(
     archives: &[PassInput],
     policy: &CompactionPolicy,
     now_ms: u64,
     capacity: usize,
-) -> Option<usize> {
+) -> Option<PassPlan> {
     let horizon = i64::try_from(now_ms.saturating_sub(policy.min_lag_ms)).unwrap_or(i64::MAX);
     let cleanable = archives.partition_point(|a| a.max_ts <= horizon);
     let cleanable = &archives[..cleanable];
@@ -322,18 +331,20 @@ pub fn plan_pass(
     }
     let mut mapped = 0u64;
     let mut end = 0;
+    let mut limited = false;
     for (i, a) in cleanable.iter().enumerate() {
         if !a.dirty() {
             continue;
         }
         let records = a.end_offset.saturating_sub(a.base_offset);
         if end > 0 && mapped + records > capacity as u64 {
+            limited = true;
             break;
         }
         mapped += records;
         end = i + 1;
     }
-    Some(end)
+    Some(PassPlan { end, limited })
 }
 
 #[cfg(test)]
@@ -413,14 +424,38 @@ mod tests {
             max_lag_ms: Some(400),
             ..policy
         };
-        assert_eq!(plan_pass(&a, &overdue, 1_000, 100), Some(3));
+        assert_eq!(
+            plan_pass(&a, &overdue, 1_000, 100),
+            Some(PassPlan {
+                end: 3,
+                limited: false
+            })
+        );
         assert_eq!(plan_pass(&a, &overdue, 800, 100), None);
         // Half dirty: due; the map holds 15 records, so one dirty archive
         // (at least one always goes in) and not the next.
         let b = [clean(0, 10), dirty(10, 20, 500), dirty(20, 30, 600)];
-        assert_eq!(plan_pass(&b, &policy, 1_000, 100), Some(3));
-        assert_eq!(plan_pass(&b, &policy, 1_000, 15), Some(2));
-        assert_eq!(plan_pass(&b, &policy, 1_000, 1), Some(2));
+        assert_eq!(
+            plan_pass(&b, &policy, 1_000, 100),
+            Some(PassPlan {
+                end: 3,
+                limited: false
+            })
+        );
+        assert_eq!(
+            plan_pass(&b, &policy, 1_000, 15),
+            Some(PassPlan {
+                end: 2,
+                limited: true
+            })
+        );
+        assert_eq!(
+            plan_pass(&b, &policy, 1_000, 1),
+            Some(PassPlan {
+                end: 2,
+                limited: true
+            })
+        );
         // Records younger than the minimum lag are not cleanable, nor is
         // anything after them.
         let young = CompactionPolicy {
@@ -434,7 +469,13 @@ mod tests {
             min_lag_ms: 50,
             ..policy
         };
-        assert_eq!(plan_pass(&c, &lagged, 1_000, 100), Some(2));
+        assert_eq!(
+            plan_pass(&c, &lagged, 1_000, 100),
+            Some(PassPlan {
+                end: 2,
+                limited: false
+            })
+        );
     }
 
     #[test]

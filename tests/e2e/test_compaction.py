@@ -210,3 +210,44 @@ def test_a_broker_killed_at_each_step_of_compaction_loses_nothing(start_broker, 
     in_bucket = {str(p.relative_to(objects)) for p in (objects / "archives").rglob("*") if p.is_file()}
     report, listed = inspect_archives(broker, topic_name)
     assert listed == in_bucket, report
+
+
+def test_keys_beyond_the_key_map_are_compacted_in_several_passes(start_broker, topic_name):
+    """With the smallest key map (1 MiB: about 26,000 keys) and 36,000 keys
+    written twice, one pass cannot map every dirty archive: passes follow
+    one another until the latest value of every key is all that is left.
+    min.compaction.lag.ms holds the archives back until all are written."""
+    broker = start_broker(**dict(ARCHIVE_FAST, archive_target_bytes=256 << 10,
+                                 compaction_key_map_bytes=1 << 20))
+    create_topic(broker.bootstrap, topic_name, 1,
+                 config=dict(COMPACT, **{"min.compaction.lag.ms": "8000"}))
+    p = Producer(producer_conf(broker.bootstrap, **{"linger.ms": 20}))
+    latest, errors = {}, []
+
+    def report(err, msg):
+        if err is not None:
+            errors.append(err)
+        else:
+            latest[msg.key()] = (msg.partition(), msg.offset(), msg.value())
+
+    keys = 36_000
+    for r in range(2):
+        for k in range(keys):
+            p.produce(topic_name, key=b"k%06d" % k, value=b"%d" % r, partition=0, on_delivery=report)
+            if k % 10_000 == 0:
+                p.poll(0)
+        p.flush(60)
+    assert not errors, errors[:3]
+
+    def compacted():
+        got = {}
+        for (_, off, k, v) in read_all(broker.bootstrap, topic_name, partitions=1)[0]:
+            got[k] = (0, off, v)
+        return len(read_all(broker.bootstrap, topic_name, partitions=1)[0]) == keys and got == latest
+
+    wait_for("compaction down to one record per key", compacted, timeout=120,
+             state=lambda: "compactions=%s dropped=%s" % (
+                 metric(broker, "floe_compactions_total"),
+                 metric(broker, "floe_compaction_records_dropped_total")))
+    assert metric(broker, "floe_compaction_records_dropped_total") >= keys - 1
+    assert "limited by --compaction-key-map-bytes" in broker.log_text(), broker.log_tail()

@@ -95,11 +95,18 @@ impl Committer {
                     max_ts: e.max_ts,
                 })
                 .collect();
-            let Some(end) = plan_pass(&archives, policy, now_ms, capacity) else {
+            let Some(plan) = plan_pass(&archives, policy, now_ms, capacity) else {
                 continue;
             };
+            if plan.limited {
+                tracing::info!(
+                    ?tp,
+                    archives = plan.end,
+                    "a compaction pass is limited by --compaction-key-map-bytes; the next pass goes on"
+                );
+            }
             let mut inputs = archives;
-            inputs.truncate(end);
+            inputs.truncate(plan.end);
             let at_head = inputs
                 .last()
                 .is_some_and(|i| i.end_offset >= self.state.high_watermark(tp));
