@@ -216,7 +216,11 @@ async fn compact(
                 kept
             };
             let pushed = match kept {
-                Kept::All => o.builder.push(b.base_offset, stored),
+                // Copied, so the output pins only what it keeps, not
+                // every input object it drew from.
+                Kept::All => o
+                    .builder
+                    .push(b.base_offset, Bytes::copy_from_slice(&stored)),
                 Kept::Some {
                     base_offset,
                     stored,
