@@ -118,6 +118,26 @@ fn describe(state: &LogState, tp: &PartitionKey) -> String {
         archives,
         entries.len() - archives
     );
+    let compacted: Vec<_> = entries
+        .iter()
+        .filter(|(_, k)| floe_engine::compact::is_compacted_key(k))
+        .collect();
+    if let Some((last, _)) = compacted.last() {
+        let dirty: u64 = entries
+            .iter()
+            .filter(|(e, k)| {
+                is_archive_key(k)
+                    && !floe_engine::compact::is_compacted_key(k)
+                    && e.base_offset >= last.end_offset()
+            })
+            .map(|(e, _)| u64::from(e.len))
+            .sum();
+        out += &format!(
+            "  compaction: {} compacted archive(s) up to offset {}; {dirty} bytes archived since, not yet compacted\n",
+            compacted.len(),
+            last.end_offset()
+        );
+    }
     for run in entries.chunk_by(|a, b| a.1 == b.1) {
         let (first, key) = run[0];
         let end = run[run.len() - 1].0.end_offset();

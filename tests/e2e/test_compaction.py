@@ -184,6 +184,7 @@ def test_compaction_passes_and_inspect(start_broker, topic_name):
     report, listed = inspect_archives(broker, topic_name)
     assert listed == in_bucket, report
     assert "compacted" in report, report
+    assert "compaction: " in report and "compacted archive(s) up to offset" in report, report
 
 
 @pytest.mark.parametrize("point", ["compact-read", "compact-uploaded", "compact-committed"])
