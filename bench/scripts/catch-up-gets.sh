@@ -10,8 +10,10 @@
 # ARCHIVE_TARGET_BYTES 0 turns archiving off (every batch read from its
 # intake segment). CONSUMERS=N reads with N kcat processes at once (their
 # misses of one range share a GET). With MOTO=1 the store is a moto_server started here
-# (tests/.venv), else a local directory. Needs target/release/floe-bench
-# and kcat. Listens on free loopback ports; every process it starts is
+# (tests/.venv), with S3SFS=1 an s3s-fs server (`cargo install s3s-fs
+# --version 0.14.1 --features binary`), else a local directory. Needs target/release/floe-bench
+# and kcat (BENCH_READER=1: floe-bench --mode consume reads instead, for
+# its default 10 s, and prints its rate). Listens on free loopback ports; every process it starts is
 # stopped by its PID.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -35,6 +37,16 @@ if [ -n "${MOTO:-}" ]; then
   curl -s -X PUT "127.0.0.1:$mport/gets" > /dev/null
   store=(--object-store s3://gets/floe --s3-endpoint "http://127.0.0.1:$mport")
   objects() { curl -s "127.0.0.1:$mport/gets?list-type=2&prefix=floe/$1" | grep -o '<Key>[^<]*</Key>' || true; }
+elif [ -n "${S3SFS:-}" ]; then
+  mport=$(free_port)
+  mkdir -p "$dir/s3s/gets"
+  s3s-fs --host 127.0.0.1 --port "$mport" --access-key test --secret-key testtest "$dir/s3s" \
+    > "$dir/s3s.log" 2>&1 &
+  moto=$!
+  export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=testtest AWS_REGION=us-east-1
+  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$mport") 2>/dev/null && break; sleep 0.2; done
+  store=(--object-store s3://gets/floe --s3-endpoint "http://127.0.0.1:$mport")
+  objects() { find "$dir/s3s/gets/floe/$1" -type f 2>/dev/null || true; }
 fi
 start() {
   "$floe" serve --data-dir "$dir/data" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
@@ -62,12 +74,19 @@ kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
 start
 before=$(gets)
 t0=$(date +%s.%N)
-kpids=()
-for _ in $(seq "${CONSUMERS:-1}"); do
-  kcat -C -b "127.0.0.1:$port" -t gets-0 -o beginning -e -q -f '' 2>/dev/null &
-  kpids+=($!)
-done
-wait "${kpids[@]}"
+if [ -n "${BENCH_READER:-}" ]; then
+  # floe-bench's consumers (2 connections, as the producers had) instead
+  # of kcat: the read rate, for a side-by-side with `--mode e2e` (tail).
+  "$bench" --bootstrap "127.0.0.1:$port" --mode consume --partitions 8 --connections 2 \
+    --topic-prefix gets 2>&1 | grep -i consumed || true
+else
+  kpids=()
+  for _ in $(seq "${CONSUMERS:-1}"); do
+    kcat -C -b "127.0.0.1:$port" -t gets-0 -o beginning -e -q -f '' 2>/dev/null &
+    kpids+=($!)
+  done
+  wait "${kpids[@]}"
+fi
 t1=$(date +%s.%N)
 after=$(gets)
 fetched=$(metric floe_fetch_bytes_total)
