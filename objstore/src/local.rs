@@ -140,16 +140,17 @@ const DIRECT_ALIGN: usize = 4096;
 const DIRECT_CHUNK: usize = 1 << 20;
 /// Staging buffers kept for reuse: about one per concurrent put.
 const STAGING_KEPT: usize = 4;
-/// Staging buffers larger than this are freed, not kept.
-const STAGING_KEPT_BYTES_MAX: usize = 64 << 20;
 
 /// Direct I/O for segment objects. Buffered writes of fresh files cost the
 /// kernel a page-cache page per 4 KiB (allocate, copy, write back): on the
 /// 2-vCPU VM of the benchmarks that capped one writer at ~230 MB/s of system
 /// time, while O_DIRECT wrote 1.3 GB/s with almost no CPU. The parts are
-/// copied once into a reused, aligned staging buffer (their own addresses
-/// are arbitrary slices of request frames), written in 1 MiB O_DIRECT
-/// writes, and the file is cut back to its true length. A filesystem
+/// copied once, a chunk at a time, into a reused, aligned staging buffer
+/// of 1 MiB (their own addresses are arbitrary slices of request frames),
+/// written in 1 MiB O_DIRECT writes, and the file is cut back to its true
+/// length. The staging costs the same for an 8 MiB segment as for a
+/// 64 MiB archive (whole-object staging buffers, kept for reuse, grew to
+/// the largest archives seen: RSS rose at every archiving round). A filesystem
 /// without O_DIRECT (tmpfs before Linux 6.6) fails the open or the first
 /// write with EINVAL; from then on this store writes through the page
 /// cache.
@@ -188,8 +189,10 @@ impl DirectIo {
             Err(e) => return Err(e),
         };
         let len: usize = parts.iter().map(|p| p.len()).sum();
-        let padded = len.next_multiple_of(DIRECT_ALIGN);
-        let mut buf = self.take(padded + DIRECT_ALIGN);
+        // One chunk of staging, whatever the object's size: parts are
+        // copied into it and written a chunk at a time, so an archive of
+        // tens of MiB costs no more memory than a small segment.
+        let mut buf = self.take(DIRECT_CHUNK + DIRECT_ALIGN);
         let at = buf.as_ptr().align_offset(DIRECT_ALIGN);
         // On `Ok(false)` the buffered path rewrites `tmp` (it truncates); on
         // an error the caller removes it.
@@ -197,22 +200,45 @@ impl DirectIo {
             if at >= DIRECT_ALIGN {
                 return Ok(false);
             }
-            let stage = &mut buf[at..at + padded];
-            let mut pos = 0;
-            for p in parts {
-                stage[pos..pos + p.len()].copy_from_slice(p);
-                pos += p.len();
-            }
-            stage[pos..].fill(0);
-            for (i, chunk) in stage.chunks(DIRECT_CHUNK).enumerate() {
-                match f.write_all_at(chunk, (i * DIRECT_CHUNK) as u64) {
-                    Ok(()) => {}
-                    Err(e) if i == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
-                        self.unsupported(tmp, &e);
-                        return Ok(false);
+            let stage = &mut buf[at..at + DIRECT_CHUNK];
+            let (mut offset, mut first) = (0u64, true);
+            // Writes the first `filled` bytes of the stage, padded with
+            // zeros to the alignment; false when O_DIRECT turns out to be
+            // unsupported (the first write fails with EINVAL).
+            let mut write = |stage: &mut [u8], filled: usize| -> std::io::Result<bool> {
+                let n = filled.next_multiple_of(DIRECT_ALIGN);
+                stage[filled..n].fill(0);
+                match f.write_all_at(&stage[..n], offset) {
+                    Ok(()) => {
+                        offset += n as u64;
+                        first = false;
+                        Ok(true)
                     }
-                    Err(e) => return Err(e),
+                    Err(e) if first && e.raw_os_error() == Some(libc::EINVAL) => {
+                        self.unsupported(tmp, &e);
+                        Ok(false)
+                    }
+                    Err(e) => Err(e),
                 }
+            };
+            let mut filled = 0;
+            for p in parts {
+                let mut piece: &[u8] = p;
+                while !piece.is_empty() {
+                    let n = piece.len().min(DIRECT_CHUNK - filled);
+                    stage[filled..filled + n].copy_from_slice(&piece[..n]);
+                    filled += n;
+                    piece = &piece[n..];
+                    if filled == DIRECT_CHUNK {
+                        if !write(stage, filled)? {
+                            return Ok(false);
+                        }
+                        filled = 0;
+                    }
+                }
+            }
+            if filled > 0 && !write(stage, filled)? {
+                return Ok(false);
             }
             Ok(true)
         })();
@@ -241,17 +267,9 @@ impl DirectIo {
     }
 
     fn give(&self, buf: Vec<u8>) {
-        if buf.len() > STAGING_KEPT_BYTES_MAX {
-            return;
-        }
         let mut kept = self.staging.lock().unwrap_or_else(|p| p.into_inner());
         if kept.len() < STAGING_KEPT {
             kept.push(buf);
-        } else if let Some(small) = kept.iter_mut().min_by_key(|b| b.len()) {
-            // Keep the larger buffers: segments grow to `flush_bytes`.
-            if small.len() < buf.len() {
-                *small = buf;
-            }
         }
     }
 }
@@ -398,6 +416,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = super::LocalDir::open(dir.path()).expect("open");
         let lens = [
+            0,
             1,
             4095,
             4096,
@@ -406,6 +425,7 @@ mod tests {
             1 << 20,
             (1 << 20) + 4097,
             3 << 20,
+            (5 << 20) + 123,
         ];
         for (i, len) in lens.into_iter().enumerate() {
             let body: Vec<u8> = (0..len).map(|j| (j * 7 + i) as u8).collect();
