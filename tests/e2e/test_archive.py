@@ -39,6 +39,8 @@ from test_lifecycle import (  # noqa: F401  (moto, store: fixtures)
 )
 
 ARCHIVE_FAST = dict(FAST_CLEANUP, archive_target_bytes=16 << 10, archive_max_age_secs=1)
+# The producers' batches stay at most 4 KiB (a slow broker makes librdkafka
+# batch more: one batch per partition would make one archive each).
 
 
 def offsets_for_times(bootstrap, topic, partition, timestamps):
@@ -55,7 +57,7 @@ def test_archived_partitions_read_back_whole_and_their_intake_segments_go(store,
     broker = store.start(**ARCHIVE_FAST)
     create_topic(broker.bootstrap, topic_name, 2)
     records = gen_records(4000, seed=61, ts_base=int(time.time() * 1000) - 60_000)
-    producer = Producer(producer_conf(broker.bootstrap, **{"linger.ms": 5}))
+    producer = Producer(producer_conf(broker.bootstrap, **{"linger.ms": 5, "batch.size": 4096}))
     delivered = produce_records(producer, topic_name, records, partition_of=lambda i: i % 2)
     ends = ends_from_delivery(delivered)
     intake = store.keys("segments/")
@@ -150,7 +152,7 @@ def test_archiving_is_spread_over_brokers_and_taken_over_when_one_dies(start_bro
 
     def produce(broker, seed):
         records = gen_records(4800, seed=seed, ts_base=int(time.time() * 1000))
-        delivered = produce_records(Producer(producer_conf(broker.bootstrap, **{"linger.ms": 5})),
+        delivered = produce_records(Producer(producer_conf(broker.bootstrap, **{"linger.ms": 5, "batch.size": 4096})),
                                     topic_name, records, partition_of=lambda i: i % 24)
         return records, delivered
 
@@ -197,7 +199,7 @@ def test_a_broker_killed_at_each_step_of_archiving_loses_nothing(start_broker, t
     broker = start_broker(extra_env={"FLOE_TEST_CRASH_AT": point}, orphan_grace_secs=4, **ARCHIVE_FAST)
     create_topic(broker.bootstrap, topic_name, 2)
     records = gen_records(3000, seed=91, ts_base=int(time.time() * 1000) - 60_000)
-    delivered = produce_records(Producer(producer_conf(broker.bootstrap, **{"linger.ms": 5})),
+    delivered = produce_records(Producer(producer_conf(broker.bootstrap, **{"linger.ms": 5, "batch.size": 4096})),
                                 topic_name, records, partition_of=lambda i: i % 2)
     ends = ends_from_delivery(delivered)
     code = broker.wait_exit(60)
