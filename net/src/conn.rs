@@ -89,11 +89,13 @@ pub async fn serve<S: Stream>(
     sasl_users: Option<Arc<sasl::Users>>,
 ) {
     ctx.peer = Some(peer);
-    let (rd, wr) = stream.split();
+    let (mut rd, wr) = stream.split();
     let (tx, rx) = mpsc::channel::<Outgoing>(PIPELINE_DEPTH_MAX);
     let writer = glommio::spawn_local(write_loop(wr, rx, peer));
     let session = sasl_users.map(sasl::Session::new);
-    match read_loop(&ctx, rd, tx, peer, session).await {
+    let end = read_loop(&ctx, &mut rd, tx, peer, session).await;
+    let shutting_down = matches!(end, End::ShuttingDown);
+    match end {
         End::Refused(why) => {
             ctx.shard.counters().bad_frames.add(1);
             tracing::warn!(%peer, "closing connection: {why}");
@@ -103,8 +105,47 @@ pub async fn serve<S: Stream>(
         }
         End::Closed | End::ShuttingDown => {}
     }
-    writer.await;
+    if !shutting_down {
+        writer.await;
+        return;
+    }
+    // A lingering close. The client may have sent requests this broker
+    // will not read; closing the socket with them unread resets the
+    // connection (RST), and the client can then lose answers already sent
+    // to it — records committed by the drain but never acknowledged. So
+    // the input is read and dropped until the writer has answered
+    // everything it owes and the client has closed its side, at most
+    // LINGER_MAX.
+    let mut sink = vec![0u8; 64 << 10];
+    let mut writer = std::pin::pin!(writer);
+    let mut closed = false;
+    loop {
+        match select(writer.as_mut(), Box::pin(rd.read(&mut sink))).await {
+            Either::Left(_) => break,
+            Either::Right((Ok(0) | Err(_), w)) => {
+                closed = true;
+                w.await;
+                break;
+            }
+            Either::Right((Ok(_), _)) => {}
+        }
+    }
+    if !closed {
+        let _ = glommio::timer::timeout(LINGER_MAX, async {
+            while let Ok(n) = rd.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
 }
+
+/// How long a connection closing for shutdown keeps reading (and
+/// dropping) what the client still sends, after its last answer.
+const LINGER_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The client as this connection knows it so far; `refresh` updates the
 /// view only when the client id or the Fetch rack changes (rarely: once).
@@ -187,7 +228,7 @@ fn gate(session: Option<&mut sasl::Session>, api: ApiKey, request: &Request, ver
 
 async fn read_loop<R: AsyncRead + Unpin>(
     ctx: &Ctx,
-    mut rd: ReadHalf<R>,
+    rd: &mut ReadHalf<R>,
     mut tx: mpsc::Sender<Outgoing>,
     peer: SocketAddr,
     mut session: Option<sasl::Session>,
