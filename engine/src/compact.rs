@@ -61,16 +61,15 @@ impl CompactionPolicy {
     /// Values were validated when set; one that does not parse keeps its
     /// default.
     pub fn from_configs<'a>(cfg: impl Fn(&str) -> Option<&'a str>) -> Self {
-        let policy = cfg("cleanup.policy").unwrap_or("delete");
-        let has = |p: &str| policy.split(',').any(|x| x.trim() == p);
+        let policy = cfg("cleanup.policy");
         let num = |name: &str, default: u64| {
             cfg(name)
                 .and_then(|v| v.trim().parse::<i64>().ok())
                 .map_or(default, |v| u64::try_from(v).unwrap_or(0))
         };
         Self {
-            compact: has("compact"),
-            delete: has("delete"),
+            compact: compacts(policy),
+            delete: has_policy(policy, "delete"),
             delete_retention_ms: num("delete.retention.ms", DELETE_RETENTION_MS_DEFAULT),
             min_lag_ms: num("min.compaction.lag.ms", 0),
             max_lag_ms: Some(num("max.compaction.lag.ms", u64::MAX))
@@ -150,7 +149,10 @@ pub enum CompactError {
     Unreadable { offset: u64, reason: String },
 }
 
-/// Decodes `stored` (one batch) with its base offset set to `base_offset`.
+/// Decodes `stored` (one batch) as if its base offset were `base_offset`.
+/// Archived batches carry their base offset already and produced ones are
+/// decoded only for their keys, so the bytes are copied (to patch the
+/// offset in) only when it differs.
 fn decode(base_offset: u64, stored: &Bytes) -> Result<Vec<Record>, CompactError> {
     let bad = |reason: String| CompactError::Unreadable {
         offset: base_offset,
@@ -159,18 +161,36 @@ fn decode(base_offset: u64, stored: &Bytes) -> Result<Vec<Record>, CompactError>
     if stored.len() < 12 {
         return Err(bad("shorter than a batch header".into()));
     }
-    let mut whole = BytesMut::with_capacity(stored.len());
-    whole.extend_from_slice(&patched_prefix(stored, base_offset as i64));
-    whole.extend_from_slice(&stored[12..]);
-    let mut buf = whole.freeze();
+    let prefix = patched_prefix(stored, base_offset as i64);
+    let mut buf = if stored[..12] == prefix {
+        stored.clone()
+    } else {
+        let mut whole = BytesMut::with_capacity(stored.len());
+        whole.extend_from_slice(&prefix);
+        whole.extend_from_slice(&stored[12..]);
+        whole.freeze()
+    };
     let set = RecordBatchDecoder::decode(&mut buf).map_err(|e| bad(e.to_string()))?;
     Ok(set.records)
 }
 
 /// Whether every record of a produced batch (`stored`, as the producer
-/// sent it) has a key: a compacted topic refuses records without one.
+/// sent it: base offset 0) has a key: a compacted topic refuses records
+/// without one.
 pub fn all_keyed(stored: &Bytes) -> Result<bool, CompactError> {
     Ok(decode(0, stored)?.iter().all(|r| r.key.is_some()))
+}
+
+/// Whether a `cleanup.policy` value (absent: Kafka's `delete`) compacts.
+pub fn compacts(cleanup_policy: Option<&str>) -> bool {
+    has_policy(cleanup_policy, "compact")
+}
+
+fn has_policy(cleanup_policy: Option<&str>, which: &str) -> bool {
+    cleanup_policy
+        .unwrap_or("delete")
+        .split(',')
+        .any(|x| x.trim() == which)
 }
 
 /// Which records of one stored batch stay: those `keep` says yes to.

@@ -116,32 +116,37 @@ pub async fn serve<S: Stream>(
     // the input is read and dropped until the writer has answered
     // everything it owes and the client has closed its side, at most
     // LINGER_MAX.
-    let mut sink = vec![0u8; 64 << 10];
-    let mut writer = std::pin::pin!(writer);
-    let mut closed = false;
-    loop {
-        match select(writer.as_mut(), Box::pin(rd.read(&mut sink))).await {
-            Either::Left(_) => break,
-            Either::Right((Ok(0) | Err(_), w)) => {
-                closed = true;
-                w.await;
-                break;
-            }
-            Either::Right((Ok(_), _)) => {}
+    let writer = std::pin::pin!(writer);
+    let answered_first = match select(writer, Box::pin(discard_input(&mut rd))).await {
+        Either::Left(_) => true,
+        // The client closed first: the answers still go out.
+        Either::Right((_, writer)) => {
+            writer.await;
+            false
         }
-    }
-    if !closed {
+    };
+    if answered_first {
+        // Go on until the client closes, for a while.
         let _ = glommio::timer::timeout(LINGER_MAX, async {
-            while let Ok(n) = rd.read(&mut sink).await {
-                if n == 0 {
-                    break;
-                }
-            }
+            discard_input(&mut rd).await;
             Ok(())
         })
         .await;
     }
 }
+
+/// Reads and drops input until the peer closes or the read fails.
+async fn discard_input<R: AsyncRead + Unpin>(rd: &mut ReadHalf<R>) {
+    let mut sink = vec![0u8; LINGER_READ_BYTES];
+    while let Ok(n) = rd.read(&mut sink).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// Buffer of one read while lingering.
+const LINGER_READ_BYTES: usize = 64 << 10;
 
 /// How long a connection closing for shutdown keeps reading (and
 /// dropping) what the client still sends, after its last answer.

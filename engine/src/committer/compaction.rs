@@ -164,22 +164,14 @@ async fn compact(
     target: u64,
     pass: Pass,
 ) -> Result<PassDone> {
-    let corrupt = |key: &str, reason: String| Error::Corrupt {
-        what: format!("archive {key}"),
-        reason,
-    };
     let mut map = KeyMap::default();
     for input in pass
         .inputs
         .iter()
         .filter(|i| !crate::compact::is_compacted_key(&i.key))
     {
-        let object = retried(|| store.get(&input.key)).await?;
-        let footer = read_footer(&object).map_err(|e| corrupt(&input.key, e.to_string()))?;
-        for b in &footer.batches {
-            let stored = batch_bytes(&object, b.at.pos, b.at.len)
-                .ok_or_else(|| corrupt(&input.key, "a batch lies outside the object".into()))?;
-            map.add_batch(b.base_offset, &stored)
+        for (base_offset, stored) in read_batches(store, &input.key).await? {
+            map.add_batch(base_offset, &stored)
                 .map_err(|e| corrupt(&input.key, e.to_string()))?;
         }
     }
@@ -192,21 +184,18 @@ async fn compact(
     let mut out: Option<Output> = None;
     let last = pass.inputs.len().saturating_sub(1);
     for (i, input) in pass.inputs.iter().enumerate() {
-        let object = retried(|| store.get(&input.key)).await?;
-        let footer = read_footer(&object).map_err(|e| corrupt(&input.key, e.to_string()))?;
+        let batches = read_batches(store, &input.key).await?;
         let expire = archive_written_ms(&input.key)
             .is_some_and(|w| w.saturating_add(pass.policy.delete_retention_ms) <= now_ms);
         let o = out.get_or_insert_with(|| Output::new(pass.tp, input.base_offset));
-        let batches = footer.batches.len();
-        for (j, b) in footer.batches.iter().enumerate() {
-            let stored = batch_bytes(&object, b.at.pos, b.at.len)
-                .ok_or_else(|| corrupt(&input.key, "a batch lies outside the object".into()))?;
-            let head = pass.at_head && i == last && j + 1 == batches;
+        let count = batches.len();
+        for (j, (base_offset, stored)) in batches.into_iter().enumerate() {
+            let head = pass.at_head && i == last && j + 1 == count;
             let kept = if head {
                 Kept::All
             } else {
                 let mut dropped = 0u64;
-                let kept = filter_batch(b.base_offset, &stored, |r| {
+                let kept = filter_batch(base_offset, &stored, |r| {
                     let keep = r.offset as u64 >= pass.log_start && survives(r, &map, expire);
                     dropped += u64::from(!keep);
                     keep
@@ -218,9 +207,7 @@ async fn compact(
             let pushed = match kept {
                 // Copied, so the output pins only what it keeps, not
                 // every input object it drew from.
-                Kept::All => o
-                    .builder
-                    .push(b.base_offset, Bytes::copy_from_slice(&stored)),
+                Kept::All => o.builder.push(base_offset, Bytes::copy_from_slice(&stored)),
                 Kept::Some {
                     base_offset,
                     stored,
@@ -290,9 +277,34 @@ async fn commit(
     upload_and_commit(store, requests, sealed.parts, record, "compact").await
 }
 
-/// The stored bytes of one batch of an archive object.
-fn batch_bytes(object: &Bytes, pos: u64, len: u32) -> Option<Bytes> {
-    let start = usize::try_from(pos).ok()?;
-    let end = start.checked_add(len as usize)?;
-    (end <= object.len()).then(|| object.slice(start..end))
+/// Every batch of archive object `key`, as (base offset, stored bytes
+/// sliced from the one GET of the whole object).
+async fn read_batches(store: &dyn ObjectStore, key: &str) -> Result<Vec<(u64, Bytes)>> {
+    let object = retried(|| store.get(key)).await?;
+    let footer = read_footer(&object).map_err(|e| corrupt(key, e.to_string()))?;
+    footer
+        .batches
+        .iter()
+        .map(|b| {
+            let start = usize::try_from(b.at.pos).ok();
+            let end = start.and_then(|s| s.checked_add(b.at.len as usize));
+            match (start, end) {
+                (Some(s), Some(e)) if e <= object.len() => Ok((b.base_offset, object.slice(s..e))),
+                _ => Err(corrupt(
+                    key,
+                    format!(
+                        "the batch at offset {} lies outside the object",
+                        b.base_offset
+                    ),
+                )),
+            }
+        })
+        .collect()
+}
+
+fn corrupt(key: &str, reason: String) -> Error {
+    Error::Corrupt {
+        what: format!("archive {key}"),
+        reason,
+    }
 }

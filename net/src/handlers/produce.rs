@@ -2,7 +2,7 @@
 //! owning shard, and answer once their segment is durable and committed.
 
 use floe_engine::batch::{self, BatchError};
-use floe_engine::compact::CompactionPolicy;
+use floe_engine::compact;
 use floe_engine::sequencer::BatchOutcome;
 use floe_engine::PartitionKey;
 use futures::future::join_all;
@@ -49,7 +49,7 @@ fn answer(index: i32, outcomes: &[BatchOutcome]) -> PartitionProduceResponse {
 /// key is refused (Kafka: INVALID_RECORD).
 fn refuse_keyless(batches: &[batch::Batch], topic: &str, partition: i32) -> Result<(), BatchError> {
     for b in batches {
-        match floe_engine::compact::all_keyed(&b.bytes) {
+        match compact::all_keyed(&b.bytes) {
             Ok(true) => {}
             Ok(false) => {
                 return Err(BatchError::Invalid {
@@ -115,9 +115,9 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
             };
             let records = p.records.unwrap_or_default();
             let limit = crate::topic_config::max_message_bytes(&topic.configs, settings);
+            // Only `cleanup.policy` is read on the produce path.
             let compacted =
-                CompactionPolicy::from_configs(|k| topic.configs.get(k).map(String::as_str))
-                    .compact;
+                compact::compacts(topic.configs.get("cleanup.policy").map(String::as_str));
             let validated = batch::validate(&records, limit).and_then(|batches| {
                 if compacted {
                     refuse_keyless(&batches, &name, index)?;
