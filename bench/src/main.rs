@@ -31,7 +31,9 @@ use tokio::sync::Semaphore;
 enum Mode {
     /// Produce only.
     Produce,
-    /// Consume what is already in the topics, from the earliest offset.
+    /// Consume what is already in the topics, from the earliest offset to
+    /// the end offsets seen at the start; the rate counts the time until the
+    /// last consumer got there (or `--duration`, whichever is first).
     Consume,
     /// Produce and consume at once; measures produce-to-consume latency.
     E2e,
@@ -423,13 +425,18 @@ async fn start_offsets(
     Ok(out)
 }
 
+/// What a consumer read, its end-to-end latencies, and when it reached the
+/// end offsets it was given (None: it read until the deadline).
+type Consumed = (Recorder, Recorder, Option<Instant>);
+
 async fn consume_worker(
     s: Arc<Shared>,
     parts: Vec<Partition>,
     mut offsets: HashMap<Partition, i64>,
+    ends: Option<HashMap<Partition, i64>>,
     measure_from: Instant,
     deadline: Instant,
-) -> Result<(Recorder, Recorder), BenchError> {
+) -> Result<Consumed, BenchError> {
     let mut rec = Recorder::new(measure_from);
     let mut e2e = Recorder::new(measure_from);
     let mut conns = Conns::default();
@@ -441,8 +448,19 @@ async fn consume_worker(
             .push(p);
     }
     let measure_e2e = s.args.mode == Mode::E2e;
+    let reached = |offsets: &HashMap<Partition, i64>, p: &Partition| {
+        ends.as_ref()
+            .is_some_and(|e| offsets.get(p).copied().unwrap_or(0) >= e[p])
+    };
     // One fetch in flight per leader, round-robin over leaders.
     while Instant::now() < deadline {
+        by_leader.retain(|_, parts| {
+            parts.retain(|p| !reached(&offsets, p));
+            !parts.is_empty()
+        });
+        if by_leader.is_empty() {
+            return Ok((rec, e2e, Some(Instant::now())));
+        }
         for (addr, parts) in &by_leader {
             let conn = conns.get(addr).await?;
             // v11 at most: Tansu 0.6 answers v12 with a tagged field that
@@ -523,7 +541,7 @@ async fn consume_worker(
             }
         }
     }
-    Ok((rec, e2e))
+    Ok((rec, e2e, None))
 }
 
 #[derive(Serialize)]
@@ -575,12 +593,18 @@ async fn run(a: Args) -> Result<Results, BenchError> {
             .collect()
     };
     // Consumers start where the data is before producers begin.
+    // In consume mode they stop at the end offsets seen now.
     let mut consumer_offsets = Vec::new();
     if a.mode != Mode::Produce {
         let ts = if a.mode == Mode::Consume { -2 } else { -1 };
         for w in 0..n {
             let mut conns = Conns::default();
-            consumer_offsets.push(start_offsets(&s, &mut conns, &assign(w), ts).await?);
+            let from = start_offsets(&s, &mut conns, &assign(w), ts).await?;
+            let ends = match a.mode {
+                Mode::Consume => Some(start_offsets(&s, &mut conns, &assign(w), -1).await?),
+                _ => None,
+            };
+            consumer_offsets.push((from, ends));
         }
     }
     let started_unix_ms = unix_ms();
@@ -606,11 +630,12 @@ async fn run(a: Args) -> Result<Results, BenchError> {
     } else {
         deadline
     };
-    for (w, offsets) in consumer_offsets.into_iter().enumerate() {
+    for (w, (offsets, ends)) in consumer_offsets.into_iter().enumerate() {
         consumers.spawn(consume_worker(
             s.clone(),
             assign(w),
             offsets,
+            ends,
             measure_from,
             consume_deadline,
         ));
@@ -626,11 +651,14 @@ async fn run(a: Args) -> Result<Results, BenchError> {
             Err(e) => first_error = first_error.or(Some(BenchError::Setup(e.to_string()))),
         }
     }
+    // Consume mode: the time until the last consumer reached its end.
+    let mut finished = Some(measure_from);
     while let Some(r) = consumers.join_next().await {
         match r {
-            Ok(Ok((c, l))) => {
+            Ok(Ok((c, l, done))) => {
                 consumed.merge(&c);
                 e2e.merge(&l);
+                finished = finished.zip(done).map(|(a, b)| a.max(b));
             }
             Ok(Err(e)) => first_error = first_error.or(Some(e)),
             Err(e) => first_error = first_error.or(Some(BenchError::Setup(e.to_string()))),
@@ -640,14 +668,18 @@ async fn run(a: Args) -> Result<Results, BenchError> {
         return Err(e);
     }
     let secs = run_for.as_secs_f64();
+    let consume_secs = match (a.mode, finished) {
+        (Mode::Consume, Some(at)) => at.saturating_duration_since(measure_from).as_secs_f64(),
+        _ => secs,
+    };
     Ok(Results {
         tool: "floe-bench",
         version: env!("CARGO_PKG_VERSION"),
         started_unix_ms,
-        duration_s: secs,
+        duration_s: consume_secs,
         partitions: s.cluster.partitions.len(),
         produce: summary(&produced, secs),
-        consume: summary(&consumed, secs),
+        consume: summary(&consumed, consume_secs),
         e2e_latency: quantiles(&e2e.latency),
         series: series(&produced, &consumed, &e2e),
         settings: a,
@@ -710,12 +742,13 @@ fn main() -> std::process::ExitCode {
     let p = &results.produce;
     let c = &results.consume;
     eprintln!(
-        "produced {} records ({:.1} MB/s, {} errors), consumed {} records ({:.1} MB/s){}{}",
+        "produced {} records ({:.1} MB/s, {} errors), consumed {} records ({:.1} MB/s over {:.2} s){}{}",
         p.records,
         p.mb_per_sec,
         p.errors,
         c.records,
         c.mb_per_sec,
+        results.duration_s,
         p.latency
             .as_ref()
             .map(|q| format!(

@@ -11,6 +11,7 @@ pub async fn run(store: &dyn ObjectStore) {
     put_get_roundtrip(store).await;
     put_is_concatenation_of_parts(store).await;
     ranged_reads(store).await;
+    large_ranges_outlive_overwrite_and_delete(store).await;
     overwrite_replaces_whole(store).await;
     missing_and_delete(store).await;
     list_by_prefix(store).await;
@@ -53,6 +54,36 @@ async fn ranged_reads(s: &dyn ObjectStore) {
     assert!(matches!(
         s.get_range("c/range", 250..300).await,
         Err(Error::RangeOutOfBounds { .. })
+    ));
+}
+
+/// Large ranges (catch-up reads; the local store maps these) at offsets
+/// that are not page-aligned, and bytes already read keep their contents
+/// when the object is then overwritten or deleted.
+async fn large_ranges_outlive_overwrite_and_delete(s: &dyn ObjectStore) {
+    let data: Vec<u8> = (0..(1 << 20) + 123u32).map(|i| (i % 251) as u8).collect();
+    s.put("c/large", vec![Bytes::from(data.clone())])
+        .await
+        .unwrap();
+    let across = 4097..4097 + 300_000;
+    let held = s.get_range("c/large", across.clone()).await.unwrap();
+    assert_eq!(&held[..], &data[across.start as usize..across.end as usize]);
+    let whole = s.get_range("c/large", 0..data.len() as u64).await.unwrap();
+    assert_eq!(&whole[..], &data[..]);
+    let tail = (data.len() - 400_000) as u64..data.len() as u64;
+    assert_eq!(
+        &s.get_range("c/large", tail.clone()).await.unwrap()[..],
+        &data[tail.start as usize..]
+    );
+    s.put("c/large", vec![Bytes::from(vec![7u8; data.len()])])
+        .await
+        .unwrap();
+    assert_eq!(&held[..], &data[across.start as usize..across.end as usize]);
+    s.delete("c/large").await.unwrap();
+    assert_eq!(&whole[..], &data[..]);
+    assert!(matches!(
+        s.get_range("c/large", across).await,
+        Err(Error::NotFound { .. })
     ));
 }
 
