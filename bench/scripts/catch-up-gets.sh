@@ -12,9 +12,11 @@
 # misses of one range share a GET). With MOTO=1 the store is a moto_server started here
 # (tests/.venv), with S3SFS=1 an s3s-fs server (`cargo install s3s-fs
 # --version 0.14.1 --features binary`), else a local directory. Needs target/release/floe-bench
-# and kcat (BENCH_READER=1: floe-bench --mode consume reads instead, for
-# its default 10 s, and prints its rate). Listens on free loopback ports; every process it starts is
-# stopped by its PID.
+# and kcat (BENCH_READER=1: floe-bench produces in --mode e2e, printing
+# the tail read rate, and after the restart reads everything back with
+# --mode consume, printing the catch-up rate). PERF_OUT=FILE records a
+# perf profile of the broker during the read. Listens on free loopback
+# ports; every process it starts is stopped by its PID.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 floe=${1:-$root/target/release/floe}
@@ -51,15 +53,23 @@ fi
 start() {
   "$floe" serve --data-dir "$dir/data" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
     "${store[@]}" --num-partitions 8 --archive-target-bytes "$target" --archive-max-age-secs 5 \
-    --cleanup-interval-secs 2 --delete-grace-secs 2 >> "$dir/floe.log" 2>&1 &
+    --cleanup-interval-secs 2 --delete-grace-secs 2 ${BROKER_ARGS:-} >> "$dir/floe.log" 2>&1 &
   pid=$!
   for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 }
 metric() { curl -s "127.0.0.1:$admin/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
+hedged() { curl -s "127.0.0.1:$admin/metrics" | awk '/^floe_objstore_backend_hedged_reads_total/ {s += $2} END {print s + 0}'; }
 gets() { curl -s "127.0.0.1:$admin/metrics" | awk '/^floe_objstore_requests_total\{/ && /purpose="fetch"/ && /op="get"/ {s += $2} END {print s + 0}'; }
 start
-"$bench" --bootstrap "127.0.0.1:$port" --partitions 8 --connections 2 --record-size 1024 --acks -1 \
-  --warmup 0 --duration "$secs" --topic-prefix gets > /dev/null
+if [ -n "${BENCH_READER:-}" ]; then
+  # Tail reads on the same store: consumers read while the data is produced.
+  "$bench" --bootstrap "127.0.0.1:$port" --mode e2e --partitions 8 --connections 2 \
+    --record-size 1024 --acks -1 --warmup 0 --duration "$secs" --topic-prefix gets 2>&1 \
+    | grep -i consumed | sed 's/^/tail: /' || true
+else
+  "$bench" --bootstrap "127.0.0.1:$port" --partitions 8 --connections 2 --record-size 1024 --acks -1 \
+    --warmup 0 --duration "$secs" --topic-prefix gets > /dev/null
+fi
 produced=$(metric floe_produce_payload_bytes_total)
 if [ "$target" != 0 ]; then
   # Until every intake segment is archived and deleted.
@@ -72,13 +82,21 @@ archives=$(objects archives/ | wc -l)
 segments=$(objects segments/ | wc -l)
 kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
 start
+perf=
+if [ -n "${PERF_OUT:-}" ]; then
+  # Profiles the broker while it serves the catch-up read.
+  perf record -F 999 -g -p "$pid" -o "$PERF_OUT" > /dev/null 2>&1 &
+  perf=$!
+  sleep 0.5
+fi
 before=$(gets)
+hedged0=$(hedged)
 t0=$(date +%s.%N)
 if [ -n "${BENCH_READER:-}" ]; then
   # floe-bench's consumers (2 connections, as the producers had) instead
   # of kcat: the read rate, for a side-by-side with `--mode e2e` (tail).
   "$bench" --bootstrap "127.0.0.1:$port" --mode consume --partitions 8 --connections 2 \
-    --topic-prefix gets 2>&1 | grep -i consumed || true
+    --topic-prefix gets 2>&1 | grep -i consumed | sed 's/^/catch-up: /' || true
 else
   kpids=()
   for _ in $(seq "${CONSUMERS:-1}"); do
@@ -88,7 +106,9 @@ else
   wait "${kpids[@]}"
 fi
 t1=$(date +%s.%N)
+if [ -n "$perf" ]; then kill -INT "$perf"; wait "$perf" || true; fi
 after=$(gets)
+[ "$(hedged)" = "$hedged0" ] || echo "hedged reads: $(( $(hedged) - hedged0 ))"
 fetched=$(metric floe_fetch_bytes_total)
 python3 - "$produced" "$fetched" "$before" "$after" "$archives" "$segments" "$t0" "$t1" "$target" <<'PY'
 import sys

@@ -902,7 +902,7 @@ impl Shard {
     /// still above it then is out of range. When the log cannot be read in
     /// time the answer is "not available", which clients retry, never
     /// "out of range", which makes them reset their position.
-    async fn read_local(&self, req: ReadRequest) -> Result<ReadResult> {
+    async fn read_local(self: &Rc<Self>, req: ReadRequest) -> Result<ReadResult> {
         match self.read_indexed(req).await {
             Err(Error::OffsetOutOfRange {
                 offset,
@@ -929,7 +929,7 @@ impl Shard {
         }
     }
 
-    async fn read_indexed(&self, mut req: ReadRequest) -> Result<ReadResult> {
+    async fn read_indexed(self: &Rc<Self>, mut req: ReadRequest) -> Result<ReadResult> {
         // A compacted archive may hold no batch at or after the offset
         // (its last records are gone): the read goes on at the next entry,
         // as Kafka's does across a gap.
@@ -944,7 +944,7 @@ impl Shard {
     /// One read, or (`Err`) the offset to read from instead when the
     /// archive holding `req.offset` has no batch from there on.
     async fn read_indexed_once(
-        &self,
+        self: &Rc<Self>,
         req: ReadRequest,
     ) -> Result<std::result::Result<ReadResult, u64>> {
         let (entries, hwm, log_start) = {
@@ -1026,22 +1026,23 @@ impl Shard {
                             .map(|e| e.len as usize)
                             .sum()
                     };
+                    let next = answer.last().map_or(from, IndexEntry::next_offset);
                     let ahead = if uncached > 0 {
-                        let run = uncached;
-                        let next = answer.last().map_or(from, IndexEntry::next_offset);
                         archived_batches(
                             &footer,
                             &archive.segment,
                             next,
-                            run,
-                            ARCHIVE_READ_AHEAD_BYTES
-                                .min(self.engine.config.read_cache_bytes_max / 16),
+                            uncached,
+                            self.read_ahead_bytes(),
                             false,
                         )
                         .into_iter()
                         .filter(|e| e.base_offset >= next)
                         .collect()
                     } else {
+                        // Answered from the cache: the next window is
+                        // loaded while the consumer works on this one.
+                        self.read_ahead(&footer, &archive.segment, next);
                         Vec::new()
                     };
                     entries.extend(answer);
@@ -1074,6 +1075,56 @@ impl Shard {
             parts,
             bytes,
         }))
+    }
+
+    /// How far a read inside an archive object reads ahead.
+    fn read_ahead_bytes(&self) -> usize {
+        ARCHIVE_READ_AHEAD_BYTES.min(self.engine.config.read_cache_bytes_max / 16)
+    }
+
+    /// Starts loading, in the background, the window of `key`'s batches
+    /// after a read-ahead window from `next` when that window is not all
+    /// cached or being read: a consumer catching up then finds its next
+    /// fetches in the cache instead of waiting for a GET every window. The
+    /// load is an ordinary [`Shard::load`] (its GET shared with any read
+    /// that wants the same range, its batches bounded by the read cache).
+    fn read_ahead(self: &Rc<Self>, footer: &ArchiveFooter, key: &Arc<str>, next: u64) {
+        let window = self.read_ahead_bytes();
+        let within = archived_batches(footer, key, next, 0, window, false);
+        let first = {
+            let cache = self.cache.borrow();
+            // Windows load in order: when the last batch is cached, so is
+            // the rest.
+            if within
+                .last()
+                .is_none_or(|e| cache.get(&e.segment, e.pos).is_some())
+            {
+                return;
+            }
+            within
+                .iter()
+                .find(|e| e.base_offset >= next && cache.get(&e.segment, e.pos).is_none())
+                .cloned()
+        };
+        let Some(first) = first else { return };
+        let loading = self.inflight.borrow().iter().any(|((object, start), g)| {
+            object == key && (*start..g.end).contains(&first.pos) && g.get.upgrade().is_some()
+        });
+        if loading {
+            return;
+        }
+        let run: Vec<IndexEntry> =
+            archived_batches(footer, key, first.base_offset, 0, window, true)
+                .into_iter()
+                .filter(|e| e.base_offset >= first.base_offset)
+                .collect();
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            if let Err(e) = me.load(&run).await {
+                tracing::debug!(error = %e, "an archive read-ahead failed; the reads that need it will retry");
+            }
+        })
+        .detach();
     }
 
     /// A read whose batches retention trimmed while they were being read

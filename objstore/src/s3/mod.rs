@@ -18,6 +18,8 @@ mod options;
 
 use std::future::Future;
 use std::ops::Range;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +30,7 @@ use object_store::client::HttpConnector;
 use object_store::list::{PaginatedListOptions, PaginatedListStore};
 use object_store::path::Path;
 use object_store::{
-    GetOptions, GetRange, ObjectStore as _, ObjectStoreExt as _, PutOptions, PutPayload,
+    GetOptions, GetRange, GetResult, ObjectStore as _, ObjectStoreExt as _, PutOptions, PutPayload,
 };
 
 pub use list_uploads::OpenUpload;
@@ -59,7 +61,18 @@ pub struct S3 {
     /// ListMultipartUploads (see [`S3::list_uploads`]).
     http: object_store::client::HttpClient,
     region: String,
+    /// Hedges this client may still send, in thousandths (see
+    /// [`HEDGE_BURST`]).
+    hedge_budget: AtomicU64,
 }
+
+/// Hedges a client may send in a burst; every read earns
+/// [`HEDGE_PER_READ_MILLI`] thousandths of one more. Hedging is for the
+/// slow few: when a loaded store starts every response late, unbounded
+/// hedging doubles its load (moto on two cores hedged half its catch-up
+/// reads); with the budget at most about 5 % of reads are sent twice.
+pub const HEDGE_BURST: u64 = 10;
+const HEDGE_PER_READ_MILLI: u64 = 50;
 
 impl S3 {
     /// Opens `s3://BUCKET[/PREFIX]` with credentials from the standard AWS
@@ -102,6 +115,7 @@ impl S3 {
             accounting: Arc::new(Accounting::default()),
             http,
             region,
+            hedge_budget: AtomicU64::new(HEDGE_BURST * 1000),
         })
     }
 
@@ -161,14 +175,15 @@ impl S3 {
             .await
     }
 
-    /// One ranged GET; the body must be exactly the range.
-    async fn get_range_once(
+    /// Sends one ranged GET and waits for its response to begin (status
+    /// and headers); the range it answers must be the one asked.
+    async fn get_range_start(
         &self,
         c: &RequestCounters,
         key: &str,
         path: &Path,
         range: Range<u64>,
-    ) -> Result<Bytes> {
+    ) -> Result<GetResult> {
         RequestCounters::bump(&c.gets);
         let options = GetOptions {
             range: Some(GetRange::Bounded(range.clone())),
@@ -187,6 +202,17 @@ impl S3 {
                 size: r.meta.size,
             });
         }
+        Ok(r)
+    }
+
+    /// Reads a ranged GET's body, which must be exactly the range.
+    async fn get_range_body(
+        &self,
+        c: &RequestCounters,
+        key: &str,
+        range: Range<u64>,
+        r: GetResult,
+    ) -> Result<Bytes> {
         let body = r
             .bytes()
             .await
@@ -197,21 +223,34 @@ impl S3 {
     }
 
     /// Runs `start()`; if it has not finished after `hedge_after`, runs a
-    /// second `start()` and takes the first success.
-    async fn hedged<F, Fut>(&self, c: &RequestCounters, mut start: F) -> Result<Bytes>
+    /// second `start()` (when the hedge budget allows) and takes the first
+    /// success. Reads race only
+    /// until their response begins: a large read whose body takes longer
+    /// than `hedge_after` to arrive is not slow, and hedging it doubled
+    /// every catch-up GET of 16 MiB.
+    async fn hedged<T, F, Fut>(&self, c: &RequestCounters, mut start: F) -> Result<T>
     where
         F: FnMut() -> Fut,
-        Fut: Future<Output = Result<Bytes>>,
+        Fut: Future<Output = Result<T>>,
     {
         let Some(after) = self.opts.hedge_after else {
             return start().await;
         };
+        let _ = self.hedge_budget.fetch_update(Relaxed, Relaxed, |b| {
+            Some((b + HEDGE_PER_READ_MILLI).min(HEDGE_BURST * 1000))
+        });
         let first = std::pin::pin!(start());
         let delay = std::pin::pin!(tokio::time::sleep(after));
         let first = match select(first, delay).await {
             Either::Left((r, _)) => return r,
             Either::Right(((), first)) => first,
         };
+        let spent = self
+            .hedge_budget
+            .fetch_update(Relaxed, Relaxed, |b| b.checked_sub(1000));
+        if spent.is_err() {
+            return first.await;
+        }
         RequestCounters::bump(&c.hedges);
         let second = std::pin::pin!(start());
         match select(first, second).await {
@@ -267,8 +306,11 @@ impl ObjectStore for S3 {
         }
         let r = self
             .retry
-            .run(c, "get_range", key, || {
-                self.hedged(c, || self.get_range_once(c, key, &path, range.clone()))
+            .run(c, "get_range", key, || async {
+                let r = self
+                    .hedged(c, || self.get_range_start(c, key, &path, range.clone()))
+                    .await?;
+                self.get_range_body(c, key, range.clone(), r).await
             })
             .await;
         match r {

@@ -19,13 +19,37 @@ use crate::{Error, ObjectStore, Purpose};
 /// What the scripted server saw: method and path?query.
 type Seen = Arc<Mutex<Vec<String>>>;
 
-/// A response the scripted server gives: status, headers, body, delay.
+/// A response the scripted server gives: status, headers, body, the delay
+/// before its headers and the delay before its body.
 #[derive(Debug)]
 struct Reply {
     status: u16,
     headers: Vec<(&'static str, String)>,
     body: Bytes,
     delay: Duration,
+    body_delay: Duration,
+}
+
+/// A body whose bytes arrive `delay` after the headers.
+struct LateBody {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    body: Option<Bytes>,
+}
+
+impl http_body::Body for LateBody {
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, HttpError>>> {
+        use std::task::Poll;
+        match self.sleep.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => Poll::Ready(self.body.take().map(|b| Ok(http_body::Frame::data(b)))),
+        }
+    }
 }
 
 fn reply(status: u16, body: &str) -> Reply {
@@ -34,6 +58,7 @@ fn reply(status: u16, body: &str) -> Reply {
         headers: vec![],
         body: Bytes::from(body.to_string()),
         delay: Duration::ZERO,
+        body_delay: Duration::ZERO,
     }
 }
 
@@ -92,7 +117,15 @@ impl HttpService for Scripted {
         for (k, v) in r.headers {
             b = b.header(k, v);
         }
-        Ok(b.body(HttpResponseBody::from(r.body)).unwrap())
+        let body = if r.body_delay.is_zero() {
+            HttpResponseBody::from(r.body)
+        } else {
+            HttpResponseBody::new(LateBody {
+                sleep: Box::pin(tokio::time::sleep(r.body_delay)),
+                body: Some(r.body),
+            })
+        };
+        Ok(b.body(body).unwrap())
     }
 }
 
@@ -134,6 +167,7 @@ fn range_reply(body: &[u8], start: u64, total: u64, delay: Duration) -> Reply {
         ],
         body: Bytes::copy_from_slice(body),
         delay,
+        body_delay: Duration::ZERO,
     }
 }
 
@@ -193,12 +227,10 @@ async fn server_errors_exhaust_the_bounded_retries() {
     assert_eq!(s3.requests().of(Purpose::Fetch).retries.load(Relaxed), 3);
 }
 
-#[tokio::test]
-async fn slow_ranged_read_is_hedged() {
-    let script = Scripted::new(vec![
-        range_reply(b"slow", 2, 100, Duration::from_secs(600)),
-        range_reply(b"fast", 2, 100, Duration::ZERO),
-    ]);
+/// One ranged read of bytes 2..6 with a 20 ms hedge delay, answered by
+/// `replies`: what it returned, and its GETs, hedges and hedge wins.
+async fn one_hedged_read(replies: Vec<Reply>) -> (Bytes, [u64; 3]) {
+    let script = Scripted::new(replies);
     let s3 = store(
         &script,
         S3Options {
@@ -207,12 +239,64 @@ async fn slow_ranged_read_is_hedged() {
         },
     );
     let got = s3.get_range("k", 2..6).await.unwrap();
-    assert_eq!(&got[..], b"fast");
     let c = s3.requests().of(Purpose::Fetch);
-    assert_eq!(c.gets.load(Relaxed), 2);
-    assert_eq!(c.hedges.load(Relaxed), 1);
-    assert_eq!(c.hedge_wins.load(Relaxed), 1);
     assert_eq!(c.retries.load(Relaxed), 0);
+    assert_eq!(script.seen().len() as u64, c.gets.load(Relaxed));
+    let counts = [&c.gets, &c.hedges, &c.hedge_wins].map(|n| n.load(Relaxed));
+    (got, counts)
+}
+
+#[tokio::test]
+async fn slow_ranged_read_is_hedged() {
+    let (got, [gets, hedges, wins]) = one_hedged_read(vec![
+        range_reply(b"slow", 2, 100, Duration::from_secs(600)),
+        range_reply(b"fast", 2, 100, Duration::ZERO),
+    ])
+    .await;
+    assert_eq!(&got[..], b"fast");
+    assert_eq!((gets, hedges, wins), (2, 1, 1));
+}
+
+#[tokio::test]
+async fn read_whose_body_is_slow_is_not_hedged() {
+    // The response begins at once; its body takes ten hedge delays (a
+    // large read). Hedging races only the wait for the response.
+    let mut large = range_reply(b"body", 2, 100, Duration::ZERO);
+    large.body_delay = Duration::from_millis(200);
+    let (got, [gets, hedges, _]) =
+        one_hedged_read(vec![large, range_reply(b"hedg", 2, 100, Duration::ZERO)]).await;
+    assert_eq!(&got[..], b"body");
+    assert_eq!((gets, hedges), (1, 0));
+}
+
+#[tokio::test]
+async fn hedges_are_bounded_by_a_budget() {
+    // Every response starts late (an overloaded store): after the burst,
+    // one read in twenty may be hedged, not every one.
+    let reads = 40u64;
+    let script = Scripted::new(
+        (0..2 * reads)
+            .map(|_| range_reply(b"late", 2, 100, Duration::from_millis(15)))
+            .collect(),
+    );
+    let s3 = store(
+        &script,
+        S3Options {
+            hedge_after: Some(Duration::from_millis(1)),
+            ..opts()
+        },
+    );
+    for _ in 0..reads {
+        assert_eq!(&s3.get_range("k", 2..6).await.unwrap()[..], b"late");
+    }
+    let c = s3.requests().of(Purpose::Fetch);
+    let hedges = c.hedges.load(Relaxed);
+    let most = HEDGE_BURST + reads * HEDGE_PER_READ_MILLI / 1000;
+    assert!(
+        (HEDGE_BURST..=most).contains(&hedges),
+        "{hedges} hedges for {reads} late reads (budget {most})"
+    );
+    assert_eq!(c.gets.load(Relaxed), reads + hedges);
 }
 
 #[tokio::test]
