@@ -1,6 +1,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -50,6 +50,11 @@ struct Inner {
     history: Mutex<VecDeque<Event>>,
     live: broadcast::Sender<Event>,
     leases: Mutex<Leases>,
+    /// A transaction whose commit failed with an I/O error: the revision
+    /// it would have written and its events. Whether it landed is known
+    /// only once the file is reopened; its events are published then if
+    /// it did, so watchers see every revision.
+    unsettled: Mutex<Option<(u64, Vec<Event>)>>,
 }
 
 #[derive(Default)]
@@ -117,12 +122,24 @@ fn encode(create: u64, modr: u64, lease: LeaseId, value: &[u8]) -> Vec<u8> {
 impl Embedded {
     /// Opens (creating if needed) the store at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let db = Database::create(path).map_err(|e| Error::Unavailable {
+        let path = path.as_ref().to_path_buf();
+        let shown = path.display().to_string();
+        Self::open_with(shown, move || {
+            Database::create(&path).map_err(|e| e.to_string())
+        })
+    }
+
+    /// Opens the store with `open`, which is called again to reopen the
+    /// file after an I/O error (tests pass a backend that fails on demand).
+    fn open_with(
+        path: String,
+        open: impl Fn() -> std::result::Result<Database, String> + Send + Sync + 'static,
+    ) -> Result<Self> {
+        let db = open().map_err(|e| Error::Unavailable {
             op: "open",
-            reason: format!("{}: {e}", path.display()),
+            reason: format!("{path}: {e}"),
         })?;
-        Self::with_database(db, path.display().to_string())
+        Self::with_database(db, Box::new(open), path)
     }
 
     /// A store that lives in memory only, for tests and simulation: the
@@ -133,14 +150,20 @@ impl Embedded {
         Self::with_storage(Storage::Map(Mutex::default()), "memory".to_string())
     }
 
-    fn with_database(db: Database, path: String) -> Result<Self> {
+    fn with_database(db: Database, open: Box<Opener>, path: String) -> Result<Self> {
         let w = redb_try!("open", db.begin_write());
         {
             redb_try!("open", w.open_table(KV));
             redb_try!("open", w.open_table(STATE));
         }
         redb_try!("open", w.commit());
-        Self::with_storage(Storage::Redb(db), path)
+        let file = RedbFile {
+            db: RwLock::new(Some(db)),
+            open,
+            failed: Mutex::new(None),
+            logged: Mutex::new(None),
+        };
+        Self::with_storage(Storage::Redb(file), path)
     }
 
     fn with_storage(storage: Storage, path: String) -> Result<Self> {
@@ -153,6 +176,7 @@ impl Embedded {
                 history: Mutex::new(VecDeque::new()),
                 live,
                 leases: Mutex::new(Leases::default()),
+                unsettled: Mutex::new(None),
             }),
         };
         store.drop_orphaned_leased_keys()?;
@@ -180,7 +204,59 @@ impl Embedded {
         Ok(())
     }
 
+    /// After an I/O error redb refuses every call until the file is
+    /// reopened (a full disk, for example, poisons it for good). Reopens
+    /// it, at most every [`REOPEN_INTERVAL`], and settles the transaction
+    /// whose commit failed: its events are published if it landed.
+    fn recover(&self) -> Result<()> {
+        let Storage::Redb(file) = &self.inner.storage else {
+            return Ok(());
+        };
+        if lock(&file.failed).is_none() {
+            return Ok(());
+        }
+        let _writer = lock(&self.inner.writer);
+        let reason = match &*lock(&file.failed) {
+            None => return Ok(()),
+            Some(f) if f.tried.elapsed() < REOPEN_INTERVAL => {
+                return Err(Error::Unavailable {
+                    op: "reopen",
+                    reason: format!(
+                        "{}: closed after an I/O error: {}",
+                        self.inner.path, f.reason
+                    ),
+                })
+            }
+            Some(f) => f.reason.clone(),
+        };
+        if let Err(e) = file.reopen() {
+            let mut failed = lock(&file.failed);
+            if let Some(f) = failed.as_mut() {
+                f.tried = Instant::now();
+            }
+            return Err(Error::Unavailable {
+                op: "reopen",
+                reason: format!(
+                    "{}: closed after an I/O error ({reason}); reopening it failed: {e}",
+                    self.inner.path
+                ),
+            });
+        }
+        let durable = self.inner.storage.revision()?;
+        match lock(&self.inner.unsettled).take() {
+            Some((revision, events)) if revision == durable => {
+                tracing::warn!(path = %self.inner.path, revision, "the metadata store file was reopened after an I/O error; the transaction that failed had landed");
+                self.publish(events);
+            }
+            _ => {
+                tracing::debug!(path = %self.inner.path, revision = durable, "the metadata store file was reopened after an I/O error ({reason})");
+            }
+        }
+        Ok(())
+    }
+
     fn get_blocking(&self, key: &str) -> Result<Option<KeyValue>> {
+        self.recover()?;
         match self.inner.storage.get("get", key)? {
             Some(v) => Ok(Some(decode(key, &v)?.kv)),
             None => Ok(None),
@@ -191,6 +267,7 @@ impl Embedded {
         if start >= end {
             return Ok(Vec::new());
         }
+        self.recover()?;
         self.inner
             .storage
             .scan("range", start, Some(end), limit)?
@@ -200,6 +277,7 @@ impl Embedded {
     }
 
     fn revision_blocking(&self) -> Result<u64> {
+        self.recover()?;
         self.inner.storage.revision()
     }
 
@@ -222,9 +300,11 @@ impl Embedded {
                 }
             }
         }
+        self.recover()?;
         let _writer = lock(&self.inner.writer);
         let mut events = Vec::new();
         let mut leased = Vec::new();
+        let mut attempted = None;
         let outcome = self.inner.storage.write(|kv, revision| {
             let mut holds = true;
             for c in &txn.compares {
@@ -273,11 +353,22 @@ impl Embedded {
                     }
                 }
             }
+            attempted = Some(*revision);
             Ok(TxnOutcome {
                 succeeded: holds,
                 revision: *revision,
             })
-        })?;
+        });
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                if self.inner.storage.failed() {
+                    // The commit may have landed: settled on reopening.
+                    *lock(&self.inner.unsettled) = attempted.map(|r| (r, events));
+                }
+                return Err(e);
+            }
+        };
         {
             let mut leases = lock(&self.inner.leases);
             for (key, lease) in leased {
@@ -344,14 +435,19 @@ impl Embedded {
 }
 
 fn sweep_leases(store: Weak<Inner>) {
+    // A store that cannot write fails every sweep: one line per 10 s.
+    let mut warned: Option<Instant> = None;
     loop {
         std::thread::sleep(LEASE_SWEEP_INTERVAL);
         let Some(inner) = store.upgrade() else {
             return;
         };
         let e = Embedded { inner };
-        if let Err(err) = e.expire_leases(Instant::now()) {
-            tracing::warn!(error = %err, "expiring leases failed; will retry");
+        if let Err(err) = e.recover().and_then(|()| e.expire_leases(Instant::now())) {
+            if warned.is_none_or(|w| w.elapsed() >= Duration::from_secs(10)) {
+                tracing::warn!(error = %err, "expiring leases failed; will retry");
+                warned = Some(Instant::now());
+            }
         }
     }
 }
@@ -359,9 +455,82 @@ fn sweep_leases(store: Weak<Inner>) {
 /// Where the records live.
 enum Storage {
     /// A redb file: durable, one writer at a time.
-    Redb(Database),
+    Redb(RedbFile),
     /// A sorted map under a lock (in-memory stores).
     Map(Mutex<MapState>),
+}
+
+/// Opens (or reopens) the redb file.
+/// Its error is the message: redb's error types are large.
+type Opener = dyn Fn() -> std::result::Result<Database, String> + Send + Sync;
+
+/// How often a store closed by an I/O error tries to reopen its file.
+const REOPEN_INTERVAL: Duration = Duration::from_millis(500);
+
+/// A redb file that is closed after an I/O error and reopened later.
+struct RedbFile {
+    /// None while closed.
+    db: RwLock<Option<Database>>,
+    open: Box<Opener>,
+    /// Why the file was closed, and when reopening was last tried.
+    failed: Mutex<Option<Failed>>,
+    /// When an I/O error was last logged.
+    logged: Mutex<Option<Instant>>,
+}
+
+struct Failed {
+    reason: String,
+    tried: Instant,
+}
+
+impl RedbFile {
+    /// Runs `f` on the open database, or says why the file is closed.
+    fn with<T>(&self, op: &'static str, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
+        let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+        match db.as_ref() {
+            Some(db) => f(db),
+            None => {
+                let reason = lock(&self.failed)
+                    .as_ref()
+                    .map_or_else(|| "closed".to_string(), |f| f.reason.clone());
+                Err(Error::Unavailable {
+                    op,
+                    reason: format!("closed after an I/O error: {reason}"),
+                })
+            }
+        }
+    }
+
+    /// Maps a redb error; an I/O error (or redb's "a previous I/O error
+    /// occurred") closes the file, to be reopened by the next call.
+    fn failure(&self, op: &'static str, e: redb::Error) -> Error {
+        if matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo) {
+            let mut failed = lock(&self.failed);
+            if failed.is_none() {
+                // A full disk fails every write: one line per 10 s.
+                let mut logged = lock(&self.logged);
+                if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    tracing::error!(error = %e, "the metadata store file hit an I/O error; closing it, to reopen (further errors within 10 s are not logged)");
+                    *logged = Some(Instant::now());
+                }
+                *failed = Some(Failed {
+                    reason: e.to_string(),
+                    tried: Instant::now() - REOPEN_INTERVAL,
+                });
+            }
+        }
+        unavailable(op)(e)
+    }
+
+    /// Drops the database (and its file lock) and opens the file again;
+    /// redb recovers it to its last durable commit.
+    fn reopen(&self) -> std::result::Result<(), String> {
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        *db = None;
+        *db = Some((self.open)()?);
+        *lock(&self.failed) = None;
+        Ok(())
+    }
 }
 
 #[derive(Default)]
@@ -409,13 +578,21 @@ impl Records for BTreeMap<String, Vec<u8>> {
 }
 
 impl Storage {
+    /// Whether the file was closed by an I/O error.
+    fn failed(&self) -> bool {
+        matches!(self, Storage::Redb(f) if lock(&f.failed).is_some())
+    }
+
     fn get(&self, op: &'static str, key: &str) -> Result<Option<Vec<u8>>> {
         match self {
-            Storage::Redb(db) => {
-                let r = redb_try!(op, db.begin_read());
-                let t = redb_try!(op, r.open_table(KV));
-                Ok(redb_try!(op, t.get(key)).map(|v| v.value().to_vec()))
-            }
+            Storage::Redb(file) => file.with(op, |db| {
+                let fail = |e: redb::Error| file.failure(op, e);
+                let r = db.begin_read().map_err(|e| fail(e.into()))?;
+                let t = r.open_table(KV).map_err(|e| fail(e.into()))?;
+                Ok(t.get(key)
+                    .map_err(|e| fail(e.into()))?
+                    .map(|v| v.value().to_vec()))
+            }),
             Storage::Map(m) => Ok(lock(m).kv.get(key).cloned()),
         }
     }
@@ -431,16 +608,21 @@ impl Storage {
         use std::ops::Bound::{Excluded, Included, Unbounded};
         let bounds = (Included(start), end.map_or(Unbounded, Excluded));
         match self {
-            Storage::Redb(db) => {
-                let r = redb_try!(op, db.begin_read());
-                let t = redb_try!(op, r.open_table(KV));
+            Storage::Redb(file) => file.with(op, |db| {
+                let fail = |e: redb::Error| file.failure(op, e);
+                let r = db.begin_read().map_err(|e| fail(e.into()))?;
+                let t = r.open_table(KV).map_err(|e| fail(e.into()))?;
                 let mut out = Vec::new();
-                for item in redb_try!(op, t.range::<&str>(bounds)).take(limit) {
-                    let (k, v) = redb_try!(op, item);
+                for item in t
+                    .range::<&str>(bounds)
+                    .map_err(|e| fail(e.into()))?
+                    .take(limit)
+                {
+                    let (k, v) = item.map_err(|e| fail(e.into()))?;
                     out.push((k.value().to_string(), v.value().to_vec()));
                 }
                 Ok(out)
-            }
+            }),
             Storage::Map(m) => Ok(lock(m)
                 .kv
                 .range::<str, _>(bounds)
@@ -452,13 +634,15 @@ impl Storage {
 
     fn revision(&self) -> Result<u64> {
         match self {
-            Storage::Redb(db) => {
-                let r = redb_try!("revision", db.begin_read());
-                let t = redb_try!("revision", r.open_table(STATE));
-                Ok(redb_try!("revision", t.get(REVISION))
+            Storage::Redb(file) => file.with("revision", |db| {
+                let fail = |e: redb::Error| file.failure("revision", e);
+                let r = db.begin_read().map_err(|e| fail(e.into()))?;
+                let t = r.open_table(STATE).map_err(|e| fail(e.into()))?;
+                Ok(t.get(REVISION)
+                    .map_err(|e| fail(e.into()))?
                     .map(|v| v.value())
                     .unwrap_or(0))
-            }
+            }),
             Storage::Map(m) => Ok(lock(m).revision),
         }
     }
@@ -469,24 +653,29 @@ impl Storage {
     /// cannot fail half way there).
     fn write<T>(&self, f: impl FnOnce(&mut dyn Records, &mut u64) -> Result<T>) -> Result<T> {
         match self {
-            Storage::Redb(db) => {
-                let w = redb_try!("txn", db.begin_write());
+            Storage::Redb(file) => file.with("txn", |db| {
+                let fail = |e: redb::Error| file.failure("txn", e);
+                let w = db.begin_write().map_err(|e| fail(e.into()))?;
                 let out = {
-                    let mut kv = redb_try!("txn", w.open_table(KV));
-                    let mut state = redb_try!("txn", w.open_table(STATE));
-                    let before = redb_try!("txn", state.get(REVISION))
+                    let mut kv = w.open_table(KV).map_err(|e| fail(e.into()))?;
+                    let mut state = w.open_table(STATE).map_err(|e| fail(e.into()))?;
+                    let before = state
+                        .get(REVISION)
+                        .map_err(|e| fail(e.into()))?
                         .map(|v| v.value())
                         .unwrap_or(0);
                     let mut revision = before;
                     let out = f(&mut kv, &mut revision)?;
                     if revision != before {
-                        redb_try!("txn", state.insert(REVISION, revision));
+                        state
+                            .insert(REVISION, revision)
+                            .map_err(|e| fail(e.into()))?;
                     }
                     out
                 };
-                redb_try!("txn", w.commit());
+                w.commit().map_err(|e| fail(e.into()))?;
                 Ok(out)
-            }
+            }),
             Storage::Map(m) => {
                 let mut m = lock(m);
                 let MapState { kv, revision } = &mut *m;
@@ -690,6 +879,11 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::sync::atomic::{AtomicBool, AtomicI64};
+    use std::sync::Arc;
+
+    use futures::StreamExt;
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn conformance() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -743,6 +937,161 @@ mod tests {
                 e.revision()
             );
             last = e.revision();
+        }
+    }
+
+    /// A file backend that fails on demand: every write while `full`
+    /// (ENOSPC), and the `sync_fails`-th sync from now (1: the next).
+    #[derive(Debug)]
+    struct Flaky {
+        file: redb::backends::FileBackend,
+        full: Arc<AtomicBool>,
+        sync_fails: Arc<AtomicI64>,
+    }
+
+    fn no_space() -> std::io::Error {
+        std::io::Error::from_raw_os_error(28)
+    }
+
+    impl redb::StorageBackend for Flaky {
+        fn len(&self) -> std::io::Result<u64> {
+            self.file.len()
+        }
+        fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+            self.file.read(offset, len)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            if self.full.load(SeqCst) {
+                return Err(no_space());
+            }
+            self.file.set_len(len)
+        }
+        fn sync_data(&self, eventual: bool) -> std::io::Result<()> {
+            if self.sync_fails.fetch_sub(1, SeqCst) == 1 {
+                return Err(std::io::Error::other("injected fsync failure"));
+            }
+            self.file.sync_data(eventual)
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            if self.full.load(SeqCst) {
+                return Err(no_space());
+            }
+            self.file.write(offset, data)
+        }
+    }
+
+    fn flaky(path: &std::path::Path) -> (super::Embedded, Arc<AtomicBool>, Arc<AtomicI64>) {
+        let full = Arc::new(AtomicBool::new(false));
+        let sync_fails = Arc::new(AtomicI64::new(0));
+        let (f, n, p) = (full.clone(), sync_fails.clone(), path.to_path_buf());
+        let store = super::Embedded::open_with(p.display().to_string(), move || {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&p)
+                .map_err(|e| e.to_string())?;
+            let backend = Flaky {
+                file: redb::backends::FileBackend::new(file).map_err(|e| e.to_string())?,
+                full: f.clone(),
+                sync_fails: n.clone(),
+            };
+            redb::Database::builder()
+                .create_with_backend(backend)
+                .map_err(|e| e.to_string())
+        })
+        .expect("open");
+        (store, full, sync_fails)
+    }
+
+    /// Puts `key` until the store takes it (it reopens its file at most
+    /// every REOPEN_INTERVAL); panics after 10 s.
+    async fn put_when_healed(s: &super::Embedded, key: &str) -> u64 {
+        use crate::{MetaStore, Op, Txn};
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match s
+                .txn(Txn::default().and_then(vec![Op::Put(key.into(), "v".into())]))
+                .await
+            {
+                Ok(o) => return o.revision,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    assert!(matches!(e, crate::Error::Unavailable { .. }), "{e}");
+                    tokio::time::sleep(super::REOPEN_INTERVAL / 4).await;
+                }
+                Err(e) => panic!("the store did not heal: {e}"),
+            }
+        }
+    }
+
+    /// The revisions and keys a watch from revision 1 has delivered.
+    async fn watched(w: &mut crate::Watch, until: u64) -> Vec<(u64, String)> {
+        let mut seen = Vec::new();
+        while seen.last().is_none_or(|(r, _)| *r < until) {
+            let e = tokio::time::timeout(std::time::Duration::from_secs(5), w.next())
+                .await
+                .expect("an event within 5 s")
+                .expect("stream open")
+                .expect("event");
+            seen.push((e.revision(), e.key().to_string()));
+        }
+        seen
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_disk_closes_the_file_until_it_can_be_reopened() {
+        use crate::{MetaStore, Op, Txn};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (s, full, _) = flaky(&dir.path().join("meta.redb"));
+        let mut w = s.watch("k", 1).await.expect("watch");
+        assert_eq!(put_when_healed(&s, "k1").await, 1);
+        full.store(true, SeqCst);
+        let put = Txn::default().and_then(vec![Op::Put("k2".into(), "v".into())]);
+        let e = s.txn(put).await.unwrap_err();
+        assert!(matches!(e, crate::Error::Unavailable { .. }), "{e}");
+        assert!(s.get("k1").await.is_err(), "closed until reopened");
+        full.store(false, SeqCst);
+        let r = put_when_healed(&s, "k3").await;
+        assert_eq!(s.get("k1").await.expect("get").expect("k1").mod_revision, 1);
+        let landed = s.get("k2").await.expect("get").is_some();
+        assert_eq!(r, if landed { 3 } else { 2 });
+        let mut want = vec![(1, "k1".to_string())];
+        if landed {
+            want.push((2, "k2".to_string()));
+        }
+        want.push((r, "k3".to_string()));
+        assert_eq!(watched(&mut w, r).await, want);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_fsync_is_settled_on_reopening() {
+        use crate::MetaStore;
+        // Whichever sync fails (redb 2 commits with one: failing it leaves
+        // a commit that landed but reported an error; later ones fail
+        // nothing), watchers see exactly what the file holds, in order.
+        for nth in 1..=3 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (s, _, sync_fails) = flaky(&dir.path().join("meta.redb"));
+            let mut w = s.watch("k", 1).await.expect("watch");
+            assert_eq!(put_when_healed(&s, "k1").await, 1);
+            sync_fails.store(nth, SeqCst);
+            let first = s
+                .txn(crate::Txn::default().and_then(vec![crate::Op::Put("k2".into(), "v".into())]))
+                .await;
+            sync_fails.store(0, SeqCst);
+            let r = put_when_healed(&s, "k3").await;
+            let landed = s.get("k2").await.expect("get").is_some();
+            assert!(
+                first.is_err() || landed,
+                "sync {nth}: acknowledged but lost"
+            );
+            let mut want = vec![(1, "k1".to_string())];
+            if landed {
+                want.push((2, "k2".to_string()));
+            }
+            want.push((r, "k3".to_string()));
+            assert_eq!(watched(&mut w, r).await, want, "sync {nth}");
         }
     }
 

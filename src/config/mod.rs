@@ -122,8 +122,9 @@ pub struct ServeArgs {
     /// Segments larger than this are uploaded in parts. [default: 16777216]
     #[arg(long, env = "FLOE_MULTIPART_THRESHOLD_BYTES")]
     pub multipart_threshold_bytes: Option<usize>,
-    /// Start a second identical ranged read when the first has not finished
-    /// after this many milliseconds; 0 disables hedging. [default: 250]
+    /// Start a second identical ranged read when the first's response has
+    /// not begun after this many milliseconds (at most one read in twenty,
+    /// after a burst of ten); 0 disables hedging. [default: 250]
     #[arg(long, env = "FLOE_READ_HEDGE_MS")]
     pub read_hedge_ms: Option<u64>,
     /// How often the cleanup owner (the live broker with the lowest node
