@@ -121,6 +121,7 @@ fn main() {
                 producer_id: -1,
                 producer_epoch: -1,
                 base_sequence: -1,
+                transactional: false,
             });
         }
         seq += 1;

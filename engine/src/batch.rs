@@ -57,6 +57,12 @@ impl BatchHeader {
     pub fn codec(&self) -> i16 {
         self.attributes & ATTR_CODEC_MASK
     }
+
+    /// The batch belongs to a transaction (attributes bit 4).
+    pub fn is_transactional(&self) -> bool {
+        self.attributes & ATTR_TRANSACTIONAL != 0
+    }
+
     pub fn is_idempotent(&self) -> bool {
         self.producer_id >= 0
     }

@@ -175,6 +175,7 @@ mod tests {
                             producer_id,
                             producer_epoch,
                             base_sequence,
+                            transactional: false,
                         },
                     )
                     .collect(),

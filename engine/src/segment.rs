@@ -160,6 +160,7 @@ impl SegmentBuilder {
                     producer_id: h.producer_id,
                     producer_epoch: h.producer_epoch,
                     base_sequence: h.base_sequence,
+                    transactional: h.is_transactional(),
                 });
                 fc.batches.push(FooterBatch {
                     pos,

@@ -7,9 +7,9 @@
 //! deterministically, so a retry is recognised whichever broker it reaches.
 //! Plain state, no I/O.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
-use floe_meta::schema::{BatchRecord, CommitRecord};
+use floe_meta::schema::{BatchRecord, CommitRecord, MarkerRecord};
 
 use crate::PartitionKey;
 
@@ -69,6 +69,26 @@ pub struct Sequencer {
     last_seen: HashMap<i64, u64>,
     /// The expiration in force (the last entry's, 0: the default).
     expiration_ms: u64,
+    /// Per partition, the first offset of each producer's open
+    /// transaction: the last stable offset is the least of them.
+    open_txns: HashMap<PartitionKey, BTreeMap<i64, u64>>,
+    /// Per partition, aborted transactions whose marker is at or above the
+    /// log start, oldest first.
+    aborted: HashMap<PartitionKey, VecDeque<AbortedTxn>>,
+    /// Where the last entry's markers went: per marker, per partition, the
+    /// marker's offset (None: no transaction of that producer was open
+    /// there).
+    last_markers: Vec<Vec<Option<u64>>>,
+}
+
+/// An aborted transaction in one partition: its producer, its first
+/// offset and its marker's offset (Kafka's AbortedTransaction, with the
+/// marker's offset as the last).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AbortedTxn {
+    pub producer_id: i64,
+    pub first_offset: u64,
+    pub marker_offset: u64,
 }
 
 fn next_seq(seq: i32, records: u32) -> i32 {
@@ -94,6 +114,11 @@ pub struct SequencerState {
     last_seen: Vec<(i64, u64)>,
     #[serde(default)]
     expiration_ms: u64,
+    /// Absent from snapshots written before transactions existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    open_txns: Vec<(PartitionKey, i64, u64)>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    aborted: Vec<(PartitionKey, AbortedTxn)>,
 }
 
 impl Sequencer {
@@ -113,6 +138,19 @@ impl Sequencer {
         log_start.sort_unstable();
         let mut last_seen: Vec<_> = self.last_seen.iter().map(|(k, v)| (*k, *v)).collect();
         last_seen.sort_unstable();
+        let mut open_txns: Vec<_> = self
+            .open_txns
+            .iter()
+            .flat_map(|(tp, open)| open.iter().map(|(pid, first)| (*tp, *pid, *first)))
+            .collect();
+        open_txns.sort_unstable();
+        let mut aborted: Vec<_> = self
+            .aborted
+            .iter()
+            .flat_map(|(tp, list)| list.iter().map(|a| (*tp, *a)))
+            .collect();
+        // Stable: each partition's list stays oldest first.
+        aborted.sort_by_key(|(tp, _)| *tp);
         SequencerState {
             applied: self.applied,
             next_offset,
@@ -122,6 +160,8 @@ impl Sequencer {
             log_time: self.log_time,
             last_seen,
             expiration_ms: self.expiration_ms,
+            open_txns,
+            aborted,
         }
     }
 
@@ -139,6 +179,21 @@ impl Sequencer {
             log_time: st.log_time,
             last_seen: st.last_seen.into_iter().collect(),
             expiration_ms: st.expiration_ms,
+            open_txns: st
+                .open_txns
+                .into_iter()
+                .fold(HashMap::new(), |mut m, (tp, pid, first)| {
+                    m.entry(tp).or_insert_with(BTreeMap::new).insert(pid, first);
+                    m
+                }),
+            aborted: st
+                .aborted
+                .into_iter()
+                .fold(HashMap::new(), |mut m, (tp, a)| {
+                    m.entry(tp).or_insert_with(VecDeque::new).push_back(a);
+                    m
+                }),
+            last_markers: Vec::new(),
         }
     }
 
@@ -221,6 +276,28 @@ impl Sequencer {
         self.next_offset.get(tp).copied().unwrap_or(0)
     }
 
+    /// The last stable offset of `tp`: the first offset of its oldest open
+    /// transaction, else the high watermark. `read_committed` consumers
+    /// read below it.
+    pub fn last_stable_offset(&self, tp: &PartitionKey) -> u64 {
+        self.open_txns
+            .get(tp)
+            .and_then(|open| open.values().min().copied())
+            .unwrap_or_else(|| self.high_watermark(tp))
+    }
+
+    /// The aborted transactions of `tp` still within its log, oldest first.
+    pub fn aborted(&self, tp: &PartitionKey) -> impl Iterator<Item = &AbortedTxn> + '_ {
+        self.aborted.get(tp).into_iter().flatten()
+    }
+
+    /// Where the last applied entry's markers went: per marker, per
+    /// partition named, the control batch's offset, or None where that
+    /// producer had no transaction open.
+    pub fn last_markers(&self) -> &[Vec<Option<u64>>] {
+        &self.last_markers
+    }
+
     /// The first offset still readable in `tp`.
     pub fn log_start(&self, tp: &PartitionKey) -> u64 {
         self.log_start.get(tp).copied().unwrap_or(0)
@@ -261,6 +338,24 @@ impl Sequencer {
                     .collect()
             })
             .collect();
+        self.last_markers = commit
+            .markers
+            .iter()
+            .map(|m| {
+                m.partitions
+                    .iter()
+                    .map(|&(topic_id, partition)| {
+                        self.apply_marker(
+                            PartitionKey {
+                                topic_id,
+                                partition,
+                            },
+                            m,
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
         let mut forgotten = HashSet::new();
         for t in &commit.trims {
             let tp = PartitionKey {
@@ -273,6 +368,14 @@ impl Sequencer {
             let to = t.log_start.min(hwm);
             if to > self.log_start(&tp) {
                 self.log_start.insert(tp, to);
+                if let Some(list) = self.aborted.get_mut(&tp) {
+                    while list.front().is_some_and(|a| a.marker_offset < to) {
+                        list.pop_front();
+                    }
+                    if list.is_empty() {
+                        self.aborted.remove(&tp);
+                    }
+                }
             }
             // A deleted topic's partition with nothing left readable is
             // forgotten; should a late segment still write to it, it
@@ -280,6 +383,8 @@ impl Sequencer {
             if t.forget && self.log_start(&tp) == hwm {
                 self.next_offset.remove(&tp);
                 self.log_start.remove(&tp);
+                self.open_txns.remove(&tp);
+                self.aborted.remove(&tp);
                 forgotten.insert(tp);
             }
         }
@@ -334,7 +439,41 @@ impl Sequencer {
         let next = self.next_offset.entry(tp).or_insert(0);
         let base = *next;
         *next += u64::from(b.records);
+        if b.transactional && b.producer_id >= 0 {
+            self.open_txns
+                .entry(tp)
+                .or_default()
+                .entry(b.producer_id)
+                .or_insert(base);
+        }
         BatchOutcome::Appended { base_offset: base }
+    }
+
+    /// Ends `m`'s producer's open transaction in `tp` with a control batch
+    /// (one offset); nothing when none is open there (a marker written
+    /// twice, or for a partition the producer never wrote to). The epoch
+    /// the marker carries becomes the producer's, so an instance fenced by
+    /// it can append nothing more.
+    fn apply_marker(&mut self, tp: PartitionKey, m: &MarkerRecord) -> Option<u64> {
+        let open = self.open_txns.get_mut(&tp)?;
+        let first = open.remove(&m.producer_id)?;
+        if open.is_empty() {
+            self.open_txns.remove(&tp);
+        }
+        self.seen(m.producer_id);
+        let epoch = self.epochs.entry(m.producer_id).or_insert(m.epoch);
+        *epoch = (*epoch).max(m.epoch);
+        let next = self.next_offset.entry(tp).or_insert(0);
+        let offset = *next;
+        *next += 1;
+        if !m.commit {
+            self.aborted.entry(tp).or_default().push_back(AbortedTxn {
+                producer_id: m.producer_id,
+                first_offset: first,
+                marker_offset: offset,
+            });
+        }
+        Some(offset)
     }
 }
 
@@ -370,6 +509,7 @@ mod tests {
                     })
                     .collect(),
             }],
+            markers: Vec::new(),
         }
     }
 
@@ -382,12 +522,124 @@ mod tests {
             producer_id: pid,
             producer_epoch: epoch,
             base_sequence: seq,
+            transactional: false,
         }
     }
 
     fn outcome(s: &mut Sequencer, p: u32, b: BatchRecord) -> BatchOutcome {
         let seq = s.applied() + 1;
         s.apply(seq, &commit(vec![(p, b)]))[0][0][0]
+    }
+
+    fn txn(records: u32, pid: i64, epoch: i16, seq: i32) -> BatchRecord {
+        BatchRecord {
+            transactional: true,
+            ..br(records, pid, epoch, seq)
+        }
+    }
+
+    /// Applies one entry holding only markers; where each went.
+    fn end(
+        s: &mut Sequencer,
+        pid: i64,
+        epoch: i16,
+        commit: bool,
+        parts: &[u32],
+    ) -> Vec<Option<u64>> {
+        let seq = s.applied() + 1;
+        let entry = CommitRecord {
+            markers: vec![MarkerRecord {
+                producer_id: pid,
+                epoch,
+                commit,
+                partitions: parts.iter().map(|&p| (tp(p).topic_id, p)).collect(),
+            }],
+            ..CommitRecord::default()
+        };
+        s.apply(seq, &entry);
+        s.last_markers()[0].clone()
+    }
+
+    #[test]
+    fn transactions_hold_the_last_stable_offset_until_their_marker() {
+        let mut s = Sequencer::default();
+        outcome(&mut s, 0, br(2, -1, 0, -1));
+        assert_eq!(
+            outcome(&mut s, 0, txn(3, 5, 0, 0)),
+            BatchOutcome::Appended { base_offset: 2 }
+        );
+        outcome(&mut s, 0, br(1, -1, 0, -1));
+        outcome(&mut s, 1, txn(1, 5, 0, 0));
+        assert_eq!(
+            (s.last_stable_offset(&tp(0)), s.high_watermark(&tp(0))),
+            (2, 6)
+        );
+        assert_eq!(s.last_stable_offset(&tp(1)), 0);
+        // One entry ends it in both partitions, and not in one it never
+        // wrote to.
+        assert_eq!(
+            end(&mut s, 5, 0, true, &[0, 1, 2]),
+            vec![Some(6), Some(1), None]
+        );
+        assert_eq!(s.last_stable_offset(&tp(0)), 7);
+        assert_eq!(s.high_watermark(&tp(0)), 7);
+        assert_eq!(s.high_watermark(&tp(2)), 0);
+        assert_eq!(s.aborted(&tp(0)).count(), 0);
+        // Written twice (a broker died before recording it): nothing more.
+        assert_eq!(end(&mut s, 5, 0, true, &[0, 1]), vec![None, None]);
+        assert_eq!(s.high_watermark(&tp(0)), 7);
+        // The next transaction continues the producer's sequence.
+        assert_eq!(
+            outcome(&mut s, 0, txn(1, 5, 0, 3)),
+            BatchOutcome::Appended { base_offset: 7 }
+        );
+        assert_eq!(s.last_stable_offset(&tp(0)), 7);
+    }
+
+    #[test]
+    fn an_abort_is_indexed_and_its_epoch_fences_the_old_producer() {
+        let mut s = Sequencer::default();
+        outcome(&mut s, 0, txn(2, 5, 0, 0));
+        outcome(&mut s, 0, txn(2, 6, 0, 0));
+        assert_eq!(s.last_stable_offset(&tp(0)), 0);
+        // The coordinator aborts 5's transaction under a bumped epoch.
+        assert_eq!(end(&mut s, 5, 1, false, &[0]), vec![Some(4)]);
+        assert_eq!(s.last_stable_offset(&tp(0)), 2, "6's is still open");
+        let aborted: Vec<AbortedTxn> = s.aborted(&tp(0)).copied().collect();
+        assert_eq!(
+            aborted,
+            vec![AbortedTxn {
+                producer_id: 5,
+                first_offset: 0,
+                marker_offset: 4
+            }]
+        );
+        assert_eq!(outcome(&mut s, 0, txn(1, 5, 0, 2)), BatchOutcome::Fenced);
+        assert_eq!(
+            outcome(&mut s, 0, txn(1, 5, 1, 0)),
+            BatchOutcome::Appended { base_offset: 5 }
+        );
+        // A snapshot carries open transactions and the abort index.
+        let copy = Sequencer::from_state(s.state());
+        assert_eq!(copy.state(), s.state());
+        assert_eq!(copy.last_stable_offset(&tp(0)), 2);
+        assert_eq!(copy.aborted(&tp(0)).count(), 1);
+        // Retention past the marker drops the abort from the index.
+        let seq = s.applied() + 1;
+        s.apply(
+            seq,
+            &CommitRecord {
+                trims: vec![floe_meta::schema::TrimRecord {
+                    topic_id: tp(0).topic_id,
+                    partition: 0,
+                    log_start: 5,
+                    forget: false,
+                }],
+                ..CommitRecord::default()
+            },
+        );
+        assert_eq!(s.aborted(&tp(0)).count(), 0);
+        assert_eq!(s.last_stable_offset(&tp(0)), 2);
     }
 
     #[test]

@@ -215,6 +215,7 @@ async fn send_segment(
                     producer_id,
                     producer_epoch: if producer_id >= 0 { b.epoch } else { -1 },
                     base_sequence: if producer_id >= 0 { b.seq } else { -1 },
+                    transactional: false,
                 });
                 a.placed.insert((key.to_string(), pos), b.id);
                 pos += u64::from(len);
@@ -1291,6 +1292,7 @@ async fn a_commit_never_lands_once_its_registration_lapsed() {
                         producer_id: -1,
                         producer_epoch: -1,
                         base_sequence: -1,
+                        transactional: false,
                     }],
                 }],
             };

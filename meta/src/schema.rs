@@ -133,6 +133,12 @@ pub struct CommitRecord {
     /// [`ArchiveRecord`]).
     #[serde(default, rename = "v", skip_serializing_if = "Vec::is_empty")]
     pub archives: Vec<ArchiveRecord>,
+    /// Transactions ended, applied after the segments and before the
+    /// trims (see [`MarkerRecord`]). Sequenced, not yet written by anyone:
+    /// the partition index and the read path do not know control batches
+    /// yet (ARCHITECTURE.md, "Transactions").
+    #[serde(default, rename = "m", skip_serializing_if = "Vec::is_empty")]
+    pub markers: Vec<MarkerRecord>,
     /// Log start offsets moved forward (retention, DeleteRecords), applied
     /// after the segments. Through the log, so every broker agrees on them.
     #[serde(default, rename = "r", skip_serializing_if = "Vec::is_empty")]
@@ -253,6 +259,26 @@ pub struct BatchRecord {
     pub producer_epoch: i16,
     #[serde(rename = "s", default, skip_serializing_if = "is_zero_i32")]
     pub base_sequence: i32,
+    /// Part of its producer's open transaction (the batch's transactional
+    /// attribute): it opens the transaction in its partition if none is.
+    #[serde(rename = "x", default, skip_serializing_if = "is_false")]
+    pub transactional: bool,
+}
+
+/// A transaction's end: a control batch (COMMIT or ABORT) for `producer_id`
+/// at `epoch`, placed in each of `partitions` where that producer has a
+/// transaction open (one record, one offset), and in no other. One entry
+/// ends the transaction in all its partitions at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarkerRecord {
+    #[serde(rename = "i")]
+    pub producer_id: i64,
+    #[serde(rename = "e")]
+    pub epoch: i16,
+    #[serde(rename = "c")]
+    pub commit: bool,
+    #[serde(rename = "p")]
+    pub partitions: Vec<(Uuid, u32)>,
 }
 
 fn is_zero_i16(v: &i16) -> bool {
@@ -388,6 +414,7 @@ mod tests {
                 producer_id,
                 producer_epoch: -1,
                 base_sequence: -1,
+                transactional: false,
             };
             let json = serde_json::to_vec(&b).expect("encodes");
             let back: BatchRecord = serde_json::from_slice(&json).expect("decodes");

@@ -679,6 +679,7 @@ mod tests {
                             producer_id: if idempotent { 7 } else { -1 },
                             producer_epoch: if idempotent { 0 } else { -1 },
                             base_sequence: if idempotent { base_sequence } else { -1 },
+                            transactional: false,
                         }],
                     });
                 }
@@ -703,6 +704,7 @@ mod tests {
                     trims,
                     at_ms: 0,
                     producer_expiration_ms: 0,
+                    markers: Vec::new(),
                 }
             })
             .collect()
@@ -772,6 +774,7 @@ mod tests {
                         producer_id: -1,
                         producer_epoch: -1,
                         base_sequence: -1,
+                        transactional: false,
                     }],
                 }],
             }],
@@ -780,6 +783,7 @@ mod tests {
             trims,
             at_ms: 0,
             producer_expiration_ms: 0,
+            markers: Vec::new(),
         }
     }
 
