@@ -36,6 +36,7 @@ pub mod shard;
 pub mod sidecar;
 pub mod topics;
 pub mod txn;
+pub mod txn_store;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -312,6 +312,18 @@ pub struct SnapshotPointer {
     pub key: String,
 }
 
+// ---- Transactions ---------------------------------------------------------
+//
+// txns/<transactional id>           TxnRecord (engine::txn), changed by CAS only
+//
+// Transactional ids are escaped as group ids are.
+
+pub const TXNS_PREFIX: &str = "txns/";
+
+pub fn txn_key(transactional_id: &str) -> String {
+    format!("{TXNS_PREFIX}{}", escape_group(transactional_id))
+}
+
 // ---- Consumer groups ------------------------------------------------------
 //
 // groups/<group>                    GroupRecord (engine::group), after each generation
