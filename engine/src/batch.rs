@@ -175,9 +175,83 @@ pub fn patched_prefix(stored: &[u8], base_offset: i64) -> [u8; BATCH_PATCH_BYTES
     p
 }
 
+/// Bytes of a control batch (one control record, no compression).
+pub const CONTROL_BATCH_BYTES: usize = 78;
+
+/// The control batch that ends a transaction in a partition (Kafka's
+/// transaction marker): transactional and control attributes, no
+/// sequence, one record whose key is the ControlRecordKey (version 0, type
+/// COMMIT or ABORT) and whose value is the EndTransactionMarker (version
+/// 0, coordinator epoch). Every broker builds the same bytes from the
+/// commit log, so markers need no object of their own.
+pub fn control_batch(
+    base_offset: u64,
+    producer_id: i64,
+    epoch: i16,
+    commit: bool,
+    coordinator_epoch: i32,
+    timestamp_ms: i64,
+) -> Bytes {
+    let mut b = Vec::with_capacity(CONTROL_BATCH_BYTES);
+    b.extend_from_slice(&(base_offset as i64).to_be_bytes());
+    b.extend_from_slice(&((CONTROL_BATCH_BYTES - 12) as i32).to_be_bytes());
+    b.extend_from_slice(&(-1i32).to_be_bytes()); // partition leader epoch
+    b.push(2); // magic
+    b.extend_from_slice(&0u32.to_be_bytes()); // crc, below
+    b.extend_from_slice(&(ATTR_TRANSACTIONAL | ATTR_CONTROL).to_be_bytes());
+    b.extend_from_slice(&0i32.to_be_bytes()); // last offset delta
+    b.extend_from_slice(&timestamp_ms.to_be_bytes());
+    b.extend_from_slice(&timestamp_ms.to_be_bytes());
+    b.extend_from_slice(&producer_id.to_be_bytes());
+    b.extend_from_slice(&epoch.to_be_bytes());
+    b.extend_from_slice(&(-1i32).to_be_bytes()); // base sequence
+    b.extend_from_slice(&1i32.to_be_bytes()); // records
+                                              // The record, its varints zigzag-encoded: length 16, attributes,
+                                              // timestamp delta 0, offset delta 0, key length 4, key, value length
+                                              // 6, value, no headers.
+    b.extend_from_slice(&[32, 0, 0, 0, 8]);
+    b.extend_from_slice(&0i16.to_be_bytes());
+    b.extend_from_slice(&i16::from(commit).to_be_bytes());
+    b.push(12);
+    b.extend_from_slice(&0i16.to_be_bytes());
+    b.extend_from_slice(&coordinator_epoch.to_be_bytes());
+    b.push(0);
+    let crc = crc32c::crc32c(&b[BATCH_CRC_START..]);
+    b[17..21].copy_from_slice(&crc.to_be_bytes());
+    Bytes::from(b)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn control_batches_decode_as_kafka_markers() {
+        use kafka_protocol::records::RecordBatchDecoder;
+        for commit in [true, false] {
+            let b = control_batch(41, 7, 3, commit, 5, 1_700_000_000_000);
+            assert_eq!(b.len(), CONTROL_BATCH_BYTES);
+            let (len, h) = parse_header(&b).expect("header");
+            assert_eq!(len, CONTROL_BATCH_BYTES);
+            assert!(h.is_transactional() && h.attributes & ATTR_CONTROL != 0);
+            assert_eq!((h.records(), h.producer_id, h.base_sequence), (1, 7, -1));
+            assert_eq!(
+                crc32c::crc32c(&b[BATCH_CRC_START..]),
+                u32::from_be_bytes([b[17], b[18], b[19], b[20]])
+            );
+            let set = RecordBatchDecoder::decode(&mut b.clone()).expect("decodes");
+            let [r] = &set.records[..] else {
+                panic!("one record, got {}", set.records.len())
+            };
+            assert!(r.control && r.transactional);
+            assert_eq!((r.offset, r.producer_id, r.producer_epoch), (41, 7, 3));
+            assert_eq!(r.timestamp, 1_700_000_000_000);
+            let key = r.key.as_deref().expect("key");
+            assert_eq!(key, &[0, 0, 0, u8::from(commit)][..]);
+            let value = r.value.as_deref().expect("value");
+            assert_eq!(value, &[0, 0, 0, 0, 0, 5][..]);
+        }
+    }
 
     /// Builds a minimal valid uncompressed batch with `n` empty records.
     pub fn batch(n: i32, producer_id: i64, base_sequence: i32, ts: i64) -> Vec<u8> {
