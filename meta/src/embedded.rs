@@ -460,8 +460,8 @@ enum Storage {
     Map(Mutex<MapState>),
 }
 
-/// Opens (or reopens) the redb file.
-/// Its error is the message: redb's error types are large.
+/// Opens (or reopens) the redb file; its error is the message (redb's
+/// error types are large).
 type Opener = dyn Fn() -> std::result::Result<Database, String> + Send + Sync;
 
 /// How often a store closed by an I/O error tries to reopen its file.
@@ -515,7 +515,10 @@ impl RedbFile {
                 }
                 *failed = Some(Failed {
                     reason: e.to_string(),
-                    tried: Instant::now() - REOPEN_INTERVAL,
+                    // Due at once: the next call reopens.
+                    tried: Instant::now()
+                        .checked_sub(REOPEN_INTERVAL)
+                        .unwrap_or_else(Instant::now),
                 });
             }
         }

@@ -224,10 +224,9 @@ impl S3 {
 
     /// Runs `start()`; if it has not finished after `hedge_after`, runs a
     /// second `start()` (when the hedge budget allows) and takes the first
-    /// success. Reads race only
-    /// until their response begins: a large read whose body takes longer
-    /// than `hedge_after` to arrive is not slow, and hedging it doubled
-    /// every catch-up GET of 16 MiB.
+    /// success. Reads race only until their response begins: a large read
+    /// whose body takes longer than `hedge_after` to arrive is not slow,
+    /// and hedging it doubled every catch-up GET of 16 MiB.
     async fn hedged<T, F, Fut>(&self, c: &RequestCounters, mut start: F) -> Result<T>
     where
         F: FnMut() -> Fut,
