@@ -449,8 +449,8 @@ async fn consume_worker(
     }
     let measure_e2e = s.args.mode == Mode::E2e;
     let reached = |offsets: &HashMap<Partition, i64>, p: &Partition| {
-        ends.as_ref()
-            .is_some_and(|e| offsets.get(p).copied().unwrap_or(0) >= e[p])
+        let end = ends.as_ref().and_then(|e| e.get(p));
+        end.is_some_and(|end| offsets.get(p).copied().unwrap_or(0) >= *end)
     };
     // One fetch in flight per leader, round-robin over leaders.
     while Instant::now() < deadline {

@@ -1089,35 +1089,39 @@ impl Shard {
     /// load is an ordinary [`Shard::load`] (its GET shared with any read
     /// that wants the same range, its batches bounded by the read cache).
     fn read_ahead(self: &Rc<Self>, footer: &ArchiveFooter, key: &Arc<str>, next: u64) {
+        // Called for every fetch answered from the cache: it looks at one
+        // batch (the window's last, found by position: batches lie in
+        // offset order) unless a load is due.
         let window = self.read_ahead_bytes();
-        let within = archived_batches(footer, key, next, 0, window, false);
-        let first = {
+        let batches = &footer.batches;
+        let first = batches.partition_point(|b| b.end_offset() <= next);
+        let Some(start) = batches.get(first) else {
+            return;
+        };
+        let edge = start.at.pos.saturating_add(window as u64);
+        let last = batches
+            .partition_point(|b| b.at.pos < edge)
+            .saturating_sub(1)
+            .max(first);
+        let uncached = {
             let cache = self.cache.borrow();
             // Windows load in order: when the last batch is cached, so is
             // the rest.
-            if within
-                .last()
-                .is_none_or(|e| cache.get(&e.segment, e.pos).is_some())
-            {
+            if cache.get(key, batches[last].at.pos).is_some() {
                 return;
             }
-            within
-                .iter()
-                .find(|e| e.base_offset >= next && cache.get(&e.segment, e.pos).is_none())
-                .cloned()
+            (first..=last).find(|&i| cache.get(key, batches[i].at.pos).is_none())
         };
-        let Some(first) = first else { return };
+        let Some(from) = uncached.map(|i| &batches[i]) else {
+            return;
+        };
         let loading = self.inflight.borrow().iter().any(|((object, start), g)| {
-            object == key && (*start..g.end).contains(&first.pos) && g.get.upgrade().is_some()
+            object == key && (*start..g.end).contains(&from.at.pos) && g.get.upgrade().is_some()
         });
         if loading {
             return;
         }
-        let run: Vec<IndexEntry> =
-            archived_batches(footer, key, first.base_offset, 0, window, true)
-                .into_iter()
-                .filter(|e| e.base_offset >= first.base_offset)
-                .collect();
+        let run = archived_batches(footer, key, from.base_offset, 0, window, true);
         let me = self.clone();
         glommio::spawn_local(async move {
             if let Err(e) = me.load(&run).await {

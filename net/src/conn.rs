@@ -117,22 +117,19 @@ pub async fn serve<S: Stream>(
     // everything it owes and the client has closed its side, at most
     // LINGER_MAX.
     let writer = std::pin::pin!(writer);
-    let answered_first = match select(writer, Box::pin(discard_input(&mut rd))).await {
-        Either::Left(_) => true,
-        // The client closed first: the answers still go out.
-        Either::Right((_, writer)) => {
-            writer.await;
-            false
+    match select(writer, Box::pin(discard_input(&mut rd))).await {
+        // Everything is answered: go on dropping input until the client
+        // closes, for a while.
+        Either::Left((_, discarding)) => {
+            let _ = glommio::timer::timeout(LINGER_MAX, async {
+                discarding.await;
+                Ok(())
+            })
+            .await;
         }
+        // The client closed first: the answers still go out.
+        Either::Right((_, writer)) => writer.await,
     };
-    if answered_first {
-        // Go on until the client closes, for a while.
-        let _ = glommio::timer::timeout(LINGER_MAX, async {
-            discard_input(&mut rd).await;
-            Ok(())
-        })
-        .await;
-    }
 }
 
 /// Reads and drops input until the peer closes or the read fails.
