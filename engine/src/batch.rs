@@ -33,8 +33,9 @@ pub enum BatchError {
     Invalid { reason: String },
     #[error("record batch of {size} bytes exceeds max.message.bytes {limit}")]
     TooLarge { size: usize, limit: usize },
-    #[error("transactional and control batches are not supported")]
-    Transactional,
+    /// Control batches (transaction markers) are written by the broker.
+    #[error("control batches are written by the broker, not by producers")]
+    Control,
 }
 
 /// The header fields of one validated batch.
@@ -139,8 +140,13 @@ pub fn validate(records: &Bytes, max_batch_bytes: usize) -> Result<Vec<Batch>, B
         if stored != computed {
             return Err(BatchError::CrcMismatch { stored, computed });
         }
-        if header.attributes & (ATTR_TRANSACTIONAL | ATTR_CONTROL) != 0 {
-            return Err(BatchError::Transactional);
+        if header.attributes & ATTR_CONTROL != 0 {
+            return Err(BatchError::Control);
+        }
+        if header.is_transactional() && header.producer_id < 0 {
+            return Err(BatchError::Invalid {
+                reason: "a transactional batch without a producer id".to_string(),
+            });
         }
         if header.codec() > 4 {
             return Err(BatchError::Invalid {
@@ -221,9 +227,67 @@ pub fn control_batch(
     Bytes::from(b)
 }
 
+/// Where transaction markers sit in the index: an index entry whose
+/// object key starts with this names no object; its bytes are the
+/// control batch the key describes (see [`marker_key`]). No object key
+/// starts with it (they start with `segments/` or `archives/`).
+pub const MARKER_KEY_PREFIX: &str = "marker:";
+
+/// The index key of the marker ending `producer_id`'s transaction at
+/// `epoch` (`commit` or abort). One key serves every partition and every
+/// transaction of that producer and epoch: the offset and time are the
+/// index entry's.
+pub fn marker_key(producer_id: i64, epoch: i16, commit: bool) -> String {
+    let kind = if commit { 'c' } else { 'a' };
+    format!("{MARKER_KEY_PREFIX}{kind}:{producer_id}:{epoch}")
+}
+
+pub fn is_marker_key(key: &str) -> bool {
+    key.starts_with(MARKER_KEY_PREFIX)
+}
+
+/// The stored bytes (base offset 0, as a produced batch is stored) of the
+/// marker `key` names, stamped `timestamp_ms`; None when `key` is not a
+/// marker key.
+pub fn marker_bytes(key: &str, timestamp_ms: i64) -> Option<Bytes> {
+    let mut parts = key.strip_prefix(MARKER_KEY_PREFIX)?.split(':');
+    let commit = match parts.next()? {
+        "c" => true,
+        "a" => false,
+        _ => return None,
+    };
+    let producer_id = parts.next()?.parse().ok()?;
+    let epoch = parts.next()?.parse().ok()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(control_batch(
+        0,
+        producer_id,
+        epoch,
+        commit,
+        0,
+        timestamp_ms,
+    ))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn marker_keys_describe_their_control_batch() {
+        let key = marker_key(42, 3, false);
+        assert!(is_marker_key(&key) && !is_marker_key("segments/x"));
+        let b = marker_bytes(&key, 99).expect("a marker key");
+        assert_eq!(b, control_batch(0, 42, 3, false, 0, 99));
+        for bad in ["marker:x:1:2", "marker:c:1", "marker:c:1:2:3", "segments/a"] {
+            assert!(marker_bytes(bad, 0).is_none(), "{bad}");
+        }
+        // Refused from producers.
+        let err = validate(&b, 1 << 20).expect_err("a control batch");
+        assert_eq!(err, BatchError::Control);
+    }
 
     #[test]
     fn control_batches_decode_as_kafka_markers() {

@@ -115,6 +115,10 @@ impl KeyMap {
     /// base offset in the log is `base_offset`).
     pub fn add_batch(&mut self, base_offset: u64, stored: &Bytes) -> Result<(), CompactError> {
         for r in decode(base_offset, stored)? {
+            // A marker's key is its control record's, not a user's.
+            if r.control {
+                continue;
+            }
             if let Some(k) = &r.key {
                 let offset = r.offset as u64;
                 let e = self.latest.entry(key_hash(k)).or_insert(offset);
@@ -244,6 +248,11 @@ pub fn filter_batch(
 /// the dirty archives mapped; `tombstones_expire` says whether the
 /// record's archive was last written more than `delete.retention.ms` ago.
 pub fn survives(r: &Record, map: &KeyMap, tombstones_expire: bool) -> bool {
+    // Transaction markers stay: read_committed consumers need them to
+    // tell where a transaction ended.
+    if r.control {
+        return true;
+    }
     let Some(key) = &r.key else {
         return false;
     };

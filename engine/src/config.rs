@@ -22,6 +22,12 @@ pub struct EngineConfig {
     /// An idempotent producer id silent this long (by the log's time) is
     /// forgotten; written into each log entry this broker commits.
     pub producer_id_expiration_ms: u64,
+    /// The longest transaction timeout a producer may ask for (Kafka's
+    /// `transaction.max.timeout.ms`).
+    pub transaction_max_timeout_ms: i32,
+    /// A transactional id idle this long is forgotten (Kafka's
+    /// `transactional.id.expiration.ms`).
+    pub transactional_id_expiration_ms: i64,
     /// Write a snapshot every this many log entries.
     pub snapshot_every_entries: u64,
     /// Log entries kept behind the newest snapshot.

@@ -636,6 +636,25 @@ impl Coordinator {
         Ok(())
     }
 
+    /// TxnOffsetCommit's group checks (KIP-447): the member and
+    /// generation must be the group's current ones, so a consumer that
+    /// lost its partitions in a rebalance (a zombie) cannot commit for
+    /// them inside a transaction either.
+    pub async fn check_txn_commit(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        generation: i32,
+        instance_id: Option<&str>,
+    ) -> CoordResult<()> {
+        self.with_slot(group_id, |slot| {
+            slot.group
+                .check_commit(member_id, generation, instance_id)
+                .map_err(CoordError::Group)
+        })
+        .await
+    }
+
     /// Committed offsets of a group; all of them when `topics` is `None`.
     /// Served by any broker: offsets are in the metadata store.
     pub async fn fetch_offsets(

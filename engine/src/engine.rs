@@ -27,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::shard::{self, Shard, ShardInbox, ShardIndexSink, ShardLink};
 use crate::sidecar::{Sidecar, SidecarHandle};
 use crate::topics::{TopicMap, Topics};
+use crate::txn_store::TxnStoreError;
 use crate::{EngineConfig, Error, PartitionKey, Result, Shutdown};
 
 /// Commit requests queued before shards wait for the committer.
@@ -40,7 +41,7 @@ fn snapshot_gone(e: &Error) -> bool {
 const RECOVER_ATTEMPTS_MAX: u32 = 120;
 const RECOVER_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// First producer id handed out; lower ones are left unused.
-const PRODUCER_ID_FIRST: i64 = 1000;
+pub(crate) const PRODUCER_ID_FIRST: i64 = 1000;
 
 /// How the engine cleans up after itself: retention and object deletion
 /// (see [`crate::committer::Lifecycle`]).
@@ -91,6 +92,7 @@ pub struct Engine {
     left: Arc<Shutdown>,
     cluster_id: String,
     groups: Arc<Coordinator>,
+    txns: Arc<crate::transactions::Transactions>,
     /// Each shard's receivers, taken by [`Engine::start_shard`].
     inboxes: Mutex<Vec<Option<ShardInbox>>>,
     /// Log entries replayed at start-up.
@@ -173,6 +175,13 @@ impl Engine {
             }
         })?;
         let groups = Coordinator::new(node_id, meta.clone(), start.lease_ttl);
+        let txns = Arc::new(crate::transactions::Transactions::new(
+            meta.clone(),
+            commit_tx.clone(),
+            topics.clone(),
+            start.config.transaction_max_timeout_ms,
+            start.config.transactional_id_expiration_ms,
+        ));
         let engine = Arc::new(Self {
             config: start.config,
             sidecar: handle.clone(),
@@ -188,6 +197,7 @@ impl Engine {
             left: Arc::default(),
             cluster_id,
             groups: groups.clone(),
+            txns: txns.clone(),
             inboxes: Mutex::new(inboxes.into_iter().map(Some).collect()),
             replayed,
             lease_ttl: start.lease_ttl,
@@ -231,6 +241,12 @@ impl Engine {
         });
         handle.spawn(probe_store(Arc::downgrade(&engine)));
         handle.spawn(groups.run(stop()));
+        handle.spawn(scan_transactions(
+            txns,
+            engine.members.clone(),
+            node_id,
+            stop(),
+        ));
         Ok(engine)
     }
 
@@ -440,6 +456,23 @@ impl Engine {
         Ok((producer_id, bumped.epoch))
     }
 
+    // ---- transactions ----------------------------------------------------
+
+    /// Runs `f` with the transaction coordinator on the sidecar, where its
+    /// metadata-store calls run.
+    pub async fn with_txns<T, F, Fut>(&self, f: F) -> Result<T, TxnStoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<crate::transactions::Transactions>) -> Fut,
+        Fut: Future<Output = Result<T, TxnStoreError>> + Send + 'static,
+    {
+        let work = f(self.txns.clone());
+        match self.sidecar.run(async move { Ok(work.await) }).await {
+            Ok(r) => r,
+            Err(e) => Err(TxnStoreError::Unavailable(e.to_string())),
+        }
+    }
+
     // ---- consumer groups -------------------------------------------------
 
     /// Runs `f` with this broker's group coordinator on the sidecar, where
@@ -473,6 +506,32 @@ async fn cluster_id(meta: &dyn MetaStore) -> Result<String> {
         what: schema::CLUSTER_ID.to_string(),
     })?;
     Ok(String::from_utf8_lossy(&kv.value).into_owned())
+}
+
+/// The cleanup owner's periodic turn over the transaction records (see
+/// [`crate::transactions::Transactions::scan`]).
+async fn scan_transactions(
+    txns: Arc<crate::transactions::Transactions>,
+    members: Arc<Members>,
+    node_id: i32,
+    stop: impl Future<Output = ()>,
+) {
+    let mut tick = tokio::time::interval(crate::transactions::TXN_SCAN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let turns = async {
+        loop {
+            tick.tick().await;
+            let owner = members.live().first().is_some_and(|b| b.node_id == node_id);
+            if !owner {
+                continue;
+            }
+            if let Err(e) = txns.scan().await {
+                tracing::debug!(error = %e, "scanning transactions failed; will retry");
+            }
+        }
+    };
+    futures::pin_mut!(turns);
+    futures::future::select(turns, Box::pin(stop)).await;
 }
 
 /// How often a broker that is not ready because of its object store checks

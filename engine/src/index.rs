@@ -4,6 +4,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use crate::sequencer::AbortedTxn;
+
 /// One stored batch of a partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IndexEntry {
@@ -27,9 +29,52 @@ pub struct PartitionIndex {
     entries: VecDeque<IndexEntry>,
     high_watermark: u64,
     log_start: u64,
+    /// The first offset of the oldest open transaction.
+    open_from: Option<u64>,
+    /// Aborted transactions whose marker is at or after the log start,
+    /// oldest first.
+    aborted: VecDeque<AbortedTxn>,
 }
 
 impl PartitionIndex {
+    /// The last stable offset: `read_committed` consumers read below it.
+    pub fn last_stable(&self) -> u64 {
+        self.open_from
+            .map_or(self.high_watermark, |o| o.min(self.high_watermark))
+    }
+
+    /// Sets where the oldest open transaction begins (the log says).
+    pub fn set_open_from(&mut self, open_from: Option<u64>) {
+        self.open_from = open_from;
+    }
+
+    /// Adds aborted transactions (oldest first, after those known).
+    pub fn add_aborted(&mut self, aborted: impl IntoIterator<Item = AbortedTxn>) {
+        for a in aborted {
+            if a.marker_offset >= self.log_start
+                && self
+                    .aborted
+                    .back()
+                    .is_none_or(|b| b.marker_offset < a.marker_offset)
+            {
+                self.aborted.push_back(a);
+            }
+        }
+    }
+
+    /// The aborted transactions a fetch returning offsets `from..to` must
+    /// list (Kafka's rule: those ending at or after `from` and beginning
+    /// before `to`).
+    pub fn aborted_between(&self, from: u64, to: u64) -> Vec<AbortedTxn> {
+        let first = self.aborted.partition_point(|a| a.marker_offset < from);
+        self.aborted
+            .iter()
+            .skip(first)
+            .filter(|a| a.first_offset < to)
+            .copied()
+            .collect()
+    }
+
     pub fn high_watermark(&self) -> u64 {
         self.high_watermark
     }
@@ -86,6 +131,9 @@ impl PartitionIndex {
         self.log_start = to;
         while self.entries.front().is_some_and(|e| e.next_offset() <= to) {
             self.entries.pop_front();
+        }
+        while self.aborted.front().is_some_and(|a| a.marker_offset < to) {
+            self.aborted.pop_front();
         }
         if self.entries.is_empty() {
             self.high_watermark = self.high_watermark.max(to);
@@ -208,6 +256,30 @@ mod tests {
         assert_eq!(bases, vec![0, 3, 6]);
         assert_eq!(p.entry(p.position(5).unwrap_or(9)), Some(&arc));
         assert_eq!(p.high_watermark(), 10);
+    }
+
+    #[test]
+    fn the_last_stable_offset_and_the_aborted_list() {
+        let mut p = PartitionIndex::default();
+        for (base, n) in [(0, 3), (3, 2), (5, 1), (6, 4)] {
+            p.push(e(base, n, 0));
+        }
+        assert_eq!(p.last_stable(), 10);
+        p.set_open_from(Some(6));
+        assert_eq!(p.last_stable(), 6);
+        let a = |first, marker| AbortedTxn {
+            producer_id: 1,
+            first_offset: first,
+            marker_offset: marker,
+        };
+        p.add_aborted([a(0, 2), a(3, 5)]);
+        p.add_aborted([a(0, 2)]); // already known: not twice
+        assert_eq!(p.aborted_between(0, 10), vec![a(0, 2), a(3, 5)]);
+        assert_eq!(p.aborted_between(3, 10), vec![a(3, 5)]);
+        assert_eq!(p.aborted_between(0, 3), vec![a(0, 2)]);
+        assert_eq!(p.aborted_between(6, 10), vec![]);
+        p.advance_log_start(3);
+        assert_eq!(p.aborted_between(0, 10), vec![a(3, 5)]);
     }
 
     #[test]

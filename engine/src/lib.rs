@@ -35,6 +35,7 @@ pub mod sequencer;
 pub mod shard;
 pub mod sidecar;
 pub mod topics;
+pub mod transactions;
 pub mod txn;
 pub mod txn_store;
 

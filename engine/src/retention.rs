@@ -170,7 +170,8 @@ pub struct SegmentRefs {
 impl SegmentRefs {
     /// `batches` more batches of `segment` are readable.
     pub fn hold(&mut self, segment: &Arc<str>, batches: u64) {
-        if batches == 0 {
+        // Markers name no object: nothing to hold or delete.
+        if batches == 0 || crate::batch::is_marker_key(segment) {
             return;
         }
         *self.refs.entry(segment.clone()).or_default() += batches;
@@ -179,6 +180,9 @@ impl SegmentRefs {
 
     /// `batches` batches of `segment` were trimmed by entry `seq`.
     pub fn release(&mut self, segment: &Arc<str>, batches: u64, seq: u64, at: SystemTime) {
+        if crate::batch::is_marker_key(segment) {
+            return;
+        }
         let Some(n) = self.refs.get_mut(segment) else {
             debug_assert!(false, "released a segment never held: {segment}");
             return;

@@ -280,10 +280,25 @@ impl Sequencer {
     /// transaction, else the high watermark. `read_committed` consumers
     /// read below it.
     pub fn last_stable_offset(&self, tp: &PartitionKey) -> u64 {
+        self.first_open(tp)
+            .unwrap_or_else(|| self.high_watermark(tp))
+    }
+
+    /// The first offset of `tp`'s oldest open transaction, if any.
+    pub fn first_open(&self, tp: &PartitionKey) -> Option<u64> {
         self.open_txns
             .get(tp)
             .and_then(|open| open.values().min().copied())
-            .unwrap_or_else(|| self.high_watermark(tp))
+    }
+
+    /// The producers with a transaction open in `tp`, and where each
+    /// began.
+    pub fn open_transactions(&self, tp: &PartitionKey) -> impl Iterator<Item = (i64, u64)> + '_ {
+        self.open_txns
+            .get(tp)
+            .into_iter()
+            .flatten()
+            .map(|(pid, first)| (*pid, *first))
     }
 
     /// The aborted transactions of `tp` still within its log, oldest first.
@@ -455,14 +470,19 @@ impl Sequencer {
     /// the marker carries becomes the producer's, so an instance fenced by
     /// it can append nothing more.
     fn apply_marker(&mut self, tp: PartitionKey, m: &MarkerRecord) -> Option<u64> {
+        // The marker's epoch is the producer's from here on, in every
+        // partition: a batch of a fenced instance still on its way lands
+        // nowhere, even where its transaction had written nothing yet.
+        if self.epochs.get(&m.producer_id).is_none_or(|e| *e < m.epoch) {
+            self.seen(m.producer_id);
+            self.epochs.insert(m.producer_id, m.epoch);
+        }
         let open = self.open_txns.get_mut(&tp)?;
         let first = open.remove(&m.producer_id)?;
         if open.is_empty() {
             self.open_txns.remove(&tp);
         }
         self.seen(m.producer_id);
-        let epoch = self.epochs.entry(m.producer_id).or_insert(m.epoch);
-        *epoch = (*epoch).max(m.epoch);
         let next = self.next_offset.entry(tp).or_insert(0);
         let offset = *next;
         *next += 1;

@@ -17,7 +17,7 @@ use futures::channel::{mpsc, oneshot};
 use futures::{Future, FutureExt as _, StreamExt};
 
 use crate::archive::{decode_footer, read_trailer, ArchiveFooter};
-use crate::batch::{patched_prefix, Batch};
+use crate::batch::{marker_bytes, patched_prefix, Batch};
 use crate::cache::{FooterCache, ReadCache};
 use crate::committer::{CommitRequest, IndexUpdate, SegmentCommitted};
 use crate::gaps::{FailedBatches, IdempotentBatches};
@@ -192,6 +192,8 @@ fn apply_update(indexes: &mut HashMap<PartitionKey, PartitionIndex>, u: IndexUpd
         }
     }
     index.advance_log_start(u.log_start);
+    index.set_open_from(u.open_from);
+    index.add_aborted(u.aborted);
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -199,6 +201,9 @@ pub struct ReadRequest {
     pub tp: PartitionKey,
     pub offset: u64,
     pub max_bytes: usize,
+    /// `read_committed`: only below the last stable offset, with the
+    /// aborted transactions among what is returned.
+    pub committed: bool,
 }
 
 /// Batches read from one partition, ready to write out: for each batch a
@@ -207,6 +212,10 @@ pub struct ReadRequest {
 pub struct ReadResult {
     pub high_watermark: u64,
     pub log_start: u64,
+    pub last_stable: u64,
+    /// For `read_committed` reads: the aborted transactions that overlap
+    /// the batches returned.
+    pub aborted: Vec<crate::sequencer::AbortedTxn>,
     pub parts: Vec<Bytes>,
     pub bytes: usize,
 }
@@ -224,6 +233,7 @@ pub enum OffsetQuery {
 pub struct OffsetAnswer {
     pub high_watermark: u64,
     pub log_start: u64,
+    pub last_stable: u64,
     /// For timestamp queries: the base offset and whole (patched) batch in
     /// which the answer lies; `None` when no record qualifies.
     pub batch: Option<(u64, Bytes)>,
@@ -737,7 +747,11 @@ impl Shard {
             let cache = self.cache.borrow();
             entries
                 .iter()
-                .map(|e| cache.get(&e.segment, e.pos))
+                .map(|e| {
+                    // A transaction marker has no object: its bytes are
+                    // built from its key.
+                    marker_bytes(&e.segment, e.max_ts).or_else(|| cache.get(&e.segment, e.pos))
+                })
                 .collect()
         };
         let mut runs = Vec::new();
@@ -947,7 +961,7 @@ impl Shard {
         self: &Rc<Self>,
         req: ReadRequest,
     ) -> Result<std::result::Result<ReadResult, u64>> {
-        let (entries, hwm, log_start) = {
+        let (entries, hwm, log_start, stable) = {
             let st = self.state.borrow();
             let Some(index) = st.indexes.get(&req.tp) else {
                 if req.offset == 0 {
@@ -960,6 +974,12 @@ impl Shard {
                 });
             };
             let (hwm, log_start) = (index.high_watermark(), index.log_start());
+            // What this isolation level may read up to.
+            let stable = if req.committed {
+                index.last_stable()
+            } else {
+                hwm
+            };
             if req.offset > hwm || req.offset < log_start {
                 return Err(Error::OffsetOutOfRange {
                     offset: req.offset,
@@ -970,7 +990,7 @@ impl Shard {
             let mut entries = Vec::new();
             if let Some(mut i) = index.position(req.offset).filter(|_| req.max_bytes > 0) {
                 let mut bytes = 0usize;
-                while let Some(e) = index.entry(i) {
+                while let Some(e) = index.entry(i).filter(|e| e.base_offset < stable) {
                     // An archive object is opened into its batches below,
                     // with what is left of the budget.
                     if is_archive_key(&e.segment) {
@@ -987,7 +1007,7 @@ impl Shard {
                     i += 1;
                 }
             }
-            (entries, hwm, log_start)
+            (entries, hwm, log_start, stable)
         };
         let mut entries = entries;
         let mut wanted = entries.len();
@@ -997,7 +1017,7 @@ impl Shard {
             match self.footer(&archive).await {
                 Ok(footer) => {
                     let from = req.offset.max(archive.base_offset);
-                    let answer = archived_batches(
+                    let mut answer = archived_batches(
                         &footer,
                         &archive.segment,
                         from,
@@ -1005,9 +1025,10 @@ impl Shard {
                         req.max_bytes,
                         entries.is_empty(),
                     );
+                    answer.retain(|e| e.base_offset < stable);
                     if answer.is_empty() && entries.is_empty() {
                         let next = archive.next_offset();
-                        if next < hwm {
+                        if next < stable {
                             return Ok(Err(next));
                         }
                     }
@@ -1069,9 +1090,25 @@ impl Shard {
             bytes += stored.len();
         }
         self.counters().fetch_bytes.add(bytes as u64);
+        // One prefix and one rest per batch returned.
+        let returned = parts.len() / 2;
+        let last = returned.checked_sub(1).and_then(|i| entries.get(i));
+        let aborted = match (req.committed, last) {
+            (true, Some(last)) => self
+                .state
+                .borrow()
+                .indexes
+                .get(&req.tp)
+                .map_or_else(Vec::new, |index| {
+                    index.aborted_between(req.offset, last.next_offset())
+                }),
+            _ => Vec::new(),
+        };
         Ok(Ok(ReadResult {
             high_watermark: hwm,
             log_start,
+            last_stable: stable,
+            aborted,
             parts,
             bytes,
         }))
@@ -1155,7 +1192,7 @@ impl Shard {
     }
 
     async fn offsets_local(&self, tp: PartitionKey, query: OffsetQuery) -> Result<OffsetAnswer> {
-        let (entry, hwm, log_start) = {
+        let (entry, hwm, log_start, last_stable) = {
             let st = self.state.borrow();
             let Some(index) = st.indexes.get(&tp) else {
                 return Ok(OffsetAnswer::default());
@@ -1169,6 +1206,7 @@ impl Shard {
                 pos.and_then(|p| index.entry(p).cloned()),
                 index.high_watermark(),
                 index.log_start(),
+                index.last_stable(),
             )
         };
         let entry = match entry {
@@ -1204,6 +1242,7 @@ impl Shard {
         Ok(OffsetAnswer {
             high_watermark: hwm,
             log_start,
+            last_stable,
             batch,
         })
     }

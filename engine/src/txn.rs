@@ -103,6 +103,20 @@ pub struct TxnRecord {
     /// When the current transaction began (its first partition or group).
     pub started_ms: i64,
     pub updated_ms: i64,
+    /// Offsets committed in the current transaction (TxnOffsetCommit):
+    /// written to the groups' offsets when it commits, dropped when it
+    /// aborts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_offsets: Vec<PendingOffset>,
+}
+
+/// One offset a transaction commits for a group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingOffset {
+    pub group: String,
+    pub topic: String,
+    pub partition: i32,
+    pub record: floe_meta::schema::OffsetRecord,
 }
 
 /// What InitProducerId does with the record.
@@ -137,6 +151,7 @@ impl TxnRecord {
             groups: BTreeSet::new(),
             started_ms: -1,
             updated_ms: now_ms,
+            pending_offsets: Vec::new(),
         }
     }
 
@@ -178,7 +193,7 @@ impl TxnRecord {
                 Err(TxnError::ConcurrentTransactions)
             }
             TxnState::Ongoing => {
-                self.fence_and_abort(now_ms, fresh_id);
+                self.fence_and_abort(now_ms);
                 Ok(InitOutcome::AbortFirst)
             }
             TxnState::Empty | TxnState::CompleteCommit | TxnState::CompleteAbort => {
@@ -187,6 +202,7 @@ impl TxnRecord {
                 self.state = TxnState::Empty;
                 self.partitions.clear();
                 self.groups.clear();
+                self.pending_offsets.clear();
                 self.started_ms = -1;
                 self.updated_ms = now_ms;
                 Ok(InitOutcome::Ready {
@@ -199,9 +215,14 @@ impl TxnRecord {
 
     /// Aborts the open transaction under a bumped epoch (a new producer
     /// instance arrived, or the transaction timed out): its producer is
-    /// fenced, and markers are written under the new epoch.
-    fn fence_and_abort(&mut self, now_ms: i64, fresh_id: impl FnOnce() -> i64) {
-        self.bump_epoch(fresh_id);
+    /// fenced, and markers are written under the new epoch. The producer
+    /// id stays, even at the last epoch (`next_epoch` leaves room for
+    /// this one): the markers must name the producer whose batches are
+    /// open; the next InitProducerId moves to a new id.
+    fn fence_and_abort(&mut self, now_ms: i64) {
+        self.last_producer_id = self.producer_id;
+        self.last_epoch = self.epoch;
+        self.epoch = self.epoch.saturating_add(1);
         self.state = TxnState::PrepareAbort;
         self.updated_ms = now_ms;
     }
@@ -272,6 +293,7 @@ impl TxnRecord {
         if fresh {
             self.partitions.clear();
             self.groups.clear();
+            self.pending_offsets.clear();
             self.started_ms = now_ms;
             self.state = TxnState::Ongoing;
         }
@@ -323,25 +345,63 @@ impl TxnRecord {
         }
     }
 
-    /// Every marker of the prepared outcome is in the log.
-    pub fn complete(&mut self, now_ms: i64) -> Result<(), TxnError> {
-        self.state = match self.state {
-            TxnState::PrepareCommit => TxnState::CompleteCommit,
-            TxnState::PrepareAbort => TxnState::CompleteAbort,
-            _ => return Err(TxnError::InvalidTxnState),
-        };
+    /// TxnOffsetCommit: `offsets` of `group` become part of the open
+    /// transaction (replacing any it staged for the same partitions).
+    pub fn stage_offsets(
+        &mut self,
+        producer_id: i64,
+        epoch: i16,
+        group: &str,
+        offsets: Vec<PendingOffset>,
+        now_ms: i64,
+    ) -> Result<(), TxnError> {
+        self.check_producer(producer_id, epoch)?;
+        if self.state.is_preparing() {
+            return Err(TxnError::ConcurrentTransactions);
+        }
+        if self.state != TxnState::Ongoing || !self.groups.contains(group) {
+            return Err(TxnError::InvalidTxnState);
+        }
+        for o in offsets {
+            self.pending_offsets.retain(|p| {
+                !(p.group == o.group && p.topic == o.topic && p.partition == o.partition)
+            });
+            self.pending_offsets.push(o);
+        }
+        if self.pending_offsets.len() > TXN_PARTITIONS_MAX {
+            return Err(TxnError::TooLarge);
+        }
         self.updated_ms = now_ms;
         Ok(())
+    }
+
+    /// Every marker of the prepared outcome is in the log. Returns the
+    /// offsets to write now: a commit's staged ones (an abort drops
+    /// them).
+    pub fn complete(&mut self, now_ms: i64) -> Result<Vec<PendingOffset>, TxnError> {
+        let commit = match self.state {
+            TxnState::PrepareCommit => true,
+            TxnState::PrepareAbort => false,
+            _ => return Err(TxnError::InvalidTxnState),
+        };
+        self.state = if commit {
+            TxnState::CompleteCommit
+        } else {
+            TxnState::CompleteAbort
+        };
+        self.updated_ms = now_ms;
+        let offsets = std::mem::take(&mut self.pending_offsets);
+        Ok(if commit { offsets } else { Vec::new() })
     }
 
     /// The cluster aborts a transaction open longer than its timeout:
     /// true when this record was changed to `PrepareAbort` (epoch bumped,
     /// its producer fenced).
-    pub fn expire(&mut self, now_ms: i64, fresh_id: impl FnOnce() -> i64) -> bool {
+    pub fn expire(&mut self, now_ms: i64) -> bool {
         let due = self.state == TxnState::Ongoing
             && now_ms.saturating_sub(self.started_ms) > i64::from(self.timeout_ms);
         if due {
-            self.fence_and_abort(now_ms, fresh_id);
+            self.fence_and_abort(now_ms);
         }
         due
     }
@@ -473,12 +533,12 @@ mod tests {
     fn timeout_aborts_with_a_bumped_epoch() {
         let mut r = TxnRecord::new(7, 1_000, 0);
         let (pid, e) = ready(r.init(1_000, MAX, None, 0, no_fresh_id));
-        assert!(!r.expire(5_000, no_fresh_id), "nothing open");
+        assert!(!r.expire(5_000), "nothing open");
         r.add(pid, e, &[tp(0)], &[], 10).unwrap();
-        assert!(!r.expire(1_010, no_fresh_id));
-        assert!(r.expire(1_011, no_fresh_id));
+        assert!(!r.expire(1_010));
+        assert!(r.expire(1_011));
         assert_eq!((r.state, r.epoch), (TxnState::PrepareAbort, e + 1));
-        assert!(!r.expire(9_999, no_fresh_id), "already aborting");
+        assert!(!r.expire(9_999), "already aborting");
         assert_eq!(r.end(pid, e, true, 1_012), Err(TxnError::ProducerFenced));
     }
 

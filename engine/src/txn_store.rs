@@ -68,6 +68,21 @@ pub async fn update<T>(
     transactional_id: &str,
     mut transition: impl FnMut(Option<TxnRecord>) -> Result<(TxnRecord, T), TxnError>,
 ) -> Result<T, TxnStoreError> {
+    update_with(meta, transactional_id, |current| {
+        let (next, answer) = transition(current)?;
+        Ok((next, Vec::new(), answer))
+    })
+    .await
+}
+
+/// [`update`], where the transition may also ask for writes to other keys
+/// that land in the same store transaction as the record (a commit's
+/// offsets land exactly when it completes).
+pub async fn update_with<T>(
+    meta: &dyn MetaStore,
+    transactional_id: &str,
+    mut transition: impl FnMut(Option<TxnRecord>) -> Result<(TxnRecord, Vec<Op>, T), TxnError>,
+) -> Result<T, TxnStoreError> {
     let key = schema::txn_key(transactional_id);
     let mut last_error = String::from("contended");
     for _ in 0..UPDATE_ATTEMPTS_MAX {
@@ -79,16 +94,16 @@ pub async fn update<T>(
             }
             Err(e) => return Err(e),
         };
-        let (next, answer) = transition(current.clone())?;
-        if current.as_ref() == Some(&next) {
+        let (next, mut ops, answer) = transition(current.clone())?;
+        if current.as_ref() == Some(&next) && ops.is_empty() {
             return Ok(answer);
         }
         let value = serde_json::to_vec(&next).map_err(|e| TxnStoreError::Corrupt {
             key: key.clone(),
             reason: e.to_string(),
         })?;
-        let write = Txn::when(vec![Compare::ModRevision(key.clone(), revision)])
-            .and_then(vec![Op::Put(key.clone(), Bytes::from(value))]);
+        ops.insert(0, Op::Put(key.clone(), Bytes::from(value)));
+        let write = Txn::when(vec![Compare::ModRevision(key.clone(), revision)]).and_then(ops);
         match meta.txn(write).await {
             Ok(o) if o.succeeded => return Ok(answer),
             // Another broker changed it first: apply to what it wrote.

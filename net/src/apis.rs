@@ -37,6 +37,17 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     // SASL/PLAIN (net/src/sasl.rs); v0 handshakes take a bare token next.
     (ApiKey::SaslHandshake, 0, 1),
     (ApiKey::SaslAuthenticate, 0, 2),
+    // Transactions (net/src/handlers/txn.rs). Transaction version 1: the
+    // v5 requests of KIP-890 part 2 (an epoch bump per transaction) are
+    // not served, and no `transaction.version` feature is advertised, so
+    // clients stay on the v4 protocol. AddPartitionsToTxn v4 is the
+    // batched, verification-only form brokers send (KIP-890 part 1).
+    (ApiKey::AddPartitionsToTxn, 0, 4),
+    (ApiKey::AddOffsetsToTxn, 0, 4),
+    (ApiKey::EndTxn, 0, 4),
+    (ApiKey::TxnOffsetCommit, 0, 4),
+    (ApiKey::DescribeTransactions, 0, 0),
+    (ApiKey::ListTransactions, 0, 1),
 ];
 
 pub fn range(api: ApiKey) -> Option<(i16, i16)> {

@@ -4,6 +4,8 @@ use floe_engine::batch::BatchError;
 use floe_engine::coordinator::CoordError;
 use floe_engine::group::GroupError;
 use floe_engine::sequencer::BatchOutcome;
+use floe_engine::txn::TxnError;
+use floe_engine::txn_store::TxnStoreError;
 use floe_engine::Error;
 use kafka_protocol::error::ResponseError as E;
 
@@ -66,7 +68,7 @@ pub fn append(e: &Error, idempotent: bool) -> i16 {
 pub fn batch(e: &BatchError) -> i16 {
     match e {
         BatchError::Truncated { .. } | BatchError::CrcMismatch { .. } => E::CorruptMessage.code(),
-        BatchError::Invalid { .. } | BatchError::Transactional => E::InvalidRecord.code(),
+        BatchError::Invalid { .. } | BatchError::Control => E::InvalidRecord.code(),
         BatchError::TooLarge { .. } => E::MessageTooLarge.code(),
     }
 }
@@ -79,6 +81,32 @@ pub fn outcome(o: &BatchOutcome) -> i16 {
         // Retriable and "not persisted" for every client: the producer
         // re-sends the failed batch and this one in order.
         BatchOutcome::NotPersisted => E::NotEnoughReplicas.code(),
+    }
+}
+
+/// A transaction request's refusal. Requests older than `fenced_from`
+/// (the version that knows PRODUCER_FENCED) get INVALID_PRODUCER_EPOCH,
+/// as Kafka answers them.
+pub fn txn(e: &TxnStoreError, version: i16, fenced_from: i16) -> i16 {
+    match e {
+        TxnStoreError::Txn(t) => match t {
+            TxnError::ProducerFenced if version >= fenced_from => E::ProducerFenced.code(),
+            TxnError::ProducerFenced | TxnError::InvalidProducerEpoch => {
+                E::InvalidProducerEpoch.code()
+            }
+            TxnError::InvalidProducerIdMapping => E::InvalidProducerIdMapping.code(),
+            TxnError::ConcurrentTransactions => E::ConcurrentTransactions.code(),
+            TxnError::InvalidTxnState | TxnError::TooLarge => E::InvalidTxnState.code(),
+            TxnError::InvalidTransactionTimeout => E::InvalidTransactionTimeout.code(),
+        },
+        TxnStoreError::Unavailable(why) => {
+            tracing::warn!("transaction request failed: {why}");
+            E::CoordinatorNotAvailable.code()
+        }
+        TxnStoreError::Corrupt { .. } => {
+            tracing::error!(error = %e, "transaction request failed");
+            E::UnknownServerError.code()
+        }
     }
 }
 
@@ -119,6 +147,11 @@ pub const OFFSET_OUT_OF_RANGE: i16 = E::OffsetOutOfRange.code();
 pub const INVALID_CONFIG: i16 = E::InvalidConfig.code();
 pub const FETCH_SESSION_ID_NOT_FOUND: i16 = E::FetchSessionIdNotFound.code();
 pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = E::TransactionalIdAuthorizationFailed.code();
+pub const INVALID_TXN_STATE: i16 = E::InvalidTxnState.code();
+pub const NOT_ENOUGH_REPLICAS: i16 = E::NotEnoughReplicas.code();
+pub const INVALID_PRODUCER_EPOCH: i16 = E::InvalidProducerEpoch.code();
+pub const TRANSACTIONAL_ID_NOT_FOUND: i16 = E::TransactionalIdNotFound.code();
+pub const COORDINATOR_NOT_AVAILABLE: i16 = E::CoordinatorNotAvailable.code();
 pub const UNKNOWN_SERVER_ERROR: i16 = E::UnknownServerError.code();
 pub const INVALID_REPLICATION_FACTOR: i16 = E::InvalidReplicationFactor.code();
 pub const INVALID_GROUP_ID: i16 = E::InvalidGroupId.code();

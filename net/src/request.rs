@@ -46,6 +46,12 @@ pub enum Request {
     DeleteRecords(kafka_protocol::messages::DeleteRecordsRequest),
     SaslHandshake(SaslHandshakeRequest),
     SaslAuthenticate(SaslAuthenticateRequest),
+    AddPartitionsToTxn(kafka_protocol::messages::AddPartitionsToTxnRequest),
+    AddOffsetsToTxn(kafka_protocol::messages::AddOffsetsToTxnRequest),
+    EndTxn(kafka_protocol::messages::EndTxnRequest),
+    TxnOffsetCommit(kafka_protocol::messages::TxnOffsetCommitRequest),
+    DescribeTransactions(kafka_protocol::messages::DescribeTransactionsRequest),
+    ListTransactions(kafka_protocol::messages::ListTransactionsRequest),
 }
 
 #[derive(Debug)]
@@ -138,6 +144,12 @@ pub fn decode(mut frame: Bytes) -> Result<Decoded, DecodeError> {
         ApiKey::DeleteRecords => Request::DeleteRecords(body(api, version, b)?),
         ApiKey::SaslHandshake => Request::SaslHandshake(body(api, version, b)?),
         ApiKey::SaslAuthenticate => Request::SaslAuthenticate(body(api, version, b)?),
+        ApiKey::AddPartitionsToTxn => Request::AddPartitionsToTxn(body(api, version, b)?),
+        ApiKey::AddOffsetsToTxn => Request::AddOffsetsToTxn(body(api, version, b)?),
+        ApiKey::EndTxn => Request::EndTxn(body(api, version, b)?),
+        ApiKey::TxnOffsetCommit => Request::TxnOffsetCommit(body(api, version, b)?),
+        ApiKey::DescribeTransactions => Request::DescribeTransactions(body(api, version, b)?),
+        ApiKey::ListTransactions => Request::ListTransactions(body(api, version, b)?),
         _ => {
             return Err(DecodeError::Unsupported {
                 api,

@@ -201,6 +201,8 @@ fn start_engine(
             upload_concurrency: cfg.upload_concurrency,
             upload_part_bytes: cfg.upload_part_bytes,
             producer_id_expiration_ms: cfg.producer_id_expiration_ms,
+            transaction_max_timeout_ms: cfg.transaction_max_timeout_ms as i32,
+            transactional_id_expiration_ms: cfg.transactional_id_expiration_ms as i64,
             snapshot_every_entries: cfg.snapshot_every_entries,
             log_keep_entries: cfg.log_keep_entries,
         },

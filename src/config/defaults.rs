@@ -31,6 +31,9 @@ pub const SNAPSHOT_EVERY_ENTRIES: u64 = floe_engine::committer::SNAPSHOT_EVERY_E
 pub const LOG_KEEP_ENTRIES: u64 = floe_engine::committer::LOG_KEEP_ENTRIES;
 /// Kafka's producer.id.expiration.ms default: one day.
 pub const PRODUCER_ID_EXPIRATION_MS: u64 = floe_engine::sequencer::PRODUCER_ID_EXPIRATION_MS;
+pub const TRANSACTION_MAX_TIMEOUT_MS: u32 = floe_engine::txn::TRANSACTION_MAX_TIMEOUT_MS as u32;
+pub const TRANSACTIONAL_ID_EXPIRATION_MS: u64 =
+    floe_engine::transactions::TRANSACTIONAL_ID_EXPIRATION_MS as u64;
 pub const MULTIPART_ABORT_AFTER_SECS: u64 = 86_400;
 /// Archive objects of about 64 MiB: few GETs per GiB read, and a whole
 /// object per retention step.

@@ -148,6 +148,14 @@ pub struct ServeArgs {
     /// [default: 86400000]
     #[arg(long, env = "FLOE_PRODUCER_ID_EXPIRATION_MS")]
     pub producer_id_expiration_ms: Option<u64>,
+    /// The longest transaction.timeout.ms a transactional producer may ask
+    /// for (Kafka's transaction.max.timeout.ms). [default: 900000]
+    #[arg(long, env = "FLOE_TRANSACTION_MAX_TIMEOUT_MS")]
+    pub transaction_max_timeout_ms: Option<u32>,
+    /// A transactional id idle this long is forgotten (Kafka's
+    /// transactional.id.expiration.ms). [default: 604800000]
+    #[arg(long, env = "FLOE_TRANSACTIONAL_ID_EXPIRATION_MS")]
+    pub transactional_id_expiration_ms: Option<u64>,
     /// A partition's committed batches are rewritten into archive objects
     /// of about this many bytes, one partition each (its reads then cost
     /// one GET per fetch, and its retention deletes whole objects); 0 turns
@@ -267,6 +275,8 @@ pub struct Resolved {
     pub orphan_grace_secs: u64,
     pub orphan_sweep_interval_secs: u64,
     pub producer_id_expiration_ms: u64,
+    pub transaction_max_timeout_ms: u32,
+    pub transactional_id_expiration_ms: u64,
     pub archive_target_bytes: u64,
     pub archive_max_age_secs: u64,
     pub compaction_key_map_bytes: u64,
@@ -434,6 +444,16 @@ impl ServeArgs {
                 defaults::PRODUCER_ID_EXPIRATION_MS
             )
             .max(1),
+            transaction_max_timeout_ms: pick!(
+                transaction_max_timeout_ms,
+                defaults::TRANSACTION_MAX_TIMEOUT_MS
+            )
+            .clamp(1, i32::MAX as u32),
+            transactional_id_expiration_ms: pick!(
+                transactional_id_expiration_ms,
+                defaults::TRANSACTIONAL_ID_EXPIRATION_MS
+            )
+            .clamp(1, i64::MAX as u64),
             archive_target_bytes: pick!(archive_target_bytes, defaults::ARCHIVE_TARGET_BYTES),
             archive_max_age_secs: pick!(archive_max_age_secs, defaults::ARCHIVE_MAX_AGE_SECS)
                 .max(1),
@@ -814,6 +834,14 @@ mod tests {
             (
                 "producer_id_expiration_ms",
                 defaults::PRODUCER_ID_EXPIRATION_MS.to_string(),
+            ),
+            (
+                "transaction_max_timeout_ms",
+                defaults::TRANSACTION_MAX_TIMEOUT_MS.to_string(),
+            ),
+            (
+                "transactional_id_expiration_ms",
+                defaults::TRANSACTIONAL_ID_EXPIRATION_MS.to_string(),
             ),
             (
                 "orphan_sweep_interval_secs",

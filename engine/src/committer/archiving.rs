@@ -120,6 +120,8 @@ fn mix(mut z: u64) -> u64 {
 struct Source {
     base_offset: u64,
     records: u32,
+    /// The newest timestamp (a marker's bytes carry it).
+    max_ts: i64,
     segment: Arc<str>,
     pos: u64,
     len: u32,
@@ -172,6 +174,7 @@ impl Committer {
                 batches.push(Source {
                     base_offset: b.base_offset,
                     records: b.records,
+                    max_ts: b.max_ts,
                     segment: segment.clone(),
                     pos: b.pos,
                     len: b.len,
@@ -279,6 +282,11 @@ async fn archive(
         .map(|run| async move {
             let (s, e) = (&batches[run.start], &batches[run.end - 1]);
             let range = s.pos..e.pos + u64::from(e.len);
+            // A transaction marker has no object (a run of one batch: its
+            // position never follows another's).
+            if let Some(marker) = crate::batch::marker_bytes(&s.segment, s.max_ts) {
+                return (run, Ok(marker));
+            }
             let data = retried(|| store.get_range(&s.segment, range.clone())).await;
             (run, data)
         })

@@ -29,7 +29,7 @@ use tokio::time::Instant as RetryClock;
 
 use bytes::Bytes;
 use floe_meta::schema::{
-    self, ArchiveRecord, CommitRecord, ProducerEpoch, SegmentRecord, TrimRecord,
+    self, ArchiveRecord, CommitRecord, MarkerRecord, ProducerEpoch, SegmentRecord, TrimRecord,
 };
 use floe_meta::{Compare, MetaStore, Op, Txn};
 use floe_objstore::ObjectStore;
@@ -42,7 +42,7 @@ pub use snapshot::{
 };
 pub use state::{Applied, LogState};
 
-use crate::sequencer::BatchOutcome;
+use crate::sequencer::{AbortedTxn, BatchOutcome};
 use crate::{Error, PartitionKey, Result};
 
 /// A log entry with nothing in it (what a fence writes), as
@@ -124,6 +124,14 @@ pub enum CommitRequest {
         uploaded_at: RetryClock,
         reply: oneshot::Sender<Result<bool>>,
     },
+    /// Ends transactions: a control batch in every partition named where
+    /// the marker's producer has a transaction open (see the sequencer).
+    /// Answers the entry that holds them. Writing the same markers twice
+    /// places nothing more, so a retry after an unknown outcome is safe.
+    Markers {
+        markers: Vec<MarkerRecord>,
+        reply: oneshot::Sender<Result<u64>>,
+    },
     /// Reads the log to its head (a linearizable read) and answers the
     /// last applied entry: everything committed before the request is
     /// then known to this broker.
@@ -141,6 +149,9 @@ impl CommitRequest {
             CommitRequest::Epoch { .. } | CommitRequest::Sync { .. } => 0,
             CommitRequest::Trim { trims, .. } => trims.len(),
             CommitRequest::Archive { .. } => 1,
+            CommitRequest::Markers { markers, .. } => {
+                markers.iter().map(|m| m.partitions.len()).sum()
+            }
         }
     }
 
@@ -156,6 +167,9 @@ impl CommitRequest {
                 let _ = reply.send(Err(e));
             }
             CommitRequest::Archive { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            CommitRequest::Markers { reply, .. } => {
                 let _ = reply.send(Err(e));
             }
             CommitRequest::Sync { reply } => {
@@ -191,6 +205,13 @@ pub struct IndexUpdate {
     /// `batches` is one archive object, which replaces the batches over
     /// its offsets (already in the index) instead of following them.
     pub archived: bool,
+    /// The first offset of the partition's oldest open transaction once
+    /// the entry is applied (None: none open; the last stable offset is
+    /// the high watermark).
+    pub open_from: Option<u64>,
+    /// Aborted transactions this update adds to the partition's index,
+    /// oldest first (a snapshot load sends them all).
+    pub aborted: Vec<AbortedTxn>,
 }
 
 /// Where index updates go: the shard that owns each partition. Every
@@ -840,6 +861,7 @@ impl Committer {
                     sealed = Some(sealed.map_or(*sealed_at, |t| t.min(*sealed_at)));
                 }
                 CommitRequest::Epoch { epoch, .. } => commit.epochs.push(*epoch),
+                CommitRequest::Markers { markers, .. } => commit.markers.extend_from_slice(markers),
                 CommitRequest::Trim { trims, .. } => commit.trims.extend_from_slice(trims),
                 CommitRequest::Archive {
                     archive,
@@ -898,7 +920,7 @@ impl Committer {
                     let taken = self.state.refs().is_referenced(&archive.key);
                     let _ = reply.send(Ok(taken));
                 }
-                CommitRequest::Sync { reply } => {
+                CommitRequest::Markers { reply, .. } | CommitRequest::Sync { reply } => {
                     let _ = reply.send(Ok(seq));
                 }
             }

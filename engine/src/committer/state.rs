@@ -14,6 +14,7 @@ use floe_meta::schema::{ArchiveRecord, CommitRecord, TrimRecord};
 
 use super::snapshot::{IndexedBatch, Snapshot};
 use super::{CommittedBatch, IndexUpdate, SegmentOutcomes};
+use crate::batch::marker_key;
 use crate::retention::{
     is_archive_key, RetentionPlanner, RetentionPolicy, SegmentRefs, StoredBatch,
 };
@@ -192,6 +193,8 @@ impl LogState {
                 updates.push(IndexUpdate {
                     seq,
                     tp,
+                    open_from: self.sequencer.first_open(&tp),
+                    aborted: Vec::new(),
                     log_start: self.sequencer.log_start(&tp),
                     segment: key.clone(),
                     batches: chunk
@@ -211,6 +214,7 @@ impl LogState {
                 });
             }
         }
+        self.apply_markers(seq, commit, &mut updates);
         let archived = commit
             .archives
             .iter()
@@ -222,6 +226,61 @@ impl LogState {
             outcomes,
             updates,
             archived,
+        }
+    }
+
+    /// Indexes the control batches the sequencer placed for the entry's
+    /// markers. A marker has no object: its index entry names a marker
+    /// key, and readers build its bytes from it (`batch::marker_bytes`).
+    fn apply_markers(&mut self, seq: u64, commit: &CommitRecord, updates: &mut Vec<IndexUpdate>) {
+        let placed = self.sequencer.last_markers().to_vec();
+        let max_ts = i64::try_from(commit.at_ms).unwrap_or(i64::MAX);
+        let len = crate::batch::CONTROL_BATCH_BYTES as u32;
+        for (m, offsets) in commit.markers.iter().zip(placed) {
+            let key: Arc<str> = Arc::from(marker_key(m.producer_id, m.epoch, m.commit).as_str());
+            for (&(topic_id, partition), offset) in m.partitions.iter().zip(offsets) {
+                let Some(offset) = offset else { continue };
+                let tp = PartitionKey {
+                    topic_id,
+                    partition,
+                };
+                let segment = self.segment_id(&key);
+                self.index.entry(tp).or_default().push(IndexedBatch {
+                    base_offset: offset,
+                    records: 1,
+                    max_ts,
+                    segment,
+                    pos: 0,
+                    len,
+                });
+                let aborted = self
+                    .sequencer
+                    .aborted(&tp)
+                    .last()
+                    .filter(|a| !m.commit && a.marker_offset == offset)
+                    .copied()
+                    .into_iter()
+                    .collect();
+                updates.push(IndexUpdate {
+                    seq,
+                    tp,
+                    open_from: self.sequencer.first_open(&tp),
+                    aborted,
+                    log_start: self.sequencer.log_start(&tp),
+                    segment: key.clone(),
+                    batches: vec![CommittedBatch {
+                        pos: 0,
+                        len,
+                        records: 1,
+                        max_ts,
+                        outcome: BatchOutcome::Appended {
+                            base_offset: offset,
+                        },
+                    }],
+                    forget: false,
+                    archived: false,
+                });
+            }
         }
     }
 
@@ -358,6 +417,8 @@ impl LogState {
         updates.push(IndexUpdate {
             seq,
             tp,
+            open_from: self.sequencer.first_open(&tp),
+            aborted: Vec::new(),
             log_start: self.sequencer.log_start(&tp),
             segment: key,
             batches: vec![CommittedBatch {
@@ -453,6 +514,8 @@ impl LogState {
             updates.push(IndexUpdate {
                 seq,
                 tp,
+                open_from: self.sequencer.first_open(&tp),
+                aborted: Vec::new(),
                 segment: Arc::from(""),
                 batches: Vec::new(),
                 log_start,
@@ -522,6 +585,8 @@ impl LogState {
                 updates.push(IndexUpdate {
                     seq: snap.seq,
                     tp: *tp,
+                    open_from: state.sequencer.first_open(tp),
+                    aborted: Vec::new(),
                     segment: Arc::from(""),
                     batches: Vec::new(),
                     log_start: first,
@@ -546,6 +611,8 @@ impl LogState {
                 updates.push(IndexUpdate {
                     seq: snap.seq,
                     tp: *tp,
+                    open_from: state.sequencer.first_open(tp),
+                    aborted: Vec::new(),
                     segment: key.clone(),
                     batches: run
                         .iter()
@@ -560,6 +627,23 @@ impl LogState {
                         })
                         .collect(),
                     log_start,
+                    forget: false,
+                    archived: false,
+                });
+            }
+        }
+        // Each partition's aborted transactions, after its batches.
+        for tp in snap.index.iter().map(|(tp, _)| tp) {
+            let aborted: Vec<_> = state.sequencer.aborted(tp).copied().collect();
+            if !aborted.is_empty() {
+                updates.push(IndexUpdate {
+                    seq: snap.seq,
+                    tp: *tp,
+                    open_from: state.sequencer.first_open(tp),
+                    aborted,
+                    segment: Arc::from(""),
+                    batches: Vec::new(),
+                    log_start: state.sequencer.log_start(tp),
                     forget: false,
                     archived: false,
                 });

@@ -344,10 +344,27 @@ pub async fn init_producer_id(ctx: &Ctx, req: InitProducerIdRequest, version: i1
     let resp = InitProducerIdResponse::default()
         .with_producer_id(ProducerId(-1))
         .with_producer_epoch(-1);
-    if req.transactional_id.is_some() {
-        // floe does not implement transactions yet (FINDINGS.md).
+    if let Some(id) = req.transactional_id.as_ref().filter(|id| !id.is_empty()) {
+        let id = id.0.to_string();
+        let timeout = req.transaction_timeout_ms;
+        // KIP-360: a client that already holds an id and epoch says so.
+        let expected = (req.producer_id.0 >= 0).then_some((req.producer_id.0, req.producer_epoch));
+        let r = ctx
+            .broker
+            .engine
+            .with_txns(move |t| async move { t.init(&id, timeout, expected).await })
+            .await;
         return encode(
-            &resp.with_error_code(codes::TRANSACTIONAL_ID_AUTHORIZATION_FAILED),
+            &match r {
+                Ok((pid, epoch)) => resp
+                    .with_producer_id(ProducerId(pid))
+                    .with_producer_epoch(epoch),
+                Err(e) => resp.with_error_code(codes::txn(
+                    &e,
+                    version,
+                    super::txn::INIT_PRODUCER_ID_FENCED_FROM,
+                )),
+            },
             version,
         );
     }

@@ -26,7 +26,12 @@ pub struct PartitionOut {
     pub index: i32,
     pub error: i16,
     pub high_watermark: i64,
+    pub last_stable: i64,
     pub log_start: i64,
+    /// `read_committed` only (None: the field is null): the aborted
+    /// transactions among the batches returned, as (producer id, first
+    /// offset).
+    pub aborted: Option<Vec<(i64, i64)>>,
     pub parts: Vec<Bytes>,
     pub bytes: usize,
 }
@@ -75,15 +80,23 @@ pub fn encode_fetch_response(version: i16, error: i16, topics: &[TopicOut]) -> V
             b.put_i32(p.index);
             b.put_i16(p.error);
             b.put_i64(p.high_watermark);
-            b.put_i64(p.high_watermark); // last_stable_offset: no transactions
+            b.put_i64(p.last_stable);
             if version >= 5 {
                 b.put_i64(p.log_start);
             }
-            // aborted_transactions: null
-            if flexible {
-                put_uvarint(&mut b, 0);
-            } else {
-                b.put_i32(-1);
+            match &p.aborted {
+                None if flexible => put_uvarint(&mut b, 0),
+                None => b.put_i32(-1),
+                Some(list) => {
+                    put_len(&mut b, list.len(), flexible);
+                    for &(producer_id, first_offset) in list {
+                        b.put_i64(producer_id);
+                        b.put_i64(first_offset);
+                        if flexible {
+                            put_uvarint(&mut b, 0);
+                        }
+                    }
+                }
             }
             if version >= 11 {
                 b.put_i32(-1); // preferred_read_replica
@@ -133,12 +146,13 @@ async fn read_all(
     ctx: &Ctx,
     wanted: &[(Bytes, Vec<Wanted>)],
     max_bytes: usize,
+    committed: bool,
 ) -> Vec<ReadOutcome> {
     let all = || wanted.iter().flat_map(|(_, ps)| ps.iter());
     let asked = all().fold(0usize, |sum, w| sum.saturating_add(w.max_bytes));
     if asked <= max_bytes {
         return stream::iter(all())
-            .map(|w| read_partition(ctx, w, w.max_bytes))
+            .map(|w| read_partition(ctx, w, w.max_bytes, committed))
             .buffered(PARTITIONS_IN_FLIGHT)
             .collect()
             .await;
@@ -150,7 +164,7 @@ async fn read_all(
         if total == 0 && w.max_bytes > 0 {
             limit = limit.max(1);
         }
-        let r = read_partition(ctx, w, limit).await;
+        let r = read_partition(ctx, w, limit, committed).await;
         if let Some(Ok(r)) = &r {
             total += r.bytes;
         }
@@ -159,7 +173,7 @@ async fn read_all(
     out
 }
 
-async fn read_partition(ctx: &Ctx, w: &Wanted, limit: usize) -> ReadOutcome {
+async fn read_partition(ctx: &Ctx, w: &Wanted, limit: usize, committed: bool) -> ReadOutcome {
     let tp = w.tp?;
     if w.offset < 0 {
         return Some(Err(floe_engine::Error::OffsetOutOfRange {
@@ -174,6 +188,7 @@ async fn read_partition(ctx: &Ctx, w: &Wanted, limit: usize) -> ReadOutcome {
                 tp,
                 offset: w.offset as u64,
                 max_bytes: limit,
+                committed,
             })
             .await,
     )
@@ -189,6 +204,9 @@ pub async fn handle(ctx: &Ctx, req: FetchRequest, version: i16) -> Reply {
     }
     let settings = &ctx.broker.settings;
     let snapshot = ctx.broker.engine.topics();
+    // read_committed (1): only up to the last stable offset, with the
+    // aborted transactions listed.
+    let committed = req.isolation_level == 1;
     let wait =
         Duration::from_millis((req.max_wait_ms.max(0) as u64).min(settings.fetch_wait_ms_max));
     let deadline = Instant::now() + wait;
@@ -236,7 +254,7 @@ pub async fn handle(ctx: &Ctx, req: FetchRequest, version: i16) -> Reply {
                 .map(|o| ctx.broker.engine.data_event(o).listen())
                 .collect()
         };
-        let results = read_all(ctx, &wanted, max_bytes).await;
+        let results = read_all(ctx, &wanted, max_bytes, committed).await;
         let mut results = results.into_iter();
         let mut total = 0usize;
         let mut errors = false;
@@ -248,7 +266,9 @@ pub async fn handle(ctx: &Ctx, req: FetchRequest, version: i16) -> Reply {
                     index: w.index,
                     error: codes::NONE,
                     high_watermark: -1,
+                    last_stable: -1,
                     log_start: -1,
+                    aborted: None,
                     parts: Vec::new(),
                     bytes: 0,
                 };
@@ -256,7 +276,16 @@ pub async fn handle(ctx: &Ctx, req: FetchRequest, version: i16) -> Reply {
                     None => out.error = codes::UNKNOWN_TOPIC_OR_PARTITION,
                     Some(Ok(r)) => {
                         out.high_watermark = r.high_watermark as i64;
+                        out.last_stable = r.last_stable as i64;
                         out.log_start = r.log_start as i64;
+                        if committed {
+                            out.aborted = Some(
+                                r.aborted
+                                    .iter()
+                                    .map(|a| (a.producer_id, a.first_offset as i64))
+                                    .collect(),
+                            );
+                        }
                         out.bytes = r.bytes;
                         out.parts = r.parts;
                         total += r.bytes;
@@ -269,6 +298,7 @@ pub async fn handle(ctx: &Ctx, req: FetchRequest, version: i16) -> Reply {
                         } = e
                         {
                             out.high_watermark = high_watermark as i64;
+                            out.last_stable = high_watermark as i64;
                             out.log_start = log_start as i64;
                         }
                         out.error = codes::engine(&e);
@@ -317,7 +347,9 @@ mod tests {
                         index: 3,
                         error: 0,
                         high_watermark: 42,
+                        last_stable: 40,
                         log_start: 0,
+                        aborted: Some(vec![(9, 38), (11, 39)]),
                         parts: vec![records.slice(..12), records.slice(12..)],
                         bytes: records.len(),
                     },
@@ -325,7 +357,9 @@ mod tests {
                         index: 4,
                         error: 1,
                         high_watermark: 7,
+                        last_stable: 7,
                         log_start: 2,
+                        aborted: None,
                         parts: vec![],
                         bytes: 0,
                     },
@@ -343,6 +377,15 @@ mod tests {
             assert_eq!(t.topic.0.as_str(), "orders");
             assert_eq!(t.partitions[0].partition_index, 3);
             assert_eq!(t.partitions[0].high_watermark, 42);
+            assert_eq!(t.partitions[0].last_stable_offset, 40);
+            let aborted: Vec<(i64, i64)> = t.partitions[0]
+                .aborted_transactions
+                .iter()
+                .flatten()
+                .map(|a| (a.producer_id.0, a.first_offset))
+                .collect();
+            assert_eq!(aborted, vec![(9, 38), (11, 39)]);
+            assert!(t.partitions[1].aborted_transactions.is_none());
             assert_eq!(
                 t.partitions[0].records.as_ref().map(|b| b.to_vec()),
                 Some(records.to_vec())

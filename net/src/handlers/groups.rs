@@ -55,6 +55,7 @@ use crate::codes;
 use crate::discovery::{self, Advertised};
 
 const KEY_TYPE_GROUP: i8 = 0;
+const KEY_TYPE_TRANSACTION: i8 = 1;
 
 fn s(v: impl Into<String>) -> StrBytes {
     StrBytes::from_string(v.into())
@@ -103,10 +104,22 @@ pub async fn find_coordinator(ctx: &Ctx, req: FindCoordinatorRequest, version: i
             .with_key(key.clone())
             .with_node_id(BrokerId(-1))
             .with_port(-1);
-        let entry = if req.key_type != KEY_TYPE_GROUP {
+        let entry = if req.key_type == KEY_TYPE_TRANSACTION {
+            // Any broker coordinates any transactional id (its state is
+            // in the metadata store, changed by CAS): the rendezvous
+            // choice spreads them, and stays put while brokers do.
+            match discovery::coordinator(&visible, key.as_bytes()) {
+                Some(b) if !key.is_empty() => entry
+                    .with_node_id(BrokerId(b.node_id))
+                    .with_host(s(b.host.clone()))
+                    .with_port(i32::from(b.port)),
+                Some(_) => entry.with_error_code(codes::INVALID_REQUEST),
+                None => entry.with_error_code(codes::COORDINATOR_NOT_AVAILABLE),
+            }
+        } else if req.key_type != KEY_TYPE_GROUP {
             entry
-                .with_error_code(codes::TRANSACTIONAL_ID_AUTHORIZATION_FAILED)
-                .with_error_message(Some(s("floe does not support transactions")))
+                .with_error_code(codes::INVALID_REQUEST)
+                .with_error_message(Some(s(format!("unknown key type {}", req.key_type))))
         } else if key.is_empty() {
             entry.with_error_code(codes::INVALID_GROUP_ID)
         } else {

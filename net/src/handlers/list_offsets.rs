@@ -1,4 +1,5 @@
-//! ListOffsets: earliest, latest, by timestamp and max timestamp. Timestamp
+//! ListOffsets: earliest, latest (the last stable offset for
+//! read_committed), by timestamp and max timestamp. Timestamp
 //! lookups find the batch through the index, then the exact record inside
 //! it by decoding that one batch.
 
@@ -73,6 +74,10 @@ pub async fn handle(ctx: &Ctx, req: ListOffsetsRequest, version: i16) -> Reply {
             let r = match ctx.shard.offsets(tp, query).await {
                 Err(e) => resp.with_error_code(codes::engine(&e)),
                 Ok(a) => match query {
+                    // read_committed (v2+): the last stable offset.
+                    OffsetQuery::Latest if req.isolation_level == 1 => {
+                        resp.with_offset(a.last_stable as i64)
+                    }
                     OffsetQuery::Latest => resp.with_offset(a.high_watermark as i64),
                     OffsetQuery::Earliest => resp.with_offset(a.log_start as i64),
                     OffsetQuery::MaxTimestamp | OffsetQuery::Timestamp(_) => {

@@ -10,6 +10,7 @@ mod groups;
 mod list_offsets;
 mod metadata;
 mod produce;
+mod txn;
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -148,6 +149,22 @@ pub async fn dispatch(ctx: &Ctx, request: Request, version: i16) -> Pending {
         }
         Request::DeleteRecords(req) => {
             async move { delete_records::handle(&ctx, req, version).await }.boxed_local()
+        }
+        Request::AddPartitionsToTxn(req) => {
+            async move { txn::add_partitions(&ctx, req, version).await }.boxed_local()
+        }
+        Request::AddOffsetsToTxn(req) => {
+            async move { txn::add_offsets(&ctx, req, version).await }.boxed_local()
+        }
+        Request::EndTxn(req) => async move { txn::end(&ctx, req, version).await }.boxed_local(),
+        Request::TxnOffsetCommit(req) => {
+            async move { txn::offset_commit(&ctx, req, version).await }.boxed_local()
+        }
+        Request::DescribeTransactions(req) => {
+            async move { txn::describe(&ctx, req, version).await }.boxed_local()
+        }
+        Request::ListTransactions(req) => {
+            async move { txn::list(&ctx, req, version).await }.boxed_local()
         }
         // On SASL listeners the connection's session answers these before
         // dispatch (conn.rs); reaching here means the listener has no SASL.

@@ -4,6 +4,7 @@
 use floe_engine::batch::{self, BatchError};
 use floe_engine::compact;
 use floe_engine::sequencer::BatchOutcome;
+use floe_engine::transactions::Verified;
 use floe_engine::PartitionKey;
 use futures::future::join_all;
 use futures::FutureExt;
@@ -70,12 +71,7 @@ fn refuse_keyless(batches: &[batch::Batch], topic: &str, partition: i32) -> Resu
 
 pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
     let acks = req.acks;
-    if req.transactional_id.is_some() || !matches!(acks, -1..=1) {
-        let code = if matches!(acks, -1..=1) {
-            codes::TRANSACTIONAL_ID_AUTHORIZATION_FAILED
-        } else {
-            codes::INVALID_REQUIRED_ACKS
-        };
+    if !matches!(acks, -1..=1) {
         let topics = req
             .topic_data
             .into_iter()
@@ -85,7 +81,7 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
                     .with_partition_responses(
                         t.partition_data
                             .iter()
-                            .map(|p| partition_error(p.index, code, None))
+                            .map(|p| partition_error(p.index, codes::INVALID_REQUIRED_ACKS, None))
                             .collect(),
                     )
             })
@@ -93,10 +89,19 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
         let r = encode(&ProduceResponse::default().with_responses(topics), version);
         return async move { r }.boxed_local();
     }
+    let transactional_id = req
+        .transactional_id
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .filter(|t| !t.is_empty());
     let engine = &ctx.broker.engine;
     let settings = &ctx.broker.settings;
     let snapshot = engine.topics();
-    let mut topics = Vec::with_capacity(req.topic_data.len());
+    // First every partition's batches are validated, then the
+    // transactional ones verified (one read of the transaction's record),
+    // and only then is anything appended, in request order.
+    let mut checked = Vec::with_capacity(req.topic_data.len());
+    let mut verify: Vec<(String, i32, i64, i16)> = Vec::new();
     for t in req.topic_data {
         let name = t.name.0.to_string();
         let topic = snapshot.get(&name).cloned();
@@ -107,10 +112,7 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
                 .as_ref()
                 .filter(|tr| index >= 0 && (index as u32) < tr.partitions)
             else {
-                parts.push(
-                    async move { partition_error(index, codes::UNKNOWN_TOPIC_OR_PARTITION, None) }
-                        .boxed_local(),
-                );
+                parts.push((index, Err((codes::UNKNOWN_TOPIC_OR_PARTITION, None))));
                 continue;
             };
             let records = p.records.unwrap_or_default();
@@ -124,44 +126,86 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
                 }
                 Ok(batches)
             });
-            match validated {
+            let batches = match validated {
                 Err(e) => {
                     tracing::debug!(topic = %name, partition = index, error = %e, "produce refused");
-                    let code = codes::batch(&e);
-                    let msg = e.to_string();
-                    parts
-                        .push(async move { partition_error(index, code, Some(msg)) }.boxed_local());
+                    parts.push((index, Err((codes::batch(&e), Some(e.to_string())))));
+                    continue;
                 }
-                Ok(batches) => {
-                    // The socket-to-frame copy is the only copy of payload
-                    // bytes before upload.
-                    ctx.shard
-                        .counters()
-                        .produce_copied_bytes
-                        .add(records.len() as u64);
-                    let tp = PartitionKey {
-                        topic_id: topic.id,
-                        partition: index as u32,
-                    };
-                    let idempotent = batches.iter().any(|b| b.header.is_idempotent());
-                    let appended = ctx.shard.append(tp, batches).await;
-                    parts.push(
-                        async move {
-                            match appended.await {
-                                Ok(outcomes) => answer(index, &outcomes),
-                                Err(e) => partition_error(
-                                    index,
-                                    codes::append(&e, idempotent),
-                                    Some(e.to_string()),
-                                ),
-                            }
-                        }
-                        .boxed_local(),
-                    );
+                Ok(batches) => batches,
+            };
+            if let Some(h) = batches
+                .iter()
+                .map(|b| b.header)
+                .find(|h| h.is_transactional())
+            {
+                if transactional_id.is_none() {
+                    parts.push((
+                        index,
+                        Err((
+                            codes::TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+                            Some("transactional records without a transactional id".into()),
+                        )),
+                    ));
+                    continue;
                 }
+                verify.push((name.clone(), index, h.producer_id, h.producer_epoch));
             }
+            // The socket-to-frame copy is the only copy of payload bytes
+            // before upload.
+            ctx.shard
+                .counters()
+                .produce_copied_bytes
+                .add(records.len() as u64);
+            let tp = PartitionKey {
+                topic_id: topic.id,
+                partition: index as u32,
+            };
+            parts.push((index, Ok((tp, batches))));
         }
-        topics.push((t.name, parts));
+        checked.push((t.name, parts));
+    }
+    let refused = match (&transactional_id, verify.is_empty()) {
+        (Some(id), false) => verified(ctx, id, &verify).await,
+        _ => Vec::new(),
+    };
+    let mut topics = Vec::with_capacity(checked.len());
+    for (name, parts) in checked {
+        let mut answers = Vec::with_capacity(parts.len());
+        for (index, part) in parts {
+            let refusal = refused
+                .iter()
+                .find(|(t, p, _)| *p == index && t.as_str() == name.0.as_str())
+                .map(|(_, _, code)| *code);
+            let (tp, batches) = match (part, refusal) {
+                (Err((code, msg)), _) => {
+                    answers.push(async move { partition_error(index, code, msg) }.boxed_local());
+                    continue;
+                }
+                (Ok(_), Some(code)) => {
+                    let msg = Some("the partition is not part of the producer's open transaction (AddPartitionsToTxn first)".to_string());
+                    answers.push(async move { partition_error(index, code, msg) }.boxed_local());
+                    continue;
+                }
+                (Ok(ok), None) => ok,
+            };
+            let idempotent = batches.iter().any(|b| b.header.is_idempotent());
+            let appended = ctx.shard.append(tp, batches).await;
+            answers.push(
+                async move {
+                    match appended.await {
+                        Ok(outcomes) => answer(index, &outcomes),
+                        Err(e) => partition_error(
+                            index,
+                            codes::append(&e, idempotent),
+                            Some(e.to_string()),
+                        ),
+                    }
+                }
+                .boxed_local(),
+            );
+        }
+        topics.push((name, answers));
     }
     async move {
         let mut responses = Vec::with_capacity(topics.len());
@@ -182,4 +226,56 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
         )
     }
     .boxed_local()
+}
+
+/// KIP-890 part 1: a transactional write is appended only to a partition
+/// added to the producer's open transaction, so a late or stray batch
+/// cannot open a transaction nobody will end. Returns the partitions
+/// refused, with their error codes.
+async fn verified(
+    ctx: &Ctx,
+    id: &str,
+    writes: &[(String, i32, i64, i16)],
+) -> Vec<(String, i32, i16)> {
+    let mut refused = Vec::new();
+    // Nearly always one producer and epoch per request.
+    let mut producers: Vec<(i64, i16)> = writes.iter().map(|w| (w.2, w.3)).collect();
+    producers.sort_unstable();
+    producers.dedup();
+    for (pid, epoch) in producers {
+        let parts: Vec<(String, i32)> = writes
+            .iter()
+            .filter(|w| (w.2, w.3) == (pid, epoch))
+            .map(|w| (w.0.clone(), w.1))
+            .collect();
+        let (key, asked) = (id.to_string(), parts.clone());
+        let r = ctx
+            .broker
+            .engine
+            .with_txns(move |t| async move { t.verify(&key, pid, epoch, &asked).await })
+            .await;
+        match r {
+            Ok(v) => {
+                for ((topic, p), v) in parts.into_iter().zip(v) {
+                    match v {
+                        Verified::Covered => {}
+                        Verified::Fenced => refused.push((topic, p, codes::INVALID_PRODUCER_EPOCH)),
+                        Verified::NotInTransaction => {
+                            refused.push((topic, p, codes::INVALID_TXN_STATE))
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "verifying a transactional write failed");
+                // Retriable: the producer sends the batch again.
+                refused.extend(
+                    parts
+                        .into_iter()
+                        .map(|(t, p)| (t, p, codes::NOT_ENOUGH_REPLICAS)),
+                );
+            }
+        }
+    }
+    refused
 }
