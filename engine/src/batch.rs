@@ -234,12 +234,13 @@ pub fn control_batch(
 pub const MARKER_KEY_PREFIX: &str = "marker:";
 
 /// The index key of the marker ending `producer_id`'s transaction at
-/// `epoch` (`commit` or abort). One key serves every partition and every
-/// transaction of that producer and epoch: the offset and time are the
-/// index entry's.
-pub fn marker_key(producer_id: i64, epoch: i16, commit: bool) -> String {
+/// `epoch` (`commit` or abort) in log entry `seq`. One key serves every
+/// partition the entry ends it in (the offset and time are each index
+/// entry's); like an object key it is never used again, so snapshots
+/// number it the same way on every broker.
+pub fn marker_key(producer_id: i64, epoch: i16, commit: bool, seq: u64) -> String {
     let kind = if commit { 'c' } else { 'a' };
-    format!("{MARKER_KEY_PREFIX}{kind}:{producer_id}:{epoch}")
+    format!("{MARKER_KEY_PREFIX}{kind}:{producer_id}:{epoch}:{seq}")
 }
 
 pub fn is_marker_key(key: &str) -> bool {
@@ -258,6 +259,7 @@ pub fn marker_bytes(key: &str, timestamp_ms: i64) -> Option<Bytes> {
     };
     let producer_id = parts.next()?.parse().ok()?;
     let epoch = parts.next()?.parse().ok()?;
+    let _seq: u64 = parts.next()?.parse().ok()?;
     if parts.next().is_some() {
         return None;
     }
@@ -277,11 +279,11 @@ pub(crate) mod tests {
 
     #[test]
     fn marker_keys_describe_their_control_batch() {
-        let key = marker_key(42, 3, false);
+        let key = marker_key(42, 3, false, 17);
         assert!(is_marker_key(&key) && !is_marker_key("segments/x"));
         let b = marker_bytes(&key, 99).expect("a marker key");
         assert_eq!(b, control_batch(0, 42, 3, false, 0, 99));
-        for bad in ["marker:x:1:2", "marker:c:1", "marker:c:1:2:3", "segments/a"] {
+        for bad in ["marker:x:1:2:3", "marker:c:1:2", "marker:c:1:2:3:4", "segments/a"] {
             assert!(marker_bytes(bad, 0).is_none(), "{bad}");
         }
         // Refused from producers.

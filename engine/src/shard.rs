@@ -165,7 +165,7 @@ fn archived_batches(
 }
 
 /// Applies one committed update to a shard's indexes.
-fn apply_update(indexes: &mut HashMap<PartitionKey, PartitionIndex>, u: IndexUpdate) {
+pub(crate) fn apply_update(indexes: &mut HashMap<PartitionKey, PartitionIndex>, u: IndexUpdate) {
     if u.forget {
         indexes.remove(&u.tp);
         return;

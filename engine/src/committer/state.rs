@@ -18,7 +18,7 @@ use crate::batch::marker_key;
 use crate::retention::{
     is_archive_key, RetentionPlanner, RetentionPolicy, SegmentRefs, StoredBatch,
 };
-use crate::sequencer::{BatchOutcome, Sequencer};
+use crate::sequencer::{AbortedTxn, BatchOutcome, Sequencer};
 use crate::PartitionKey;
 
 /// What applying one log entry decided.
@@ -68,6 +68,21 @@ impl LogState {
 
     pub fn high_watermark(&self, tp: &PartitionKey) -> u64 {
         self.sequencer.high_watermark(tp)
+    }
+
+    pub fn last_stable_offset(&self, tp: &PartitionKey) -> u64 {
+        self.sequencer.last_stable_offset(tp)
+    }
+
+    /// The aborted transactions of `tp` still within its log.
+    pub fn aborted(&self, tp: &PartitionKey) -> impl Iterator<Item = &AbortedTxn> + '_ {
+        self.sequencer.aborted(tp)
+    }
+
+    /// The producers with a transaction open in `tp`, and where each
+    /// began.
+    pub fn open_transactions(&self, tp: &PartitionKey) -> impl Iterator<Item = (i64, u64)> + '_ {
+        self.sequencer.open_transactions(tp)
     }
 
     /// Producer ids the log remembers (they expire; see the sequencer).
@@ -158,8 +173,11 @@ impl LogState {
     /// Applies entry `seq`, which must directly follow the last applied
     /// one; `now` stamps the segments its trims release.
     pub fn apply(&mut self, seq: u64, commit: &CommitRecord, now: SystemTime) -> Applied {
+        let before = self.partition_states(commit);
         let outcomes = self.sequencer.apply(seq, commit);
         let mut updates = Vec::new();
+        // Per partition, the first transactional batch the entry appends.
+        let mut txn_first: HashMap<PartitionKey, u64> = HashMap::new();
         for (seg, seg_out) in commit.segments.iter().zip(&outcomes) {
             let key: Arc<str> = Arc::from(seg.key.as_str());
             let seg_id = self.segment_id(&key);
@@ -172,6 +190,9 @@ impl LogState {
                 let mut held = 0;
                 for (b, o) in chunk.batches.iter().zip(chunk_out) {
                     if let BatchOutcome::Appended { base_offset } = o {
+                        if b.transactional {
+                            txn_first.entry(tp).or_insert(*base_offset);
+                        }
                         debug_assert!(
                             entries.last().is_none_or(
                                 |e| e.base_offset + u64::from(e.records) == *base_offset
@@ -221,12 +242,38 @@ impl LogState {
             .map(|a| self.apply_archive(seq, a, now, &mut updates))
             .collect();
         self.apply_trims(seq, &commit.trims, now, &mut updates);
+        settle_updates(&mut updates, &before, &txn_first);
         Applied {
             seq,
             outcomes,
             updates,
             archived,
         }
+    }
+
+    /// The log start and first open transaction of every partition
+    /// `commit` touches, before it is applied.
+    fn partition_states(&self, commit: &CommitRecord) -> HashMap<PartitionKey, (u64, Option<u64>)> {
+        let chunks = commit
+            .segments
+            .iter()
+            .flat_map(|s| s.chunks.iter().map(|c| (c.topic_id, c.partition)));
+        let markers = commit.markers.iter().flat_map(|m| m.partitions.iter().copied());
+        let archives = commit.archives.iter().map(|a| (a.topic_id, a.partition));
+        let trims = commit.trims.iter().map(|t| (t.topic_id, t.partition));
+        chunks
+            .chain(markers)
+            .chain(archives)
+            .chain(trims)
+            .map(|(topic_id, partition)| {
+                let tp = PartitionKey {
+                    topic_id,
+                    partition,
+                };
+                let st = (self.sequencer.log_start(&tp), self.sequencer.first_open(&tp));
+                (tp, st)
+            })
+            .collect()
     }
 
     /// Indexes the control batches the sequencer placed for the entry's
@@ -237,7 +284,8 @@ impl LogState {
         let max_ts = i64::try_from(commit.at_ms).unwrap_or(i64::MAX);
         let len = crate::batch::CONTROL_BATCH_BYTES as u32;
         for (m, offsets) in commit.markers.iter().zip(placed) {
-            let key: Arc<str> = Arc::from(marker_key(m.producer_id, m.epoch, m.commit).as_str());
+            let key: Arc<str> =
+                Arc::from(marker_key(m.producer_id, m.epoch, m.commit, seq).as_str());
             for (&(topic_id, partition), offset) in m.partitions.iter().zip(offsets) {
                 let Some(offset) = offset else { continue };
                 let tp = PartitionKey {
@@ -715,10 +763,46 @@ impl LogState {
     }
 }
 
+/// Gives each update the partition state that holds once the shard has
+/// applied it: a shard may serve reads between two updates of one entry.
+/// The updates are built after the whole entry is applied, so each carries
+/// the state at the entry's end; that is right only for a partition's
+/// last update. The earlier ones keep the log start from before the entry
+/// (only trims move it, and a trim's update comes last), and a last stable
+/// offset no later than the entry's start or its first transactional batch
+/// (a transaction the entry ends stays open until its marker's update;
+/// without this, a read between the two could return an aborted batch
+/// without the abort that hides it).
+fn settle_updates(
+    updates: &mut [IndexUpdate],
+    before: &HashMap<PartitionKey, (u64, Option<u64>)>,
+    txn_first: &HashMap<PartitionKey, u64>,
+) {
+    let mut last: HashMap<PartitionKey, usize> = HashMap::new();
+    for (i, u) in updates.iter().enumerate() {
+        last.insert(u.tp, i);
+    }
+    for (i, u) in updates.iter_mut().enumerate() {
+        if last.get(&u.tp) == Some(&i) {
+            continue;
+        }
+        let Some(&(log_start, open)) = before.get(&u.tp) else {
+            continue;
+        };
+        u.log_start = log_start;
+        u.open_from = match (open, txn_first.get(&u.tp)) {
+            (Some(a), Some(&b)) => Some(a.min(b)),
+            (a, b) => a.or(b.copied()),
+        };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use floe_meta::schema::{ArchiveRecord, BatchRecord, ChunkRecord, SegmentRecord};
+    use floe_meta::schema::{
+        ArchiveRecord, BatchRecord, ChunkRecord, MarkerRecord, SegmentRecord,
+    };
     use std::time::Duration;
 
     fn tp(p: u32) -> PartitionKey {
@@ -728,8 +812,10 @@ mod tests {
         }
     }
 
-    /// A seeded stream of entries: segments of plain and idempotent
-    /// batches over four partitions, and now and then a trim.
+    /// A seeded stream of entries: segments of plain, idempotent and (in
+    /// partition 3) transactional batches over four partitions, now and
+    /// then a trim, and now and then a marker ending producer 9's
+    /// transaction in partitions 1 and 3 (it never writes to 1).
     fn entries(seed: u64, n: usize) -> Vec<CommitRecord> {
         let mut rng = floe_meta::faulty::Rng(seed);
         let mut rnd = move |m: u64| rng.below(m);
@@ -742,7 +828,8 @@ mod tests {
                         continue;
                     }
                     let records = 1 + rnd(3) as u32;
-                    let idempotent = p % 2 == 0;
+                    let transactional = p == 3;
+                    let idempotent = p % 2 == 0 || transactional;
                     let seq = seqs[p as usize];
                     // Now and then an idempotent batch is sent again.
                     let resend = idempotent && seq > 0 && rnd(5) == 0;
@@ -760,13 +847,27 @@ mod tests {
                             len: 100,
                             records,
                             max_ts: i as i64,
-                            producer_id: if idempotent { 7 } else { -1 },
+                            producer_id: match (transactional, idempotent) {
+                                (true, _) => 9,
+                                (false, true) => 7,
+                                _ => -1,
+                            },
                             producer_epoch: if idempotent { 0 } else { -1 },
                             base_sequence: if idempotent { base_sequence } else { -1 },
-                            transactional: false,
+                            transactional,
                         }],
                     });
                 }
+                let markers = if rnd(4) == 0 {
+                    vec![MarkerRecord {
+                        producer_id: 9,
+                        epoch: 0,
+                        commit: rnd(2) == 0,
+                        partitions: vec![(tp(1).topic_id, 1), (tp(3).topic_id, 3)],
+                    }]
+                } else {
+                    Vec::new()
+                };
                 let trims = if rnd(6) == 0 {
                     vec![TrimRecord {
                         topic_id: tp(1).topic_id,
@@ -786,12 +887,70 @@ mod tests {
                     epochs: Vec::new(),
                     archives: Vec::new(),
                     trims,
-                    at_ms: 0,
+                    at_ms: i as u64,
                     producer_expiration_ms: 0,
-                    markers: Vec::new(),
+                    markers,
                 }
             })
             .collect()
+    }
+
+    /// Applies `updates` to shard indexes as a shard does, checking that
+    /// after each one, a read between two updates of one entry never
+    /// sees a last stable offset beyond the one the entry ends with
+    /// (`s`, the state after it).
+    fn shard_view(
+        indexes: &mut HashMap<PartitionKey, crate::index::PartitionIndex>,
+        updates: Vec<IndexUpdate>,
+        s: &LogState,
+    ) {
+        for u in updates {
+            let tp = u.tp;
+            crate::shard::apply_update(indexes, u);
+            // (Not for a partition the entry forgets at its end.)
+            if let Some(ix) = indexes
+                .get(&tp)
+                .filter(|ix| ix.high_watermark() <= s.high_watermark(&tp))
+            {
+                assert!(
+                    ix.last_stable() <= s.last_stable_offset(&tp).max(ix.log_start()),
+                    "{tp:?}: {} > {} (hwm {}, start {})",
+                    ix.last_stable(),
+                    s.last_stable_offset(&tp),
+                    ix.high_watermark(),
+                    ix.log_start()
+                );
+            }
+        }
+    }
+
+    /// The shards' indexes say what the log state says: offsets, last
+    /// stable offsets, aborted transactions, and marker entries whose
+    /// bytes are control batches at their offsets.
+    fn assert_same_view(
+        seed: u64,
+        s: &LogState,
+        indexes: &HashMap<PartitionKey, crate::index::PartitionIndex>,
+    ) {
+        for p in 0..4 {
+            let Some(ix) = indexes.get(&tp(p)) else {
+                assert_eq!(s.high_watermark(&tp(p)), 0, "seed {seed}");
+                continue;
+            };
+            assert_eq!(ix.high_watermark(), s.high_watermark(&tp(p)), "seed {seed} p{p}");
+            assert_eq!(ix.last_stable(), s.last_stable_offset(&tp(p)), "seed {seed} p{p}");
+            let aborted: Vec<AbortedTxn> = s.aborted(&tp(p)).copied().collect();
+            assert_eq!(ix.aborted_between(0, u64::MAX), aborted, "seed {seed} p{p}");
+            let mut i = ix.position(ix.log_start()).unwrap_or(usize::MAX);
+            while let Some(e) = ix.entry(i) {
+                if crate::batch::is_marker_key(&e.segment) {
+                    assert_eq!(p, 3, "seed {seed}: a marker where no transaction was open");
+                    let b = crate::batch::marker_bytes(&e.segment, e.max_ts).expect("a marker");
+                    assert_eq!((e.records, e.len as usize), (1, b.len()));
+                }
+                i += 1;
+            }
+        }
     }
 
     #[test]
@@ -801,12 +960,21 @@ mod tests {
             let log = entries(seed, 60);
             let cut = 1 + (seed as usize * 7) % 58;
             let mut a = LogState::default();
+            let mut shard = HashMap::new();
             for (i, e) in log[..cut].iter().enumerate() {
-                a.apply(i as u64 + 1, e, now);
+                let applied = a.apply(i as u64 + 1, e, now);
+                shard_view(&mut shard, applied.updates, &a);
             }
+            assert_same_view(seed, &a, &shard);
             let snap = a.snapshot();
             let bytes = snap.encode().expect("encodes");
-            let (mut b, _) = LogState::load(Snapshot::decode("s", &bytes).expect("decodes"), now);
+            let (mut b, reload) =
+                LogState::load(Snapshot::decode("s", &bytes).expect("decodes"), now);
+            // A shard loading the snapshot sees what one that applied
+            // every entry sees.
+            let mut loaded = HashMap::new();
+            shard_view(&mut loaded, reload, &b);
+            assert_same_view(seed, &b, &loaded);
             assert_eq!(
                 b.snapshot(),
                 snap,
@@ -818,7 +986,11 @@ mod tests {
                 let seq = i as u64 + 1;
                 let (x, y) = (a.apply(seq, e, now), b.apply(seq, e, now));
                 assert_eq!(x.outcomes, y.outcomes, "seed {seed}: entry {seq}");
+                shard_view(&mut shard, x.updates, &a);
+                shard_view(&mut loaded, y.updates, &b);
             }
+            assert_same_view(seed, &a, &shard);
+            assert_same_view(seed, &b, &loaded);
             assert_eq!(
                 a.snapshot(),
                 b.snapshot(),
