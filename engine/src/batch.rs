@@ -283,7 +283,12 @@ pub(crate) mod tests {
         assert!(is_marker_key(&key) && !is_marker_key("segments/x"));
         let b = marker_bytes(&key, 99).expect("a marker key");
         assert_eq!(b, control_batch(0, 42, 3, false, 0, 99));
-        for bad in ["marker:x:1:2:3", "marker:c:1:2", "marker:c:1:2:3:4", "segments/a"] {
+        for bad in [
+            "marker:x:1:2:3",
+            "marker:c:1:2",
+            "marker:c:1:2:3:4",
+            "segments/a",
+        ] {
             assert!(marker_bytes(bad, 0).is_none(), "{bad}");
         }
         // Refused from producers.

@@ -408,3 +408,248 @@ fn offset_ops(offsets: &[PendingOffset]) -> Result<Vec<Op>, TxnStoreError> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use floe_meta::{Embedded, FaultyMeta, MetaFaults};
+
+    use super::*;
+
+    /// A commit log that only records the markers it is asked to write.
+    type Written = Arc<Mutex<Vec<MarkerRecord>>>;
+
+    fn log() -> (flume::Sender<CommitRequest>, Written) {
+        let (tx, rx) = flume::unbounded();
+        let written: Written = Arc::default();
+        let w = written.clone();
+        tokio::spawn(async move {
+            let mut seq = 0;
+            while let Ok(r) = rx.recv_async().await {
+                if let CommitRequest::Markers { markers, reply } = r {
+                    w.lock().unwrap().extend(markers);
+                    seq += 1;
+                    let _ = reply.send(Ok(seq));
+                }
+            }
+        });
+        (tx, written)
+    }
+
+    async fn setup(meta: Arc<dyn MetaStore>, timeout_max: i32) -> (Transactions, Written) {
+        let topics = Arc::new(Topics::load(meta.clone()).await.unwrap());
+        topics.create("t", 4, BTreeMap::new(), false).await.unwrap();
+        let (tx, written) = log();
+        (
+            Transactions::new(
+                meta,
+                tx,
+                topics,
+                timeout_max,
+                TRANSACTIONAL_ID_EXPIRATION_MS,
+            ),
+            written,
+        )
+    }
+
+    fn part(p: i32) -> (String, i32) {
+        ("t".to_string(), p)
+    }
+
+    fn offset(group: &str, p: i32, o: i64) -> PendingOffset {
+        PendingOffset {
+            group: group.into(),
+            topic: "t".into(),
+            partition: p,
+            record: schema::OffsetRecord {
+                offset: o,
+                leader_epoch: -1,
+                metadata: None,
+                commit_ms: 0,
+            },
+        }
+    }
+
+    async fn committed(meta: &dyn MetaStore, group: &str, p: i32) -> Option<i64> {
+        let kv = meta
+            .get(&schema::offset_key(group, "t", p))
+            .await
+            .unwrap()?;
+        let r: schema::OffsetRecord = serde_json::from_slice(&kv.value).unwrap();
+        Some(r.offset)
+    }
+
+    #[tokio::test]
+    async fn a_commit_writes_markers_and_publishes_offsets_an_abort_neither() {
+        let meta: Arc<dyn MetaStore> = Arc::new(Embedded::in_memory().unwrap());
+        let (t, written) = setup(meta.clone(), 60_000).await;
+        let (pid, e) = t.init("a", 60_000, None).await.unwrap();
+        for (round, commit) in [(0, false), (1, true)] {
+            t.add("a", pid, e, &[part(0), part(2)], &["g".into()])
+                .await
+                .unwrap();
+            t.stage_offsets("a", pid, e, "g", vec![offset("g", 1, 10 + round)])
+                .await
+                .unwrap();
+            assert_eq!(committed(&*meta, "g", 1).await, None, "not before the end");
+            t.end("a", pid, e, commit).await.unwrap();
+            let m = written.lock().unwrap().pop().expect("a marker");
+            assert_eq!((m.producer_id, m.epoch, m.commit), (pid, e, commit));
+            assert_eq!(m.partitions.len(), 2);
+            let expect = commit.then_some(11);
+            assert_eq!(committed(&*meta, "g", 1).await, expect);
+        }
+        // A retried EndTxn (its answer lost) answers the same, writing
+        // nothing more.
+        t.end("a", pid, e, true).await.unwrap();
+        assert!(written.lock().unwrap().is_empty());
+        // A partition never added is not covered.
+        let v = t.verify("a", pid, e, &[part(0), part(3)]).await.unwrap();
+        assert_eq!(
+            v,
+            vec![Verified::NotInTransaction; 2],
+            "no transaction open"
+        );
+        t.add("a", pid, e, &[part(3)], &[]).await.unwrap();
+        let v = t.verify("a", pid, e, &[part(0), part(3)]).await.unwrap();
+        assert_eq!(v, vec![Verified::NotInTransaction, Verified::Covered]);
+        let v = t.verify("a", pid, e - 1, &[part(3)]).await.unwrap();
+        assert_eq!(v, vec![Verified::Fenced]);
+    }
+
+    #[tokio::test]
+    async fn a_new_instance_aborts_what_the_old_left_open_and_fences_it() {
+        let meta: Arc<dyn MetaStore> = Arc::new(Embedded::in_memory().unwrap());
+        let (t, written) = setup(meta, 60_000).await;
+        let (pid, old) = t.init("a", 60_000, None).await.unwrap();
+        t.add("a", pid, old, &[part(1)], &[]).await.unwrap();
+        let (pid2, new) = t.init("a", 60_000, None).await.unwrap();
+        assert_eq!(pid2, pid);
+        let m = written.lock().unwrap().pop().expect("an abort marker");
+        assert!(!m.commit && m.epoch > old && m.epoch < new, "{m:?}");
+        let e = t.end("a", pid, old, true).await.unwrap_err();
+        assert_eq!(e, TxnStoreError::Txn(TxnError::ProducerFenced));
+    }
+
+    #[tokio::test]
+    async fn the_scan_aborts_a_transaction_past_its_timeout() {
+        let meta: Arc<dyn MetaStore> = Arc::new(Embedded::in_memory().unwrap());
+        let (t, written) = setup(meta, 60_000).await;
+        let (pid, e) = t.init("a", 1, None).await.unwrap();
+        t.add("a", pid, e, &[part(1)], &[]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(t.scan().await.unwrap(), 1);
+        let m = written.lock().unwrap().pop().expect("an abort marker");
+        assert!(!m.commit && m.epoch == e + 1);
+        assert_eq!(
+            t.describe("a").await.unwrap().unwrap().state,
+            TxnState::CompleteAbort
+        );
+        let err = t.end("a", pid, e, true).await.unwrap_err();
+        assert_eq!(err, TxnStoreError::Txn(TxnError::ProducerFenced));
+        assert_eq!(t.scan().await.unwrap(), 0, "nothing more to abort");
+        let bad = t.init("b", 60_001, None).await.unwrap_err();
+        assert_eq!(bad, TxnStoreError::Txn(TxnError::InvalidTransactionTimeout));
+    }
+
+    /// Through a store that loses replies and refuses requests, and with
+    /// two brokers finishing at once: every transaction ends the way its
+    /// EndTxn asked, exactly once, with its offsets published when and only
+    /// when it commits.
+    #[tokio::test]
+    async fn outcomes_hold_through_lost_replies_and_racing_brokers() {
+        for seed in 1..=12u64 {
+            let store: Arc<dyn MetaStore> = Arc::new(Embedded::in_memory().unwrap());
+            let faulty: Arc<dyn MetaStore> = Arc::new(FaultyMeta::new(
+                store.clone(),
+                MetaFaults {
+                    seed,
+                    txn_reply_lost: 0.15,
+                    txn_refused: 0.1,
+                    read_failed: 0.1,
+                    ..MetaFaults::none()
+                },
+            ));
+            let (plain, written) = setup(store.clone(), 60_000).await;
+            let broker = || {
+                Transactions::new(
+                    faulty.clone(),
+                    plain.committer.clone(),
+                    plain.topics.clone(),
+                    60_000,
+                    TRANSACTIONAL_ID_EXPIRATION_MS,
+                )
+            };
+            let (a, b) = (broker(), broker());
+            let retry = |n: usize| n < 50;
+            let mut ids = None;
+            for n in 0.. {
+                assert!(retry(n), "seed {seed}: init never succeeded");
+                if let Ok(x) = a.init("x", 60_000, ids).await {
+                    ids = Some(x);
+                    break;
+                }
+            }
+            let (pid, e) = ids.unwrap();
+            for round in 0..6i64 {
+                let commit = round % 2 == 0;
+                for n in 0.. {
+                    assert!(retry(n), "seed {seed}: add never succeeded");
+                    if a.add("x", pid, e, &[part(0)], &["g".into()]).await.is_ok() {
+                        break;
+                    }
+                }
+                for n in 0.. {
+                    assert!(retry(n), "seed {seed}: stage never succeeded");
+                    if a.stage_offsets("x", pid, e, "g", vec![offset("g", 0, round)])
+                        .await
+                        .is_ok()
+                    {
+                        break;
+                    }
+                }
+                // EndTxn through broker a, while b finishes whatever it
+                // finds prepared.
+                let (ended, _) = tokio::join!(
+                    async {
+                        for n in 0.. {
+                            assert!(retry(n), "seed {seed}: end never succeeded");
+                            match a.end("x", pid, e, commit).await {
+                                Ok(()) => break,
+                                Err(TxnStoreError::Unavailable(_))
+                                | Err(TxnStoreError::Txn(TxnError::ConcurrentTransactions)) => {}
+                                Err(other) => return Err(other),
+                            }
+                        }
+                        Ok(())
+                    },
+                    async {
+                        let _ = b.finish("x").await;
+                    }
+                );
+                ended.unwrap_or_else(|err| panic!("seed {seed} round {round}: {err}"));
+                let rec = txn_store::read(&*store, "x").await.unwrap().0.unwrap();
+                let want = if commit {
+                    TxnState::CompleteCommit
+                } else {
+                    TxnState::CompleteAbort
+                };
+                assert_eq!(rec.state, want, "seed {seed} round {round}");
+                let markers: Vec<_> = written.lock().unwrap().drain(..).collect();
+                assert!(!markers.is_empty(), "seed {seed} round {round}: no marker");
+                assert!(
+                    markers.iter().all(|m| m.commit == commit && m.epoch == e),
+                    "seed {seed} round {round}: {markers:?}"
+                );
+                let last_commit = (round / 2) * 2;
+                assert_eq!(
+                    committed(&*store, "g", 0).await,
+                    Some(last_commit),
+                    "seed {seed} round {round}"
+                );
+            }
+        }
+    }
+}

@@ -258,7 +258,10 @@ impl LogState {
             .segments
             .iter()
             .flat_map(|s| s.chunks.iter().map(|c| (c.topic_id, c.partition)));
-        let markers = commit.markers.iter().flat_map(|m| m.partitions.iter().copied());
+        let markers = commit
+            .markers
+            .iter()
+            .flat_map(|m| m.partitions.iter().copied());
         let archives = commit.archives.iter().map(|a| (a.topic_id, a.partition));
         let trims = commit.trims.iter().map(|t| (t.topic_id, t.partition));
         chunks
@@ -270,7 +273,10 @@ impl LogState {
                     topic_id,
                     partition,
                 };
-                let st = (self.sequencer.log_start(&tp), self.sequencer.first_open(&tp));
+                let st = (
+                    self.sequencer.log_start(&tp),
+                    self.sequencer.first_open(&tp),
+                );
                 (tp, st)
             })
             .collect()
@@ -800,9 +806,7 @@ fn settle_updates(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use floe_meta::schema::{
-        ArchiveRecord, BatchRecord, ChunkRecord, MarkerRecord, SegmentRecord,
-    };
+    use floe_meta::schema::{ArchiveRecord, BatchRecord, ChunkRecord, MarkerRecord, SegmentRecord};
     use std::time::Duration;
 
     fn tp(p: u32) -> PartitionKey {
@@ -937,8 +941,16 @@ mod tests {
                 assert_eq!(s.high_watermark(&tp(p)), 0, "seed {seed}");
                 continue;
             };
-            assert_eq!(ix.high_watermark(), s.high_watermark(&tp(p)), "seed {seed} p{p}");
-            assert_eq!(ix.last_stable(), s.last_stable_offset(&tp(p)), "seed {seed} p{p}");
+            assert_eq!(
+                ix.high_watermark(),
+                s.high_watermark(&tp(p)),
+                "seed {seed} p{p}"
+            );
+            assert_eq!(
+                ix.last_stable(),
+                s.last_stable_offset(&tp(p)),
+                "seed {seed} p{p}"
+            );
             let aborted: Vec<AbortedTxn> = s.aborted(&tp(p)).copied().collect();
             assert_eq!(ix.aborted_between(0, u64::MAX), aborted, "seed {seed} p{p}");
             let mut i = ix.position(ix.log_start()).unwrap_or(usize::MAX);
