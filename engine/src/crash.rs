@@ -7,7 +7,8 @@
 //! uploaded), `archive-uploaded` (the object written, its log entry not
 //! sent), `archive-committed` (the entry in the log, the job not told);
 //! the same three steps of a compaction pass: `compact-read`,
-//! `compact-uploaded`, `compact-committed`.
+//! `compact-uploaded`, `compact-committed`; `txn-markers-written` (a
+//! transaction's markers in the log, its record not yet complete).
 
 use std::sync::OnceLock;
 

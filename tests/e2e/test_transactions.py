@@ -3,13 +3,19 @@ and read_uncommitted consumers, the last stable offset held by an open
 transaction, fencing by a second instance, send_offsets_to_transaction, and a
 transaction the cluster aborts at its timeout."""
 
+import signal
+import subprocess
+import sys
+import threading
 import time
 import uuid
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+import kafka_wire as kw
 from floe_clients import consumer_conf, create_topic, producer_conf
+from test_cluster import etcd, start_cluster  # noqa: F401 (a fixture)
 
 
 def txn_producer(bootstrap, txn_id, **extra):
@@ -176,3 +182,131 @@ def test_the_cluster_aborts_a_transaction_past_its_timeout(broker, topic_name):
     assert seen == ["later"]
     with pytest.raises(KafkaException):
         p.commit_transaction(30)
+
+
+# ---- faults ---------------------------------------------------------------
+
+def commit_until_done(p, timeout=90.0):
+    """commit_transaction, retried while librdkafka calls the error
+    retriable; returns the last error or None."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            p.commit_transaction(30)
+            return None
+        except KafkaException as e:
+            err = e.args[0]
+            if err.retriable() and time.monotonic() < deadline:
+                time.sleep(0.5)
+                continue
+            return err
+
+
+def test_coordinator_killed_between_markers_and_completion(start_broker, topic_name):
+    """The broker dies after the commit markers are in the log and before
+    the record says CompleteCommit: restarted, the retried EndTxn finishes
+    it, and the transaction reads as committed once, never half."""
+    b = start_broker(extra_env={"FLOE_TEST_CRASH_AT": "txn-markers-written"})
+    create_topic(b.bootstrap, topic_name, 3)
+    p = txn_producer(b.bootstrap, "tx-" + topic_name, **{"message.timeout.ms": 90000,
+                                                        "transaction.timeout.ms": 90000})
+    p.begin_transaction()
+    values = ["v-%d" % i for i in range(30)]
+    send(p, topic_name, values, 3)
+    committing = {}
+    t = threading.Thread(target=lambda: committing.update(err=commit_until_done(p)))
+    t.start()
+    b.wait_exit(30)
+    assert "txn-markers-written: aborting here" in b.log_text()
+    b.extra_env = {}
+    b.start()
+    t.join(120)
+    assert not t.is_alive()
+    # Whether or not the client saw its commit succeed, the markers were
+    # in the log: the transaction committed, whole.
+    err = committing.get("err")
+    print("commit across the crash: %s" % (err or "succeeded"))
+    assert sorted(read_all(b.bootstrap, topic_name, 3, "read_committed")) == sorted(values), err
+
+
+PRODUCER_SCRIPT = r"""
+import sys, time
+from confluent_kafka import Producer
+bootstrap, topic, txn_id = sys.argv[1:4]
+p = Producer({"bootstrap.servers": bootstrap, "transactional.id": txn_id,
+              "transaction.timeout.ms": 600000, "message.timeout.ms": 60000})
+p.init_transactions(30)
+p.begin_transaction()
+for i in range(20):
+    p.produce(topic, value=b"orphan-%d" % i, partition=i % 2)
+assert p.flush(30) == 0
+print("open", flush=True)
+time.sleep(600)
+"""
+
+
+def test_producer_killed_mid_transaction_then_restarted(broker, topic_name):
+    """kill -9 of a transactional producer with its transaction open: its
+    next instance aborts it (long before its 10-minute timeout) and fences
+    the old epoch; read_committed never shows its records."""
+    create_topic(broker.bootstrap, topic_name, 2)
+    txn_id = "tx-" + topic_name
+    proc = subprocess.Popen([sys.executable, "-c", PRODUCER_SCRIPT, broker.bootstrap,
+                             topic_name, txn_id], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "open"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    plain = Producer(producer_conf(broker.bootstrap))
+    send(plain, topic_name, ["after-%d" % i for i in range(4)], 2)
+    # Held back by the open transaction.
+    assert read_all(broker.bootstrap, topic_name, 2, "read_committed", idle_s=2) == []
+    again = txn_producer(broker.bootstrap, txn_id)
+    seen = read_all(broker.bootstrap, topic_name, 2, "read_committed")
+    assert sorted(seen) == sorted("after-%d" % i for i in range(4))
+    again.begin_transaction()
+    send(again, topic_name, ["new"], 2)
+    again.commit_transaction(30)
+    assert sorted(read_all(broker.bootstrap, topic_name, 2, "read_committed")) == sorted(
+        ["after-%d" % i for i in range(4)] + ["new"])
+
+
+def txn_coordinator(bootstrap, txn_id):
+    """FindCoordinator v1 with key type TRANSACTION: the node id."""
+    with kw.connect(bootstrap) as s:
+        s.sendall(kw.frame(kw.request_header_v1(10, 1, 78) + kw.string(txn_id) + kw.i8(1)))
+        r = kw.Reader(kw.recv_frame(s))
+        assert r.i32() == 78
+        r.i32()  # throttle
+        assert r.i16() == 0, "FindCoordinator(TRANSACTION) failed"
+        r.string()
+        return r.i32()
+
+
+def test_cluster_coordinator_killed_with_a_transaction_open(start_broker, etcd, tmp_path,  # noqa: F811
+                                                            topic_name):
+    """Three brokers: kill -9 the broker coordinating an open transaction;
+    the producer's commit goes to another broker, which takes the id over
+    from the metadata store. Every broker then reads the transaction whole
+    or not at all."""
+    cluster = start_cluster(start_broker, etcd, tmp_path)
+    create_topic(cluster[0].bootstrap, topic_name, 4)
+    txn_id = "tx-" + topic_name
+    coordinator = txn_coordinator(cluster[0].bootstrap, txn_id)
+    assert txn_coordinator(cluster[2].bootstrap, txn_id) == coordinator, "brokers agree"
+    victim = next(b for b in cluster if b.args["node-id"] == coordinator)
+    survivors = [b for b in cluster if b is not victim]
+    p = txn_producer(",".join(b.bootstrap for b in cluster), txn_id,
+                     **{"message.timeout.ms": 90000, "transaction.timeout.ms": 90000})
+    p.begin_transaction()
+    values = ["v-%d" % i for i in range(40)]
+    send(p, topic_name, values, 4)
+    victim.kill9()
+    err = commit_until_done(p)
+    print("commit after the coordinator died: %s" % (err or "succeeded"))
+    if err is not None:
+        p.abort_transaction(60)
+    want = sorted(values) if err is None else []
+    for b in survivors:
+        assert sorted(read_all(b.bootstrap, topic_name, 4, "read_committed")) == want, b
