@@ -310,3 +310,127 @@ def test_cluster_coordinator_killed_with_a_transaction_open(start_broker, etcd, 
     want = sorted(values) if err is None else []
     for b in survivors:
         assert sorted(read_all(b.bootstrap, topic_name, 4, "read_committed")) == want, b
+
+
+# ---- other clients -----------------------------------------------------------
+
+def test_kafka_python_transactions(broker, topic_name):
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition as KTP
+    from kafka.errors import KafkaError as KPError
+    create_topic(broker.bootstrap, topic_name, 2)
+    txn_id = "kp-" + topic_name
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, transactional_id=txn_id)
+    p.init_transactions()
+    for n, commit in [(1, True), (2, False), (3, True)]:
+        p.begin_transaction()
+        for i in range(10):
+            p.send(topic_name, value=b"k%d-%d" % (n, i), partition=i % 2)
+        p.flush()
+        if commit:
+            p.commit_transaction()
+        else:
+            p.abort_transaction()
+    # send_offsets_to_transaction, committed with the transaction.
+    group = "kpg-" + topic_name
+    p.begin_transaction()
+    p.send(topic_name, value=b"k4-0", partition=0)
+    p.send_offsets_to_transaction({KTP(topic_name, 1): __import__("kafka").OffsetAndMetadata(7, "", -1)},
+                                  group)
+    p.commit_transaction()
+
+    def read(isolation):
+        c = KafkaConsumer(bootstrap_servers=broker.bootstrap, isolation_level=isolation,
+                          auto_offset_reset="earliest", enable_auto_commit=False,
+                          consumer_timeout_ms=3000)
+        c.assign([KTP(topic_name, 0), KTP(topic_name, 1)])
+        try:
+            return sorted(m.value.decode() for m in c)
+        finally:
+            c.close()
+    assert read("read_committed") == sorted(
+        ["k1-%d" % i for i in range(10)] + ["k3-%d" % i for i in range(10)] + ["k4-0"])
+    assert len(read("read_uncommitted")) == 31
+    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        assert c.committed(KTP(topic_name, 1)) == 7
+    finally:
+        c.close()
+    # A second instance fences the first.
+    again = KafkaProducer(bootstrap_servers=broker.bootstrap, transactional_id=txn_id)
+    again.init_transactions()
+    with pytest.raises(KPError):
+        p.begin_transaction()
+        p.send(topic_name, value=b"zombie", partition=0).get(timeout=30)
+        p.commit_transaction()
+    again.close()
+
+
+KAFKAJS_TXN_SCRIPT = r"""
+const { Kafka, logLevel } = require('kafkajs');
+const [broker, topic, txnId] = process.argv.slice(2);
+const kafka = new Kafka({ clientId: 'kjs-txn', brokers: [broker], logLevel: logLevel.NOTHING });
+(async () => {
+  const p = kafka.producer({ transactionalId: txnId, idempotent: true, maxInFlightRequests: 1 });
+  await p.connect();
+  for (const [n, commit] of [[1, true], [2, false], [3, true]]) {
+    const t = await p.transaction();
+    await t.send({ topic, messages: Array.from({ length: 10 }, (_, i) => ({ value: `j${n}-${i}`, partition: i % 2 })) });
+    if (commit) await t.commit(); else await t.abort();
+  }
+  const t = await p.transaction();
+  await t.send({ topic, messages: [{ value: 'j4-0', partition: 0 }] });
+  await t.sendOffsets({ consumerGroupId: 'kjs-' + txnId, topics: [{ topic, partitions: [{ partition: 1, offset: '5' }] }] });
+  await t.commit();
+  // A second instance fences the first.
+  const q = kafka.producer({ transactionalId: txnId, idempotent: true, maxInFlightRequests: 1 });
+  await q.connect();
+  const tq = await q.transaction();
+  let fenced = '';
+  try {
+    const tz = await p.transaction();
+    await tz.send({ topic, messages: [{ value: 'zombie', partition: 0 }] });
+    await tz.commit();
+  } catch (e) { fenced = e.type || e.name; }
+  await tq.abort();
+  const seen = { committed: [], uncommitted: [] };
+  for (const [key, readUncommitted] of [['committed', false], ['uncommitted', true]]) {
+    const c = kafka.consumer({ groupId: `kjs-read-${key}-${Date.now()}`, readUncommitted });
+    await c.connect();
+    await c.subscribe({ topic, fromBeginning: true });
+    let last = Date.now();
+    await c.run({ eachMessage: async ({ message }) => { seen[key].push(message.value.toString()); last = Date.now(); } });
+    while (Date.now() - last < 4000) await new Promise(r => setTimeout(r, 200));
+    await c.disconnect();
+  }
+  const admin = kafka.admin();
+  await admin.connect();
+  const offsets = await admin.fetchOffsets({ groupId: 'kjs-' + txnId, topics: [topic] });
+  await admin.disconnect();
+  await p.disconnect().catch(() => {});
+  await q.disconnect();
+  console.log(JSON.stringify({ seen, fenced, offsets }));
+  process.exit(0);
+})().catch(e => { console.error(e); process.exit(1); });
+"""
+
+
+def test_kafkajs_transactions(broker, tmp_path, topic_name):
+    import json
+    import os
+    from test_groups import NODE_MODULES
+    if not (NODE_MODULES / "kafkajs").is_dir():
+        pytest.fail("kafkajs is not installed; run tests/install-deps.sh")
+    create_topic(broker.bootstrap, topic_name, 2)
+    script = tmp_path / "txn.js"
+    script.write_text(KAFKAJS_TXN_SCRIPT)
+    out = subprocess.run(["node", str(script), broker.bootstrap, topic_name, "kjs-" + topic_name],
+                         capture_output=True, text=True, timeout=150,
+                         env=dict(os.environ, NODE_PATH=str(NODE_MODULES)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert sorted(res["seen"]["committed"]) == sorted(
+        ["j1-%d" % i for i in range(10)] + ["j3-%d" % i for i in range(10)] + ["j4-0"])
+    assert len(res["seen"]["uncommitted"]) == 31
+    assert res["fenced"] in ("PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH"), res["fenced"]
+    parts = {p["partition"]: p["offset"] for t in res["offsets"] for p in t["partitions"]}
+    assert parts.get(1) == "5", res["offsets"]
