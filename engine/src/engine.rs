@@ -458,6 +458,20 @@ impl Engine {
 
     // ---- transactions ----------------------------------------------------
 
+    /// The producers the log remembers in each of `partitions`, once this
+    /// broker has read the log to its head (DescribeProducers).
+    pub async fn describe_producers(
+        &self,
+        partitions: Vec<PartitionKey>,
+    ) -> Result<Vec<Vec<crate::sequencer::ProducerSummary>>> {
+        let (reply, rx) = oneshot::channel();
+        self.committer
+            .send_async(CommitRequest::Producers { partitions, reply })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.unwrap_or(Err(Error::ShuttingDown))
+    }
+
     /// Runs `f` with the transaction coordinator on the sidecar, where its
     /// metadata-store calls run.
     pub async fn with_txns<T, F, Fut>(&self, f: F) -> Result<T, TxnStoreError>

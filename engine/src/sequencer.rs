@@ -81,6 +81,18 @@ pub struct Sequencer {
     last_markers: Vec<Vec<Option<u64>>>,
 }
 
+/// One producer's state in one partition, as DescribeProducers shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerSummary {
+    pub producer_id: i64,
+    pub epoch: i16,
+    pub last_sequence: i32,
+    /// By the log's time (the entry that last carried it).
+    pub last_seen_ms: i64,
+    /// The first offset of its open transaction here, or -1.
+    pub txn_first_offset: i64,
+}
+
 /// An aborted transaction in one partition: its producer, its first
 /// offset and its marker's offset (Kafka's AbortedTransaction, with the
 /// marker's offset as the last).
@@ -311,6 +323,26 @@ impl Sequencer {
     /// producer had no transaction open.
     pub fn last_markers(&self) -> &[Vec<Option<u64>>] {
         &self.last_markers
+    }
+
+    /// The producers the log remembers in `tp` (DescribeProducers), by
+    /// producer id.
+    pub fn producers_of(&self, tp: &PartitionKey) -> Vec<ProducerSummary> {
+        let open: HashMap<i64, u64> = self.open_transactions(tp).collect();
+        let mut out: Vec<ProducerSummary> = self
+            .producers
+            .iter()
+            .filter(|((_, p), _)| p == tp)
+            .map(|((pid, _), st)| ProducerSummary {
+                producer_id: *pid,
+                epoch: self.epochs.get(pid).copied().unwrap_or(st.epoch),
+                last_sequence: st.recent.back().map_or(-1, |r| r.1),
+                last_seen_ms: self.last_seen.get(pid).map_or(-1, |t| *t as i64),
+                txn_first_offset: open.get(pid).map(|o| *o as i64).unwrap_or(-1),
+            })
+            .collect();
+        out.sort_unstable_by_key(|p| p.producer_id);
+        out
     }
 
     /// The first offset still readable in `tp`.

@@ -52,6 +52,7 @@ pub enum Request {
     TxnOffsetCommit(kafka_protocol::messages::TxnOffsetCommitRequest),
     DescribeTransactions(kafka_protocol::messages::DescribeTransactionsRequest),
     ListTransactions(kafka_protocol::messages::ListTransactionsRequest),
+    DescribeProducers(kafka_protocol::messages::DescribeProducersRequest),
 }
 
 #[derive(Debug)]
@@ -150,6 +151,7 @@ pub fn decode(mut frame: Bytes) -> Result<Decoded, DecodeError> {
         ApiKey::TxnOffsetCommit => Request::TxnOffsetCommit(body(api, version, b)?),
         ApiKey::DescribeTransactions => Request::DescribeTransactions(body(api, version, b)?),
         ApiKey::ListTransactions => Request::ListTransactions(body(api, version, b)?),
+        ApiKey::DescribeProducers => Request::DescribeProducers(body(api, version, b)?),
         _ => {
             return Err(DecodeError::Unsupported {
                 api,

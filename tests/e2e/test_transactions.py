@@ -434,3 +434,90 @@ def test_kafkajs_transactions(broker, tmp_path, topic_name):
     assert res["fenced"] in ("PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH"), res["fenced"]
     parts = {p["partition"]: p["offset"] for t in res["offsets"] for p in t["partitions"]}
     assert parts.get(1) == "5", res["offsets"]
+
+
+# ---- admin side --------------------------------------------------------------
+
+def list_transactions(bootstrap, states=()):
+    """ListTransactions v0: {transactional id: (producer id, state)}."""
+    body = kw.compact_array([kw.compact_string(s) for s in states]) + kw.compact_array([]) + \
+        kw.EMPTY_TAGS
+    with kw.connect(bootstrap) as s:
+        r = kw.roundtrip(s, 66, 0, body, 5, flexible=True)
+        r.i32()
+        assert r.i16() == 0
+        for _ in range(r.compact_array_len()):
+            r.compact_string()
+        out = {}
+        for _ in range(r.compact_array_len()):
+            tid, pid, state = r.compact_string(), r.i64(), r.compact_string()
+            r.tagged_fields()
+            out[tid] = (pid, state)
+        return out
+
+
+def describe_transaction(bootstrap, txn_id):
+    """DescribeTransactions v0 for one id: (error, state, producer id,
+    epoch, {topic: [partitions]})."""
+    body = kw.compact_array([kw.compact_string(txn_id)]) + kw.EMPTY_TAGS
+    with kw.connect(bootstrap) as s:
+        r = kw.roundtrip(s, 65, 0, body, 6, flexible=True)
+        r.i32()
+        assert r.compact_array_len() == 1
+        err, tid, state = r.i16(), r.compact_string(), r.compact_string()
+        assert tid == txn_id
+        r.i32()  # timeout
+        r.i64()  # start
+        pid, epoch = r.i64(), r.i16()
+        topics = {}
+        for _ in range(r.compact_array_len()):
+            name = r.compact_string()
+            topics[name] = [r.i32() for _ in range(r.compact_array_len())]
+            r.tagged_fields()
+        return err, state, pid, epoch, topics
+
+
+def describe_producers(bootstrap, topic, partition):
+    """DescribeProducers v0 for one partition: (error, [(producer id,
+    epoch, last sequence, transaction start offset)])."""
+    body = kw.compact_array([kw.compact_string(topic) + kw.compact_array([kw.i32(partition)]) +
+                             kw.EMPTY_TAGS]) + kw.EMPTY_TAGS
+    with kw.connect(bootstrap) as s:
+        r = kw.roundtrip(s, 61, 0, body, 7, flexible=True)
+        r.i32()
+        assert r.compact_array_len() == 1
+        assert r.compact_string() == topic
+        assert r.compact_array_len() == 1
+        assert r.i32() == partition
+        err = r.i16()
+        r.compact_string()
+        producers = []
+        for _ in range(r.compact_array_len()):
+            pid, epoch, seq, _ts, _ce, start = r.i64(), r.i32(), r.i32(), r.i64(), r.i32(), r.i64()
+            r.tagged_fields()
+            producers.append((pid, epoch, seq, start))
+        return err, producers
+
+
+def test_list_and_describe_transactions_and_producers(broker, topic_name):
+    create_topic(broker.bootstrap, topic_name, 2)
+    done = txn_producer(broker.bootstrap, "done-" + topic_name)
+    done.begin_transaction()
+    send(done, topic_name, ["a", "b"], 2)
+    done.commit_transaction(30)
+    open_ = txn_producer(broker.bootstrap, "open-" + topic_name)
+    open_.begin_transaction()
+    send(open_, topic_name, ["c", "d", "e"], 1)
+    listed = list_transactions(broker.bootstrap)
+    assert listed["done-" + topic_name][1] == "CompleteCommit"
+    assert listed["open-" + topic_name][1] == "Ongoing"
+    assert list(list_transactions(broker.bootstrap, ["Ongoing"])) == ["open-" + topic_name]
+    err, state, pid, epoch, topics = describe_transaction(broker.bootstrap, "open-" + topic_name)
+    assert (err, state, topics) == (0, "Ongoing", {topic_name: [0]})
+    err, producers = describe_producers(broker.bootstrap, topic_name, 0)
+    assert err == 0
+    mine = [p for p in producers if p[0] == pid]
+    # The open transaction began after "a" and the commit marker: offset 2.
+    assert mine == [(pid, epoch, 2, 2)], producers
+    assert describe_transaction(broker.bootstrap, "nobody")[0] == 105  # TRANSACTIONAL_ID_NOT_FOUND
+    open_.abort_transaction(30)

@@ -42,7 +42,7 @@ pub use snapshot::{
 };
 pub use state::{Applied, LogState};
 
-use crate::sequencer::{AbortedTxn, BatchOutcome};
+use crate::sequencer::{AbortedTxn, BatchOutcome, ProducerSummary};
 use crate::{Error, PartitionKey, Result};
 
 /// A log entry with nothing in it (what a fence writes), as
@@ -132,6 +132,12 @@ pub enum CommitRequest {
         markers: Vec<MarkerRecord>,
         reply: oneshot::Sender<Result<u64>>,
     },
+    /// Reads the log to its head, then describes the producers it
+    /// remembers in each partition (DescribeProducers).
+    Producers {
+        partitions: Vec<PartitionKey>,
+        reply: oneshot::Sender<Result<Vec<Vec<ProducerSummary>>>>,
+    },
     /// Reads the log to its head (a linearizable read) and answers the
     /// last applied entry: everything committed before the request is
     /// then known to this broker.
@@ -146,7 +152,9 @@ impl CommitRequest {
             CommitRequest::Segment { segment, .. } => {
                 segment.chunks.iter().map(|c| c.batches.len()).sum()
             }
-            CommitRequest::Epoch { .. } | CommitRequest::Sync { .. } => 0,
+            CommitRequest::Epoch { .. }
+            | CommitRequest::Sync { .. }
+            | CommitRequest::Producers { .. } => 0,
             CommitRequest::Trim { trims, .. } => trims.len(),
             CommitRequest::Archive { .. } => 1,
             CommitRequest::Markers { markers, .. } => {
@@ -173,6 +181,9 @@ impl CommitRequest {
                 let _ = reply.send(Err(e));
             }
             CommitRequest::Sync { reply } => {
+                let _ = reply.send(Err(e));
+            }
+            CommitRequest::Producers { reply, .. } => {
                 let _ = reply.send(Err(e));
             }
         }
@@ -812,16 +823,32 @@ impl Committer {
         first: CommitRequest,
         requests: &flume::Receiver<CommitRequest>,
     ) {
-        if let CommitRequest::Sync { reply } = first {
-            let r = self.replay(None, &mut None).await;
-            let _ = reply.send(r.map(|()| self.state.applied()));
-            return;
-        }
+        let first = match first {
+            CommitRequest::Sync { reply } => {
+                let r = self.replay(None, &mut None).await;
+                let _ = reply.send(r.map(|()| self.state.applied()));
+                return;
+            }
+            CommitRequest::Producers { partitions, reply } => {
+                let r = self.replay(None, &mut None).await;
+                let _ = reply.send(r.map(|()| {
+                    partitions
+                        .iter()
+                        .map(|tp| self.state.producers_of(tp))
+                        .collect()
+                }));
+                return;
+            }
+            other => other,
+        };
         let mut total = first.weight();
         let mut group = vec![first];
         while group.len() < GROUP_SEGMENTS_MAX {
             let Ok(r) = requests.try_recv() else { break };
-            if matches!(r, CommitRequest::Sync { .. }) || total + r.weight() > LOG_ENTRY_BATCHES_MAX
+            if matches!(
+                r,
+                CommitRequest::Sync { .. } | CommitRequest::Producers { .. }
+            ) || total + r.weight() > LOG_ENTRY_BATCHES_MAX
             {
                 self.carry = Some(r);
                 break;
@@ -871,7 +898,7 @@ impl Committer {
                     commit.archives.push(archive.clone());
                     sealed = Some(sealed.map_or(*uploaded_at, |t| t.min(*uploaded_at)));
                 }
-                CommitRequest::Sync { .. } => {}
+                CommitRequest::Sync { .. } | CommitRequest::Producers { .. } => {}
             }
         }
         let (seq, outcomes) = match self.append(&commit, sealed).await {
@@ -922,6 +949,10 @@ impl Committer {
                 }
                 CommitRequest::Markers { reply, .. } | CommitRequest::Sync { reply } => {
                     let _ = reply.send(Ok(seq));
+                }
+                // Never grouped (see above).
+                CommitRequest::Producers { reply, .. } => {
+                    let _ = reply.send(Ok(Vec::new()));
                 }
             }
         }

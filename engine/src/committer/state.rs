@@ -70,6 +70,10 @@ impl LogState {
         self.sequencer.high_watermark(tp)
     }
 
+    pub fn producers_of(&self, tp: &PartitionKey) -> Vec<crate::sequencer::ProducerSummary> {
+        self.sequencer.producers_of(tp)
+    }
+
     pub fn last_stable_offset(&self, tp: &PartitionKey) -> u64 {
         self.sequencer.last_stable_offset(tp)
     }

@@ -166,6 +166,9 @@ pub async fn dispatch(ctx: &Ctx, request: Request, version: i16) -> Pending {
         Request::ListTransactions(req) => {
             async move { txn::list(&ctx, req, version).await }.boxed_local()
         }
+        Request::DescribeProducers(req) => {
+            async move { txn::describe_producers(&ctx, req, version).await }.boxed_local()
+        }
         // On SASL listeners the connection's session answers these before
         // dispatch (conn.rs); reaching here means the listener has no SASL.
         Request::SaslHandshake(_) => ready(crate::sasl::handshake_not_enabled(version)),

@@ -1,5 +1,6 @@
 //! Transactions: AddPartitionsToTxn, AddOffsetsToTxn, TxnOffsetCommit,
-//! EndTxn, and the admin side (ListTransactions, DescribeTransactions).
+//! EndTxn, and the admin side (ListTransactions, DescribeTransactions,
+//! DescribeProducers).
 //! InitProducerId with a transactional id is in `admin`. Every broker
 //! coordinates every transactional id (see `floe_engine::transactions`).
 
@@ -15,6 +16,10 @@ use kafka_protocol::messages::add_partitions_to_txn_request::{
 use kafka_protocol::messages::add_partitions_to_txn_response::{
     AddPartitionsToTxnPartitionResult, AddPartitionsToTxnResponse, AddPartitionsToTxnResult,
     AddPartitionsToTxnTopicResult,
+};
+use kafka_protocol::messages::describe_producers_request::DescribeProducersRequest;
+use kafka_protocol::messages::describe_producers_response::{
+    DescribeProducersResponse, PartitionResponse, ProducerState, TopicResponse,
 };
 use kafka_protocol::messages::describe_transactions_request::DescribeTransactionsRequest;
 use kafka_protocol::messages::describe_transactions_response::{
@@ -344,6 +349,72 @@ pub async fn describe(ctx: &Ctx, req: DescribeTransactionsRequest, version: i16)
     }
     encode(
         &DescribeTransactionsResponse::default().with_transaction_states(out),
+        version,
+    )
+}
+
+pub async fn describe_producers(ctx: &Ctx, req: DescribeProducersRequest, version: i16) -> Reply {
+    let snapshot = ctx.broker.engine.topics();
+    // Every partition asked for that exists, in request order.
+    let wanted: Vec<Vec<Option<floe_engine::PartitionKey>>> = req
+        .topics
+        .iter()
+        .map(|t| {
+            let topic = snapshot.get(t.name.0.as_str());
+            t.partition_indexes
+                .iter()
+                .map(|&p| super::partition_key(topic.map(|x| &**x), p))
+                .collect()
+        })
+        .collect();
+    let known: Vec<floe_engine::PartitionKey> =
+        wanted.iter().flatten().flatten().copied().collect();
+    let described = ctx.broker.engine.describe_producers(known).await;
+    let mut described = match described {
+        Ok(d) => Ok(d.into_iter()),
+        Err(e) => Err(codes::engine(&e)),
+    };
+    let topics = req
+        .topics
+        .iter()
+        .zip(wanted)
+        .map(|(t, parts)| {
+            let partitions = t
+                .partition_indexes
+                .iter()
+                .zip(parts)
+                .map(|(&index, tp)| {
+                    let out = PartitionResponse::default().with_partition_index(index);
+                    if tp.is_none() {
+                        return out.with_error_code(codes::UNKNOWN_TOPIC_OR_PARTITION);
+                    }
+                    match &mut described {
+                        Err(code) => out.with_error_code(*code),
+                        Ok(it) => out.with_active_producers(
+                            it.next()
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|p| {
+                                    ProducerState::default()
+                                        .with_producer_id(ProducerId(p.producer_id))
+                                        .with_producer_epoch(i32::from(p.epoch))
+                                        .with_last_sequence(p.last_sequence)
+                                        .with_last_timestamp(p.last_seen_ms)
+                                        .with_coordinator_epoch(-1)
+                                        .with_current_txn_start_offset(p.txn_first_offset)
+                                })
+                                .collect(),
+                        ),
+                    }
+                })
+                .collect();
+            TopicResponse::default()
+                .with_name(t.name.clone())
+                .with_partitions(partitions)
+        })
+        .collect();
+    encode(
+        &DescribeProducersResponse::default().with_topics(topics),
         version,
     )
 }
