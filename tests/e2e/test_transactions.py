@@ -521,3 +521,130 @@ def test_list_and_describe_transactions_and_producers(broker, topic_name):
     assert mine == [(pid, epoch, 2, 2)], producers
     assert describe_transaction(broker.bootstrap, "nobody")[0] == 105  # TRANSACTIONAL_ID_NOT_FOUND
     open_.abort_transaction(30)
+
+
+# ---- exactly once under faults ---------------------------------------------
+
+def transform_loop(cluster, src, dst, group, txn_id, want_ends, stop, log, batch=50, pause=0.1):
+    """A consume-transform-produce loop as Kafka's exactly-once users write
+    it: read_committed input, each batch's output and offsets in one
+    transaction; on an abortable error abort and rewind to the committed
+    offsets; on a fatal one start a new producer (which fences the old)."""
+    bootstrap = ",".join(b.bootstrap for b in cluster)
+    consumer = Consumer(consumer_conf(bootstrap, **{
+        "group.id": group, "isolation.level": "read_committed", "enable.auto.commit": False,
+        "enable.partition.eof": False, "session.timeout.ms": 30000}))
+    consumer.subscribe([src])
+
+    def new_producer():
+        while not stop.is_set():
+            try:
+                return txn_producer(bootstrap, txn_id, **{
+                    "message.timeout.ms": 60000, "transaction.timeout.ms": 60000})
+            except KafkaException as e:
+                log.append("init: %s" % e)
+                time.sleep(1)
+
+    def rewind():
+        parts = consumer.assignment()
+        if not parts:
+            return
+        for tp in consumer.committed(parts, timeout=30):
+            consumer.seek(TopicPartition(tp.topic, tp.partition,
+                                         tp.offset if tp.offset >= 0 else 0))
+
+    producer = new_producer()
+    try:
+        while not stop.is_set():
+            msgs = consumer.consume(batch, 0.5)
+            msgs = [m for m in msgs if not m.error()]
+            if not msgs:
+                parts = consumer.assignment()
+                if parts:
+                    try:
+                        done = consumer.committed(parts, timeout=10)
+                    except KafkaException:
+                        continue
+                    if len(done) == len(want_ends) and all(
+                            tp.offset == want_ends[tp.partition] for tp in done):
+                        log.append("done at %.1f" % time.monotonic())
+                        return
+                continue
+            # Paced, so that the faults below meet transactions in flight.
+            time.sleep(pause)
+            try:
+                producer.begin_transaction()
+                for m in msgs:
+                    producer.produce(dst, value=b"out-" + m.value(), partition=m.partition())
+                producer.send_offsets_to_transaction(
+                    consumer.position(consumer.assignment()),
+                    consumer.consumer_group_metadata(), 60)
+                err = commit_until_done(producer, 120)
+                if err is not None:
+                    raise KafkaException(err)
+            except KafkaException as e:
+                err = e.args[0]
+                log.append("txn: %s" % err)
+                if err.fatal():
+                    producer = new_producer()
+                else:
+                    try:
+                        producer.abort_transaction(60)
+                    except KafkaException as a:
+                        log.append("abort: %s" % a)
+                        producer = new_producer()
+                rewind()
+    finally:
+        consumer.close()
+
+
+def test_exactly_once_through_broker_kills_and_an_etcd_outage(start_broker, etcd, tmp_path,  # noqa: F811
+                                                              topic_name):
+    """Input records each show up exactly once in the output read with
+    read_committed, and the group's committed offsets end at the input's
+    end, while brokers are killed and restarted and etcd stops for 8 s."""
+    cluster = start_cluster(start_broker, etcd, tmp_path)
+    src, dst = topic_name + "-in", topic_name + "-out"
+    create_topic(cluster[0].bootstrap, src, 4)
+    create_topic(cluster[0].bootstrap, dst, 4)
+    n = 8000
+    plain = Producer(producer_conf(",".join(b.bootstrap for b in cluster),
+                                   **{"enable.idempotence": True}))
+    send(plain, src, ["in-%d" % i for i in range(n)], 4)
+    want_ends = {p: n // 4 for p in range(4)}
+    stop, log = threading.Event(), []
+    worker = threading.Thread(target=transform_loop, args=(
+        cluster, src, dst, "eos-" + topic_name, "eos-" + topic_name, want_ends, stop, log))
+    worker.start()
+    try:
+        time.sleep(3)
+        assert worker.is_alive(), "the loop ended before the faults"
+        cluster[1].kill9()
+        time.sleep(4)
+        cluster[1].start()
+        etcd.stop()
+        time.sleep(8)
+        etcd.start()
+        time.sleep(3)
+        cluster[2].kill9()
+        faults_done = time.monotonic()
+        time.sleep(4)
+        cluster[2].start()
+        worker.join(240)
+    finally:
+        stop.set()
+        worker.join(60)
+    errors = [x for x in log if not x.startswith("done at")]
+    print("transform loop errors (%d): %s" % (len(errors), errors[:20]))
+    assert not worker.is_alive()
+    done_at = [float(x.split()[-1]) for x in log if x.startswith("done at")]
+    assert done_at and done_at[0] > faults_done, "the faults did not meet the loop: %s" % log[-3:]
+    out = read_all(cluster[0].bootstrap, dst, 4, "read_committed", idle_s=4, timeout=120)
+    assert len(out) == len(set(out)), "duplicates: %d of %d" % (len(out) - len(set(out)), len(out))
+    assert sorted(out) == sorted("out-in-%d" % i for i in range(n))
+    c = Consumer(consumer_conf(cluster[0].bootstrap, **{"group.id": "eos-" + topic_name}))
+    try:
+        done = c.committed([TopicPartition(src, p) for p in range(4)], timeout=30)
+        assert {tp.partition: tp.offset for tp in done} == want_ends
+    finally:
+        c.close()
