@@ -22,12 +22,26 @@ const CRC_AT: usize = 17;
 const ATTRIBUTES_AT: usize = 21;
 const BASE_TIMESTAMP_AT: usize = 27;
 const MAX_TIMESTAMP_AT: usize = 35;
+const PRODUCER_ID_AT: usize = 43;
+const PRODUCER_EPOCH_AT: usize = 51;
+const BASE_SEQUENCE_AT: usize = 53;
+/// Attributes bit 4: the batch belongs to a transaction.
+const ATTR_TRANSACTIONAL: i16 = 0x10;
 const RECORDS_AT: usize = 61;
 /// Stamps are 8 bytes at the start of each value.
 pub const STAMP_BYTES: usize = 8;
 /// Written where stamps go while finding them: payloads are printable
 /// ASCII, so 0xFF bytes occur nowhere else in the records section.
 const MARKER: [u8; STAMP_BYTES] = [0xFF; STAMP_BYTES];
+
+/// Who writes a batch, for idempotent and transactional producers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerFields {
+    pub producer_id: i64,
+    pub epoch: i16,
+    pub base_sequence: i32,
+    pub transactional: bool,
+}
 
 pub struct BatchMaker {
     value: Bytes,
@@ -85,8 +99,28 @@ impl BatchMaker {
 
     /// One batch whose records carry `stamp` and the timestamp `now_ms`.
     pub fn make(&self, stamp: u64, now_ms: i64) -> Result<Bytes, BenchError> {
+        self.make_as(stamp, now_ms, None)
+    }
+
+    /// [`Self::make`], written by `producer` when given: its id, epoch and
+    /// first sequence (and the transactional bit) go in the header, which
+    /// has the same layout whatever the compression.
+    pub fn make_as(
+        &self,
+        stamp: u64,
+        now_ms: i64,
+        producer: Option<ProducerFields>,
+    ) -> Result<Bytes, BenchError> {
         let Some(t) = &self.template else {
-            return self.encode(Some(stamp.to_be_bytes()), now_ms);
+            let b = self.encode(Some(stamp.to_be_bytes()), now_ms)?;
+            return Ok(match producer {
+                None => b,
+                Some(p) => {
+                    let mut b = BytesMut::from(&b[..]);
+                    set_producer(&mut b, p);
+                    b.freeze()
+                }
+            });
         };
         let mut b = BytesMut::from(&t.bytes[..]);
         let stamp = stamp.to_be_bytes();
@@ -96,8 +130,10 @@ impl BatchMaker {
         let ts = now_ms.to_be_bytes();
         b[BASE_TIMESTAMP_AT..BASE_TIMESTAMP_AT + 8].copy_from_slice(&ts);
         b[MAX_TIMESTAMP_AT..MAX_TIMESTAMP_AT + 8].copy_from_slice(&ts);
-        let crc = crc32c::crc32c(&b[ATTRIBUTES_AT..]);
-        b[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+        match producer {
+            Some(p) => set_producer(&mut b, p),
+            None => set_crc(&mut b),
+        }
         Ok(b.freeze())
     }
 
@@ -122,6 +158,24 @@ impl BatchMaker {
             .map_err(|e| BenchError::Encode(e.to_string()))?;
         Ok(buf.freeze())
     }
+}
+
+fn set_crc(b: &mut BytesMut) {
+    let crc = crc32c::crc32c(&b[ATTRIBUTES_AT..]);
+    b[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+}
+
+/// Writes `p` into a batch's header and its CRC again.
+fn set_producer(b: &mut BytesMut, p: ProducerFields) {
+    let mut attributes = i16::from_be_bytes([b[ATTRIBUTES_AT], b[ATTRIBUTES_AT + 1]]);
+    if p.transactional {
+        attributes |= ATTR_TRANSACTIONAL;
+    }
+    b[ATTRIBUTES_AT..ATTRIBUTES_AT + 2].copy_from_slice(&attributes.to_be_bytes());
+    b[PRODUCER_ID_AT..PRODUCER_ID_AT + 8].copy_from_slice(&p.producer_id.to_be_bytes());
+    b[PRODUCER_EPOCH_AT..PRODUCER_EPOCH_AT + 2].copy_from_slice(&p.epoch.to_be_bytes());
+    b[BASE_SEQUENCE_AT..BASE_SEQUENCE_AT + 4].copy_from_slice(&p.base_sequence.to_be_bytes());
+    set_crc(b);
 }
 
 /// Record `i` of a batch. Offsets are deltas within the batch; the encoder
@@ -179,6 +233,25 @@ mod tests {
                 assert_eq!(v[..8], stamp.to_be_bytes());
                 assert_eq!(v[8..], printable(len)[8..]);
             }
+        }
+    }
+
+    #[test]
+    fn producer_fields_land_in_the_header_of_either_path() {
+        let p = ProducerFields {
+            producer_id: 4242,
+            epoch: 3,
+            base_sequence: 77,
+            transactional: true,
+        };
+        for compression in [Compression::None, Compression::Zstd] {
+            let m = BatchMaker::new(printable(100), 5, compression).expect("maker");
+            let mut b = m.make_as(1, 1000, Some(p)).expect("make");
+            let set = RecordBatchDecoder::decode(&mut b).expect("decodes (CRC checked)");
+            let r = &set.records[0];
+            assert_eq!((r.producer_id, r.producer_epoch, r.sequence), (4242, 3, 77));
+            assert!(r.transactional && !r.control);
+            assert_eq!(set.records[4].sequence, 81);
         }
     }
 

@@ -8,18 +8,20 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
-use floe_bench::batch::{scan_values, BatchMaker, STAMP_BYTES};
+use floe_bench::batch::{scan_values, BatchMaker, ProducerFields, STAMP_BYTES};
 use floe_bench::client::{split_batches, Conn};
 use floe_bench::report::{quantiles, series, summary, svg, Quantiles, Summary};
 use floe_bench::{parse_bytes, BenchError, Recorder};
+use kafka_protocol::messages::add_partitions_to_txn_request::AddPartitionsToTxnTopic;
 use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
-    BrokerId, CreateTopicsRequest, FetchRequest, ListOffsetsRequest, MetadataRequest,
-    ProduceRequest, TopicName,
+    AddPartitionsToTxnRequest, BrokerId, CreateTopicsRequest, EndTxnRequest, FetchRequest,
+    FindCoordinatorRequest, InitProducerIdRequest, ListOffsetsRequest, MetadataRequest,
+    ProduceRequest, ProducerId, TopicName, TransactionalId,
 };
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{Compression, RecordBatchDecoder};
@@ -37,6 +39,21 @@ enum Mode {
     Consume,
     /// Produce and consume at once; measures produce-to-consume latency.
     E2e,
+}
+
+/// How producers identify themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Producing {
+    /// No producer id (acks only).
+    Plain,
+    /// A producer id per worker and sequence numbers per partition.
+    Idempotent,
+    /// Idempotent, and every worker's batches in transactions of
+    /// `--txn-batches` produce requests, each committed with EndTxn;
+    /// records count (and their latency ends) when their transaction
+    /// commits. Consumers read with read_committed.
+    Transactional,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -95,6 +112,12 @@ struct Args {
     acks: i16,
     #[arg(long, value_enum, default_value_t = Codec::None)]
     compression: Codec,
+    #[arg(long, value_enum, default_value_t = Producing::Plain)]
+    producer: Producing,
+    /// Produce requests per transaction (transactional producers), sent
+    /// at once and awaited before EndTxn.
+    #[arg(long, default_value_t = 20)]
+    txn_batches: usize,
     /// Seconds to measure.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
@@ -298,6 +321,15 @@ async fn produce_worker(
         batch_records,
         a.compression.compression(),
     )?;
+    // An idempotent producer: an id, and a sequence per partition.
+    let identity = match a.producer {
+        Producing::Idempotent => {
+            let boot = conns.get(&a.bootstrap).await?;
+            Some(init_producer(&boot, None).await?)
+        }
+        _ => None,
+    };
+    let mut sequences = vec![0i32; targets.len()];
     let mut tasks = tokio::task::JoinSet::new();
     let mut sent: u64 = 0;
     let mut j: usize = 0;
@@ -320,7 +352,8 @@ async fn produce_worker(
         if send_at >= deadline {
             break;
         }
-        let (part, conn, version) = &targets[j % targets.len()];
+        let t = j % targets.len();
+        let (part, conn, version) = &targets[t];
         j += 1;
         // End-to-end latency counts from the same time produce latency does.
         let stamp = due
@@ -328,7 +361,14 @@ async fn produce_worker(
             .saturating_duration_since(s.base)
             .as_nanos() as u64;
         let now_ms = unix_ms();
-        let batch = maker.make(stamp, now_ms)?;
+        let fields = identity.map(|(producer_id, epoch)| ProducerFields {
+            producer_id,
+            epoch,
+            base_sequence: sequences[t],
+            transactional: false,
+        });
+        sequences[t] = next_sequence(sequences[t], batch_records);
+        let batch = maker.make_as(stamp, now_ms, fields)?;
         let req = ProduceRequest::default()
             .with_acks(a.acks)
             .with_timeout_ms(30_000)
@@ -389,6 +429,168 @@ async fn produce_worker(
         .map(|r| r.clone())
         .map_err(|_| BenchError::Closed)?;
     Ok(out)
+}
+
+/// A sequence number `records` after `seq` (they wrap at i32::MAX).
+fn next_sequence(seq: i32, records: u64) -> i32 {
+    ((i64::from(seq) + records as i64) % (i64::from(i32::MAX) + 1)) as i32
+}
+
+/// InitProducerId at `conn`: (producer id, epoch); with a transactional
+/// id, `conn` must be its coordinator.
+async fn init_producer(conn: &Conn, txn_id: Option<&str>) -> Result<(i64, i16), BenchError> {
+    let v = conn.version::<InitProducerIdRequest>(4, 0)?;
+    let req = InitProducerIdRequest::default()
+        .with_transactional_id(txn_id.map(|t| TransactionalId(StrBytes::from_string(t.into()))))
+        .with_transaction_timeout_ms(60_000)
+        .with_producer_id(ProducerId(-1))
+        .with_producer_epoch(-1);
+    let resp = conn.send_versioned(req, v).await?.wait().await?;
+    if resp.error_code != 0 {
+        return Err(BenchError::Kafka("InitProducerId", resp.error_code));
+    }
+    Ok((resp.producer_id.0, resp.producer_epoch))
+}
+
+/// A transactional producer: each transaction adds the worker's
+/// partitions, sends `--txn-batches` produce requests at once, waits for
+/// them and commits. A record counts, and its latency ends, when its
+/// transaction commits (when a read_committed consumer may see it).
+async fn produce_txn_worker(
+    s: Arc<Shared>,
+    parts: Vec<Partition>,
+    worker: usize,
+    measure_from: Instant,
+    deadline: Instant,
+) -> Result<Recorder, BenchError> {
+    let a = &s.args;
+    let mut rec = Recorder::new(measure_from);
+    if parts.is_empty() {
+        return Ok(rec);
+    }
+    let mut conns = Conns::default();
+    let boot = conns.get(&a.bootstrap).await?;
+    let txn_id = format!("floe-bench-{}-{worker}", std::process::id());
+    let id = || TransactionalId(StrBytes::from_string(txn_id.clone()));
+    let v = boot.version::<FindCoordinatorRequest>(3, 1)?;
+    let req = FindCoordinatorRequest::default()
+        .with_key(StrBytes::from_string(txn_id.clone()))
+        .with_key_type(1);
+    let found = boot.send_versioned(req, v).await?.wait().await?;
+    if found.error_code != 0 {
+        return Err(BenchError::Kafka("FindCoordinator", found.error_code));
+    }
+    let coord = conns
+        .get(&format!("{}:{}", found.host.as_str(), found.port))
+        .await?;
+    let (producer_id, epoch) = init_producer(&coord, Some(&txn_id)).await?;
+    let mut targets = Vec::new();
+    for p in &parts {
+        let conn = conns.get(&s.cluster.leaders[p]).await?;
+        let v = conn.version::<ProduceRequest>(9, 3)?;
+        targets.push((p.clone(), conn, v));
+    }
+    let mut by_topic: Vec<AddPartitionsToTxnTopic> = Vec::new();
+    for (topic, p) in &parts {
+        match by_topic.iter_mut().find(|t| &t.name == topic) {
+            Some(t) => t.partitions.push(*p),
+            None => by_topic.push(
+                AddPartitionsToTxnTopic::default()
+                    .with_name(topic.clone())
+                    .with_partitions(vec![*p]),
+            ),
+        }
+    }
+    let batch_records = (a.batch_size / a.record_size.max(1)).max(1);
+    let bytes = batch_records * a.record_size;
+    let maker = BatchMaker::new(
+        s.template.clone(),
+        batch_records,
+        a.compression.compression(),
+    )?;
+    let add_v = coord.version::<AddPartitionsToTxnRequest>(3, 0)?;
+    let end_v = coord.version::<EndTxnRequest>(3, 0)?;
+    let mut sequences = vec![0i32; targets.len()];
+    let mut j = 0usize;
+    while Instant::now() < deadline {
+        let add = AddPartitionsToTxnRequest::default()
+            .with_v3_and_below_transactional_id(id())
+            .with_v3_and_below_producer_id(ProducerId(producer_id))
+            .with_v3_and_below_producer_epoch(epoch)
+            .with_v3_and_below_topics(by_topic.clone());
+        let added = coord.send_versioned(add, add_v).await?.wait().await?;
+        if let Some(code) = added
+            .results_by_topic_v3_and_below
+            .iter()
+            .flat_map(|t| t.results_by_partition.iter())
+            .map(|p| p.partition_error_code)
+            .find(|c| *c != 0)
+        {
+            return Err(BenchError::Kafka("AddPartitionsToTxn", code));
+        }
+        let mut sent = Vec::with_capacity(a.txn_batches.max(1));
+        for _ in 0..a.txn_batches.max(1) {
+            let t = j % targets.len();
+            j += 1;
+            let (part, conn, version) = &targets[t];
+            let send_at = Instant::now();
+            let stamp = send_at.saturating_duration_since(s.base).as_nanos() as u64;
+            let fields = ProducerFields {
+                producer_id,
+                epoch,
+                base_sequence: sequences[t],
+                transactional: true,
+            };
+            sequences[t] = next_sequence(sequences[t], batch_records);
+            let req = ProduceRequest::default()
+                .with_transactional_id(Some(id()))
+                .with_acks(-1)
+                .with_timeout_ms(30_000)
+                .with_topic_data(vec![TopicProduceData::default()
+                    .with_name(part.0.clone())
+                    .with_partition_data(vec![PartitionProduceData::default()
+                        .with_index(part.1)
+                        .with_records(Some(maker.make_as(
+                            stamp,
+                            unix_ms(),
+                            Some(fields),
+                        )?))])]);
+            sent.push((conn.send_versioned(req, *version).await?, send_at));
+        }
+        let mut times = Vec::with_capacity(sent.len());
+        let mut failed = None;
+        for (reply, send_at) in sent {
+            let resp = reply.wait().await?;
+            if let Some(code) = resp
+                .responses
+                .iter()
+                .flat_map(|t| t.partition_responses.iter())
+                .map(|p| p.error_code)
+                .find(|c| *c != 0)
+            {
+                failed = failed.or(Some(code));
+            }
+            times.push(send_at);
+        }
+        let end = EndTxnRequest::default()
+            .with_transactional_id(id())
+            .with_producer_id(ProducerId(producer_id))
+            .with_producer_epoch(epoch)
+            .with_committed(failed.is_none());
+        let ended = coord.send_versioned(end, end_v).await?.wait().await?;
+        if let Some(code) = failed {
+            return Err(BenchError::Kafka("Produce (transactional)", code));
+        }
+        if ended.error_code != 0 {
+            return Err(BenchError::Kafka("EndTxn", ended.error_code));
+        }
+        let done = Instant::now();
+        for send_at in times {
+            rec.count(done, batch_records, bytes);
+            rec.latency(done, done - send_at, batch_records);
+        }
+    }
+    Ok(rec)
 }
 
 /// Offsets to start consuming from: earliest (-2) or latest (-1).
@@ -485,6 +687,7 @@ async fn consume_worker(
                 }
             }
             let req = FetchRequest::default()
+                .with_isolation_level(i8::from(s.args.producer == Producing::Transactional))
                 .with_replica_id(BrokerId(-1))
                 .with_max_wait_ms(FETCH_WAIT_MS)
                 .with_min_bytes(1)
@@ -575,6 +778,16 @@ async fn run(a: Args) -> Result<Results, BenchError> {
             "--duration must be positive, --rate and --warmup not negative".into(),
         ));
     }
+    if a.producer != Producing::Plain && a.acks != -1 {
+        return Err(BenchError::Setup(
+            "idempotent and transactional producers need --acks -1".into(),
+        ));
+    }
+    if a.producer == Producing::Transactional && a.rate > 0.0 {
+        return Err(BenchError::Setup(
+            "transactional producers run closed-loop: --rate must be 0".into(),
+        ));
+    }
     let cluster = prepare(&a).await?;
     let s = Arc::new(Shared {
         template: payload(a.record_size as usize),
@@ -615,6 +828,16 @@ async fn run(a: Args) -> Result<Results, BenchError> {
     let mut producers = tokio::task::JoinSet::new();
     if a.mode != Mode::Consume {
         for w in 0..n {
+            if a.producer == Producing::Transactional {
+                producers.spawn(produce_txn_worker(
+                    s.clone(),
+                    assign(w),
+                    w,
+                    measure_from,
+                    deadline,
+                ));
+                continue;
+            }
             producers.spawn(produce_worker(
                 s.clone(),
                 assign(w),

@@ -139,8 +139,16 @@ impl Engine {
             orphan_sweep_interval: c.orphan_sweep_interval,
             multipart_abort_after: c.multipart_abort_after,
         };
+        let txns = Arc::new(crate::transactions::Transactions::new(
+            meta.clone(),
+            commit_tx.clone(),
+            topics.clone(),
+            start.config.transaction_max_timeout_ms,
+            start.config.transactional_id_expiration_ms,
+        ));
         let mut committer = Committer::new(meta.clone(), store.clone(), sink)
             .with_fence(registration.fence())
+            .with_verified_cache(txns.verified_cache())
             .with_producer_expiration(start.config.producer_id_expiration_ms)
             .with_log_window(
                 start.config.snapshot_every_entries,
@@ -175,13 +183,6 @@ impl Engine {
             }
         })?;
         let groups = Coordinator::new(node_id, meta.clone(), start.lease_ttl);
-        let txns = Arc::new(crate::transactions::Transactions::new(
-            meta.clone(),
-            commit_tx.clone(),
-            topics.clone(),
-            start.config.transaction_max_timeout_ms,
-            start.config.transactional_id_expiration_ms,
-        ));
         let engine = Arc::new(Self {
             config: start.config,
             sidecar: handle.clone(),

@@ -8,6 +8,7 @@
 //! for records nobody asks about, aborts transactions open past their
 //! timeout, and forgets idle ids.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +42,92 @@ fn unavailable(e: impl std::fmt::Display) -> TxnStoreError {
     TxnStoreError::Unavailable(e.to_string())
 }
 
+/// Producers verified by this broker for some partitions of their open
+/// transaction (KIP-890): a later batch of the same transaction to the
+/// same partition skips the metadata-store read, as Kafka's partition
+/// leader skips it once the producer has a transaction open there. An
+/// entry lives until this broker applies a marker of that producer (its
+/// transaction ended; the committer calls [`VerifiedCache::ended`]). A
+/// read that raced a marker is not cached: every marker applied moves a
+/// counter, and an answer is kept only if the counter did not move while
+/// it was read.
+#[derive(Debug, Default)]
+pub struct VerifiedCache {
+    inner: std::sync::Mutex<VerifiedInner>,
+}
+
+#[derive(Debug, Default)]
+struct VerifiedInner {
+    /// Markers applied (any producer).
+    markers: u64,
+    producers: HashMap<i64, VerifiedProducer>,
+}
+
+/// A producer's transactional id, epoch, and the partitions verified.
+type VerifiedProducer = (String, i16, HashSet<(String, i32)>);
+
+/// Producers the cache holds at most; past it, it starts again empty.
+const VERIFIED_PRODUCERS_MAX: usize = 100_000;
+
+impl VerifiedCache {
+    /// Whether every partition is known verified for this producer.
+    fn covers(&self, id: &str, producer_id: i64, epoch: i16, parts: &[(String, i32)]) -> bool {
+        let Ok(g) = self.inner.lock() else {
+            return false;
+        };
+        g.producers.get(&producer_id).is_some_and(|(t, e, set)| {
+            t == id && *e == epoch && parts.iter().all(|p| set.contains(p))
+        })
+    }
+
+    fn markers(&self) -> u64 {
+        self.inner.lock().map_or(u64::MAX, |g| g.markers)
+    }
+
+    /// Remembers `parts` verified, unless a marker was applied since
+    /// `markers` was read.
+    fn remember(
+        &self,
+        markers: u64,
+        id: &str,
+        producer_id: i64,
+        epoch: i16,
+        parts: &[(String, i32)],
+    ) {
+        let Ok(mut g) = self.inner.lock() else { return };
+        if g.markers != markers {
+            return;
+        }
+        if g.producers.len() >= VERIFIED_PRODUCERS_MAX {
+            g.producers.clear();
+        }
+        let e = g
+            .producers
+            .entry(producer_id)
+            .or_insert_with(|| (id.to_string(), epoch, HashSet::new()));
+        if e.0 != id || e.1 != epoch {
+            *e = (id.to_string(), epoch, HashSet::new());
+        }
+        e.2.extend(parts.iter().cloned());
+    }
+
+    /// A marker of `producer_id` was applied: its transaction ended.
+    pub fn ended(&self, producer_id: i64) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.markers += 1;
+            g.producers.remove(&producer_id);
+        }
+    }
+
+    /// The log was loaded from a snapshot: markers may have been skipped.
+    pub fn clear(&self) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.markers += 1;
+            g.producers.clear();
+        }
+    }
+}
+
 /// What verification says of a transactional write to one partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verified {
@@ -63,6 +150,7 @@ pub struct Transactions {
     meta: Arc<dyn MetaStore>,
     committer: flume::Sender<CommitRequest>,
     topics: Arc<Topics>,
+    verified: Arc<VerifiedCache>,
     /// Kafka's `transaction.max.timeout.ms`.
     pub max_timeout_ms: i32,
     /// Kafka's `transactional.id.expiration.ms`.
@@ -81,6 +169,7 @@ impl Transactions {
             meta,
             committer,
             topics,
+            verified: Arc::default(),
             max_timeout_ms,
             id_expiration_ms,
         }
@@ -191,8 +280,15 @@ impl Transactions {
         .await
     }
 
+    /// The cache the committer tells of every marker it applies.
+    pub fn verified_cache(&self) -> Arc<VerifiedCache> {
+        self.verified.clone()
+    }
+
     /// KIP-890's verification: whether each partition is part of the
-    /// producer's open transaction.
+    /// producer's open transaction. Partitions this broker verified for
+    /// the same transaction before are not read again (see
+    /// [`VerifiedCache`]).
     pub async fn verify(
         &self,
         id: &str,
@@ -200,15 +296,28 @@ impl Transactions {
         epoch: i16,
         partitions: &[(String, i32)],
     ) -> Result<Vec<Verified>, TxnStoreError> {
+        if self.verified.covers(id, producer_id, epoch, partitions) {
+            return Ok(vec![Verified::Covered; partitions.len()]);
+        }
+        let markers = self.verified.markers();
         let (rec, _) = txn_store::read(&*self.meta, id).await?;
-        Ok(partitions
+        let out: Vec<Verified> = partitions
             .iter()
             .map(|p| match &rec {
                 Some(r) if r.covers(producer_id, epoch, p) => Verified::Covered,
                 Some(r) if r.producer_id == producer_id && r.epoch > epoch => Verified::Fenced,
                 _ => Verified::NotInTransaction,
             })
-            .collect())
+            .collect();
+        let covered: Vec<(String, i32)> = partitions
+            .iter()
+            .zip(&out)
+            .filter(|(_, v)| **v == Verified::Covered)
+            .map(|(p, _)| p.clone())
+            .collect();
+        self.verified
+            .remember(markers, id, producer_id, epoch, &covered);
+        Ok(out)
     }
 
     /// TxnOffsetCommit (the group's checks are the caller's).
@@ -517,6 +626,34 @@ mod tests {
         assert_eq!(v, vec![Verified::NotInTransaction, Verified::Covered]);
         let v = t.verify("a", pid, e - 1, &[part(3)]).await.unwrap();
         assert_eq!(v, vec![Verified::Fenced]);
+    }
+
+    #[test]
+    fn the_verified_cache_forgets_at_a_marker_and_keeps_no_answer_that_raced_one() {
+        let c = VerifiedCache::default();
+        let parts = [part(0), part(1)];
+        let m = c.markers();
+        c.remember(m, "a", 5, 0, &parts[..1]);
+        assert!(c.covers("a", 5, 0, &parts[..1]));
+        assert!(!c.covers("a", 5, 0, &parts), "partition 1 not verified");
+        assert!(!c.covers("a", 5, 1, &parts[..1]), "another epoch");
+        assert!(
+            !c.covers("b", 5, 0, &parts[..1]),
+            "another transactional id"
+        );
+        c.ended(5);
+        assert!(!c.covers("a", 5, 0, &parts[..1]), "the transaction ended");
+        // An answer read before a marker was applied is not kept.
+        let before = c.markers();
+        c.ended(9);
+        c.remember(before, "a", 5, 0, &parts);
+        assert!(!c.covers("a", 5, 0, &parts[..1]));
+        c.remember(c.markers(), "a", 5, 0, &parts);
+        c.clear();
+        assert!(
+            !c.covers("a", 5, 0, &parts[..1]),
+            "a snapshot load forgets all"
+        );
     }
 
     #[tokio::test]

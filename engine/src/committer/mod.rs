@@ -299,6 +299,8 @@ pub struct Committer {
     max_commit_age: Option<Duration>,
     /// Written into each entry (0: the log's default).
     producer_expiration_ms: u64,
+    /// Told of every marker applied (transactional writes verified here).
+    verified: Option<Arc<crate::transactions::VerifiedCache>>,
     /// Entries land only while this broker's registration lives.
     fence: Option<Arc<crate::cluster::Fence>>,
     /// A snapshot is written after every this many entries, and this many
@@ -330,6 +332,7 @@ impl Committer {
             archiver: None,
             max_commit_age: None,
             producer_expiration_ms: 0,
+            verified: None,
             fence: None,
             snapshot_every: SNAPSHOT_EVERY_ENTRIES,
             log_keep: LOG_KEEP_ENTRIES,
@@ -396,6 +399,12 @@ impl Committer {
         }
     }
 
+    /// Tells `cache` of every transaction marker applied.
+    pub fn with_verified_cache(mut self, cache: Arc<crate::transactions::VerifiedCache>) -> Self {
+        self.verified = Some(cache);
+        self
+    }
+
     /// Asks, in every entry this committer writes, that producer ids
     /// silent for `ms` be forgotten (see the sequencer).
     pub fn with_producer_expiration(mut self, ms: u64) -> Self {
@@ -435,6 +444,9 @@ impl Committer {
         let seq = snap.seq;
         let (state, updates) = LogState::load(snap, SystemTime::now());
         self.state = state;
+        if let Some(v) = &self.verified {
+            v.clear();
+        }
         self.sink.reload(seq, updates);
         Ok(())
     }
@@ -499,6 +511,11 @@ impl Committer {
     /// Applies entry `seq` to the state and routes what it decided.
     fn apply(&mut self, seq: u64, commit: &CommitRecord) -> Vec<SegmentOutcomes> {
         let applied = self.state.apply(seq, commit, SystemTime::now());
+        if let Some(v) = &self.verified {
+            for m in &commit.markers {
+                v.ended(m.producer_id);
+            }
+        }
         for u in applied.updates {
             self.sink.send(u);
         }
