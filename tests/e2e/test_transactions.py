@@ -16,6 +16,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 import kafka_wire as kw
 from floe_clients import consumer_conf, create_topic, producer_conf
 from test_cluster import etcd, start_cluster  # noqa: F401 (a fixture)
+from test_lifecycle import moto, store  # noqa: F401 (fixtures)
 
 
 def txn_producer(bootstrap, txn_id, **extra):
@@ -648,3 +649,34 @@ def test_exactly_once_through_broker_kills_and_an_etcd_outage(start_broker, etcd
         assert {tp.partition: tp.offset for tp in done} == want_ends
     finally:
         c.close()
+
+
+# ---- archiving ---------------------------------------------------------------
+
+def test_transactions_survive_archiving_and_a_restart(store, topic_name):  # noqa: F811
+    """Markers have no object of their own: archiving writes their bytes
+    into archive objects, and a restarted broker (snapshot, archives)
+    still hides aborted transactions from read_committed."""
+    from test_archive import ARCHIVE_FAST
+    from test_lifecycle import wait_for
+    broker = store.start(**ARCHIVE_FAST)
+    create_topic(broker.bootstrap, topic_name, 2)
+    p = txn_producer(broker.bootstrap, "tx-" + topic_name, **{"batch.size": 4096})
+    committed = []
+    for n in range(12):
+        values = ["r%d-%d-" % (n, i) + "x" * 200 for i in range(40)]
+        p.begin_transaction()
+        send(p, topic_name, values, 2)
+        if n % 3 == 1:
+            p.abort_transaction(30)
+        else:
+            p.commit_transaction(30)
+            committed += values
+    intake = store.keys("segments/")
+    wait_for("intake segments archived", lambda: not (store.keys("segments/") & intake),
+             timeout=90, state=lambda: "archives=%d" % len(store.keys("archives/")))
+    for when in ("archived", "restarted"):
+        assert sorted(read_all(broker.bootstrap, topic_name, 2, "read_committed")) == \
+            sorted(committed), when
+        assert len(read_all(broker.bootstrap, topic_name, 2, "read_uncommitted")) == 12 * 40, when
+        broker.restart()
