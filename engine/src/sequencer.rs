@@ -303,6 +303,23 @@ impl Sequencer {
             .and_then(|open| open.values().min().copied())
     }
 
+    /// Every open transaction: (partition, producer, the producer's
+    /// current epoch, first offset).
+    pub fn all_open_transactions(&self) -> Vec<(PartitionKey, i64, i16, u64)> {
+        let mut out: Vec<_> = self
+            .open_txns
+            .iter()
+            .flat_map(|(tp, open)| {
+                open.iter().map(move |(pid, first)| {
+                    let epoch = self.epochs.get(pid).copied().unwrap_or(0);
+                    (*tp, *pid, epoch, *first)
+                })
+            })
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
     /// The producers with a transaction open in `tp`, and where each
     /// began.
     pub fn open_transactions(&self, tp: &PartitionKey) -> impl Iterator<Item = (i64, u64)> + '_ {

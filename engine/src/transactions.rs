@@ -29,6 +29,11 @@ pub const TXN_SCAN_INTERVAL: Duration = Duration::from_secs(5);
 /// A record prepared this long ago without completing was left by a
 /// broker that died (finishing takes one log entry and one write).
 const PREPARED_STALE_MS: i64 = 10_000;
+/// An open transaction in a partition that no transaction record covers
+/// is aborted once it has looked so for this long (see
+/// [`Transactions::abort_hanging`]): longer than any broker takes to
+/// apply the marker that ends a real one.
+pub const HANGING_GRACE_MS: i64 = 60_000;
 /// Rounds of "finish what is prepared, then try again" per request.
 const FINISH_ROUNDS_MAX: usize = 3;
 /// Transaction records read per scan.
@@ -151,6 +156,11 @@ pub struct Transactions {
     committer: flume::Sender<CommitRequest>,
     topics: Arc<Topics>,
     verified: Arc<VerifiedCache>,
+    /// Open transactions no record covers, and when each was first seen
+    /// so (see [`Self::abort_hanging`]).
+    hanging: std::sync::Mutex<HashMap<(crate::PartitionKey, i64, u64), i64>>,
+    /// How long one must look hanging before it is aborted.
+    pub hanging_grace_ms: i64,
     /// Kafka's `transaction.max.timeout.ms`.
     pub max_timeout_ms: i32,
     /// Kafka's `transactional.id.expiration.ms`.
@@ -170,6 +180,8 @@ impl Transactions {
             committer,
             topics,
             verified: Arc::default(),
+            hanging: Default::default(),
+            hanging_grace_ms: HANGING_GRACE_MS,
             max_timeout_ms,
             id_expiration_ms,
         }
@@ -428,6 +440,82 @@ impl Transactions {
             .map_err(unavailable)
     }
 
+    /// Aborts transactions open in a partition that no transaction record
+    /// covers: a batch of a transaction that had already ended landed
+    /// after its marker (a produce request delayed past its transaction's
+    /// end — KIP-890's "hanging transaction", which the verification on
+    /// produce narrows but cannot close for clients of this protocol
+    /// version, whose transactions share an epoch). Left alone it would
+    /// hold the partition's last stable offset, and every read_committed
+    /// consumer, for good. One that looks so for `hanging_grace_ms` gets
+    /// an abort marker of its own, under the producer's current epoch.
+    async fn abort_hanging(
+        &self,
+        listed: &[(TxnListing, u64)],
+        now: i64,
+    ) -> Result<usize, TxnStoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.committer
+            .send_async(CommitRequest::OpenTransactions { reply })
+            .await
+            .map_err(|_| unavailable("the broker is shutting down"))?;
+        let open = rx
+            .await
+            .unwrap_or(Err(crate::Error::ShuttingDown))
+            .map_err(unavailable)?;
+        let names: HashMap<uuid::Uuid, String> = self
+            .topics
+            .snapshot()
+            .values()
+            .map(|t| (t.id, t.name.clone()))
+            .collect();
+        let covered = |tp: &crate::PartitionKey, pid: i64| {
+            let Some(name) = names.get(&tp.topic_id) else {
+                return false;
+            };
+            let part = (name.clone(), tp.partition as i32);
+            listed.iter().any(|(t, _)| {
+                let r = &t.record;
+                r.producer_id == pid
+                    && matches!(
+                        r.state,
+                        TxnState::Ongoing | TxnState::PrepareCommit | TxnState::PrepareAbort
+                    )
+                    && r.partitions.contains(&part)
+            })
+        };
+        let mut due = Vec::new();
+        {
+            let Ok(mut suspects) = self.hanging.lock() else {
+                return Ok(0);
+            };
+            let mut still = HashMap::new();
+            for (tp, pid, epoch, first) in open {
+                if covered(&tp, pid) {
+                    continue;
+                }
+                let since = suspects.get(&(tp, pid, first)).copied().unwrap_or(now);
+                if now.saturating_sub(since) >= self.hanging_grace_ms {
+                    due.push((tp, pid, epoch));
+                } else {
+                    still.insert((tp, pid, first), since);
+                }
+            }
+            *suspects = still;
+        }
+        for (tp, pid, epoch) in &due {
+            tracing::warn!(producer_id = pid, topic_id = %tp.topic_id, partition = tp.partition, "aborting a transaction no transaction record covers (a batch that landed after its transaction ended)");
+            self.write_markers(vec![MarkerRecord {
+                producer_id: *pid,
+                epoch: *epoch,
+                commit: false,
+                partitions: vec![(tp.topic_id, tp.partition)],
+            }])
+            .await?;
+        }
+        Ok(due.len())
+    }
+
     /// The records of `ids` (None: unknown id).
     pub async fn describe(&self, id: &str) -> Result<Option<TxnRecord>, TxnStoreError> {
         Ok(txn_store::read(&*self.meta, id).await?.0)
@@ -458,12 +546,15 @@ impl Transactions {
     }
 
     /// The cleanup owner's turn: aborts transactions open past their
-    /// timeout, finishes those left prepared, and deletes records idle
-    /// past the id expiration. Returns how many it aborted.
+    /// timeout, finishes those left prepared, deletes records idle past
+    /// the id expiration, and aborts hanging transactions. Returns how
+    /// many it aborted.
     pub async fn scan(&self) -> Result<usize, TxnStoreError> {
         let now = now_ms();
         let mut aborted = 0;
-        for (t, revision) in self.list().await? {
+        let listed = self.list().await?;
+        aborted += self.abort_hanging(&listed, now).await?;
+        for (t, revision) in listed {
             let (id, r) = (&t.transactional_id, &t.record);
             match r.state {
                 TxnState::Ongoing if now.saturating_sub(r.started_ms) > i64::from(r.timeout_ms) => {
@@ -529,22 +620,35 @@ mod tests {
 
     /// A commit log that only records the markers it is asked to write.
     type Written = Arc<Mutex<Vec<MarkerRecord>>>;
+    /// The open transactions it reports: (partition, producer, epoch,
+    /// first offset).
+    type Open = Arc<Mutex<Vec<(crate::PartitionKey, i64, i16, u64)>>>;
 
-    fn log() -> (flume::Sender<CommitRequest>, Written) {
+    fn log_with(open: Open) -> (flume::Sender<CommitRequest>, Written) {
         let (tx, rx) = flume::unbounded();
         let written: Written = Arc::default();
         let w = written.clone();
         tokio::spawn(async move {
             let mut seq = 0;
             while let Ok(r) = rx.recv_async().await {
-                if let CommitRequest::Markers { markers, reply } = r {
-                    w.lock().unwrap().extend(markers);
-                    seq += 1;
-                    let _ = reply.send(Ok(seq));
+                match r {
+                    CommitRequest::Markers { markers, reply } => {
+                        w.lock().unwrap().extend(markers);
+                        seq += 1;
+                        let _ = reply.send(Ok(seq));
+                    }
+                    CommitRequest::OpenTransactions { reply } => {
+                        let _ = reply.send(Ok(open.lock().unwrap().clone()));
+                    }
+                    _ => {}
                 }
             }
         });
         (tx, written)
+    }
+
+    fn log() -> (flume::Sender<CommitRequest>, Written) {
+        log_with(Open::default())
     }
 
     async fn setup(meta: Arc<dyn MetaStore>, timeout_max: i32) -> (Transactions, Written) {
@@ -668,6 +772,54 @@ mod tests {
         assert!(!m.commit && m.epoch > old && m.epoch < new, "{m:?}");
         let e = t.end("a", pid, old, true).await.unwrap_err();
         assert_eq!(e, TxnStoreError::Txn(TxnError::ProducerFenced));
+    }
+
+    #[tokio::test]
+    async fn the_scan_aborts_a_hanging_transaction_after_its_grace_and_no_other() {
+        let meta: Arc<dyn MetaStore> = Arc::new(Embedded::in_memory().unwrap());
+        let (plain, _) = setup(meta.clone(), 60_000).await;
+        let open = Open::default();
+        let (tx, written) = log_with(open.clone());
+        let mut t = Transactions::new(
+            meta,
+            tx,
+            plain.topics.clone(),
+            60_000,
+            TRANSACTIONAL_ID_EXPIRATION_MS,
+        );
+        t.hanging_grace_ms = 20;
+        let topic = plain.topics.snapshot().get("t").unwrap().id;
+        let tp = |p| crate::PartitionKey {
+            topic_id: topic,
+            partition: p,
+        };
+        // Producer "a" has a transaction open in partition 0 (covered by
+        // its record); producer 77 has one in partition 2 nobody covers.
+        let (pid, e) = t.init("a", 60_000, None).await.unwrap();
+        t.add("a", pid, e, &[part(0)], &[]).await.unwrap();
+        *open.lock().unwrap() = vec![(tp(0), pid, e, 4), (tp(2), 77, 3, 9)];
+        assert_eq!(
+            t.scan().await.unwrap(),
+            0,
+            "only suspected on the first look"
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(t.scan().await.unwrap(), 1);
+        let m = written.lock().unwrap().pop().expect("an abort marker");
+        assert_eq!((m.producer_id, m.epoch, m.commit), (77, 3, false));
+        assert_eq!(m.partitions, vec![(topic, 2)]);
+        assert!(
+            written.lock().unwrap().is_empty(),
+            "the covered one is left alone"
+        );
+        // One seen ending before its grace is forgotten.
+        *open.lock().unwrap() = vec![(tp(1), 78, 0, 3)];
+        t.scan().await.unwrap();
+        *open.lock().unwrap() = vec![];
+        t.scan().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        *open.lock().unwrap() = vec![(tp(1), 78, 0, 3)];
+        assert_eq!(t.scan().await.unwrap(), 0, "its grace starts again");
     }
 
     #[tokio::test]

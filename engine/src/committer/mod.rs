@@ -138,6 +138,11 @@ pub enum CommitRequest {
         partitions: Vec<PartitionKey>,
         reply: oneshot::Sender<Result<Vec<Vec<ProducerSummary>>>>,
     },
+    /// Reads the log to its head, then lists every open transaction:
+    /// (partition, producer, epoch, first offset).
+    OpenTransactions {
+        reply: oneshot::Sender<Result<Vec<(PartitionKey, i64, i16, u64)>>>,
+    },
     /// Reads the log to its head (a linearizable read) and answers the
     /// last applied entry: everything committed before the request is
     /// then known to this broker.
@@ -154,13 +159,24 @@ impl CommitRequest {
             }
             CommitRequest::Epoch { .. }
             | CommitRequest::Sync { .. }
-            | CommitRequest::Producers { .. } => 0,
+            | CommitRequest::Producers { .. }
+            | CommitRequest::OpenTransactions { .. } => 0,
             CommitRequest::Trim { trims, .. } => trims.len(),
             CommitRequest::Archive { .. } => 1,
             CommitRequest::Markers { markers, .. } => {
                 markers.iter().map(|m| m.partitions.len()).sum()
             }
         }
+    }
+
+    /// Reads the log, writes nothing: served on its own, never grouped.
+    fn is_query(&self) -> bool {
+        matches!(
+            self,
+            CommitRequest::Sync { .. }
+                | CommitRequest::Producers { .. }
+                | CommitRequest::OpenTransactions { .. }
+        )
     }
 
     fn fail(self, e: Error) {
@@ -184,6 +200,9 @@ impl CommitRequest {
                 let _ = reply.send(Err(e));
             }
             CommitRequest::Producers { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            CommitRequest::OpenTransactions { reply } => {
                 let _ = reply.send(Err(e));
             }
         }
@@ -856,17 +875,18 @@ impl Committer {
                 }));
                 return;
             }
+            CommitRequest::OpenTransactions { reply } => {
+                let r = self.replay(None, &mut None).await;
+                let _ = reply.send(r.map(|()| self.state.all_open_transactions()));
+                return;
+            }
             other => other,
         };
         let mut total = first.weight();
         let mut group = vec![first];
         while group.len() < GROUP_SEGMENTS_MAX {
             let Ok(r) = requests.try_recv() else { break };
-            if matches!(
-                r,
-                CommitRequest::Sync { .. } | CommitRequest::Producers { .. }
-            ) || total + r.weight() > LOG_ENTRY_BATCHES_MAX
-            {
+            if r.is_query() || total + r.weight() > LOG_ENTRY_BATCHES_MAX {
                 self.carry = Some(r);
                 break;
             }
@@ -915,7 +935,9 @@ impl Committer {
                     commit.archives.push(archive.clone());
                     sealed = Some(sealed.map_or(*uploaded_at, |t| t.min(*uploaded_at)));
                 }
-                CommitRequest::Sync { .. } | CommitRequest::Producers { .. } => {}
+                CommitRequest::Sync { .. }
+                | CommitRequest::Producers { .. }
+                | CommitRequest::OpenTransactions { .. } => {}
             }
         }
         let (seq, outcomes) = match self.append(&commit, sealed).await {
@@ -969,6 +991,9 @@ impl Committer {
                 }
                 // Never grouped (see above).
                 CommitRequest::Producers { reply, .. } => {
+                    let _ = reply.send(Ok(Vec::new()));
+                }
+                CommitRequest::OpenTransactions { reply } => {
                     let _ = reply.send(Ok(Vec::new()));
                 }
             }

@@ -70,6 +70,11 @@ impl LogState {
         self.sequencer.high_watermark(tp)
     }
 
+    /// Every open transaction: (partition, producer, epoch, first offset).
+    pub fn all_open_transactions(&self) -> Vec<(PartitionKey, i64, i16, u64)> {
+        self.sequencer.all_open_transactions()
+    }
+
     pub fn producers_of(&self, tp: &PartitionKey) -> Vec<crate::sequencer::ProducerSummary> {
         self.sequencer.producers_of(tp)
     }
