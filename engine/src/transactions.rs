@@ -332,7 +332,9 @@ impl Transactions {
         Ok(out)
     }
 
-    /// TxnOffsetCommit (the group's checks are the caller's).
+    /// TxnOffsetCommit (the group's checks are the caller's). The
+    /// group's partitions with offsets pending go to
+    /// `txn-pending/<group>/<id>` in the same store transaction.
     pub async fn stage_offsets(
         &self,
         id: &str,
@@ -341,12 +343,39 @@ impl Transactions {
         group: &str,
         offsets: Vec<PendingOffset>,
     ) -> Result<(), TxnStoreError> {
-        txn_store::update(&*self.meta, id, |c| {
+        txn_store::update_with(&*self.meta, id, |c| {
             let mut r = c.ok_or(TxnError::InvalidProducerIdMapping)?;
             r.stage_offsets(producer_id, epoch, group, offsets.clone(), now_ms())?;
-            Ok((r, ()))
+            let parts: Vec<(&str, i32)> = r
+                .pending_offsets
+                .iter()
+                .filter(|o| o.group == group)
+                .map(|o| (o.topic.as_str(), o.partition))
+                .collect();
+            let value = serde_json::to_vec(&parts).map_err(|_| TxnError::InvalidTxnState)?;
+            let put = Op::Put(schema::txn_pending_key(group, id), Bytes::from(value));
+            Ok((r, vec![put], ()))
         })
         .await
+    }
+
+    /// The partitions of `group` with offsets a transaction has staged
+    /// and not yet published (OffsetFetch with `require_stable`).
+    pub async fn pending_partitions(
+        &self,
+        group: &str,
+    ) -> Result<HashSet<(String, i32)>, TxnStoreError> {
+        let prefix = schema::txn_pending_prefix(group);
+        let kvs = self
+            .meta
+            .range(&prefix, &floe_meta::prefix_end(&prefix), SCAN_RECORDS_MAX)
+            .await
+            .map_err(unavailable)?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<Vec<(String, i32)>>(&kv.value).ok())
+            .flatten()
+            .collect())
     }
 
     /// EndTxn: decides the outcome, writes its markers, completes it. A
@@ -408,7 +437,17 @@ impl Transactions {
         // log).
         let offsets = rec.clone().complete(now_ms()).map_err(TxnStoreError::Txn)?;
         let mut ops = offset_ops(&offsets)?;
-        if ops.len() >= Txn::OPS_MAX {
+        // Whatever it staged is no longer pending.
+        let pending: HashSet<&str> = rec
+            .pending_offsets
+            .iter()
+            .map(|o| o.group.as_str())
+            .collect();
+        let clear: Vec<Op> = pending
+            .into_iter()
+            .map(|g| Op::Delete(schema::txn_pending_key(g, id)))
+            .collect();
+        if ops.len() + clear.len() >= Txn::OPS_MAX {
             for chunk in ops.chunks(Txn::OPS_MAX) {
                 self.meta
                     .txn(Txn::default().and_then(chunk.to_vec()))
@@ -424,7 +463,7 @@ impl Transactions {
                 return Ok((r, Vec::new(), ()));
             }
             r.complete(now_ms())?;
-            Ok((r, ops.clone(), ()))
+            Ok((r, ops.iter().chain(&clear).cloned().collect(), ()))
         })
         .await
     }
@@ -707,12 +746,15 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(committed(&*meta, "g", 1).await, None, "not before the end");
+            let pending = t.pending_partitions("g").await.unwrap();
+            assert_eq!(pending, HashSet::from([part(1)]));
             t.end("a", pid, e, commit).await.unwrap();
             let m = written.lock().unwrap().pop().expect("a marker");
             assert_eq!((m.producer_id, m.epoch, m.commit), (pid, e, commit));
             assert_eq!(m.partitions.len(), 2);
             let expect = commit.then_some(11);
             assert_eq!(committed(&*meta, "g", 1).await, expect);
+            assert!(t.pending_partitions("g").await.unwrap().is_empty());
         }
         // A retried EndTxn (its answer lost) answers the same, writing
         // nothing more.

@@ -324,6 +324,23 @@ pub fn txn_key(transactional_id: &str) -> String {
     format!("{TXNS_PREFIX}{}", escape_group(transactional_id))
 }
 
+/// Offsets a transaction has staged for a group and not yet published:
+/// `txn-pending/<group>/<transactional id>` holds the partitions, so an
+/// OffsetFetch asking for stable offsets (KIP-447) can tell them.
+pub const TXN_PENDING_PREFIX: &str = "txn-pending/";
+
+pub fn txn_pending_prefix(group: &str) -> String {
+    format!("{TXN_PENDING_PREFIX}{}/", escape_group(group))
+}
+
+pub fn txn_pending_key(group: &str, transactional_id: &str) -> String {
+    format!(
+        "{}{}",
+        txn_pending_prefix(group),
+        escape_group(transactional_id)
+    )
+}
+
 // ---- Consumer groups ------------------------------------------------------
 //
 // groups/<group>                    GroupRecord (engine::group), after each generation

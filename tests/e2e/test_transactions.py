@@ -145,13 +145,23 @@ def test_send_offsets_to_transaction(broker, topic_name):
             if m is not None and not m.error():
                 got.append(m)
         assert len(got) == 20
+        # Reads the group's offsets without asking for stable ones.
+        checker = Consumer(consumer_conf(broker.bootstrap, **{
+            "group.id": group, "isolation.level": "read_uncommitted"}))
         # The first ten in an aborted transaction: offsets not committed.
-        for commit, part in [(False, got[:10]), (True, got[:10]), (True, got[10:])]:
+        for n, (commit, part) in enumerate([(False, got[:10]), (True, got[:10]),
+                                            (True, got[10:])]):
             p.begin_transaction()
             send(p, dst, ["out-" + m.value().decode() for m in part], 1)
             offsets = [TopicPartition(src, 0, part[-1].offset() + 1)]
             p.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), 30)
-            committed = consumer.committed([TopicPartition(src, 0)], timeout=10)[0].offset
+            committed = checker.committed([TopicPartition(src, 0)], timeout=10)[0].offset
+            if n == 0:
+                # A read_committed consumer asks for stable offsets (KIP-447):
+                # while a transaction holds some, it is told to wait.
+                with pytest.raises(KafkaException) as err:
+                    consumer.committed([TopicPartition(src, 0)], timeout=2)
+                assert err.value.args[0].code() == KafkaError._TIMED_OUT
             if commit:
                 p.commit_transaction(30)
                 assert consumer.committed([TopicPartition(src, 0)], timeout=10)[0].offset == \
@@ -160,6 +170,7 @@ def test_send_offsets_to_transaction(broker, topic_name):
                 p.abort_transaction(30)
                 assert consumer.committed([TopicPartition(src, 0)], timeout=10)[0].offset == \
                     committed
+        checker.close()
     finally:
         consumer.close()
     out = read_all(broker.bootstrap, dst, 1, "read_committed")

@@ -400,11 +400,18 @@ pub async fn offset_commit(ctx: &Ctx, req: OffsetCommitRequest, version: i16) ->
 
 /// One group's committed offsets, in the shape of the asked topics (or
 /// every committed one when none are named).
+/// A partition's committed offset as OffsetFetch answers it: None when
+/// nothing is committed; UNSTABLE_OFFSET_COMMIT (KIP-447) instead when the
+/// client asked for stable offsets and a transaction has offsets for it
+/// staged and not yet published.
+type Fetched = Result<Option<OffsetRecord>, i16>;
+
 async fn fetch_group(
     ctx: &Ctx,
     group: &str,
     topics: Option<Vec<(String, Vec<i32>)>>,
-) -> Result<Vec<(String, Vec<(i32, Option<OffsetRecord>)>)>, CoordError> {
+    require_stable: bool,
+) -> Result<Vec<(String, Vec<(i32, Fetched)>)>, CoordError> {
     let g = group.to_string();
     let asked = topics.clone();
     let found = on_coordinator(
@@ -412,6 +419,23 @@ async fn fetch_group(
         |coord| async move { coord.fetch_offsets(&g, asked).await },
     )
     .await?;
+    let unstable = if require_stable {
+        let g = group.to_string();
+        ctx.broker
+            .engine
+            .with_txns(|t| async move { t.pending_partitions(&g).await })
+            .await
+            .map_err(|e| CoordError::Unavailable(e.to_string()))?
+    } else {
+        Default::default()
+    };
+    let answer = |t: &str, p: i32, rec: Option<OffsetRecord>| -> Fetched {
+        if unstable.contains(&(t.to_string(), p)) {
+            Err(codes::UNSTABLE_OFFSET_COMMIT)
+        } else {
+            Ok(rec)
+        }
+    };
     let mut by_topic: BTreeMap<String, BTreeMap<i32, OffsetRecord>> = BTreeMap::new();
     for (t, p, rec) in found {
         by_topic.entry(t).or_default().insert(p, rec);
@@ -423,14 +447,20 @@ async fn fetch_group(
                 let have = by_topic.get(&t);
                 let parts = ps
                     .into_iter()
-                    .map(|p| (p, have.and_then(|h| h.get(&p)).cloned()))
+                    .map(|p| (p, answer(&t, p, have.and_then(|h| h.get(&p)).cloned())))
                     .collect();
                 (t, parts)
             })
             .collect(),
         None => by_topic
             .into_iter()
-            .map(|(t, ps)| (t, ps.into_iter().map(|(p, r)| (p, Some(r))).collect()))
+            .map(|(t, ps)| {
+                let parts = ps
+                    .into_iter()
+                    .map(|(p, r)| (p, answer(&t, p, Some(r))))
+                    .collect();
+                (t, parts)
+            })
             .collect(),
     })
 }
@@ -445,38 +475,41 @@ pub async fn offset_fetch(ctx: &Ctx, req: OffsetFetchRequest, version: i16) -> R
                     .collect()
             });
             let entry = OffsetFetchResponseGroup::default().with_group_id(g.group_id.clone());
-            let entry = match fetch_group(ctx, g.group_id.as_str(), topics).await {
-                Ok(found) => entry.with_topics(
-                    found
-                        .into_iter()
-                        .map(|(t, parts)| {
-                            OffsetFetchResponseTopics::default()
-                                .with_name(TopicName(s(t)))
-                                .with_partitions(
-                                    parts
-                                        .into_iter()
-                                        .map(|(p, r)| {
-                                            let r = r.unwrap_or(OffsetRecord {
-                                                offset: -1,
-                                                leader_epoch: -1,
-                                                metadata: None,
-                                                commit_ms: 0,
-                                            });
-                                            OffsetFetchResponsePartitions::default()
-                                                .with_partition_index(p)
-                                                .with_committed_offset(r.offset)
-                                                .with_committed_leader_epoch(r.leader_epoch)
-                                                .with_metadata(Some(s(r
-                                                    .metadata
-                                                    .unwrap_or_default())))
-                                        })
-                                        .collect(),
-                                )
-                        })
-                        .collect(),
-                ),
-                Err(e) => entry.with_error_code(codes::coordinator(&e)),
-            };
+            let entry =
+                match fetch_group(ctx, g.group_id.as_str(), topics, req.require_stable).await {
+                    Ok(found) => entry.with_topics(
+                        found
+                            .into_iter()
+                            .map(|(t, parts)| {
+                                OffsetFetchResponseTopics::default()
+                                    .with_name(TopicName(s(t)))
+                                    .with_partitions(
+                                        parts
+                                            .into_iter()
+                                            .map(|(p, r)| {
+                                                let error = r.as_ref().err().copied().unwrap_or(0);
+                                                let r = r.ok().flatten().unwrap_or(OffsetRecord {
+                                                    offset: -1,
+                                                    leader_epoch: -1,
+                                                    metadata: None,
+                                                    commit_ms: 0,
+                                                });
+                                                OffsetFetchResponsePartitions::default()
+                                                    .with_partition_index(p)
+                                                    .with_error_code(error)
+                                                    .with_committed_offset(r.offset)
+                                                    .with_committed_leader_epoch(r.leader_epoch)
+                                                    .with_metadata(Some(s(r
+                                                        .metadata
+                                                        .unwrap_or_default())))
+                                            })
+                                            .collect(),
+                                    )
+                            })
+                            .collect(),
+                    ),
+                    Err(e) => entry.with_error_code(codes::coordinator(&e)),
+                };
             groups.push(entry);
         }
         return encode(&OffsetFetchResponse::default().with_groups(groups), version);
@@ -486,7 +519,9 @@ pub async fn offset_fetch(ctx: &Ctx, req: OffsetFetchRequest, version: i16) -> R
             .map(|t| (t.name.to_string(), t.partition_indexes.clone()))
             .collect()
     });
-    let resp = match fetch_group(ctx, req.group_id.as_str(), topics).await {
+    // v7 added require_stable.
+    let stable = version >= 7 && req.require_stable;
+    let resp = match fetch_group(ctx, req.group_id.as_str(), topics, stable).await {
         Ok(found) => OffsetFetchResponse::default().with_topics(
             found
                 .into_iter()
@@ -497,12 +532,14 @@ pub async fn offset_fetch(ctx: &Ctx, req: OffsetFetchRequest, version: i16) -> R
                             parts
                                 .into_iter()
                                 .map(|(p, r)| {
-                                    let (offset, epoch, meta) = match r {
+                                    let error = r.as_ref().err().copied().unwrap_or(0);
+                                    let (offset, epoch, meta) = match r.ok().flatten() {
                                         Some(r) => (r.offset, r.leader_epoch, r.metadata),
                                         None => (-1, -1, None),
                                     };
                                     OffsetFetchResponsePartition::default()
                                         .with_partition_index(p)
+                                        .with_error_code(error)
                                         .with_committed_offset(offset)
                                         .with_committed_leader_epoch(epoch)
                                         .with_metadata(Some(s(meta.unwrap_or_default())))
