@@ -81,6 +81,16 @@ pub struct Sequencer {
     last_markers: Vec<Vec<Option<u64>>>,
 }
 
+/// A transaction open in one partition: its producer, the producer's
+/// current epoch, and the transaction's first offset there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenTxn {
+    pub tp: PartitionKey,
+    pub producer_id: i64,
+    pub epoch: i16,
+    pub first_offset: u64,
+}
+
 /// One producer's state in one partition, as DescribeProducers shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProducerSummary {
@@ -303,20 +313,21 @@ impl Sequencer {
             .and_then(|open| open.values().min().copied())
     }
 
-    /// Every open transaction: (partition, producer, the producer's
-    /// current epoch, first offset).
-    pub fn all_open_transactions(&self) -> Vec<(PartitionKey, i64, i16, u64)> {
+    /// Every open transaction, by partition and producer.
+    pub fn all_open_transactions(&self) -> Vec<OpenTxn> {
         let mut out: Vec<_> = self
             .open_txns
             .iter()
             .flat_map(|(tp, open)| {
-                open.iter().map(move |(pid, first)| {
-                    let epoch = self.epochs.get(pid).copied().unwrap_or(0);
-                    (*tp, *pid, epoch, *first)
+                open.iter().map(move |(pid, first)| OpenTxn {
+                    tp: *tp,
+                    producer_id: *pid,
+                    epoch: self.epochs.get(pid).copied().unwrap_or(0),
+                    first_offset: *first,
                 })
             })
             .collect();
-        out.sort_unstable();
+        out.sort_unstable_by_key(|o| (o.tp, o.producer_id));
         out
     }
 

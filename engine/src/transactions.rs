@@ -529,15 +529,16 @@ impl Transactions {
                 return Ok(0);
             };
             let mut still = HashMap::new();
-            for (tp, pid, epoch, first) in open {
-                if covered(&tp, pid) {
+            for o in open {
+                if covered(&o.tp, o.producer_id) {
                     continue;
                 }
-                let since = suspects.get(&(tp, pid, first)).copied().unwrap_or(now);
+                let key = (o.tp, o.producer_id, o.first_offset);
+                let since = suspects.get(&key).copied().unwrap_or(now);
                 if now.saturating_sub(since) >= self.hanging_grace_ms {
-                    due.push((tp, pid, epoch));
+                    due.push((o.tp, o.producer_id, o.epoch));
                 } else {
-                    still.insert((tp, pid, first), since);
+                    still.insert(key, since);
                 }
             }
             *suspects = still;
@@ -659,9 +660,8 @@ mod tests {
 
     /// A commit log that only records the markers it is asked to write.
     type Written = Arc<Mutex<Vec<MarkerRecord>>>;
-    /// The open transactions it reports: (partition, producer, epoch,
-    /// first offset).
-    type Open = Arc<Mutex<Vec<(crate::PartitionKey, i64, i16, u64)>>>;
+    /// The open transactions it reports.
+    type Open = Arc<Mutex<Vec<crate::sequencer::OpenTxn>>>;
 
     fn log_with(open: Open) -> (flume::Sender<CommitRequest>, Written) {
         let (tx, rx) = flume::unbounded();
@@ -839,7 +839,13 @@ mod tests {
         // its record); producer 77 has one in partition 2 nobody covers.
         let (pid, e) = t.init("a", 60_000, None).await.unwrap();
         t.add("a", pid, e, &[part(0)], &[]).await.unwrap();
-        *open.lock().unwrap() = vec![(tp(0), pid, e, 4), (tp(2), 77, 3, 9)];
+        let o = |p, producer_id, epoch, first_offset| crate::sequencer::OpenTxn {
+            tp: tp(p),
+            producer_id,
+            epoch,
+            first_offset,
+        };
+        *open.lock().unwrap() = vec![o(0, pid, e, 4), o(2, 77, 3, 9)];
         assert_eq!(
             t.scan().await.unwrap(),
             0,
@@ -855,12 +861,12 @@ mod tests {
             "the covered one is left alone"
         );
         // One seen ending before its grace is forgotten.
-        *open.lock().unwrap() = vec![(tp(1), 78, 0, 3)];
+        *open.lock().unwrap() = vec![o(1, 78, 0, 3)];
         t.scan().await.unwrap();
         *open.lock().unwrap() = vec![];
         t.scan().await.unwrap();
         tokio::time::sleep(Duration::from_millis(30)).await;
-        *open.lock().unwrap() = vec![(tp(1), 78, 0, 3)];
+        *open.lock().unwrap() = vec![o(1, 78, 0, 3)];
         assert_eq!(t.scan().await.unwrap(), 0, "its grace starts again");
     }
 

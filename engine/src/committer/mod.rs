@@ -42,7 +42,7 @@ pub use snapshot::{
 };
 pub use state::{Applied, LogState};
 
-use crate::sequencer::{AbortedTxn, BatchOutcome, ProducerSummary};
+use crate::sequencer::{AbortedTxn, BatchOutcome, OpenTxn, ProducerSummary};
 use crate::{Error, PartitionKey, Result};
 
 /// A log entry with nothing in it (what a fence writes), as
@@ -138,10 +138,9 @@ pub enum CommitRequest {
         partitions: Vec<PartitionKey>,
         reply: oneshot::Sender<Result<Vec<Vec<ProducerSummary>>>>,
     },
-    /// Reads the log to its head, then lists every open transaction:
-    /// (partition, producer, epoch, first offset).
+    /// Reads the log to its head, then lists every open transaction.
     OpenTransactions {
-        reply: oneshot::Sender<Result<Vec<(PartitionKey, i64, i16, u64)>>>,
+        reply: oneshot::Sender<Result<Vec<OpenTxn>>>,
     },
     /// Reads the log to its head (a linearizable read) and answers the
     /// last applied entry: everything committed before the request is

@@ -70,8 +70,8 @@ impl LogState {
         self.sequencer.high_watermark(tp)
     }
 
-    /// Every open transaction: (partition, producer, epoch, first offset).
-    pub fn all_open_transactions(&self) -> Vec<(PartitionKey, i64, i16, u64)> {
+    /// Every open transaction, by partition and producer.
+    pub fn all_open_transactions(&self) -> Vec<crate::sequencer::OpenTxn> {
         self.sequencer.all_open_transactions()
     }
 
