@@ -212,6 +212,7 @@ pub struct ReadRequest {
 pub struct ReadResult {
     pub high_watermark: u64,
     pub log_start: u64,
+    /// The last stable offset (whatever the isolation level read).
     pub last_stable: u64,
     /// For `read_committed` reads: the aborted transactions that overlap
     /// the batches returned.
@@ -961,7 +962,7 @@ impl Shard {
         self: &Rc<Self>,
         req: ReadRequest,
     ) -> Result<std::result::Result<ReadResult, u64>> {
-        let (entries, hwm, log_start, stable) = {
+        let (entries, hwm, log_start, stable, lso) = {
             let st = self.state.borrow();
             let Some(index) = st.indexes.get(&req.tp) else {
                 if req.offset == 0 {
@@ -1007,7 +1008,7 @@ impl Shard {
                     i += 1;
                 }
             }
-            (entries, hwm, log_start, stable)
+            (entries, hwm, log_start, stable, index.last_stable())
         };
         let mut entries = entries;
         let mut wanted = entries.len();
@@ -1107,7 +1108,7 @@ impl Shard {
         Ok(Ok(ReadResult {
             high_watermark: hwm,
             log_start,
-            last_stable: stable,
+            last_stable: lso,
             aborted,
             parts,
             bytes,
