@@ -871,6 +871,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn idle_transactional_ids_expire_and_busy_ones_stay() {
+        let meta: Arc<dyn MetaStore> = Arc::new(Embedded::in_memory().unwrap());
+        let (plain, _) = setup(meta.clone(), 60_000).await;
+        let (tx, _) = log();
+        let mut t = Transactions::new(meta.clone(), tx, plain.topics.clone(), 60_000, 50);
+        t.hanging_grace_ms = i64::MAX;
+        let (pid, e) = t.init("idle", 60_000, None).await.unwrap();
+        t.add("idle", pid, e, &[part(0)], &[]).await.unwrap();
+        t.end("idle", pid, e, true).await.unwrap();
+        let (pid2, e2) = t.init("busy", 60_000, None).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        t.add("busy", pid2, e2, &[part(1)], &[]).await.unwrap();
+        t.scan().await.unwrap();
+        assert!(t.describe("idle").await.unwrap().is_none(), "expired");
+        let busy = t
+            .describe("busy")
+            .await
+            .unwrap()
+            .expect("an open transaction stays");
+        assert_eq!(busy.state, TxnState::Ongoing);
+        // The metadata store keeps only what is live.
+        let left = meta
+            .range(
+                schema::TXNS_PREFIX,
+                &floe_meta::prefix_end(schema::TXNS_PREFIX),
+                10,
+            )
+            .await
+            .unwrap();
+        assert_eq!(left.len(), 1);
+    }
+
+    #[tokio::test]
     async fn the_scan_aborts_a_transaction_past_its_timeout() {
         let meta: Arc<dyn MetaStore> = Arc::new(Embedded::in_memory().unwrap());
         let (t, written) = setup(meta, 60_000).await;

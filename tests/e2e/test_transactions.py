@@ -691,3 +691,56 @@ def test_transactions_survive_archiving_and_a_restart(store, topic_name):  # noq
             sorted(committed), when
         assert len(read_all(broker.bootstrap, topic_name, 2, "read_uncommitted")) == 12 * 40, when
         broker.restart()
+
+
+# ---- verification on the wire (KIP-890 part 1) --------------------------------
+
+def test_writes_to_partitions_outside_the_transaction_are_refused(broker, topic_name):
+    """A transactional batch to a partition never added to the open
+    transaction is refused (INVALID_TXN_STATE), as are transactional
+    batches without a transactional id and control batches from clients;
+    AddPartitionsToTxn v4's verify-only form answers per partition."""
+    create_topic(broker.bootstrap, topic_name, 2)
+    txn_id = "tx-" + topic_name
+    p = txn_producer(broker.bootstrap, txn_id)
+    p.begin_transaction()
+    send(p, topic_name, ["in-0"], 1)  # adds partition 0 only
+    _, state, pid, epoch, topics = describe_transaction(broker.bootstrap, txn_id)
+    assert (state, topics) == ("Ongoing", {topic_name: [0]})
+    # Verify-only, as a broker asks a coordinator (v4, flexible).
+    topics_body = kw.compact_array([kw.compact_string(topic_name) +
+                                    kw.compact_array([kw.i32(0), kw.i32(1)]) + kw.EMPTY_TAGS])
+    txn = (kw.compact_string(txn_id) + kw.i64(pid) + kw.i16(epoch) + kw.boolean(True) +
+           topics_body + kw.EMPTY_TAGS)
+    with kw.connect(broker.bootstrap) as s:
+        r = kw.roundtrip(s, 24, 4, kw.compact_array([txn]) + kw.EMPTY_TAGS, 9, flexible=True)
+        r.i32()  # throttle
+        assert r.i16() == 0
+        assert r.compact_array_len() == 1
+        assert r.compact_string() == txn_id
+        codes = {}
+        for _ in range(r.compact_array_len()):
+            name = r.compact_string()
+            for _ in range(r.compact_array_len()):
+                part = r.i32()
+                codes[(name, part)] = r.i16()
+                r.tagged_fields()
+            r.tagged_fields()
+    assert codes == {(topic_name, 0): 0, (topic_name, 1): 48}, codes  # 48: INVALID_TXN_STATE
+    # The verify-only form added nothing.
+    assert describe_transaction(broker.bootstrap, txn_id)[4] == {topic_name: [0]}
+
+    def produce(partition, attributes, with_id, seq):
+        batch = kw.record_batch([(None, b"raw", [])], producer_id=pid, producer_epoch=epoch,
+                                base_sequence=seq, attributes=attributes)
+        body = ((kw.string(txn_id) if with_id else kw.nullable_string(None)) + kw.i16(-1) +
+                kw.i32(10000) + kw.array([kw.string(topic_name) + kw.array([
+                    kw.i32(partition) + kw.i32(len(batch)) + batch])]))
+        with kw.connect(broker.bootstrap) as s:
+            return kw.parse_produce_v3(kw.roundtrip(s, 0, 3, body, 11))[(topic_name, partition)][0]
+
+    assert produce(1, 0x10, True, 0) == 48, "partition 1 is not in the transaction"
+    assert produce(1, 0x10, False, 0) == 53, "TRANSACTIONAL_ID_AUTHORIZATION_FAILED"
+    assert produce(1, 0x30, True, 0) == 87, "a control batch: INVALID_RECORD"
+    p.commit_transaction(30)
+    assert read_all(broker.bootstrap, topic_name, 2, "read_uncommitted") == ["in-0"]
