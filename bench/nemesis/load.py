@@ -1,8 +1,11 @@
 """The nemesis's clients (all in the root namespace, through the brokers):
 idempotent producers, assigned consumers pinned to one broker each, a
 consumer group with synchronous commits, and a sampler of the group's
-committed offsets. Each records what it saw, with monotonic timestamps
-relative to the run's start, for the checks."""
+committed offsets; with `eos_topic`, an exactly-once worker (a
+read_committed group member whose transactional producer copies each record
+to `eos_topic`, committing its offsets in the same transaction). Each records
+what it saw, with monotonic timestamps relative to the run's start, for the
+checks."""
 
 from __future__ import annotations
 
@@ -67,7 +70,7 @@ def _logger(name, handler):
 class Load:
     """All clients of one run. `brokers` are procs.Broker objects."""
 
-    def __init__(self, brokers, topic, partitions, group, clock, rate, log=print):
+    def __init__(self, brokers, topic, partitions, group, clock, rate, log=print, eos_topic=None):
         self.brokers = brokers
         self.topic = topic
         self.partitions = partitions
@@ -97,6 +100,13 @@ class Load:
         self.commit_obs = []  # (start, end, partition, offset, source)
         self.commit_errors = []  # (t, member, text)
         self.sampler_errors = 0
+        # exactly-once worker
+        self.eos_topic = eos_topic
+        self.eos_group = group + "-eos"
+        self.eos_committed = {}  # partition -> input offset its last committed transaction reached
+        self.eos_transactions = 0
+        self.eos_errors = []  # (t, text): aborts, fencing, retries
+        self.stop_eos = threading.Event()
 
     # ------------------------------------------------------------ helpers
     def _capture(self, who):
@@ -122,6 +132,8 @@ class Load:
         for i, b in enumerate(self.brokers[:3]):
             self._spawn(self._member, "member-%d" % i, i, b)
         self._spawn(self._sampler, "sampler")
+        if self.eos_topic:
+            self._spawn(self._eos, "eos")
 
     # ------------------------------------------------------------ producers
     def _produce(self, idx, broker):
@@ -343,6 +355,100 @@ class Load:
         finally:
             for _, cl in clients:
                 cl.close()
+
+    # ------------------------------------------------------------ exactly once
+    def _eos(self):
+        """A consume-transform-produce loop as exactly-once users write it:
+        each batch of input records (read_committed) is copied to the same
+        partition of `eos_topic` and its offsets committed in one
+        transaction; on an abortable error the transaction is aborted and
+        the consumer rewound to the committed offsets; on a fatal one a new
+        producer (fencing the old) takes over. Runs until `stop_eos`."""
+        who = "eos"
+        bootstrap = ",".join(b.bootstrap for b in self.brokers)
+        c = Consumer(self._consumer_conf(who, self.brokers[0], **{
+            "bootstrap.servers": bootstrap, "group.id": self.eos_group,
+            "isolation.level": "read_committed", "client.id": "nemesis-eos",
+            "session.timeout.ms": 30000, "max.poll.interval.ms": 300000}))
+        c.subscribe([self.topic])
+
+        def note(text):
+            with self.lock:
+                if len(self.eos_errors) < 2000:
+                    self.eos_errors.append((self.clock.now(), text))
+
+        def new_producer():
+            while not self.stop_eos.is_set():
+                try:
+                    p = Producer({
+                        "bootstrap.servers": bootstrap, "transactional.id": self.eos_group,
+                        "client.id": "nemesis-eos-producer", "transaction.timeout.ms": 120000,
+                        "message.timeout.ms": 120000, "log.connection.close": False,
+                        "logger": self._capture("eos-producer")})
+                    p.init_transactions(60)
+                    return p
+                except KafkaException as e:
+                    note("init_transactions: %s" % e)
+                    time.sleep(1)
+            return None
+
+        def rewind():
+            """Back to the committed offsets (retried: skipping ahead
+            would lose records)."""
+            while not self.stop_eos.is_set():
+                try:
+                    parts = c.assignment()
+                    for tp in c.committed(parts, timeout=60) if parts else []:
+                        c.seek(TopicPartition(tp.topic, tp.partition, max(tp.offset, 0)))
+                    return
+                except KafkaException as r:
+                    note("rewind failed: %s" % r)
+                    time.sleep(1)
+
+        p = new_producer()
+        try:
+            while p is not None and not self.stop_eos.is_set():
+                msgs = [m for m in c.consume(num_messages=500, timeout=0.5) if m.error() is None]
+                if not msgs:
+                    continue
+                try:
+                    p.begin_transaction()
+                    for m in msgs:
+                        while True:
+                            try:
+                                p.produce(self.eos_topic, value=m.value(), partition=m.partition())
+                                break
+                            except BufferError:
+                                p.poll(0.1)
+                    positions = c.position(c.assignment())
+                    p.send_offsets_to_transaction(positions, c.consumer_group_metadata(), 120)
+                    while True:
+                        try:
+                            p.commit_transaction(120)
+                            break
+                        except KafkaException as e:
+                            if not e.args[0].retriable():
+                                raise
+                            note("commit retried: %s" % e.args[0])
+                    with self.lock:
+                        self.eos_transactions += 1
+                        for tp in positions:
+                            if tp.offset >= 0:
+                                self.eos_committed[tp.partition] = tp.offset
+                except KafkaException as e:
+                    err = e.args[0]
+                    note("transaction failed: %s%s" % (err, " (fatal)" if err.fatal() else ""))
+                    if not err.fatal():
+                        try:
+                            p.abort_transaction(120)
+                        except KafkaException as a:
+                            note("abort failed: %s" % a)
+                            p = new_producer()
+                    else:
+                        p = new_producer()
+                    rewind()
+        finally:
+            c.close()
 
     # ------------------------------------------------------------ stop
     def stop_producers(self, timeout):

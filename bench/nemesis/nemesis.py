@@ -47,6 +47,8 @@ import wire  # noqa: E402
 from load import Clock, Load  # noqa: E402
 
 TOPIC = "nemesis"
+# Where the exactly-once worker (--eos) copies TOPIC.
+EOS_TOPIC = "nemesis-eos"
 NODES = (1, 2, 3)
 HOSTS = {"etcd": 2, "s3": 3, "b1": 11, "b2": 12, "b3": 13}
 
@@ -231,7 +233,10 @@ class Run:
     def create_topic(self):
         from confluent_kafka.admin import AdminClient, NewTopic
         a = AdminClient({"bootstrap.servers": self.brokers["b1"].bootstrap})
-        fs = a.create_topics([NewTopic(TOPIC, num_partitions=self.args.partitions, replication_factor=1)],
+        topics = [NewTopic(TOPIC, num_partitions=self.args.partitions, replication_factor=1)]
+        if self.args.eos:
+            topics.append(NewTopic(EOS_TOPIC, num_partitions=self.args.partitions, replication_factor=1))
+        fs = a.create_topics(topics,
                              operation_timeout=30, request_timeout=30)
         fs[TOPIC].result(timeout=40)
         deadline = time.monotonic() + 30
@@ -413,6 +418,60 @@ class Run:
                 return
             time.sleep(0.5)
 
+    def wait_eos(self, hw, timeout):
+        """The exactly-once worker commits transactions up to the end."""
+        t0 = time.monotonic()
+        while True:
+            with self.load.lock:
+                done = dict(self.load.eos_committed)
+            behind = {p: (done.get(p, 0), end) for p, end in hw.items() if done.get(p, 0) < end}
+            if not behind:
+                self.log("exactly-once worker at the end after %.1fs (%d transactions)"
+                         % (time.monotonic() - t0, self.load.eos_transactions))
+                return
+            if time.monotonic() - t0 > timeout:
+                self.violations.append("eos: the exactly-once worker did not reach the end %.0fs after the high "
+                                       "watermarks agreed {partition: (committed, end)}: %s" % (timeout, behind))
+                return
+            time.sleep(0.5)
+
+    def check_eos(self, ref):
+        """The exactly-once worker's output, read with read_committed, is its
+        input: per partition the same values in the same order, each once."""
+        from confluent_kafka import Consumer, TopicPartition
+        b = next(iter(self.brokers.values()))
+        c = Consumer({"bootstrap.servers": ",".join(x.bootstrap for x in self.brokers.values()),
+                      "group.id": "nemesis-eos-check", "isolation.level": "read_committed",
+                      "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                      "enable.partition.eof": True, "log.connection.close": False})
+        out = {p: [] for p in range(self.args.partitions)}
+        try:
+            c.assign([TopicPartition(EOS_TOPIC, p, 0) for p in range(self.args.partitions)])
+            at_end, deadline = set(), time.monotonic() + 120
+            while len(at_end) < self.args.partitions and time.monotonic() < deadline:
+                m = c.poll(0.5)
+                if m is None:
+                    continue
+                if m.error():
+                    if m.error().code() == -191:  # _PARTITION_EOF
+                        at_end.add(m.partition())
+                    continue
+                out[m.partition()].append(m.value())
+        finally:
+            c.close()
+        v = []
+        for p in range(self.args.partitions):
+            want = [ref[p][o] for o in sorted(ref.get(p, {}))]
+            got = out[p]
+            if got != want:
+                first = next((i for i, (x, y) in enumerate(zip(got, want)) if x != y), min(len(got), len(want)))
+                dup = len(got) - len(set(got))
+                v.append("eos: p%d through %s: %d output records for %d input records, %d duplicated, first "
+                         "difference at #%d" % (p, b.component, len(got), len(want), dup, first))
+        self.log("exactly-once output checked: %d records in %d partitions" % (
+            sum(len(o) for o in out.values()), self.args.partitions))
+        return v
+
     READ_DEADLINE_S = 240
 
     def read_everything(self):
@@ -497,6 +556,11 @@ class Run:
             v += bad
             unknown_in_log = max(unknown_in_log, unknown)
             v += checks.check_order(name, log, dict(ld.produced), self.batch_meta)
+        if self.args.eos:
+            v += self.check_eos(ref)
+            if ld.eos_errors:
+                self.notes.append("exactly-once worker: %d transactions, %d errors, e.g. %s" % (
+                    ld.eos_transactions, len(ld.eos_errors), ld.eos_errors[:3]))
         v += checks.check_reads(ld.reads, ref, ld.jumps, ld.group_starts, ld.assignments, ld.commit_obs)
         v += checks.check_group_exclusive(ld.assignments, self.clock.now(), grace=15.0)
         v += checks.check_commits_monotonic(ld.commit_obs, hw)
@@ -511,7 +575,8 @@ class Run:
     def run(self):
         self.setup()
         self.load = Load(list(self.brokers.values()), TOPIC, self.args.partitions, "nemesis-group-%d" % self.seed,
-                         self.clock, self.args.rate, log=self.log)
+                         self.clock, self.args.rate, log=self.log,
+                         eos_topic=EOS_TOPIC if self.args.eos else None)
         self.load.start()
         deadline = time.monotonic() + 30
         while self.load.counts()[0] == 0:
@@ -533,6 +598,9 @@ class Run:
         hw = self.converge(30)
         self.log("high watermarks agree: %s" % sorted(hw.items()))
         self.wait_consumers(hw, 60)
+        if self.args.eos:
+            self.wait_eos(hw, 120)
+        self.load.stop_eos.set()
         stuck = self.load.stop_consumers(30)
         if stuck:
             self.notes.append("client threads still running after stop: %s" % stuck)
@@ -552,6 +620,7 @@ class Run:
         if self.load is not None:
             self.load.stop_producing.set()
             self.load.stop_consuming.set()
+            self.load.stop_eos.set()
         if self.tap is not None:
             self.tap.stop.set()
         for b in self.brokers.values():
@@ -603,6 +672,8 @@ def main(argv=None):
                          "namespace (too slow for catch-up reads of three brokers: see README.md)")
     ap.add_argument("--rate", type=int, default=300, help="records per second per producer (3 producers)")
     ap.add_argument("--partitions", type=int, default=8)
+    ap.add_argument("--eos", action="store_true",
+                    help="also run an exactly-once worker (transactions) copying the topic, and check its output")
     ap.add_argument("--shards", type=int, default=1, help="shards per broker")
     ap.add_argument("--objstore-faults", default="errors=0.05,lost_replies=0.02,latency=0.1,latency_max_ms=200",
                     help="each broker's --object-store-faults, without the seed ('' for none)")

@@ -1,11 +1,12 @@
 """A short seeded nemesis run (bench/nemesis): three brokers, etcd and the
 object store each in a network namespace, idempotent producers, assigned
-consumers and a consumer group, 45 s of faults drawn from seed 4 (kill -9,
+consumers, a consumer group and an exactly-once worker (transactions), 45 s
+of faults drawn from seed 4 (kill -9,
 SIGSTOP, etcd stopped and restarted, a broker cut off from etcd and one
 from its clients), then every check through every broker. Needs root and
 iproute2 for the namespaces (skips without them); etcd like
 test_cluster.py. A failure prints each violation, the summary line and
-where the logs were kept; rerun it with bench/scripts/nemesis.sh 45 4."""
+where the logs were kept; rerun it with bench/scripts/nemesis.sh 45 4 --eos."""
 
 import os
 import shutil
@@ -38,7 +39,7 @@ def test_nemesis_seed_4():
         pytest.skip("etcd is not installed (tests/install-deps.sh installs it)")
     env = dict(os.environ, FLOE_BIN=str(floe_bin()), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, str(REPO_ROOT / "bench/nemesis/nemesis.py"), str(SECONDS), str(SEED),
-           "--max-run-secs", str(RUN_LIMIT_S - 40)]
+           "--eos", "--max-run-secs", str(RUN_LIMIT_S - 40)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         out, _ = proc.communicate(timeout=RUN_LIMIT_S)

@@ -744,3 +744,47 @@ def test_writes_to_partitions_outside_the_transaction_are_refused(broker, topic_
     assert produce(1, 0x30, True, 0) == 87, "a control batch: INVALID_RECORD"
     p.commit_transaction(30)
     assert read_all(broker.bootstrap, topic_name, 2, "read_uncommitted") == ["in-0"]
+
+
+def test_compaction_drops_aborted_values_and_keeps_committed_ones(start_broker, topic_name):
+    """On a compacted topic a value written by an aborted transaction never
+    replaces the committed one: compaction drops it, and read_committed and
+    read_uncommitted consumers both end with the committed value."""
+    from test_archive import ARCHIVE_FAST
+    from test_compaction import COMPACT
+    from test_lifecycle import wait_for
+    broker = start_broker(**ARCHIVE_FAST)
+    create_topic(broker.bootstrap, topic_name, 1, config=COMPACT)
+    p = txn_producer(broker.bootstrap, "tx-" + topic_name)
+    for n, commit in [(1, True), (2, False), (3, True), (4, False)]:
+        p.begin_transaction()
+        for k in range(20):
+            p.produce(topic_name, key=b"k%d" % k, value=b"v%d-%s" % (n, b"x" * 300), partition=0)
+        assert p.flush(30) == 0
+        if commit:
+            p.commit_transaction(30)
+        else:
+            p.abort_transaction(30)
+
+    def latest(isolation):
+        c = Consumer(consumer_conf(broker.bootstrap, **{"isolation.level": isolation}))
+        try:
+            c.assign([TopicPartition(topic_name, 0, 0)])
+            seen, last = {}, time.monotonic()
+            while time.monotonic() - last < 3:
+                m = c.poll(0.2)
+                if m is None or m.error():
+                    continue
+                seen[m.key()] = m.value()[:3]
+                last = time.monotonic()
+            return seen
+        finally:
+            c.close()
+
+    want = {b"k%d" % k: b"v3-" for k in range(20)}
+    assert latest("read_committed") == want
+    # Compaction runs once the data is archived; read_uncommitted then
+    # ends with the committed value too (the aborted ones are gone).
+    wait_for("aborted values compacted away", lambda: latest("read_uncommitted") == want,
+             timeout=90, state=lambda: str(latest("read_uncommitted")))
+    assert latest("read_committed") == want

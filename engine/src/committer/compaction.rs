@@ -27,6 +27,7 @@ use crate::compact::{
     KeyMap, PassInput,
 };
 use crate::retention::{is_archive_key, ARCHIVES_PREFIX};
+use crate::sequencer::AbortedTxn;
 use crate::{Error, PartitionKey, Result};
 
 /// One pass over one partition.
@@ -40,6 +41,25 @@ struct Pass {
     /// whole, so the log never ends in a gap (Kafka never cleans the
     /// active segment).
     at_head: bool,
+    /// The partition's aborted transactions: their batches are dropped,
+    /// and their keys do not count (a value a transaction wrote and
+    /// aborted must not replace the last committed one).
+    aborted: Vec<AbortedTxn>,
+}
+
+/// Whether the stored batch at `base_offset` belongs to an aborted
+/// transaction (its producer's, between the transaction's first offset and
+/// its abort marker).
+fn is_aborted(aborted: &[AbortedTxn], base_offset: u64, stored: &[u8]) -> bool {
+    let Ok((_, h)) = crate::batch::parse_header(stored) else {
+        return false;
+    };
+    h.is_transactional()
+        && h.producer_id >= 0
+        && aborted.iter().any(|a| {
+            a.producer_id == h.producer_id
+                && (a.first_offset..a.marker_offset).contains(&base_offset)
+        })
 }
 
 /// What a pass did.
@@ -107,6 +127,15 @@ impl Committer {
             }
             let mut inputs = archives;
             inputs.truncate(plan.end);
+            // Nothing past the last stable offset: a transaction still open
+            // may yet abort, and its values must not replace committed ones
+            // (Kafka's cleaner stops there too).
+            let stable = self.state.last_stable_offset(tp);
+            let upto = inputs.partition_point(|i| i.end_offset <= stable);
+            inputs.truncate(upto);
+            if inputs.is_empty() {
+                continue;
+            }
             let at_head = inputs
                 .last()
                 .is_some_and(|i| i.end_offset >= self.state.high_watermark(tp));
@@ -116,6 +145,7 @@ impl Committer {
                 inputs,
                 log_start: self.state.log_start(tp),
                 at_head,
+                aborted: self.state.aborted(tp).copied().collect(),
             });
         }
         if passes.is_empty() {
@@ -171,6 +201,9 @@ async fn compact(
         .filter(|i| !crate::compact::is_compacted_key(&i.key))
     {
         for (base_offset, stored) in read_batches(store, &input.key).await? {
+            if is_aborted(&pass.aborted, base_offset, &stored) {
+                continue;
+            }
             map.add_batch(base_offset, &stored)
                 .map_err(|e| corrupt(&input.key, e.to_string()))?;
         }
@@ -193,6 +226,11 @@ async fn compact(
             let head = pass.at_head && i == last && j + 1 == count;
             let kept = if head {
                 Kept::All
+            } else if is_aborted(&pass.aborted, base_offset, &stored) {
+                // Kafka's cleaner drops aborted transactions' records too.
+                let records = crate::batch::parse_header(&stored).map_or(0, |(_, h)| h.records());
+                done.dropped += u64::from(records);
+                Kept::None
             } else {
                 let mut dropped = 0u64;
                 let kept = filter_batch(base_offset, &stored, |r| {
