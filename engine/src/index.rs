@@ -68,8 +68,7 @@ impl PartitionIndex {
     pub fn aborted_between(&self, from: u64, to: u64) -> Vec<AbortedTxn> {
         let first = self.aborted.partition_point(|a| a.marker_offset < from);
         self.aborted
-            .iter()
-            .skip(first)
+            .range(first..)
             .filter(|a| a.first_offset < to)
             .copied()
             .collect()

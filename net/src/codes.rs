@@ -150,6 +150,9 @@ pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = E::TransactionalIdAuthori
 pub const INVALID_TXN_STATE: i16 = E::InvalidTxnState.code();
 pub const NOT_ENOUGH_REPLICAS: i16 = E::NotEnoughReplicas.code();
 pub const UNSTABLE_OFFSET_COMMIT: i16 = E::UnstableOffsetCommit.code();
+pub const OPERATION_NOT_ATTEMPTED: i16 = E::OperationNotAttempted.code();
+/// Fetch's and ListOffsets' `isolation_level` for read_committed.
+pub const READ_COMMITTED: i8 = 1;
 pub const INVALID_PRODUCER_EPOCH: i16 = E::InvalidProducerEpoch.code();
 pub const TRANSACTIONAL_ID_NOT_FOUND: i16 = E::TransactionalIdNotFound.code();
 pub const COORDINATOR_NOT_AVAILABLE: i16 = E::CoordinatorNotAvailable.code();

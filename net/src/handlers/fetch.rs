@@ -206,7 +206,7 @@ pub async fn handle(ctx: &Ctx, req: FetchRequest, version: i16) -> Reply {
     let snapshot = ctx.broker.engine.topics();
     // read_committed (1): only up to the last stable offset, with the
     // aborted transactions listed.
-    let committed = req.isolation_level == 1;
+    let committed = req.isolation_level == codes::READ_COMMITTED;
     let wait =
         Duration::from_millis((req.max_wait_ms.max(0) as u64).min(settings.fetch_wait_ms_max));
     let deadline = Instant::now() + wait;

@@ -406,6 +406,21 @@ pub async fn offset_commit(ctx: &Ctx, req: OffsetCommitRequest, version: i16) ->
 /// staged and not yet published.
 type Fetched = Result<Option<OffsetRecord>, i16>;
 
+/// A partition's answer as OffsetFetch writes it: (error code, offset,
+/// leader epoch, metadata); -1s when nothing is committed or stable.
+fn fields(r: Fetched) -> (i16, i64, i32, String) {
+    match r {
+        Ok(Some(r)) => (
+            codes::NONE,
+            r.offset,
+            r.leader_epoch,
+            r.metadata.unwrap_or_default(),
+        ),
+        Ok(None) => (codes::NONE, -1, -1, String::new()),
+        Err(code) => (code, -1, -1, String::new()),
+    }
+}
+
 async fn fetch_group(
     ctx: &Ctx,
     group: &str,
@@ -487,21 +502,13 @@ pub async fn offset_fetch(ctx: &Ctx, req: OffsetFetchRequest, version: i16) -> R
                                         parts
                                             .into_iter()
                                             .map(|(p, r)| {
-                                                let error = r.as_ref().err().copied().unwrap_or(0);
-                                                let r = r.ok().flatten().unwrap_or(OffsetRecord {
-                                                    offset: -1,
-                                                    leader_epoch: -1,
-                                                    metadata: None,
-                                                    commit_ms: 0,
-                                                });
+                                                let (error, offset, epoch, meta) = fields(r);
                                                 OffsetFetchResponsePartitions::default()
                                                     .with_partition_index(p)
                                                     .with_error_code(error)
-                                                    .with_committed_offset(r.offset)
-                                                    .with_committed_leader_epoch(r.leader_epoch)
-                                                    .with_metadata(Some(s(r
-                                                        .metadata
-                                                        .unwrap_or_default())))
+                                                    .with_committed_offset(offset)
+                                                    .with_committed_leader_epoch(epoch)
+                                                    .with_metadata(Some(s(meta)))
                                             })
                                             .collect(),
                                     )
@@ -532,17 +539,13 @@ pub async fn offset_fetch(ctx: &Ctx, req: OffsetFetchRequest, version: i16) -> R
                             parts
                                 .into_iter()
                                 .map(|(p, r)| {
-                                    let error = r.as_ref().err().copied().unwrap_or(0);
-                                    let (offset, epoch, meta) = match r.ok().flatten() {
-                                        Some(r) => (r.offset, r.leader_epoch, r.metadata),
-                                        None => (-1, -1, None),
-                                    };
+                                    let (error, offset, epoch, meta) = fields(r);
                                     OffsetFetchResponsePartition::default()
                                         .with_partition_index(p)
                                         .with_error_code(error)
                                         .with_committed_offset(offset)
                                         .with_committed_leader_epoch(epoch)
-                                        .with_metadata(Some(s(meta.unwrap_or_default())))
+                                        .with_metadata(Some(s(meta)))
                                 })
                                 .collect(),
                         )

@@ -75,7 +75,7 @@ pub async fn handle(ctx: &Ctx, req: ListOffsetsRequest, version: i16) -> Reply {
                 Err(e) => resp.with_error_code(codes::engine(&e)),
                 Ok(a) => match query {
                     // read_committed (v2+): the last stable offset.
-                    OffsetQuery::Latest if req.isolation_level == 1 => {
+                    OffsetQuery::Latest if req.isolation_level == codes::READ_COMMITTED => {
                         resp.with_offset(a.last_stable as i64)
                     }
                     OffsetQuery::Latest => resp.with_offset(a.high_watermark as i64),

@@ -119,9 +119,7 @@ async fn add_one(
     version: i16,
 ) -> Vec<AddPartitionsToTxnTopicResult> {
     if !all_known(ctx, topics) {
-        return topic_results(ctx, topics, |_, _| {
-            kafka_protocol::error::ResponseError::OperationNotAttempted.code()
-        });
+        return topic_results(ctx, topics, |_, _| codes::OPERATION_NOT_ATTEMPTED);
     }
     let parts = partitions_of(topics);
     let id = id.to_string();
