@@ -25,6 +25,7 @@ fn main() -> std::process::ExitCode {
         Command::DiagnoseConnection(args) => cmd::diagnose::main(args),
         Command::Size(args) => cmd::size::main(args),
         Command::Inspect(args) => cmd::inspect::main(args),
+        Command::Users(args) => cmd::users::main(args),
         Command::Serve(args) => {
             let resolved = match args.resolve() {
                 Ok(r) => r,

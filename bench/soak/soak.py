@@ -26,7 +26,10 @@ A churn period of 0 turns that churn off, --mbps 0 the steady producer,
 makes memory grow.
 
 Every --sample-secs it samples each broker's (and etcd's) /proc/PID/status
-(VmRSS, RssAnon, RssFile, VmHWM, threads), open fds and CPU time, and the
+(VmRSS, RssAnon, RssFile, VmHWM, threads), open fds and CPU time, its
+resident memory by kind of mapping (/proc/PID/smaps: glibc's main heap, its
+other arenas, thread stacks, other anonymous mappings, files; MEM_KINDS,
+fitted like RSS so a growing RSS says where it grows), and the
 broker's /metrics gauges (floe_connections, floe_segment_upload_failures_in_
 a_row, floe_segment_uploads_slow_in_a_row: the only gauges it has) and a few
 counters, into OUT/samples.csv. /metrics has no gauge for the read cache, the
@@ -186,6 +189,49 @@ def proc_status(pid: int) -> dict:
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     out["cpu_s"] = round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
+    return out
+
+
+# Where a process's resident memory is, by the kind of mapping that holds it
+# (/proc/PID/smaps): glibc's main heap ([heap]), its other arenas (each
+# thread that allocates gets one: a mapping inside a 64 MiB-aligned
+# reservation), thread stacks (a mapping right after its guard page), other
+# anonymous mappings (allocations above glibc's mmap threshold, io_uring
+# rings, glommio's buffers) and file mappings (the binary, libraries).
+MEM_KINDS = ("heap", "arenas", "stacks", "mmap", "file")
+MEM_COLUMNS = tuple("mem_%s_kb" % k for k in MEM_KINDS) + ("mem_arena_count",)
+ARENA_ALIGN = 64 << 20
+
+
+def memory_kinds(pid: int) -> dict:
+    """Resident KiB per kind of mapping (MEM_COLUMNS) of a process."""
+    out = {c: 0 for c in MEM_COLUMNS}
+    header = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ (\d+)\s*(.*)$")
+    prev_end, prev_guard = None, False
+    current = None
+    with open("/proc/%d/smaps" % pid) as f:
+        for line in f:
+            m = header.match(line)
+            if m:
+                start, end = int(m.group(1), 16), int(m.group(2), 16)
+                perms, inode, name = m.group(3), int(m.group(4)), m.group(5).strip()
+                if name == "[heap]":
+                    current = "heap"
+                elif inode != 0 or name.startswith("/"):
+                    current = "file"
+                elif name in ("[stack]",) or (prev_guard and prev_end == start and "w" in perms):
+                    current = "stacks"
+                elif start % ARENA_ALIGN == 0 and end - start <= ARENA_ALIGN and "w" in perms:
+                    current = "arenas"
+                    out["mem_arena_count"] += 1
+                elif name.startswith("["):
+                    current = None  # vdso, vvar, vsyscall
+                else:
+                    current = "mmap"
+                prev_guard = perms.startswith("---") and end - start <= (1 << 20) and inode == 0
+                prev_end = end
+            elif line.startswith("Rss:") and current is not None:
+                out["mem_%s_kb" % current] += int(line.split()[1])
     return out
 
 
@@ -678,7 +724,7 @@ class Sampler:
         self.snapshot_cache: dict = {}
         self.gauges = sorted({g for b in brokers for g in gauges(b)})
         self.columns = (["t_s", "phase", "broker", "pid", "rss_kb", "rss_anon_kb", "rss_file_kb", "hwm_kb",
-                         "threads", "fds", "cpu_s"] + list(self.gauges) + list(COUNTERS)
+                         "threads", "fds", "cpu_s"] + list(MEM_COLUMNS) + list(self.gauges) + list(COUNTERS)
                         + list(LOAD_COUNTERS) + list(STATE_COLUMNS))
         self.rows: list[dict] = []
         self.t0 = time.monotonic()
@@ -702,6 +748,10 @@ class Sampler:
                    "rss_anon_kb": st.get("RssAnon"), "rss_file_kb": st.get("RssFile"),
                    "hwm_kb": st.get("VmHWM"), "threads": st.get("Threads"), "fds": st.get("fds"),
                    "cpu_s": st.get("cpu_s")}
+            try:
+                row.update(memory_kinds(pid))
+            except OSError:
+                pass
             if broker is not None:
                 try:
                     m = broker.metrics()
@@ -780,6 +830,8 @@ def analyse(rows: list[dict], name: str, load_start: float, load_end: float) -> 
     for key, col in (("rss", "rss_kb"), ("anon", "rss_anon_kb"), ("fds", "fds"),
                      ("threads", "threads"), ("conns", "floe_connections"), ("cpu", "cpu_s")):
         out[key] = fit(window, col)
+    for col in MEM_COLUMNS:
+        out[col] = fit(window, col)
     return out
 
 
@@ -810,6 +862,13 @@ def broker_line(a: dict) -> str:
         line += " cpu=%.0f%%" % (100 * (c["last"] - c["first"]) / (a["window"][1] - a["window"][0]))
     if a["conns"]["max"] is not None:
         line += " connections mean=%.1f max=%d" % (a["conns"]["mean"], a["conns"]["max"])
+    kinds = [(k, a["mem_%s_kb" % k]) for k in MEM_KINDS]
+    if all(f["first"] is not None for _, f in kinds):
+        line += " by_mapping_mib_per_hour=[%s] arenas=%d->%d" % (
+            ", ".join("%s %+.2f (%.0f->%.0f MiB)" % (k, f["slope_per_min"] * 60 / 1024,
+                                                     f["first"] / 1024, f["last"] / 1024)
+                      for k, f in kinds),
+            a["mem_arena_count"]["first"], a["mem_arena_count"]["last"])
     return line
 
 

@@ -93,6 +93,8 @@ pub struct Engine {
     cluster_id: String,
     groups: Arc<Coordinator>,
     txns: Arc<crate::transactions::Transactions>,
+    /// SASL/SCRAM users (`scram/*`).
+    users: Arc<crate::users::Users>,
     /// Each shard's receivers, taken by [`Engine::start_shard`].
     inboxes: Mutex<Vec<Option<ShardInbox>>>,
     /// Log entries replayed at start-up.
@@ -114,6 +116,7 @@ impl Engine {
         let handle = sidecar.handle();
         let node_id = start.config.node_id;
         let topics = Arc::new(sidecar.block_on(Topics::load(meta.clone()))?);
+        let users = Arc::new(sidecar.block_on(crate::users::Users::load(meta.clone()))?);
         let cluster_id = sidecar.block_on(cluster_id(&*meta))?;
         let registration = sidecar.block_on(Registration::register(
             meta.clone(),
@@ -199,6 +202,7 @@ impl Engine {
             cluster_id,
             groups: groups.clone(),
             txns: txns.clone(),
+            users: users.clone(),
             inboxes: Mutex::new(inboxes.into_iter().map(Some).collect()),
             replayed,
             lease_ttl: start.lease_ttl,
@@ -212,6 +216,7 @@ impl Engine {
         });
         handle.spawn(crate::committer::follow_log(meta.clone(), poke));
         handle.spawn(topics.follow());
+        handle.spawn(users.follow());
         handle.spawn(members.follow(meta));
         let stop = || {
             let engine = Arc::downgrade(&engine);
@@ -357,6 +362,44 @@ impl Engine {
 
     pub fn live_brokers(&self) -> Arc<Vec<BrokerRecord>> {
         self.members.live()
+    }
+
+    // ---- SCRAM users ------------------------------------------------------
+
+    /// The SCRAM credential of `user` for `mechanism` (its name), if any.
+    pub async fn scram_credential(
+        &self,
+        user: &str,
+        mechanism: &str,
+    ) -> Result<Option<floe_meta::schema::ScramCredential>> {
+        let (users, user, mechanism) =
+            (self.users.clone(), user.to_string(), mechanism.to_string());
+        self.sidecar
+            .run(async move { users.credential(&user, &mechanism).await })
+            .await
+    }
+
+    /// Every user with SCRAM credentials, read from the metadata store.
+    pub async fn scram_users(&self) -> Result<Vec<floe_meta::schema::ScramUserRecord>> {
+        let users = self.users.clone();
+        self.sidecar.run(async move { users.list().await }).await
+    }
+
+    /// Applies one user's credential changes (AlterUserScramCredentials).
+    pub async fn alter_scram_user(
+        &self,
+        user: &str,
+        change: crate::users::UserChange,
+    ) -> std::result::Result<(), crate::users::UserChangeError> {
+        let (users, user) = (self.users.clone(), user.to_string());
+        match self
+            .sidecar
+            .run(async move { Ok(users.alter(&user, &change).await) })
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => Err(crate::users::UserChangeError::Store(e)),
+        }
     }
 
     // ---- topics ----------------------------------------------------------

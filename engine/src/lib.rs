@@ -38,6 +38,7 @@ pub mod topics;
 pub mod transactions;
 pub mod txn;
 pub mod txn_store;
+pub mod users;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

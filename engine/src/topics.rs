@@ -52,6 +52,55 @@ pub fn validate_name(name: &str) -> Result<()> {
     }
 }
 
+/// Re-reads a watched prefix with `refresh` whenever it changes, and once
+/// when each watch begins (what changed before it). Runs until the process
+/// ends; a broken watch is made again after half a second.
+pub(crate) async fn follow_prefix<F, Fut>(
+    meta: &dyn MetaStore,
+    prefix: &str,
+    what: &str,
+    refresh: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    use futures::StreamExt;
+    loop {
+        match meta.watch(prefix, 0).await {
+            Ok(mut w) => {
+                let _ = refresh().await;
+                while let Some(ev) = w.next().await {
+                    if ev.is_err() {
+                        break;
+                    }
+                    if let Err(e) = refresh().await {
+                        tracing::warn!(error = %e, "refreshing {what} failed");
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "watching {what} failed; retrying"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// Every JSON record under `prefix`, in key order.
+pub(crate) async fn read_prefix<T: serde::de::DeserializeOwned>(
+    meta: &dyn MetaStore,
+    prefix: &str,
+    what: &str,
+) -> Result<Vec<T>> {
+    let kvs = meta.range(prefix, &prefix_end(prefix), usize::MAX).await?;
+    kvs.iter()
+        .map(|kv| {
+            serde_json::from_slice(&kv.value).map_err(|e| Error::Corrupt {
+                what: format!("{what} {}", kv.key),
+                reason: e.to_string(),
+            })
+        })
+        .collect()
+}
+
 impl Topics {
     pub async fn load(meta: Arc<dyn MetaStore>) -> Result<Self> {
         let t = Self {
@@ -73,45 +122,18 @@ impl Topics {
     /// Follows `topics/` so that topics created, changed or deleted through
     /// any broker are seen here. Runs until the process ends.
     pub async fn follow(self: Arc<Self>) {
-        use futures::StreamExt;
-        loop {
-            match self.meta.watch(schema::TOPICS_PREFIX, 0).await {
-                Ok(mut w) => {
-                    // Anything that happened before the watch began.
-                    let _ = self.refresh().await;
-                    while let Some(ev) = w.next().await {
-                        if ev.is_err() {
-                            break;
-                        }
-                        if let Err(e) = self.refresh().await {
-                            tracing::warn!(error = %e, "refreshing topics failed");
-                        }
-                    }
-                }
-                Err(e) => tracing::debug!(error = %e, "watching topics failed; retrying"),
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        }
+        let meta = self.meta.clone();
+        follow_prefix(&*meta, schema::TOPICS_PREFIX, "topics", || self.refresh()).await
     }
 
     /// Re-reads every topic from the store.
     pub async fn refresh(&self) -> Result<()> {
-        let kvs = self
-            .meta
-            .range(
-                schema::TOPICS_PREFIX,
-                &prefix_end(schema::TOPICS_PREFIX),
-                usize::MAX,
-            )
-            .await?;
-        let mut map = TopicMap::new();
-        for kv in kvs {
-            let t: TopicRecord = serde_json::from_slice(&kv.value).map_err(|e| Error::Corrupt {
-                what: format!("topic record {}", kv.key),
-                reason: e.to_string(),
-            })?;
-            map.insert(t.name.clone(), Arc::new(t));
-        }
+        let records: Vec<TopicRecord> =
+            read_prefix(&*self.meta, schema::TOPICS_PREFIX, "topic record").await?;
+        let map = records
+            .into_iter()
+            .map(|t| (t.name.clone(), Arc::new(t)))
+            .collect();
         self.snapshot.store(Arc::new(map));
         Ok(())
     }

@@ -11,7 +11,11 @@
 //! producers/next              next free producer id (decimal)
 //! nodes/next                  next free node id (decimal)
 //! brokers/<node id>           BrokerRecord, under the broker's lease
+//! scram/<user>                ScramUserRecord (SASL/SCRAM credentials)
 //! ```
+//!
+//! Transactions, consumer groups and users add the keys described in their
+//! sections below.
 
 use std::collections::BTreeMap;
 
@@ -339,6 +343,38 @@ pub fn txn_pending_key(group: &str, transactional_id: &str) -> String {
         txn_pending_prefix(group),
         escape_group(transactional_id)
     )
+}
+
+// ---- Users (SASL/SCRAM) ---------------------------------------------------
+//
+// scram/<user>                      ScramUserRecord: the user's SCRAM credentials
+//
+// User names are escaped as group ids are. Written by
+// AlterUserScramCredentials and `floe users`, by CAS on the revision read;
+// every broker follows the prefix, so a change is seen without a restart.
+
+pub const SCRAM_PREFIX: &str = "scram/";
+
+pub fn scram_key(user: &str) -> String {
+    format!("{SCRAM_PREFIX}{}", escape_group(user))
+}
+
+/// One user's SCRAM credentials, per mechanism (`SCRAM-SHA-256`,
+/// `SCRAM-SHA-512`). What RFC 5802 lets a server keep: never the password
+/// nor the salted password, only what verifies a proof.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScramUserRecord {
+    pub name: String,
+    pub credentials: BTreeMap<String, ScramCredential>,
+}
+
+/// `salt`, `stored_key` and `server_key` in standard base64.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScramCredential {
+    pub salt: String,
+    pub stored_key: String,
+    pub server_key: String,
+    pub iterations: u32,
 }
 
 // ---- Consumer groups ------------------------------------------------------

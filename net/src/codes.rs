@@ -161,3 +161,7 @@ pub const INVALID_REPLICATION_FACTOR: i16 = E::InvalidReplicationFactor.code();
 pub const INVALID_GROUP_ID: i16 = E::InvalidGroupId.code();
 pub const OFFSET_METADATA_TOO_LARGE: i16 = E::OffsetMetadataTooLarge.code();
 pub const GROUP_SUBSCRIBED_TO_TOPIC: i16 = E::GroupSubscribedToTopic.code();
+pub const UNSUPPORTED_SASL_MECHANISM: i16 = E::UnsupportedSaslMechanism.code();
+pub const RESOURCE_NOT_FOUND: i16 = E::ResourceNotFound.code();
+pub const DUPLICATE_RESOURCE: i16 = E::DuplicateResource.code();
+pub const UNACCEPTABLE_CREDENTIAL: i16 = E::UnacceptableCredential.code();

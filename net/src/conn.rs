@@ -81,18 +81,18 @@ impl Stream for futures_rustls::server::TlsStream<glommio::net::TcpStream> {
 }
 
 /// Serves one connection until the client leaves or the broker shuts down.
-/// `sasl_users` is set on SASL listeners.
+/// `sasl` is set on SASL listeners.
 pub async fn serve<S: Stream>(
     mut ctx: Ctx,
     stream: S,
     peer: SocketAddr,
-    sasl_users: Option<Arc<sasl::Users>>,
+    sasl: Option<Arc<sasl::SaslConfig>>,
 ) {
     ctx.peer = Some(peer);
     let (mut rd, wr) = stream.split();
     let (tx, rx) = mpsc::channel::<Outgoing>(PIPELINE_DEPTH_MAX);
     let writer = glommio::spawn_local(write_loop(wr, rx, peer));
-    let session = sasl_users.map(sasl::Session::new);
+    let session = sasl.map(sasl::Session::new);
     let end = read_loop(&ctx, &mut rd, tx, peer, session).await;
     let shutting_down = matches!(end, End::ShuttingDown);
     match end {
@@ -215,13 +215,21 @@ enum Gate {
     Refuse(String),
 }
 
-fn gate(session: Option<&mut sasl::Session>, api: ApiKey, request: &Request, version: i16) -> Gate {
+async fn gate(
+    session: Option<&mut sasl::Session>,
+    api: ApiKey,
+    request: &Request,
+    version: i16,
+    store: &dyn sasl::CredentialStore,
+) -> Gate {
     let Some(session) = session else {
         return Gate::Pass;
     };
     match request {
         Request::SaslHandshake(req) => Gate::Answer(session.handshake(req, version)),
-        Request::SaslAuthenticate(req) => Gate::Answer(session.authenticate(req, version)),
+        Request::SaslAuthenticate(req) => {
+            Gate::Answer(session.authenticate(req, version, store).await)
+        }
         Request::ApiVersions => Gate::Pass,
         _ if session.authenticated().is_some() => Gate::Pass,
         _ => Gate::Refuse(format!("{api:?} before SASL authentication")),
@@ -293,22 +301,25 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
         let frame: Bytes = buf.freeze();
         if raw_token {
-            // After a v0 SaslHandshake the token is the whole frame; an
-            // empty frame accepts it, a failure has no answer but a close.
+            // After a v0 SaslHandshake each token is a whole frame and so
+            // is each answer (PLAIN's success: an empty frame); a failure
+            // has no answer but a close.
             let Some(s) = session.as_mut() else {
                 return End::Closed;
             };
-            match s.raw_token(&frame) {
-                Ok(user) => {
-                    tracing::debug!(%peer, %user, listener = %ctx.client.listener, "SASL/PLAIN authenticated (v0)");
-                    let empty = Reply::Body(BytesMut::new());
-                    if !queue(&mut tx, 0, NO_HEADER, empty, permit).await {
-                        return End::Closed;
-                    }
-                    continue;
+            let reply = match s.token(&frame, &*broker.engine).await {
+                sasl::TokenStep::Challenge(bytes) => bytes,
+                sasl::TokenStep::Done { user, reply } => {
+                    tracing::debug!(%peer, %user, listener = %ctx.client.listener, "SASL authenticated (v0)");
+                    reply
                 }
-                Err(why) => return End::Answered(why),
+                sasl::TokenStep::Failed(why) => return End::Answered(why),
+            };
+            let reply = Reply::Body(BytesMut::from(&reply[..]));
+            if !queue(&mut tx, 0, NO_HEADER, reply, permit).await {
+                return End::Closed;
             }
+            continue;
         }
         ctx.shard.counters().requests.add(1);
         let decoded = match request::decode(frame) {
@@ -336,14 +347,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
             request,
         } = decoded;
         let header_version = api.response_header_version(version);
-        match gate(session.as_mut(), api, &request, version) {
+        match gate(session.as_mut(), api, &request, version, &*broker.engine).await {
             Gate::Pass => {}
             Gate::Answer(step) => {
                 if let (false, Some(user)) =
                     (step.close, session.as_ref().and_then(|s| s.authenticated()))
                 {
                     if api == ApiKey::SaslAuthenticate {
-                        tracing::debug!(%peer, %user, listener = %ctx.client.listener, "SASL/PLAIN authenticated");
+                        tracing::debug!(%peer, %user, listener = %ctx.client.listener, "SASL authenticated");
                     }
                 }
                 if !queue(&mut tx, correlation_id, header_version, step.reply, permit).await {

@@ -17,6 +17,7 @@ pub mod handlers;
 pub mod listener;
 pub mod request;
 pub mod sasl;
+pub mod scram;
 pub mod server;
 pub mod tls;
 pub mod topic_config;

@@ -53,6 +53,8 @@ pub enum Request {
     DescribeTransactions(kafka_protocol::messages::DescribeTransactionsRequest),
     ListTransactions(kafka_protocol::messages::ListTransactionsRequest),
     DescribeProducers(kafka_protocol::messages::DescribeProducersRequest),
+    DescribeUserScramCredentials(kafka_protocol::messages::DescribeUserScramCredentialsRequest),
+    AlterUserScramCredentials(kafka_protocol::messages::AlterUserScramCredentialsRequest),
 }
 
 #[derive(Debug)]
@@ -152,6 +154,12 @@ pub fn decode(mut frame: Bytes) -> Result<Decoded, DecodeError> {
         ApiKey::DescribeTransactions => Request::DescribeTransactions(body(api, version, b)?),
         ApiKey::ListTransactions => Request::ListTransactions(body(api, version, b)?),
         ApiKey::DescribeProducers => Request::DescribeProducers(body(api, version, b)?),
+        ApiKey::DescribeUserScramCredentials => {
+            Request::DescribeUserScramCredentials(body(api, version, b)?)
+        }
+        ApiKey::AlterUserScramCredentials => {
+            Request::AlterUserScramCredentials(body(api, version, b)?)
+        }
         _ => {
             return Err(DecodeError::Unsupported {
                 api,

@@ -1,23 +1,29 @@
-//! SASL/PLAIN on SASL_PLAINTEXT and SASL_SSL listeners: the users file,
-//! the PLAIN message (RFC 4616), and the per-connection state machine that
-//! decides what a connection may send before it has authenticated.
+//! SASL on SASL_PLAINTEXT and SASL_SSL listeners: the mechanisms offered
+//! (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512), the users file, the PLAIN
+//! message (RFC 4616), and the per-connection state machine that decides
+//! what a connection may send before it has authenticated. SCRAM's
+//! messages are in `scram.rs`; its credentials come from the metadata
+//! store through a [`CredentialStore`].
 //!
-//! Pure logic, no I/O: the connection (conn.rs) feeds it requests and
-//! sends what it answers. SCRAM and OAUTHBEARER are not implemented
-//! (FINDINGS.md).
+//! No socket I/O: the connection (conn.rs) feeds it requests and sends
+//! what it answers. OAUTHBEARER is not implemented (FINDINGS.md).
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use floe_meta::schema::ScramCredential;
+use futures::future::LocalBoxFuture;
+use futures::FutureExt;
 use kafka_protocol::messages::{
     SaslAuthenticateRequest, SaslAuthenticateResponse, SaslHandshakeRequest, SaslHandshakeResponse,
 };
 use kafka_protocol::protocol::StrBytes;
 
 use crate::handlers::{encode, Reply};
+use crate::scram;
 
-/// The one mechanism served.
+/// SASL/PLAIN's name.
 pub const MECHANISM_PLAIN: &str = "PLAIN";
 /// Largest frame read before a connection has authenticated (Kafka's
 /// `sasl.server.max.receive.size` default): an unauthenticated client must
@@ -101,6 +107,10 @@ impl Users {
         self.passwords.is_empty()
     }
 
+    pub fn contains(&self, user: &str) -> bool {
+        self.passwords.contains_key(user)
+    }
+
     /// Whether `user` exists with `password`. The comparison does not stop
     /// at the first differing byte, so its time says little about how much
     /// of a guess was right.
@@ -145,18 +155,113 @@ pub fn parse_plain(token: &[u8]) -> Result<PlainMessage<'_>, SaslError> {
     })
 }
 
+/// The mechanisms a SASL listener offers by default.
+pub const MECHANISMS_DEFAULT: &str = "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512";
+
+/// A mechanism a listener can offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    Plain,
+    Scram(scram::Mechanism),
+}
+
+impl Mechanism {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mechanism::Plain => MECHANISM_PLAIN,
+            Mechanism::Scram(m) => m.name(),
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        if name == MECHANISM_PLAIN {
+            return Some(Mechanism::Plain);
+        }
+        scram::Mechanism::parse(name).map(Mechanism::Scram)
+    }
+
+    /// A comma-separated list (`sasl.enabled.mechanisms`), in order,
+    /// without repeats.
+    pub fn parse_list(list: &str) -> Result<Vec<Self>, String> {
+        let mut out: Vec<Self> = Vec::new();
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let m = Self::parse(name).ok_or_else(|| {
+                format!(
+                    "unknown SASL mechanism {name:?} (floe serves PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512)"
+                )
+            })?;
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+        if out.is_empty() {
+            return Err("no SASL mechanism enabled".into());
+        }
+        Ok(out)
+    }
+}
+
+/// What a SASL listener offers and checks against: its mechanisms and
+/// the optional users file for PLAIN (PLAIN also accepts the password of
+/// a stored SCRAM credential).
+#[derive(Debug)]
+pub struct SaslConfig {
+    pub mechanisms: Vec<Mechanism>,
+    pub users: Option<Arc<Users>>,
+}
+
+/// Where SCRAM credentials come from: the engine (the metadata store), or
+/// a map in tests. `Err` is a store failure, not "no such user".
+pub trait CredentialStore {
+    fn scram_credential<'a>(
+        &'a self,
+        user: &'a str,
+        mechanism: scram::Mechanism,
+    ) -> LocalBoxFuture<'a, Result<Option<ScramCredential>, String>>;
+}
+
+impl CredentialStore for floe_engine::Engine {
+    fn scram_credential<'a>(
+        &'a self,
+        user: &'a str,
+        mechanism: scram::Mechanism,
+    ) -> LocalBoxFuture<'a, Result<Option<ScramCredential>, String>> {
+        let f = floe_engine::Engine::scram_credential(self, user, mechanism.name());
+        Box::pin(f.map(|r| r.map_err(|e| e.to_string())))
+    }
+}
+
 /// Where a connection of a SASL listener is in authentication.
-#[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     AwaitHandshake,
-    /// PLAIN was chosen; `raw` after a v0 handshake: the token comes as a
-    /// bare length-prefixed frame instead of a SaslAuthenticate request.
+    /// A mechanism was chosen; `raw` after a v0 handshake: tokens come as
+    /// bare length-prefixed frames instead of SaslAuthenticate requests.
     AwaitToken {
         raw: bool,
+        mechanism: Mechanism,
+    },
+    /// SCRAM: the server-first message was sent; the client-final is next.
+    ScramFinal {
+        raw: bool,
+        exchange: Box<scram::Exchange>,
     },
     Authenticated {
         user: String,
     },
+    /// Authentication failed; nothing more is accepted.
+    Failed,
+}
+
+/// What the session answers to one authentication token.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TokenStep {
+    /// Send this challenge; another token follows (SCRAM's server-first).
+    Challenge(Vec<u8>),
+    /// Authenticated as `user`; send `reply` (SCRAM's server-final, or
+    /// nothing for PLAIN).
+    Done { user: String, reply: Vec<u8> },
+    /// Refused: answer an error (or close, for raw tokens), then close.
+    Failed(String),
 }
 
 /// What the connection does after the session saw a SASL request or token.
@@ -171,14 +276,14 @@ pub struct Step {
 /// The authentication state of one connection of a SASL listener. Owned
 /// by the connection's reader (one shard).
 pub struct Session {
-    users: Arc<Users>,
+    config: Arc<SaslConfig>,
     state: State,
 }
 
 impl Session {
-    pub fn new(users: Arc<Users>) -> Self {
+    pub fn new(config: Arc<SaslConfig>) -> Self {
         Self {
-            users,
+            config,
             state: State::AwaitHandshake,
         }
     }
@@ -190,14 +295,26 @@ impl Session {
         }
     }
 
-    /// The next frame is a bare v0 token, not a Kafka request.
+    /// The next frame is a bare token (after a v0 handshake), not a Kafka
+    /// request.
     pub fn awaits_raw_token(&self) -> bool {
-        self.state == State::AwaitToken { raw: true }
+        matches!(
+            self.state,
+            State::AwaitToken { raw: true, .. } | State::ScramFinal { raw: true, .. }
+        )
+    }
+
+    fn mechanism_names(&self) -> Vec<StrBytes> {
+        self.config
+            .mechanisms
+            .iter()
+            .map(|m| StrBytes::from_static_str(m.name()))
+            .collect()
     }
 
     pub fn handshake(&mut self, req: &SaslHandshakeRequest, version: i16) -> Step {
-        let mechanisms = vec![StrBytes::from_static_str(MECHANISM_PLAIN)];
-        if self.state != State::AwaitHandshake {
+        let mechanisms = self.mechanism_names();
+        if !matches!(self.state, State::AwaitHandshake) {
             let resp = SaslHandshakeResponse::default()
                 .with_error_code(ILLEGAL_SASL_STATE)
                 .with_mechanisms(mechanisms);
@@ -207,7 +324,9 @@ impl Session {
                 why: Some("SaslHandshake after the handshake".into()),
             };
         }
-        if req.mechanism.as_str() != MECHANISM_PLAIN {
+        let chosen =
+            Mechanism::parse(req.mechanism.as_str()).filter(|m| self.config.mechanisms.contains(m));
+        let Some(mechanism) = chosen else {
             // The client may try another mechanism on this connection.
             let resp = SaslHandshakeResponse::default()
                 .with_error_code(UNSUPPORTED_SASL_MECHANISM)
@@ -217,8 +336,11 @@ impl Session {
                 close: false,
                 why: None,
             };
-        }
-        self.state = State::AwaitToken { raw: version == 0 };
+        };
+        self.state = State::AwaitToken {
+            raw: version == 0,
+            mechanism,
+        };
         let resp = SaslHandshakeResponse::default().with_mechanisms(mechanisms);
         Step {
             reply: encode(&resp, version),
@@ -227,8 +349,9 @@ impl Session {
         }
     }
 
-    /// Checks a PLAIN token; `Ok(user)` authenticates the connection.
-    fn check(&mut self, token: &[u8]) -> Result<String, String> {
+    /// Checks a PLAIN token against the users file, else the stored SCRAM
+    /// credentials (the strongest mechanism first).
+    async fn plain(&self, token: &[u8], store: &dyn CredentialStore) -> Result<String, String> {
         let msg = parse_plain(token).map_err(|e| e.to_string())?;
         if !msg.authzid.is_empty() && msg.authzid != msg.user {
             return Err(format!(
@@ -236,24 +359,96 @@ impl Session {
                 msg.user, msg.authzid
             ));
         }
-        if !self.users.verify(msg.user, msg.password) {
-            return Err(format!(
+        let refused = || {
+            format!(
                 "authentication failed for user {:?}: invalid user name or password",
                 msg.user
-            ));
-        }
-        self.state = State::Authenticated {
-            user: msg.user.to_string(),
+            )
         };
-        Ok(msg.user.to_string())
+        if let Some(users) = &self.config.users {
+            if users.contains(msg.user) {
+                return match users.verify(msg.user, msg.password) {
+                    true => Ok(msg.user.to_string()),
+                    false => Err(refused()),
+                };
+            }
+        }
+        for m in [scram::Mechanism::Sha512, scram::Mechanism::Sha256] {
+            let cred = store
+                .scram_credential(msg.user, m)
+                .await
+                .map_err(|e| format!("the credentials of {:?} could not be read: {e}", msg.user))?;
+            if let Some(cred) = cred {
+                return match m.verify_password(&cred, msg.password) {
+                    true => Ok(msg.user.to_string()),
+                    false => Err(refused()),
+                };
+            }
+        }
+        Err(refused())
     }
 
-    pub fn authenticate(&mut self, req: &SaslAuthenticateRequest, version: i16) -> Step {
-        if self.state != (State::AwaitToken { raw: false }) {
+    /// Feeds one authentication token (a SaslAuthenticate's bytes, or a
+    /// bare frame after a v0 handshake) to the chosen mechanism.
+    pub async fn token(&mut self, token: &[u8], store: &dyn CredentialStore) -> TokenStep {
+        let state = std::mem::replace(&mut self.state, State::Failed);
+        let step = match state {
+            State::AwaitToken {
+                mechanism: Mechanism::Plain,
+                ..
+            } => match self.plain(token, store).await {
+                Ok(user) => TokenStep::Done {
+                    user,
+                    reply: Vec::new(),
+                },
+                Err(why) => TokenStep::Failed(why),
+            },
+            State::AwaitToken {
+                raw,
+                mechanism: Mechanism::Scram(m),
+            } => match scram_first(m, token, store).await {
+                Ok((exchange, challenge)) => {
+                    self.state = State::ScramFinal {
+                        raw,
+                        exchange: Box::new(exchange),
+                    };
+                    return TokenStep::Challenge(challenge);
+                }
+                Err(why) => TokenStep::Failed(why),
+            },
+            State::ScramFinal { exchange, .. } => match exchange.finish(token) {
+                Ok(reply) => TokenStep::Done {
+                    user: exchange.user().to_string(),
+                    reply,
+                },
+                Err(why) => TokenStep::Failed(why),
+            },
+            State::AwaitHandshake | State::Authenticated { .. } | State::Failed => {
+                TokenStep::Failed("an authentication token before a SaslHandshake".into())
+            }
+        };
+        if let TokenStep::Done { user, .. } = &step {
+            self.state = State::Authenticated { user: user.clone() };
+        }
+        step
+    }
+
+    pub async fn authenticate(
+        &mut self,
+        req: &SaslAuthenticateRequest,
+        version: i16,
+        store: &dyn CredentialStore,
+    ) -> Step {
+        let expecting = matches!(
+            self.state,
+            State::AwaitToken { raw: false, .. } | State::ScramFinal { raw: false, .. }
+        );
+        if !expecting {
+            self.state = State::Failed;
             let resp = SaslAuthenticateResponse::default()
                 .with_error_code(ILLEGAL_SASL_STATE)
                 .with_error_message(Some(StrBytes::from_static_str(
-                    "SaslAuthenticate before a SaslHandshake v1 choosing PLAIN",
+                    "SaslAuthenticate before a SaslHandshake v1 choosing a mechanism",
                 )));
             return Step {
                 reply: encode(&resp, version),
@@ -261,13 +456,16 @@ impl Session {
                 why: Some("SaslAuthenticate in the wrong state".into()),
             };
         }
-        match self.check(&req.auth_bytes) {
-            Ok(_) => Step {
-                reply: encode(&SaslAuthenticateResponse::default(), version),
+        match self.token(&req.auth_bytes, store).await {
+            TokenStep::Challenge(bytes) | TokenStep::Done { reply: bytes, .. } => Step {
+                reply: encode(
+                    &SaslAuthenticateResponse::default().with_auth_bytes(bytes.into()),
+                    version,
+                ),
                 close: false,
                 why: None,
             },
-            Err(why) => {
+            TokenStep::Failed(why) => {
                 let resp = SaslAuthenticateResponse::default()
                     .with_error_code(SASL_AUTHENTICATION_FAILED)
                     .with_error_message(Some(StrBytes::from_string(format!(
@@ -281,13 +479,27 @@ impl Session {
             }
         }
     }
+}
 
-    /// A bare token after a v0 handshake: success is answered with an empty
-    /// frame, failure by closing the connection (there is no error field).
-    pub fn raw_token(&mut self, token: &[u8]) -> Result<String, String> {
-        debug_assert!(self.awaits_raw_token());
-        self.check(token)
-    }
+/// SCRAM's first round: the client-first message, the user's credential.
+async fn scram_first(
+    m: scram::Mechanism,
+    token: &[u8],
+    store: &dyn CredentialStore,
+) -> Result<(scram::Exchange, Vec<u8>), String> {
+    let first = scram::parse_client_first(token)?;
+    let cred = store
+        .scram_credential(&first.user, m)
+        .await
+        .map_err(|e| format!("the credentials of {:?} could not be read: {e}", first.user))?
+        .ok_or_else(|| {
+            format!(
+                "invalid user credentials: no {} credential for {:?}",
+                m.name(),
+                first.user
+            )
+        })?;
+    scram::Exchange::start(m, first, &cred)
 }
 
 /// The answer to SaslHandshake on a listener without SASL.
@@ -315,6 +527,8 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use kafka_protocol::protocol::Decodable;
+
+    use std::collections::HashMap;
 
     fn users() -> Arc<Users> {
         Arc::new(Users::parse("# comment\n\nalice:s3cret\nbob:pa:ss\r\n").expect("parses"))
@@ -381,46 +595,98 @@ mod tests {
             .error_code
     }
 
-    fn authenticate_code(step: &mut Step, version: i16) -> i16 {
+    fn authenticate_response(step: &mut Step, version: i16) -> SaslAuthenticateResponse {
         let reply = std::mem::replace(&mut step.reply, Reply::Nothing);
         let Reply::Body(b) = reply else {
             panic!("a body")
         };
-        SaslAuthenticateResponse::decode(&mut Bytes::from(b), version)
-            .expect("decodes")
-            .error_code
+        SaslAuthenticateResponse::decode(&mut Bytes::from(b), version).expect("decodes")
+    }
+
+    fn authenticate_code(step: &mut Step, version: i16) -> i16 {
+        authenticate_response(step, version).error_code
+    }
+
+    /// SCRAM credentials in a map; `down` makes every lookup fail.
+    #[derive(Default)]
+    struct Creds {
+        map: HashMap<(String, scram::Mechanism), ScramCredential>,
+        down: bool,
+    }
+
+    impl CredentialStore for Creds {
+        fn scram_credential<'a>(
+            &'a self,
+            user: &'a str,
+            mechanism: scram::Mechanism,
+        ) -> LocalBoxFuture<'a, Result<Option<ScramCredential>, String>> {
+            let r = match self.down {
+                true => Err("etcd is down".to_string()),
+                false => Ok(self.map.get(&(user.to_string(), mechanism)).cloned()),
+            };
+            Box::pin(async move { r })
+        }
+    }
+
+    fn creds() -> Creds {
+        let mut c = Creds::default();
+        for m in scram::Mechanism::ALL {
+            let cred = m.credential_for_password("scr4m", 4096).expect("derives");
+            c.map.insert(("carol".into(), m), cred);
+        }
+        c
+    }
+
+    fn config(mechanisms: &str) -> Arc<SaslConfig> {
+        Arc::new(SaslConfig {
+            mechanisms: Mechanism::parse_list(mechanisms).expect("mechanisms"),
+            users: Some(users()),
+        })
+    }
+
+    fn hs(m: &'static str) -> SaslHandshakeRequest {
+        SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str(m))
+    }
+
+    fn auth(t: &[u8]) -> SaslAuthenticateRequest {
+        SaslAuthenticateRequest::default().with_auth_bytes(Bytes::copy_from_slice(t))
+    }
+
+    fn block<F: std::future::Future>(f: F) -> F::Output {
+        futures::executor::block_on(f)
     }
 
     #[test]
     fn session_flow() {
-        let hs = |m: &'static str| {
-            SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str(m))
-        };
-        let auth = |t: &'static [u8]| {
-            SaslAuthenticateRequest::default().with_auth_bytes(Bytes::from_static(t))
-        };
+        let store = creds();
+        let all = || config(MECHANISMS_DEFAULT);
 
         // Authenticating before the handshake closes.
-        let mut s = Session::new(users());
-        let mut step = s.authenticate(&auth(b"\0alice\0s3cret"), 2);
+        let mut s = Session::new(all());
+        let mut step = block(s.authenticate(&auth(b"\0alice\0s3cret"), 2, &store));
         assert_eq!(authenticate_code(&mut step, 2), ILLEGAL_SASL_STATE);
         assert!(step.close);
 
-        // SCRAM is refused with the list, and the connection may retry.
-        let mut s = Session::new(users());
+        // A mechanism not enabled is refused with the list, and the
+        // connection may retry.
+        let mut s = Session::new(config("PLAIN"));
         let step = s.handshake(&hs("SCRAM-SHA-256"), 1);
         assert!(!step.close);
         assert_eq!(handshake_code(step, 1), UNSUPPORTED_SASL_MECHANISM);
+        assert_eq!(
+            handshake_code(s.handshake(&hs("GSSAPI"), 1), 1),
+            UNSUPPORTED_SASL_MECHANISM
+        );
         assert_eq!(handshake_code(s.handshake(&hs("PLAIN"), 1), 1), 0);
         assert!(!s.awaits_raw_token());
-        let mut step = s.authenticate(&auth(b"\0alice\0wrong"), 1);
+        let mut step = block(s.authenticate(&auth(b"\0alice\0wrong"), 1, &store));
         assert_eq!(authenticate_code(&mut step, 1), SASL_AUTHENTICATION_FAILED);
         assert!(step.close && step.why.is_some_and(|w| w.contains("alice")));
         assert_eq!(s.authenticated(), None);
 
-        let mut s = Session::new(users());
+        let mut s = Session::new(all());
         s.handshake(&hs("PLAIN"), 1);
-        let mut step = s.authenticate(&auth(b"alice\0alice\0s3cret"), 0);
+        let mut step = block(s.authenticate(&auth(b"alice\0alice\0s3cret"), 0, &store));
         assert_eq!(authenticate_code(&mut step, 0), 0);
         assert!(!step.close);
         assert_eq!(s.authenticated(), Some("alice"));
@@ -428,17 +694,183 @@ mod tests {
         assert!(s.handshake(&hs("PLAIN"), 1).close);
 
         // v0: the token comes bare.
-        let mut s = Session::new(users());
+        let mut s = Session::new(all());
         s.handshake(&hs("PLAIN"), 0);
         assert!(s.awaits_raw_token());
-        assert!(s.raw_token(b"\0bob\0nope").is_err());
-        let mut s = Session::new(users());
+        assert!(matches!(
+            block(s.token(b"\0bob\0nope", &store)),
+            TokenStep::Failed(_)
+        ));
+        let mut s = Session::new(all());
         s.handshake(&hs("PLAIN"), 0);
-        assert_eq!(s.raw_token(b"\0bob\0pa:ss"), Ok("bob".to_string()));
+        assert_eq!(
+            block(s.token(b"\0bob\0pa:ss", &store)),
+            TokenStep::Done {
+                user: "bob".into(),
+                reply: vec![]
+            }
+        );
         // Acting as another user is refused.
-        let mut s = Session::new(users());
+        let mut s = Session::new(all());
         s.handshake(&hs("PLAIN"), 1);
-        let mut step = s.authenticate(&auth(b"alice\0bob\0pa:ss"), 1);
+        let mut step = block(s.authenticate(&auth(b"alice\0bob\0pa:ss"), 1, &store));
         assert_eq!(authenticate_code(&mut step, 1), SASL_AUTHENTICATION_FAILED);
+    }
+
+    #[test]
+    fn plain_checks_stored_scram_credentials() {
+        let store = creds();
+        let plain = |token: &[u8], store: &Creds| {
+            let mut s = Session::new(config("PLAIN"));
+            s.handshake(&hs("PLAIN"), 1);
+            block(s.token(token, store))
+        };
+        assert!(matches!(
+            plain(b"\0carol\0scr4m", &store),
+            TokenStep::Done { .. }
+        ));
+        assert!(matches!(
+            plain(b"\0carol\0scr4m!", &store),
+            TokenStep::Failed(_)
+        ));
+        assert!(matches!(
+            plain(b"\0dave\0scr4m", &store),
+            TokenStep::Failed(_)
+        ));
+        // The users file is authoritative for its users.
+        let mut shadow = creds();
+        let cred = scram::Mechanism::Sha512
+            .credential_for_password("other", 4096)
+            .unwrap();
+        shadow
+            .map
+            .insert(("alice".into(), scram::Mechanism::Sha512), cred);
+        assert!(matches!(
+            plain(b"\0alice\0other", &shadow),
+            TokenStep::Failed(_)
+        ));
+        assert!(matches!(
+            plain(b"\0alice\0s3cret", &shadow),
+            TokenStep::Done { .. }
+        ));
+        // A store that cannot answer refuses, and says why.
+        let down = Creds {
+            down: true,
+            ..creds()
+        };
+        let TokenStep::Failed(why) = plain(b"\0carol\0scr4m", &down) else {
+            panic!("refused")
+        };
+        assert!(why.contains("etcd is down"), "{why}");
+    }
+
+    /// The client's side of SCRAM (RFC 5802), to drive a session.
+    fn scram_client_final(
+        m: scram::Mechanism,
+        password: &str,
+        bare: &str,
+        server_first: &[u8],
+    ) -> (Vec<u8>, Vec<u8>) {
+        use aws_lc_rs::{digest, hmac};
+        use base64::engine::general_purpose::STANDARD;
+        use base64::Engine as _;
+        let sf = std::str::from_utf8(server_first).unwrap();
+        let f: Vec<&str> = sf.split(',').map(|p| &p[2..]).collect();
+        let salt = STANDARD.decode(f[1]).unwrap();
+        let salted = m.salted_password(password.as_bytes(), &salt, f[2].parse().unwrap());
+        let (alg, dig) = match m {
+            scram::Mechanism::Sha256 => (hmac::HMAC_SHA256, &digest::SHA256),
+            scram::Mechanism::Sha512 => (hmac::HMAC_SHA512, &digest::SHA512),
+        };
+        let mac = |k: &[u8], d: &[u8]| hmac::sign(&hmac::Key::new(alg, k), d).as_ref().to_vec();
+        let client_key = mac(&salted, b"Client Key");
+        let stored = digest::digest(dig, &client_key);
+        let without = format!("c=biws,r={}", f[0]);
+        let am = format!("{bare},{sf},{without}");
+        let sig = mac(stored.as_ref(), am.as_bytes());
+        let proof: Vec<u8> = client_key.iter().zip(&sig).map(|(a, b)| a ^ b).collect();
+        let server_sig = mac(&mac(&salted, b"Server Key"), am.as_bytes());
+        (
+            format!("{without},p={}", STANDARD.encode(proof)).into_bytes(),
+            format!("v={}", STANDARD.encode(server_sig)).into_bytes(),
+        )
+    }
+
+    #[test]
+    fn scram_sessions() {
+        let store = creds();
+        for (m, name) in [
+            (scram::Mechanism::Sha256, "SCRAM-SHA-256"),
+            (scram::Mechanism::Sha512, "SCRAM-SHA-512"),
+        ] {
+            for version in [0i16, 1] {
+                for password in ["scr4m", "wrong"] {
+                    let mut s = Session::new(config(MECHANISMS_DEFAULT));
+                    assert_eq!(handshake_code(s.handshake(&hs(name), version), version), 0);
+                    assert_eq!(s.awaits_raw_token(), version == 0);
+                    let bare = "n=carol,r=fyko+d2lbbFgONRv9qkxdawL";
+                    let first = format!("n,,{bare}");
+                    let TokenStep::Challenge(sf) = block(s.token(first.as_bytes(), &store)) else {
+                        panic!("a server-first message")
+                    };
+                    assert_eq!(s.awaits_raw_token(), version == 0, "still raw");
+                    let (cf, expect) = scram_client_final(m, password, bare, &sf);
+                    let step = if version == 0 {
+                        block(s.token(&cf, &store))
+                    } else {
+                        let mut step = block(s.authenticate(&auth(&cf), 1, &store));
+                        let resp = authenticate_response(&mut step, 1);
+                        match resp.error_code {
+                            0 => TokenStep::Done {
+                                user: "carol".into(),
+                                reply: resp.auth_bytes.to_vec(),
+                            },
+                            _ => TokenStep::Failed(
+                                resp.error_message
+                                    .map(|m| m.to_string())
+                                    .unwrap_or_default(),
+                            ),
+                        }
+                    };
+                    match password {
+                        "scr4m" => {
+                            assert_eq!(
+                                step,
+                                TokenStep::Done {
+                                    user: "carol".into(),
+                                    reply: expect
+                                },
+                                "{name} v{version}"
+                            );
+                            assert_eq!(s.authenticated(), Some("carol"));
+                        }
+                        _ => {
+                            let TokenStep::Failed(why) = step else {
+                                panic!("refused")
+                            };
+                            assert!(why.contains("invalid credentials"), "{why}");
+                            assert_eq!(s.authenticated(), None);
+                        }
+                    }
+                }
+            }
+        }
+        // An unknown user is refused at the first message.
+        let mut s = Session::new(config(MECHANISMS_DEFAULT));
+        s.handshake(&hs("SCRAM-SHA-512"), 1);
+        let mut step = block(s.authenticate(&auth(b"n,,n=dave,r=abc"), 1, &store));
+        let resp = authenticate_response(&mut step, 1);
+        assert_eq!(resp.error_code, SASL_AUTHENTICATION_FAILED);
+        assert!(step.close);
+        // A SaslAuthenticate after a v0 handshake (raw tokens) is refused.
+        let mut s = Session::new(config(MECHANISMS_DEFAULT));
+        s.handshake(&hs("SCRAM-SHA-512"), 0);
+        let mut step = block(s.authenticate(&auth(b"n,,n=carol,r=abc"), 1, &store));
+        assert_eq!(authenticate_code(&mut step, 1), ILLEGAL_SASL_STATE);
+        assert_eq!(
+            Mechanism::parse_list(" SCRAM-SHA-512,PLAIN,PLAIN ").unwrap(),
+            vec![Mechanism::Scram(scram::Mechanism::Sha512), Mechanism::Plain]
+        );
+        assert!(Mechanism::parse_list("").is_err());
     }
 }

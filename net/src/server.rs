@@ -159,7 +159,7 @@ pub async fn shard_main(
 #[derive(Clone, Default)]
 pub struct Secure {
     tls: Option<futures_rustls::TlsAcceptor>,
-    sasl: Option<Arc<crate::sasl::Users>>,
+    sasl: Option<Arc<crate::sasl::SaslConfig>>,
 }
 
 /// Why a listener's TLS or SASL settings could not be loaded.
@@ -179,16 +179,18 @@ pub struct ListenerSecurity {
     ssl: Option<futures_rustls::TlsAcceptor>,
     /// SASL_SSL listeners: never asks for client certificates.
     sasl_ssl: Option<futures_rustls::TlsAcceptor>,
-    users: Option<Arc<crate::sasl::Users>>,
+    sasl: Option<Arc<crate::sasl::SaslConfig>>,
 }
 
 impl ListenerSecurity {
     /// Loads what `listeners` need: TLS acceptors for SSL and SASL_SSL
-    /// listeners from `tls`, SASL users from `sasl_users_file`.
+    /// listeners from `tls`, SASL users from `sasl_users_file`; SASL
+    /// listeners offer `sasl_mechanisms`.
     pub fn load(
         listeners: &[Listener],
         tls: Option<&crate::tls::TlsFiles>,
         sasl_users_file: Option<&std::path::Path>,
+        sasl_mechanisms: &[crate::sasl::Mechanism],
     ) -> Result<Self, SecurityError> {
         use SecurityProtocol as P;
         let uses = |p: P| listeners.iter().any(|l| l.protocol == p);
@@ -202,10 +204,19 @@ impl ListenerSecurity {
             }
             tracing::info!(cert = %files.cert.display(), client_auth = ?files.client_auth, "TLS listeners ready");
         }
+        let mut users = None;
         if let Some(path) = sasl_users_file {
-            let users = crate::sasl::Users::load(path)?;
-            tracing::info!(users = users.len(), file = %path.display(), "SASL/PLAIN users loaded");
-            out.users = Some(users);
+            let u = crate::sasl::Users::load(path)?;
+            tracing::info!(users = u.len(), file = %path.display(), "SASL/PLAIN users loaded");
+            users = Some(u);
+        }
+        if uses(P::SaslPlaintext) || uses(P::SaslSsl) {
+            let names: Vec<_> = sasl_mechanisms.iter().map(|m| m.name()).collect();
+            tracing::info!(mechanisms = %names.join(","), "SASL listeners ready");
+            out.sasl = Some(Arc::new(crate::sasl::SaslConfig {
+                mechanisms: sasl_mechanisms.to_vec(),
+                users,
+            }));
         }
         Ok(out)
     }
@@ -221,11 +232,11 @@ impl ListenerSecurity {
             },
             P::SaslPlaintext => Secure {
                 tls: None,
-                sasl: self.users.clone(),
+                sasl: self.sasl.clone(),
             },
             P::SaslSsl => Secure {
                 tls: self.sasl_ssl.clone(),
-                sasl: self.users.clone(),
+                sasl: self.sasl.clone(),
             },
         }
     }

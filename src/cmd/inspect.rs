@@ -40,15 +40,8 @@ impl IndexSink for Discard {
 }
 
 pub fn main(args: InspectArgs) -> ExitCode {
-    let cfg = match args.serve.resolve() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("floe: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let rt = match super::command_runtime() {
-        Ok(rt) => rt,
+    let (cfg, rt) = match super::resolve_with_runtime(&args.serve) {
+        Ok(r) => r,
         Err(code) => return code,
     };
     match rt.block_on(inspect(&cfg, &args.topic, args.partition)) {

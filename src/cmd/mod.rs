@@ -6,6 +6,7 @@ pub mod groups;
 pub mod inspect;
 pub mod serve;
 pub mod size;
+pub mod users;
 
 /// A one-thread tokio runtime for a command that runs a few requests, or
 /// the exit code after saying why there is none.
@@ -17,6 +18,19 @@ pub fn command_runtime() -> Result<tokio::runtime::Runtime, std::process::ExitCo
             eprintln!("floe: starting a runtime: {e}");
             std::process::ExitCode::FAILURE
         })
+}
+
+/// Serve's flags resolved, and a runtime: what an operator tool that
+/// reads the metadata store starts with. `Err` is the exit code, the
+/// reason already printed.
+pub fn resolve_with_runtime(
+    serve: &crate::config::ServeArgs,
+) -> Result<(crate::config::Resolved, tokio::runtime::Runtime), std::process::ExitCode> {
+    let cfg = serve.clone().resolve().map_err(|e| {
+        eprintln!("floe: {e}");
+        std::process::ExitCode::from(2)
+    })?;
+    Ok((cfg, command_runtime()?))
 }
 
 /// Opens the configured metadata store, saying which one failed and, for

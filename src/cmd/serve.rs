@@ -71,6 +71,7 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
         &cfg.listeners,
         cfg.tls.as_ref(),
         cfg.sasl_users_file.as_deref(),
+        &cfg.sasl_mechanisms,
     )?;
     log_budgets(&cfg);
     let Backends {

@@ -37,4 +37,9 @@ pub enum Command {
     /// Size a cluster of m6in instances for a produce throughput, with the
     /// monthly object-store request cost at the default flush settings.
     Size(crate::cmd::size::SizeArgs),
+    /// SASL/SCRAM users in the metadata store: `floe users set NAME
+    /// --mechanism SCRAM-SHA-512 --password-file F`, `delete`, `list`.
+    /// Takes serve's flags; with the embedded metadata store, stop the
+    /// broker first.
+    Users(crate::cmd::users::UsersArgs),
 }

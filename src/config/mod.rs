@@ -82,9 +82,15 @@ pub struct ServeArgs {
     pub ssl_client_auth: Option<String>,
     /// SASL/PLAIN users of SASL_PLAINTEXT and SASL_SSL listeners: a file of
     /// `user:password` lines (`#` comments). Keep it readable by floe only.
-    /// [default: none; required by those listeners]
+    /// PLAIN also accepts the password of a user's stored SCRAM
+    /// credentials (`floe users set`). [default: none]
     #[arg(long, env = "FLOE_SASL_USERS_FILE")]
     pub sasl_users_file: Option<PathBuf>,
+    /// The SASL mechanisms SASL listeners offer (Kafka's
+    /// sasl.enabled.mechanisms), comma-separated, of PLAIN, SCRAM-SHA-256
+    /// and SCRAM-SHA-512. [default: PLAIN,SCRAM-SHA-256,SCRAM-SHA-512]
+    #[arg(long, env = "FLOE_SASL_ENABLED_MECHANISMS")]
+    pub sasl_enabled_mechanisms: Option<String>,
     /// HTTP address for /metrics, /healthz and /readyz. [default: 127.0.0.1:9644]
     #[arg(long, env = "FLOE_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
@@ -255,6 +261,8 @@ pub struct Resolved {
     pub tls: Option<floe_net::tls::TlsFiles>,
     /// Users file of SASL listeners (set when one exists).
     pub sasl_users_file: Option<PathBuf>,
+    /// The mechanisms SASL listeners offer (empty when there is none).
+    pub sasl_mechanisms: Vec<floe_net::sasl::Mechanism>,
     pub listen: String,
     pub advertise_host: String,
     pub advertise_port: u16,
@@ -359,7 +367,7 @@ impl ServeArgs {
                 .clone()
                 .or(file.listener_security_protocol_map.clone()),
         })?;
-        let (tls, sasl_users_file) = resolve_security(&listeners, &self, &file)?;
+        let (tls, sasl_users_file, sasl_mechanisms) = resolve_security(&listeners, &self, &file)?;
         let listen = listeners[0].bind.clone();
         let (advertise_host, advertise_port) = (
             listeners[0].advertised_host.clone(),
@@ -421,6 +429,7 @@ impl ServeArgs {
             listeners,
             tls,
             sasl_users_file,
+            sasl_mechanisms,
             listen,
             advertise_host,
             advertise_port,
@@ -686,9 +695,23 @@ mod tests {
         assert!(e.contains("SSL"), "{e}");
         let e = err(ServeArgs {
             listeners: Some("sasl_plaintext://127.0.0.1:1".into()),
+            sasl_enabled_mechanisms: Some("PLAIN,GSSAPI".into()),
             ..Default::default()
         });
-        assert!(e.contains("--sasl-users-file"), "{e}");
+        assert!(e.contains("unknown SASL mechanism \"GSSAPI\""), "{e}");
+        let e = err(ServeArgs {
+            sasl_enabled_mechanisms: Some("PLAIN".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("no listener is SASL"), "{e}");
+        // A SASL listener needs no users file: SCRAM's users are stored.
+        let r = ServeArgs {
+            listeners: Some("sasl_plaintext://127.0.0.1:1".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .expect("resolves");
+        assert_eq!(r.sasl_mechanisms.len(), 3);
         let e = err(ServeArgs {
             listeners: Some("ssl://127.0.0.1:1".into()),
             ssl_cert_file: Some("c.pem".into()),

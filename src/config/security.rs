@@ -1,4 +1,4 @@
-//! Which TLS files and SASL users file the listeners need.
+//! Which TLS files, SASL users file and SASL mechanisms the listeners need.
 
 use std::path::PathBuf;
 
@@ -13,7 +13,11 @@ pub(super) fn resolve_security(
     listeners: &[Listener],
     flags: &ServeArgs,
     file: &ServeArgs,
-) -> anyhow::Result<(Option<floe_net::tls::TlsFiles>, Option<PathBuf>)> {
+) -> anyhow::Result<(
+    Option<floe_net::tls::TlsFiles>,
+    Option<PathBuf>,
+    Vec<floe_net::sasl::Mechanism>,
+)> {
     use floe_net::tls::{ClientAuth, TlsFiles};
     macro_rules! given {
         ($f:ident) => {
@@ -63,17 +67,21 @@ pub(super) fn resolve_security(
         }
     };
     let users = given!(sasl_users_file);
-    let sasl = match (sasl_listener, users) {
-        (Some(_), Some(path)) => Some(path),
-        (Some(l), None) => anyhow::bail!(
-            "listener {:?} is {}: give --sasl-users-file (lines of user:password)",
-            l.name,
-            l.protocol.kafka_name()
-        ),
-        (None, Some(_)) => anyhow::bail!(
+    let mechanisms = given!(sasl_enabled_mechanisms);
+    let (users, mechanisms) = match (sasl_listener, users, mechanisms) {
+        (Some(_), users, mechanisms) => {
+            let list = mechanisms.unwrap_or_else(|| floe_net::sasl::MECHANISMS_DEFAULT.into());
+            let parsed = floe_net::sasl::Mechanism::parse_list(&list)
+                .map_err(|e| anyhow::anyhow!("--sasl-enabled-mechanisms {list:?}: {e}"))?;
+            (users, parsed)
+        }
+        (None, Some(_), _) => anyhow::bail!(
             "--sasl-users-file is given but no listener is SASL_PLAINTEXT or SASL_SSL"
         ),
-        (None, None) => None,
+        (None, None, Some(_)) => anyhow::bail!(
+            "--sasl-enabled-mechanisms is given but no listener is SASL_PLAINTEXT or SASL_SSL"
+        ),
+        (None, None, None) => (None, Vec::new()),
     };
-    Ok((tls, sasl))
+    Ok((tls, users, mechanisms))
 }

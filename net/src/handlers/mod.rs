@@ -11,6 +11,7 @@ mod list_offsets;
 mod metadata;
 mod produce;
 mod txn;
+mod users;
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -168,6 +169,12 @@ pub async fn dispatch(ctx: &Ctx, request: Request, version: i16) -> Pending {
         }
         Request::DescribeProducers(req) => {
             async move { txn::describe_producers(&ctx, req, version).await }.boxed_local()
+        }
+        Request::DescribeUserScramCredentials(req) => {
+            async move { users::describe(&ctx, req, version).await }.boxed_local()
+        }
+        Request::AlterUserScramCredentials(req) => {
+            async move { users::alter(&ctx, req, version).await }.boxed_local()
         }
         // On SASL listeners the connection's session answers these before
         // dispatch (conn.rs); reaching here means the listener has no SASL.
