@@ -40,11 +40,28 @@ fn revision_of(h: Option<&etcd_client::ResponseHeader>) -> u64 {
 }
 
 impl Etcd {
-    pub async fn connect(endpoints: Vec<String>, prefix: &str) -> Result<Self> {
-        let opts = ConnectOptions::new()
+    pub async fn connect(
+        endpoints: Vec<String>,
+        prefix: &str,
+        security: &crate::EtcdSecurity,
+    ) -> Result<Self> {
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        if let Some(ca) = &security.ca_pem {
+            let mut tls = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(ca));
+            if let Some((cert, key)) = &security.client_pem {
+                tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            opts = opts.with_tls(tls);
+        }
+        if let Some((user, password)) = &security.user {
+            opts = opts
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
+        }
         let client =
             Client::connect(&endpoints, Some(opts))
                 .await

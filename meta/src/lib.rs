@@ -171,44 +171,89 @@ pub trait MetaStore: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
+/// How floe authenticates to etcd and checks it: for `etcds://` the CA
+/// that signed etcd's certificate and, for mutual TLS, a client
+/// certificate and key (PEM); with etcd's authentication on, a user and
+/// password (over either scheme; the token is refreshed when it expires).
+#[derive(Clone, Default)]
+pub struct EtcdSecurity {
+    pub ca_pem: Option<Vec<u8>>,
+    pub client_pem: Option<(Vec<u8>, Vec<u8>)>,
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdSecurity")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_certificate", &self.client_pem.is_some())
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
 /// Opens a backend from its URL: `embedded` (a redb file at
-/// `embedded_path`) or `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`.
+/// `embedded_path`), `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`, or
+/// `etcds://…` (the same over TLS; `security` must name the CA).
 pub async fn open(
     url: &str,
     embedded_path: &std::path::Path,
+    security: &EtcdSecurity,
 ) -> Result<std::sync::Arc<dyn MetaStore>> {
     if url == "embedded" {
         return Ok(std::sync::Arc::new(Embedded::open(embedded_path)?));
     }
+    let (tls, rest) = match (url.strip_prefix("etcd://"), url.strip_prefix("etcds://")) {
+        (Some(rest), _) => (false, rest),
+        (_, Some(rest)) => (true, rest),
+        _ => {
+            return Err(Error::Config {
+                reason: format!("unsupported metadata URL {url:?} (expected embedded, etcd://HOST:PORT[,HOST:PORT...][/PREFIX] or etcds://…)"),
+            })
+        }
+    };
     #[cfg(not(feature = "etcd"))]
-    if url.starts_with("etcd://") {
-        return Err(Error::Config {
+    {
+        let _ = (tls, rest, security);
+        Err(Error::Config {
             reason: format!(
                 "{url:?}: this floe was built without etcd support; build it with the default features (needs protoc)"
             ),
-        });
+        })
     }
     #[cfg(feature = "etcd")]
-    if let Some(rest) = url.strip_prefix("etcd://") {
+    {
         let (hosts, prefix) = match rest.split_once('/') {
             Some((h, p)) => (h, p.trim_matches('/')),
             None => (rest, ""),
         };
+        let scheme = if tls { "https" } else { "http" };
         let endpoints: Vec<String> = hosts
             .split(',')
             .filter(|h| !h.is_empty())
-            .map(|h| format!("http://{h}"))
+            .map(|h| format!("{scheme}://{h}"))
             .collect();
         if endpoints.is_empty() {
             return Err(Error::Config {
                 reason: format!("{url:?} names no etcd endpoint"),
             });
         }
-        return Ok(std::sync::Arc::new(Etcd::connect(endpoints, prefix).await?));
+        if tls && security.ca_pem.is_none() {
+            return Err(Error::Config {
+                reason: format!(
+                    "{url:?} is TLS: give the CA that signed etcd's certificate (--etcd-ca-file)"
+                ),
+            });
+        }
+        if !tls && (security.ca_pem.is_some() || security.client_pem.is_some()) {
+            return Err(Error::Config {
+                reason: format!("{url:?} is plain text but etcd TLS files are given: use etcds://"),
+            });
+        }
+        Ok(std::sync::Arc::new(
+            Etcd::connect(endpoints, prefix, security).await?,
+        ))
     }
-    Err(Error::Config {
-        reason: format!("unsupported metadata URL {url:?} (expected embedded or etcd://HOST:PORT[,HOST:PORT...][/PREFIX])"),
-    })
 }
 
 /// Compare-and-swap attempts `take_next` makes before giving up.

@@ -124,7 +124,7 @@ async fn conformance_on_real_etcd() {
     let Some(server) = EtcdServer::start() else {
         return;
     };
-    let store = Etcd::connect(vec![server.endpoint()], "conformance")
+    let store = Etcd::connect(vec![server.endpoint()], "conformance", &Default::default())
         .await
         .expect("connect");
     conformance::run(Arc::new(store)).await;
@@ -135,7 +135,7 @@ async fn watch_resumes_across_an_etcd_restart_without_loss() {
     let Some(mut server) = EtcdServer::start() else {
         return;
     };
-    let store = Etcd::connect(vec![server.endpoint()], "resume")
+    let store = Etcd::connect(vec![server.endpoint()], "resume", &Default::default())
         .await
         .expect("connect");
     let mut w = store.watch("k/", 0).await.expect("watch");

@@ -39,7 +39,8 @@ pub async fn open_meta(
     cfg: &crate::config::Resolved,
 ) -> anyhow::Result<std::sync::Arc<dyn floe_meta::MetaStore>> {
     use anyhow::Context as _;
-    floe_meta::open(&cfg.meta, &cfg.data_dir.join("meta.redb"))
+    let security = cfg.etcd_security()?;
+    floe_meta::open(&cfg.meta, &cfg.data_dir.join("meta.redb"), &security)
         .await
         .with_context(|| {
             if cfg.meta == "embedded" {

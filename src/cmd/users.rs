@@ -111,10 +111,7 @@ fn read_password(path: &std::path::Path) -> anyhow::Result<String> {
         text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the password file {}", path.display()))?;
     }
-    let password = text
-        .strip_suffix('\n')
-        .map(|t| t.strip_suffix('\r').unwrap_or(t))
-        .unwrap_or(&text);
+    let password = crate::config::without_final_newline(&text);
     if password.is_empty() {
         anyhow::bail!("the password is empty");
     }

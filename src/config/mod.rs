@@ -201,10 +201,31 @@ pub struct ServeArgs {
     /// [default: allocated from the metadata store and remembered in DATA_DIR/node-id]
     #[arg(long, env = "FLOE_NODE_ID")]
     pub node_id: Option<i32>,
-    /// Metadata store: `embedded` (a redb file in the data dir) or
-    /// `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`. [default: embedded]
+    /// Metadata store: `embedded` (a redb file in the data dir),
+    /// `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`, or `etcds://…` for etcd
+    /// over TLS. [default: embedded]
     #[arg(long, env = "FLOE_META")]
     pub meta: Option<String>,
+    /// The CA (PEM) that signed etcd's server certificate; required by
+    /// `etcds://`. [default: none]
+    #[arg(long, env = "FLOE_ETCD_CA_FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) for etcd's `--client-cert-auth`, with
+    /// --etcd-key-file. [default: none]
+    #[arg(long, env = "FLOE_ETCD_CERT_FILE")]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM). [default: none]
+    #[arg(long, env = "FLOE_ETCD_KEY_FILE")]
+    pub etcd_key_file: Option<PathBuf>,
+    /// An etcd user, when etcd's authentication is on; the password comes
+    /// from --etcd-password-file. [default: none]
+    #[arg(long, env = "FLOE_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// A file holding the etcd user's password (one trailing newline is
+    /// dropped): a credentials file of systemd, a Secret's file in
+    /// Kubernetes. [default: none]
+    #[arg(long, env = "FLOE_ETCD_PASSWORD_FILE")]
+    pub etcd_password_file: Option<PathBuf>,
     /// This broker's availability zone, registered with it. [default: none]
     #[arg(long, env = "FLOE_ZONE")]
     pub zone: Option<String>,
@@ -295,6 +316,8 @@ pub struct Resolved {
     /// `None`: allocate one (or reuse the one remembered in the data dir).
     pub node_id: Option<i32>,
     pub meta: String,
+    /// TLS files and credentials for etcd (all `None` for other stores).
+    pub etcd: EtcdFiles,
     pub zone: String,
     pub group: String,
     pub lease_ttl_secs: u64,
@@ -409,10 +432,12 @@ impl ServeArgs {
         if inflight_bytes < 1 << 20 {
             anyhow::bail!("--inflight-bytes {inflight_bytes} must be at least 1 MiB");
         }
+        let meta = pick!(meta, defaults::META.to_string());
         let resolved = Resolved {
             admin_listen: pick!(admin_listen, defaults::ADMIN_LISTEN.to_string()),
             node_id: self.node_id.or(file.node_id),
-            meta: pick!(meta, defaults::META.to_string()),
+            meta: meta.clone(),
+            etcd: etcd_files(&meta, &self, &file)?,
             zone: match self.zone.clone().or(file.zone.clone()) {
                 Some(z) => z,
                 None => zone_from_file(self.zone_file.as_ref().or(file.zone_file.as_ref()))?,
@@ -499,7 +524,96 @@ impl ServeArgs {
     }
 }
 
+/// A secret read from a file, without the one newline editors add.
+pub fn without_final_newline(text: &str) -> &str {
+    text.strip_suffix('\n')
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(text)
+}
+
+/// Where floe's etcd TLS files and credentials are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdFiles {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password: Option<PathBuf>,
+}
+
+/// The etcd settings, checked against the metadata URL: TLS files only
+/// with `etcds://` (which needs the CA), a certificate with its key, a
+/// user with its password file.
+fn etcd_files(meta: &str, flags: &ServeArgs, file: &ServeArgs) -> anyhow::Result<EtcdFiles> {
+    macro_rules! given {
+        ($f:ident) => {
+            flags.$f.clone().or(file.$f.clone())
+        };
+    }
+    let f = EtcdFiles {
+        ca: given!(etcd_ca_file),
+        cert: given!(etcd_cert_file),
+        key: given!(etcd_key_file),
+        user: given!(etcd_user),
+        password: given!(etcd_password_file),
+    };
+    let tls = meta.starts_with("etcds://");
+    let etcd = tls || meta.starts_with("etcd://");
+    if !etcd && f != EtcdFiles::default() {
+        anyhow::bail!("--etcd-* settings are given but --meta {meta:?} is not etcd");
+    }
+    if tls && f.ca.is_none() {
+        anyhow::bail!(
+            "--meta {meta:?} is TLS: give --etcd-ca-file (the CA that signed etcd's certificate)"
+        );
+    }
+    if !tls && (f.ca.is_some() || f.cert.is_some() || f.key.is_some()) {
+        anyhow::bail!(
+            "--etcd-ca-file/--etcd-cert-file/--etcd-key-file need --meta etcds://… (TLS)"
+        );
+    }
+    if f.cert.is_some() != f.key.is_some() {
+        anyhow::bail!("--etcd-cert-file and --etcd-key-file go together");
+    }
+    if f.user.is_some() != f.password.is_some() {
+        anyhow::bail!("--etcd-user and --etcd-password-file go together");
+    }
+    Ok(f)
+}
+
 impl Resolved {
+    /// Reads the etcd TLS files and password named by the settings.
+    pub fn etcd_security(&self) -> anyhow::Result<floe_meta::EtcdSecurity> {
+        use anyhow::Context as _;
+        let read = |what: &str, p: &PathBuf| {
+            std::fs::read(p).with_context(|| format!("reading {what} {}", p.display()))
+        };
+        let e = &self.etcd;
+        let ca_pem =
+            e.ca.as_ref()
+                .map(|p| read("--etcd-ca-file", p))
+                .transpose()?;
+        let client_pem = match (&e.cert, &e.key) {
+            (Some(c), Some(k)) => Some((read("--etcd-cert-file", c)?, read("--etcd-key-file", k)?)),
+            _ => None,
+        };
+        let user = match (&e.user, &e.password) {
+            (Some(u), Some(p)) => {
+                let text =
+                    String::from_utf8(read("--etcd-password-file", p)?).with_context(|| {
+                        format!("--etcd-password-file {} is not UTF-8", p.display())
+                    })?;
+                Some((u.clone(), without_final_newline(&text).to_string()))
+            }
+            _ => None,
+        };
+        Ok(floe_meta::EtcdSecurity {
+            ca_pem,
+            client_pem,
+            user,
+        })
+    }
+
     /// The object-store settings (used by the S3 backend only).
     pub fn object_store_options(&self) -> floe_objstore::S3Options {
         floe_objstore::S3Options {
@@ -661,6 +775,61 @@ mod tests {
         assert_eq!(r.listeners[0].protocol, SecurityProtocol::SaslSsl);
         assert_eq!(r.tls.map(|t| t.cert), Some(PathBuf::from("c.pem")));
         assert_eq!(r.sasl_users_file, Some(PathBuf::from("flag-users")));
+    }
+
+    #[test]
+    fn etcd_security_settings_are_checked() {
+        let err = |a: ServeArgs| a.resolve().unwrap_err().to_string();
+        let tls = || ServeArgs {
+            meta: Some("etcds://127.0.0.1:2379/p".into()),
+            etcd_ca_file: Some("ca.pem".into()),
+            ..Default::default()
+        };
+        let r = tls().resolve().expect("resolves");
+        assert_eq!(r.etcd.ca, Some(PathBuf::from("ca.pem")));
+        let e = err(ServeArgs {
+            etcd_ca_file: None,
+            ..tls()
+        });
+        assert!(e.contains("--etcd-ca-file"), "{e}");
+        let e = err(ServeArgs {
+            meta: Some("etcd://127.0.0.1:2379".into()),
+            ..tls()
+        });
+        assert!(e.contains("etcds://"), "{e}");
+        let e = err(ServeArgs {
+            etcd_cert_file: Some("c.pem".into()),
+            ..tls()
+        });
+        assert!(e.contains("go together"), "{e}");
+        let e = err(ServeArgs {
+            etcd_user: Some("floe".into()),
+            ..tls()
+        });
+        assert!(e.contains("--etcd-password-file"), "{e}");
+        let e = err(ServeArgs {
+            etcd_user: Some("floe".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("not etcd"), "{e}");
+        // A user over plain etcd:// is fine, and the password file is read.
+        let dir = tempfile_dir();
+        let pw = dir.join("etcd.pw");
+        std::fs::write(&pw, "s3cret\r\n").expect("write");
+        let r = ServeArgs {
+            meta: Some("etcd://127.0.0.1:2379".into()),
+            etcd_user: Some("floe".into()),
+            etcd_password_file: Some(pw),
+            ..Default::default()
+        }
+        .resolve()
+        .expect("resolves");
+        let sec = r.etcd_security().expect("reads");
+        assert_eq!(sec.user, Some(("floe".into(), "s3cret".into())));
+        assert!(
+            !format!("{sec:?}").contains("s3cret"),
+            "Debug hides the password"
+        );
     }
 
     #[test]

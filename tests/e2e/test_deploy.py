@@ -439,6 +439,12 @@ def test_systemd_unit_verifies(tmp_path, shared_bin):
     # The check can fail: a misspelt setting is reported.
     bad = _verify(text.replace("Type=notify", "Type=notifyy"), tmp_path, shared_bin)
     assert "notifyy" in bad.stderr, bad.stderr
+    # The etcd credentials block, uncommented, is valid too.
+    lines = [l[1:] if l.startswith(("#LoadCredential=", "#Environment=FLOE_ETCD")) else l
+             for l in text.splitlines()]
+    assert sum(l.startswith("LoadCredential=") for l in lines) == 2
+    res = _verify("\n".join(lines) + "\n", tmp_path, shared_bin)
+    assert res.returncode == 0 and res.stderr.strip() == "", res.stderr
 
 
 def test_systemd_unit_settings():
@@ -608,7 +614,20 @@ def test_deployment_is_guaranteed_qos_on_the_1_to_4_model(name):
     assert env["FLOE_SHARDS"]["resourceFieldRef"]["resource"] == "limits.cpu"
     assert env["FLOE_ZONE_FILE"] == "/etc/floe-zone/zone"
     assert env["FLOE_ADVERTISED_LISTENERS"].startswith("internal://$(POD_IP):")
-    assert env["FLOE_META"].startswith("etcd://")
+    assert env["FLOE_META"].startswith("etcd://" if name == "default.yaml" else "etcds://")
+    if name == "zonal.yaml":
+        # The secured etcd: every file floe is told of is mounted from a
+        # Secret, and the password never appears as a value.
+        mounts = {m["name"]: m["mountPath"] for m in floe["volumeMounts"]}
+        secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+        assert secrets["etcd-tls"]["secretName"] == "floe-etcd-tls"
+        assert secrets["etcd-auth"]["secretName"] == "floe-etcd-auth"
+        for var, mount in [("FLOE_ETCD_CA_FILE", "etcd-tls"), ("FLOE_ETCD_CERT_FILE", "etcd-tls"),
+                           ("FLOE_ETCD_KEY_FILE", "etcd-tls"), ("FLOE_ETCD_PASSWORD_FILE", "etcd-auth")]:
+            assert env[var].startswith(mounts[mount] + "/"), (var, env[var])
+        assert env["FLOE_ETCD_USER"] == "floe"
+    else:
+        assert not any(k.startswith("FLOE_ETCD_") for k in env)
     admin = next(p["containerPort"] for p in floe["ports"] if p["name"] == "admin")
     assert floe["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
     assert floe["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}

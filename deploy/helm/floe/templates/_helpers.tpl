@@ -28,9 +28,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- end -}}
 
-{{/* etcd://HOST:PORT,HOST:PORT[/PREFIX] */}}
+{{/* etcd://HOST:PORT,HOST:PORT[/PREFIX], etcds:// with TLS */}}
 {{- define "floe.metaUrl" -}}
-{{- $url := printf "etcd://%s" (join "," .Values.meta.etcd.endpoints) -}}
+{{- $scheme := ternary "etcds" "etcd" (and .Values.meta.etcd.tls .Values.meta.etcd.tls.enabled | default false) -}}
+{{- $url := printf "%s://%s" $scheme (join "," .Values.meta.etcd.endpoints) -}}
 {{- if .Values.meta.etcd.prefix -}}
 {{- $url = printf "%s/%s" $url (trimPrefix "/" .Values.meta.etcd.prefix) -}}
 {{- end -}}
