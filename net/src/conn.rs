@@ -230,6 +230,11 @@ async fn gate(
         Request::SaslAuthenticate(req) => {
             Gate::Answer(session.authenticate(req, version, store).await)
         }
+        // KIP-368: past its credential's expiry a session must
+        // re-authenticate before anything else is served.
+        _ if session.expired() => Gate::Refuse(format!(
+            "{api:?} after the SASL session expired (re-authentication required)"
+        )),
         Request::ApiVersions => Gate::Pass,
         _ if session.authenticated().is_some() => Gate::Pass,
         _ => Gate::Refuse(format!("{api:?} before SASL authentication")),
@@ -309,7 +314,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             };
             let reply = match s.token(&frame, &*broker.engine).await {
                 sasl::TokenStep::Challenge(bytes) => bytes,
-                sasl::TokenStep::Done { user, reply } => {
+                sasl::TokenStep::Done { user, reply, .. } => {
                     tracing::debug!(%peer, %user, listener = %ctx.client.listener, "SASL authenticated (v0)");
                     reply
                 }

@@ -15,6 +15,7 @@ pub mod conn;
 pub mod discovery;
 pub mod handlers;
 pub mod listener;
+pub mod oauth;
 pub mod request;
 pub mod sasl;
 pub mod scram;

@@ -1,12 +1,13 @@
 //! SASL on SASL_PLAINTEXT and SASL_SSL listeners: the mechanisms offered
-//! (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512), the users file, the PLAIN
-//! message (RFC 4616), and the per-connection state machine that decides
-//! what a connection may send before it has authenticated. SCRAM's
-//! messages are in `scram.rs`; its credentials come from the metadata
-//! store through a [`CredentialStore`].
+//! (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER), the users file, the
+//! PLAIN message (RFC 4616), and the per-connection state machine that
+//! decides what a connection may send before it has authenticated, and
+//! when its session must be renewed (KIP-368). SCRAM's messages are in
+//! `scram.rs`, its credentials come from the metadata store through a
+//! [`CredentialStore`]; OAUTHBEARER's token checks are in `oauth.rs`.
 //!
 //! No socket I/O: the connection (conn.rs) feeds it requests and sends
-//! what it answers. OAUTHBEARER is not implemented (FINDINGS.md).
+//! what it answers.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,7 +22,7 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::StrBytes;
 
 use crate::handlers::{encode, Reply};
-use crate::scram;
+use crate::{oauth, scram};
 
 /// SASL/PLAIN's name.
 pub const MECHANISM_PLAIN: &str = "PLAIN";
@@ -163,6 +164,7 @@ pub const MECHANISMS_DEFAULT: &str = "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512";
 pub enum Mechanism {
     Plain,
     Scram(scram::Mechanism),
+    OAuthBearer,
 }
 
 impl Mechanism {
@@ -170,14 +172,16 @@ impl Mechanism {
         match self {
             Mechanism::Plain => MECHANISM_PLAIN,
             Mechanism::Scram(m) => m.name(),
+            Mechanism::OAuthBearer => oauth::MECHANISM,
         }
     }
 
     pub fn parse(name: &str) -> Option<Self> {
-        if name == MECHANISM_PLAIN {
-            return Some(Mechanism::Plain);
+        match name {
+            MECHANISM_PLAIN => Some(Mechanism::Plain),
+            oauth::MECHANISM => Some(Mechanism::OAuthBearer),
+            _ => scram::Mechanism::parse(name).map(Mechanism::Scram),
         }
-        scram::Mechanism::parse(name).map(Mechanism::Scram)
     }
 
     /// A comma-separated list (`sasl.enabled.mechanisms`), in order,
@@ -187,7 +191,7 @@ impl Mechanism {
         for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             let m = Self::parse(name).ok_or_else(|| {
                 format!(
-                    "unknown SASL mechanism {name:?} (floe serves PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512)"
+                    "unknown SASL mechanism {name:?} (floe serves PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 and OAUTHBEARER)"
                 )
             })?;
             if !out.contains(&m) {
@@ -201,13 +205,13 @@ impl Mechanism {
     }
 }
 
-/// What a SASL listener offers and checks against: its mechanisms and
-/// the optional users file for PLAIN (PLAIN also accepts the password of
-/// a stored SCRAM credential).
-#[derive(Debug)]
+/// What a SASL listener offers and checks against: its mechanisms, the
+/// optional users file for PLAIN (PLAIN also accepts the password of a
+/// stored SCRAM credential), and OAUTHBEARER's token validator.
 pub struct SaslConfig {
     pub mechanisms: Vec<Mechanism>,
     pub users: Option<Arc<Users>>,
+    pub oauth: Option<Arc<oauth::Validator>>,
 }
 
 /// Where SCRAM credentials come from: the engine (the metadata store), or
@@ -231,7 +235,9 @@ impl CredentialStore for floe_engine::Engine {
     }
 }
 
-/// Where a connection of a SASL listener is in authentication.
+/// Where a connection of a SASL listener is in authentication. `reauth`
+/// is the principal of a session being renewed (KIP-368): the new login
+/// must be the same principal.
 enum State {
     AwaitHandshake,
     /// A mechanism was chosen; `raw` after a v0 handshake: tokens come as
@@ -239,14 +245,20 @@ enum State {
     AwaitToken {
         raw: bool,
         mechanism: Mechanism,
+        reauth: Option<String>,
     },
     /// SCRAM: the server-first message was sent; the client-final is next.
     ScramFinal {
         raw: bool,
         exchange: Box<scram::Exchange>,
+        reauth: Option<String>,
     },
     Authenticated {
         user: String,
+        mechanism: Mechanism,
+        /// When the credential expires (OAUTHBEARER), in Unix ms: the
+        /// client must re-authenticate before then.
+        expires_at_ms: Option<u64>,
     },
     /// Authentication failed; nothing more is accepted.
     Failed,
@@ -258,8 +270,12 @@ pub enum TokenStep {
     /// Send this challenge; another token follows (SCRAM's server-first).
     Challenge(Vec<u8>),
     /// Authenticated as `user`; send `reply` (SCRAM's server-final, or
-    /// nothing for PLAIN).
-    Done { user: String, reply: Vec<u8> },
+    /// nothing); the session lasts `lifetime_ms` (0: no limit).
+    Done {
+        user: String,
+        reply: Vec<u8>,
+        lifetime_ms: i64,
+    },
     /// Refused: answer an error (or close, for raw tokens), then close.
     Failed(String),
 }
@@ -290,8 +306,20 @@ impl Session {
 
     pub fn authenticated(&self) -> Option<&str> {
         match &self.state {
-            State::Authenticated { user } => Some(user),
+            State::Authenticated { user, .. } => Some(user),
             _ => None,
+        }
+    }
+
+    /// Whether the session's credential has expired (KIP-368: past it,
+    /// only a re-authentication is served).
+    pub fn expired(&self) -> bool {
+        match &self.state {
+            State::Authenticated {
+                expires_at_ms: Some(t),
+                ..
+            } => oauth::lifetime_ms(*t) <= 1,
+            _ => false,
         }
     }
 
@@ -314,16 +342,33 @@ impl Session {
 
     pub fn handshake(&mut self, req: &SaslHandshakeRequest, version: i16) -> Step {
         let mechanisms = self.mechanism_names();
-        if !matches!(self.state, State::AwaitHandshake) {
-            let resp = SaslHandshakeResponse::default()
-                .with_error_code(ILLEGAL_SASL_STATE)
-                .with_mechanisms(mechanisms);
-            return Step {
-                reply: encode(&resp, version),
-                close: true,
-                why: Some("SaslHandshake after the handshake".into()),
-            };
-        }
+        let illegal = |why: &str| Step {
+            reply: encode(
+                &SaslHandshakeResponse::default()
+                    .with_error_code(ILLEGAL_SASL_STATE)
+                    .with_mechanisms(mechanisms.clone()),
+                version,
+            ),
+            close: true,
+            why: Some(why.into()),
+        };
+        // A second handshake renews an authenticated session (KIP-368):
+        // v1 only (tokens in SaslAuthenticate), with the same mechanism.
+        let reauth = match &self.state {
+            State::AwaitHandshake => None,
+            State::Authenticated {
+                user, mechanism, ..
+            } => {
+                if version == 0 {
+                    return illegal("re-authentication with SaslHandshake v0");
+                }
+                if req.mechanism.as_str() != mechanism.name() {
+                    return illegal("re-authentication with another mechanism");
+                }
+                Some(user.clone())
+            }
+            _ => return illegal("SaslHandshake after the handshake"),
+        };
         let chosen =
             Mechanism::parse(req.mechanism.as_str()).filter(|m| self.config.mechanisms.contains(m));
         let Some(mechanism) = chosen else {
@@ -340,6 +385,7 @@ impl Session {
         self.state = State::AwaitToken {
             raw: version == 0,
             mechanism,
+            reauth,
         };
         let resp = SaslHandshakeResponse::default().with_mechanisms(mechanisms);
         Step {
@@ -392,44 +438,88 @@ impl Session {
     /// bare frame after a v0 handshake) to the chosen mechanism.
     pub async fn token(&mut self, token: &[u8], store: &dyn CredentialStore) -> TokenStep {
         let state = std::mem::replace(&mut self.state, State::Failed);
-        let step = match state {
+        let done = |user: String, reply: Vec<u8>| TokenStep::Done {
+            user,
+            reply,
+            lifetime_ms: 0,
+        };
+        let (step, mechanism, reauth, expires) = match state {
             State::AwaitToken {
                 mechanism: Mechanism::Plain,
+                reauth,
                 ..
-            } => match self.plain(token, store).await {
-                Ok(user) => TokenStep::Done {
-                    user,
-                    reply: Vec::new(),
-                },
-                Err(why) => TokenStep::Failed(why),
-            },
+            } => {
+                let step = match self.plain(token, store).await {
+                    Ok(user) => done(user, Vec::new()),
+                    Err(why) => TokenStep::Failed(why),
+                };
+                (step, Mechanism::Plain, reauth, None)
+            }
             State::AwaitToken {
                 raw,
                 mechanism: Mechanism::Scram(m),
+                reauth,
             } => match scram_first(m, token, store).await {
                 Ok((exchange, challenge)) => {
                     self.state = State::ScramFinal {
                         raw,
                         exchange: Box::new(exchange),
+                        reauth,
                     };
                     return TokenStep::Challenge(challenge);
                 }
-                Err(why) => TokenStep::Failed(why),
+                Err(why) => return TokenStep::Failed(why),
             },
-            State::ScramFinal { exchange, .. } => match exchange.finish(token) {
-                Ok(reply) => TokenStep::Done {
-                    user: exchange.user().to_string(),
-                    reply,
-                },
-                Err(why) => TokenStep::Failed(why),
-            },
+            State::ScramFinal {
+                exchange, reauth, ..
+            } => {
+                let step = match exchange.finish(token) {
+                    Ok(reply) => done(exchange.user().to_string(), reply),
+                    Err(why) => TokenStep::Failed(why),
+                };
+                let m = Mechanism::Scram(exchange.mechanism());
+                (step, m, reauth, None)
+            }
+            State::AwaitToken {
+                mechanism: Mechanism::OAuthBearer,
+                reauth,
+                ..
+            } => {
+                let checked = match &self.config.oauth {
+                    None => Err("OAUTHBEARER is not configured".to_string()),
+                    Some(v) => oauth::parse_initial_response(token).and_then(|t| v.validate(t)),
+                };
+                match checked {
+                    Ok(t) => (
+                        TokenStep::Done {
+                            user: t.principal,
+                            reply: Vec::new(),
+                            lifetime_ms: oauth::lifetime_ms(t.expires_at_ms),
+                        },
+                        Mechanism::OAuthBearer,
+                        reauth,
+                        Some(t.expires_at_ms),
+                    ),
+                    Err(why) => return TokenStep::Failed(why),
+                }
+            }
             State::AwaitHandshake | State::Authenticated { .. } | State::Failed => {
-                TokenStep::Failed("an authentication token before a SaslHandshake".into())
+                return TokenStep::Failed("an authentication token before a SaslHandshake".into())
             }
         };
-        if let TokenStep::Done { user, .. } = &step {
-            self.state = State::Authenticated { user: user.clone() };
+        let TokenStep::Done { user, .. } = &step else {
+            return step;
+        };
+        if let Some(before) = reauth.filter(|b| b != user) {
+            return TokenStep::Failed(format!(
+                "re-authentication as {user:?} on a session of {before:?}"
+            ));
         }
+        self.state = State::Authenticated {
+            user: user.clone(),
+            mechanism,
+            expires_at_ms: expires,
+        };
         step
     }
 
@@ -457,9 +547,23 @@ impl Session {
             };
         }
         match self.token(&req.auth_bytes, store).await {
-            TokenStep::Challenge(bytes) | TokenStep::Done { reply: bytes, .. } => Step {
+            TokenStep::Challenge(bytes) => Step {
                 reply: encode(
                     &SaslAuthenticateResponse::default().with_auth_bytes(bytes.into()),
+                    version,
+                ),
+                close: false,
+                why: None,
+            },
+            TokenStep::Done {
+                reply, lifetime_ms, ..
+            } => Step {
+                // v1+: the session's lifetime; the client re-authenticates
+                // before it ends (KIP-368).
+                reply: encode(
+                    &SaslAuthenticateResponse::default()
+                        .with_auth_bytes(reply.into())
+                        .with_session_lifetime_ms(lifetime_ms),
                     version,
                 ),
                 close: false,
@@ -641,6 +745,7 @@ mod tests {
         Arc::new(SaslConfig {
             mechanisms: Mechanism::parse_list(mechanisms).expect("mechanisms"),
             users: Some(users()),
+            oauth: None,
         })
     }
 
@@ -690,8 +795,9 @@ mod tests {
         assert_eq!(authenticate_code(&mut step, 0), 0);
         assert!(!step.close);
         assert_eq!(s.authenticated(), Some("alice"));
-        // A second handshake after success is a protocol error.
-        assert!(s.handshake(&hs("PLAIN"), 1).close);
+        // A second handshake after success renews the session (KIP-368)
+        // with the same mechanism; another one is a protocol error.
+        assert!(s.handshake(&hs("SCRAM-SHA-256"), 1).close);
 
         // v0: the token comes bare.
         let mut s = Session::new(all());
@@ -707,7 +813,8 @@ mod tests {
             block(s.token(b"\0bob\0pa:ss", &store)),
             TokenStep::Done {
                 user: "bob".into(),
-                reply: vec![]
+                reply: vec![],
+                lifetime_ms: 0
             }
         );
         // Acting as another user is refused.
@@ -824,6 +931,7 @@ mod tests {
                             0 => TokenStep::Done {
                                 user: "carol".into(),
                                 reply: resp.auth_bytes.to_vec(),
+                                lifetime_ms: resp.session_lifetime_ms,
                             },
                             _ => TokenStep::Failed(
                                 resp.error_message
@@ -838,7 +946,8 @@ mod tests {
                                 step,
                                 TokenStep::Done {
                                     user: "carol".into(),
-                                    reply: expect
+                                    reply: expect,
+                                    lifetime_ms: 0
                                 },
                                 "{name} v{version}"
                             );
@@ -872,5 +981,121 @@ mod tests {
             vec![Mechanism::Scram(scram::Mechanism::Sha512), Mechanism::Plain]
         );
         assert!(Mechanism::parse_list("").is_err());
+    }
+
+    /// An EC P-256 key: the validator trusts its JWK; `sign` makes tokens.
+    fn oauth_setup() -> (Arc<SaslConfig>, impl Fn(serde_json::Value) -> Vec<u8>) {
+        use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+        use jsonwebtoken::{Algorithm, EncodingKey, Header};
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(
+            &ECDSA_P256_SHA256_FIXED_SIGNING,
+            &aws_lc_rs::rand::SystemRandom::new(),
+        )
+        .expect("key");
+        let key = EncodingKey::from_ec_der(pkcs8.as_ref());
+        let mut jwk =
+            jsonwebtoken::jwk::Jwk::from_encoding_key(&key, Algorithm::ES256).expect("jwk");
+        jwk.common.key_id = Some("k1".into());
+        let v = oauth::Validator::new(oauth::OAuthConfig {
+            jwks_url: "file:///unused".into(),
+            issuer: Some("https://idp.example".into()),
+            audience: vec!["floe".into()],
+            principal_claim: "sub".into(),
+        });
+        v.set_keys(jsonwebtoken::jwk::JwkSet { keys: vec![jwk] });
+        let cfg = Arc::new(SaslConfig {
+            mechanisms: Mechanism::parse_list("OAUTHBEARER,PLAIN").expect("mechanisms"),
+            users: Some(users()),
+            oauth: Some(Arc::new(v)),
+        });
+        let sign = move |claims: serde_json::Value| {
+            let mut h = Header::new(Algorithm::ES256);
+            h.kid = Some("k1".into());
+            let t = jsonwebtoken::encode(&h, &claims, &key).expect("signs");
+            format!("n,,\x01auth=Bearer {t}\x01\x01").into_bytes()
+        };
+        (cfg, sign)
+    }
+
+    #[test]
+    fn oauthbearer_and_reauthentication() {
+        let store = creds();
+        let (cfg, sign) = oauth_setup();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = |sub: &str, exp: u64| serde_json::json!({"sub": sub, "exp": exp, "iss": "https://idp.example", "aud": "floe"});
+        let mut s = Session::new(cfg.clone());
+        assert_eq!(handshake_code(s.handshake(&hs("OAUTHBEARER"), 1), 1), 0);
+        let mut step = block(s.authenticate(&auth(&sign(claims("svc-a", now + 60))), 2, &store));
+        let resp = authenticate_response(&mut step, 2);
+        assert_eq!(resp.error_code, 0, "{:?}", resp.error_message);
+        assert!(
+            (50_000..=60_000).contains(&resp.session_lifetime_ms),
+            "{}",
+            resp.session_lifetime_ms
+        );
+        assert_eq!(s.authenticated(), Some("svc-a"));
+        assert!(!s.expired());
+        // KIP-368: the same principal renews its session on the connection.
+        assert_eq!(handshake_code(s.handshake(&hs("OAUTHBEARER"), 1), 1), 0);
+        assert_eq!(s.authenticated(), None, "nothing is served mid-renewal");
+        let mut step = block(s.authenticate(&auth(&sign(claims("svc-a", now + 120))), 2, &store));
+        assert_eq!(authenticate_response(&mut step, 2).error_code, 0);
+        assert_eq!(s.authenticated(), Some("svc-a"));
+        // ... but not as someone else, nor with another mechanism, nor v0.
+        assert_eq!(handshake_code(s.handshake(&hs("OAUTHBEARER"), 1), 1), 0);
+        let mut step = block(s.authenticate(&auth(&sign(claims("svc-b", now + 60))), 2, &store));
+        assert_eq!(authenticate_code(&mut step, 2), SASL_AUTHENTICATION_FAILED);
+        assert!(step.close);
+        let mut s2 = Session::new(cfg.clone());
+        s2.handshake(&hs("OAUTHBEARER"), 1);
+        block(s2.authenticate(&auth(&sign(claims("svc-a", now + 60))), 2, &store));
+        assert!(s2.handshake(&hs("PLAIN"), 1).close);
+        let mut s3 = Session::new(cfg.clone());
+        s3.handshake(&hs("OAUTHBEARER"), 1);
+        block(s3.authenticate(&auth(&sign(claims("svc-a", now + 60))), 2, &store));
+        assert!(s3.handshake(&hs("OAUTHBEARER"), 0).close);
+
+        // Refused tokens, each with its reason.
+        for (claims, says) in [
+            (claims("svc-a", now - 120), "ExpiredSignature"),
+            (
+                serde_json::json!({"sub": "x", "exp": now + 60, "iss": "https://evil", "aud": "floe"}),
+                "InvalidIssuer",
+            ),
+            (
+                serde_json::json!({"sub": "x", "exp": now + 60, "iss": "https://idp.example", "aud": "other"}),
+                "InvalidAudience",
+            ),
+            (
+                serde_json::json!({"exp": now + 60, "iss": "https://idp.example", "aud": "floe"}),
+                "\"sub\" claim",
+            ),
+            (
+                serde_json::json!({"sub": "x", "iss": "https://idp.example", "aud": "floe"}),
+                "exp",
+            ),
+        ] {
+            let mut s = Session::new(cfg.clone());
+            s.handshake(&hs("OAUTHBEARER"), 1);
+            let mut step = block(s.authenticate(&auth(&sign(claims)), 2, &store));
+            let resp = authenticate_response(&mut step, 2);
+            assert_eq!(resp.error_code, SASL_AUTHENTICATION_FAILED);
+            let msg = resp
+                .error_message
+                .map(|m| m.to_string())
+                .unwrap_or_default();
+            assert!(msg.contains(says), "{says}: {msg}");
+        }
+        // A session whose token has run out serves nothing but a renewal.
+        let mut s = Session::new(cfg);
+        s.handshake(&hs("OAUTHBEARER"), 1);
+        block(s.authenticate(&auth(&sign(claims("svc-a", now + 60))), 2, &store));
+        if let State::Authenticated { expires_at_ms, .. } = &mut s.state {
+            *expires_at_ms = Some(1);
+        }
+        assert!(s.expired());
     }
 }

@@ -327,6 +327,10 @@ impl Exchange {
         &self.user
     }
 
+    pub fn mechanism(&self) -> Mechanism {
+        self.mechanism
+    }
+
     /// Checks the client-final message; on success returns the
     /// server-final message (`v=<signature>`).
     pub fn finish(&self, token: &[u8]) -> Result<Vec<u8>, String> {

@@ -185,12 +185,14 @@ pub struct ListenerSecurity {
 impl ListenerSecurity {
     /// Loads what `listeners` need: TLS acceptors for SSL and SASL_SSL
     /// listeners from `tls`, SASL users from `sasl_users_file`; SASL
-    /// listeners offer `sasl_mechanisms`.
+    /// listeners offer `sasl_mechanisms` (OAUTHBEARER checks tokens with
+    /// `oauth`).
     pub fn load(
         listeners: &[Listener],
         tls: Option<&crate::tls::TlsFiles>,
         sasl_users_file: Option<&std::path::Path>,
         sasl_mechanisms: &[crate::sasl::Mechanism],
+        oauth: Option<Arc<crate::oauth::Validator>>,
     ) -> Result<Self, SecurityError> {
         use SecurityProtocol as P;
         let uses = |p: P| listeners.iter().any(|l| l.protocol == p);
@@ -216,6 +218,7 @@ impl ListenerSecurity {
             out.sasl = Some(Arc::new(crate::sasl::SaslConfig {
                 mechanisms: sasl_mechanisms.to_vec(),
                 users,
+                oauth,
             }));
         }
         Ok(out)

@@ -67,11 +67,16 @@ fn log_budgets(cfg: &Resolved) {
 pub fn run(cfg: Resolved) -> anyhow::Result<()> {
     // Certificates and users first: a bad file stops start-up before
     // anything is registered.
+    let oauth = cfg
+        .oauth
+        .clone()
+        .map(|c| Arc::new(floe_net::oauth::Validator::new(c)));
     let security = ListenerSecurity::load(
         &cfg.listeners,
         cfg.tls.as_ref(),
         cfg.sasl_users_file.as_deref(),
         &cfg.sasl_mechanisms,
+        oauth.clone(),
     )?;
     log_budgets(&cfg);
     let Backends {
@@ -79,6 +84,15 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
         store,
         meta,
     } = open_backends(&cfg)?;
+    if let Some(v) = oauth {
+        // The JWK set must load once before clients are served; later
+        // failures keep the previous set (and log).
+        sidecar
+            .block_on(v.reload())
+            .map_err(|e| anyhow::anyhow!("--sasl-oauthbearer-jwks-endpoint-url: {e}"))?;
+        tracing::info!(source = %v.config().jwks_url, "OAUTHBEARER JWK set loaded");
+        sidecar.handle().spawn(v.refresh_loop());
+    }
     let engine = start_engine(&cfg, &sidecar, store, meta)?;
     let broker = Arc::new(Broker {
         engine: engine.clone(),

@@ -91,6 +91,21 @@ pub struct ServeArgs {
     /// and SCRAM-SHA-512. [default: PLAIN,SCRAM-SHA-256,SCRAM-SHA-512]
     #[arg(long, env = "FLOE_SASL_ENABLED_MECHANISMS")]
     pub sasl_enabled_mechanisms: Option<String>,
+    /// OAUTHBEARER: where the JWK set that signs tokens is, `file:///PATH`
+    /// (re-read when it changes) or `https://…` (fetched every 5 minutes).
+    /// Setting it enables OAUTHBEARER. [default: none]
+    #[arg(long, env = "FLOE_SASL_OAUTHBEARER_JWKS_ENDPOINT_URL")]
+    pub sasl_oauthbearer_jwks_endpoint_url: Option<String>,
+    /// OAUTHBEARER: the `iss` a token must carry. [default: any]
+    #[arg(long, env = "FLOE_SASL_OAUTHBEARER_EXPECTED_ISSUER")]
+    pub sasl_oauthbearer_expected_issuer: Option<String>,
+    /// OAUTHBEARER: audiences a token's `aud` must include one of,
+    /// comma-separated. [default: any]
+    #[arg(long, env = "FLOE_SASL_OAUTHBEARER_EXPECTED_AUDIENCE")]
+    pub sasl_oauthbearer_expected_audience: Option<String>,
+    /// OAUTHBEARER: the claim that names the principal. [default: sub]
+    #[arg(long, env = "FLOE_SASL_OAUTHBEARER_SUB_CLAIM_NAME")]
+    pub sasl_oauthbearer_sub_claim_name: Option<String>,
     /// HTTP address for /metrics, /healthz and /readyz. [default: 127.0.0.1:9644]
     #[arg(long, env = "FLOE_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
@@ -284,6 +299,8 @@ pub struct Resolved {
     pub sasl_users_file: Option<PathBuf>,
     /// The mechanisms SASL listeners offer (empty when there is none).
     pub sasl_mechanisms: Vec<floe_net::sasl::Mechanism>,
+    /// OAUTHBEARER's token checks (set when it is enabled).
+    pub oauth: Option<floe_net::oauth::OAuthConfig>,
     pub listen: String,
     pub advertise_host: String,
     pub advertise_port: u16,
@@ -390,7 +407,12 @@ impl ServeArgs {
                 .clone()
                 .or(file.listener_security_protocol_map.clone()),
         })?;
-        let (tls, sasl_users_file, sasl_mechanisms) = resolve_security(&listeners, &self, &file)?;
+        let security::Security {
+            tls,
+            sasl_users_file,
+            sasl_mechanisms,
+            oauth,
+        } = resolve_security(&listeners, &self, &file)?;
         let listen = listeners[0].bind.clone();
         let (advertise_host, advertise_port) = (
             listeners[0].advertised_host.clone(),
@@ -455,6 +477,7 @@ impl ServeArgs {
             tls,
             sasl_users_file,
             sasl_mechanisms,
+            oauth,
             listen,
             advertise_host,
             advertise_port,
@@ -881,6 +904,58 @@ mod tests {
         .resolve()
         .expect("resolves");
         assert_eq!(r.sasl_mechanisms.len(), 3);
+        // OAUTHBEARER: the JWK set enables it, and is needed by it.
+        let sasl = || ServeArgs {
+            listeners: Some("sasl_plaintext://127.0.0.1:1".into()),
+            ..Default::default()
+        };
+        let r = ServeArgs {
+            sasl_oauthbearer_jwks_endpoint_url: Some("file:///etc/jwks.json".into()),
+            sasl_oauthbearer_expected_audience: Some("a, b".into()),
+            ..sasl()
+        }
+        .resolve()
+        .expect("resolves");
+        assert_eq!(r.sasl_mechanisms.len(), 4);
+        let oauth = r.oauth.expect("oauth");
+        assert_eq!(
+            (oauth.audience, oauth.principal_claim.as_str()),
+            (vec!["a".to_string(), "b".to_string()], "sub")
+        );
+        for (args, says) in [
+            (
+                ServeArgs {
+                    sasl_enabled_mechanisms: Some("OAUTHBEARER".into()),
+                    ..sasl()
+                },
+                "give --sasl-oauthbearer-jwks-endpoint-url",
+            ),
+            (
+                ServeArgs {
+                    sasl_oauthbearer_jwks_endpoint_url: Some("file:///j".into()),
+                    sasl_enabled_mechanisms: Some("PLAIN".into()),
+                    ..sasl()
+                },
+                "leaves OAUTHBEARER out",
+            ),
+            (
+                ServeArgs {
+                    sasl_oauthbearer_expected_issuer: Some("i".into()),
+                    ..sasl()
+                },
+                "need --sasl-oauthbearer-jwks-endpoint-url",
+            ),
+            (
+                ServeArgs {
+                    sasl_oauthbearer_jwks_endpoint_url: Some("/etc/jwks.json".into()),
+                    ..sasl()
+                },
+                "expected file:///PATH",
+            ),
+        ] {
+            let e = err(args);
+            assert!(e.contains(says), "{says}: {e}");
+        }
         let e = err(ServeArgs {
             listeners: Some("ssl://127.0.0.1:1".into()),
             ssl_cert_file: Some("c.pem".into()),

@@ -6,6 +6,14 @@ use floe_net::listener::{Listener, SecurityProtocol};
 
 use super::ServeArgs;
 
+/// What the listeners' security settings resolve to.
+pub(super) struct Security {
+    pub tls: Option<floe_net::tls::TlsFiles>,
+    pub sasl_users_file: Option<PathBuf>,
+    pub sasl_mechanisms: Vec<floe_net::sasl::Mechanism>,
+    pub oauth: Option<floe_net::oauth::OAuthConfig>,
+}
+
 /// The TLS files and SASL users file the listeners need: each is required
 /// when a listener uses it, and refused when none does (a certificate
 /// given for nothing is a configuration mistake worth a clear message).
@@ -13,11 +21,7 @@ pub(super) fn resolve_security(
     listeners: &[Listener],
     flags: &ServeArgs,
     file: &ServeArgs,
-) -> anyhow::Result<(
-    Option<floe_net::tls::TlsFiles>,
-    Option<PathBuf>,
-    Vec<floe_net::sasl::Mechanism>,
-)> {
+) -> anyhow::Result<Security> {
     use floe_net::tls::{ClientAuth, TlsFiles};
     macro_rules! given {
         ($f:ident) => {
@@ -68,11 +72,34 @@ pub(super) fn resolve_security(
     };
     let users = given!(sasl_users_file);
     let mechanisms = given!(sasl_enabled_mechanisms);
+    let jwks = given!(sasl_oauthbearer_jwks_endpoint_url);
+    let oauth_extras = given!(sasl_oauthbearer_expected_issuer).is_some()
+        || given!(sasl_oauthbearer_expected_audience).is_some()
+        || given!(sasl_oauthbearer_sub_claim_name).is_some();
+    if oauth_extras && jwks.is_none() {
+        anyhow::bail!(
+            "--sasl-oauthbearer-* settings need --sasl-oauthbearer-jwks-endpoint-url (the keys that sign tokens)"
+        );
+    }
     let (users, mechanisms) = match (sasl_listener, users, mechanisms) {
         (Some(_), users, mechanisms) => {
-            let list = mechanisms.unwrap_or_else(|| floe_net::sasl::MECHANISMS_DEFAULT.into());
+            let list = mechanisms.unwrap_or_else(|| match &jwks {
+                Some(_) => format!("{},OAUTHBEARER", floe_net::sasl::MECHANISMS_DEFAULT),
+                None => floe_net::sasl::MECHANISMS_DEFAULT.into(),
+            });
             let parsed = floe_net::sasl::Mechanism::parse_list(&list)
                 .map_err(|e| anyhow::anyhow!("--sasl-enabled-mechanisms {list:?}: {e}"))?;
+            let bearer = parsed.contains(&floe_net::sasl::Mechanism::OAuthBearer);
+            if bearer && jwks.is_none() {
+                anyhow::bail!(
+                    "OAUTHBEARER is enabled: give --sasl-oauthbearer-jwks-endpoint-url (file:///PATH or https://…)"
+                );
+            }
+            if !bearer && jwks.is_some() {
+                anyhow::bail!(
+                    "--sasl-oauthbearer-jwks-endpoint-url is given but --sasl-enabled-mechanisms {list:?} leaves OAUTHBEARER out"
+                );
+            }
             (users, parsed)
         }
         (None, Some(_), _) => anyhow::bail!(
@@ -81,7 +108,42 @@ pub(super) fn resolve_security(
         (None, None, Some(_)) => anyhow::bail!(
             "--sasl-enabled-mechanisms is given but no listener is SASL_PLAINTEXT or SASL_SSL"
         ),
+        (None, None, None) if jwks.is_some() => anyhow::bail!(
+            "--sasl-oauthbearer-jwks-endpoint-url is given but no listener is SASL_PLAINTEXT or SASL_SSL"
+        ),
         (None, None, None) => (None, Vec::new()),
     };
-    Ok((tls, users, mechanisms))
+    let oauth = match jwks {
+        Some(url) if mechanisms.contains(&floe_net::sasl::Mechanism::OAuthBearer) => {
+            if !(url.starts_with("file://")
+                || url.starts_with("https://")
+                || url.starts_with("http://"))
+            {
+                anyhow::bail!(
+                    "--sasl-oauthbearer-jwks-endpoint-url {url:?}: expected file:///PATH, https://… or http://…"
+                );
+            }
+            Some(floe_net::oauth::OAuthConfig {
+                jwks_url: url,
+                issuer: given!(sasl_oauthbearer_expected_issuer),
+                audience: given!(sasl_oauthbearer_expected_audience)
+                    .map(|a| {
+                        a.split(',')
+                            .map(|s| s.trim().to_string())
+                            .filter(|s| !s.is_empty())
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                principal_claim: given!(sasl_oauthbearer_sub_claim_name)
+                    .unwrap_or_else(|| "sub".into()),
+            })
+        }
+        _ => None,
+    };
+    Ok(Security {
+        tls,
+        sasl_users_file: users,
+        sasl_mechanisms: mechanisms,
+        oauth,
+    })
 }

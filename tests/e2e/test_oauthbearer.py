@@ -1,0 +1,191 @@
+"""SASL/OAUTHBEARER with signed JWTs, a JWK set file, and re-authentication.
+
+One broker with a SASL_PLAINTEXT listener checks tokens against a JWK set
+file (`--sasl-oauthbearer-jwks-endpoint-url file://…`), an expected issuer
+and audience. Tokens are RS256 JWTs signed here with keys made for the run
+(PyJWT). confluent-kafka (librdkafka) fetches short-lived tokens through
+`oauth_cb` and must keep producing across several token lifetimes on the
+same connection (KIP-368 re-authentication, driven by the
+`session_lifetime_ms` floe sets); tokens with a wrong signature, issuer,
+audience or expiry are refused; a key added to the JWK set file is used
+without a restart; kafkajs authenticates too.
+"""
+
+import json
+import os
+import subprocess
+import time
+
+import jwt
+import pytest
+from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from conftest import free_port
+from floe_clients import create_topic
+
+ISSUER, AUDIENCE = "https://idp.floe.test", "floe-brokers"
+
+
+def new_key():
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def jwk(key, kid):
+    j = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    j.update(kid=kid, alg="RS256", use="sig")
+    return j
+
+
+def token(key, kid, sub="svc-orders", lifetime=60, iss=ISSUER, aud=AUDIENCE, **extra):
+    now = int(time.time())
+    claims = {"sub": sub, "iat": now, "exp": now + lifetime, "iss": iss, "aud": aud, **extra}
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid}), now + lifetime
+
+
+@pytest.fixture
+def oauth_broker(start_broker, tmp_path):
+    key = new_key()
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [jwk(key, "k1")]}))
+    port = free_port()
+    b = start_broker(
+        name="oauth",
+        listeners="plain://127.0.0.1:%d,sasl://127.0.0.1:%d" % (free_port(), port),
+        listener_security_protocol_map="plain:PLAINTEXT,sasl:SASL_PLAINTEXT",
+        sasl_oauthbearer_jwks_endpoint_url="file://%s" % jwks,
+        sasl_oauthbearer_expected_issuer=ISSUER,
+        sasl_oauthbearer_expected_audience="other," + AUDIENCE)
+    return b, "127.0.0.1:%d" % port, key, jwks
+
+
+def conf(bootstrap, make_token, calls=None):
+    def cb(_config):
+        t, exp = make_token()
+        if calls is not None:
+            calls.append(time.time())
+        # (token, expiry in epoch seconds, the client's name for the
+        # principal: librdkafka refuses an empty one; the broker takes the
+        # principal from the token's own claim).
+        return t, float(exp), "client"
+    return {"bootstrap.servers": bootstrap, "security.protocol": "SASL_PLAINTEXT",
+            "sasl.mechanism": "OAUTHBEARER", "oauth_cb": cb}
+
+
+def refused(bootstrap, make_token):
+    """The authentication errors a client reports (empty: it got in)."""
+    errors = []
+    a = AdminClient(dict(conf(bootstrap, make_token), error_cb=errors.append,
+                         **{"log.connection.close": False, "log_level": 0}))
+    # librdkafka calls oauth_cb from poll: serve it before the first request.
+    a.poll(1)
+    try:
+        a.list_topics(timeout=8)
+        return []
+    except KafkaException as e:
+        errors.append(e.args[0])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(
+            getattr(e, "code", lambda: 0)() == KafkaError._AUTHENTICATION for e in errors):
+        a.poll(0.5)
+    return [str(e) for e in errors if getattr(e, "code", lambda: 0)() == KafkaError._AUTHENTICATION]
+
+
+def test_tokens_are_checked(oauth_broker):
+    b, sasl, key, jwks = oauth_broker
+    assert not refused(sasl, lambda: token(key, "k1"))
+    cases = {
+        "another key": lambda: token(new_key(), "k1"),
+        "unknown kid": lambda: token(key, "k9"),
+        "issuer": lambda: token(key, "k1", iss="https://evil.test"),
+        "audience": lambda: token(key, "k1", aud="someone-else"),
+        # librdkafka refuses to send a token it knows has expired: tell it
+        # the token lives on, and let the broker read the truth in `exp`.
+        "expired": lambda: (token(key, "k1", lifetime=-120)[0], time.time() + 60),
+        "no subject": lambda: token(key, "k1", sub=""),
+    }
+    for name, make in cases.items():
+        errors = refused(sasl, make)
+        assert errors, "%s: a bad token was accepted" % name
+    log = b.log_text()
+    for says in ("InvalidSignature", "no key \"k9\"", "InvalidIssuer", "InvalidAudience",
+                 "ExpiredSignature", "\"sub\" claim"):
+        assert says in log, "the broker's log does not say %r" % says
+    b.assert_no_panic()
+
+
+def test_reauthentication_keeps_the_connection(oauth_broker, topic_name):
+    """Tokens living 8 s; 30 s of producing on one connection."""
+    b, sasl, key, jwks = oauth_broker
+    create_topic(b.bootstrap, topic_name, 1)
+    calls = []
+    p = Producer(dict(conf(sasl, lambda: token(key, "k1", lifetime=8), calls),
+                      **{"linger.ms": 5, "acks": "all"}))
+    p.poll(1)  # serves oauth_cb
+    errors = []
+    delivered = []
+    p.produce(topic_name, b"first", on_delivery=lambda e, m: (errors if e else delivered).append(e or m))
+    p.flush(30)
+    accepted = b.metrics().get("floe_connections_accepted_total", 0)
+    end = time.monotonic() + 30
+    n = 0
+    while time.monotonic() < end:
+        p.produce(topic_name, b"v%d" % n,
+                  on_delivery=lambda e, m: (errors if e else delivered).append(e or m))
+        p.poll(0.5)
+        n += 1
+    assert p.flush(30) == 0
+    assert not errors, errors[:3]
+    assert len(delivered) == n + 1
+    assert len(calls) >= 4, "the token was refreshed %d times" % len(calls)
+    # Renewals happened on the connections already open: no new ones, and
+    # none closed for an expired session.
+    assert b.metrics().get("floe_connections_accepted_total", 0) == accepted
+    assert "SASL session expired" not in b.log_text()
+    b.assert_no_panic()
+
+
+def test_jwks_file_reload_and_kafkajs(oauth_broker, tmp_path, topic_name):
+    b, sasl, key, jwks = oauth_broker
+    rotated = new_key()
+    assert refused(sasl, lambda: token(rotated, "k2")), "k2 is not trusted yet"
+    jwks.write_text(json.dumps({"keys": [jwk(key, "k1"), jwk(rotated, "k2")]}))
+    deadline = time.monotonic() + 20
+    while refused(sasl, lambda: token(rotated, "k2")):
+        assert time.monotonic() < deadline, "the new key was not picked up"
+        time.sleep(1)
+    assert "OAUTHBEARER JWK set reloaded" in b.log_text()
+
+    from test_groups import NODE_MODULES
+    if not (NODE_MODULES / "kafkajs").is_dir():
+        pytest.fail("kafkajs is not installed; run tests/install-deps.sh")
+    create_topic(b.bootstrap, topic_name, 1)
+    script = tmp_path / "oauth.js"
+    script.write_text(KAFKAJS_SCRIPT)
+    t, _ = token(rotated, "k2", sub="svc-js")
+    out = subprocess.run(["node", str(script), sasl, topic_name, t], capture_output=True,
+                         text=True, timeout=120, env=dict(os.environ, NODE_PATH=str(NODE_MODULES)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"offset": "0"}
+    bad, _ = token(rotated, "k2", aud="nope")
+    out = subprocess.run(["node", str(script), sasl, topic_name, bad], capture_output=True,
+                         text=True, timeout=120, env=dict(os.environ, NODE_PATH=str(NODE_MODULES)))
+    assert out.returncode != 0 and "SASL" in out.stderr, out.stderr[-2000:]
+
+
+KAFKAJS_SCRIPT = r"""
+const { Kafka, logLevel } = require('kafkajs');
+const [broker, topic, token] = process.argv.slice(2);
+const kafka = new Kafka({ clientId: 'kjs-oauth', brokers: [broker], logLevel: logLevel.NOTHING,
+  retry: { retries: 1 },
+  sasl: { mechanism: 'oauthbearer', oauthBearerProvider: async () => ({ value: token }) } });
+(async () => {
+  const p = kafka.producer();
+  await p.connect();
+  const [r] = await p.send({ topic, messages: [{ value: 'kjs', partition: 0 }] });
+  await p.disconnect();
+  console.log(JSON.stringify({ offset: r.baseOffset }));
+  process.exit(0);
+})().catch(e => { console.error(e.name + ': ' + e.message); process.exit(1); });
+"""
