@@ -174,6 +174,50 @@ def test_jwks_file_reload_and_kafkajs(oauth_broker, tmp_path, topic_name):
     assert out.returncode != 0 and "SASL" in out.stderr, out.stderr[-2000:]
 
 
+def test_jwks_url(start_broker):
+    """The JWK set from an HTTP endpoint (loopback); a key it did not hold
+    is fetched when a token names it."""
+    import http.server
+    import threading
+    key, rotated = new_key(), new_key()
+    served = {"keys": [jwk(key, "k1")]}
+    fetches = []
+
+    class Jwks(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            fetches.append(self.path)
+            body = json.dumps(served).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Jwks)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = free_port()
+        b = start_broker(
+            name="oauth-url",
+            listeners="plain://127.0.0.1:%d,sasl://127.0.0.1:%d" % (free_port(), port),
+            listener_security_protocol_map="plain:PLAINTEXT,sasl:SASL_PLAINTEXT",
+            sasl_oauthbearer_jwks_endpoint_url="http://127.0.0.1:%d/jwks" % server.server_port)
+        sasl = "127.0.0.1:%d" % port
+        assert fetches == ["/jwks"], "fetched once at start-up"
+        assert not refused(sasl, lambda: token(key, "k1"))
+        served["keys"].append(jwk(rotated, "k2"))
+        deadline = time.monotonic() + 30
+        while refused(sasl, lambda: token(rotated, "k2")):
+            assert time.monotonic() < deadline, "k2 was not fetched"
+        assert len(fetches) >= 2
+        b.assert_no_panic()
+    finally:
+        server.shutdown()
+
+
 KAFKAJS_SCRIPT = r"""
 const { Kafka, logLevel } = require('kafkajs');
 const [broker, topic, token] = process.argv.slice(2);
