@@ -158,7 +158,7 @@ pub async fn shard_main(
 /// TLS handshake (SSL, SASL_SSL) and SASL authentication (SASL_*).
 #[derive(Clone, Default)]
 pub struct Secure {
-    tls: Option<futures_rustls::TlsAcceptor>,
+    tls: Option<Arc<crate::tls::Reloading>>,
     sasl: Option<Arc<crate::sasl::SaslConfig>>,
 }
 
@@ -176,9 +176,9 @@ pub enum SecurityError {
 #[derive(Clone, Default)]
 pub struct ListenerSecurity {
     /// SSL listeners: with `--ssl-client-auth`.
-    ssl: Option<futures_rustls::TlsAcceptor>,
+    ssl: Option<Arc<crate::tls::Reloading>>,
     /// SASL_SSL listeners: never asks for client certificates.
-    sasl_ssl: Option<futures_rustls::TlsAcceptor>,
+    sasl_ssl: Option<Arc<crate::tls::Reloading>>,
     sasl: Option<Arc<crate::sasl::SaslConfig>>,
 }
 
@@ -199,10 +199,10 @@ impl ListenerSecurity {
         let mut out = Self::default();
         if let Some(files) = tls {
             if uses(P::Ssl) {
-                out.ssl = Some(crate::tls::acceptor(files, true)?);
+                out.ssl = Some(Arc::new(crate::tls::Reloading::load(files, true)?));
             }
             if uses(P::SaslSsl) {
-                out.sasl_ssl = Some(crate::tls::acceptor(files, false)?);
+                out.sasl_ssl = Some(Arc::new(crate::tls::Reloading::load(files, false)?));
             }
             tracing::info!(cert = %files.cert.display(), client_auth = ?files.client_auth, "TLS listeners ready");
         }
@@ -222,6 +222,31 @@ impl ListenerSecurity {
             }));
         }
         Ok(out)
+    }
+
+    /// Watches the TLS files until the process ends (on the sidecar):
+    /// when the certificate, key or client CA changes, new connections get
+    /// the new configuration. A file that does not load is logged and the
+    /// previous configuration kept.
+    pub async fn watch_tls_files(self) {
+        let all: Vec<_> = [self.ssl, self.sasl_ssl].into_iter().flatten().collect();
+        if all.is_empty() {
+            return;
+        }
+        loop {
+            tokio::time::sleep(crate::tls::RELOAD_POLL).await;
+            for t in &all {
+                match t.reload_if_changed() {
+                    Ok(true) => {
+                        tracing::info!(cert = %t.files().cert.display(), "TLS certificate reloaded")
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reloading TLS files failed; keeping the previous certificate")
+                    }
+                }
+            }
+        }
     }
 
     /// What a connection of a `protocol` listener goes through.
@@ -268,9 +293,9 @@ impl Serving {
         let me = self.clone();
         glommio::spawn_local(async move {
             let _ = stream.set_nodelay(true);
-            match &secure.tls {
+            match secure.tls.as_ref().map(|t| t.acceptor()) {
                 None => conn::serve(ctx, stream, peer, secure.sasl).await,
-                Some(acceptor) => match crate::tls::handshake(acceptor, stream).await {
+                Some(acceptor) => match crate::tls::handshake(&acceptor, stream).await {
                     Ok(tls) => conn::serve(ctx, tls, peer, secure.sasl).await,
                     Err(e) => {
                         ctx.shard.counters().bad_frames.add(1);

@@ -1,6 +1,8 @@
-//! TLS for SSL and SASL_SSL listeners: the server configuration built once
-//! at start-up from PEM files (a bad or missing file stops the broker with
-//! a message naming it), and the handshake of one accepted connection.
+//! TLS for SSL and SASL_SSL listeners: the server configuration built at
+//! start-up from PEM files (a bad or missing file stops the broker with a
+//! message naming it) and built again when those files change
+//! ([`Reloading`]: certificate rotation without a restart), and the
+//! handshake of one accepted connection.
 //!
 //! rustls 0.23 with the aws-lc-rs provider (the same build the S3 client
 //! uses), driven by futures-rustls over glommio's futures-io streams.
@@ -21,6 +23,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 /// connects and says nothing (or speaks plain text and waits) must not hold
 /// a connection slot, nor delay a drain, for long.
 pub const HANDSHAKE_MS_MAX: u64 = 10_000;
+/// How often the TLS files are checked for changes.
+pub const RELOAD_POLL: Duration = Duration::from_secs(5);
 
 /// Kafka's `ssl.client.auth`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -89,10 +93,77 @@ fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'s
     Ok(certs)
 }
 
+/// A listener kind's TLS configuration, rebuilt from its files when they
+/// change. Connections take the configuration current when they are
+/// accepted; open connections keep theirs.
+pub struct Reloading {
+    files: TlsFiles,
+    mutual: bool,
+    config: arc_swap::ArcSwap<ServerConfig>,
+    /// (modification time, length) of each file, when last built.
+    stamp: std::sync::Mutex<Vec<Option<(std::time::SystemTime, u64)>>>,
+}
+
+impl Reloading {
+    pub fn load(files: &TlsFiles, mutual: bool) -> Result<Self, TlsError> {
+        let stamp = Self::stamp_of(files);
+        Ok(Self {
+            config: arc_swap::ArcSwap::new(server_config(files, mutual)?),
+            files: files.clone(),
+            mutual,
+            stamp: std::sync::Mutex::new(stamp),
+        })
+    }
+
+    fn stamp_of(files: &TlsFiles) -> Vec<Option<(std::time::SystemTime, u64)>> {
+        [
+            Some(&files.cert),
+            Some(&files.key),
+            files.client_ca.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+        })
+        .collect()
+    }
+
+    /// The acceptor for a connection accepted now.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.config.load_full())
+    }
+
+    /// Rebuilds the configuration if a file changed since it was built:
+    /// `Ok(true)` when it did. On an error the previous configuration
+    /// stays (a half-written file is tried again at the next change).
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let now = Self::stamp_of(&self.files);
+        let mut stamp = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
+        if *stamp == now {
+            return Ok(false);
+        }
+        *stamp = now;
+        drop(stamp);
+        self.config.store(server_config(&self.files, self.mutual)?);
+        Ok(true)
+    }
+
+    pub fn files(&self) -> &TlsFiles {
+        &self.files
+    }
+}
+
 /// Builds the acceptor of SSL listeners (`client_auth` applies) or of
 /// SASL_SSL listeners (`mutual` false: as in Kafka, the SASL login is the
 /// client's identity there, so no client certificate is asked for).
 pub fn acceptor(files: &TlsFiles, mutual: bool) -> Result<TlsAcceptor, TlsError> {
+    Ok(TlsAcceptor::from(server_config(files, mutual)?))
+}
+
+fn server_config(files: &TlsFiles, mutual: bool) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = certificates("--ssl-cert-file", &files.cert)?;
     std::fs::metadata(&files.key).map_err(|e| file_error("--ssl-key-file", &files.key, e))?;
     let key = PrivateKeyDer::from_pem_file(&files.key)
@@ -139,7 +210,7 @@ pub fn acceptor(files: &TlsFiles, mutual: bool) -> Result<TlsAcceptor, TlsError>
             files.key.display()
         ))
     })?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(Arc::new(config))
 }
 
 /// The TLS handshake of one accepted connection, bounded by

@@ -113,6 +113,7 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
     let notifier = crate::notify::Notifier::from_env().map(Arc::new);
     install_signals(&engine, notifier.clone())?;
 
+    sidecar.handle().spawn(security.clone().watch_tls_files());
     let ShardThreads { threads, bound } = start_shards(&cfg, &broker, &security, &balance, moved)?;
     let mut failure = None;
     for _ in 0..cfg.shards {

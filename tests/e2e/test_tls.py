@@ -200,15 +200,17 @@ def test_sasl_listener_closes_requests_before_authentication(secure):
     while "Metadata before SASL authentication" not in b.log_text():
         assert time.monotonic() < deadline, b.log_tail()
         time.sleep(0.1)
-    # An unsupported mechanism is answered with the list (PLAIN).
+    # An unsupported mechanism is answered with the enabled ones.
     with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(raw_request(17, 1, struct.pack(">h", 13) + b"SCRAM-SHA-256"))
+        s.sendall(raw_request(17, 1, struct.pack(">h", 6) + b"GSSAPI"))
         s.settimeout(10)
         size = struct.unpack(">i", s.recv(4, socket.MSG_WAITALL))[0]
         answer = s.recv(size, socket.MSG_WAITALL)
         correlation, code, count = struct.unpack(">ihi", answer[:10])
-        assert (correlation, code, count) == (1, 33, 1), answer
-        assert answer[10:] == struct.pack(">h", 5) + b"PLAIN", answer
+        assert (correlation, code, count) == (1, 33, 3), answer
+        names = b"".join(struct.pack(">h", len(m)) + m
+                         for m in (b"PLAIN", b"SCRAM-SHA-256", b"SCRAM-SHA-512"))
+        assert answer[10:] == names, answer
 
 
 def read_frame(sock, timeout=10):
@@ -338,3 +340,68 @@ def test_bad_certificate_files_stop_start_up(start_broker, tmp_path):
         b.start(timeout=20)
     assert b.proc.wait(10) == 2
     assert "--ssl-cert-file" in b.log_text() and "SASL_SSL" in b.log_text()
+
+
+def served_certificate(addr, timeout=10):
+    """The DER certificate a TLS port presents (not verified: this only
+    looks at which one it is)."""
+    import ssl
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        with ctx.wrap_socket(s, server_hostname=host) as t:
+            return t.getpeercert(binary_form=True)
+
+
+def pem_to_der(path):
+    import ssl
+    return ssl.PEM_cert_to_DER_cert(open(path).read())
+
+
+def test_certificate_is_reloaded_without_restart(start_broker, tmp_path, topic_name):
+    """Rotating the certificate files: new connections get the new
+    certificate within seconds; a broken file keeps the old one."""
+    import os
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    first, second = make_certs(tmp_path / "first"), make_certs(tmp_path / "second")
+    live = tmp_path / "live"
+    live.mkdir()
+
+    def install(certs):
+        # Key first, then certificate, each by an atomic rename.
+        for name in ("server.key", "server.pem"):
+            tmp = live / (name + ".new")
+            shutil.copy(certs[name], tmp)
+            os.replace(tmp, live / name)
+
+    install(first)
+    port = free_port()
+    addr = "127.0.0.1:%d" % port
+    b = start_broker(name="reload", listeners="ssl://127.0.0.1:%d" % port,
+                     ssl_cert_file=str(live / "server.pem"), ssl_key_file=str(live / "server.key"))
+    assert served_certificate(addr) == pem_to_der(first["server.pem"])
+    install(second)
+    deadline = time.monotonic() + 20
+    while served_certificate(addr) != pem_to_der(second["server.pem"]):
+        assert time.monotonic() < deadline, "the new certificate was not served"
+        time.sleep(0.5)
+    assert "TLS certificate reloaded" in b.log_text()
+    # Clients that trust the new CA produce and consume.
+    conf = {"bootstrap.servers": addr, "security.protocol": "ssl",
+            "ssl.ca.location": second["ca.pem"]}
+    records = gen_records(200, seed=9)
+    producer = Producer(producer_conf(addr, **conf))
+    delivered = produce_records(producer, topic_name, records)
+    verify(records, delivered, consume_partitions(addr, topic_name, ends_from_delivery(delivered),
+                                                  conf=conf, timeout=60))
+    # A broken certificate file: logged, the working one stays.
+    (live / "server.pem").write_text("not a certificate\n")
+    deadline = time.monotonic() + 20
+    while "reloading TLS files failed" not in b.log_text():
+        assert time.monotonic() < deadline, "the broken file was not noticed"
+        time.sleep(0.5)
+    assert served_certificate(addr) == pem_to_der(second["server.pem"])
+    b.assert_no_panic()
