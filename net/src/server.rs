@@ -171,55 +171,76 @@ pub enum SecurityError {
     Sasl(#[from] crate::sasl::SaslError),
 }
 
-/// The broker's TLS acceptors and SASL users, built once at start-up and
-/// shared by every shard.
+/// Settings one listener has apart from the broker-wide ones (Kafka's
+/// `listener.name.NAME.` prefix).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenerOverrides {
+    /// `ssl.client.auth` (SSL listeners take `--ssl-client-auth` by
+    /// default; SASL_SSL listeners ask for no certificate by default).
+    pub ssl_client_auth: Option<crate::tls::ClientAuth>,
+    /// `sasl.enabled.mechanisms`.
+    pub sasl_mechanisms: Option<Vec<crate::sasl::Mechanism>>,
+}
+
+/// What each listener's connections go through, by listener name: TLS
+/// configurations (reloaded when their files change) and SASL settings,
+/// built once at start-up and shared by every shard.
 #[derive(Clone, Default)]
 pub struct ListenerSecurity {
-    /// SSL listeners: with `--ssl-client-auth`.
-    ssl: Option<Arc<crate::tls::Reloading>>,
-    /// SASL_SSL listeners: never asks for client certificates.
-    sasl_ssl: Option<Arc<crate::tls::Reloading>>,
-    sasl: Option<Arc<crate::sasl::SaslConfig>>,
+    by_name: std::collections::HashMap<String, Secure>,
 }
 
 impl ListenerSecurity {
-    /// Loads what `listeners` need: TLS acceptors for SSL and SASL_SSL
-    /// listeners from `tls`, SASL users from `sasl_users_file`; SASL
-    /// listeners offer `sasl_mechanisms` (OAUTHBEARER checks tokens with
-    /// `oauth`).
+    /// Loads what `listeners` need: TLS for SSL and SASL_SSL listeners
+    /// from `tls`, SASL users from `sasl_users_file`; SASL listeners offer
+    /// `sasl_mechanisms` (OAUTHBEARER checks tokens with `oauth`); a
+    /// listener's `overrides` replace those defaults for it.
     pub fn load(
         listeners: &[Listener],
         tls: Option<&crate::tls::TlsFiles>,
         sasl_users_file: Option<&std::path::Path>,
         sasl_mechanisms: &[crate::sasl::Mechanism],
+        overrides: &std::collections::HashMap<String, ListenerOverrides>,
         oauth: Option<Arc<crate::oauth::Validator>>,
     ) -> Result<Self, SecurityError> {
         use SecurityProtocol as P;
-        let uses = |p: P| listeners.iter().any(|l| l.protocol == p);
-        let mut out = Self::default();
-        if let Some(files) = tls {
-            if uses(P::Ssl) {
-                out.ssl = Some(Arc::new(crate::tls::Reloading::load(files, true)?));
-            }
-            if uses(P::SaslSsl) {
-                out.sasl_ssl = Some(Arc::new(crate::tls::Reloading::load(files, false)?));
-            }
-            tracing::info!(cert = %files.cert.display(), client_auth = ?files.client_auth, "TLS listeners ready");
-        }
         let mut users = None;
         if let Some(path) = sasl_users_file {
             let u = crate::sasl::Users::load(path)?;
             tracing::info!(users = u.len(), file = %path.display(), "SASL/PLAIN users loaded");
             users = Some(u);
         }
-        if uses(P::SaslPlaintext) || uses(P::SaslSsl) {
-            let names: Vec<_> = sasl_mechanisms.iter().map(|m| m.name()).collect();
-            tracing::info!(mechanisms = %names.join(","), "SASL listeners ready");
-            out.sasl = Some(Arc::new(crate::sasl::SaslConfig {
-                mechanisms: sasl_mechanisms.to_vec(),
-                users,
-                oauth,
-            }));
+        let mut out = Self::default();
+        for l in listeners {
+            let o = overrides.get(&l.name).cloned().unwrap_or_default();
+            let mut secure = Secure::default();
+            if matches!(l.protocol, P::Ssl | P::SaslSsl) {
+                if let Some(files) = tls {
+                    let default_auth = match l.protocol {
+                        P::Ssl => files.client_auth,
+                        _ => crate::tls::ClientAuth::None,
+                    };
+                    let files = crate::tls::TlsFiles {
+                        client_auth: o.ssl_client_auth.unwrap_or(default_auth),
+                        ..files.clone()
+                    };
+                    secure.tls = Some(Arc::new(crate::tls::Reloading::load(&files, true)?));
+                    tracing::info!(listener = %l.name, cert = %files.cert.display(), client_auth = ?files.client_auth, "TLS listener ready");
+                }
+            }
+            if matches!(l.protocol, P::SaslPlaintext | P::SaslSsl) {
+                let mechanisms = o
+                    .sasl_mechanisms
+                    .unwrap_or_else(|| sasl_mechanisms.to_vec());
+                let names: Vec<_> = mechanisms.iter().map(|m| m.name()).collect();
+                tracing::info!(listener = %l.name, mechanisms = %names.join(","), "SASL listener ready");
+                secure.sasl = Some(Arc::new(crate::sasl::SaslConfig {
+                    mechanisms,
+                    users: users.clone(),
+                    oauth: oauth.clone(),
+                }));
+            }
+            out.by_name.insert(l.name.clone(), secure);
         }
         Ok(out)
     }
@@ -229,7 +250,7 @@ impl ListenerSecurity {
     /// the new configuration. A file that does not load is logged and the
     /// previous configuration kept.
     pub async fn watch_tls_files(self) {
-        let all: Vec<_> = [self.ssl, self.sasl_ssl].into_iter().flatten().collect();
+        let all: Vec<_> = self.by_name.into_values().filter_map(|s| s.tls).collect();
         if all.is_empty() {
             return;
         }
@@ -249,24 +270,12 @@ impl ListenerSecurity {
         }
     }
 
-    /// What a connection of a `protocol` listener goes through.
-    pub fn of(&self, protocol: SecurityProtocol) -> Secure {
-        use SecurityProtocol as P;
-        match protocol {
-            P::Plaintext => Secure::default(),
-            P::Ssl => Secure {
-                tls: self.ssl.clone(),
-                sasl: None,
-            },
-            P::SaslPlaintext => Secure {
-                tls: None,
-                sasl: self.sasl.clone(),
-            },
-            P::SaslSsl => Secure {
-                tls: self.sasl_ssl.clone(),
-                sasl: self.sasl.clone(),
-            },
-        }
+    /// What a connection of `listener` goes through.
+    pub fn of(&self, listener: &Listener) -> Secure {
+        self.by_name
+            .get(&listener.name)
+            .cloned()
+            .unwrap_or_default()
     }
 }
 

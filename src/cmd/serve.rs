@@ -76,6 +76,7 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
         cfg.tls.as_ref(),
         cfg.sasl_users_file.as_deref(),
         &cfg.sasl_mechanisms,
+        &cfg.listener_overrides,
         oauth.clone(),
     )?;
     log_budgets(&cfg);
@@ -331,7 +332,7 @@ fn start_shards(
         let listeners: Vec<_> = cfg
             .listeners
             .iter()
-            .map(|l| (l.clone(), security.of(l.protocol)))
+            .map(|l| (l.clone(), security.of(l)))
             .collect();
         let bound_tx = bound_tx.clone();
         let barrier = barrier.clone();

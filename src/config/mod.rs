@@ -91,6 +91,12 @@ pub struct ServeArgs {
     /// and SCRAM-SHA-512. [default: PLAIN,SCRAM-SHA-256,SCRAM-SHA-512]
     #[arg(long, env = "FLOE_SASL_ENABLED_MECHANISMS")]
     pub sasl_enabled_mechanisms: Option<String>,
+    /// One listener's own setting, Kafka-style:
+    /// `listener.name.NAME.KEY=VALUE`, KEY `sasl.enabled.mechanisms` or
+    /// `ssl.client.auth`. Repeat the flag (`;` between them in the
+    /// environment variable). [default: none]
+    #[arg(long, env = "FLOE_LISTENER_CONFIG", value_delimiter = ';')]
+    pub listener_config: Option<Vec<String>>,
     /// OAUTHBEARER: where the JWK set that signs tokens is, `file:///PATH`
     /// (re-read when it changes) or `https://…` (fetched every 5 minutes).
     /// Setting it enables OAUTHBEARER. [default: none]
@@ -301,6 +307,8 @@ pub struct Resolved {
     pub sasl_mechanisms: Vec<floe_net::sasl::Mechanism>,
     /// OAUTHBEARER's token checks (set when it is enabled).
     pub oauth: Option<floe_net::oauth::OAuthConfig>,
+    /// Listeners' own settings (`--listener-config`), by listener name.
+    pub listener_overrides: std::collections::HashMap<String, floe_net::server::ListenerOverrides>,
     pub listen: String,
     pub advertise_host: String,
     pub advertise_port: u16,
@@ -412,6 +420,7 @@ impl ServeArgs {
             sasl_users_file,
             sasl_mechanisms,
             oauth,
+            listener_overrides,
         } = resolve_security(&listeners, &self, &file)?;
         let listen = listeners[0].bind.clone();
         let (advertise_host, advertise_port) = (
@@ -478,6 +487,7 @@ impl ServeArgs {
             sasl_users_file,
             sasl_mechanisms,
             oauth,
+            listener_overrides,
             listen,
             advertise_host,
             advertise_port,
@@ -798,6 +808,85 @@ mod tests {
         assert_eq!(r.listeners[0].protocol, SecurityProtocol::SaslSsl);
         assert_eq!(r.tls.map(|t| t.cert), Some(PathBuf::from("c.pem")));
         assert_eq!(r.sasl_users_file, Some(PathBuf::from("flag-users")));
+    }
+
+    #[test]
+    fn listener_overrides_are_checked() {
+        let two = |entries: &[&str]| ServeArgs {
+            listeners: Some("int://127.0.0.1:1,ext://127.0.0.1:2,tls://127.0.0.1:3".into()),
+            listener_security_protocol_map: Some("int:SASL_PLAINTEXT,ext:SASL_SSL,tls:SSL".into()),
+            ssl_cert_file: Some("c.pem".into()),
+            ssl_key_file: Some("k.pem".into()),
+            ssl_client_ca_file: Some("ca.pem".into()),
+            listener_config: Some(entries.iter().map(|e| e.to_string()).collect()),
+            ..Default::default()
+        };
+        let r = two(&[
+            "listener.name.EXT.sasl.enabled.mechanisms=SCRAM-SHA-512",
+            "listener.name.tls.ssl.client.auth=required",
+            "listener.name.ext.ssl.client.auth=requested",
+        ])
+        .resolve()
+        .expect("resolves");
+        let ext = &r.listener_overrides["ext"];
+        assert_eq!(
+            ext.sasl_mechanisms.as_deref(),
+            Some(
+                &[floe_net::sasl::Mechanism::Scram(
+                    floe_net::scram::Mechanism::Sha512
+                )][..]
+            )
+        );
+        assert_eq!(
+            ext.ssl_client_auth,
+            Some(floe_net::tls::ClientAuth::Requested)
+        );
+        assert_eq!(
+            r.listener_overrides["tls"].ssl_client_auth,
+            Some(floe_net::tls::ClientAuth::Required)
+        );
+        for (entry, says) in [
+            (
+                "listener.name.nope.ssl.client.auth=required",
+                "no listener is named \"nope\"",
+            ),
+            (
+                "listener.name.int.ssl.client.auth=required",
+                "SASL_PLAINTEXT, which has no ssl.client.auth",
+            ),
+            (
+                "listener.name.tls.sasl.enabled.mechanisms=PLAIN",
+                "SSL, which has no sasl.enabled.mechanisms",
+            ),
+            (
+                "listener.name.int.sasl.enabled.mechanisms=GSSAPI",
+                "unknown SASL mechanism",
+            ),
+            (
+                "listener.name.int.sasl.enabled.mechanisms=OAUTHBEARER",
+                "--sasl-oauthbearer-jwks-endpoint-url",
+            ),
+            (
+                "listener.name.tls.ssl.client.auth=maybe",
+                "none, requested or required",
+            ),
+            (
+                "listener.name.tls.ssl.keystore.location=x",
+                "unknown setting",
+            ),
+            ("ssl.client.auth=required", "listener.name.NAME.KEY=VALUE"),
+        ] {
+            let e = two(&[entry]).resolve().unwrap_err().to_string();
+            assert!(e.contains(says), "{entry}: {e}");
+        }
+        let e = ServeArgs {
+            ssl_client_ca_file: None,
+            ..two(&["listener.name.ext.ssl.client.auth=required"])
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("give --ssl-client-ca-file"), "{e}");
     }
 
     #[test]

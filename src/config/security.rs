@@ -1,8 +1,10 @@
 //! Which TLS files, SASL users file and SASL mechanisms the listeners need.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use floe_net::listener::{Listener, SecurityProtocol};
+use floe_net::server::ListenerOverrides;
 
 use super::ServeArgs;
 
@@ -12,6 +14,75 @@ pub(super) struct Security {
     pub sasl_users_file: Option<PathBuf>,
     pub sasl_mechanisms: Vec<floe_net::sasl::Mechanism>,
     pub oauth: Option<floe_net::oauth::OAuthConfig>,
+    pub listener_overrides: HashMap<String, ListenerOverrides>,
+}
+
+/// `listener.name.NAME.KEY=VALUE` entries, checked against the listeners:
+/// a known listener, a key it can use, a valid value, no key twice.
+fn listener_overrides(
+    listeners: &[Listener],
+    entries: &[String],
+) -> anyhow::Result<HashMap<String, ListenerOverrides>> {
+    let mut out: HashMap<String, ListenerOverrides> = HashMap::new();
+    for entry in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+        let bad = |why: String| anyhow::anyhow!("--listener-config {entry:?}: {why}");
+        let (key, value) = entry
+            .split_once('=')
+            .ok_or_else(|| bad("expected listener.name.NAME.KEY=VALUE".into()))?;
+        let rest = key
+            .strip_prefix("listener.name.")
+            .ok_or_else(|| bad("expected listener.name.NAME.KEY=VALUE".into()))?;
+        let (name, setting) = rest
+            .split_once('.')
+            .ok_or_else(|| bad("expected listener.name.NAME.KEY=VALUE".into()))?;
+        let name = name.to_ascii_lowercase();
+        let l = listeners.iter().find(|l| l.name == name).ok_or_else(|| {
+            bad(format!(
+                "no listener is named {name:?} (listeners: {})",
+                listeners
+                    .iter()
+                    .map(|l| l.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        let o = out.entry(name.clone()).or_default();
+        let tls = matches!(
+            l.protocol,
+            SecurityProtocol::Ssl | SecurityProtocol::SaslSsl
+        );
+        let sasl = matches!(
+            l.protocol,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        );
+        match setting {
+            "ssl.client.auth" if tls => {
+                let auth = floe_net::tls::ClientAuth::parse(value)
+                    .ok_or_else(|| bad("must be none, requested or required".into()))?;
+                if o.ssl_client_auth.replace(auth).is_some() {
+                    return Err(bad("given twice".into()));
+                }
+            }
+            "sasl.enabled.mechanisms" if sasl => {
+                let m = floe_net::sasl::Mechanism::parse_list(value).map_err(bad)?;
+                if o.sasl_mechanisms.replace(m).is_some() {
+                    return Err(bad("given twice".into()));
+                }
+            }
+            "ssl.client.auth" | "sasl.enabled.mechanisms" => {
+                return Err(bad(format!(
+                    "listener {name:?} is {}, which has no {setting}",
+                    l.protocol.kafka_name()
+                )))
+            }
+            other => {
+                return Err(bad(format!(
+                    "unknown setting {other:?} (floe takes sasl.enabled.mechanisms and ssl.client.auth per listener)"
+                )))
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The TLS files and SASL users file the listeners need: each is required
@@ -70,6 +141,22 @@ pub(super) fn resolve_security(
             None
         }
     };
+    let overrides = listener_overrides(listeners, &given!(listener_config).unwrap_or_default())?;
+    if let Some((name, _)) = overrides
+        .iter()
+        .find(|(_, o)| o.ssl_client_auth.is_some_and(|a| a != ClientAuth::None))
+    {
+        if tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+            anyhow::bail!(
+                "listener {name:?} asks for client certificates (ssl.client.auth): give --ssl-client-ca-file"
+            );
+        }
+    }
+    let bearer_somewhere = overrides.values().any(|o| {
+        o.sasl_mechanisms
+            .as_ref()
+            .is_some_and(|m| m.contains(&floe_net::sasl::Mechanism::OAuthBearer))
+    });
     let users = given!(sasl_users_file);
     let mechanisms = given!(sasl_enabled_mechanisms);
     let jwks = given!(sasl_oauthbearer_jwks_endpoint_url);
@@ -89,7 +176,7 @@ pub(super) fn resolve_security(
             });
             let parsed = floe_net::sasl::Mechanism::parse_list(&list)
                 .map_err(|e| anyhow::anyhow!("--sasl-enabled-mechanisms {list:?}: {e}"))?;
-            let bearer = parsed.contains(&floe_net::sasl::Mechanism::OAuthBearer);
+            let bearer = parsed.contains(&floe_net::sasl::Mechanism::OAuthBearer) || bearer_somewhere;
             if bearer && jwks.is_none() {
                 anyhow::bail!(
                     "OAUTHBEARER is enabled: give --sasl-oauthbearer-jwks-endpoint-url (file:///PATH or https://…)"
@@ -114,7 +201,9 @@ pub(super) fn resolve_security(
         (None, None, None) => (None, Vec::new()),
     };
     let oauth = match jwks {
-        Some(url) if mechanisms.contains(&floe_net::sasl::Mechanism::OAuthBearer) => {
+        Some(url)
+            if mechanisms.contains(&floe_net::sasl::Mechanism::OAuthBearer) || bearer_somewhere =>
+        {
             if !(url.starts_with("file://")
                 || url.starts_with("https://")
                 || url.starts_with("http://"))
@@ -145,5 +234,6 @@ pub(super) fn resolve_security(
         sasl_users_file: users,
         sasl_mechanisms: mechanisms,
         oauth,
+        listener_overrides: overrides,
     })
 }

@@ -1,5 +1,8 @@
 """TLS, mutual TLS and SASL/PLAIN listeners with real clients.
 
+Also: certificate files replaced under a running broker, and listeners
+with their own settings (`--listener-config listener.name.NAME.…`).
+
 One broker serves four listeners: PLAINTEXT (the harness's --listen), SSL
 with --ssl-client-auth required (mTLS), SASL_SSL and SASL_PLAINTEXT. The
 CA, server and client certificates are made with the openssl CLI for each
@@ -20,8 +23,8 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
 from conftest import free_port
-from floe_clients import (consume_partitions, ends_from_delivery, gen_records, producer_conf,
-                          produce_records, verify)
+from floe_clients import (consume_partitions, create_topic, ends_from_delivery, gen_records,
+                          producer_conf, produce_records, verify)
 
 OPENSSL = shutil.which("openssl")
 KCAT = shutil.which("kcat")
@@ -404,4 +407,45 @@ def test_certificate_is_reloaded_without_restart(start_broker, tmp_path, topic_n
         assert time.monotonic() < deadline, "the broken file was not noticed"
         time.sleep(0.5)
     assert served_certificate(addr) == pem_to_der(second["server.pem"])
+    b.assert_no_panic()
+
+
+def test_listeners_have_their_own_settings(start_broker, tmp_path, topic_name):
+    """listener.name.NAME.*: two SASL listeners offering different
+    mechanisms, two SSL listeners, one of them mutual TLS."""
+    certs = make_certs(tmp_path)
+    users = tmp_path / "users"
+    users.write_text("%s:%s\n" % (USER, PASSWORD))
+    ports = {n: free_port() for n in ("inside", "outside", "tls_open", "tls_mutual")}
+    b = start_broker(
+        name="per-listener",
+        listeners=",".join("%s://127.0.0.1:%d" % (n, p) for n, p in ports.items()),
+        listener_security_protocol_map="inside:SASL_PLAINTEXT,outside:SASL_SSL,"
+                                       "tls_open:SSL,tls_mutual:SSL",
+        ssl_cert_file=certs["server.pem"], ssl_key_file=certs["server.key"],
+        ssl_client_ca_file=certs["ca.pem"], sasl_users_file=str(users),
+        listener_config="listener.name.outside.sasl.enabled.mechanisms=SCRAM-SHA-512;"
+                        "listener.name.tls_mutual.ssl.client.auth=required")
+    addr = {n: "127.0.0.1:%d" % p for n, p in ports.items()}
+    create_topic(b.bootstrap, topic_name, 1)
+    plain = {"security.protocol": "sasl_plaintext", "sasl.mechanism": "PLAIN",
+             "sasl.username": USER, "sasl.password": PASSWORD}
+    # PLAIN on the inside listener, refused outside (SCRAM-SHA-512 only).
+    AdminClient(dict(plain, **{"bootstrap.servers": addr["inside"]})).list_topics(timeout=15)
+    outside = dict(plain, **{"bootstrap.servers": addr["outside"], "security.protocol": "sasl_ssl",
+                             "ssl.ca.location": certs["ca.pem"]})
+    errors = failed_list_topics(outside)
+    assert any("PLAIN" in str(e) and "SCRAM-SHA-512" in str(e) for e in errors), errors
+    # The open SSL listener takes a client without a certificate; the
+    # mutual one refuses it and takes one with a certificate.
+    ssl_conf = {"security.protocol": "ssl", "ssl.ca.location": certs["ca.pem"]}
+    AdminClient(dict(ssl_conf, **{"bootstrap.servers": addr["tls_open"]})).list_topics(timeout=15)
+    failed_list_topics(dict(ssl_conf, **{"bootstrap.servers": addr["tls_mutual"]}))
+    with_cert = dict(ssl_conf, **{"bootstrap.servers": addr["tls_mutual"],
+                                  "ssl.certificate.location": certs["client.pem"],
+                                  "ssl.key.location": certs["client.key"]})
+    AdminClient(with_cert).list_topics(timeout=15)
+    log = b.log_text()
+    assert "TLS handshake failed" in log
+    assert "listener=outside mechanisms=SCRAM-SHA-512" in log.replace('"', "")
     b.assert_no_panic()
