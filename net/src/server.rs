@@ -224,7 +224,7 @@ impl ListenerSecurity {
                         client_auth: o.ssl_client_auth.unwrap_or(default_auth),
                         ..files.clone()
                     };
-                    secure.tls = Some(Arc::new(crate::tls::Reloading::load(&files, true)?));
+                    secure.tls = Some(Arc::new(crate::tls::Reloading::load(&files)?));
                     tracing::info!(listener = %l.name, cert = %files.cert.display(), client_auth = ?files.client_auth, "TLS listener ready");
                 }
             }

@@ -98,19 +98,17 @@ fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'s
 /// accepted; open connections keep theirs.
 pub struct Reloading {
     files: TlsFiles,
-    mutual: bool,
     config: arc_swap::ArcSwap<ServerConfig>,
     /// (modification time, length) of each file, when last built.
     stamp: std::sync::Mutex<Vec<Option<(std::time::SystemTime, u64)>>>,
 }
 
 impl Reloading {
-    pub fn load(files: &TlsFiles, mutual: bool) -> Result<Self, TlsError> {
+    pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
         let stamp = Self::stamp_of(files);
         Ok(Self {
-            config: arc_swap::ArcSwap::new(server_config(files, mutual)?),
+            config: arc_swap::ArcSwap::new(server_config(files)?),
             files: files.clone(),
-            mutual,
             stamp: std::sync::Mutex::new(stamp),
         })
     }
@@ -147,7 +145,7 @@ impl Reloading {
         }
         *stamp = now;
         drop(stamp);
-        self.config.store(server_config(&self.files, self.mutual)?);
+        self.config.store(server_config(&self.files)?);
         Ok(true)
     }
 
@@ -156,14 +154,11 @@ impl Reloading {
     }
 }
 
-/// Builds the acceptor of SSL listeners (`client_auth` applies) or of
-/// SASL_SSL listeners (`mutual` false: as in Kafka, the SASL login is the
-/// client's identity there, so no client certificate is asked for).
-pub fn acceptor(files: &TlsFiles, mutual: bool) -> Result<TlsAcceptor, TlsError> {
-    Ok(TlsAcceptor::from(server_config(files, mutual)?))
-}
-
-fn server_config(files: &TlsFiles, mutual: bool) -> Result<Arc<ServerConfig>, TlsError> {
+/// The server configuration of a TLS listener: its certificate, and client
+/// certificates as `files.client_auth` says (the caller decides it per
+/// listener: SASL_SSL listeners ask for none unless told to, as in Kafka,
+/// where the SASL login is the identity).
+fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = certificates("--ssl-cert-file", &files.cert)?;
     std::fs::metadata(&files.key).map_err(|e| file_error("--ssl-key-file", &files.key, e))?;
     let key = PrivateKeyDer::from_pem_file(&files.key)
@@ -172,12 +167,7 @@ fn server_config(files: &TlsFiles, mutual: bool) -> Result<Arc<ServerConfig>, Tl
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    let auth = if mutual {
-        files.client_auth
-    } else {
-        ClientAuth::None
-    };
-    let builder = match (auth, &files.client_ca) {
+    let builder = match (files.client_auth, &files.client_ca) {
         (ClientAuth::None, _) => builder.with_no_client_auth(),
         (_, None) => {
             return Err(TlsError::Config(
@@ -256,7 +246,7 @@ mod tests {
             client_ca: None,
             client_auth: ClientAuth::None,
         };
-        let e = acceptor(&files, true)
+        let e = Reloading::load(&files)
             .err()
             .expect("missing cert")
             .to_string();
@@ -268,7 +258,7 @@ mod tests {
             cert: empty.clone(),
             ..files
         };
-        let e = acceptor(&files, true)
+        let e = Reloading::load(&files)
             .err()
             .expect("empty cert")
             .to_string();
