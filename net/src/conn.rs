@@ -70,6 +70,11 @@ pub trait Stream: AsyncRead + AsyncWrite + Unpin + 'static {
     /// did not fit in the socket). Plain TCP writes go straight to the
     /// socket, so its writer never pays for a flush.
     const BUFFERED: bool;
+
+    /// The client's certificate (DER), when it sent one over TLS.
+    fn peer_certificate(&self) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 impl Stream for glommio::net::TcpStream {
@@ -78,6 +83,11 @@ impl Stream for glommio::net::TcpStream {
 
 impl Stream for futures_rustls::server::TlsStream<glommio::net::TcpStream> {
     const BUFFERED: bool = true;
+
+    fn peer_certificate(&self) -> Option<Vec<u8>> {
+        let certs = self.get_ref().1.peer_certificates()?;
+        certs.first().map(|c| c.as_ref().to_vec())
+    }
 }
 
 /// Serves one connection until the client leaves or the broker shuts down.
@@ -89,6 +99,22 @@ pub async fn serve<S: Stream>(
     sasl: Option<Arc<sasl::SaslConfig>>,
 ) {
     ctx.peer = Some(peer);
+    // A client certificate names the connection (SSL listeners); a SASL
+    // login names it once it authenticates.
+    if let Some(der) = stream.peer_certificate() {
+        let named = crate::principal::subject_dn(&der)
+            .and_then(|dn| ctx.mapping_rules.apply(&dn).map(|name| (dn, name)));
+        match named {
+            Ok((dn, name)) => {
+                tracing::debug!(%peer, listener = %ctx.client.listener, %dn, principal = %format!("User:{name}"), "TLS client authenticated");
+                ctx.principal = Rc::from(format!("User:{name}"));
+            }
+            Err(why) => {
+                tracing::warn!(%peer, listener = %ctx.client.listener, "closing connection: {why}");
+                return;
+            }
+        }
+    }
     let (mut rd, wr) = stream.split();
     let (tx, rx) = mpsc::channel::<Outgoing>(PIPELINE_DEPTH_MAX);
     let writer = glommio::spawn_local(write_loop(wr, rx, peer));
@@ -316,6 +342,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 sasl::TokenStep::Challenge(bytes) => bytes,
                 sasl::TokenStep::Done { user, reply, .. } => {
                     tracing::debug!(%peer, %user, listener = %ctx.client.listener, "SASL authenticated (v0)");
+                    conn_ctx.principal = Rc::from(format!("User:{user}"));
                     reply
                 }
                 sasl::TokenStep::Failed(why) => return End::Answered(why),
@@ -360,6 +387,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 {
                     if api == ApiKey::SaslAuthenticate {
                         tracing::debug!(%peer, %user, listener = %ctx.client.listener, "SASL authenticated");
+                        conn_ctx.principal = Rc::from(format!("User:{user}"));
                     }
                 }
                 if !queue(&mut tx, correlation_id, header_version, step.reply, permit).await {

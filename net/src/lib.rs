@@ -16,6 +16,7 @@ pub mod discovery;
 pub mod handlers;
 pub mod listener;
 pub mod oauth;
+pub mod principal;
 pub mod request;
 pub mod sasl;
 pub mod scram;

@@ -102,6 +102,8 @@ pub async fn shard_main(
             client_id: None,
             peer: None,
             client: conn::new_client(&listener.name),
+            principal: Rc::from(crate::principal::ANONYMOUS),
+            mapping_rules: secure.mapping_rules.clone(),
         };
         served.push((ctx, secure));
         sockets.push(socket);
@@ -158,6 +160,7 @@ pub async fn shard_main(
 /// TLS handshake (SSL, SASL_SSL) and SASL authentication (SASL_*).
 #[derive(Clone, Default)]
 pub struct Secure {
+    mapping_rules: Arc<crate::principal::MappingRules>,
     tls: Option<Arc<crate::tls::Reloading>>,
     sasl: Option<Arc<crate::sasl::SaslConfig>>,
 }
@@ -180,6 +183,8 @@ pub struct ListenerOverrides {
     pub ssl_client_auth: Option<crate::tls::ClientAuth>,
     /// `sasl.enabled.mechanisms`.
     pub sasl_mechanisms: Option<Vec<crate::sasl::Mechanism>>,
+    /// `ssl.principal.mapping.rules`.
+    pub ssl_principal_mapping_rules: Option<Arc<crate::principal::MappingRules>>,
 }
 
 /// What each listener's connections go through, by listener name: TLS
@@ -201,6 +206,7 @@ impl ListenerSecurity {
         sasl_users_file: Option<&std::path::Path>,
         sasl_mechanisms: &[crate::sasl::Mechanism],
         overrides: &std::collections::HashMap<String, ListenerOverrides>,
+        mapping_rules: Arc<crate::principal::MappingRules>,
         oauth: Option<Arc<crate::oauth::Validator>>,
     ) -> Result<Self, SecurityError> {
         use SecurityProtocol as P;
@@ -213,7 +219,13 @@ impl ListenerSecurity {
         let mut out = Self::default();
         for l in listeners {
             let o = overrides.get(&l.name).cloned().unwrap_or_default();
-            let mut secure = Secure::default();
+            let mut secure = Secure {
+                mapping_rules: o
+                    .ssl_principal_mapping_rules
+                    .clone()
+                    .unwrap_or_else(|| mapping_rules.clone()),
+                ..Secure::default()
+            };
             if matches!(l.protocol, P::Ssl | P::SaslSsl) {
                 if let Some(files) = tls {
                     let default_auth = match l.protocol {

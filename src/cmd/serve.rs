@@ -77,6 +77,7 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
         cfg.sasl_users_file.as_deref(),
         &cfg.sasl_mechanisms,
         &cfg.listener_overrides,
+        cfg.ssl_principal_mapping_rules.clone(),
         oauth.clone(),
     )?;
     log_budgets(&cfg);

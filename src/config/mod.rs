@@ -91,6 +91,13 @@ pub struct ServeArgs {
     /// and SCRAM-SHA-512. [default: PLAIN,SCRAM-SHA-256,SCRAM-SHA-512]
     #[arg(long, env = "FLOE_SASL_ENABLED_MECHANISMS")]
     pub sasl_enabled_mechanisms: Option<String>,
+    /// How a client certificate's subject DN (RFC 2253) becomes the
+    /// principal's name: Kafka's `ssl.principal.mapping.rules`,
+    /// `RULE:pattern/replacement/[LU]` and `DEFAULT`, comma-separated, the
+    /// first match wins (no match: the connection is refused).
+    /// [default: DEFAULT, the whole DN]
+    #[arg(long, env = "FLOE_SSL_PRINCIPAL_MAPPING_RULES")]
+    pub ssl_principal_mapping_rules: Option<String>,
     /// One listener's own setting, Kafka-style:
     /// `listener.name.NAME.KEY=VALUE`, KEY `sasl.enabled.mechanisms` or
     /// `ssl.client.auth`. Repeat the flag (`;` between them in the
@@ -307,6 +314,8 @@ pub struct Resolved {
     pub sasl_mechanisms: Vec<floe_net::sasl::Mechanism>,
     /// OAUTHBEARER's token checks (set when it is enabled).
     pub oauth: Option<floe_net::oauth::OAuthConfig>,
+    /// Client certificate DN → principal name (`--ssl-principal-mapping-rules`).
+    pub ssl_principal_mapping_rules: std::sync::Arc<floe_net::principal::MappingRules>,
     /// Listeners' own settings (`--listener-config`), by listener name.
     pub listener_overrides: std::collections::HashMap<String, floe_net::server::ListenerOverrides>,
     pub listen: String,
@@ -421,6 +430,7 @@ impl ServeArgs {
             sasl_mechanisms,
             oauth,
             listener_overrides,
+            ssl_principal_mapping_rules,
         } = resolve_security(&listeners, &self, &file)?;
         let listen = listeners[0].bind.clone();
         let (advertise_host, advertise_port) = (
@@ -488,6 +498,7 @@ impl ServeArgs {
             sasl_mechanisms,
             oauth,
             listener_overrides,
+            ssl_principal_mapping_rules,
             listen,
             advertise_host,
             advertise_port,

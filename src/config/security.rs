@@ -15,6 +15,7 @@ pub(super) struct Security {
     pub sasl_mechanisms: Vec<floe_net::sasl::Mechanism>,
     pub oauth: Option<floe_net::oauth::OAuthConfig>,
     pub listener_overrides: HashMap<String, ListenerOverrides>,
+    pub ssl_principal_mapping_rules: std::sync::Arc<floe_net::principal::MappingRules>,
 }
 
 /// `listener.name.NAME.KEY=VALUE` entries, checked against the listeners:
@@ -69,7 +70,17 @@ fn listener_overrides(
                     return Err(bad("given twice".into()));
                 }
             }
-            "ssl.client.auth" | "sasl.enabled.mechanisms" => {
+            "ssl.principal.mapping.rules" if tls => {
+                let rules = floe_net::principal::MappingRules::parse(value).map_err(bad)?;
+                if o
+                    .ssl_principal_mapping_rules
+                    .replace(std::sync::Arc::new(rules))
+                    .is_some()
+                {
+                    return Err(bad("given twice".into()));
+                }
+            }
+            "ssl.client.auth" | "sasl.enabled.mechanisms" | "ssl.principal.mapping.rules" => {
                 return Err(bad(format!(
                     "listener {name:?} is {}, which has no {setting}",
                     l.protocol.kafka_name()
@@ -77,7 +88,7 @@ fn listener_overrides(
             }
             other => {
                 return Err(bad(format!(
-                    "unknown setting {other:?} (floe takes sasl.enabled.mechanisms and ssl.client.auth per listener)"
+                    "unknown setting {other:?} (floe takes sasl.enabled.mechanisms, ssl.client.auth and ssl.principal.mapping.rules per listener)"
                 )))
             }
         }
@@ -235,5 +246,12 @@ pub(super) fn resolve_security(
         sasl_mechanisms: mechanisms,
         oauth,
         listener_overrides: overrides,
+        ssl_principal_mapping_rules: std::sync::Arc::new(
+            match given!(ssl_principal_mapping_rules) {
+                Some(text) => floe_net::principal::MappingRules::parse(&text)
+                    .map_err(|e| anyhow::anyhow!("--ssl-principal-mapping-rules {text:?}: {e}"))?,
+                None => Default::default(),
+            },
+        ),
     })
 }

@@ -449,3 +449,30 @@ def test_listeners_have_their_own_settings(start_broker, tmp_path, topic_name):
     assert "TLS handshake failed" in log
     assert "listener=outside mechanisms=SCRAM-SHA-512" in log.replace('"', "")
     b.assert_no_panic()
+
+
+def test_principal_from_client_certificate(start_broker, tmp_path):
+    """A client certificate's subject names the connection's principal,
+    through ssl.principal.mapping.rules; a DN no rule maps is refused."""
+    certs = make_certs(tmp_path)
+    ports = {n: free_port() for n in ("mapped", "strict")}
+    b = start_broker(
+        name="principal", log="info,floe_net::conn=debug",
+        listeners=",".join("%s://127.0.0.1:%d" % (n, p) for n, p in ports.items()),
+        listener_security_protocol_map="mapped:SSL,strict:SSL",
+        ssl_cert_file=certs["server.pem"], ssl_key_file=certs["server.key"],
+        ssl_client_ca_file=certs["ca.pem"], ssl_client_auth="required",
+        ssl_principal_mapping_rules=r"RULE:^CN=floe-test-([a-z]+)$/svc-$1/U,DEFAULT",
+        listener_config=r"listener.name.strict.ssl.principal.mapping.rules=RULE:^CN=admin$/admin/")
+    conf = {"security.protocol": "ssl", "ssl.ca.location": certs["ca.pem"],
+            "ssl.certificate.location": certs["client.pem"], "ssl.key.location": certs["client.key"]}
+    AdminClient(dict(conf, **{"bootstrap.servers": "127.0.0.1:%d" % ports["mapped"]})).list_topics(
+        timeout=15)
+    deadline = time.monotonic() + 10
+    while "principal=User:SVC-CLIENT" not in b.log_text():
+        assert time.monotonic() < deadline, b.log_tail()
+        time.sleep(0.2)
+    assert "dn=CN=floe-test-client" in b.log_text()
+    failed_list_topics(dict(conf, **{"bootstrap.servers": "127.0.0.1:%d" % ports["strict"]}))
+    assert 'no ssl.principal.mapping.rules rule matches "CN=floe-test-client"' in b.log_text()
+    b.assert_no_panic()

@@ -52,6 +52,12 @@ pub struct Ctx {
     /// Who the client is for discovery (listener, zone, host override);
     /// kept by its connection.
     pub client: Rc<crate::discovery::ClientView>,
+    /// Who the client is for authorization: `User:NAME` from its SASL
+    /// login or client certificate, else `User:ANONYMOUS`.
+    pub principal: Rc<str>,
+    /// How a client certificate's DN becomes a name (the listener's
+    /// `ssl.principal.mapping.rules`).
+    pub mapping_rules: Arc<crate::principal::MappingRules>,
 }
 
 pub fn encode<M: Encodable>(m: &M, version: i16) -> Reply {
