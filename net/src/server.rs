@@ -185,6 +185,14 @@ pub struct ListenerOverrides {
     pub sasl_mechanisms: Option<Vec<crate::sasl::Mechanism>>,
     /// `ssl.principal.mapping.rules`.
     pub ssl_principal_mapping_rules: Option<Arc<crate::principal::MappingRules>>,
+    /// `ssl.cert.file`, `ssl.key.file`, `ssl.client.ca.file`.
+    pub ssl_cert_file: Option<std::path::PathBuf>,
+    pub ssl_key_file: Option<std::path::PathBuf>,
+    pub ssl_client_ca_file: Option<std::path::PathBuf>,
+    /// The listener's TLS files and client-auth mode with the broker-wide
+    /// ones filled in (set by the configuration for TLS listeners; when
+    /// absent the broker-wide files apply).
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// What each listener's connections go through, by listener name: TLS
@@ -227,15 +235,19 @@ impl ListenerSecurity {
                 ..Secure::default()
             };
             if matches!(l.protocol, P::Ssl | P::SaslSsl) {
-                if let Some(files) = tls {
-                    let default_auth = match l.protocol {
-                        P::Ssl => files.client_auth,
-                        _ => crate::tls::ClientAuth::None,
-                    };
-                    let files = crate::tls::TlsFiles {
-                        client_auth: o.ssl_client_auth.unwrap_or(default_auth),
-                        ..files.clone()
-                    };
+                let files = o.tls.clone().or_else(|| {
+                    tls.map(|files| {
+                        let default_auth = match l.protocol {
+                            P::Ssl => files.client_auth,
+                            _ => crate::tls::ClientAuth::None,
+                        };
+                        crate::tls::TlsFiles {
+                            client_auth: o.ssl_client_auth.unwrap_or(default_auth),
+                            ..files.clone()
+                        }
+                    })
+                });
+                if let Some(files) = files {
                     secure.tls = Some(Arc::new(crate::tls::Reloading::load(&files)?));
                     tracing::info!(listener = %l.name, cert = %files.cert.display(), client_auth = ?files.client_auth, "TLS listener ready");
                 }

@@ -99,9 +99,10 @@ pub struct ServeArgs {
     #[arg(long, env = "FLOE_SSL_PRINCIPAL_MAPPING_RULES")]
     pub ssl_principal_mapping_rules: Option<String>,
     /// One listener's own setting, Kafka-style:
-    /// `listener.name.NAME.KEY=VALUE`, KEY `sasl.enabled.mechanisms` or
-    /// `ssl.client.auth`. Repeat the flag (`;` between them in the
-    /// environment variable). [default: none]
+    /// `listener.name.NAME.KEY=VALUE`, KEY `sasl.enabled.mechanisms`,
+    /// `ssl.client.auth`, `ssl.principal.mapping.rules`, `ssl.cert.file`,
+    /// `ssl.key.file` or `ssl.client.ca.file`. Repeat the flag (`;`
+    /// between them in the environment variable). [default: none]
     #[arg(long, env = "FLOE_LISTENER_CONFIG", value_delimiter = ';')]
     pub listener_config: Option<Vec<String>>,
     /// OAUTHBEARER: where the JWK set that signs tokens is, `file:///PATH`
@@ -890,6 +891,43 @@ mod tests {
             let e = two(&[entry]).resolve().unwrap_err().to_string();
             assert!(e.contains(says), "{entry}: {e}");
         }
+        // A listener with its own certificate needs no broker-wide one.
+        let r = ServeArgs {
+            listeners: Some("a://127.0.0.1:1,b://127.0.0.1:2".into()),
+            listener_security_protocol_map: Some("a:SSL,b:SSL".into()),
+            listener_config: Some(vec![
+                "listener.name.a.ssl.cert.file=a.pem".into(),
+                "listener.name.a.ssl.key.file=a.key".into(),
+                "listener.name.b.ssl.cert.file=b.pem".into(),
+                "listener.name.b.ssl.key.file=b.key".into(),
+                "listener.name.b.ssl.client.ca.file=ca.pem".into(),
+                "listener.name.b.ssl.client.auth=required".into(),
+            ]),
+            ..Default::default()
+        }
+        .resolve()
+        .expect("resolves");
+        let tls = |n: &str| r.listener_overrides[n].tls.clone().expect("tls files");
+        assert_eq!(tls("a").cert, PathBuf::from("a.pem"));
+        assert_eq!(tls("a").client_auth, floe_net::tls::ClientAuth::None);
+        assert_eq!(tls("b").client_ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(tls("b").client_auth, floe_net::tls::ClientAuth::Required);
+        let e = ServeArgs {
+            listeners: Some("a://127.0.0.1:1,b://127.0.0.1:2".into()),
+            listener_security_protocol_map: Some("a:SSL,b:SSL".into()),
+            listener_config: Some(vec![
+                "listener.name.a.ssl.cert.file=a.pem".into(),
+                "listener.name.a.ssl.key.file=a.key".into(),
+            ]),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("listener \"b\" is SSL") && e.contains("listener.name.b.ssl.cert.file"),
+            "{e}"
+        );
         let e = ServeArgs {
             ssl_client_ca_file: None,
             ..two(&["listener.name.ext.ssl.client.auth=required"])

@@ -70,6 +70,16 @@ fn listener_overrides(
                     return Err(bad("given twice".into()));
                 }
             }
+            "ssl.cert.file" | "ssl.key.file" | "ssl.client.ca.file" if tls => {
+                let slot = match setting {
+                    "ssl.cert.file" => &mut o.ssl_cert_file,
+                    "ssl.key.file" => &mut o.ssl_key_file,
+                    _ => &mut o.ssl_client_ca_file,
+                };
+                if slot.replace(PathBuf::from(value)).is_some() {
+                    return Err(bad("given twice".into()));
+                }
+            }
             "ssl.principal.mapping.rules" if tls => {
                 let rules = floe_net::principal::MappingRules::parse(value).map_err(bad)?;
                 if o
@@ -80,7 +90,12 @@ fn listener_overrides(
                     return Err(bad("given twice".into()));
                 }
             }
-            "ssl.client.auth" | "sasl.enabled.mechanisms" | "ssl.principal.mapping.rules" => {
+            "ssl.client.auth"
+            | "sasl.enabled.mechanisms"
+            | "ssl.principal.mapping.rules"
+            | "ssl.cert.file"
+            | "ssl.key.file"
+            | "ssl.client.ca.file" => {
                 return Err(bad(format!(
                     "listener {name:?} is {}, which has no {setting}",
                     l.protocol.kafka_name()
@@ -88,7 +103,7 @@ fn listener_overrides(
             }
             other => {
                 return Err(bad(format!(
-                    "unknown setting {other:?} (floe takes sasl.enabled.mechanisms, ssl.client.auth and ssl.principal.mapping.rules per listener)"
+                    "unknown setting {other:?} (floe takes sasl.enabled.mechanisms, ssl.client.auth, ssl.principal.mapping.rules, ssl.cert.file, ssl.key.file and ssl.client.ca.file per listener)"
                 )))
             }
         }
@@ -124,25 +139,55 @@ pub(super) fn resolve_security(
         given!(ssl_key_file),
         given!(ssl_client_ca_file),
     );
-    let tls = match (tls_listener, cert, key) {
-        (Some(_), Some(cert), Some(key)) => {
-            if client_auth != ClientAuth::None && client_ca.is_none() {
-                anyhow::bail!(
-                    "--ssl-client-auth {client_auth:?} needs --ssl-client-ca-file (the CA client certificates must chain to)"
-                );
-            }
-            Some(TlsFiles {
-                cert,
-                key,
-                client_ca,
-                client_auth,
-            })
+    let mut overrides =
+        listener_overrides(listeners, &given!(listener_config).unwrap_or_default())?;
+    // Every TLS listener needs a certificate and key, its own or the
+    // broker's; a listener asking for client certificates needs a CA.
+    for l in listeners.iter().filter(|l| {
+        matches!(
+            l.protocol,
+            SecurityProtocol::Ssl | SecurityProtocol::SaslSsl
+        )
+    }) {
+        let o = overrides.entry(l.name.clone()).or_default();
+        let (Some(l_cert), Some(l_key)) = (
+            o.ssl_cert_file.clone().or(cert.clone()),
+            o.ssl_key_file.clone().or(key.clone()),
+        ) else {
+            anyhow::bail!(
+                "listener {:?} is {}: give --ssl-cert-file and --ssl-key-file (PEM), or listener.name.{}.ssl.cert.file/ssl.key.file",
+                l.name,
+                l.protocol.kafka_name(),
+                l.name
+            );
+        };
+        let auth = o.ssl_client_auth.unwrap_or(match l.protocol {
+            SecurityProtocol::Ssl => client_auth,
+            _ => ClientAuth::None,
+        });
+        let l_ca = o.ssl_client_ca_file.clone().or(client_ca.clone());
+        if auth != ClientAuth::None && l_ca.is_none() {
+            anyhow::bail!(
+                "listener {:?} asks for client certificates (ssl.client.auth {auth:?}): give --ssl-client-ca-file (the CA client certificates must chain to)",
+                l.name
+            );
         }
-        (Some(l), _, _) => anyhow::bail!(
-            "listener {:?} is {}: give --ssl-cert-file and --ssl-key-file (PEM)",
-            l.name,
-            l.protocol.kafka_name()
-        ),
+        o.tls = Some(TlsFiles {
+            cert: l_cert,
+            key: l_key,
+            client_ca: l_ca,
+            client_auth: auth,
+        });
+    }
+    let tls = match (tls_listener, cert, key) {
+        (Some(_), Some(cert), Some(key)) => Some(TlsFiles {
+            cert,
+            key,
+            client_ca,
+            client_auth,
+        }),
+        (Some(_), None, None) => None,
+        (Some(_), _, _) => anyhow::bail!("--ssl-cert-file and --ssl-key-file go together"),
         (None, cert, key) => {
             if cert.is_some() || key.is_some() || client_ca.is_some() {
                 anyhow::bail!(
@@ -152,17 +197,6 @@ pub(super) fn resolve_security(
             None
         }
     };
-    let overrides = listener_overrides(listeners, &given!(listener_config).unwrap_or_default())?;
-    if let Some((name, _)) = overrides
-        .iter()
-        .find(|(_, o)| o.ssl_client_auth.is_some_and(|a| a != ClientAuth::None))
-    {
-        if tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
-            anyhow::bail!(
-                "listener {name:?} asks for client certificates (ssl.client.auth): give --ssl-client-ca-file"
-            );
-        }
-    }
     let bearer_somewhere = overrides.values().any(|o| {
         o.sasl_mechanisms
             .as_ref()

@@ -412,20 +412,26 @@ def test_certificate_is_reloaded_without_restart(start_broker, tmp_path, topic_n
 
 def test_listeners_have_their_own_settings(start_broker, tmp_path, topic_name):
     """listener.name.NAME.*: two SASL listeners offering different
-    mechanisms, two SSL listeners, one of them mutual TLS."""
+    mechanisms, three SSL listeners: one mutual TLS, one with a
+    certificate of its own."""
     certs = make_certs(tmp_path)
     users = tmp_path / "users"
     users.write_text("%s:%s\n" % (USER, PASSWORD))
-    ports = {n: free_port() for n in ("inside", "outside", "tls_open", "tls_mutual")}
+    (tmp_path / "own").mkdir()
+    own = make_certs(tmp_path / "own")
+    ports = {n: free_port() for n in ("inside", "outside", "tls_open", "tls_mutual", "tls_own")}
     b = start_broker(
         name="per-listener",
         listeners=",".join("%s://127.0.0.1:%d" % (n, p) for n, p in ports.items()),
         listener_security_protocol_map="inside:SASL_PLAINTEXT,outside:SASL_SSL,"
-                                       "tls_open:SSL,tls_mutual:SSL",
+                                       "tls_open:SSL,tls_mutual:SSL,tls_own:SSL",
         ssl_cert_file=certs["server.pem"], ssl_key_file=certs["server.key"],
         ssl_client_ca_file=certs["ca.pem"], sasl_users_file=str(users),
         listener_config="listener.name.outside.sasl.enabled.mechanisms=SCRAM-SHA-512;"
-                        "listener.name.tls_mutual.ssl.client.auth=required")
+                        "listener.name.tls_mutual.ssl.client.auth=required;"
+                        "listener.name.tls_own.ssl.cert.file=%s;"
+                        "listener.name.tls_own.ssl.key.file=%s" % (own["server.pem"],
+                                                                   own["server.key"]))
     addr = {n: "127.0.0.1:%d" % p for n, p in ports.items()}
     create_topic(b.bootstrap, topic_name, 1)
     plain = {"security.protocol": "sasl_plaintext", "sasl.mechanism": "PLAIN",
@@ -445,6 +451,11 @@ def test_listeners_have_their_own_settings(start_broker, tmp_path, topic_name):
                                   "ssl.certificate.location": certs["client.pem"],
                                   "ssl.key.location": certs["client.key"]})
     AdminClient(with_cert).list_topics(timeout=15)
+    # A listener with a certificate of its own (another CA's).
+    assert served_certificate(addr["tls_own"]) == pem_to_der(own["server.pem"])
+    assert served_certificate(addr["tls_open"]) == pem_to_der(certs["server.pem"])
+    AdminClient({"bootstrap.servers": addr["tls_own"], "security.protocol": "ssl",
+                 "ssl.ca.location": own["ca.pem"]}).list_topics(timeout=15)
     log = b.log_text()
     assert "TLS handshake failed" in log
     assert "listener=outside mechanisms=SCRAM-SHA-512" in log.replace('"', "")
