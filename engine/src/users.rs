@@ -127,13 +127,14 @@ impl Users {
                 }
             };
             let revision = current.as_ref().map_or(0, |kv| kv.mod_revision);
-            let mut record = match &current {
+            let before = match &current {
                 Some(kv) => decode(kv).map_err(UserChangeError::Store)?,
                 None => ScramUserRecord {
                     name: user.to_string(),
                     credentials: BTreeMap::new(),
                 },
             };
+            let mut record = before.clone();
             for m in &change.delete {
                 if record.credentials.remove(m).is_none() && !ambiguous {
                     return Err(UserChangeError::NotFound {
@@ -145,11 +146,9 @@ impl Users {
             for (m, c) in &change.upsert {
                 record.credentials.insert(m.clone(), c.clone());
             }
-            let unchanged = match &current {
-                Some(kv) => decode(kv).ok().as_ref() == Some(&record),
-                None => record.credentials.is_empty(),
-            };
-            if unchanged {
+            // Nothing to write (an earlier attempt landed, or the change
+            // sets what is there).
+            if record == before {
                 return Ok(());
             }
             let op = if record.credentials.is_empty() {

@@ -59,7 +59,8 @@ pub struct Validator {
     wanted: tokio::sync::Notify,
 }
 
-fn now_ms() -> u64 {
+/// The wall clock in Unix milliseconds (token expiries are on it).
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

@@ -116,15 +116,9 @@ impl Users {
     /// at the first differing byte, so its time says little about how much
     /// of a guess was right.
     pub fn verify(&self, user: &str, password: &str) -> bool {
-        let Some(expected) = self.passwords.get(user) else {
-            return false;
-        };
-        let (a, b) = (expected.as_bytes(), password.as_bytes());
-        let mut diff = (a.len() != b.len()) as u8;
-        for (i, x) in a.iter().enumerate() {
-            diff |= x ^ b.get(i).copied().unwrap_or(!x);
-        }
-        diff == 0
+        self.passwords
+            .get(user)
+            .is_some_and(|p| scram::constant_time_eq(p.as_bytes(), password.as_bytes()))
     }
 }
 
@@ -318,7 +312,7 @@ impl Session {
             State::Authenticated {
                 expires_at_ms: Some(t),
                 ..
-            } => oauth::lifetime_ms(*t) <= 1,
+            } => oauth::now_ms() >= *t,
             _ => false,
         }
     }

@@ -19,6 +19,8 @@ pub const ITERATIONS_MIN: u32 = 4096;
 pub const ITERATIONS_MAX: u32 = 16384;
 /// Salt length of credentials floe derives itself (`floe users set`).
 pub const SALT_BYTES: usize = 32;
+/// Random bytes in the server's part of the nonce.
+const SERVER_NONCE_BYTES: usize = 24;
 /// Longest client message accepted (a user name, a nonce and a proof).
 const MESSAGE_BYTES_MAX: usize = 4096;
 
@@ -148,12 +150,9 @@ pub fn check_iterations(iterations: i32) -> Result<u32, String> {
     Ok(iterations as u32)
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() != b.len()) as u8;
-    for (i, x) in a.iter().enumerate() {
-        diff |= x ^ b.get(i).copied().unwrap_or(!x);
-    }
-    diff == 0
+/// Equality that takes as long however many bytes match (aws-lc-rs).
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    aws_lc_rs::constant_time::verify_slices_are_equal(a, b).is_ok()
 }
 
 /// A stored credential's binary parts.
@@ -308,7 +307,7 @@ impl Exchange {
                 mechanism.name()
             ));
         }
-        let mut random = [0u8; 24];
+        let mut random = [0u8; SERVER_NONCE_BYTES];
         rand::fill(&mut random).map_err(|_| "the system's random source failed".to_string())?;
         let nonce = format!("{}{}", first.nonce, URL_SAFE_NO_PAD.encode(random));
         let server_first = format!("r={nonce},s={},i={}", cred.salt, cred.iterations);

@@ -190,8 +190,8 @@ pub struct ListenerOverrides {
     pub ssl_key_file: Option<std::path::PathBuf>,
     pub ssl_client_ca_file: Option<std::path::PathBuf>,
     /// The listener's TLS files and client-auth mode with the broker-wide
-    /// ones filled in (set by the configuration for TLS listeners; when
-    /// absent the broker-wide files apply).
+    /// ones filled in: what it serves. Set by the configuration for every
+    /// SSL and SASL_SSL listener.
     pub tls: Option<crate::tls::TlsFiles>,
 }
 
@@ -205,12 +205,12 @@ pub struct ListenerSecurity {
 
 impl ListenerSecurity {
     /// Loads what `listeners` need: TLS for SSL and SASL_SSL listeners
-    /// from `tls`, SASL users from `sasl_users_file`; SASL listeners offer
-    /// `sasl_mechanisms` (OAUTHBEARER checks tokens with `oauth`); a
-    /// listener's `overrides` replace those defaults for it.
+    /// from their resolved files (`overrides[name].tls`: a TLS listener
+    /// without them is refused), SASL users from `sasl_users_file`; SASL
+    /// listeners offer `sasl_mechanisms` (OAUTHBEARER checks tokens with
+    /// `oauth`) unless their `overrides` say otherwise.
     pub fn load(
         listeners: &[Listener],
-        tls: Option<&crate::tls::TlsFiles>,
         sasl_users_file: Option<&std::path::Path>,
         sasl_mechanisms: &[crate::sasl::Mechanism],
         overrides: &std::collections::HashMap<String, ListenerOverrides>,
@@ -235,22 +235,16 @@ impl ListenerSecurity {
                 ..Secure::default()
             };
             if matches!(l.protocol, P::Ssl | P::SaslSsl) {
-                let files = o.tls.clone().or_else(|| {
-                    tls.map(|files| {
-                        let default_auth = match l.protocol {
-                            P::Ssl => files.client_auth,
-                            _ => crate::tls::ClientAuth::None,
-                        };
-                        crate::tls::TlsFiles {
-                            client_auth: o.ssl_client_auth.unwrap_or(default_auth),
-                            ..files.clone()
-                        }
-                    })
-                });
-                if let Some(files) = files {
-                    secure.tls = Some(Arc::new(crate::tls::Reloading::load(&files)?));
-                    tracing::info!(listener = %l.name, cert = %files.cert.display(), client_auth = ?files.client_auth, "TLS listener ready");
-                }
+                // Fail closed: never serve a TLS listener in plain text.
+                let files = o.tls.as_ref().ok_or_else(|| {
+                    crate::tls::TlsError::Config(format!(
+                        "listener {:?} is {} but has no certificate",
+                        l.name,
+                        l.protocol.kafka_name()
+                    ))
+                })?;
+                secure.tls = Some(Arc::new(crate::tls::Reloading::load(files)?));
+                tracing::info!(listener = %l.name, cert = %files.cert.display(), client_auth = ?files.client_auth, "TLS listener ready");
             }
             if matches!(l.protocol, P::SaslPlaintext | P::SaslSsl) {
                 let mechanisms = o

@@ -73,7 +73,6 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
         .map(|c| Arc::new(floe_net::oauth::Validator::new(c)));
     let security = ListenerSecurity::load(
         &cfg.listeners,
-        cfg.tls.as_ref(),
         cfg.sasl_users_file.as_deref(),
         &cfg.sasl_mechanisms,
         &cfg.listener_overrides,

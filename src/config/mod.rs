@@ -307,8 +307,6 @@ pub struct Resolved {
     /// Every Kafka listener; never empty. The first one's bind and
     /// advertised addresses are also in `listen` / `advertise_*`.
     pub listeners: Vec<Listener>,
-    /// TLS files of SSL / SASL_SSL listeners (set when one exists).
-    pub tls: Option<floe_net::tls::TlsFiles>,
     /// Users file of SASL listeners (set when one exists).
     pub sasl_users_file: Option<PathBuf>,
     /// The mechanisms SASL listeners offer (empty when there is none).
@@ -426,7 +424,6 @@ impl ServeArgs {
                 .or(file.listener_security_protocol_map.clone()),
         })?;
         let security::Security {
-            tls,
             sasl_users_file,
             sasl_mechanisms,
             oauth,
@@ -494,7 +491,6 @@ impl ServeArgs {
             log: pick!(log, defaults::LOG.to_string()),
             data_dir,
             listeners,
-            tls,
             sasl_users_file,
             sasl_mechanisms,
             oauth,
@@ -796,9 +792,15 @@ mod tests {
                 SecurityProtocol::SaslSsl
             ]
         );
-        let tls = r.tls.expect("tls files");
-        assert_eq!(tls.client_auth, floe_net::tls::ClientAuth::Required);
-        assert_eq!(tls.client_ca, Some(PathBuf::from("ca.pem")));
+        let tls = |n: &str| r.listener_overrides[n].tls.clone().expect("tls files");
+        assert_eq!(tls("tls").client_auth, floe_net::tls::ClientAuth::Required);
+        assert_eq!(tls("tls").client_ca, Some(PathBuf::from("ca.pem")));
+        // SASL_SSL: the SASL login is the identity; no certificate asked.
+        assert_eq!(tls("both").client_auth, floe_net::tls::ClientAuth::None);
+        assert!(
+            !r.listener_overrides.contains_key("plain")
+                || r.listener_overrides["plain"].tls.is_none()
+        );
         assert_eq!(r.sasl_users_file, Some(PathBuf::from("users")));
 
         // The same settings as TOML keys; a flag overrides the file.
@@ -818,7 +820,8 @@ mod tests {
         .resolve()
         .expect("resolves");
         assert_eq!(r.listeners[0].protocol, SecurityProtocol::SaslSsl);
-        assert_eq!(r.tls.map(|t| t.cert), Some(PathBuf::from("c.pem")));
+        let tls = r.listener_overrides[&r.listeners[0].name].tls.clone();
+        assert_eq!(tls.map(|t| t.cert), Some(PathBuf::from("c.pem")));
         assert_eq!(r.sasl_users_file, Some(PathBuf::from("flag-users")));
     }
 

@@ -10,7 +10,6 @@ use super::ServeArgs;
 
 /// What the listeners' security settings resolve to.
 pub(super) struct Security {
-    pub tls: Option<floe_net::tls::TlsFiles>,
     pub sasl_users_file: Option<PathBuf>,
     pub sasl_mechanisms: Vec<floe_net::sasl::Mechanism>,
     pub oauth: Option<floe_net::oauth::OAuthConfig>,
@@ -179,24 +178,16 @@ pub(super) fn resolve_security(
             client_auth: auth,
         });
     }
-    let tls = match (tls_listener, cert, key) {
-        (Some(_), Some(cert), Some(key)) => Some(TlsFiles {
-            cert,
-            key,
-            client_ca,
-            client_auth,
-        }),
-        (Some(_), None, None) => None,
-        (Some(_), _, _) => anyhow::bail!("--ssl-cert-file and --ssl-key-file go together"),
-        (None, cert, key) => {
-            if cert.is_some() || key.is_some() || client_ca.is_some() {
-                anyhow::bail!(
-                    "--ssl-cert-file/--ssl-key-file/--ssl-client-ca-file are given but no listener is SSL or SASL_SSL (see --listener-security-protocol-map)"
-                );
-            }
-            None
+    // Broker-wide files: both or neither, and only for a TLS listener.
+    match (tls_listener, &cert, &key) {
+        (Some(_), Some(_), None) | (Some(_), None, Some(_)) => {
+            anyhow::bail!("--ssl-cert-file and --ssl-key-file go together")
         }
-    };
+        (None, _, _) if cert.is_some() || key.is_some() || client_ca.is_some() => anyhow::bail!(
+            "--ssl-cert-file/--ssl-key-file/--ssl-client-ca-file are given but no listener is SSL or SASL_SSL (see --listener-security-protocol-map)"
+        ),
+        _ => {}
+    }
     let bearer_somewhere = overrides.values().any(|o| {
         o.sasl_mechanisms
             .as_ref()
@@ -275,7 +266,6 @@ pub(super) fn resolve_security(
         _ => None,
     };
     Ok(Security {
-        tls,
         sasl_users_file: users,
         sasl_mechanisms: mechanisms,
         oauth,
