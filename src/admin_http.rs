@@ -29,7 +29,7 @@ const REQUEST_BYTES_MAX: usize = 8 << 10;
 type FieldCounter<T, V> = (&'static str, &'static str, fn(&T) -> &V);
 
 /// The counters every shard keeps, each summed over the shards.
-const SHARD_COUNTERS: [FieldCounter<ShardCounters, ShardCounter>; 15] = [
+const SHARD_COUNTERS: [FieldCounter<ShardCounters, ShardCounter>; 16] = [
     (
         "floe_produce_payload_bytes_total",
         "RecordBatch bytes accepted from producers.",
@@ -102,6 +102,11 @@ const SHARD_COUNTERS: [FieldCounter<ShardCounters, ShardCounter>; 15] = [
         "floe_bad_frames_total",
         "Connections closed for bad input.",
         |s| &s.bad_frames,
+    ),
+    (
+        "floe_authorization_denied_total",
+        "Actions the ACL authorizer refused.",
+        |s| &s.authorization_denied,
     ),
 ];
 
@@ -527,6 +532,7 @@ mod tests {
             "floe_connections_moved_total counter",
             "floe_admission_waits_total counter",
             "floe_bad_frames_total counter",
+            "floe_authorization_denied_total counter",
             "floe_log_entries_written_total counter",
             "floe_log_partitions gauge",
             "floe_log_segment_table gauge",

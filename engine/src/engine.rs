@@ -95,6 +95,8 @@ pub struct Engine {
     txns: Arc<crate::transactions::Transactions>,
     /// SASL/SCRAM users (`scram/*`).
     users: Arc<crate::users::Users>,
+    /// Kafka ACLs (`acls/*`).
+    acls: Arc<crate::acls::Acls>,
     /// Each shard's receivers, taken by [`Engine::start_shard`].
     inboxes: Mutex<Vec<Option<ShardInbox>>>,
     /// Log entries replayed at start-up.
@@ -117,6 +119,7 @@ impl Engine {
         let node_id = start.config.node_id;
         let topics = Arc::new(sidecar.block_on(Topics::load(meta.clone()))?);
         let users = Arc::new(sidecar.block_on(crate::users::Users::load(meta.clone()))?);
+        let acls = Arc::new(sidecar.block_on(crate::acls::Acls::load(meta.clone()))?);
         let cluster_id = sidecar.block_on(cluster_id(&*meta))?;
         let registration = sidecar.block_on(Registration::register(
             meta.clone(),
@@ -203,6 +206,7 @@ impl Engine {
             groups: groups.clone(),
             txns: txns.clone(),
             users: users.clone(),
+            acls: acls.clone(),
             inboxes: Mutex::new(inboxes.into_iter().map(Some).collect()),
             replayed,
             lease_ttl: start.lease_ttl,
@@ -217,6 +221,7 @@ impl Engine {
         handle.spawn(crate::committer::follow_log(meta.clone(), poke));
         handle.spawn(topics.follow());
         handle.spawn(users.follow());
+        handle.spawn(acls.follow());
         handle.spawn(members.follow(meta));
         let stop = || {
             let engine = Arc::downgrade(&engine);
@@ -399,6 +404,55 @@ impl Engine {
         {
             Ok(r) => r,
             Err(e) => Err(crate::users::UserChangeError::Store(e)),
+        }
+    }
+
+    // ---- ACLs ------------------------------------------------------------
+
+    /// The ACLs this broker enforces (a snapshot followed by a watch).
+    pub fn acls(&self) -> &crate::acls::Acls {
+        &self.acls
+    }
+
+    /// Every ACL `filter` matches, read from the metadata store.
+    pub async fn describe_acls(
+        &self,
+        filter: crate::acls::AclFilter,
+    ) -> Result<Vec<crate::acls::AclBinding>> {
+        let acls = self.acls.clone();
+        self.sidecar
+            .run(async move { acls.describe(&filter).await })
+            .await
+    }
+
+    /// Adds ACLs (CreateAcls): one result per binding.
+    pub async fn create_acls(&self, new: Vec<crate::acls::AclBinding>) -> Vec<Result<()>> {
+        let acls = self.acls.clone();
+        let n = new.len();
+        match self
+            .sidecar
+            .run(async move { Ok(acls.create(&new).await) })
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
+        }
+    }
+
+    /// Removes the ACLs each filter matches (DeleteAcls).
+    pub async fn delete_acls(
+        &self,
+        filters: Vec<crate::acls::AclFilter>,
+    ) -> Vec<Result<Vec<crate::acls::AclBinding>>> {
+        let acls = self.acls.clone();
+        let n = filters.len();
+        match self
+            .sidecar
+            .run(async move { Ok(acls.delete(&filters).await) })
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
         }
     }
 

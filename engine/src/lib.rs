@@ -12,6 +12,7 @@
 //! producer before its segment is durable and committed; grow memory
 //! without a bound.
 
+pub mod acls;
 pub mod archive;
 pub mod batch;
 pub mod cache;

@@ -65,6 +65,8 @@ pub struct ShardCounters {
     /// Connections this shard handed to a shard with fewer (net::balance).
     pub connections_moved: ShardCounter,
     pub bad_frames: ShardCounter,
+    /// Actions the authorizer refused (net::authz).
+    pub authorization_denied: ShardCounter,
 }
 
 const _: () = assert!(std::mem::align_of::<ShardCounters>() == 128);

@@ -12,6 +12,7 @@
 //! nodes/next                  next free node id (decimal)
 //! brokers/<node id>           BrokerRecord, under the broker's lease
 //! scram/<user>                ScramUserRecord (SASL/SCRAM credentials)
+//! acls/<type>/<pattern>/<name> AclResourceRecord (the ACLs of one resource pattern)
 //! ```
 //!
 //! Transactions, consumer groups and users add the keys described in their
@@ -375,6 +376,107 @@ pub struct ScramCredential {
     pub stored_key: String,
     pub server_key: String,
     pub iterations: u32,
+}
+
+// ---- ACLs -------------------------------------------------------------------
+//
+// acls/<type>/<pattern>/<name>      AclResourceRecord: every ACL of one resource
+//                                   pattern, e.g. acls/Topic/Prefixed/orders-
+//
+// Names are escaped as group ids are. Written by CreateAcls and DeleteAcls,
+// per resource pattern by CAS on the revision read; every broker follows
+// the prefix, so a change is enforced everywhere within the watch delay.
+
+pub const ACLS_PREFIX: &str = "acls/";
+
+/// The resource types Kafka's ACLs name (DelegationToken and User are not
+/// served: floe has no delegation tokens, and user quotas are not ACLs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum AclResourceType {
+    Topic,
+    Group,
+    Cluster,
+    TransactionalId,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum AclPatternType {
+    /// The name exactly, or every resource of the type when it is `*`.
+    Literal,
+    /// Every resource whose name starts with the name.
+    Prefixed,
+}
+
+/// Kafka's ACL operations. `All` grants or denies every operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum AclOperation {
+    All,
+    Read,
+    Write,
+    Create,
+    Delete,
+    Alter,
+    Describe,
+    ClusterAction,
+    DescribeConfigs,
+    AlterConfigs,
+    IdempotentWrite,
+    CreateTokens,
+    DescribeTokens,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum AclPermission {
+    Allow,
+    Deny,
+}
+
+impl AclResourceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Topic => "Topic",
+            Self::Group => "Group",
+            Self::Cluster => "Cluster",
+            Self::TransactionalId => "TransactionalId",
+        }
+    }
+}
+
+impl AclPatternType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Literal => "Literal",
+            Self::Prefixed => "Prefixed",
+        }
+    }
+}
+
+pub fn acl_key(resource_type: AclResourceType, pattern: AclPatternType, name: &str) -> String {
+    format!(
+        "{ACLS_PREFIX}{}/{}/{}",
+        resource_type.as_str(),
+        pattern.as_str(),
+        escape_group(name)
+    )
+}
+
+/// One ACL of a resource pattern: who (`User:NAME`, or `User:*` for every
+/// user), from where (an IP address, or `*`), may or may not do what.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AclEntry {
+    pub principal: String,
+    pub host: String,
+    pub operation: AclOperation,
+    pub permission: AclPermission,
+}
+
+/// Every ACL of one resource pattern.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AclResourceRecord {
+    pub resource_type: AclResourceType,
+    pub pattern_type: AclPatternType,
+    pub name: String,
+    pub entries: Vec<AclEntry>,
 }
 
 // ---- Consumer groups ------------------------------------------------------

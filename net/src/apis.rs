@@ -52,6 +52,11 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     // SASL/SCRAM users in the metadata store (net/src/handlers/users.rs).
     (ApiKey::DescribeUserScramCredentials, 0, 0),
     (ApiKey::AlterUserScramCredentials, 0, 0),
+    // Kafka ACLs in the metadata store (net/src/handlers/acls.rs); v0
+    // (literal patterns only) is gone from Kafka 4 and from the codec.
+    (ApiKey::CreateAcls, 1, 3),
+    (ApiKey::DescribeAcls, 1, 3),
+    (ApiKey::DeleteAcls, 1, 3),
 ];
 
 pub fn range(api: ApiKey) -> Option<(i16, i16)> {

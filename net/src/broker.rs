@@ -20,6 +20,8 @@ pub struct Settings {
     pub max_message_bytes: usize,
     pub max_request_bytes: usize,
     pub fetch_wait_ms_max: u64,
+    /// `--authorizer acl`: who may do what (None: everyone everything).
+    pub authorizer: Option<std::sync::Arc<crate::authz::AuthzConfig>>,
 }
 
 pub struct Broker {

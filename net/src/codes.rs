@@ -165,3 +165,7 @@ pub const UNSUPPORTED_SASL_MECHANISM: i16 = E::UnsupportedSaslMechanism.code();
 pub const RESOURCE_NOT_FOUND: i16 = E::ResourceNotFound.code();
 pub const DUPLICATE_RESOURCE: i16 = E::DuplicateResource.code();
 pub const UNACCEPTABLE_CREDENTIAL: i16 = E::UnacceptableCredential.code();
+pub const TOPIC_AUTHORIZATION_FAILED: i16 = E::TopicAuthorizationFailed.code();
+pub const GROUP_AUTHORIZATION_FAILED: i16 = E::GroupAuthorizationFailed.code();
+pub const CLUSTER_AUTHORIZATION_FAILED: i16 = E::ClusterAuthorizationFailed.code();
+pub const SECURITY_DISABLED: i16 = E::SecurityDisabled.code();

@@ -99,6 +99,7 @@ pub async fn serve<S: Stream>(
     sasl: Option<Arc<sasl::SaslConfig>>,
 ) {
     ctx.peer = Some(peer);
+    ctx.host = Rc::from(peer.ip().to_canonical().to_string());
     // A client certificate names the connection (SSL listeners); a SASL
     // login names it once it authenticates.
     if let Some(der) = stream.peer_certificate() {

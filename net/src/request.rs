@@ -30,7 +30,8 @@ pub enum Request {
     DeleteTopics(DeleteTopicsRequest),
     CreatePartitions(CreatePartitionsRequest),
     DescribeConfigs(DescribeConfigsRequest),
-    DescribeCluster,
+    /// Whether the cluster's authorized operations are asked for.
+    DescribeCluster(bool),
     InitProducerId(InitProducerIdRequest),
     FindCoordinator(FindCoordinatorRequest),
     JoinGroup(JoinGroupRequest),
@@ -55,6 +56,9 @@ pub enum Request {
     DescribeProducers(kafka_protocol::messages::DescribeProducersRequest),
     DescribeUserScramCredentials(kafka_protocol::messages::DescribeUserScramCredentialsRequest),
     AlterUserScramCredentials(kafka_protocol::messages::AlterUserScramCredentialsRequest),
+    CreateAcls(kafka_protocol::messages::CreateAclsRequest),
+    DescribeAcls(kafka_protocol::messages::DescribeAclsRequest),
+    DeleteAcls(kafka_protocol::messages::DeleteAclsRequest),
 }
 
 #[derive(Debug)]
@@ -131,7 +135,10 @@ pub fn decode(mut frame: Bytes) -> Result<Decoded, DecodeError> {
         ApiKey::DeleteTopics => Request::DeleteTopics(body(api, version, b)?),
         ApiKey::CreatePartitions => Request::CreatePartitions(body(api, version, b)?),
         ApiKey::DescribeConfigs => Request::DescribeConfigs(body(api, version, b)?),
-        ApiKey::DescribeCluster => Request::DescribeCluster,
+        ApiKey::DescribeCluster => {
+            let r: kafka_protocol::messages::DescribeClusterRequest = body(api, version, b)?;
+            Request::DescribeCluster(r.include_cluster_authorized_operations)
+        }
         ApiKey::InitProducerId => Request::InitProducerId(body(api, version, b)?),
         ApiKey::FindCoordinator => Request::FindCoordinator(body(api, version, b)?),
         ApiKey::JoinGroup => Request::JoinGroup(body(api, version, b)?),
@@ -160,6 +167,9 @@ pub fn decode(mut frame: Bytes) -> Result<Decoded, DecodeError> {
         ApiKey::AlterUserScramCredentials => {
             Request::AlterUserScramCredentials(body(api, version, b)?)
         }
+        ApiKey::CreateAcls => Request::CreateAcls(body(api, version, b)?),
+        ApiKey::DescribeAcls => Request::DescribeAcls(body(api, version, b)?),
+        ApiKey::DeleteAcls => Request::DeleteAcls(body(api, version, b)?),
         _ => {
             return Err(DecodeError::Unsupported {
                 api,

@@ -101,6 +101,7 @@ pub async fn shard_main(
             broker: broker.clone(),
             client_id: None,
             peer: None,
+            host: Rc::from(""),
             client: conn::new_client(&listener.name),
             principal: Rc::from(crate::principal::ANONYMOUS),
             mapping_rules: secure.mapping_rules.clone(),

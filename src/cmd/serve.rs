@@ -267,6 +267,7 @@ fn broker_settings(cfg: &Resolved, node_id: i32) -> Settings {
         max_message_bytes: cfg.max_message_bytes,
         max_request_bytes: cfg.max_request_bytes,
         fetch_wait_ms_max: cfg.fetch_wait_ms_max,
+        authorizer: cfg.authorizer.clone().map(Arc::new),
     }
 }
 

@@ -120,6 +120,20 @@ pub struct ServeArgs {
     /// OAUTHBEARER: the claim that names the principal. [default: sub]
     #[arg(long, env = "FLOE_SASL_OAUTHBEARER_SUB_CLAIM_NAME")]
     pub sasl_oauthbearer_sub_claim_name: Option<String>,
+    /// Authorization: `acl` enforces Kafka ACLs (CreateAcls, `kafka-acls`)
+    /// on every request; `none` lets every client do everything.
+    /// [default: none]
+    #[arg(long, env = "FLOE_AUTHORIZER")]
+    pub authorizer: Option<String>,
+    /// Principals allowed everything whatever the ACLs say, e.g.
+    /// `User:admin;User:ops` (`;` or `,` between them). Needs
+    /// `--authorizer acl`. [default: none]
+    #[arg(long, env = "FLOE_SUPER_USERS")]
+    pub super_users: Option<String>,
+    /// With `--authorizer acl`: allow an action on a resource that no ACL
+    /// names (Kafka's `allow.everyone.if.no.acl.found`). [default: false]
+    #[arg(long, env = "FLOE_ALLOW_EVERYONE_IF_NO_ACL_FOUND")]
+    pub allow_everyone_if_no_acl_found: Option<bool>,
     /// HTTP address for /metrics, /healthz and /readyz. [default: 127.0.0.1:9644]
     #[arg(long, env = "FLOE_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
@@ -315,6 +329,8 @@ pub struct Resolved {
     pub oauth: Option<floe_net::oauth::OAuthConfig>,
     /// Client certificate DN → principal name (`--ssl-principal-mapping-rules`).
     pub ssl_principal_mapping_rules: std::sync::Arc<floe_net::principal::MappingRules>,
+    /// `--authorizer acl` and its settings (None: no authorization).
+    pub authorizer: Option<floe_net::authz::AuthzConfig>,
     /// Listeners' own settings (`--listener-config`), by listener name.
     pub listener_overrides: std::collections::HashMap<String, floe_net::server::ListenerOverrides>,
     pub listen: String,
@@ -429,6 +445,7 @@ impl ServeArgs {
             oauth,
             listener_overrides,
             ssl_principal_mapping_rules,
+            authorizer,
         } = resolve_security(&listeners, &self, &file)?;
         let listen = listeners[0].bind.clone();
         let (advertise_host, advertise_port) = (
@@ -496,6 +513,7 @@ impl ServeArgs {
             oauth,
             listener_overrides,
             ssl_principal_mapping_rules,
+            authorizer,
             listen,
             advertise_host,
             advertise_port,

@@ -15,6 +15,7 @@ pub(super) struct Security {
     pub oauth: Option<floe_net::oauth::OAuthConfig>,
     pub listener_overrides: HashMap<String, ListenerOverrides>,
     pub ssl_principal_mapping_rules: std::sync::Arc<floe_net::principal::MappingRules>,
+    pub authorizer: Option<floe_net::authz::AuthzConfig>,
 }
 
 /// `listener.name.NAME.KEY=VALUE` entries, checked against the listeners:
@@ -265,7 +266,26 @@ pub(super) fn resolve_security(
         }
         _ => None,
     };
+    let authorizer = match given!(authorizer).as_deref().map(str::trim) {
+        None | Some("none") | Some("") => {
+            if given!(super_users).is_some() || given!(allow_everyone_if_no_acl_found).is_some() {
+                anyhow::bail!(
+                    "--super-users and --allow-everyone-if-no-acl-found need --authorizer acl"
+                );
+            }
+            None
+        }
+        Some("acl") => Some(floe_net::authz::AuthzConfig {
+            super_users: floe_net::authz::parse_super_users(
+                &given!(super_users).unwrap_or_default(),
+            )
+            .map_err(|e| anyhow::anyhow!("--super-users: {e}"))?,
+            allow_everyone_if_no_acl_found: given!(allow_everyone_if_no_acl_found).unwrap_or(false),
+        }),
+        Some(other) => anyhow::bail!("--authorizer {other:?}: expected acl or none"),
+    };
     Ok(Security {
+        authorizer,
         sasl_users_file: users,
         sasl_mechanisms: mechanisms,
         oauth,

@@ -1,5 +1,6 @@
 //! ApiVersions, topic administration, configs, cluster and producer ids.
 
+use floe_engine::acls::{AclOperation, AclResourceType, CLUSTER_NAME};
 use std::collections::BTreeMap;
 
 use kafka_protocol::messages::api_versions_response::{ApiVersion, ApiVersionsResponse};
@@ -71,12 +72,24 @@ fn message(e: &floe_engine::Error) -> Option<StrBytes> {
 pub async fn create_topics(ctx: &Ctx, req: CreateTopicsRequest, version: i16) -> Reply {
     let broker = &ctx.broker;
     let mut results = Vec::with_capacity(req.topics.len());
+    // CREATE on the cluster allows every topic; else each topic's own.
+    let cluster_create = ctx.may(AclOperation::Create, AclResourceType::Cluster, CLUSTER_NAME);
     for t in req.topics {
         let name = t.name.0.to_string();
         let mut result = CreatableTopicResult::default()
             .with_name(t.name.clone())
             .with_num_partitions(-1)
             .with_replication_factor(-1);
+        if !cluster_create && !ctx.allowed(AclOperation::Create, AclResourceType::Topic, &name) {
+            results.push(
+                result
+                    .with_error_code(codes::TOPIC_AUTHORIZATION_FAILED)
+                    .with_error_message(Some(s(format!(
+                        "not authorized to create topic {name:?}"
+                    )))),
+            );
+            continue;
+        }
         let partitions = if !t.assignments.is_empty() {
             t.assignments.len() as i32
         } else if t.num_partitions == -1 {
@@ -143,7 +156,13 @@ pub async fn create_topics(ctx: &Ctx, req: CreateTopicsRequest, version: i16) ->
                     })
                     .with_num_partitions(rec.partitions as i32)
                     .with_replication_factor(1);
-                if version >= 5 {
+                // The configs are shown to who may describe them (Kafka
+                // answers TOPIC_AUTHORIZATION_FAILED in their error field).
+                let configs_visible =
+                    ctx.may(AclOperation::DescribeConfigs, AclResourceType::Topic, &name);
+                if version >= 5 && !configs_visible {
+                    result = result.with_topic_config_error_code(codes::TOPIC_AUTHORIZATION_FAILED);
+                } else if version >= 5 {
                     let configs = topic_config::describe(&rec.configs, &broker.settings)
                         .into_iter()
                         .map(|c| {
@@ -196,6 +215,17 @@ pub async fn delete_topics(ctx: &Ctx, req: DeleteTopicsRequest, version: i16) ->
         let mut r = DeletableTopicResult::default()
             .with_name(name.clone().map(|n| TopicName(s(n))))
             .with_topic_id(id);
+        // Kafka: without DESCRIBE the topic's existence is not revealed;
+        // with it but without DELETE, the deletion is refused.
+        let refused = resolved.as_deref().is_some_and(|n| {
+            !ctx.may(AclOperation::Describe, AclResourceType::Topic, n)
+                || !ctx.allowed(AclOperation::Delete, AclResourceType::Topic, n)
+        });
+        if refused {
+            r = r.with_error_code(codes::TOPIC_AUTHORIZATION_FAILED);
+            responses.push(r);
+            continue;
+        }
         match resolved {
             None => r = r.with_error_code(codes::UNKNOWN_TOPIC_OR_PARTITION),
             Some(n) => match engine.delete_topic(&n).await {
@@ -225,7 +255,15 @@ pub async fn create_partitions(ctx: &Ctx, req: CreatePartitionsRequest, version:
         let name = t.name.0.to_string();
         let count = t.count;
         let validate_only = req.validate_only;
-        let r = if count <= 0 {
+        let r = if !ctx.allowed(AclOperation::Alter, AclResourceType::Topic, &name) {
+            results.push(
+                CreatePartitionsTopicResult::default()
+                    .with_name(t.name)
+                    .with_error_code(codes::TOPIC_AUTHORIZATION_FAILED)
+                    .with_error_message(Some(s(format!("not authorized to alter topic {name:?}")))),
+            );
+            continue;
+        } else if count <= 0 {
             Err(floe_engine::Error::InvalidPartitions {
                 reason: format!("partition count {count} must be positive"),
             })
@@ -260,6 +298,16 @@ pub fn describe_configs(ctx: &Ctx, req: DescribeConfigsRequest, version: i16) ->
             .with_resource_type(r.resource_type)
             .with_resource_name(r.resource_name.clone());
         let entries = match r.resource_type {
+            RESOURCE_TOPIC
+                if !ctx.allowed(AclOperation::DescribeConfigs, AclResourceType::Topic, &name) =>
+            {
+                res = res.with_error_code(codes::TOPIC_AUTHORIZATION_FAILED);
+                None
+            }
+            RESOURCE_BROKER if !ctx.allowed_on_cluster(AclOperation::DescribeConfigs) => {
+                res = res.with_error_code(codes::CLUSTER_AUTHORIZATION_FAILED);
+                None
+            }
             RESOURCE_TOPIC => match ctx.broker.engine.topic(&name) {
                 Some(t) => Some(topic_config::describe(&t.configs, settings)),
                 None => {
@@ -312,7 +360,7 @@ pub fn describe_configs(ctx: &Ctx, req: DescribeConfigsRequest, version: i16) ->
     )
 }
 
-pub fn describe_cluster(ctx: &Ctx, version: i16) -> Reply {
+pub fn describe_cluster(ctx: &Ctx, include_operations: bool, version: i16) -> Reply {
     let brokers = crate::discovery::visible_brokers(&ctx.broker, &ctx.client);
     encode(
         &DescribeClusterResponse::default()
@@ -323,7 +371,11 @@ pub fn describe_cluster(ctx: &Ctx, version: i16) -> Reply {
                     .first()
                     .map_or(ctx.broker.settings.node_id, |b| b.node_id),
             ))
-            .with_cluster_authorized_operations(i32::MIN)
+            .with_cluster_authorized_operations(if include_operations {
+                ctx.authorized_operations(AclResourceType::Cluster, CLUSTER_NAME)
+            } else {
+                i32::MIN
+            })
             .with_brokers(
                 brokers
                     .iter()
@@ -346,6 +398,12 @@ pub async fn init_producer_id(ctx: &Ctx, req: InitProducerIdRequest, version: i1
         .with_producer_epoch(-1);
     if let Some(id) = req.transactional_id.as_ref().filter(|id| !id.is_empty()) {
         let id = id.0.to_string();
+        if !ctx.allowed(AclOperation::Write, AclResourceType::TransactionalId, &id) {
+            return encode(
+                &resp.with_error_code(codes::TRANSACTIONAL_ID_AUTHORIZATION_FAILED),
+                version,
+            );
+        }
         let timeout = req.transaction_timeout_ms;
         // KIP-360: a client that already holds an id and epoch says so.
         let expected = (req.producer_id.0 >= 0).then_some((req.producer_id.0, req.producer_epoch));
@@ -365,6 +423,19 @@ pub async fn init_producer_id(ctx: &Ctx, req: InitProducerIdRequest, version: i1
                     super::txn::INIT_PRODUCER_ID_FENCED_FROM,
                 )),
             },
+            version,
+        );
+    }
+    // An idempotent producer: IDEMPOTENT_WRITE on the cluster, or WRITE
+    // on some topic (Kafka 2.8+, KIP-679).
+    if !ctx.may(
+        AclOperation::IdempotentWrite,
+        AclResourceType::Cluster,
+        CLUSTER_NAME,
+    ) && !ctx.allowed_on_any(AclOperation::Write, AclResourceType::Topic)
+    {
+        return encode(
+            &resp.with_error_code(codes::CLUSTER_AUTHORIZATION_FAILED),
             version,
         );
     }

@@ -3,6 +3,7 @@
 //! point). Segment objects are deleted later by the cleanup owner, once no
 //! partition references them.
 
+use floe_engine::acls::{AclOperation, AclResourceType};
 use floe_engine::committer::LOG_ENTRY_TRIMS_MAX;
 use floe_engine::shard::OffsetQuery;
 use floe_meta::schema::TrimRecord;
@@ -26,10 +27,15 @@ pub async fn handle(ctx: &Ctx, req: DeleteRecordsRequest, version: i16) -> Reply
     for (ti, t) in req.topics.iter().enumerate() {
         let topic = snapshot.get(t.name.0.as_str()).cloned();
         let mut partitions = Vec::with_capacity(t.partitions.len());
+        let deletable = ctx.allowed(AclOperation::Delete, AclResourceType::Topic, &t.name);
         for p in &t.partitions {
             let resp = DeleteRecordsPartitionResult::default()
                 .with_partition_index(p.partition_index)
                 .with_low_watermark(-1);
+            if !deletable {
+                partitions.push(resp.with_error_code(codes::TOPIC_AUTHORIZATION_FAILED));
+                continue;
+            }
             if asked > LOG_ENTRY_TRIMS_MAX {
                 // One log entry carries the whole request.
                 partitions.push(resp.with_error_code(codes::INVALID_REQUEST));

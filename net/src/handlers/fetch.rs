@@ -7,6 +7,7 @@
 //! Fetch sessions (KIP-227) are declined the way the protocol allows: every
 //! answer carries session id 0, so clients keep sending full requests.
 
+use floe_engine::acls::{AclOperation, AclResourceType};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -123,7 +124,9 @@ pub fn encode_fetch_response(version: i16, error: i16, topics: &[TopicOut]) -> V
 
 struct Wanted {
     index: i32,
+    /// None: not read, answered with `refused`.
     tp: Option<PartitionKey>,
+    refused: i16,
     offset: i64,
     max_bytes: usize,
 }
@@ -220,7 +223,15 @@ pub async fn handle(ctx: &Ctx, req: FetchRequest, version: i16) -> Reply {
         .topics
         .iter()
         .map(|t| {
-            let topic = snapshot.get(t.topic.0.as_str());
+            // Kafka checks READ before existence: an unreadable topic is
+            // refused whether or not it exists.
+            let readable = ctx.allowed(AclOperation::Read, AclResourceType::Topic, &t.topic);
+            let topic = snapshot.get(t.topic.0.as_str()).filter(|_| readable);
+            let refused = if readable {
+                codes::UNKNOWN_TOPIC_OR_PARTITION
+            } else {
+                codes::TOPIC_AUTHORIZATION_FAILED
+            };
             let parts = t
                 .partitions
                 .iter()
@@ -232,6 +243,7 @@ pub async fn handle(ctx: &Ctx, req: FetchRequest, version: i16) -> Reply {
                             topic_id: tr.id,
                             partition: p.partition as u32,
                         }),
+                    refused,
                     offset: p.fetch_offset,
                     max_bytes: p.partition_max_bytes.max(0) as usize,
                 })
@@ -273,7 +285,7 @@ pub async fn handle(ctx: &Ctx, req: FetchRequest, version: i16) -> Reply {
                     bytes: 0,
                 };
                 match results.next().flatten() {
-                    None => out.error = codes::UNKNOWN_TOPIC_OR_PARTITION,
+                    None => out.error = w.refused,
                     Some(Ok(r)) => {
                         out.high_watermark = r.high_watermark as i64;
                         out.last_stable = r.last_stable as i64;

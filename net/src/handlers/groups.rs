@@ -4,6 +4,7 @@
 //! ([`floe_engine::coordinator`]); this file maps Kafka messages and error
 //! codes onto it.
 
+use floe_engine::acls::{AclOperation, AclResourceType};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -104,7 +105,22 @@ pub async fn find_coordinator(ctx: &Ctx, req: FindCoordinatorRequest, version: i
             .with_key(key.clone())
             .with_node_id(BrokerId(-1))
             .with_port(-1);
-        let entry = if req.key_type == KEY_TYPE_TRANSACTION {
+        let denied = match req.key_type {
+            KEY_TYPE_TRANSACTION => !ctx.allowed(
+                AclOperation::Describe,
+                AclResourceType::TransactionalId,
+                &key,
+            ),
+            KEY_TYPE_GROUP => !ctx.allowed(AclOperation::Describe, AclResourceType::Group, &key),
+            _ => false,
+        };
+        let entry = if denied {
+            entry.with_error_code(if req.key_type == KEY_TYPE_GROUP {
+                codes::GROUP_AUTHORIZATION_FAILED
+            } else {
+                codes::TRANSACTIONAL_ID_AUTHORIZATION_FAILED
+            })
+        } else if req.key_type == KEY_TYPE_TRANSACTION {
             // Any broker coordinates any transactional id (its state is
             // in the metadata store, changed by CAS): the rendezvous
             // choice spreads them, and stays put while brokers do.
@@ -156,6 +172,12 @@ pub async fn join(ctx: &Ctx, req: JoinGroupRequest, version: i16) -> Reply {
         .with_generation_id(-1)
         .with_protocol_name(Some(StrBytes::default()))
         .with_member_id(req.member_id.clone());
+    if !ctx.allowed(AclOperation::Read, AclResourceType::Group, &req.group_id) {
+        return encode(
+            &resp.with_error_code(codes::GROUP_AUTHORIZATION_FAILED),
+            version,
+        );
+    }
     if req.group_id.is_empty() {
         return encode(&resp.with_error_code(codes::INVALID_GROUP_ID), version);
     }
@@ -211,6 +233,12 @@ pub async fn join(ctx: &Ctx, req: JoinGroupRequest, version: i16) -> Reply {
 }
 
 pub async fn sync(ctx: &Ctx, req: SyncGroupRequest, version: i16) -> Reply {
+    if !ctx.allowed(AclOperation::Read, AclResourceType::Group, &req.group_id) {
+        return encode(
+            &SyncGroupResponse::default().with_error_code(codes::GROUP_AUTHORIZATION_FAILED),
+            version,
+        );
+    }
     let group = req.group_id.to_string();
     let member = req.member_id.to_string();
     let instance = req.group_instance_id.as_ref().map(|i| i.to_string());
@@ -243,6 +271,12 @@ pub async fn sync(ctx: &Ctx, req: SyncGroupRequest, version: i16) -> Reply {
 }
 
 pub async fn heartbeat(ctx: &Ctx, req: HeartbeatRequest, version: i16) -> Reply {
+    if !ctx.allowed(AclOperation::Read, AclResourceType::Group, &req.group_id) {
+        return encode(
+            &HeartbeatResponse::default().with_error_code(codes::GROUP_AUTHORIZATION_FAILED),
+            version,
+        );
+    }
     let group = req.group_id.to_string();
     let member = req.member_id.to_string();
     let instance = req.group_instance_id.as_ref().map(|i| i.to_string());
@@ -261,6 +295,12 @@ pub async fn heartbeat(ctx: &Ctx, req: HeartbeatRequest, version: i16) -> Reply 
 }
 
 pub async fn leave(ctx: &Ctx, req: LeaveGroupRequest, version: i16) -> Reply {
+    if !ctx.allowed(AclOperation::Read, AclResourceType::Group, &req.group_id) {
+        return encode(
+            &LeaveGroupResponse::default().with_error_code(codes::GROUP_AUTHORIZATION_FAILED),
+            version,
+        );
+    }
     let members: Vec<(String, Option<String>)> = if version >= 3 {
         req.members
             .iter()
@@ -323,10 +363,16 @@ pub async fn offset_commit(ctx: &Ctx, req: OffsetCommitRequest, version: i16) ->
     // (topic, partition, code) in request order.
     let mut results: Vec<(TopicName, Vec<(i32, i16)>)> = Vec::with_capacity(req.topics.len());
     let max_metadata = 4096;
+    let group_ok = ctx.allowed(AclOperation::Read, AclResourceType::Group, &req.group_id);
     for t in &req.topics {
         let mut parts = Vec::with_capacity(t.partitions.len());
+        let topic_ok = group_ok && ctx.allowed(AclOperation::Read, AclResourceType::Topic, &t.name);
         for p in &t.partitions {
-            let code = if !partition_exists(ctx, t.name.as_str(), p.partition_index) {
+            let code = if !group_ok {
+                codes::GROUP_AUTHORIZATION_FAILED
+            } else if !topic_ok {
+                codes::TOPIC_AUTHORIZATION_FAILED
+            } else if !partition_exists(ctx, t.name.as_str(), p.partition_index) {
                 codes::UNKNOWN_TOPIC_OR_PARTITION
             } else if p
                 .committed_metadata
@@ -355,7 +401,9 @@ pub async fn offset_commit(ctx: &Ctx, req: OffsetCommitRequest, version: i16) ->
         }
         results.push((t.name.clone(), parts));
     }
-    let failure = if req.group_id.is_empty() {
+    let failure = if !group_ok {
+        None
+    } else if req.group_id.is_empty() {
         Some(codes::INVALID_GROUP_ID)
     } else {
         let group = req.group_id.to_string();
@@ -480,6 +528,41 @@ async fn fetch_group(
     })
 }
 
+/// [`fetch_group`] as the principal may see it: the group needs DESCRIBE
+/// (else the group's error code), each topic named needs DESCRIBE (else
+/// TOPIC_AUTHORIZATION_FAILED on its partitions), and a fetch of every
+/// committed offset leaves out the topics it may not describe.
+async fn fetch_group_authorized(
+    ctx: &Ctx,
+    group: &str,
+    topics: Option<Vec<(String, Vec<i32>)>>,
+    require_stable: bool,
+) -> Result<Vec<(String, Vec<(i32, Fetched)>)>, i16> {
+    if !ctx.allowed(AclOperation::Describe, AclResourceType::Group, group) {
+        return Err(codes::GROUP_AUTHORIZATION_FAILED);
+    }
+    let named = topics.is_some();
+    let found = fetch_group(ctx, group, topics, require_stable)
+        .await
+        .map_err(|e| codes::coordinator(&e))?;
+    Ok(found
+        .into_iter()
+        .filter_map(|(t, parts)| {
+            if named && !ctx.allowed(AclOperation::Describe, AclResourceType::Topic, &t) {
+                let parts = parts
+                    .into_iter()
+                    .map(|(p, _)| (p, Err(codes::TOPIC_AUTHORIZATION_FAILED)))
+                    .collect();
+                Some((t, parts))
+            } else if !named && !ctx.may(AclOperation::Describe, AclResourceType::Topic, &t) {
+                None
+            } else {
+                Some((t, parts))
+            }
+        })
+        .collect())
+}
+
 pub async fn offset_fetch(ctx: &Ctx, req: OffsetFetchRequest, version: i16) -> Reply {
     if version >= 8 {
         let mut groups = Vec::with_capacity(req.groups.len());
@@ -491,7 +574,9 @@ pub async fn offset_fetch(ctx: &Ctx, req: OffsetFetchRequest, version: i16) -> R
             });
             let entry = OffsetFetchResponseGroup::default().with_group_id(g.group_id.clone());
             let entry =
-                match fetch_group(ctx, g.group_id.as_str(), topics, req.require_stable).await {
+                match fetch_group_authorized(ctx, g.group_id.as_str(), topics, req.require_stable)
+                    .await
+                {
                     Ok(found) => entry.with_topics(
                         found
                             .into_iter()
@@ -515,7 +600,7 @@ pub async fn offset_fetch(ctx: &Ctx, req: OffsetFetchRequest, version: i16) -> R
                             })
                             .collect(),
                     ),
-                    Err(e) => entry.with_error_code(codes::coordinator(&e)),
+                    Err(code) => entry.with_error_code(code),
                 };
             groups.push(entry);
         }
@@ -528,7 +613,7 @@ pub async fn offset_fetch(ctx: &Ctx, req: OffsetFetchRequest, version: i16) -> R
     });
     // v7 added require_stable.
     let stable = version >= 7 && req.require_stable;
-    let resp = match fetch_group(ctx, req.group_id.as_str(), topics, stable).await {
+    let resp = match fetch_group_authorized(ctx, req.group_id.as_str(), topics, stable).await {
         Ok(found) => OffsetFetchResponse::default().with_topics(
             found
                 .into_iter()
@@ -552,7 +637,7 @@ pub async fn offset_fetch(ctx: &Ctx, req: OffsetFetchRequest, version: i16) -> R
                 })
                 .collect(),
         ),
-        Err(e) => OffsetFetchResponse::default().with_error_code(codes::coordinator(&e)),
+        Err(code) => OffsetFetchResponse::default().with_error_code(code),
     };
     encode(&resp, version)
 }
@@ -563,10 +648,23 @@ pub async fn describe(ctx: &Ctx, req: DescribeGroupsRequest, version: i16) -> Re
     let mut groups = Vec::with_capacity(req.groups.len());
     for g in req.groups {
         let id = g.to_string();
-        let r = on_coordinator(ctx, |coord| async move { coord.describe(&id).await }).await;
         let entry = DescribedGroup::default()
             .with_group_id(g.clone())
-            .with_authorized_operations(i32::MIN);
+            .with_authorized_operations(if req.include_authorized_operations {
+                ctx.authorized_operations(AclResourceType::Group, &id)
+            } else {
+                i32::MIN
+            });
+        if !ctx.allowed(AclOperation::Describe, AclResourceType::Group, &id) {
+            groups.push(
+                entry
+                    .with_error_code(codes::GROUP_AUTHORIZATION_FAILED)
+                    .with_group_state(s(""))
+                    .with_authorized_operations(i32::MIN),
+            );
+            continue;
+        }
+        let r = on_coordinator(ctx, |coord| async move { coord.describe(&id).await }).await;
         groups.push(match r {
             Ok(sum) => described(entry, sum),
             Err(e) => entry
@@ -618,6 +716,11 @@ pub async fn list(ctx: &Ctx, req: ListGroupsRequest, version: i16) -> Reply {
     let visible = discovery::visible_brokers(&ctx.broker, &ctx.client);
     let states: Vec<String> = req.states_filter.iter().map(|x| x.to_lowercase()).collect();
     let types: Vec<String> = req.types_filter.iter().map(|x| x.to_lowercase()).collect();
+    let cluster_describe = ctx.may(
+        AclOperation::Describe,
+        AclResourceType::Cluster,
+        floe_engine::acls::CLUSTER_NAME,
+    );
     let resp = match r {
         Ok(all) => ListGroupsResponse::default().with_groups(
             all.into_iter()
@@ -633,6 +736,12 @@ pub async fn list(ctx: &Ctx, req: ListGroupsRequest, version: i16) -> Reply {
                     }
                 })
                 .filter(|g| states.is_empty() || states.contains(&g.state.as_str().to_lowercase()))
+                // DESCRIBE on the cluster lists every group; else the ones
+                // the principal may describe, silently.
+                .filter(|g| {
+                    cluster_describe
+                        || ctx.may(AclOperation::Describe, AclResourceType::Group, &g.group_id)
+                })
                 .filter(|_| types.is_empty() || types.iter().any(|t| t == "classic"))
                 .map(|g| {
                     ListedGroup::default()
@@ -652,6 +761,14 @@ pub async fn delete(ctx: &Ctx, req: DeleteGroupsRequest, version: i16) -> Reply 
     let mut results = Vec::with_capacity(req.groups_names.len());
     for g in req.groups_names {
         let id = g.to_string();
+        if !ctx.allowed(AclOperation::Delete, AclResourceType::Group, &id) {
+            results.push(
+                DeletableGroupResult::default()
+                    .with_group_id(g)
+                    .with_error_code(codes::GROUP_AUTHORIZATION_FAILED),
+            );
+            continue;
+        }
         let r = on_coordinator(ctx, |coord| async move { coord.delete_group(&id).await }).await;
         results.push(
             DeletableGroupResult::default()
@@ -687,6 +804,12 @@ fn subscribed(subscriptions: &[Bytes]) -> Vec<String> {
 }
 
 pub async fn offset_delete(ctx: &Ctx, req: OffsetDeleteRequest, version: i16) -> Reply {
+    if !ctx.allowed(AclOperation::Delete, AclResourceType::Group, &req.group_id) {
+        return encode(
+            &OffsetDeleteResponse::default().with_error_code(codes::GROUP_AUTHORIZATION_FAILED),
+            version,
+        );
+    }
     let group = req.group_id.to_string();
     let state = on_coordinator(ctx, |coord| async move {
         coord.member_subscriptions(&group).await
@@ -710,8 +833,11 @@ pub async fn offset_delete(ctx: &Ctx, req: OffsetDeleteRequest, version: i16) ->
     let mut topics = Vec::with_capacity(req.topics.len());
     for t in &req.topics {
         let mut parts = Vec::with_capacity(t.partitions.len());
+        let readable = ctx.allowed(AclOperation::Read, AclResourceType::Topic, &t.name);
         for p in &t.partitions {
-            let code = if busy.iter().any(|b| b == t.name.as_str()) {
+            let code = if !readable {
+                codes::TOPIC_AUTHORIZATION_FAILED
+            } else if busy.iter().any(|b| b == t.name.as_str()) {
                 codes::GROUP_SUBSCRIBED_TO_TOPIC
             } else if !partition_exists(ctx, t.name.as_str(), p.partition_index) {
                 codes::UNKNOWN_TOPIC_OR_PARTITION

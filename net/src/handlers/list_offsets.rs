@@ -4,6 +4,7 @@
 //! it by decoding that one batch.
 
 use bytes::Bytes;
+use floe_engine::acls::{AclOperation, AclResourceType};
 use floe_engine::shard::OffsetQuery;
 use kafka_protocol::messages::list_offsets_request::ListOffsetsRequest;
 use kafka_protocol::messages::list_offsets_response::{
@@ -46,6 +47,7 @@ pub async fn handle(ctx: &Ctx, req: ListOffsetsRequest, version: i16) -> Reply {
     let mut topics = Vec::with_capacity(req.topics.len());
     for t in req.topics {
         let topic = snapshot.get(t.name.0.as_str()).cloned();
+        let describable = ctx.allowed(AclOperation::Describe, AclResourceType::Topic, &t.name);
         let mut partitions = Vec::with_capacity(t.partitions.len());
         for p in t.partitions {
             let resp = ListOffsetsPartitionResponse::default()
@@ -53,6 +55,10 @@ pub async fn handle(ctx: &Ctx, req: ListOffsetsRequest, version: i16) -> Reply {
                 .with_timestamp(-1)
                 .with_offset(-1)
                 .with_leader_epoch(if version >= 4 { 0 } else { -1 });
+            if !describable {
+                partitions.push(resp.with_error_code(codes::TOPIC_AUTHORIZATION_FAILED));
+                continue;
+            }
             let Some(tp) = super::partition_key(topic.as_deref(), p.partition_index) else {
                 partitions.push(resp.with_error_code(codes::UNKNOWN_TOPIC_OR_PARTITION));
                 continue;

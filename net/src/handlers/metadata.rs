@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use floe_engine::acls::{AclOperation, AclResourceType, CLUSTER_NAME};
 use floe_meta::schema::TopicRecord;
 use kafka_protocol::messages::metadata_request::MetadataRequest;
 use kafka_protocol::messages::metadata_response::{
@@ -72,23 +73,47 @@ pub async fn handle(ctx: &Ctx, req: MetadataRequest, version: i16) -> Reply {
         ),
     };
     let allow_create = st.auto_create_topics && (version < 4 || req.allow_auto_topic_creation);
+    // Kafka's authorized-operations fields (v8+), when the client asks.
+    let topic_ops = |t: &TopicRecord| {
+        if req.include_topic_authorized_operations {
+            ctx.authorized_operations(AclResourceType::Topic, &t.name)
+        } else {
+            i32::MIN
+        }
+    };
+    let entry = |t: &TopicRecord| {
+        topic_entry(t, &brokers, version).with_topic_authorized_operations(topic_ops(t))
+    };
     let mut topics = Vec::new();
     match requested {
         None => {
-            let mut all: Vec<_> = snapshot.values().cloned().collect();
+            // Every topic the principal may describe; the others are left
+            // out without a word (Kafka does not log these refusals).
+            let mut all: Vec<_> = snapshot
+                .values()
+                .filter(|t| ctx.may(AclOperation::Describe, AclResourceType::Topic, &t.name))
+                .cloned()
+                .collect();
             all.sort_by(|a, b| a.name.cmp(&b.name));
-            topics.extend(all.iter().map(|t| topic_entry(t, &brokers, version)));
+            topics.extend(all.iter().map(|t| entry(t)));
         }
         Some(names) => {
             for name in names {
-                if let Some(t) = snapshot.get(&name) {
-                    topics.push(topic_entry(t, &brokers, version));
+                if !ctx.allowed(AclOperation::Describe, AclResourceType::Topic, &name) {
+                    topics.push(error_entry(&name, codes::TOPIC_AUTHORIZATION_FAILED));
+                } else if let Some(t) = snapshot.get(&name) {
+                    topics.push(entry(t));
                 } else if let Err(e) = floe_engine::topics::validate_name(&name) {
                     tracing::debug!(topic = %name, error = %e, "metadata for an invalid topic name");
                     topics.push(error_entry(&name, codes::INVALID_TOPIC));
+                } else if allow_create
+                    && !ctx.may(AclOperation::Create, AclResourceType::Cluster, CLUSTER_NAME)
+                    && !ctx.allowed(AclOperation::Create, AclResourceType::Topic, &name)
+                {
+                    topics.push(error_entry(&name, codes::TOPIC_AUTHORIZATION_FAILED));
                 } else if allow_create {
                     match auto_create(ctx, &name).await {
-                        Ok(t) => topics.push(topic_entry(&t, &brokers, version)),
+                        Ok(t) => topics.push(entry(&t)),
                         Err(code) => topics.push(error_entry(&name, code)),
                     }
                 } else {
@@ -114,7 +139,13 @@ pub async fn handle(ctx: &Ctx, req: MetadataRequest, version: i16) -> Reply {
             ctx.broker.engine.cluster_id().to_string(),
         )))
         .with_controller_id(BrokerId(brokers.first().map_or(st.node_id, |b| b.node_id)))
-        .with_cluster_authorized_operations(i32::MIN)
+        .with_cluster_authorized_operations(
+            if req.include_cluster_authorized_operations && version <= 10 {
+                ctx.authorized_operations(AclResourceType::Cluster, CLUSTER_NAME)
+            } else {
+                i32::MIN
+            },
+        )
         .with_topics(topics);
     encode(&resp, version)
 }

@@ -3,6 +3,7 @@
 //! wait (produce, fetch), a future of it that the connection's writer awaits
 //! in request order.
 
+pub(crate) mod acls;
 mod admin;
 mod delete_records;
 mod fetch;
@@ -49,6 +50,8 @@ pub struct Ctx {
     pub client_id: Option<Rc<str>>,
     /// The client's address (DescribeGroups shows it as the member's host).
     pub peer: Option<std::net::SocketAddr>,
+    /// The client's IP address as ACLs name hosts ("" before it connects).
+    pub host: Rc<str>,
     /// Who the client is for discovery (listener, zone, host override);
     /// kept by its connection.
     pub client: Rc<crate::discovery::ClientView>,
@@ -101,7 +104,7 @@ pub async fn dispatch(ctx: &Ctx, request: Request, version: i16) -> Pending {
         Request::ApiVersions => ready(admin::api_versions(version)),
         Request::Produce(req) => produce::start(&ctx, req, version).await,
         Request::DescribeConfigs(req) => ready(admin::describe_configs(&ctx, req, version)),
-        Request::DescribeCluster => ready(admin::describe_cluster(&ctx, version)),
+        Request::DescribeCluster(ops) => ready(admin::describe_cluster(&ctx, ops, version)),
         Request::Metadata(req) => {
             async move { metadata::handle(&ctx, req, version).await }.boxed_local()
         }
@@ -181,6 +184,15 @@ pub async fn dispatch(ctx: &Ctx, request: Request, version: i16) -> Pending {
         }
         Request::AlterUserScramCredentials(req) => {
             async move { users::alter(&ctx, req, version).await }.boxed_local()
+        }
+        Request::CreateAcls(req) => {
+            async move { acls::create(&ctx, req, version).await }.boxed_local()
+        }
+        Request::DescribeAcls(req) => {
+            async move { acls::describe(&ctx, req, version).await }.boxed_local()
+        }
+        Request::DeleteAcls(req) => {
+            async move { acls::delete(&ctx, req, version).await }.boxed_local()
         }
         // On SASL listeners the connection's session answers these before
         // dispatch (conn.rs); reaching here means the listener has no SASL.

@@ -1,6 +1,7 @@
 //! Produce: validate each partition's batches in place, hand them to the
 //! owning shard, and answer once their segment is durable and committed.
 
+use floe_engine::acls::{AclOperation, AclResourceType};
 use floe_engine::batch::{self, BatchError};
 use floe_engine::compact;
 use floe_engine::sequencer::BatchOutcome;
@@ -69,31 +70,46 @@ fn refuse_keyless(batches: &[batch::Batch], topic: &str, partition: i32) -> Resu
     Ok(())
 }
 
+/// The same error for every partition of the request.
+fn refuse_all(req: ProduceRequest, code: i16, message: Option<&str>, version: i16) -> Pending {
+    let topics = req
+        .topic_data
+        .into_iter()
+        .map(|t| {
+            TopicProduceResponse::default()
+                .with_name(t.name)
+                .with_partition_responses(
+                    t.partition_data
+                        .iter()
+                        .map(|p| partition_error(p.index, code, message.map(str::to_string)))
+                        .collect(),
+                )
+        })
+        .collect();
+    let r = encode(&ProduceResponse::default().with_responses(topics), version);
+    async move { r }.boxed_local()
+}
+
 pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
     let acks = req.acks;
     if !matches!(acks, -1..=1) {
-        let topics = req
-            .topic_data
-            .into_iter()
-            .map(|t| {
-                TopicProduceResponse::default()
-                    .with_name(t.name)
-                    .with_partition_responses(
-                        t.partition_data
-                            .iter()
-                            .map(|p| partition_error(p.index, codes::INVALID_REQUIRED_ACKS, None))
-                            .collect(),
-                    )
-            })
-            .collect();
-        let r = encode(&ProduceResponse::default().with_responses(topics), version);
-        return async move { r }.boxed_local();
+        return refuse_all(req, codes::INVALID_REQUIRED_ACKS, None, version);
     }
     let transactional_id = req
         .transactional_id
         .as_ref()
         .map(|t| t.0.to_string())
         .filter(|t| !t.is_empty());
+    if let Some(id) = &transactional_id {
+        if !ctx.allowed(AclOperation::Write, AclResourceType::TransactionalId, id) {
+            return refuse_all(
+                req,
+                codes::TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+                Some("not authorized to write with this transactional id"),
+                version,
+            );
+        }
+    }
     let engine = &ctx.broker.engine;
     let settings = &ctx.broker.settings;
     let snapshot = engine.topics();
@@ -106,8 +122,13 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
         let name = t.name.0.to_string();
         let topic = snapshot.get(&name).cloned();
         let mut parts = Vec::with_capacity(t.partition_data.len());
+        let authorized = ctx.allowed(AclOperation::Write, AclResourceType::Topic, &name);
         for p in t.partition_data {
             let index = p.index;
+            if !authorized {
+                parts.push((index, Err((codes::TOPIC_AUTHORIZATION_FAILED, None))));
+                continue;
+            }
             let Some(topic) = topic
                 .as_ref()
                 .filter(|tr| index >= 0 && (index as u32) < tr.partitions)

@@ -4,6 +4,7 @@
 //! InitProducerId with a transactional id is in `admin`. Every broker
 //! coordinates every transactional id (see `floe_engine::transactions`).
 
+use floe_engine::acls::{AclOperation, AclResourceType};
 use floe_engine::transactions::{Transactions, Verified};
 use floe_engine::txn::PendingOffset;
 use floe_engine::txn_store::TxnStoreError;
@@ -70,24 +71,33 @@ fn topic_results(
     code: impl Fn(&str, i32) -> i16,
 ) -> Vec<AddPartitionsToTxnTopicResult> {
     let snapshot = ctx.broker.engine.topics();
+    each_partition(topics, |name, p| {
+        let topic = snapshot.get(name);
+        if super::partition_key(topic.map(|x| &**x), p).is_some() {
+            code(name, p)
+        } else {
+            codes::UNKNOWN_TOPIC_OR_PARTITION
+        }
+    })
+}
+
+/// Every partition of `topics` answered `code(topic, partition)`.
+fn each_partition(
+    topics: &[AddPartitionsToTxnTopic],
+    code: impl Fn(&str, i32) -> i16,
+) -> Vec<AddPartitionsToTxnTopicResult> {
     topics
         .iter()
         .map(|t| {
-            let topic = snapshot.get(t.name.0.as_str());
             AddPartitionsToTxnTopicResult::default()
                 .with_name(t.name.clone())
                 .with_results_by_partition(
                     t.partitions
                         .iter()
                         .map(|&p| {
-                            let known = super::partition_key(topic.map(|x| &**x), p).is_some();
                             AddPartitionsToTxnPartitionResult::default()
                                 .with_partition_index(p)
-                                .with_partition_error_code(if known {
-                                    code(t.name.0.as_str(), p)
-                                } else {
-                                    codes::UNKNOWN_TOPIC_OR_PARTITION
-                                })
+                                .with_partition_error_code(code(t.name.0.as_str(), p))
                         })
                         .collect(),
                 )
@@ -118,6 +128,25 @@ async fn add_one(
     topics: &[AddPartitionsToTxnTopic],
     version: i16,
 ) -> Vec<AddPartitionsToTxnTopicResult> {
+    if !ctx.allowed(AclOperation::Write, AclResourceType::TransactionalId, id) {
+        return each_partition(topics, |_, _| codes::TRANSACTIONAL_ID_AUTHORIZATION_FAILED);
+    }
+    // Kafka adds nothing when one topic may not be written: that topic is
+    // refused and the others are not attempted.
+    let unwritable: Vec<&str> = topics
+        .iter()
+        .map(|t| t.name.0.as_str())
+        .filter(|name| !ctx.allowed(AclOperation::Write, AclResourceType::Topic, name))
+        .collect();
+    if !unwritable.is_empty() {
+        return each_partition(topics, |name, _| {
+            if unwritable.contains(&name) {
+                codes::TOPIC_AUTHORIZATION_FAILED
+            } else {
+                codes::OPERATION_NOT_ATTEMPTED
+            }
+        });
+    }
     if !all_known(ctx, topics) {
         return topic_results(ctx, topics, |_, _| codes::OPERATION_NOT_ATTEMPTED);
     }
@@ -170,6 +199,13 @@ pub async fn add_partitions(ctx: &Ctx, req: AddPartitionsToTxnRequest, version: 
         .await;
         return encode(&resp.with_results_by_topic_v3_and_below(results), version);
     }
+    // v4+ is the batched form brokers send each other (KIP-890).
+    if !ctx.allowed_on_cluster(AclOperation::ClusterAction) {
+        return encode(
+            &resp.with_error_code(codes::CLUSTER_AUTHORIZATION_FAILED),
+            version,
+        );
+    }
     let mut out = Vec::with_capacity(req.transactions.len());
     for t in &req.transactions {
         let results = add_one(
@@ -195,7 +231,11 @@ pub async fn add_offsets(ctx: &Ctx, req: AddOffsetsToTxnRequest, version: i16) -
     let id = req.transactional_id.0.to_string();
     let group = req.group_id.0.to_string();
     let (pid, epoch) = (req.producer_id.0, req.producer_epoch);
-    let code = if group.is_empty() {
+    let code = if !ctx.allowed(AclOperation::Write, AclResourceType::TransactionalId, &id) {
+        codes::TRANSACTIONAL_ID_AUTHORIZATION_FAILED
+    } else if !ctx.allowed(AclOperation::Read, AclResourceType::Group, &group) {
+        codes::GROUP_AUTHORIZATION_FAILED
+    } else if group.is_empty() {
         codes::INVALID_GROUP_ID
     } else {
         match on_txns(ctx, move |t| async move {
@@ -215,6 +255,13 @@ pub async fn add_offsets(ctx: &Ctx, req: AddOffsetsToTxnRequest, version: i16) -
 
 pub async fn end(ctx: &Ctx, req: EndTxnRequest, version: i16) -> Reply {
     let id = req.transactional_id.0.to_string();
+    if !ctx.allowed(AclOperation::Write, AclResourceType::TransactionalId, &id) {
+        return encode(
+            &EndTxnResponse::default()
+                .with_error_code(codes::TRANSACTIONAL_ID_AUTHORIZATION_FAILED),
+            version,
+        );
+    }
     let (pid, epoch, commit) = (req.producer_id.0, req.producer_epoch, req.committed);
     let r = on_txns(
         ctx,
@@ -230,11 +277,13 @@ pub async fn end(ctx: &Ctx, req: EndTxnRequest, version: i16) -> Reply {
 
 pub async fn offset_commit(ctx: &Ctx, req: TxnOffsetCommitRequest, version: i16) -> Reply {
     let group = req.group_id.0.to_string();
-    let answer = |code: i16| -> Reply {
+    // Every partition answered its topic's code.
+    let answer_by_topic = |code: &dyn Fn(&str) -> i16| -> Reply {
         let topics = req
             .topics
             .iter()
             .map(|t| {
+                let code = code(t.name.0.as_str());
                 TxnOffsetCommitResponseTopic::default()
                     .with_name(t.name.clone())
                     .with_partitions(
@@ -254,6 +303,34 @@ pub async fn offset_commit(ctx: &Ctx, req: TxnOffsetCommitRequest, version: i16)
             version,
         )
     };
+    let answer = |code: i16| answer_by_topic(&|_| code);
+    if !ctx.allowed(
+        AclOperation::Write,
+        AclResourceType::TransactionalId,
+        &req.transactional_id,
+    ) {
+        return answer(codes::TRANSACTIONAL_ID_AUTHORIZATION_FAILED);
+    }
+    if !ctx.allowed(AclOperation::Read, AclResourceType::Group, &group) {
+        return answer(codes::GROUP_AUTHORIZATION_FAILED);
+    }
+    let unreadable: Vec<&str> = req
+        .topics
+        .iter()
+        .map(|t| t.name.0.as_str())
+        .filter(|name| !ctx.allowed(AclOperation::Read, AclResourceType::Topic, name))
+        .collect();
+    if !unreadable.is_empty() {
+        // Kafka answers the unreadable topics and commits the others; a
+        // transaction's offsets are staged together here, so none are.
+        return answer_by_topic(&|name| {
+            if unreadable.contains(&name) {
+                codes::TOPIC_AUTHORIZATION_FAILED
+            } else {
+                codes::OPERATION_NOT_ATTEMPTED
+            }
+        });
+    }
     if group.is_empty() {
         return answer(codes::INVALID_GROUP_ID);
     }
@@ -312,12 +389,29 @@ pub async fn describe(ctx: &Ctx, req: DescribeTransactionsRequest, version: i16)
     let mut out = Vec::with_capacity(req.transactional_ids.len());
     for id in req.transactional_ids {
         let key = id.0.to_string();
-        let r = on_txns(ctx, move |t| async move { t.describe(&key).await }).await;
         let state = TransactionState::default().with_transactional_id(id.clone());
+        if !ctx.allowed(
+            AclOperation::Describe,
+            AclResourceType::TransactionalId,
+            &key,
+        ) {
+            out.push(
+                state
+                    .with_error_code(codes::TRANSACTIONAL_ID_AUTHORIZATION_FAILED)
+                    .with_producer_id(ProducerId(-1))
+                    .with_producer_epoch(-1),
+            );
+            continue;
+        }
+        let r = on_txns(ctx, move |t| async move { t.describe(&key).await }).await;
         out.push(match r {
             Ok(Some(rec)) => {
                 let mut by_topic: Vec<TopicData> = Vec::new();
                 for (topic, p) in &rec.partitions {
+                    // Only the topics the principal may describe are shown.
+                    if !ctx.may(AclOperation::Describe, AclResourceType::Topic, topic) {
+                        continue;
+                    }
                     match by_topic.last_mut() {
                         Some(t) if t.topic.0.as_str() == topic => t.partitions.push(*p),
                         _ => by_topic.push(
@@ -358,7 +452,9 @@ pub async fn describe_producers(ctx: &Ctx, req: DescribeProducersRequest, versio
         .topics
         .iter()
         .map(|t| {
-            let topic = snapshot.get(t.name.0.as_str());
+            let topic = snapshot
+                .get(t.name.0.as_str())
+                .filter(|_| ctx.allowed(AclOperation::Read, AclResourceType::Topic, &t.name));
             t.partition_indexes
                 .iter()
                 .map(|&p| super::partition_key(topic.map(|x| &**x), p))
@@ -384,7 +480,13 @@ pub async fn describe_producers(ctx: &Ctx, req: DescribeProducersRequest, versio
                 .map(|(&index, tp)| {
                     let out = PartitionResponse::default().with_partition_index(index);
                     if tp.is_none() {
-                        return out.with_error_code(codes::UNKNOWN_TOPIC_OR_PARTITION);
+                        return out.with_error_code(
+                            if ctx.may(AclOperation::Read, AclResourceType::Topic, &t.name) {
+                                codes::UNKNOWN_TOPIC_OR_PARTITION
+                            } else {
+                                codes::TOPIC_AUTHORIZATION_FAILED
+                            },
+                        );
                     }
                     match &mut described {
                         Err(code) => out.with_error_code(*code),
@@ -449,6 +551,8 @@ pub async fn list(ctx: &Ctx, req: ListTransactionsRequest, version: i16) -> Repl
                 && (req.producer_id_filters.is_empty()
                     || req.producer_id_filters.contains(&ProducerId(r.producer_id)))
                 // v1: only transactions running longer than this (ms).
+                // Only the ids the principal may describe, silently.
+                && ctx.may(AclOperation::Describe, AclResourceType::TransactionalId, &t.transactional_id)
                 && (req.duration_filter < 0
                     || (r.state == floe_engine::txn::TxnState::Ongoing
                         && now.saturating_sub(r.started_ms) >= req.duration_filter))

@@ -15,6 +15,7 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::StrBytes;
 
+use floe_engine::acls::AclOperation;
 use floe_engine::users::{UserChange, UserChangeError};
 
 use super::{encode, Ctx, Reply};
@@ -41,6 +42,12 @@ fn infos(record: &floe_meta::schema::ScramUserRecord) -> Vec<CredentialInfo> {
 }
 
 pub async fn describe(ctx: &Ctx, req: DescribeUserScramCredentialsRequest, version: i16) -> Reply {
+    if !ctx.allowed_on_cluster(AclOperation::Describe) {
+        let resp = DescribeUserScramCredentialsResponse::default()
+            .with_error_code(codes::CLUSTER_AUTHORIZATION_FAILED)
+            .with_error_message(text("Describing SCRAM users needs DESCRIBE on the cluster"));
+        return encode(&resp, version);
+    }
     let all = match ctx.broker.engine.scram_users().await {
         Ok(all) => all,
         Err(e) => {
@@ -180,7 +187,17 @@ pub async fn alter(ctx: &Ctx, req: AlterUserScramCredentialsRequest, version: i1
         upsertions.entry(n).or_default().push(u);
     }
     let mut results = Vec::with_capacity(order.len());
+    let authorized = ctx.allowed_on_cluster(AclOperation::Alter);
     for user in order {
+        if !authorized {
+            results.push(
+                AlterUserScramCredentialsResult::default()
+                    .with_user(StrBytes::from_string(user.to_string()))
+                    .with_error_code(codes::CLUSTER_AUTHORIZATION_FAILED)
+                    .with_error_message(text("Altering SCRAM users needs ALTER on the cluster")),
+            );
+            continue;
+        }
         let dels = deletions.get(user).map(Vec::as_slice).unwrap_or_default();
         let ups = upsertions.get(user).map(Vec::as_slice).unwrap_or_default();
         let result = AlterUserScramCredentialsResult::default()
