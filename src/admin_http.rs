@@ -29,7 +29,7 @@ const REQUEST_BYTES_MAX: usize = 8 << 10;
 type FieldCounter<T, V> = (&'static str, &'static str, fn(&T) -> &V);
 
 /// The counters every shard keeps, each summed over the shards.
-const SHARD_COUNTERS: [FieldCounter<ShardCounters, ShardCounter>; 16] = [
+const SHARD_COUNTERS: [FieldCounter<ShardCounters, ShardCounter>; 18] = [
     (
         "floe_produce_payload_bytes_total",
         "RecordBatch bytes accepted from producers.",
@@ -107,6 +107,16 @@ const SHARD_COUNTERS: [FieldCounter<ShardCounters, ShardCounter>; 16] = [
         "floe_authorization_denied_total",
         "Actions the ACL authorizer refused.",
         |s| &s.authorization_denied,
+    ),
+    (
+        "floe_sasl_authentication_failures_total",
+        "SASL authentications that failed (wrong password, unknown user, bad token).",
+        |s| &s.sasl_auth_failures,
+    ),
+    (
+        "floe_sasl_authentication_throttled_total",
+        "SASL authentications refused unchecked: their address failed too often.",
+        |s| &s.sasl_auth_throttled,
     ),
 ];
 
@@ -533,6 +543,8 @@ mod tests {
             "floe_admission_waits_total counter",
             "floe_bad_frames_total counter",
             "floe_authorization_denied_total counter",
+            "floe_sasl_authentication_failures_total counter",
+            "floe_sasl_authentication_throttled_total counter",
             "floe_log_entries_written_total counter",
             "floe_log_partitions gauge",
             "floe_log_segment_table gauge",

@@ -67,6 +67,10 @@ pub struct ShardCounters {
     pub bad_frames: ShardCounter,
     /// Actions the authorizer refused (net::authz).
     pub authorization_denied: ShardCounter,
+    /// SASL authentications that failed, and attempts refused unchecked
+    /// because their address failed too often (net::auth_limit).
+    pub sasl_auth_failures: ShardCounter,
+    pub sasl_auth_throttled: ShardCounter,
 }
 
 const _: () = assert!(std::mem::align_of::<ShardCounters>() == 128);

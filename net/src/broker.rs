@@ -22,9 +22,14 @@ pub struct Settings {
     pub fetch_wait_ms_max: u64,
     /// `--authorizer acl`: who may do what (None: everyone everything).
     pub authorizer: Option<std::sync::Arc<crate::authz::AuthzConfig>>,
+    /// How long a failed SASL authentication waits for its answer (Kafka's
+    /// `connection.failed.authentication.delay.ms`).
+    pub sasl_failure_delay: std::time::Duration,
 }
 
 pub struct Broker {
     pub engine: Arc<Engine>,
     pub settings: Settings,
+    /// Failed SASL authentications per client address (brute force).
+    pub auth_limiter: crate::auth_limit::AuthLimiter,
 }

@@ -30,6 +30,7 @@ use futures::{SinkExt, StreamExt};
 use glommio::sync::StaticPermit;
 use kafka_protocol::messages::ApiKey;
 
+use crate::auth_limit;
 use crate::client_id;
 use crate::discovery::ClientView;
 use crate::handlers::{self, Ctx, Pending, Reply};
@@ -339,6 +340,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
             let Some(s) = session.as_mut() else {
                 return End::Closed;
             };
+            let key = auth_limit::key(peer.ip().to_canonical(), s.claimed_user(&frame).as_deref());
+            if let Err(why) = admit_authentication(ctx, &key).await {
+                return End::Answered(why);
+            }
             let reply = match s.token(&frame, &*broker.engine).await {
                 sasl::TokenStep::Challenge(bytes) => bytes,
                 sasl::TokenStep::Done { user, reply, .. } => {
@@ -346,7 +351,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     conn_ctx.principal = Rc::from(format!("User:{user}"));
                     reply
                 }
-                sasl::TokenStep::Failed(why) => return End::Answered(why),
+                sasl::TokenStep::Failed(why) => {
+                    authentication_failed(ctx, key).await;
+                    return End::Answered(why);
+                }
             };
             let reply = Reply::Body(BytesMut::from(&reply[..]));
             if !queue(&mut tx, 0, NO_HEADER, reply, permit).await {
@@ -380,9 +388,28 @@ async fn read_loop<R: AsyncRead + Unpin>(
             request,
         } = decoded;
         let header_version = api.response_header_version(version);
+        // A login's key: the address and the user it claims.
+        let login = match (&request, session.as_ref()) {
+            (Request::SaslAuthenticate(req), Some(s)) => Some(auth_limit::key(
+                peer.ip().to_canonical(),
+                s.claimed_user(&req.auth_bytes).as_deref(),
+            )),
+            _ => None,
+        };
+        if let Some(key) = &login {
+            if let Err(why) = admit_authentication(ctx, key).await {
+                let step = sasl::failed_step(why.clone(), version);
+                // The close follows whether or not the answer is written.
+                let _ = queue(&mut tx, correlation_id, header_version, step.reply, permit).await;
+                return End::Answered(why);
+            }
+        }
         match gate(session.as_mut(), api, &request, version, &*broker.engine).await {
             Gate::Pass => {}
             Gate::Answer(step) => {
+                if let (true, Some(key)) = (step.close, login) {
+                    authentication_failed(ctx, key).await;
+                }
                 if let (false, Some(user)) =
                     (step.close, session.as_ref().and_then(|s| s.authenticated()))
                 {
@@ -414,6 +441,37 @@ async fn read_loop<R: AsyncRead + Unpin>(
             return End::Closed;
         }
     }
+}
+
+/// Whether this login (from `peer`'s address, for the user it claims) may
+/// be checked now: `Err(why)` (counted, and answered after the failure
+/// delay) when it failed too often.
+async fn admit_authentication(ctx: &Ctx, key: &auth_limit::Key) -> Result<(), String> {
+    match ctx.broker.auth_limiter.check(key) {
+        Ok(()) => Ok(()),
+        Err(wait) => {
+            ctx.shard.counters().sasl_auth_throttled.add(1);
+            glommio::timer::sleep(ctx.broker.settings.sasl_failure_delay).await;
+            let (ip, user) = key;
+            let who = if user.is_empty() {
+                String::new()
+            } else {
+                format!(" for {user:?}")
+            };
+            Err(format!(
+                "too many failed authentications{who} from {ip}; refused unchecked for another {} s",
+                wait.as_secs() + 1
+            ))
+        }
+    }
+}
+
+/// Counts a failed login against its key and waits the failure delay
+/// before it is answered.
+async fn authentication_failed(ctx: &Ctx, key: auth_limit::Key) {
+    ctx.broker.auth_limiter.failed(key);
+    ctx.shard.counters().sasl_auth_failures.add(1);
+    glommio::timer::sleep(ctx.broker.settings.sasl_failure_delay).await;
 }
 
 async fn write_loop<S: Stream>(

@@ -7,6 +7,7 @@
 //! parse command lines or configuration files (the `floe` binary does).
 
 pub mod apis;
+pub mod auth_limit;
 pub mod authz;
 pub mod balance;
 pub mod broker;

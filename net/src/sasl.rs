@@ -428,6 +428,25 @@ impl Session {
         Err(refused())
     }
 
+    /// The user `token` says it authenticates, before anything is checked
+    /// (for counting failures per user: net::auth_limit). None when the
+    /// token names nobody we can trust to be the same next time
+    /// (OAUTHBEARER's claims are unverified here) or cannot be read.
+    pub fn claimed_user(&self, token: &[u8]) -> Option<String> {
+        match &self.state {
+            State::AwaitToken {
+                mechanism: Mechanism::Plain,
+                ..
+            } => parse_plain(token).ok().map(|m| m.user.to_string()),
+            State::AwaitToken {
+                mechanism: Mechanism::Scram(_),
+                ..
+            } => scram::parse_client_first(token).ok().map(|f| f.user),
+            State::ScramFinal { exchange, .. } => Some(exchange.user().to_string()),
+            _ => None,
+        }
+    }
+
     /// Feeds one authentication token (a SaslAuthenticate's bytes, or a
     /// bare frame after a v0 handshake) to the chosen mechanism.
     pub async fn token(&mut self, token: &[u8], store: &dyn CredentialStore) -> TokenStep {
@@ -563,19 +582,22 @@ impl Session {
                 close: false,
                 why: None,
             },
-            TokenStep::Failed(why) => {
-                let resp = SaslAuthenticateResponse::default()
-                    .with_error_code(SASL_AUTHENTICATION_FAILED)
-                    .with_error_message(Some(StrBytes::from_string(format!(
-                        "Authentication failed: {why}"
-                    ))));
-                Step {
-                    reply: encode(&resp, version),
-                    close: true,
-                    why: Some(why),
-                }
-            }
+            TokenStep::Failed(why) => failed_step(why, version),
         }
+    }
+}
+
+/// A SaslAuthenticate answered SASL_AUTHENTICATION_FAILED, then closed.
+pub fn failed_step(why: String, version: i16) -> Step {
+    let resp = SaslAuthenticateResponse::default()
+        .with_error_code(SASL_AUTHENTICATION_FAILED)
+        .with_error_message(Some(StrBytes::from_string(format!(
+            "Authentication failed: {why}"
+        ))));
+    Step {
+        reply: encode(&resp, version),
+        close: true,
+        why: Some(why),
     }
 }
 

@@ -98,6 +98,10 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
     let broker = Arc::new(Broker {
         engine: engine.clone(),
         settings: broker_settings(&cfg, engine.node_id()),
+        auth_limiter: floe_net::auth_limit::AuthLimiter::new(
+            cfg.sasl_max_failed_authentications,
+            Duration::from_secs(60),
+        ),
     });
     let ready = Arc::new(AtomicBool::new(false));
     let admin = sidecar
@@ -268,6 +272,7 @@ fn broker_settings(cfg: &Resolved, node_id: i32) -> Settings {
         max_request_bytes: cfg.max_request_bytes,
         fetch_wait_ms_max: cfg.fetch_wait_ms_max,
         authorizer: cfg.authorizer.clone().map(Arc::new),
+        sasl_failure_delay: Duration::from_millis(cfg.sasl_failed_authentication_delay_ms),
     }
 }
 

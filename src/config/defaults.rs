@@ -18,6 +18,10 @@ pub const MAX_REQUEST_BYTES: usize = 104_857_600;
 /// Kafka's message.max.bytes.
 pub const MAX_MESSAGE_BYTES: usize = 1_048_588;
 pub const FETCH_WAIT_MS_MAX: u64 = 30_000;
+/// Kafka's `connection.failed.authentication.delay.ms` default.
+pub const SASL_FAILED_AUTHENTICATION_DELAY_MS: u64 = 100;
+/// Failed SASL authentications per client address per minute.
+pub const SASL_MAX_FAILED_AUTHENTICATIONS: u32 = 10;
 pub const LOG: &str = "info";
 pub const CLEANUP_INTERVAL_SECS: u64 = 60;
 /// Kafka's file.delete.delay.ms is 60 s.

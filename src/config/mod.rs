@@ -120,6 +120,16 @@ pub struct ServeArgs {
     /// OAUTHBEARER: the claim that names the principal. [default: sub]
     #[arg(long, env = "FLOE_SASL_OAUTHBEARER_SUB_CLAIM_NAME")]
     pub sasl_oauthbearer_sub_claim_name: Option<String>,
+    /// Delay before a failed SASL authentication is answered and its
+    /// connection closed (Kafka's `connection.failed.authentication.delay.ms`).
+    /// [default: 100]
+    #[arg(long, env = "FLOE_SASL_FAILED_AUTHENTICATION_DELAY_MS")]
+    pub sasl_failed_authentication_delay_ms: Option<u64>,
+    /// Failed SASL authentications one client address may make per minute;
+    /// past it, its attempts are refused unchecked until the minute ends.
+    /// 0: no limit. [default: 10]
+    #[arg(long, env = "FLOE_SASL_MAX_FAILED_AUTHENTICATIONS")]
+    pub sasl_max_failed_authentications: Option<u32>,
     /// Authorization: `acl` enforces Kafka ACLs (CreateAcls, `kafka-acls`)
     /// on every request; `none` lets every client do everything.
     /// [default: none]
@@ -329,6 +339,8 @@ pub struct Resolved {
     pub oauth: Option<floe_net::oauth::OAuthConfig>,
     /// Client certificate DN → principal name (`--ssl-principal-mapping-rules`).
     pub ssl_principal_mapping_rules: std::sync::Arc<floe_net::principal::MappingRules>,
+    pub sasl_failed_authentication_delay_ms: u64,
+    pub sasl_max_failed_authentications: u32,
     /// `--authorizer acl` and its settings (None: no authorization).
     pub authorizer: Option<floe_net::authz::AuthzConfig>,
     /// Listeners' own settings (`--listener-config`), by listener name.
@@ -505,6 +517,14 @@ impl ServeArgs {
             max_message_bytes: pick!(max_message_bytes, defaults::MAX_MESSAGE_BYTES),
             read_cache_bytes: pick!(read_cache_bytes, budgets.read_cache_bytes),
             fetch_wait_ms_max: pick!(fetch_wait_ms_max, defaults::FETCH_WAIT_MS_MAX),
+            sasl_failed_authentication_delay_ms: pick!(
+                sasl_failed_authentication_delay_ms,
+                defaults::SASL_FAILED_AUTHENTICATION_DELAY_MS
+            ),
+            sasl_max_failed_authentications: pick!(
+                sasl_max_failed_authentications,
+                defaults::SASL_MAX_FAILED_AUTHENTICATIONS
+            ),
             log: pick!(log, defaults::LOG.to_string()),
             data_dir,
             listeners,
@@ -1250,6 +1270,14 @@ mod tests {
             ("max_request_bytes", defaults::MAX_REQUEST_BYTES.to_string()),
             ("max_message_bytes", defaults::MAX_MESSAGE_BYTES.to_string()),
             ("fetch_wait_ms_max", defaults::FETCH_WAIT_MS_MAX.to_string()),
+            (
+                "sasl_failed_authentication_delay_ms",
+                defaults::SASL_FAILED_AUTHENTICATION_DELAY_MS.to_string(),
+            ),
+            (
+                "sasl_max_failed_authentications",
+                defaults::SASL_MAX_FAILED_AUTHENTICATIONS.to_string(),
+            ),
             ("log", defaults::LOG.to_string()),
             (
                 "cleanup_interval_secs",

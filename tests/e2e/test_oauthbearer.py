@@ -56,7 +56,11 @@ def oauth_broker(start_broker, tmp_path):
         listener_security_protocol_map="plain:PLAINTEXT,sasl:SASL_PLAINTEXT",
         sasl_oauthbearer_jwks_endpoint_url="file://%s" % jwks,
         sasl_oauthbearer_expected_issuer=ISSUER,
-        sasl_oauthbearer_expected_audience="other," + AUDIENCE)
+        sasl_oauthbearer_expected_audience="other," + AUDIENCE,
+        # Refused tokens are this test's subject, many from one address;
+        # the brute-force limit has its own test (test_sasl_limits.py) and
+        # would answer them unchecked.
+        sasl_max_failed_authentications=0)
     return b, "127.0.0.1:%d" % port, key, jwks
 
 
@@ -205,7 +209,8 @@ def test_jwks_url(start_broker):
             name="oauth-url",
             listeners="plain://127.0.0.1:%d,sasl://127.0.0.1:%d" % (free_port(), port),
             listener_security_protocol_map="plain:PLAINTEXT,sasl:SASL_PLAINTEXT",
-            sasl_oauthbearer_jwks_endpoint_url="http://127.0.0.1:%d/jwks" % server.server_port)
+            sasl_oauthbearer_jwks_endpoint_url="http://127.0.0.1:%d/jwks" % server.server_port,
+            sasl_max_failed_authentications=0)  # as in oauth_broker
         sasl = "127.0.0.1:%d" % port
         assert fetches == ["/jwks"], "fetched once at start-up"
         assert not refused(sasl, lambda: token(key, "k1"))

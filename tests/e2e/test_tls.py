@@ -72,7 +72,11 @@ def secure(module_broker_factory, tmp_path_factory):
         listeners=",".join("%s://127.0.0.1:%d" % (p, port) for p, port in ports.items()),
         ssl_cert_file=certs["server.pem"], ssl_key_file=certs["server.key"],
         ssl_client_ca_file=certs["ca.pem"], ssl_client_auth="required",
-        sasl_users_file=str(users))
+        sasl_users_file=str(users),
+        # One broker for the module: the wrong-password tests' refusals
+        # would lock the same user out of the tests after them. The
+        # brute-force limit has its own test (test_sasl_limits.py).
+        sasl_max_failed_authentications=0)
     addrs = {p: "127.0.0.1:%d" % port for p, port in ports.items()}
     addrs["plaintext"] = b.bootstrap
     return b, certs, addrs
