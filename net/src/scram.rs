@@ -410,6 +410,68 @@ mod tests {
         )
     }
 
+    /// Client messages from anyone: every input is answered Ok or Err,
+    /// never a panic (the cargo-fuzz target `sasl_messages` runs the same
+    /// parsers for longer). Inputs are arbitrary bytes and mutations of
+    /// valid messages (a byte changed, cut short), so the generator reaches
+    /// past the first checks.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        const FIRST: &str = "n,,n=user,r=rOprNGfwEbeRWgbNEkqO";
+        const FINAL: &str = "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
+
+        fn exchange() -> Exchange {
+            let m = Mechanism::Sha256;
+            let cred = m.credential(&[7; 32], b"salt", 4096);
+            let first = parse_client_first(FIRST.as_bytes()).unwrap();
+            Exchange::start(m, first, &cred).unwrap().0
+        }
+
+        fn mutated(valid: &'static str) -> impl Strategy<Value = Vec<u8>> {
+            (
+                any::<prop::sample::Index>(),
+                any::<u8>(),
+                any::<prop::sample::Index>(),
+            )
+                .prop_map(move |(at, byte, cut)| {
+                    let mut v = valid.as_bytes().to_vec();
+                    let i = at.index(v.len());
+                    v[i] = byte;
+                    v.truncate(cut.index(v.len() + 1).max(i + 1));
+                    v
+                })
+        }
+
+        fn inputs(valid: &'static str) -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![prop::collection::vec(any::<u8>(), 0..300), mutated(valid)]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn client_first_is_total(token in inputs(FIRST)) {
+                if let Ok(f) = parse_client_first(&token) {
+                    prop_assert!(!f.user.is_empty() && !f.nonce.is_empty());
+                }
+            }
+
+            #[test]
+            fn client_final_is_total(token in inputs(FINAL)) {
+                // No random input carries a valid proof.
+                prop_assert!(exchange().finish(&token).is_err());
+            }
+
+            #[test]
+            fn plain_and_oauthbearer_are_total(token in prop::collection::vec(any::<u8>(), 0..300)) {
+                let _ = crate::sasl::parse_plain(&token);
+                let _ = crate::oauth::parse_initial_response(&token);
+            }
+        }
+    }
+
     #[test]
     fn rfc7677_test_vector() {
         // RFC 7677 section 3: user "user", password "pencil".
