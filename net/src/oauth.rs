@@ -15,6 +15,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
@@ -181,8 +183,16 @@ impl Validator {
 
     /// Checks a token: signature, expiry, issuer, audience; its principal.
     pub fn validate(&self, token: &str) -> Result<Token, String> {
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| format!("malformed JWT: {e}"))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|e| {
+            match unsigned_alg(token) {
+                // librdkafka's `enable.sasl.oauthbearer.unsecure.jwt`
+                // tokens, and any other algorithm we do not know.
+                Some(alg) => format!(
+                    "JWT algorithm {alg:?} is not accepted (only public-key signatures: RS*, PS*, ES*, EdDSA)"
+                ),
+                None => format!("malformed JWT: {e}"),
+            }
+        })?;
         let asymmetric = !matches!(
             header.alg,
             Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
@@ -251,6 +261,15 @@ pub fn lifetime_ms(expires_at_ms: u64) -> i64 {
     expires_at_ms.saturating_sub(now_ms()).max(1) as i64
 }
 
+/// The `alg` a JWT's header names, when the header is readable JSON but
+/// the algorithm is not one jsonwebtoken knows (e.g. `none`).
+fn unsigned_alg(token: &str) -> Option<String> {
+    let header = token.split('.').next()?;
+    let json = URL_SAFE_NO_PAD.decode(header.trim_end_matches('=')).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    Some(v.get("alg")?.as_str()?.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,7 +315,8 @@ mod tests {
         assert!(v.validate(&hs).unwrap_err().contains("not accepted"));
         // alg "none": header {"alg":"none"}, no signature.
         let none = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJtYWxsb3J5In0.";
-        assert!(v.validate(none).is_err());
+        let why = v.validate(none).unwrap_err();
+        assert!(why.contains("algorithm \"none\" is not accepted"), "{why}");
         assert!(v.validate("garbage").unwrap_err().contains("malformed"));
     }
 }

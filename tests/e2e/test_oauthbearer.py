@@ -239,3 +239,100 @@ const kafka = new Kafka({ clientId: 'kjs-oauth', brokers: [broker], logLevel: lo
   process.exit(0);
 })().catch(e => { console.error(e.name + ': ' + e.message); process.exit(1); });
 """
+
+
+def test_oidc_token_endpoint_kcat_and_kafka_python(oauth_broker, topic_name):
+    """confluent-kafka fetches tokens itself from an OIDC token endpoint
+    (librdkafka's `sasl.oauthbearer.method=oidc`, client credentials over
+    HTTP on loopback), kafka-python takes them from a token provider; both
+    write and read through the OAUTHBEARER listener. kcat on Debian 12 is
+    built without OIDC (no libcurl): it can only send librdkafka's
+    unsigned development tokens, which floe refuses, as a Kafka broker
+    validating tokens does."""
+    import http.server
+    import shutil
+    import threading
+    import urllib.parse
+
+    from confluent_kafka import Consumer
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka.net.sasl.oauth import AbstractTokenProvider
+
+    b, sasl, key, _ = oauth_broker
+    create_topic(b.bootstrap, topic_name, 1)
+    grants = []
+
+    class TokenEndpoint(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            form = urllib.parse.parse_qs(
+                self.rfile.read(int(self.headers["Content-Length"])).decode())
+            grants.append(form.get("grant_type", [""])[0])
+            body = json.dumps({"access_token": token(key, "k1", sub="oidc-app")[0],
+                               "token_type": "bearer", "expires_in": 60}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TokenEndpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    oidc = {"bootstrap.servers": sasl, "security.protocol": "SASL_PLAINTEXT",
+            "sasl.mechanism": "OAUTHBEARER", "sasl.oauthbearer.method": "oidc",
+            "sasl.oauthbearer.token.endpoint.url": "http://127.0.0.1:%d/token"
+            % server.server_port,
+            "sasl.oauthbearer.client.id": "oidc-app",
+            "sasl.oauthbearer.client.secret": "not-checked-here"}
+    try:
+        p = Producer(dict(oidc, **{"message.timeout.ms": 30000}))
+        errors = []
+        for i in range(10):
+            p.produce(topic_name, b"oidc-%d" % i, partition=0,
+                      callback=lambda err, _m: errors.append(err) if err else None)
+        assert p.flush(60) == 0 and not errors, errors
+        c = Consumer(dict(oidc, **{"group.id": "oidc-readers", "auto.offset.reset": "earliest"}))
+        c.assign([__import__("confluent_kafka").TopicPartition(topic_name, 0, 0)])
+        got = []
+        deadline = time.monotonic() + 30
+        while len(got) < 10 and time.monotonic() < deadline:
+            m = c.poll(0.5)
+            if m is not None and m.error() is None:
+                got.append(m.value())
+        c.close()
+        assert got == [b"oidc-%d" % i for i in range(10)], got
+        assert grants and set(grants) == {"client_credentials"}, grants
+    finally:
+        server.shutdown()
+
+    class Provider(AbstractTokenProvider):
+        def token(self):
+            return token(key, "k1", sub="python-app")[0]
+
+    conf = dict(bootstrap_servers=sasl, security_protocol="SASL_PLAINTEXT",
+                sasl_mechanism="OAUTHBEARER", sasl_oauth_token_provider=Provider())
+    kp = KafkaProducer(**conf)
+    for i in range(10):
+        kp.send(topic_name, b"python-%d" % i, partition=0).get(timeout=30)
+    kp.close()
+    kc = KafkaConsumer(topic_name, auto_offset_reset="earliest", consumer_timeout_ms=10000,
+                       **conf)
+    seen = [m.value for m in kc]
+    kc.close()
+    assert seen == [b"oidc-%d" % i for i in range(10)] + [b"python-%d" % i for i in range(10)]
+
+    kcat = shutil.which("kcat")
+    assert kcat, "kcat is not installed"
+    res = subprocess.run([kcat, "-b", sasl, "-X", "security.protocol=SASL_PLAINTEXT",
+                          "-X", "sasl.mechanism=OAUTHBEARER",
+                          "-X", "sasl.oauthbearer.config=principal=kcat-app",
+                          "-X", "enable.sasl.oauthbearer.unsecure.jwt=true", "-L",
+                          "-m", "5"], capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0, res.stdout
+    deadline = time.monotonic() + 10
+    while 'JWT algorithm "none" is not accepted' not in b.log_text():
+        assert time.monotonic() < deadline, b.log_tail()
+        time.sleep(0.2)
+    b.assert_no_panic()
