@@ -103,6 +103,16 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
             Duration::from_secs(60),
         ),
     });
+    if let Some(a) = &broker.settings.authorizer {
+        let mut supers: Vec<&str> = a.super_users.iter().map(String::as_str).collect();
+        supers.sort_unstable();
+        tracing::info!(
+            acls = engine.acls().count(),
+            super_users = %supers.join(";"),
+            allow_everyone_if_no_acl_found = a.allow_everyone_if_no_acl_found,
+            "ACL authorizer on"
+        );
+    }
     let ready = Arc::new(AtomicBool::new(false));
     let admin = sidecar
         .block_on(tokio::net::TcpListener::bind(&cfg.admin_listen))
