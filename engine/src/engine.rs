@@ -510,6 +510,26 @@ impl Engine {
             .await
     }
 
+    /// Sets topic `name`'s configs to what `change` makes of them
+    /// (IncrementalAlterConfigs, AlterConfigs); see `Topics::alter_configs`.
+    pub async fn alter_topic_configs(
+        &self,
+        name: &str,
+        change: Arc<
+            dyn Fn(
+                    &std::collections::BTreeMap<String, String>,
+                ) -> Result<std::collections::BTreeMap<String, String>>
+                + Send
+                + Sync,
+        >,
+        validate_only: bool,
+    ) -> Result<std::collections::BTreeMap<String, String>> {
+        let (topics, name) = (self.topics.clone(), name.to_string());
+        self.sidecar
+            .run(async move { topics.alter_configs(&name, &*change, validate_only).await })
+            .await
+    }
+
     /// Raises topic `name`'s partition count to `total`.
     pub async fn add_partitions(&self, name: &str, total: u32, validate_only: bool) -> Result<()> {
         let (topics, name) = (self.topics.clone(), name.to_string());

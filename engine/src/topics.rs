@@ -101,6 +101,9 @@ pub(crate) async fn read_prefix<T: serde::de::DeserializeOwned>(
         .collect()
 }
 
+/// Attempts of one topic's config compare-and-swap before giving up.
+const CONFIG_ATTEMPTS_MAX: usize = 16;
+
 impl Topics {
     pub async fn load(meta: Arc<dyn MetaStore>) -> Result<Self> {
         let t = Self {
@@ -203,6 +206,58 @@ impl Topics {
     }
 
     /// Raises a topic's partition count to `total`.
+    /// Replaces topic `name`'s configs with what `change` makes of them,
+    /// by compare-and-swap on the record read (retried after a conflict).
+    /// `change` must be a function of the configs alone: after a reply
+    /// lost on the way, the next attempt finds its own result in place and
+    /// writes nothing. Returns the configs as set.
+    pub async fn alter_configs(
+        &self,
+        name: &str,
+        change: &(dyn Fn(&BTreeMap<String, String>) -> Result<BTreeMap<String, String>> + Sync),
+        validate_only: bool,
+    ) -> Result<BTreeMap<String, String>> {
+        let key = schema::topic_key(name);
+        let mut last = None;
+        for _ in 0..CONFIG_ATTEMPTS_MAX {
+            let cur = match self.meta.get(&key).await {
+                Ok(Some(kv)) => kv,
+                Ok(None) => return Err(Error::UnknownTopic { name: name.into() }),
+                Err(e) => {
+                    last = Some(Error::from(e));
+                    continue;
+                }
+            };
+            let mut rec: TopicRecord =
+                serde_json::from_slice(&cur.value).map_err(|e| Error::Corrupt {
+                    what: format!("topic record {}", cur.key),
+                    reason: e.to_string(),
+                })?;
+            let configs = change(&rec.configs)?;
+            if validate_only || configs == rec.configs {
+                return Ok(configs);
+            }
+            rec.configs = configs.clone();
+            let value = Bytes::from(serde_json::to_vec(&rec).map_err(|e| Error::Corrupt {
+                what: format!("topic record {name:?}"),
+                reason: e.to_string(),
+            })?);
+            let txn = Txn::when(vec![Compare::ModRevision(key.clone(), cur.mod_revision)])
+                .and_then(vec![Op::Put(key.clone(), value)]);
+            match self.meta.txn(txn).await {
+                Ok(done) if done.succeeded => {
+                    self.refresh().await?;
+                    return Ok(configs);
+                }
+                Ok(_) => {}
+                Err(e) => last = Some(Error::from(e)),
+            }
+        }
+        Err(last.unwrap_or(Error::Conflict {
+            what: format!("topic {name:?}"),
+        }))
+    }
+
     pub async fn add_partitions(&self, name: &str, total: u32, validate_only: bool) -> Result<()> {
         let key = schema::topic_key(name);
         let cur = self

@@ -57,6 +57,10 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::CreateAcls, 1, 3),
     (ApiKey::DescribeAcls, 1, 3),
     (ApiKey::DeleteAcls, 1, 3),
+    // Topic configs (net/src/handlers/configs.rs); broker configs are
+    // static and refused.
+    (ApiKey::IncrementalAlterConfigs, 0, 1),
+    (ApiKey::AlterConfigs, 0, 2),
 ];
 
 pub fn range(api: ApiKey) -> Option<(i16, i16)> {
@@ -70,9 +74,50 @@ pub fn supports(api: ApiKey, version: i16) -> bool {
     range(api).is_some_and(|(lo, hi)| (lo..=hi).contains(&version))
 }
 
+/// The compatibility table of the README: every API key Kafka 4.1
+/// defines (kafka-protocol's generated ranges, made from Kafka 4.1.0's
+/// message definitions) with the versions floe serves. A test keeps the
+/// README's copy equal to it.
+pub fn compatibility_table() -> String {
+    let span = |lo: i16, hi: i16| {
+        if lo == hi {
+            lo.to_string()
+        } else {
+            format!("{lo}–{hi}")
+        }
+    };
+    let mut out = String::from("| API (key) | floe | Kafka 4.1 |\n|---|---|---|\n");
+    for api in ApiKey::iter() {
+        let k = api.valid_versions();
+        let floe = range(api).map_or_else(|| "—".to_string(), |(lo, hi)| span(lo, hi));
+        out.push_str(&format!(
+            "| {api:?} ({}) | {floe} | {} |\n",
+            api as i16,
+            span(k.min, k.max)
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The README's table between its markers is [`compatibility_table`]:
+    /// the table cannot drift from the code.
+    #[test]
+    fn readme_table_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
+        let readme = std::fs::read_to_string(path).expect("README.md");
+        let (begin, end) = ("<!-- api-table:begin -->\n", "<!-- api-table:end -->");
+        let start = readme.find(begin).expect("the README's api-table:begin marker") + begin.len();
+        let stop = readme[start..].find(end).expect("the api-table:end marker") + start;
+        let want = compatibility_table();
+        assert!(
+            readme[start..stop] == want,
+            "README.md's API table is out of date; put this between its markers:\n{want}"
+        );
+    }
 
     #[test]
     fn ranges_are_within_what_the_codec_implements() {

@@ -59,6 +59,8 @@ pub enum Request {
     CreateAcls(kafka_protocol::messages::CreateAclsRequest),
     DescribeAcls(kafka_protocol::messages::DescribeAclsRequest),
     DeleteAcls(kafka_protocol::messages::DeleteAclsRequest),
+    IncrementalAlterConfigs(kafka_protocol::messages::IncrementalAlterConfigsRequest),
+    AlterConfigs(kafka_protocol::messages::AlterConfigsRequest),
 }
 
 #[derive(Debug)]
@@ -170,6 +172,8 @@ pub fn decode(mut frame: Bytes) -> Result<Decoded, DecodeError> {
         ApiKey::CreateAcls => Request::CreateAcls(body(api, version, b)?),
         ApiKey::DescribeAcls => Request::DescribeAcls(body(api, version, b)?),
         ApiKey::DeleteAcls => Request::DeleteAcls(body(api, version, b)?),
+        ApiKey::IncrementalAlterConfigs => Request::IncrementalAlterConfigs(body(api, version, b)?),
+        ApiKey::AlterConfigs => Request::AlterConfigs(body(api, version, b)?),
         _ => {
             return Err(DecodeError::Unsupported {
                 api,

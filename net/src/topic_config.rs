@@ -185,6 +185,88 @@ pub fn validate(name: &str, value: &str) -> Result<(), String> {
     }
 }
 
+/// One change of IncrementalAlterConfigs (Kafka's OpType).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigOp {
+    Set(String),
+    /// Back to the default.
+    Delete,
+    /// List configs: add these values (those not there yet).
+    Append(String),
+    /// List configs: remove these values.
+    Subtract(String),
+}
+
+fn items(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect()
+}
+
+/// The topic configs `current` becomes with `ops` applied, every value it
+/// sets checked; `defaults` are the effective values of unset configs (an
+/// APPEND starts from them). Err: Kafka's error code and message.
+pub fn apply(
+    current: &BTreeMap<String, String>,
+    ops: &[(String, ConfigOp)],
+    defaults: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, (i16, String)> {
+    let invalid = |m: String| (crate::codes::INVALID_CONFIG, m);
+    let mut out = current.clone();
+    for (name, op) in ops {
+        let Some(k) = KNOWN.iter().find(|k| k.name == name) else {
+            return Err(invalid(format!("unknown or unsupported topic config {name:?}")));
+        };
+        let list = k.kind == ConfigKind::List;
+        let base = || {
+            out.get(name.as_str())
+                .or_else(|| defaults.get(name.as_str()))
+                .map(|v| items(v))
+                .unwrap_or_default()
+        };
+        match op {
+            ConfigOp::Set(v) => {
+                out.insert(name.clone(), v.clone());
+            }
+            ConfigOp::Delete => {
+                out.remove(name.as_str());
+            }
+            ConfigOp::Append(_) | ConfigOp::Subtract(_) if !list => {
+                return Err(invalid(format!(
+                    "{name} is not a list: APPEND and SUBTRACT apply to list configs only"
+                )));
+            }
+            ConfigOp::Append(v) => {
+                let mut all = base();
+                for item in items(v) {
+                    if !all.contains(&item) {
+                        all.push(item);
+                    }
+                }
+                out.insert(name.clone(), all.join(","));
+            }
+            ConfigOp::Subtract(v) => {
+                let gone = items(v);
+                let left: Vec<String> = base().into_iter().filter(|i| !gone.contains(i)).collect();
+                out.insert(name.clone(), left.join(","));
+            }
+        }
+        if let Some(v) = out.get(name.as_str()) {
+            validate(name, v).map_err(invalid)?;
+        }
+    }
+    Ok(out)
+}
+
+/// The effective value of every topic config floe knows when unset.
+pub fn defaults(settings: &Settings) -> BTreeMap<String, String> {
+    KNOWN
+        .iter()
+        .map(|k| (k.name.to_string(), default_value(k.name, settings)))
+        .collect()
+}
+
 /// Every known topic config with its effective value and source.
 pub fn describe(set: &BTreeMap<String, String>, settings: &Settings) -> Vec<ConfigEntry> {
     KNOWN
@@ -295,5 +377,36 @@ mod tests {
         assert!(validate("delete.retention.ms", "0").is_ok());
         assert!(validate("max.compaction.lag.ms", "0").is_err());
         assert!(validate("no.such.config", "1").is_err());
+    }
+
+    #[test]
+    fn incremental_changes() {
+        let defaults: BTreeMap<String, String> = [("cleanup.policy".to_string(), "delete".to_string())].into();
+        let cur: BTreeMap<String, String> = [("retention.ms".to_string(), "1000".to_string())].into();
+        let op = |n: &str, o: ConfigOp| (n.to_string(), o);
+        let out = apply(
+            &cur,
+            &[
+                op("retention.ms", ConfigOp::Delete),
+                op("cleanup.policy", ConfigOp::Append("compact".into())),
+                op("max.message.bytes", ConfigOp::Set("2048".into())),
+            ],
+            &defaults,
+        )
+        .unwrap();
+        assert_eq!(out.get("cleanup.policy").unwrap(), "delete,compact");
+        assert_eq!(out.get("max.message.bytes").unwrap(), "2048");
+        assert!(!out.contains_key("retention.ms"));
+        // Appending what is there, and applying twice, change nothing.
+        let again = apply(&out, &[op("cleanup.policy", ConfigOp::Append("compact".into()))], &defaults).unwrap();
+        assert_eq!(again, out);
+        let sub = apply(&out, &[op("cleanup.policy", ConfigOp::Subtract("delete".into()))], &defaults).unwrap();
+        assert_eq!(sub.get("cleanup.policy").unwrap(), "compact");
+        // Refusals: a non-list, an unknown config, an invalid value.
+        let code = |r: Result<BTreeMap<String, String>, (i16, String)>| r.unwrap_err().0;
+        assert_eq!(code(apply(&cur, &[op("retention.ms", ConfigOp::Append("5".into()))], &defaults)), crate::codes::INVALID_CONFIG);
+        assert_eq!(code(apply(&cur, &[op("no.such", ConfigOp::Set("1".into()))], &defaults)), crate::codes::INVALID_CONFIG);
+        assert_eq!(code(apply(&cur, &[op("retention.ms", ConfigOp::Set("soon".into()))], &defaults)), crate::codes::INVALID_CONFIG);
+        assert!(apply(&out, &[op("cleanup.policy", ConfigOp::Subtract("delete,compact".into()))], &defaults).is_err());
     }
 }

@@ -5,6 +5,7 @@
 
 pub(crate) mod acls;
 mod admin;
+mod configs;
 mod delete_records;
 mod fetch;
 mod groups;
@@ -193,6 +194,12 @@ pub async fn dispatch(ctx: &Ctx, request: Request, version: i16) -> Pending {
         }
         Request::DeleteAcls(req) => {
             async move { acls::delete(&ctx, req, version).await }.boxed_local()
+        }
+        Request::IncrementalAlterConfigs(req) => {
+            async move { configs::incremental_alter(&ctx, req, version).await }.boxed_local()
+        }
+        Request::AlterConfigs(req) => {
+            async move { configs::alter(&ctx, req, version).await }.boxed_local()
         }
         // On SASL listeners the connection's session answers these before
         // dispatch (conn.rs); reaching here means the listener has no SASL.

@@ -1,0 +1,128 @@
+"""Topic configs altered the way `kafka-configs --alter` and the admin
+clients alter them: IncrementalAlterConfigs (SET, DELETE, APPEND,
+SUBTRACT) and the older AlterConfigs, on three brokers sharing one etcd.
+
+A change made through one broker is described by another and enforced by
+a third (a smaller max.message.bytes refuses a record that fitted before);
+Kafka's refusals (unknown config, an APPEND to a non-list, an invalid
+value, an unknown topic, a broker config) come with their error codes and
+change nothing; validate_only changes nothing.
+"""
+
+import time
+
+import pytest
+from confluent_kafka import KafkaException, Producer
+from confluent_kafka.admin import (AlterConfigOpType, ConfigEntry, ConfigResource,
+                                   ConfigSource)
+from kafka import KafkaAdminClient
+from kafka.admin import ConfigResource as KpConfigResource
+from kafka.admin import ConfigResourceType
+
+from floe_clients import admin_client, create_topic
+from test_cluster import cluster, etcd  # noqa: F401  (fixtures)
+
+TOPIC = ConfigResource.Type.TOPIC
+
+
+def entry(name, value, op):
+    return ConfigEntry(name, value, incremental_operation=op)
+
+
+def incremental(admin, topic, entries, validate_only=False, rtype=TOPIC):
+    res = ConfigResource(rtype, topic, incremental_configs=entries)
+    return admin.incremental_alter_configs([res], validate_only=validate_only)[res]
+
+
+def described(admin, topic):
+    res = ConfigResource(TOPIC, topic)
+    return admin.describe_configs([res])[res].result(timeout=30)
+
+
+def error_name(future):
+    with pytest.raises(KafkaException) as e:
+        future.result(timeout=30)
+    return e.value.args[0].name(), e.value.args[0].str()
+
+
+def produce_error(bootstrap, topic, size):
+    """The delivery error of one record of `size` bytes (None: delivered)."""
+    p = Producer({"bootstrap.servers": bootstrap, "message.timeout.ms": 10000,
+                  "message.max.bytes": 10_000_000})
+    out = []
+    p.produce(topic, b"x" * size, callback=lambda err, _m: out.append(err))
+    p.flush(30)
+    assert out, "no delivery report"
+    return out[0]
+
+
+def test_topic_configs_altered_through_any_broker(cluster, topic_name):  # noqa: F811
+    b1, b2, b3 = cluster
+    create_topic(b1.bootstrap, topic_name, 1)
+    a1, a3 = admin_client(b1.bootstrap), admin_client(b3.bootstrap)
+    assert produce_error(b2.bootstrap, topic_name, 4000) is None
+
+    incremental(a1, topic_name, [
+        entry("max.message.bytes", "2048", AlterConfigOpType.SET),
+        entry("retention.ms", "3600000", AlterConfigOpType.SET),
+        entry("cleanup.policy", "compact", AlterConfigOpType.APPEND),
+    ]).result(timeout=30)
+    got = described(a3, topic_name)
+    assert got["max.message.bytes"].value == "2048"
+    assert got["max.message.bytes"].source == ConfigSource.DYNAMIC_TOPIC_CONFIG.value
+    assert got["cleanup.policy"].value == "delete,compact"
+    assert got["retention.ms"].value == "3600000"
+    # Enforced by a third broker: the record that fitted no longer does.
+    deadline = time.monotonic() + 10
+    while True:
+        err = produce_error(b2.bootstrap, topic_name, 4000)
+        if err is not None:
+            break
+        assert time.monotonic() < deadline, "the new max.message.bytes is not enforced"
+        time.sleep(0.2)
+    assert err.name() == "MSG_SIZE_TOO_LARGE", err
+
+    # DELETE goes back to the default; SUBTRACT takes a list item away.
+    incremental(a3, topic_name, [
+        entry("max.message.bytes", None, AlterConfigOpType.DELETE),
+        entry("cleanup.policy", "compact", AlterConfigOpType.SUBTRACT),
+    ]).result(timeout=30)
+    got = described(a1, topic_name)
+    assert got["max.message.bytes"].source == ConfigSource.DEFAULT_CONFIG.value
+    assert got["cleanup.policy"].value == "delete"
+    assert got["retention.ms"].value == "3600000", "untouched by the other changes"
+
+    # Refusals, each changing nothing.
+    name, msg = error_name(incremental(a1, topic_name, [
+        entry("retention.ms", "5", AlterConfigOpType.APPEND)]))
+    assert name == "INVALID_CONFIG" and "list" in msg, msg
+    name, msg = error_name(incremental(a1, topic_name, [
+        entry("no.such.config", "1", AlterConfigOpType.SET)]))
+    assert name == "INVALID_CONFIG", msg
+    name, msg = error_name(incremental(a1, topic_name, [
+        entry("retention.ms", "soon", AlterConfigOpType.SET)]))
+    assert name == "INVALID_CONFIG" and "retention.ms" in msg, msg
+    name, _ = error_name(incremental(a1, topic_name + "-missing", [
+        entry("retention.ms", "1000", AlterConfigOpType.SET)]))
+    assert name == "UNKNOWN_TOPIC_OR_PARTITION"
+    name, msg = error_name(incremental(a1, "1", [
+        entry("num.partitions", "3", AlterConfigOpType.SET)], rtype=ConfigResource.Type.BROKER))
+    assert name == "INVALID_REQUEST" and "static" in msg, msg
+    incremental(a1, topic_name, [entry("retention.ms", "1000", AlterConfigOpType.SET)],
+                validate_only=True).result(timeout=30)
+    assert described(a3, topic_name)["retention.ms"].value == "3600000", "validate_only"
+
+    # The older AlterConfigs replaces every override (kafka-python's admin).
+    kp = KafkaAdminClient(bootstrap_servers=b2.bootstrap)
+    try:
+        resp = kp.alter_configs([KpConfigResource(ConfigResourceType.TOPIC, topic_name,
+                                                  configs={"retention.bytes": "1048576"})])
+        print(resp)
+    finally:
+        kp.close()
+    got = described(a1, topic_name)
+    assert got["retention.bytes"].value == "1048576"
+    assert got["retention.ms"].source == ConfigSource.DEFAULT_CONFIG.value, \
+        "AlterConfigs sets exactly what it names"
+    for b in cluster:
+        b.assert_no_panic()
