@@ -515,13 +515,7 @@ impl Engine {
     pub async fn alter_topic_configs(
         &self,
         name: &str,
-        change: Arc<
-            dyn Fn(
-                    &std::collections::BTreeMap<String, String>,
-                ) -> Result<std::collections::BTreeMap<String, String>>
-                + Send
-                + Sync,
-        >,
+        change: Arc<crate::topics::ConfigChange>,
         validate_only: bool,
     ) -> Result<std::collections::BTreeMap<String, String>> {
         let (topics, name) = (self.topics.clone(), name.to_string());

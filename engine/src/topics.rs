@@ -104,6 +104,11 @@ pub(crate) async fn read_prefix<T: serde::de::DeserializeOwned>(
 /// Attempts of one topic's config compare-and-swap before giving up.
 const CONFIG_ATTEMPTS_MAX: usize = 16;
 
+/// What a config alteration makes of a topic's configs (a pure function of
+/// them; an error refuses the alteration).
+pub type ConfigChange =
+    dyn Fn(&BTreeMap<String, String>) -> Result<BTreeMap<String, String>> + Send + Sync;
+
 impl Topics {
     pub async fn load(meta: Arc<dyn MetaStore>) -> Result<Self> {
         let t = Self {
@@ -214,7 +219,7 @@ impl Topics {
     pub async fn alter_configs(
         &self,
         name: &str,
-        change: &(dyn Fn(&BTreeMap<String, String>) -> Result<BTreeMap<String, String>> + Sync),
+        change: &ConfigChange,
         validate_only: bool,
     ) -> Result<BTreeMap<String, String>> {
         let key = schema::topic_key(name);
@@ -246,7 +251,9 @@ impl Topics {
                 .and_then(vec![Op::Put(key.clone(), value)]);
             match self.meta.txn(txn).await {
                 Ok(done) if done.succeeded => {
-                    self.refresh().await?;
+                    // It landed: a failed re-read is the watch's to repair,
+                    // not a failure of the change.
+                    let _ = self.refresh().await;
                     return Ok(configs);
                 }
                 Ok(_) => {}
@@ -301,7 +308,48 @@ impl Topics {
 
 #[cfg(test)]
 mod tests {
-    use super::validate_name;
+    use super::*;
+    use floe_meta::{Embedded, FaultyMeta, MetaFaults};
+
+    /// Seeded lost replies and failed reads: every alteration is answered
+    /// as what happened and the record ends as the last one says.
+    #[tokio::test]
+    async fn config_changes_settle_lost_replies() {
+        for seed in 1..=40u64 {
+            let inner: Arc<dyn MetaStore> = Arc::new(Embedded::in_memory().unwrap());
+            Topics::load(inner.clone())
+                .await
+                .unwrap()
+                .create("t", 1, BTreeMap::new(), false)
+                .await
+                .unwrap();
+            let faults = MetaFaults {
+                seed,
+                txn_reply_lost: 0.4,
+                read_failed: 0.2,
+                ..MetaFaults::none()
+            };
+            let topics = Topics {
+                meta: Arc::new(FaultyMeta::new(inner.clone(), faults)),
+                snapshot: ArcSwap::from_pointee(TopicMap::new()),
+            };
+            for round in 0..5u32 {
+                let want = round.to_string();
+                let value = want.clone();
+                let set = move |c: &BTreeMap<String, String>| {
+                    let mut c = c.clone();
+                    c.insert("retention.ms".into(), value.clone());
+                    Ok(c)
+                };
+                let got = topics.alter_configs("t", &set, false).await;
+                assert!(got.is_ok(), "seed {seed}: {got:?}");
+                let truth = Topics::load(inner.clone()).await.unwrap();
+                let rec = truth.get("t").unwrap();
+                assert_eq!(rec.configs.get("retention.ms"), Some(&want), "seed {seed}");
+                assert_eq!(rec.partitions, 1);
+            }
+        }
+    }
 
     #[test]
     fn topic_names() {

@@ -110,7 +110,10 @@ mod tests {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
         let readme = std::fs::read_to_string(path).expect("README.md");
         let (begin, end) = ("<!-- api-table:begin -->\n", "<!-- api-table:end -->");
-        let start = readme.find(begin).expect("the README's api-table:begin marker") + begin.len();
+        let start = readme
+            .find(begin)
+            .expect("the README's api-table:begin marker")
+            + begin.len();
         let stop = readme[start..].find(end).expect("the api-table:end marker") + start;
         let want = compatibility_table();
         assert!(

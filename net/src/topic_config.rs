@@ -216,7 +216,9 @@ pub fn apply(
     let mut out = current.clone();
     for (name, op) in ops {
         let Some(k) = KNOWN.iter().find(|k| k.name == name) else {
-            return Err(invalid(format!("unknown or unsupported topic config {name:?}")));
+            return Err(invalid(format!(
+                "unknown or unsupported topic config {name:?}"
+            )));
         };
         let list = k.kind == ConfigKind::List;
         let base = || {
@@ -381,8 +383,10 @@ mod tests {
 
     #[test]
     fn incremental_changes() {
-        let defaults: BTreeMap<String, String> = [("cleanup.policy".to_string(), "delete".to_string())].into();
-        let cur: BTreeMap<String, String> = [("retention.ms".to_string(), "1000".to_string())].into();
+        let defaults: BTreeMap<String, String> =
+            [("cleanup.policy".to_string(), "delete".to_string())].into();
+        let cur: BTreeMap<String, String> =
+            [("retention.ms".to_string(), "1000".to_string())].into();
         let op = |n: &str, o: ConfigOp| (n.to_string(), o);
         let out = apply(
             &cur,
@@ -398,15 +402,54 @@ mod tests {
         assert_eq!(out.get("max.message.bytes").unwrap(), "2048");
         assert!(!out.contains_key("retention.ms"));
         // Appending what is there, and applying twice, change nothing.
-        let again = apply(&out, &[op("cleanup.policy", ConfigOp::Append("compact".into()))], &defaults).unwrap();
+        let again = apply(
+            &out,
+            &[op("cleanup.policy", ConfigOp::Append("compact".into()))],
+            &defaults,
+        )
+        .unwrap();
         assert_eq!(again, out);
-        let sub = apply(&out, &[op("cleanup.policy", ConfigOp::Subtract("delete".into()))], &defaults).unwrap();
+        let sub = apply(
+            &out,
+            &[op("cleanup.policy", ConfigOp::Subtract("delete".into()))],
+            &defaults,
+        )
+        .unwrap();
         assert_eq!(sub.get("cleanup.policy").unwrap(), "compact");
         // Refusals: a non-list, an unknown config, an invalid value.
         let code = |r: Result<BTreeMap<String, String>, (i16, String)>| r.unwrap_err().0;
-        assert_eq!(code(apply(&cur, &[op("retention.ms", ConfigOp::Append("5".into()))], &defaults)), crate::codes::INVALID_CONFIG);
-        assert_eq!(code(apply(&cur, &[op("no.such", ConfigOp::Set("1".into()))], &defaults)), crate::codes::INVALID_CONFIG);
-        assert_eq!(code(apply(&cur, &[op("retention.ms", ConfigOp::Set("soon".into()))], &defaults)), crate::codes::INVALID_CONFIG);
-        assert!(apply(&out, &[op("cleanup.policy", ConfigOp::Subtract("delete,compact".into()))], &defaults).is_err());
+        assert_eq!(
+            code(apply(
+                &cur,
+                &[op("retention.ms", ConfigOp::Append("5".into()))],
+                &defaults
+            )),
+            crate::codes::INVALID_CONFIG
+        );
+        assert_eq!(
+            code(apply(
+                &cur,
+                &[op("no.such", ConfigOp::Set("1".into()))],
+                &defaults
+            )),
+            crate::codes::INVALID_CONFIG
+        );
+        assert_eq!(
+            code(apply(
+                &cur,
+                &[op("retention.ms", ConfigOp::Set("soon".into()))],
+                &defaults
+            )),
+            crate::codes::INVALID_CONFIG
+        );
+        assert!(apply(
+            &out,
+            &[op(
+                "cleanup.policy",
+                ConfigOp::Subtract("delete,compact".into())
+            )],
+            &defaults
+        )
+        .is_err());
     }
 }

@@ -25,7 +25,8 @@ from confluent_kafka.admin import (AclBinding, AclBindingFilter, AclOperation,
                                    AclPermissionType, AdminClient, ResourcePatternType,
                                    ResourceType)
 from kafka import KafkaAdminClient
-from kafka.protocol.admin import (AlterUserScramCredentialsRequest, CreateAclsRequest,
+from kafka.protocol.admin import (AlterConfigsRequest, AlterUserScramCredentialsRequest,
+                                  CreateAclsRequest, IncrementalAlterConfigsRequest,
                                   CreatePartitionsRequest, CreateTopicsRequest,
                                   DeleteAclsRequest, DeleteGroupsRequest, DeleteRecordsRequest,
                                   DeleteTopicsRequest, DescribeAclsRequest,
@@ -438,6 +439,26 @@ def build_rows(env):
                 CLUSTER_AUTH),
         code_is(lambda: describe_configs(4, str(other)), lambda r: r.results[0].error_code,
                 NONE))
+    t7b = env.topic("acl-alter-configs", produce_one=False)
+
+    def incremental_alter():
+        R = IncrementalAlterConfigsRequest.AlterConfigsResource
+        return IncrementalAlterConfigsRequest(resources=[R(
+            resource_type=2, resource_name=t7b, configs=[R.AlterableConfig(
+                name="retention.ms", config_operation=0, value="3600000")])],
+            validate_only=False)
+
+    def legacy_alter():
+        R = AlterConfigsRequest.AlterConfigsResource
+        return AlterConfigsRequest(resources=[R(
+            resource_type=2, resource_name=t7b, configs=[R.AlterableConfig(
+                name="retention.ms", value="7200000")])], validate_only=False)
+    row("IncrementalAlterConfigs", [(TOPIC, t7b, LITERAL, Op.ALTER_CONFIGS)],
+        code_is(incremental_alter, lambda r: r.responses[0].error_code, TOPIC_AUTH),
+        code_is(incremental_alter, lambda r: r.responses[0].error_code, NONE))
+    row("AlterConfigs", [(TOPIC, t7b, LITERAL, Op.ALTER_CONFIGS)],
+        code_is(legacy_alter, lambda r: r.responses[0].error_code, TOPIC_AUTH),
+        code_is(legacy_alter, lambda r: r.responses[0].error_code, NONE))
     t8 = env.topic("acl-trim")
     row("DeleteRecords", [(TOPIC, t8, LITERAL, Op.DELETE)],
         code_is(lambda: DeleteRecordsRequest(topics=[

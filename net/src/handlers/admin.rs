@@ -344,7 +344,8 @@ pub fn describe_configs(ctx: &Ctx, req: DescribeConfigsRequest, version: i16) ->
                         DescribeConfigsResourceResult::default()
                             .with_name(s(c.name))
                             .with_value(Some(s(c.value)))
-                            .with_read_only(c.source != ConfigSource::DynamicTopic)
+                            // Topic configs can be altered; broker ones are static.
+                            .with_read_only(c.source == ConfigSource::StaticBroker)
                             .with_config_source(c.source as i8)
                             .with_config_type(c.kind as i8)
                             .with_documentation(req.include_documentation.then(|| s(c.doc)))

@@ -72,25 +72,22 @@ async fn alter_resource(
         Err(why) => return (codes::INVALID_REQUEST, Some(why)),
     };
     let defaults = topic_config::defaults(&ctx.broker.settings);
-    let apply: Arc<
-        dyn Fn(&BTreeMap<String, String>) -> floe_engine::Result<BTreeMap<String, String>>
-            + Send
-            + Sync,
-    > = Arc::new(move |current: &BTreeMap<String, String>| {
-        let refused = |(_, reason): (i16, String)| floe_engine::Error::InvalidConfig { reason };
-        match &change {
-            Change::Incremental(ops) => {
-                topic_config::apply(current, ops, &defaults).map_err(refused)
+    let apply: Arc<floe_engine::topics::ConfigChange> =
+        Arc::new(move |current: &BTreeMap<String, String>| {
+            let refused = |(_, reason): (i16, String)| floe_engine::Error::InvalidConfig { reason };
+            match &change {
+                Change::Incremental(ops) => {
+                    topic_config::apply(current, ops, &defaults).map_err(refused)
+                }
+                Change::Replace(all) => {
+                    let ops: Vec<(String, ConfigOp)> = all
+                        .iter()
+                        .map(|(k, v)| (k.clone(), ConfigOp::Set(v.clone())))
+                        .collect();
+                    topic_config::apply(&BTreeMap::new(), &ops, &defaults).map_err(refused)
+                }
             }
-            Change::Replace(all) => {
-                let ops: Vec<(String, ConfigOp)> = all
-                    .iter()
-                    .map(|(k, v)| (k.clone(), ConfigOp::Set(v.clone())))
-                    .collect();
-                topic_config::apply(&BTreeMap::new(), &ops, &defaults).map_err(refused)
-            }
-        }
-    });
+        });
     match ctx
         .broker
         .engine
