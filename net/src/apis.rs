@@ -61,6 +61,14 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     // static and refused.
     (ApiKey::IncrementalAlterConfigs, 0, 1),
     (ApiKey::AlterConfigs, 0, 2),
+    // Leaders and replicas, answered as a leaderless broker can
+    // (net/src/handlers/leaderless.rs).
+    (ApiKey::ElectLeaders, 0, 2),
+    (ApiKey::AlterPartitionReassignments, 0, 1),
+    (ApiKey::ListPartitionReassignments, 0, 0),
+    // OffsetForLeaderEpoch is not served: its end offset must not be a
+    // lagging broker's high watermark (clients would see a truncation and
+    // reset), which needs a read barrier on the commit log (FINDINGS.md).
 ];
 
 pub fn range(api: ApiKey) -> Option<(i16, i16)> {

@@ -61,6 +61,9 @@ pub enum Request {
     DeleteAcls(kafka_protocol::messages::DeleteAclsRequest),
     IncrementalAlterConfigs(kafka_protocol::messages::IncrementalAlterConfigsRequest),
     AlterConfigs(kafka_protocol::messages::AlterConfigsRequest),
+    ElectLeaders(kafka_protocol::messages::ElectLeadersRequest),
+    AlterPartitionReassignments(kafka_protocol::messages::AlterPartitionReassignmentsRequest),
+    ListPartitionReassignments(kafka_protocol::messages::ListPartitionReassignmentsRequest),
 }
 
 #[derive(Debug)]
@@ -174,6 +177,13 @@ pub fn decode(mut frame: Bytes) -> Result<Decoded, DecodeError> {
         ApiKey::DeleteAcls => Request::DeleteAcls(body(api, version, b)?),
         ApiKey::IncrementalAlterConfigs => Request::IncrementalAlterConfigs(body(api, version, b)?),
         ApiKey::AlterConfigs => Request::AlterConfigs(body(api, version, b)?),
+        ApiKey::ElectLeaders => Request::ElectLeaders(body(api, version, b)?),
+        ApiKey::AlterPartitionReassignments => {
+            Request::AlterPartitionReassignments(body(api, version, b)?)
+        }
+        ApiKey::ListPartitionReassignments => {
+            Request::ListPartitionReassignments(body(api, version, b)?)
+        }
         _ => {
             return Err(DecodeError::Unsupported {
                 api,

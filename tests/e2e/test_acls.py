@@ -25,8 +25,10 @@ from confluent_kafka.admin import (AclBinding, AclBindingFilter, AclOperation,
                                    AclPermissionType, AdminClient, ResourcePatternType,
                                    ResourceType)
 from kafka import KafkaAdminClient
-from kafka.protocol.admin import (AlterConfigsRequest, AlterUserScramCredentialsRequest,
-                                  CreateAclsRequest, IncrementalAlterConfigsRequest,
+from kafka.protocol.admin import (AlterConfigsRequest, AlterPartitionReassignmentsRequest,
+                                  AlterUserScramCredentialsRequest, CreateAclsRequest,
+                                  ElectLeadersRequest, IncrementalAlterConfigsRequest,
+                                  ListPartitionReassignmentsRequest,
                                   CreatePartitionsRequest, CreateTopicsRequest,
                                   DeleteAclsRequest, DeleteGroupsRequest, DeleteRecordsRequest,
                                   DeleteTopicsRequest, DescribeAclsRequest,
@@ -651,6 +653,32 @@ def build_rows(env):
     row("DeleteAcls (ALL on the cluster)", [(CLUSTER, "kafka-cluster", LITERAL, Op.ALL)],
         code_is(delete_acls, lambda r: r.filter_results[0].error_code, CLUSTER_AUTH),
         code_is(delete_acls, lambda r: r.filter_results[0].error_code, NONE))
+
+    te = env.topic("acl-leaders", produce_one=False)
+
+    def elect():
+        return ElectLeadersRequest(election_type=0, topic_partitions=[
+            ElectLeadersRequest.TopicPartitions(topic=te, partitions=[0])], timeout_ms=10000)
+
+    def elect_code(r):
+        return r.error_code or r.replica_election_results[0].partition_result[0].error_code
+    row("ElectLeaders", [(CLUSTER, "kafka-cluster", LITERAL, Op.ALTER)],
+        code_is(elect, elect_code, CLUSTER_AUTH),
+        code_is(elect, elect_code, 84))  # ELECTION_NOT_NEEDED
+
+    def reassign():
+        T = AlterPartitionReassignmentsRequest.ReassignableTopic
+        return AlterPartitionReassignmentsRequest(timeout_ms=10000, topics=[T(
+            name=te, partitions=[T.ReassignablePartition(partition_index=0, replicas=[1])])])
+    row("AlterPartitionReassignments", [(CLUSTER, "kafka-cluster", LITERAL, Op.ALTER)],
+        code_is(reassign, lambda r: r.error_code, CLUSTER_AUTH),
+        code_is(reassign, lambda r: r.error_code or r.responses[0].partitions[0].error_code,
+                NONE))
+    row("ListPartitionReassignments", [(CLUSTER, "kafka-cluster", LITERAL, Op.DESCRIBE)],
+        code_is(lambda: ListPartitionReassignmentsRequest(timeout_ms=10000, topics=None),
+                lambda r: r.error_code, CLUSTER_AUTH),
+        code_is(lambda: ListPartitionReassignmentsRequest(timeout_ms=10000, topics=None),
+                lambda r: r.error_code, NONE))
 
     # ---- what needs no ACL ------------------------------------------------------
     row("ApiVersions, SASL handshake and authenticate (no ACL)", [],

@@ -9,6 +9,7 @@ mod configs;
 mod delete_records;
 mod fetch;
 mod groups;
+mod leaderless;
 mod list_offsets;
 mod metadata;
 mod produce;
@@ -200,6 +201,15 @@ pub async fn dispatch(ctx: &Ctx, request: Request, version: i16) -> Pending {
         }
         Request::AlterConfigs(req) => {
             async move { configs::alter(&ctx, req, version).await }.boxed_local()
+        }
+        Request::ElectLeaders(req) => {
+            async move { leaderless::elect_leaders(&ctx, req, version).await }.boxed_local()
+        }
+        Request::AlterPartitionReassignments(req) => {
+            async move { leaderless::alter_reassignments(&ctx, req, version).await }.boxed_local()
+        }
+        Request::ListPartitionReassignments(req) => {
+            async move { leaderless::list_reassignments(&ctx, req, version).await }.boxed_local()
         }
         // On SASL listeners the connection's session answers these before
         // dispatch (conn.rs); reaching here means the listener has no SASL.

@@ -1,6 +1,11 @@
-"""Topic configs altered the way `kafka-configs --alter` and the admin
+"""Admin calls tools make, on three brokers sharing one etcd.
+
+Topic configs altered the way `kafka-configs --alter` and the admin
 clients alter them: IncrementalAlterConfigs (SET, DELETE, APPEND,
-SUBTRACT) and the older AlterConfigs, on three brokers sharing one etcd.
+SUBTRACT) and the older AlterConfigs. And the leadership calls a
+leaderless broker answers so that tools go on: ElectLeaders (no election
+needed), AlterPartitionReassignments (in effect at once, nothing to
+cancel), ListPartitionReassignments (none in progress).
 
 A change made through one broker is described by another and enforced by
 a third (a smaller max.message.bytes refuses a record that fitted before);
@@ -137,5 +142,41 @@ def test_topic_configs_altered_through_any_broker(cluster, topic_name):  # noqa:
     assert got["retention.bytes"].value == "2097152"
     assert got["retention.ms"].source == ConfigSource.DEFAULT_CONFIG.value, \
         "AlterConfigs sets exactly what it names"
+    for b in cluster:
+        b.assert_no_panic()
+
+
+def test_leadership_calls_answer_as_leaderless(cluster, topic_name):  # noqa: F811
+    from confluent_kafka import ElectionType, TopicPartition
+    from kafka.protocol.admin import (AlterPartitionReassignmentsRequest,
+                                      ListPartitionReassignmentsRequest)
+    b1, b2, _ = cluster
+    create_topic(b1.bootstrap, topic_name, 2)
+    a = admin_client(b2.bootstrap)
+    # confluent-kafka's elect_leaders: every partition says no election is
+    # needed; an unknown partition says so.
+    got = a.elect_leaders(ElectionType.PREFERRED, [
+        TopicPartition(topic_name, 0), TopicPartition(topic_name, 1),
+        TopicPartition(topic_name, 9)]).result(timeout=30)
+    errors = {tp.partition: (err.name() if err else None) for tp, err in got.items()}
+    assert errors == {0: "ELECTION_NOT_NEEDED", 1: "ELECTION_NOT_NEEDED",
+                      9: "UNKNOWN_TOPIC_OR_PART"}, errors
+
+    kp = KafkaAdminClient(bootstrap_servers=b1.bootstrap)
+    try:
+        m = kp._manager
+        T = AlterPartitionReassignmentsRequest.ReassignableTopic
+        P = T.ReassignablePartition
+        r = m.run(m.send, AlterPartitionReassignmentsRequest(timeout_ms=10000, topics=[T(
+            name=topic_name, partitions=[P(partition_index=0, replicas=[2]),
+                                         P(partition_index=1, replicas=None),
+                                         P(partition_index=7, replicas=[1])])]), 1)
+        assert r.error_code == 0, r
+        codes = [p.error_code for p in r.responses[0].partitions]
+        assert codes == [0, 85, 3], r  # done; NO_REASSIGNMENT_IN_PROGRESS; unknown
+        r = m.run(m.send, ListPartitionReassignmentsRequest(timeout_ms=10000, topics=None), 3)
+        assert r.error_code == 0 and r.topics == [], r
+    finally:
+        kp.close()
     for b in cluster:
         b.assert_no_panic()
