@@ -66,6 +66,8 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::ElectLeaders, 0, 2),
     (ApiKey::AlterPartitionReassignments, 0, 1),
     (ApiKey::ListPartitionReassignments, 0, 0),
+    // KIP-966's paged topic description (net/src/handlers/describe_topics.rs).
+    (ApiKey::DescribeTopicPartitions, 0, 0),
     // OffsetForLeaderEpoch is not served: its end offset must not be a
     // lagging broker's high watermark (clients would see a truncation and
     // reset), which needs a read barrier on the commit log (FINDINGS.md).

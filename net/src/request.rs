@@ -64,6 +64,7 @@ pub enum Request {
     ElectLeaders(kafka_protocol::messages::ElectLeadersRequest),
     AlterPartitionReassignments(kafka_protocol::messages::AlterPartitionReassignmentsRequest),
     ListPartitionReassignments(kafka_protocol::messages::ListPartitionReassignmentsRequest),
+    DescribeTopicPartitions(kafka_protocol::messages::DescribeTopicPartitionsRequest),
 }
 
 #[derive(Debug)]
@@ -184,6 +185,7 @@ pub fn decode(mut frame: Bytes) -> Result<Decoded, DecodeError> {
         ApiKey::ListPartitionReassignments => {
             Request::ListPartitionReassignments(body(api, version, b)?)
         }
+        ApiKey::DescribeTopicPartitions => Request::DescribeTopicPartitions(body(api, version, b)?),
         _ => {
             return Err(DecodeError::Unsupported {
                 api,

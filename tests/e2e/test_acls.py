@@ -27,7 +27,8 @@ from confluent_kafka.admin import (AclBinding, AclBindingFilter, AclOperation,
 from kafka import KafkaAdminClient
 from kafka.protocol.admin import (AlterConfigsRequest, AlterPartitionReassignmentsRequest,
                                   AlterUserScramCredentialsRequest, CreateAclsRequest,
-                                  ElectLeadersRequest, IncrementalAlterConfigsRequest,
+                                  DescribeTopicPartitionsRequest, ElectLeadersRequest,
+                                  IncrementalAlterConfigsRequest,
                                   ListPartitionReassignmentsRequest,
                                   CreatePartitionsRequest, CreateTopicsRequest,
                                   DeleteAclsRequest, DeleteGroupsRequest, DeleteRecordsRequest,
@@ -403,6 +404,12 @@ def build_rows(env):
     row("Metadata (all topics hides the undescribable)", [(TOPIC, t4, LITERAL, Op.DESCRIBE)],
         lambda: not listed(a.send(metadata(None), other)),
         lambda: listed(a.send(metadata(None), other)))
+    dtp = lambda: DescribeTopicPartitionsRequest(  # noqa: E731
+        topics=[DescribeTopicPartitionsRequest.TopicRequest(name=t4)],
+        response_partition_limit=100, cursor=None)
+    row("DescribeTopicPartitions", [(TOPIC, t4, LITERAL, Op.DESCRIBE)],
+        code_is(dtp, lambda r: r.topics[0].error_code, TOPIC_AUTH),
+        code_is(dtp, lambda r: r.topics[0].error_code, NONE))
     row("CreateTopics", [(TOPIC, "acl-created", LITERAL, Op.CREATE)],
         code_is(lambda: create_topic_req("acl-created"), lambda r: r.topics[0].error_code,
                 TOPIC_AUTH),

@@ -5,7 +5,8 @@ clients alter them: IncrementalAlterConfigs (SET, DELETE, APPEND,
 SUBTRACT) and the older AlterConfigs. And the leadership calls a
 leaderless broker answers so that tools go on: ElectLeaders (no election
 needed), AlterPartitionReassignments (in effect at once, nothing to
-cancel), ListPartitionReassignments (none in progress).
+cancel), ListPartitionReassignments (none in progress). And KIP-966's
+DescribeTopicPartitions, paged by its cursor.
 
 A change made through one broker is described by another and enforced by
 a third (a smaller max.message.bytes refuses a record that fitted before);
@@ -180,3 +181,40 @@ def test_leadership_calls_answer_as_leaderless(cluster, topic_name):  # noqa: F8
         kp.close()
     for b in cluster:
         b.assert_no_panic()
+
+
+def test_describe_topic_partitions_pages(cluster, topic_name):  # noqa: F811
+    """DescribeTopicPartitions at the newest version both speak, paged 7
+    partitions at a time across two topics, every partition seen once and
+    in order; an unknown topic is answered as such."""
+    from kafka.protocol.admin import DescribeTopicPartitionsRequest as Req
+    b1, b2, _ = cluster
+    create_topic(b1.bootstrap, topic_name + "-a", 10)
+    create_topic(b1.bootstrap, topic_name + "-b", 5)
+    kp = KafkaAdminClient(bootstrap_servers=b2.bootstrap)
+    try:
+        m = kp._manager
+        names = [topic_name + "-b", topic_name + "-a"]
+        seen, cursor, pages = [], None, 0
+        while True:
+            r = m.run(m.send, Req(topics=[Req.TopicRequest(name=n) for n in names],
+                                  response_partition_limit=7, cursor=cursor), 2)
+            pages += 1
+            for t in r.topics:
+                assert t.error_code == 0, r
+                seen += [(t.name, p.partition_index) for p in t.partitions]
+                assert all(p.leader_id in (1, 2, 3) and p.replica_nodes == [p.leader_id]
+                           for p in t.partitions), t
+            if r.next_cursor is None:
+                break
+            cursor = Req.Cursor(topic_name=r.next_cursor.topic_name,
+                                partition_index=r.next_cursor.partition_index)
+            assert pages < 10
+        want = [(topic_name + "-a", i) for i in range(10)] + [(topic_name + "-b", i) for i in range(5)]
+        assert seen == want, seen
+        assert pages == 3, pages
+        r = m.run(m.send, Req(topics=[Req.TopicRequest(name=topic_name + "-none")],
+                              response_partition_limit=100, cursor=None), 1)
+        assert r.topics[0].error_code == 3, r
+    finally:
+        kp.close()

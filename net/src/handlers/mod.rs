@@ -7,6 +7,7 @@ pub(crate) mod acls;
 mod admin;
 mod configs;
 mod delete_records;
+mod describe_topics;
 mod fetch;
 mod groups;
 mod leaderless;
@@ -201,6 +202,9 @@ pub async fn dispatch(ctx: &Ctx, request: Request, version: i16) -> Pending {
         }
         Request::AlterConfigs(req) => {
             async move { configs::alter(&ctx, req, version).await }.boxed_local()
+        }
+        Request::DescribeTopicPartitions(req) => {
+            async move { describe_topics::handle(&ctx, req, version).await }.boxed_local()
         }
         Request::ElectLeaders(req) => {
             async move { leaderless::elect_leaders(&ctx, req, version).await }.boxed_local()
