@@ -15,16 +15,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use floe_meta::schema::{self, AclResourceRecord};
-use floe_meta::{Compare, MetaStore, Op, Txn};
+use floe_meta::MetaStore;
 
 pub use floe_meta::schema::{
     AclEntry, AclOperation, AclPatternType, AclPermission, AclResourceType,
 };
 
-use crate::topics::{follow_prefix, read_prefix};
-use crate::{Error, Result};
+use crate::topics::{follow_prefix, read_prefix, update_record};
+use crate::Result;
 
 /// The one cluster resource's name, as Kafka names it.
 pub const CLUSTER_NAME: &str = "kafka-cluster";
@@ -112,7 +111,8 @@ pub enum Decision {
 /// patterns in a list (few in practice), per resource type.
 #[derive(Debug, Default)]
 struct Index {
-    literal: HashMap<(AclResourceType, String), Vec<AclEntry>>,
+    /// Type → name → ACLs: looked up by `&str`, no allocation per check.
+    literal: HashMap<AclResourceType, HashMap<String, Vec<AclEntry>>>,
     prefixed: Vec<(AclResourceType, String, Vec<AclEntry>)>,
     count: usize,
 }
@@ -124,7 +124,10 @@ impl Index {
             ix.count += r.entries.len();
             match r.pattern_type {
                 AclPatternType::Literal => {
-                    ix.literal.insert((r.resource_type, r.name), r.entries);
+                    ix.literal
+                        .entry(r.resource_type)
+                        .or_default()
+                        .insert(r.name, r.entries);
                 }
                 AclPatternType::Prefixed => {
                     ix.prefixed.push((r.resource_type, r.name, r.entries));
@@ -140,7 +143,8 @@ impl Index {
         rt: AclResourceType,
         name: &'a str,
     ) -> impl Iterator<Item = &'a AclEntry> + 'a {
-        let lit = |n: &str| self.literal.get(&(rt, n.to_string())).into_iter().flatten();
+        let names = self.literal.get(&rt);
+        let lit = move |n: &str| names.and_then(|m| m.get(n)).into_iter().flatten();
         let wildcard = if name == WILDCARD {
             None
         } else {
@@ -206,13 +210,6 @@ fn decide<'a>(
 pub struct Acls {
     meta: Arc<dyn MetaStore>,
     snapshot: ArcSwap<Index>,
-}
-
-fn decode(kv: &floe_meta::KeyValue) -> Result<AclResourceRecord> {
-    serde_json::from_slice(&kv.value).map_err(|e| Error::Corrupt {
-        what: format!("ACL record {}", kv.key),
-        reason: e.to_string(),
-    })
 }
 
 fn bindings(r: &AclResourceRecord) -> impl Iterator<Item = AclBinding> + '_ {
@@ -300,9 +297,9 @@ impl Acls {
         }
         let all = ix
             .literal
-            .iter()
-            .filter(|((t, _), _)| *t == rt)
-            .flat_map(|(_, e)| e)
+            .get(&rt)
+            .into_iter()
+            .flat_map(|m| m.values().flatten())
             .chain(
                 ix.prefixed
                     .iter()
@@ -421,9 +418,9 @@ impl Acls {
         results
     }
 
-    /// Applies `change` to the ACLs of one resource pattern by CAS,
-    /// re-reading after a conflict or an unknown outcome (`change` is
-    /// idempotent, so a landed attempt makes the next one a no-op).
+    /// Applies `change` to the ACLs of one resource pattern
+    /// ([`update_record`]; `change` is idempotent, so a landed attempt
+    /// makes the next one a no-op). A pattern left without ACLs is removed.
     async fn update(
         &self,
         key: &str,
@@ -432,50 +429,23 @@ impl Acls {
         name: &str,
         change: impl Fn(&mut Vec<AclEntry>),
     ) -> Result<()> {
-        let mut last = None;
-        for _ in 0..UPDATE_ATTEMPTS_MAX {
-            let current = match self.meta.get(key).await {
-                Ok(kv) => kv,
-                Err(e) => {
-                    last = Some(Error::from(e));
-                    continue;
-                }
-            };
-            let revision = current.as_ref().map_or(0, |kv| kv.mod_revision);
-            let before = match &current {
-                Some(kv) => decode(kv)?,
-                None => AclResourceRecord {
+        update_record(
+            &*self.meta,
+            key,
+            "ACL record",
+            |current: Option<&AclResourceRecord>| {
+                let mut record = current.cloned().unwrap_or_else(|| AclResourceRecord {
                     resource_type,
                     pattern_type,
                     name: name.to_string(),
                     entries: Vec::new(),
-                },
-            };
-            let mut record = before.clone();
-            change(&mut record.entries);
-            if record == before {
-                return Ok(());
-            }
-            let op = if record.entries.is_empty() {
-                Op::Delete(key.to_string())
-            } else {
-                let value = serde_json::to_vec(&record).map_err(|e| Error::Corrupt {
-                    what: format!("ACL record {key}"),
-                    reason: e.to_string(),
-                })?;
-                Op::Put(key.to_string(), Bytes::from(value))
-            };
-            let txn =
-                Txn::when(vec![Compare::ModRevision(key.to_string(), revision)]).and_then(vec![op]);
-            match self.meta.txn(txn).await {
-                Ok(o) if o.succeeded => return Ok(()),
-                Ok(_) => {}
-                Err(e) => last = Some(Error::from(e)),
-            }
-        }
-        Err(last.unwrap_or(Error::Conflict {
-            what: format!("ACLs of {key}"),
-        }))
+                });
+                change(&mut record.entries);
+                Ok((!record.entries.is_empty()).then_some(record))
+            },
+        )
+        .await
+        .map(|_| ())
     }
 }
 

@@ -101,13 +101,74 @@ pub(crate) async fn read_prefix<T: serde::de::DeserializeOwned>(
         .collect()
 }
 
-/// Attempts of one topic's config compare-and-swap before giving up.
-const CONFIG_ATTEMPTS_MAX: usize = 16;
-
 /// What a config alteration makes of a topic's configs (a pure function of
 /// them; an error refuses the alteration).
 pub type ConfigChange =
     dyn Fn(&BTreeMap<String, String>) -> Result<BTreeMap<String, String>> + Send + Sync;
+
+/// Reads and CAS attempts of [`update_record`] before it gives up.
+const UPDATE_ATTEMPTS_MAX: usize = 16;
+
+/// Changes the JSON record at `key` by compare-and-swap on the revision
+/// read, retrying after a conflict, a failed read or an unknown outcome.
+/// `change` maps the record (None: absent) to what it should become
+/// (None: deleted); it must be a pure function of the record, so that an
+/// attempt which landed unseen makes the next one write nothing. Returns
+/// the record as it now is. (The transaction and SCRAM stores keep their
+/// own loops: their transitions also answer, add writes, or judge a
+/// deletion by whether an earlier attempt's outcome was unknown.)
+pub(crate) async fn update_record<R>(
+    meta: &dyn MetaStore,
+    key: &str,
+    what: &str,
+    mut change: impl FnMut(Option<&R>) -> Result<Option<R>>,
+) -> Result<Option<R>>
+where
+    R: serde::Serialize + serde::de::DeserializeOwned + PartialEq,
+{
+    let corrupt = |e: serde_json::Error| Error::Corrupt {
+        what: format!("{what} {key}"),
+        reason: e.to_string(),
+    };
+    let mut last = None;
+    for _ in 0..UPDATE_ATTEMPTS_MAX {
+        let current = match meta.get(key).await {
+            Ok(kv) => kv,
+            Err(e) => {
+                last = Some(Error::from(e));
+                continue;
+            }
+        };
+        let revision = current.as_ref().map_or(0, |kv| kv.mod_revision);
+        let before: Option<R> = match &current {
+            Some(kv) => Some(serde_json::from_slice(&kv.value).map_err(corrupt)?),
+            None => None,
+        };
+        let after = change(before.as_ref())?;
+        if after == before {
+            return Ok(after);
+        }
+        let op = match &after {
+            None => Op::Delete(key.to_string()),
+            Some(r) => Op::Put(
+                key.to_string(),
+                Bytes::from(serde_json::to_vec(r).map_err(corrupt)?),
+            ),
+        };
+        let txn =
+            Txn::when(vec![Compare::ModRevision(key.to_string(), revision)]).and_then(vec![op]);
+        match meta.txn(txn).await {
+            Ok(o) if o.succeeded => return Ok(after),
+            // Another writer was first: apply to what it wrote.
+            Ok(_) => {}
+            // Unknown outcome: the next read tells.
+            Err(e) => last = Some(Error::from(e)),
+        }
+    }
+    Err(last.unwrap_or(Error::Conflict {
+        what: format!("{what} {key}"),
+    }))
+}
 
 impl Topics {
     pub async fn load(meta: Arc<dyn MetaStore>) -> Result<Self> {
@@ -210,61 +271,45 @@ impl Topics {
         Ok(old)
     }
 
-    /// Raises a topic's partition count to `total`.
-    /// Replaces topic `name`'s configs with what `change` makes of them,
-    /// by compare-and-swap on the record read (retried after a conflict).
-    /// `change` must be a function of the configs alone: after a reply
-    /// lost on the way, the next attempt finds its own result in place and
-    /// writes nothing. Returns the configs as set.
+    /// Replaces topic `name`'s configs with what `change` makes of them
+    /// ([`update_record`]: `change` must be a function of the configs
+    /// alone). Returns the configs as set (with `validate_only`, as they
+    /// would be, nothing written).
     pub async fn alter_configs(
         &self,
         name: &str,
         change: &ConfigChange,
         validate_only: bool,
     ) -> Result<BTreeMap<String, String>> {
+        let unknown = || Error::UnknownTopic { name: name.into() };
         let key = schema::topic_key(name);
-        let mut last = None;
-        for _ in 0..CONFIG_ATTEMPTS_MAX {
-            let cur = match self.meta.get(&key).await {
-                Ok(Some(kv)) => kv,
-                Ok(None) => return Err(Error::UnknownTopic { name: name.into() }),
-                Err(e) => {
-                    last = Some(Error::from(e));
-                    continue;
-                }
-            };
-            let mut rec: TopicRecord =
-                serde_json::from_slice(&cur.value).map_err(|e| Error::Corrupt {
-                    what: format!("topic record {}", cur.key),
+        if validate_only {
+            let kv = self.meta.get(&key).await?.ok_or_else(unknown)?;
+            let rec: TopicRecord =
+                serde_json::from_slice(&kv.value).map_err(|e| Error::Corrupt {
+                    what: format!("topic record {key}"),
                     reason: e.to_string(),
                 })?;
-            let configs = change(&rec.configs)?;
-            if validate_only || configs == rec.configs {
-                return Ok(configs);
-            }
-            rec.configs = configs.clone();
-            let value = Bytes::from(serde_json::to_vec(&rec).map_err(|e| Error::Corrupt {
-                what: format!("topic record {name:?}"),
-                reason: e.to_string(),
-            })?);
-            let txn = Txn::when(vec![Compare::ModRevision(key.clone(), cur.mod_revision)])
-                .and_then(vec![Op::Put(key.clone(), value)]);
-            match self.meta.txn(txn).await {
-                Ok(done) if done.succeeded => {
-                    // It landed: a failed re-read is the watch's to repair,
-                    // not a failure of the change.
-                    let _ = self.refresh().await;
-                    return Ok(configs);
-                }
-                Ok(_) => {}
-                Err(e) => last = Some(Error::from(e)),
-            }
+            return change(&rec.configs);
         }
-        Err(last.unwrap_or(Error::Conflict {
-            what: format!("topic {name:?}"),
-        }))
+        let after = update_record(
+            &*self.meta,
+            &key,
+            "topic record",
+            |rec: Option<&TopicRecord>| {
+                let mut rec = rec.cloned().ok_or_else(unknown)?;
+                rec.configs = change(&rec.configs)?;
+                Ok(Some(rec))
+            },
+        )
+        .await?;
+        // It landed: a failed re-read is the watch's to repair, not a
+        // failure of the change.
+        let _ = self.refresh().await;
+        Ok(after.map(|r| r.configs).unwrap_or_default())
     }
 
+    /// Raises a topic's partition count to `total`.
     pub async fn add_partitions(&self, name: &str, total: u32, validate_only: bool) -> Result<()> {
         let key = schema::topic_key(name);
         let cur = self

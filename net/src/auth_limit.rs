@@ -21,6 +21,9 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// The window failures are counted over.
+pub const WINDOW: Duration = Duration::from_secs(60);
+
 /// (address, user) pairs tracked at most.
 pub const KEYS_MAX: usize = 65_536;
 

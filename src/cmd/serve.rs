@@ -100,7 +100,7 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
         settings: broker_settings(&cfg, engine.node_id()),
         auth_limiter: floe_net::auth_limit::AuthLimiter::new(
             cfg.sasl_max_failed_authentications,
-            Duration::from_secs(60),
+            floe_net::auth_limit::WINDOW,
         ),
     });
     if let Some(a) = &broker.settings.authorizer {

@@ -26,12 +26,41 @@ const RESOURCE_TOPIC: i8 = 2;
 const RESOURCE_BROKER: i8 = 4;
 const RESOURCE_BROKER_LOGGER: i8 = 8;
 
-/// What one resource's alteration asks for.
-enum Change {
-    /// IncrementalAlterConfigs: these operations on the current configs.
-    Incremental(Vec<(String, ConfigOp)>),
-    /// AlterConfigs: exactly these configs, the others back to defaults.
-    Replace(BTreeMap<String, String>),
+/// What one resource's alteration asks for: operations on the current
+/// configs (IncrementalAlterConfigs), or, with `replace`, on none — the
+/// configs named become the only overrides (AlterConfigs).
+struct Change {
+    replace: bool,
+    ops: Vec<(String, ConfigOp)>,
+}
+
+/// A resource's change as the request states it: (name, operation code,
+/// value); duplicate names and missing values are refused as Kafka does.
+fn change<'a>(
+    replace: bool,
+    configs: impl Iterator<Item = (&'a str, i8, Option<&'a StrBytes>)>,
+) -> Result<Change, String> {
+    let mut seen = HashSet::new();
+    let mut ops = Vec::new();
+    for (name, op, value) in configs {
+        if !seen.insert(name) {
+            return Err(format!("Error due to duplicate config keys: {name}"));
+        }
+        let value = || {
+            value
+                .map(|v| v.to_string())
+                .ok_or_else(|| format!("Null value not supported for: {name}"))
+        };
+        let op = match op {
+            0 => ConfigOp::Set(value()?),
+            1 => ConfigOp::Delete,
+            2 => ConfigOp::Append(value()?),
+            3 => ConfigOp::Subtract(value()?),
+            other => return Err(format!("unknown config operation {other}")),
+        };
+        ops.push((name.to_string(), op));
+    }
+    Ok(Change { replace, ops })
 }
 
 /// Alters one resource; the error code and message of its answer.
@@ -74,19 +103,13 @@ async fn alter_resource(
     let defaults = topic_config::defaults(&ctx.broker.settings);
     let apply: Arc<floe_engine::topics::ConfigChange> =
         Arc::new(move |current: &BTreeMap<String, String>| {
-            let refused = |(_, reason): (i16, String)| floe_engine::Error::InvalidConfig { reason };
-            match &change {
-                Change::Incremental(ops) => {
-                    topic_config::apply(current, ops, &defaults).map_err(refused)
-                }
-                Change::Replace(all) => {
-                    let ops: Vec<(String, ConfigOp)> = all
-                        .iter()
-                        .map(|(k, v)| (k.clone(), ConfigOp::Set(v.clone())))
-                        .collect();
-                    topic_config::apply(&BTreeMap::new(), &ops, &defaults).map_err(refused)
-                }
-            }
+            let base = if change.replace {
+                &BTreeMap::new()
+            } else {
+                current
+            };
+            topic_config::apply(base, &change.ops, &defaults)
+                .map_err(|(_, reason)| floe_engine::Error::InvalidConfig { reason })
         });
     match ctx
         .broker
@@ -104,10 +127,18 @@ async fn alter_resource(
     }
 }
 
-/// Config names given twice in one resource (Kafka refuses the resource).
-fn duplicate<'a>(names: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    let mut seen = HashSet::new();
-    names.into_iter().find(|n| !seen.insert(*n))
+/// Every resource's (type, name, error code, message), in request order.
+async fn alter_all(
+    ctx: &Ctx,
+    resources: Vec<(i8, StrBytes, Result<Change, String>)>,
+    validate_only: bool,
+) -> Vec<(i8, StrBytes, i16, Option<StrBytes>)> {
+    let mut out = Vec::with_capacity(resources.len());
+    for (rtype, name, change) in resources {
+        let (code, message) = alter_resource(ctx, rtype, &name, change, validate_only).await;
+        out.push((rtype, name, code, message.map(StrBytes::from_string)));
+    }
+    out
 }
 
 pub async fn incremental_alter(
@@ -116,49 +147,32 @@ pub async fn incremental_alter(
     version: i16,
 ) -> Reply {
     use kafka_protocol::messages::incremental_alter_configs_response::AlterConfigsResourceResponse;
-    let mut responses = Vec::with_capacity(req.resources.len());
-    for r in &req.resources {
-        let change = (|| {
-            if let Some(d) = duplicate(r.configs.iter().map(|c| c.name.as_str())) {
-                return Err(format!("Error due to duplicate config keys: {d}"));
-            }
-            r.configs
+    let resources = req
+        .resources
+        .iter()
+        .map(|r| {
+            let configs = r
+                .configs
                 .iter()
-                .map(|c| {
-                    let value = || {
-                        c.value
-                            .as_ref()
-                            .map(|v| v.to_string())
-                            .ok_or_else(|| format!("Null value not supported for: {}", c.name))
-                    };
-                    let op = match c.config_operation {
-                        0 => ConfigOp::Set(value()?),
-                        1 => ConfigOp::Delete,
-                        2 => ConfigOp::Append(value()?),
-                        3 => ConfigOp::Subtract(value()?),
-                        other => return Err(format!("unknown config operation {other}")),
-                    };
-                    Ok((c.name.to_string(), op))
-                })
-                .collect::<Result<Vec<_>, String>>()
-                .map(Change::Incremental)
-        })();
-        let (code, message) = alter_resource(
-            ctx,
-            r.resource_type,
-            &r.resource_name,
-            change,
-            req.validate_only,
-        )
-        .await;
-        responses.push(
+                .map(|c| (c.name.as_str(), c.config_operation, c.value.as_ref()));
+            (
+                r.resource_type,
+                r.resource_name.clone(),
+                change(false, configs),
+            )
+        })
+        .collect();
+    let responses = alter_all(ctx, resources, req.validate_only)
+        .await
+        .into_iter()
+        .map(|(rtype, name, code, message)| {
             AlterConfigsResourceResponse::default()
+                .with_resource_type(rtype)
+                .with_resource_name(name)
                 .with_error_code(code)
-                .with_error_message(message.map(StrBytes::from_string))
-                .with_resource_type(r.resource_type)
-                .with_resource_name(r.resource_name.clone()),
-        );
-    }
+                .with_error_message(message)
+        })
+        .collect();
     encode(
         &IncrementalAlterConfigsResponse::default().with_responses(responses),
         version,
@@ -167,37 +181,33 @@ pub async fn incremental_alter(
 
 pub async fn alter(ctx: &Ctx, req: AlterConfigsRequest, version: i16) -> Reply {
     use kafka_protocol::messages::alter_configs_response::AlterConfigsResourceResponse;
-    let mut responses = Vec::with_capacity(req.resources.len());
-    for r in &req.resources {
-        let change = (|| {
-            if let Some(d) = duplicate(r.configs.iter().map(|c| c.name.as_str())) {
-                return Err(format!("Error due to duplicate config keys: {d}"));
-            }
-            r.configs
+    const SET: i8 = 0;
+    let resources = req
+        .resources
+        .iter()
+        .map(|r| {
+            let configs = r
+                .configs
                 .iter()
-                .map(|c| match &c.value {
-                    Some(v) => Ok((c.name.to_string(), v.to_string())),
-                    None => Err(format!("Null value not supported for: {}", c.name)),
-                })
-                .collect::<Result<BTreeMap<_, _>, String>>()
-                .map(Change::Replace)
-        })();
-        let (code, message) = alter_resource(
-            ctx,
-            r.resource_type,
-            &r.resource_name,
-            change,
-            req.validate_only,
-        )
-        .await;
-        responses.push(
+                .map(|c| (c.name.as_str(), SET, c.value.as_ref()));
+            (
+                r.resource_type,
+                r.resource_name.clone(),
+                change(true, configs),
+            )
+        })
+        .collect();
+    let responses = alter_all(ctx, resources, req.validate_only)
+        .await
+        .into_iter()
+        .map(|(rtype, name, code, message)| {
             AlterConfigsResourceResponse::default()
+                .with_resource_type(rtype)
+                .with_resource_name(name)
                 .with_error_code(code)
-                .with_error_message(message.map(StrBytes::from_string))
-                .with_resource_type(r.resource_type)
-                .with_resource_name(r.resource_name.clone()),
-        );
-    }
+                .with_error_message(message)
+        })
+        .collect();
     encode(
         &AlterConfigsResponse::default().with_responses(responses),
         version,
