@@ -29,7 +29,7 @@ const REQUEST_BYTES_MAX: usize = 8 << 10;
 type FieldCounter<T, V> = (&'static str, &'static str, fn(&T) -> &V);
 
 /// The counters every shard keeps, each summed over the shards.
-const SHARD_COUNTERS: [FieldCounter<ShardCounters, ShardCounter>; 18] = [
+const SHARD_COUNTERS: [FieldCounter<ShardCounters, ShardCounter>; 20] = [
     (
         "floe_produce_payload_bytes_total",
         "RecordBatch bytes accepted from producers.",
@@ -117,6 +117,16 @@ const SHARD_COUNTERS: [FieldCounter<ShardCounters, ShardCounter>; 18] = [
         "floe_sasl_authentication_throttled_total",
         "SASL authentications refused unchecked: their address failed too often.",
         |s| &s.sasl_auth_throttled,
+    ),
+    (
+        "floe_fetch_sessions_created_total",
+        "Incremental fetch sessions (KIP-227) started.",
+        |s| &s.fetch_sessions_created,
+    ),
+    (
+        "floe_fetch_sessions_evicted_total",
+        "Idle fetch sessions evicted to make room for new ones.",
+        |s| &s.fetch_sessions_evicted,
     ),
 ];
 
@@ -545,6 +555,8 @@ mod tests {
             "floe_authorization_denied_total counter",
             "floe_sasl_authentication_failures_total counter",
             "floe_sasl_authentication_throttled_total counter",
+            "floe_fetch_sessions_created_total counter",
+            "floe_fetch_sessions_evicted_total counter",
             "floe_log_entries_written_total counter",
             "floe_log_partitions gauge",
             "floe_log_segment_table gauge",

@@ -467,6 +467,11 @@ impl Engine {
         self.topics.snapshot()
     }
 
+    /// Every topic by id (see [`crate::topics::Topics::by_id`]).
+    pub fn topics_by_id(&self) -> Arc<crate::topics::TopicIdMap> {
+        self.topics.by_id()
+    }
+
     pub async fn create_topic(
         &self,
         name: &str,

@@ -71,6 +71,10 @@ pub struct ShardCounters {
     /// because their address failed too often (net::auth_limit).
     pub sasl_auth_failures: ShardCounter,
     pub sasl_auth_throttled: ShardCounter,
+    /// Incremental fetch sessions started, and idle ones evicted to make
+    /// room (net::fetch_session).
+    pub fetch_sessions_created: ShardCounter,
+    pub fetch_sessions_evicted: ShardCounter,
 }
 
 const _: () = assert!(std::mem::align_of::<ShardCounters>() == 128);

@@ -19,9 +19,14 @@ pub const PARTITIONS_MAX: u32 = 10_000;
 
 pub type TopicMap = HashMap<String, Arc<TopicRecord>>;
 
+/// The same topics by id (Fetch v13+, Produce v13, DeleteTopics by id).
+pub type TopicIdMap = HashMap<uuid::Uuid, Arc<TopicRecord>>;
+
 pub struct Topics {
     meta: Arc<dyn MetaStore>,
     snapshot: ArcSwap<TopicMap>,
+    /// Stored just before `snapshot`, from the same read.
+    by_id: ArcSwap<TopicIdMap>,
 }
 
 /// Kafka's rule: 1..=249 characters of `[a-zA-Z0-9._-]`, not "." or "..".
@@ -175,6 +180,7 @@ impl Topics {
         let t = Self {
             meta,
             snapshot: ArcSwap::from_pointee(TopicMap::new()),
+            by_id: ArcSwap::from_pointee(TopicIdMap::new()),
         };
         t.refresh().await?;
         Ok(t)
@@ -188,6 +194,12 @@ impl Topics {
         self.snapshot.load().get(name).cloned()
     }
 
+    /// Every topic by id. A deleted topic's id is gone from it, and a
+    /// topic created again under the same name has a new id.
+    pub fn by_id(&self) -> Arc<TopicIdMap> {
+        self.by_id.load_full()
+    }
+
     /// Follows `topics/` so that topics created, changed or deleted through
     /// any broker are seen here. Runs until the process ends.
     pub async fn follow(self: Arc<Self>) {
@@ -199,10 +211,10 @@ impl Topics {
     pub async fn refresh(&self) -> Result<()> {
         let records: Vec<TopicRecord> =
             read_prefix(&*self.meta, schema::TOPICS_PREFIX, "topic record").await?;
-        let map = records
-            .into_iter()
-            .map(|t| (t.name.clone(), Arc::new(t)))
-            .collect();
+        let records: Vec<Arc<TopicRecord>> = records.into_iter().map(Arc::new).collect();
+        let by_id = records.iter().map(|t| (t.id, t.clone())).collect();
+        let map = records.into_iter().map(|t| (t.name.clone(), t)).collect();
+        self.by_id.store(Arc::new(by_id));
         self.snapshot.store(Arc::new(map));
         Ok(())
     }
@@ -241,12 +253,13 @@ impl Topics {
         let txn = Txn::when(vec![Compare::ModRevision(key.clone(), 0)])
             .and_then(vec![Op::Put(key, value)]);
         let done = self.meta.txn(txn).await?;
-        self.refresh().await?;
+        // The change landed (or lost to another): a failed re-read is not
+        // this call's failure; the watch brings the topics in either way.
+        let _ = self.refresh().await;
         if !done.succeeded {
             return Err(Error::TopicExists { name: name.into() });
         }
-        self.get(name)
-            .ok_or(Error::UnknownTopic { name: name.into() })
+        Ok(Arc::new(rec))
     }
 
     pub async fn delete(&self, name: &str) -> Result<Arc<TopicRecord>> {
@@ -262,7 +275,8 @@ impl Topics {
         let txn = Txn::when(vec![Compare::ModRevision(key.clone(), cur.mod_revision)])
             .and_then(vec![Op::Delete(key)]);
         let done = self.meta.txn(txn).await?;
-        self.refresh().await?;
+        // As in `create`: a failed re-read does not undo what landed.
+        let _ = self.refresh().await;
         if !done.succeeded {
             return Err(Error::Conflict {
                 what: format!("topic {name:?}"),
@@ -341,7 +355,8 @@ impl Topics {
         let txn = Txn::when(vec![Compare::ModRevision(key.clone(), cur.mod_revision)])
             .and_then(vec![Op::Put(key, value)]);
         let done = self.meta.txn(txn).await?;
-        self.refresh().await?;
+        // As in `create`: a failed re-read does not undo what landed.
+        let _ = self.refresh().await;
         if !done.succeeded {
             return Err(Error::Conflict {
                 what: format!("topic {name:?}"),
@@ -377,6 +392,7 @@ mod tests {
             let topics = Topics {
                 meta: Arc::new(FaultyMeta::new(inner.clone(), faults)),
                 snapshot: ArcSwap::from_pointee(TopicMap::new()),
+                by_id: ArcSwap::from_pointee(TopicIdMap::new()),
             };
             for round in 0..5u32 {
                 let want = round.to_string();
@@ -394,6 +410,32 @@ mod tests {
                 assert_eq!(rec.partitions, 1);
             }
         }
+    }
+
+    /// Every read fails, so the re-read after the compare-and-swap does: a
+    /// creation that landed is answered as landed, not as the failed
+    /// re-read (a retried creation would meet TOPIC_ALREADY_EXISTS).
+    /// (DeleteTopics and CreatePartitions read the record before their
+    /// swap, which this fault also fails; they end the same way.)
+    #[tokio::test]
+    async fn a_landed_creation_is_answered_as_landed() {
+        let inner: Arc<dyn MetaStore> = Arc::new(Embedded::in_memory().unwrap());
+        let topics = Topics {
+            meta: Arc::new(FaultyMeta::new(
+                inner.clone(),
+                MetaFaults {
+                    seed: 1,
+                    read_failed: 1.0,
+                    ..MetaFaults::none()
+                },
+            )),
+            snapshot: ArcSwap::from_pointee(TopicMap::new()),
+            by_id: ArcSwap::from_pointee(TopicIdMap::new()),
+        };
+        let made = topics.create("t", 1, BTreeMap::new(), false).await;
+        let stored = Topics::load(inner.clone()).await.unwrap().get("t");
+        let stored = stored.expect("created in the store");
+        assert_eq!(made.expect("answered as landed").id, stored.id);
     }
 
     #[test]

@@ -6,11 +6,15 @@ use kafka_protocol::messages::ApiKey;
 
 /// (api, min version, max version)
 pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
-    (ApiKey::Produce, 3, 11),
-    // v13+ names topics by id only; not served yet.
-    (ApiKey::Fetch, 4, 12),
+    // v12 only lets transaction version 2 clients skip AddPartitionsToTxn,
+    // which no client does here: floe advertises no `transaction.version`
+    // feature. v13 names topics by id.
+    (ApiKey::Produce, 3, 13),
+    // With incremental sessions (KIP-227); v13+ names topics by id.
+    (ApiKey::Fetch, 4, 18),
     (ApiKey::ListOffsets, 1, 8),
-    (ApiKey::Metadata, 0, 12),
+    // v13 adds a top-level error code (KIP-1102).
+    (ApiKey::Metadata, 0, 13),
     (ApiKey::ApiVersions, 0, 4),
     (ApiKey::CreateTopics, 2, 7),
     (ApiKey::DeleteTopics, 1, 6),

@@ -32,4 +32,6 @@ pub struct Broker {
     pub settings: Settings,
     /// Failed SASL authentications per client address (brute force).
     pub auth_limiter: crate::auth_limit::AuthLimiter,
+    /// Incremental fetch sessions (KIP-227), shared by every shard.
+    pub fetch_sessions: crate::fetch_session::FetchSessions,
 }

@@ -15,6 +15,7 @@ pub mod client_id;
 pub mod codes;
 pub mod conn;
 pub mod discovery;
+pub mod fetch_session;
 pub mod handlers;
 pub mod listener;
 pub mod oauth;

@@ -102,6 +102,10 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
             cfg.sasl_max_failed_authentications,
             floe_net::auth_limit::WINDOW,
         ),
+        fetch_sessions: floe_net::fetch_session::FetchSessions::new(
+            cfg.max_incremental_fetch_session_cache_slots,
+            Duration::from_millis(cfg.min_incremental_fetch_session_eviction_ms),
+        ),
     });
     if let Some(a) = &broker.settings.authorizer {
         let mut supers: Vec<&str> = a.super_users.iter().map(String::as_str).collect();

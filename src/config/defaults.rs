@@ -18,6 +18,10 @@ pub const MAX_REQUEST_BYTES: usize = 104_857_600;
 /// Kafka's message.max.bytes.
 pub const MAX_MESSAGE_BYTES: usize = 1_048_588;
 pub const FETCH_WAIT_MS_MAX: u64 = 30_000;
+/// Kafka's max.incremental.fetch.session.cache.slots default.
+pub const MAX_INCREMENTAL_FETCH_SESSION_CACHE_SLOTS: usize = 1_000;
+/// Kafka's min.incremental.fetch.session.eviction.ms default.
+pub const MIN_INCREMENTAL_FETCH_SESSION_EVICTION_MS: u64 = 120_000;
 /// Kafka's `connection.failed.authentication.delay.ms` default.
 pub const SASL_FAILED_AUTHENTICATION_DELAY_MS: u64 = 100;
 /// Failed SASL authentications per client address per minute.

@@ -319,6 +319,14 @@ pub struct ServeArgs {
     /// Longest a fetch may wait for data, whatever the client asks. [default: 30000]
     #[arg(long, env = "FLOE_FETCH_WAIT_MS_MAX")]
     pub fetch_wait_ms_max: Option<u64>,
+    /// Incremental fetch sessions (KIP-227) the broker keeps; 0 declines
+    /// them (Kafka's max.incremental.fetch.session.cache.slots). [default: 1000]
+    #[arg(long, env = "FLOE_MAX_INCREMENTAL_FETCH_SESSION_CACHE_SLOTS")]
+    pub max_incremental_fetch_session_cache_slots: Option<usize>,
+    /// How long a fetch session must have been idle before a new one may
+    /// evict it (Kafka's min.incremental.fetch.session.eviction.ms). [default: 120000]
+    #[arg(long, env = "FLOE_MIN_INCREMENTAL_FETCH_SESSION_EVICTION_MS")]
+    pub min_incremental_fetch_session_eviction_ms: Option<u64>,
     /// Log filter (tracing's EnvFilter syntax). [default: info]
     #[arg(long, env = "FLOE_LOG")]
     pub log: Option<String>,
@@ -389,6 +397,8 @@ pub struct Resolved {
     pub inflight_bytes: usize,
     pub read_cache_bytes: usize,
     pub fetch_wait_ms_max: u64,
+    pub max_incremental_fetch_session_cache_slots: usize,
+    pub min_incremental_fetch_session_eviction_ms: u64,
     pub log: String,
     /// The tuning model's choices, printed at start-up; the fields above
     /// that were not set explicitly come from it.
@@ -517,6 +527,14 @@ impl ServeArgs {
             max_message_bytes: pick!(max_message_bytes, defaults::MAX_MESSAGE_BYTES),
             read_cache_bytes: pick!(read_cache_bytes, budgets.read_cache_bytes),
             fetch_wait_ms_max: pick!(fetch_wait_ms_max, defaults::FETCH_WAIT_MS_MAX),
+            max_incremental_fetch_session_cache_slots: pick!(
+                max_incremental_fetch_session_cache_slots,
+                defaults::MAX_INCREMENTAL_FETCH_SESSION_CACHE_SLOTS
+            ),
+            min_incremental_fetch_session_eviction_ms: pick!(
+                min_incremental_fetch_session_eviction_ms,
+                defaults::MIN_INCREMENTAL_FETCH_SESSION_EVICTION_MS
+            ),
             sasl_failed_authentication_delay_ms: pick!(
                 sasl_failed_authentication_delay_ms,
                 defaults::SASL_FAILED_AUTHENTICATION_DELAY_MS
@@ -1270,6 +1288,14 @@ mod tests {
             ("max_request_bytes", defaults::MAX_REQUEST_BYTES.to_string()),
             ("max_message_bytes", defaults::MAX_MESSAGE_BYTES.to_string()),
             ("fetch_wait_ms_max", defaults::FETCH_WAIT_MS_MAX.to_string()),
+            (
+                "max_incremental_fetch_session_cache_slots",
+                defaults::MAX_INCREMENTAL_FETCH_SESSION_CACHE_SLOTS.to_string(),
+            ),
+            (
+                "min_incremental_fetch_session_eviction_ms",
+                defaults::MIN_INCREMENTAL_FETCH_SESSION_EVICTION_MS.to_string(),
+            ),
             (
                 "sasl_failed_authentication_delay_ms",
                 defaults::SASL_FAILED_AUTHENTICATION_DELAY_MS.to_string(),

@@ -204,17 +204,21 @@ pub async fn delete_topics(ctx: &Ctx, req: DeleteTopicsRequest, version: i16) ->
         names.push((t.name.as_ref().map(|n| n.0.to_string()), t.topic_id));
     }
     let mut responses = Vec::new();
+    let by_id = engine.topics_by_id();
     for (name, id) in names {
-        let resolved = name.clone().or_else(|| {
-            engine
-                .topics()
-                .values()
-                .find(|t| t.id == id)
-                .map(|t| t.name.clone())
-        });
         let mut r = DeletableTopicResult::default()
             .with_name(name.clone().map(|n| TopicName(s(n))))
             .with_topic_id(id);
+        if name.is_some() && !id.is_nil() {
+            responses.push(
+                r.with_error_code(codes::INVALID_REQUEST)
+                    .with_error_message(Some(s("name a topic by its name or its id, not both"))),
+            );
+            continue;
+        }
+        let resolved = name
+            .clone()
+            .or_else(|| by_id.get(&id).map(|t| t.name.clone()));
         // Kafka: without DESCRIBE the topic's existence is not revealed;
         // with it but without DELETE, the deletion is refused.
         let refused = resolved.as_deref().is_some_and(|n| {
@@ -227,6 +231,9 @@ pub async fn delete_topics(ctx: &Ctx, req: DeleteTopicsRequest, version: i16) ->
             continue;
         }
         match resolved {
+            // A deleted topic's id stays unknown, even once a topic of
+            // the same name is created again (with a new id).
+            None if name.is_none() => r = r.with_error_code(codes::UNKNOWN_TOPIC_ID),
             None => r = r.with_error_code(codes::UNKNOWN_TOPIC_OR_PARTITION),
             Some(n) => match engine.delete_topic(&n).await {
                 Ok(rec) => {

@@ -4,10 +4,13 @@
 //! bytes go from the read cache (or object-store read) to the socket
 //! without being copied into a response buffer.
 //!
-//! Fetch sessions (KIP-227) are declined the way the protocol allows: every
-//! answer carries session id 0, so clients keep sending full requests.
+//! Incremental fetch sessions (KIP-227, `crate::fetch_session`): a full
+//! request may start a session, and later requests on it name only what
+//! changed while their answers carry only partitions with news. From v13
+//! topics are named by id, in requests and answers.
 
 use floe_engine::acls::{AclOperation, AclResourceType};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -17,11 +20,16 @@ use futures::future::{select, select_all, Either};
 use futures::{stream, StreamExt};
 use kafka_protocol::messages::fetch_request::FetchRequest;
 
+use indexmap::IndexMap;
+
 use super::{Ctx, Reply};
 use crate::codes;
+use crate::fetch_session::{Cached, Context, PartKey, Session, TopicKey, FINAL_EPOCH};
 
-/// Highest Fetch version that still names topics rather than topic ids.
+/// The first flexible (compact, tagged) Fetch version.
 const FLEXIBLE_FROM: i16 = 12;
+/// The first Fetch version that names topics by id.
+const TOPIC_IDS_FROM: i16 = 13;
 
 pub struct PartitionOut {
     pub index: i32,
@@ -37,8 +45,15 @@ pub struct PartitionOut {
     pub bytes: usize,
 }
 
+/// How an answer names a topic: by name before v13, by id from v13.
+#[derive(Debug, Clone)]
+pub enum TopicRef {
+    Name(Bytes),
+    Id(uuid::Uuid),
+}
+
 pub struct TopicOut {
-    pub name: Bytes,
+    pub topic: TopicRef,
     pub partitions: Vec<PartitionOut>,
 }
 
@@ -58,24 +73,35 @@ fn put_len(b: &mut BytesMut, len: usize, flexible: bool) {
     }
 }
 
-/// Encodes a FetchResponse body (v4..=12) as parts to write back to back.
-pub fn encode_fetch_response(version: i16, error: i16, topics: &[TopicOut]) -> Vec<Bytes> {
+/// Encodes a FetchResponse body (v4..=18) as parts to write back to back.
+/// Topics are written as named by `TopicRef`, which must suit `version`.
+pub fn encode_fetch_response(
+    version: i16,
+    error: i16,
+    session_id: i32,
+    topics: &[TopicOut],
+) -> Vec<Bytes> {
     let flexible = version >= FLEXIBLE_FROM;
     let mut out = Vec::new();
     let mut b = BytesMut::with_capacity(256);
     b.put_i32(0); // throttle_time_ms
     if version >= 7 {
         b.put_i16(error);
-        b.put_i32(0); // session_id: sessions declined
+        b.put_i32(session_id);
     }
     put_len(&mut b, topics.len(), flexible);
     for t in topics {
-        if flexible {
-            put_uvarint(&mut b, t.name.len() as u64 + 1);
-        } else {
-            b.put_i16(t.name.len() as i16);
+        match &t.topic {
+            TopicRef::Id(id) => b.put_slice(id.as_bytes()),
+            TopicRef::Name(name) if flexible => {
+                put_uvarint(&mut b, name.len() as u64 + 1);
+                b.put_slice(name);
+            }
+            TopicRef::Name(name) => {
+                b.put_i16(name.len() as i16);
+                b.put_slice(name);
+            }
         }
-        b.put_slice(&t.name);
         put_len(&mut b, t.partitions.len(), flexible);
         for p in &t.partitions {
             b.put_i32(p.index);
@@ -122,6 +148,12 @@ pub fn encode_fetch_response(version: i16, error: i16, topics: &[TopicOut]) -> V
     out
 }
 
+/// One topic of what is read, as the answer names it.
+struct WantedTopic {
+    topic: TopicRef,
+    parts: Vec<Wanted>,
+}
+
 struct Wanted {
     index: i32,
     /// None: not read, answered with `refused`.
@@ -147,11 +179,11 @@ type ReadOutcome = Option<floe_engine::Result<ReadResult>>;
 /// a response in order.
 async fn read_all(
     ctx: &Ctx,
-    wanted: &[(Bytes, Vec<Wanted>)],
+    wanted: &[WantedTopic],
     max_bytes: usize,
     committed: bool,
 ) -> Vec<ReadOutcome> {
-    let all = || wanted.iter().flat_map(|(_, ps)| ps.iter());
+    let all = || wanted.iter().flat_map(|t| t.parts.iter());
     let asked = all().fold(0usize, |sum, w| sum.saturating_add(w.max_bytes));
     if asked <= max_bytes {
         return stream::iter(all())
@@ -197,16 +229,175 @@ async fn read_partition(ctx: &Ctx, w: &Wanted, limit: usize, committed: bool) ->
     )
 }
 
-pub async fn handle(ctx: &Ctx, req: FetchRequest, version: i16) -> Reply {
-    if version >= 7 && req.session_id != 0 {
-        return Reply::Parts(encode_fetch_response(
-            version,
-            codes::FETCH_SESSION_ID_NOT_FOUND,
-            &[],
-        ));
+/// Records what `p` answers in the session; true when it is news.
+fn remember(c: &mut Cached, p: &PartitionOut) -> bool {
+    c.answered(
+        p.bytes,
+        p.error,
+        p.high_watermark,
+        p.last_stable,
+        p.log_start,
+    )
+}
+
+/// A topic as `version` names it: by id from v13, else by name.
+fn topic_key(version: i16, id: uuid::Uuid, name: &str) -> TopicKey {
+    if version >= TOPIC_IDS_FROM {
+        TopicKey::Id(id)
+    } else {
+        TopicKey::Name(Arc::from(name))
     }
+}
+
+/// The partitions a request names, in its order, keyed as its version
+/// names topics (a partition named twice is read once, as the last says).
+fn asked(req: &FetchRequest, version: i16) -> IndexMap<PartKey, Cached> {
+    let mut out = IndexMap::new();
+    for t in &req.topics {
+        let key = topic_key(version, t.topic_id, &t.topic);
+        for p in &t.partitions {
+            out.insert(
+                (key.clone(), p.partition),
+                Cached::asked(p.fetch_offset, p.partition_max_bytes),
+            );
+        }
+    }
+    out
+}
+
+/// An incremental request's changes to its session: partitions added or
+/// asked for at a new offset, partitions forgotten.
+fn update(session: &mut Session, req: &FetchRequest, version: i16) {
+    for (key, c) in asked(req, version) {
+        match session.parts.get_mut(&key) {
+            Some(old) => (old.fetch_offset, old.max_bytes) = (c.fetch_offset, c.max_bytes),
+            None => {
+                session.parts.insert(key, c);
+            }
+        }
+    }
+    for f in &req.forgotten_topics_data {
+        let key = topic_key(version, f.topic_id, &f.topic);
+        for p in &f.partitions {
+            session.parts.shift_remove(&(key.clone(), *p));
+        }
+    }
+}
+
+/// What is read for `parts`: each run of partitions of one topic becomes
+/// one topic of the answer, resolved and authorized once.
+fn wanted<'a>(
+    ctx: &Ctx,
+    parts: impl Iterator<Item = (&'a PartKey, &'a Cached)>,
+) -> Vec<WantedTopic> {
+    let engine = &ctx.broker.engine;
+    let (by_name, by_id) = (engine.topics(), engine.topics_by_id());
+    let mut out: Vec<WantedTopic> = Vec::new();
+    let mut current: Option<(&TopicKey, Option<&floe_meta::schema::TopicRecord>, i16)> = None;
+    for ((key, index), c) in parts {
+        if current.as_ref().is_none_or(|(k, _, _)| *k != key) {
+            let (topic, record) = match key {
+                TopicKey::Name(n) => (
+                    TopicRef::Name(Bytes::copy_from_slice(n.as_bytes())),
+                    by_name.get(&**n),
+                ),
+                TopicKey::Id(id) => (TopicRef::Id(*id), by_id.get(id)),
+            };
+            let name = match (key, record) {
+                (TopicKey::Name(n), _) => Some(&**n),
+                (TopicKey::Id(_), r) => r.map(|r| r.name.as_str()),
+            };
+            // Kafka checks READ before existence: an unreadable topic is
+            // refused whether or not it exists. An unknown id names no
+            // topic to check.
+            let readable =
+                name.is_some_and(|n| ctx.allowed(AclOperation::Read, AclResourceType::Topic, n));
+            let refused = match (key, name) {
+                (TopicKey::Id(_), None) => codes::UNKNOWN_TOPIC_ID,
+                _ if !readable => codes::TOPIC_AUTHORIZATION_FAILED,
+                _ => codes::UNKNOWN_TOPIC_OR_PARTITION,
+            };
+            let record = record.filter(|_| readable).map(|r| &**r);
+            out.push(WantedTopic {
+                topic,
+                parts: Vec::new(),
+            });
+            current = Some((key, record, refused));
+        }
+        let (_, record, refused) = current.expect("set above");
+        if let Some(t) = out.last_mut() {
+            t.parts.push(Wanted {
+                index: *index,
+                tp: super::partition_key(record, *index),
+                refused,
+                offset: c.fetch_offset,
+                max_bytes: c.max_bytes.max(0) as usize,
+            });
+        }
+    }
+    out
+}
+
+pub async fn handle(ctx: &Ctx, req: FetchRequest, version: i16) -> Reply {
+    let sessions = &ctx.broker.fetch_sessions;
+    let (session_id, epoch) = if version >= 7 {
+        (req.session_id, req.session_epoch)
+    } else {
+        (0, FINAL_EPOCH)
+    };
+    let uses_ids = version >= TOPIC_IDS_FROM;
+    let context = match sessions.begin(session_id, epoch, uses_ids) {
+        Ok(c) => c,
+        Err(code) => return Reply::Parts(encode_fetch_response(version, code, 0, &[])),
+    };
+    match context {
+        Context::Sessionless => {
+            let parts = asked(&req, version);
+            let topics = read_until_ready(ctx, &req, &wanted(ctx, parts.iter())).await;
+            Reply::Parts(encode_fetch_response(version, codes::NONE, 0, &topics))
+        }
+        Context::New => {
+            let mut parts = asked(&req, version);
+            let topics = read_until_ready(ctx, &req, &wanted(ctx, parts.iter())).await;
+            let outs = topics.iter().flat_map(|t| t.partitions.iter());
+            for (c, p) in parts.values_mut().zip(outs) {
+                remember(c, p);
+            }
+            let (id, evicted) = sessions.create(Session::new(uses_ids, parts));
+            let counters = ctx.shard.counters();
+            if id != 0 {
+                counters.fetch_sessions_created.add(1);
+            }
+            if evicted {
+                counters.fetch_sessions_evicted.add(1);
+            }
+            Reply::Parts(encode_fetch_response(version, codes::NONE, id, &topics))
+        }
+        Context::Incremental(mut session) => {
+            update(&mut session, &req, version);
+            let mut topics = read_until_ready(ctx, &req, &wanted(ctx, session.parts.iter())).await;
+            // Only news is answered; what was said is remembered.
+            let mut returned = Vec::with_capacity(session.parts.len());
+            let mut cached = session.parts.values_mut();
+            for t in &mut topics {
+                t.partitions.retain(|p| {
+                    returned.push(p.bytes > 0);
+                    cached.next().is_some_and(|c| remember(c, p))
+                });
+            }
+            topics.retain(|t| !t.partitions.is_empty());
+            session.rotate(&returned);
+            let id = session.id;
+            sessions.finish(session);
+            Reply::Parts(encode_fetch_response(version, codes::NONE, id, &topics))
+        }
+    }
+}
+
+/// Reads `wanted` until the answer is worth sending: `min_bytes` of
+/// records, an error, the request's wait over, or shutdown.
+async fn read_until_ready(ctx: &Ctx, req: &FetchRequest, wanted: &[WantedTopic]) -> Vec<TopicOut> {
     let settings = &ctx.broker.settings;
-    let snapshot = ctx.broker.engine.topics();
     // read_committed (1): only up to the last stable offset, with the
     // aborted transactions listed.
     let committed = req.isolation_level == codes::READ_COMMITTED;
@@ -219,44 +410,12 @@ pub async fn handle(ctx: &Ctx, req: FetchRequest, version: i16) -> Reply {
     } else {
         req.max_bytes as usize
     };
-    let wanted: Vec<(Bytes, Vec<Wanted>)> = req
-        .topics
-        .iter()
-        .map(|t| {
-            // Kafka checks READ before existence: an unreadable topic is
-            // refused whether or not it exists.
-            let readable = ctx.allowed(AclOperation::Read, AclResourceType::Topic, &t.topic);
-            let topic = snapshot.get(t.topic.0.as_str()).filter(|_| readable);
-            let refused = if readable {
-                codes::UNKNOWN_TOPIC_OR_PARTITION
-            } else {
-                codes::TOPIC_AUTHORIZATION_FAILED
-            };
-            let parts = t
-                .partitions
-                .iter()
-                .map(|p| Wanted {
-                    index: p.partition,
-                    tp: topic
-                        .filter(|tr| p.partition >= 0 && (p.partition as u32) < tr.partitions)
-                        .map(|tr| PartitionKey {
-                            topic_id: tr.id,
-                            partition: p.partition as u32,
-                        }),
-                    refused,
-                    offset: p.fetch_offset,
-                    max_bytes: p.partition_max_bytes.max(0) as usize,
-                })
-                .collect();
-            (t.topic.0.clone().into_bytes(), parts)
-        })
-        .collect();
     loop {
         // Listen before reading, so a commit landing mid-read wakes us.
         let listeners: Vec<_> = {
             let mut owners: Vec<usize> = wanted
                 .iter()
-                .flat_map(|(_, ps)| ps.iter().filter_map(|w| w.tp.as_ref()))
+                .flat_map(|t| t.parts.iter().filter_map(|w| w.tp.as_ref()))
                 .map(|tp| ctx.broker.engine.owner(tp))
                 .collect();
             owners.sort_unstable();
@@ -266,14 +425,14 @@ pub async fn handle(ctx: &Ctx, req: FetchRequest, version: i16) -> Reply {
                 .map(|o| ctx.broker.engine.data_event(o).listen())
                 .collect()
         };
-        let results = read_all(ctx, &wanted, max_bytes, committed).await;
+        let results = read_all(ctx, wanted, max_bytes, committed).await;
         let mut results = results.into_iter();
         let mut total = 0usize;
         let mut errors = false;
         let mut topics = Vec::with_capacity(wanted.len());
-        for (name, ps) in &wanted {
-            let mut partitions = Vec::with_capacity(ps.len());
-            for w in ps {
+        for t in wanted {
+            let mut partitions = Vec::with_capacity(t.parts.len());
+            for w in &t.parts {
                 let mut out = PartitionOut {
                     index: w.index,
                     error: codes::NONE,
@@ -320,7 +479,7 @@ pub async fn handle(ctx: &Ctx, req: FetchRequest, version: i16) -> Reply {
                 partitions.push(out);
             }
             topics.push(TopicOut {
-                name: name.clone(),
+                topic: t.topic.clone(),
                 partitions,
             });
         }
@@ -331,7 +490,7 @@ pub async fn handle(ctx: &Ctx, req: FetchRequest, version: i16) -> Reply {
             || listeners.is_empty()
             || ctx.broker.engine.shutdown().is_triggered()
         {
-            return Reply::Parts(encode_fetch_response(version, codes::NONE, &topics));
+            return topics;
         }
         let timer = glommio::timer::sleep(deadline - now);
         let any = select_all(listeners.into_iter().map(Box::pin));
@@ -351,9 +510,14 @@ mod tests {
     #[test]
     fn hand_encoding_decodes_with_the_reference_codec() {
         let records = Bytes::from_static(b"0123456789abcdef-batch-bytes");
-        for version in 4..=12 {
+        let id = uuid::Uuid::from_u128(0x1234_5678_9abc_def0_1122_3344_5566_7788);
+        for version in 4..=18 {
             let topics = vec![TopicOut {
-                name: Bytes::from_static(b"orders"),
+                topic: if version >= TOPIC_IDS_FROM {
+                    TopicRef::Id(id)
+                } else {
+                    TopicRef::Name(Bytes::from_static(b"orders"))
+                },
                 partitions: vec![
                     PartitionOut {
                         index: 3,
@@ -377,7 +541,7 @@ mod tests {
                     },
                 ],
             }];
-            let parts = encode_fetch_response(version, 0, &topics);
+            let parts = encode_fetch_response(version, 0, 77, &topics);
             let mut whole = BytesMut::new();
             for p in parts {
                 whole.extend_from_slice(&p);
@@ -386,7 +550,14 @@ mod tests {
             let r = FetchResponse::decode(&mut buf, version).expect("decodes");
             assert!(buf.is_empty(), "v{version}: trailing bytes");
             let t = &r.responses[0];
-            assert_eq!(t.topic.0.as_str(), "orders");
+            if version >= TOPIC_IDS_FROM {
+                assert_eq!(t.topic_id, id);
+            } else {
+                assert_eq!(t.topic.0.as_str(), "orders");
+            }
+            if version >= 7 {
+                assert_eq!(r.session_id, 77);
+            }
             assert_eq!(t.partitions[0].partition_index, 3);
             assert_eq!(t.partitions[0].high_watermark, 42);
             assert_eq!(t.partitions[0].last_stable_offset, 40);

@@ -18,6 +18,9 @@ use kafka_protocol::protocol::StrBytes;
 use super::{encode, Ctx, Pending, Reply};
 use crate::codes;
 
+/// The first Produce version that names topics by id (KIP-516).
+const TOPIC_IDS_FROM: i16 = 13;
+
 fn partition_error(index: i32, code: i16, message: Option<String>) -> PartitionProduceResponse {
     PartitionProduceResponse::default()
         .with_index(index)
@@ -78,6 +81,7 @@ fn refuse_all(req: ProduceRequest, code: i16, message: Option<&str>, version: i1
         .map(|t| {
             TopicProduceResponse::default()
                 .with_name(t.name)
+                .with_topic_id(t.topic_id)
                 .with_partition_responses(
                     t.partition_data
                         .iter()
@@ -113,20 +117,34 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
     let engine = &ctx.broker.engine;
     let settings = &ctx.broker.settings;
     let snapshot = engine.topics();
+    let by_id = engine.topics_by_id();
     // First every partition's batches are validated, then the
     // transactional ones verified (one read of the transaction's record),
     // and only then is anything appended, in request order.
     let mut checked = Vec::with_capacity(req.topic_data.len());
     let mut verify: Vec<(String, i32, i64, i16)> = Vec::new();
     for t in req.topic_data {
-        let name = t.name.0.to_string();
-        let topic = snapshot.get(&name).cloned();
+        // v13 names topics by id only.
+        let (name, topic) = if version >= TOPIC_IDS_FROM {
+            let topic = by_id.get(&t.topic_id).cloned();
+            (topic.as_ref().map(|t| t.name.clone()), topic)
+        } else {
+            let name = t.name.0.to_string();
+            (Some(name.clone()), snapshot.get(&name).cloned())
+        };
         let mut parts = Vec::with_capacity(t.partition_data.len());
-        let authorized = ctx.allowed(AclOperation::Write, AclResourceType::Topic, &name);
+        let refused = match &name {
+            None => Some(codes::UNKNOWN_TOPIC_ID),
+            Some(n) if !ctx.allowed(AclOperation::Write, AclResourceType::Topic, n) => {
+                Some(codes::TOPIC_AUTHORIZATION_FAILED)
+            }
+            Some(_) => None,
+        };
+        let name = name.unwrap_or_default();
         for p in t.partition_data {
             let index = p.index;
-            if !authorized {
-                parts.push((index, Err((codes::TOPIC_AUTHORIZATION_FAILED, None))));
+            if let Some(code) = refused {
+                parts.push((index, Err((code, None))));
                 continue;
             }
             let Some(topic) = topic
@@ -184,19 +202,19 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
             };
             parts.push((index, Ok((tp, batches))));
         }
-        checked.push((t.name, parts));
+        checked.push((t.name, t.topic_id, name, parts));
     }
     let refused = match (&transactional_id, verify.is_empty()) {
         (Some(id), false) => verified(ctx, id, &verify).await,
         _ => Vec::new(),
     };
     let mut topics = Vec::with_capacity(checked.len());
-    for (name, parts) in checked {
+    for (asked_name, topic_id, name, parts) in checked {
         let mut answers = Vec::with_capacity(parts.len());
         for (index, part) in parts {
             let refusal = refused
                 .iter()
-                .find(|(t, p, _)| *p == index && t.as_str() == name.0.as_str())
+                .find(|(t, p, _)| *p == index && *t == name)
                 .map(|(_, _, code)| *code);
             let (tp, batches) = match (part, refusal) {
                 (Err((code, msg)), _) => {
@@ -226,15 +244,16 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
                 .boxed_local(),
             );
         }
-        topics.push((name, answers));
+        topics.push((asked_name, topic_id, answers));
     }
     async move {
         let mut responses = Vec::with_capacity(topics.len());
-        for (name, parts) in topics {
+        for (name, topic_id, parts) in topics {
             let partition_responses = join_all(parts).await;
             responses.push(
                 TopicProduceResponse::default()
                     .with_name(name)
+                    .with_topic_id(topic_id)
                     .with_partition_responses(partition_responses),
             );
         }
