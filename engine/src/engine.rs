@@ -97,6 +97,8 @@ pub struct Engine {
     users: Arc<crate::users::Users>,
     /// Kafka ACLs (`acls/*`).
     acls: Arc<crate::acls::Acls>,
+    /// Dynamic broker configs (`configs/brokers/*`).
+    broker_configs: Arc<crate::broker_configs::BrokerConfigs>,
     /// Each shard's receivers, taken by [`Engine::start_shard`].
     inboxes: Mutex<Vec<Option<ShardInbox>>>,
     /// Log entries replayed at start-up.
@@ -120,6 +122,8 @@ impl Engine {
         let topics = Arc::new(sidecar.block_on(Topics::load(meta.clone()))?);
         let users = Arc::new(sidecar.block_on(crate::users::Users::load(meta.clone()))?);
         let acls = Arc::new(sidecar.block_on(crate::acls::Acls::load(meta.clone()))?);
+        let broker_configs =
+            Arc::new(sidecar.block_on(crate::broker_configs::BrokerConfigs::load(meta.clone()))?);
         let cluster_id = sidecar.block_on(cluster_id(&*meta))?;
         let registration = sidecar.block_on(Registration::register(
             meta.clone(),
@@ -207,6 +211,7 @@ impl Engine {
             txns: txns.clone(),
             users: users.clone(),
             acls: acls.clone(),
+            broker_configs: broker_configs.clone(),
             inboxes: Mutex::new(inboxes.into_iter().map(Some).collect()),
             replayed,
             lease_ttl: start.lease_ttl,
@@ -222,6 +227,7 @@ impl Engine {
         handle.spawn(topics.follow());
         handle.spawn(users.follow());
         handle.spawn(acls.follow());
+        handle.spawn(broker_configs.follow());
         handle.spawn(members.follow(meta));
         let stop = || {
             let engine = Arc::downgrade(&engine);
@@ -412,6 +418,25 @@ impl Engine {
     /// The ACLs this broker enforces (a snapshot followed by a watch).
     pub fn acls(&self) -> &crate::acls::Acls {
         &self.acls
+    }
+
+    /// Dynamic broker configs per scope, as last read.
+    pub fn broker_configs(&self) -> Arc<crate::broker_configs::BrokerConfigMap> {
+        self.broker_configs.snapshot()
+    }
+
+    /// Alters the dynamic broker configs of `scope` (`default` or a node
+    /// id); see [`crate::broker_configs::BrokerConfigs::alter`].
+    pub async fn alter_broker_configs(
+        &self,
+        scope: &str,
+        change: Arc<crate::topics::ConfigChange>,
+        validate_only: bool,
+    ) -> Result<std::collections::BTreeMap<String, String>> {
+        let (store, scope) = (self.broker_configs.clone(), scope.to_string());
+        self.sidecar
+            .run(async move { store.alter(&scope, &*change, validate_only).await })
+            .await
     }
 
     /// Every ACL `filter` matches, read from the metadata store.

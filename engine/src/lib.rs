@@ -15,6 +15,7 @@
 pub mod acls;
 pub mod archive;
 pub mod batch;
+pub mod broker_configs;
 pub mod cache;
 pub mod cluster;
 pub mod committer;

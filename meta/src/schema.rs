@@ -96,6 +96,29 @@ pub fn topic_key(name: &str) -> String {
     format!("{TOPICS_PREFIX}{name}")
 }
 
+// ---- dynamic broker configs --------------------------------------------------
+//
+// configs/brokers/<scope>   BrokerConfigRecord: the configs set with
+//                           IncrementalAlterConfigs/AlterConfigs on a BROKER
+//                           resource; scope `default` (the resource named "",
+//                           every broker) or a node id. Written by CAS on the
+//                           revision read, followed by every broker.
+
+pub const BROKER_CONFIGS_PREFIX: &str = "configs/brokers/";
+/// The scope of the cluster-wide defaults (Kafka's `<default>` entity).
+pub const BROKER_CONFIGS_DEFAULT: &str = "default";
+
+pub fn broker_configs_key(scope: &str) -> String {
+    format!("{BROKER_CONFIGS_PREFIX}{scope}")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerConfigRecord {
+    /// `default` or a node id.
+    pub scope: String,
+    pub configs: BTreeMap<String, String>,
+}
+
 /// Log keys sort in sequence order: zero-padded to u64's 20 digits.
 pub fn log_key(seq: u64) -> String {
     format!("log/{seq:020}")

@@ -27,6 +27,17 @@ pub struct Settings {
     pub sasl_failure_delay: std::time::Duration,
 }
 
+/// The broker configs that can change while it runs (IncrementalAlterConfigs
+/// on BROKER resources), as they are now: this broker's dynamic value, else
+/// the cluster-wide dynamic default, else the static setting (Kafka's
+/// order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Effective {
+    pub auto_create_topics: bool,
+    pub num_partitions: u32,
+    pub max_message_bytes: usize,
+}
+
 pub struct Broker {
     pub engine: Arc<Engine>,
     pub settings: Settings,
@@ -34,4 +45,54 @@ pub struct Broker {
     pub auth_limiter: crate::auth_limit::AuthLimiter,
     /// Incremental fetch sessions (KIP-227), shared by every shard.
     pub fetch_sessions: crate::fetch_session::FetchSessions,
+}
+
+impl Broker {
+    /// A dynamic broker config's value and where it comes from (None: not
+    /// set dynamically).
+    pub fn dynamic_config(
+        &self,
+        name: &str,
+    ) -> Option<(String, crate::topic_config::ConfigSource)> {
+        self.lookup(&self.engine.broker_configs(), name)
+            .map(|(v, source)| (v.to_string(), source))
+    }
+
+    fn lookup<'a>(
+        &self,
+        all: &'a floe_engine::broker_configs::BrokerConfigMap,
+        name: &str,
+    ) -> Option<(&'a str, crate::topic_config::ConfigSource)> {
+        use crate::topic_config::ConfigSource;
+        let scope = |s: &str| all.get(s).and_then(|c| c.get(name)).map(String::as_str);
+        if all.is_empty() {
+            return None;
+        }
+        scope(&self.settings.node_id.to_string())
+            .map(|v| (v, ConfigSource::DynamicBroker))
+            .or_else(|| {
+                scope(floe_meta::schema::BROKER_CONFIGS_DEFAULT)
+                    .map(|v| (v, ConfigSource::DynamicDefaultBroker))
+            })
+    }
+
+    /// The changeable configs as they are now. Values stored were checked
+    /// when set; one that does not parse falls back to the static setting.
+    pub fn effective(&self) -> Effective {
+        let s = &self.settings;
+        let all = self.engine.broker_configs();
+        let pick = |name: &str| self.lookup(&all, name).map(|(v, _)| v);
+        Effective {
+            auto_create_topics: pick("auto.create.topics.enable")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(s.auto_create_topics),
+            num_partitions: pick("num.partitions")
+                .and_then(|v| v.parse().ok())
+                .filter(|n| *n > 0)
+                .unwrap_or(s.num_partitions),
+            max_message_bytes: pick("message.max.bytes")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(s.max_message_bytes),
+        }
+    }
 }

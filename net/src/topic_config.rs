@@ -3,12 +3,16 @@
 
 use std::collections::BTreeMap;
 
-use crate::broker::Settings;
+use crate::broker::{Broker, Effective, Settings};
 
 /// Kafka's ConfigSource values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConfigSource {
     DynamicTopic = 1,
+    /// Set for one broker (the resource named by its node id).
+    DynamicBroker = 2,
+    /// Set for every broker (the resource named "").
+    DynamicDefaultBroker = 3,
     StaticBroker = 4,
     Default = 5,
 }
@@ -16,6 +20,7 @@ pub enum ConfigSource {
 /// Kafka's ConfigType values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConfigKind {
+    Boolean = 1,
     Int = 3,
     Long = 5,
     String = 2,
@@ -134,7 +139,41 @@ const KNOWN: &[Known] = &[
     },
 ];
 
-fn default_value(name: &str, settings: &Settings) -> String {
+/// The broker configs that can be changed while brokers run
+/// (IncrementalAlterConfigs and AlterConfigs on BROKER resources), all
+/// applied by every broker within the watch delay.
+const BROKER_DYNAMIC: &[Known] = &[
+    Known {
+        name: "auto.create.topics.enable",
+        kind: ConfigKind::Boolean,
+        choices: &["true", "false"],
+        min: 0,
+        doc: "Create unknown topics on metadata requests.",
+    },
+    Known {
+        name: "message.max.bytes",
+        kind: ConfigKind::Int,
+        choices: &[],
+        min: 0,
+        doc: "Default max.message.bytes of topics.",
+    },
+    Known {
+        name: "num.partitions",
+        kind: ConfigKind::Int,
+        choices: &[],
+        min: 1,
+        doc: "Partitions of auto-created topics.",
+    },
+];
+
+/// Broker configs described but fixed at start (flags, environment, file).
+const BROKER_STATIC: &[&str] = &[
+    "broker.id",
+    "socket.request.max.bytes",
+    "advertised.listeners",
+];
+
+fn default_value(name: &str, settings: &Effective) -> String {
     match name {
         "cleanup.policy" => "delete".into(),
         "compression.type" => "producer".into(),
@@ -155,8 +194,12 @@ fn default_value(name: &str, settings: &Settings) -> String {
 
 /// Checks one topic config given at creation.
 pub fn validate(name: &str, value: &str) -> Result<(), String> {
-    let Some(k) = KNOWN.iter().find(|k| k.name == name) else {
-        return Err(format!("unknown or unsupported topic config {name:?}"));
+    validate_in(KNOWN, "topic", name, value)
+}
+
+fn validate_in(known: &[Known], what: &str, name: &str, value: &str) -> Result<(), String> {
+    let Some(k) = known.iter().find(|k| k.name == name) else {
+        return Err(format!("unknown or unsupported {what} config {name:?}"));
     };
     if k.kind == ConfigKind::Double {
         return match value.trim().parse::<f64>() {
@@ -212,12 +255,46 @@ pub fn apply(
     ops: &[(String, ConfigOp)],
     defaults: &BTreeMap<String, String>,
 ) -> Result<BTreeMap<String, String>, (i16, String)> {
+    apply_in(KNOWN, "topic", current, ops, defaults)
+}
+
+/// [`apply`] for the dynamic configs of a BROKER resource. A broker config
+/// that is fixed at start is refused as Kafka refuses it.
+pub fn apply_broker(
+    current: &BTreeMap<String, String>,
+    ops: &[(String, ConfigOp)],
+) -> Result<BTreeMap<String, String>, (i16, String)> {
+    if let Some((name, _)) = ops
+        .iter()
+        .find(|(n, _)| BROKER_STATIC.contains(&n.as_str()))
+    {
+        return Err((
+            crate::codes::INVALID_CONFIG,
+            format!("Cannot update these configs dynamically: {name} (set it with a flag, a FLOE_* variable or the config file, and restart)"),
+        ));
+    }
+    apply_in(
+        BROKER_DYNAMIC,
+        "dynamic broker",
+        current,
+        ops,
+        &BTreeMap::new(),
+    )
+}
+
+fn apply_in(
+    known: &[Known],
+    what: &str,
+    current: &BTreeMap<String, String>,
+    ops: &[(String, ConfigOp)],
+    defaults: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, (i16, String)> {
     let invalid = |m: String| (crate::codes::INVALID_CONFIG, m);
     let mut out = current.clone();
     for (name, op) in ops {
-        let Some(k) = KNOWN.iter().find(|k| k.name == name) else {
+        let Some(k) = known.iter().find(|k| k.name == name) else {
             return Err(invalid(format!(
-                "unknown or unsupported topic config {name:?}"
+                "unknown or unsupported {what} config {name:?}"
             )));
         };
         let list = k.kind == ConfigKind::List;
@@ -255,14 +332,14 @@ pub fn apply(
             }
         }
         if let Some(v) = out.get(name.as_str()) {
-            validate(name, v).map_err(invalid)?;
+            validate_in(known, what, name, v).map_err(invalid)?;
         }
     }
     Ok(out)
 }
 
 /// The effective value of every topic config floe knows when unset.
-pub fn defaults(settings: &Settings) -> BTreeMap<String, String> {
+pub fn defaults(settings: &Effective) -> BTreeMap<String, String> {
     KNOWN
         .iter()
         .map(|k| (k.name.to_string(), default_value(k.name, settings)))
@@ -270,7 +347,7 @@ pub fn defaults(settings: &Settings) -> BTreeMap<String, String> {
 }
 
 /// Every known topic config with its effective value and source.
-pub fn describe(set: &BTreeMap<String, String>, settings: &Settings) -> Vec<ConfigEntry> {
+pub fn describe(set: &BTreeMap<String, String>, settings: &Effective) -> Vec<ConfigEntry> {
     KNOWN
         .iter()
         .map(|k| match set.get(k.name) {
@@ -292,8 +369,31 @@ pub fn describe(set: &BTreeMap<String, String>, settings: &Settings) -> Vec<Conf
         .collect()
 }
 
-/// The broker's own configs.
-pub fn describe_broker(s: &Settings) -> Vec<ConfigEntry> {
+/// The broker's own configs: the dynamic ones with their value now and
+/// where it comes from, then those fixed at start.
+pub fn describe_broker(b: &Broker) -> Vec<ConfigEntry> {
+    let s = &b.settings;
+    let now = b.effective();
+    let mut out: Vec<ConfigEntry> = BROKER_DYNAMIC
+        .iter()
+        .map(|k| {
+            let (value, source) = b.dynamic_config(k.name).unwrap_or_else(|| {
+                let v = match k.name {
+                    "auto.create.topics.enable" => now.auto_create_topics.to_string(),
+                    "message.max.bytes" => now.max_message_bytes.to_string(),
+                    _ => now.num_partitions.to_string(),
+                };
+                (v, ConfigSource::StaticBroker)
+            });
+            ConfigEntry {
+                name: k.name.into(),
+                value,
+                source,
+                kind: k.kind,
+                doc: k.doc,
+            }
+        })
+        .collect();
     let e = |name: &str, value: String, kind, doc| ConfigEntry {
         name: name.into(),
         value,
@@ -301,30 +401,12 @@ pub fn describe_broker(s: &Settings) -> Vec<ConfigEntry> {
         kind,
         doc,
     };
-    vec![
+    out.extend([
         e(
             "broker.id",
             s.node_id.to_string(),
             ConfigKind::Int,
             "This broker's node id.",
-        ),
-        e(
-            "auto.create.topics.enable",
-            s.auto_create_topics.to_string(),
-            ConfigKind::String,
-            "Create unknown topics on metadata requests.",
-        ),
-        e(
-            "num.partitions",
-            s.num_partitions.to_string(),
-            ConfigKind::Int,
-            "Partitions of auto-created topics.",
-        ),
-        e(
-            "message.max.bytes",
-            s.max_message_bytes.to_string(),
-            ConfigKind::Int,
-            "Default max.message.bytes of topics.",
         ),
         e(
             "socket.request.max.bytes",
@@ -338,7 +420,30 @@ pub fn describe_broker(s: &Settings) -> Vec<ConfigEntry> {
             ConfigKind::List,
             "Address clients are told to connect to.",
         ),
-    ]
+    ]);
+    out
+}
+
+/// A broker config fixed at start (described as read-only).
+pub fn is_static_broker(name: &str) -> bool {
+    BROKER_STATIC.contains(&name)
+}
+
+/// The cluster-wide dynamic defaults (the BROKER resource named ""), as
+/// Kafka describes `--entity-default`: only what is set.
+pub fn describe_broker_defaults(set: &BTreeMap<String, String>) -> Vec<ConfigEntry> {
+    BROKER_DYNAMIC
+        .iter()
+        .filter_map(|k| {
+            set.get(k.name).map(|v| ConfigEntry {
+                name: k.name.into(),
+                value: v.clone(),
+                source: ConfigSource::DynamicDefaultBroker,
+                kind: k.kind,
+                doc: k.doc,
+            })
+        })
+        .collect()
 }
 
 /// Kafka's advertised.listeners value: every listener, `NAME://HOST:PORT`.
@@ -355,7 +460,7 @@ fn advertised_listeners(s: &Settings) -> String {
 }
 
 /// The effective max.message.bytes of a topic.
-pub fn max_message_bytes(set: &BTreeMap<String, String>, settings: &Settings) -> usize {
+pub fn max_message_bytes(set: &BTreeMap<String, String>, settings: &Effective) -> usize {
     set.get("max.message.bytes")
         .and_then(|v| v.parse().ok())
         .unwrap_or(settings.max_message_bytes)

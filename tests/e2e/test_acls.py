@@ -158,10 +158,17 @@ def records():
     return bytes(b.buffer())
 
 
+# Topic ids of the topics made by Env.topic: from v13 Produce and Fetch
+# name topics by id alone (kafka-python sends the name up to v12, the id
+# after).
+TOPIC_IDS = {}
+
+
 def produce(topic, txn=None):
     T = ProduceRequest.TopicProduceData
     return ProduceRequest(transactional_id=txn, acks=-1, timeout_ms=10000, topic_data=[
-        T(name=topic, partition_data=[T.PartitionProduceData(index=0, records=records())])])
+        T(name=topic, topic_id=TOPIC_IDS.get(topic),
+          partition_data=[T.PartitionProduceData(index=0, records=records())])])
 
 
 def produce_code(r):
@@ -171,7 +178,8 @@ def produce_code(r):
 def fetch(topic):
     T = FetchRequest.FetchTopic
     return FetchRequest(replica_id=-1, max_wait_ms=0, min_bytes=0, max_bytes=1 << 20,
-                        isolation_level=0, topics=[T(topic=topic, partitions=[T.FetchPartition(
+                        isolation_level=0, topics=[T(
+                            topic=topic, topic_id=TOPIC_IDS.get(topic), partitions=[T.FetchPartition(
                             partition=0, fetch_offset=0, partition_max_bytes=1 << 20)])])
 
 
@@ -315,6 +323,8 @@ class Env:
     def topic(self, name, produce_one=True):
         r = self.admin.send(create_topic_req(name), 1)
         assert r.topics[0].error_code in (NONE, 36), r
+        (t,) = self.admin.send(metadata([name]), 1).topics
+        TOPIC_IDS[name] = t.topic_id
         if produce_one:
             until(lambda: produce_code(self.admin.send(produce(name), 1)) == NONE,
                   "admin produces to %s" % name)

@@ -8,6 +8,11 @@ needed), AlterPartitionReassignments (in effect at once, nothing to
 cancel), ListPartitionReassignments (none in progress). And KIP-966's
 DescribeTopicPartitions, paged by its cursor.
 
+Dynamic broker configs (auto.create.topics.enable, num.partitions,
+message.max.bytes) set for every broker or for one, through any broker,
+applied by the others within a second, described with their source, and
+deleted back to the static settings.
+
 A change made through one broker is described by another and enforced by
 a third (a smaller max.message.bytes refuses a record that fitted before);
 Kafka's refusals (unknown config, an APPEND to a non-list, an invalid
@@ -26,6 +31,10 @@ from kafka.admin import ConfigResource as KpConfigResource
 from kafka.admin import ConfigResourceType
 from kafka.protocol.admin import AlterConfigsRequest
 
+from kafka.protocol.admin import DescribeConfigsRequest, IncrementalAlterConfigsRequest
+from kafka.protocol.metadata import MetadataRequest
+
+import kafka_wire as kw
 from floe_clients import admin_client, create_topic
 from test_cluster import cluster, etcd  # noqa: F401  (fixtures)
 
@@ -113,8 +122,8 @@ def test_topic_configs_altered_through_any_broker(cluster, topic_name):  # noqa:
         entry("retention.ms", "1000", AlterConfigOpType.SET)]))
     assert name == "UNKNOWN_TOPIC_OR_PART"  # librdkafka's name
     name, msg = error_name(incremental(a1, "1", [
-        entry("num.partitions", "3", AlterConfigOpType.SET)], rtype=ConfigResource.Type.BROKER))
-    assert name == "INVALID_REQUEST" and "static" in msg, msg
+        entry("broker.id", "3", AlterConfigOpType.SET)], rtype=ConfigResource.Type.BROKER))
+    assert name == "INVALID_CONFIG" and "dynamically" in msg, msg
     incremental(a1, topic_name, [entry("retention.ms", "1000", AlterConfigOpType.SET)],
                 validate_only=True).result(timeout=30)
     assert described(a3, topic_name)["retention.ms"].value == "3600000", "validate_only"
@@ -218,3 +227,131 @@ def test_describe_topic_partitions_pages(cluster, topic_name):  # noqa: F811
         assert r.topics[0].error_code == 3, r
     finally:
         kp.close()
+
+
+BROKER = ConfigResource.Type.BROKER
+
+
+def raw(broker, req):
+    kp = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    try:
+        m = kp._manager
+        return m.run(m.send, req)
+    finally:
+        kp.close()
+
+
+def auto_created(broker, topic):
+    """Asks `broker` for `topic` allowing auto-creation; its partition count
+    (None: not created)."""
+    r = raw(broker, MetadataRequest(topics=[MetadataRequest.MetadataRequestTopic(name=topic)],
+                                    allow_auto_topic_creation=True))
+    (t,) = r.topics
+    return len(t.partitions) if t.error_code == 0 else None
+
+
+SET, DELETE, APPEND = 0, 1, 2
+TOO_LARGE = 10
+
+
+def alter_broker(broker, name, ops, validate_only=False):
+    """IncrementalAlterConfigs of the BROKER resource `name` ("" for every
+    broker: confluent-kafka refuses an empty name, so kafka-python's
+    protocol classes); ops are (config, op, value). Returns (error code,
+    message)."""
+    R = IncrementalAlterConfigsRequest.AlterConfigsResource
+    r = raw(broker, IncrementalAlterConfigsRequest(resources=[R(
+        resource_type=4, resource_name=name, configs=[
+            R.AlterableConfig(name=k, config_operation=op, value=v) for k, op, v in ops])],
+        validate_only=validate_only))
+    (res,) = r.responses
+    return res.error_code, res.error_message or ""
+
+
+def produce_at(broker, topic, size):
+    """The error code of one `size`-byte record produced to `broker` itself
+    (clients would follow metadata to whichever broker it names)."""
+    with kw.connect(broker.bootstrap) as sock:
+        batch = kw.record_batch([(None, b"x" * size, [])])
+        return kw.produce_v3(sock, topic, 0, batch)[(topic, 0)][0]
+
+
+def ok(result):
+    assert result[0] == 0, result
+
+
+def described_defaults(broker):
+    R = DescribeConfigsRequest.DescribeConfigsResource
+    r = raw(broker, DescribeConfigsRequest(resources=[
+        R(resource_type=4, resource_name="", configuration_keys=None)]))
+    (res,) = r.results
+    assert res.error_code == 0, res
+    return {c.name: (c.value, c.config_source) for c in res.configs}
+
+
+def within(check, what, timeout=1.0):
+    """Seconds until `check()` holds; fails past `timeout`."""
+    start = time.monotonic()
+    while not check():
+        assert time.monotonic() - start < timeout, "%s: not within %.1f s" % (what, timeout)
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def test_dynamic_broker_configs(cluster, topic_name):  # noqa: F811
+    b1, b2, b3 = cluster
+    a2 = admin_client(b2.bootstrap)
+    delays = []
+    # Every broker (the resource named ""), set through broker 1.
+    ok(alter_broker(b1, "", [("auto.create.topics.enable", SET, "false")]))
+    delays.append(within(lambda: auto_created(b3, topic_name + "-a") is None,
+                         "broker 3 stops auto-creating"))
+    ok(alter_broker(b1, "", [("auto.create.topics.enable", DELETE, None),
+                             ("num.partitions", SET, "5")]))
+    delays.append(within(lambda: auto_created(b2, topic_name + "-b") == 5,
+                         "broker 2 auto-creates with 5 partitions"))
+
+    # One broker: message.max.bytes for broker 2 only, set through broker 1.
+    create_topic(b1.bootstrap, topic_name, 1)
+    ok(alter_broker(b1, "2", [("message.max.bytes", SET, "2048")]))
+    delays.append(within(lambda: produce_at(b2, topic_name, 4000) == TOO_LARGE,
+                         "broker 2 enforces message.max.bytes"))
+    assert produce_at(b3, topic_name, 4000) == 0, "broker 3 keeps its own"
+
+    # Described with where each value comes from.
+    res = ConfigResource(BROKER, "2")
+    got = a2.describe_configs([res])[res].result(timeout=30)
+    assert got["message.max.bytes"].value == "2048"
+    assert got["message.max.bytes"].source == ConfigSource.DYNAMIC_BROKER_CONFIG.value
+    assert got["num.partitions"].value == "5"
+    assert got["num.partitions"].source == ConfigSource.DYNAMIC_DEFAULT_BROKER_CONFIG.value
+    assert got["auto.create.topics.enable"].source == ConfigSource.STATIC_BROKER_CONFIG.value
+    assert not got["message.max.bytes"].is_read_only
+    assert got["broker.id"].is_read_only
+    assert described_defaults(b3) == {
+        "num.partitions": ("5", ConfigSource.DYNAMIC_DEFAULT_BROKER_CONFIG.value)}
+
+    # Refusals change nothing.
+    for ops, want, words in [
+        ([("broker.id", SET, "7")], 40, "dynamically"),
+        ([("no.such.config", SET, "1")], 40, "unknown"),
+        ([("num.partitions", SET, "0")], 40, "at least"),
+        ([("auto.create.topics.enable", SET, "yes")], 40, "accepted"),
+        ([("num.partitions", APPEND, "2")], 40, "list"),
+    ]:
+        code, msg = alter_broker(b1, "", ops)
+        assert code == want and words in msg, (ops, code, msg)
+    code, msg = alter_broker(b1, "leader", [("num.partitions", SET, "2")])
+    assert code == 42 and "node id" in msg, msg
+    ok(alter_broker(b1, "", [("num.partitions", SET, "2")], validate_only=True))
+    assert auto_created(b3, topic_name + "-c") == 5, "validate_only changed nothing"
+
+    # Deleted: back to the static settings.
+    ok(alter_broker(b2, "2", [("message.max.bytes", DELETE, None)]))
+    ok(alter_broker(b2, "", [("num.partitions", DELETE, None)]))
+    delays.append(within(lambda: produce_at(b2, topic_name, 4000) == 0,
+                         "broker 2 back to its static message.max.bytes"))
+    assert auto_created(b1, topic_name + "-d") == int(b1.args["num-partitions"])
+    assert described_defaults(b3) == {}
+    print("\ndynamic broker configs applied by another broker within %.0f ms (max of %d)"
+          % (max(delays) * 1000, len(delays)))

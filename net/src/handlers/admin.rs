@@ -93,7 +93,7 @@ pub async fn create_topics(ctx: &Ctx, req: CreateTopicsRequest, version: i16) ->
         let partitions = if !t.assignments.is_empty() {
             t.assignments.len() as i32
         } else if t.num_partitions == -1 {
-            broker.settings.num_partitions as i32
+            broker.effective().num_partitions as i32
         } else {
             t.num_partitions
         };
@@ -163,7 +163,7 @@ pub async fn create_topics(ctx: &Ctx, req: CreateTopicsRequest, version: i16) ->
                 if version >= 5 && !configs_visible {
                     result = result.with_topic_config_error_code(codes::TOPIC_AUTHORIZATION_FAILED);
                 } else if version >= 5 {
-                    let configs = topic_config::describe(&rec.configs, &broker.settings)
+                    let configs = topic_config::describe(&rec.configs, &broker.effective())
                         .into_iter()
                         .map(|c| {
                             CreatableTopicConfigs::default()
@@ -298,6 +298,7 @@ const RESOURCE_BROKER: i8 = 4;
 
 pub fn describe_configs(ctx: &Ctx, req: DescribeConfigsRequest, version: i16) -> Reply {
     let settings = &ctx.broker.settings;
+    let effective = ctx.broker.effective();
     let mut results = Vec::new();
     for r in req.resources {
         let name = r.resource_name.to_string();
@@ -316,7 +317,7 @@ pub fn describe_configs(ctx: &Ctx, req: DescribeConfigsRequest, version: i16) ->
                 None
             }
             RESOURCE_TOPIC => match ctx.broker.engine.topic(&name) {
-                Some(t) => Some(topic_config::describe(&t.configs, settings)),
+                Some(t) => Some(topic_config::describe(&t.configs, &effective)),
                 None => {
                     res = res
                         .with_error_code(codes::UNKNOWN_TOPIC_OR_PARTITION)
@@ -325,8 +326,14 @@ pub fn describe_configs(ctx: &Ctx, req: DescribeConfigsRequest, version: i16) ->
                 }
             },
             RESOURCE_BROKER => {
-                if name.is_empty() || name == settings.node_id.to_string() {
-                    Some(topic_config::describe_broker(settings))
+                if name.is_empty() {
+                    let all = ctx.broker.engine.broker_configs();
+                    let set = all.get(floe_meta::schema::BROKER_CONFIGS_DEFAULT);
+                    Some(topic_config::describe_broker_defaults(
+                        set.unwrap_or(&Default::default()),
+                    ))
+                } else if name == settings.node_id.to_string() {
+                    Some(topic_config::describe_broker(&ctx.broker))
                 } else {
                     res = res
                         .with_error_code(codes::INVALID_REQUEST)
@@ -348,11 +355,14 @@ pub fn describe_configs(ctx: &Ctx, req: DescribeConfigsRequest, version: i16) ->
                     .into_iter()
                     .filter(|c| wanted.is_none_or(|w| w.iter().any(|k| k.as_str() == c.name)))
                     .map(|c| {
+                        let read_only = c.source == ConfigSource::StaticBroker
+                            && topic_config::is_static_broker(&c.name);
                         DescribeConfigsResourceResult::default()
                             .with_name(s(c.name))
                             .with_value(Some(s(c.value)))
-                            // Topic configs can be altered; broker ones are static.
-                            .with_read_only(c.source == ConfigSource::StaticBroker)
+                            // Topic configs and the dynamic broker configs
+                            // can be altered; the others are fixed at start.
+                            .with_read_only(read_only)
                             .with_config_source(c.source as i8)
                             .with_config_type(c.kind as i8)
                             .with_documentation(req.include_documentation.then(|| s(c.doc)))

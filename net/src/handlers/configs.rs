@@ -4,8 +4,13 @@
 //! one compare-and-swap, and every broker follows the topic records, so
 //! retention, compaction and produce limits use it within the watch delay.
 //!
-//! Broker configs are static in floe (flags, environment, config file):
-//! altering one is refused with a message saying so.
+//! BROKER resources carry the dynamic broker configs
+//! (`topic_config::BROKER_DYNAMIC`): the resource named "" sets them for
+//! every broker, one named by a node id for that broker alone (Kafka's
+//! order: the broker's own value, then the cluster-wide one, then its
+//! static setting). They live at `configs/brokers/<scope>`, one CAS per
+//! change, followed by every broker. Configs fixed at start are refused
+//! with a message saying so.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -81,13 +86,13 @@ async fn alter_resource(
             if !ctx.allowed_on_cluster(AclOperation::AlterConfigs) {
                 return (codes::CLUSTER_AUTHORIZATION_FAILED, None);
             }
-            return (
-                codes::INVALID_REQUEST,
-                Some(
-                    "floe's broker configs are static: set them with flags, FLOE_* variables or the config file, and restart"
-                        .into(),
-                ),
-            );
+            if resource_type == RESOURCE_BROKER_LOGGER {
+                return (
+                    codes::INVALID_REQUEST,
+                    Some("log levels are set with --log (FLOE_LOG) at start".into()),
+                );
+            }
+            return alter_broker(ctx, name, change, validate_only).await;
         }
         other => {
             return (
@@ -100,7 +105,7 @@ async fn alter_resource(
         Ok(c) => c,
         Err(why) => return (codes::INVALID_REQUEST, Some(why)),
     };
-    let defaults = topic_config::defaults(&ctx.broker.settings);
+    let defaults = topic_config::defaults(&ctx.broker.effective());
     let apply: Arc<floe_engine::topics::ConfigChange> =
         Arc::new(move |current: &BTreeMap<String, String>| {
             let base = if change.replace {
@@ -120,6 +125,75 @@ async fn alter_resource(
         Ok(configs) => {
             if !validate_only {
                 tracing::info!(topic = %name, ?configs, "topic configs altered");
+            }
+            (codes::NONE, None)
+        }
+        Err(e) => (codes::engine(&e), Some(e.to_string())),
+    }
+}
+
+/// Alters the dynamic configs of the BROKER resource `name` ("" for every
+/// broker, else a node id).
+async fn alter_broker(
+    ctx: &Ctx,
+    name: &str,
+    change: Result<Change, String>,
+    validate_only: bool,
+) -> (i16, Option<String>) {
+    let scope = if name.is_empty() {
+        floe_meta::schema::BROKER_CONFIGS_DEFAULT.to_string()
+    } else {
+        match name.parse::<i32>() {
+            Ok(id) if id >= 0 => id.to_string(),
+            _ => {
+                return (
+                    codes::INVALID_REQUEST,
+                    Some(format!(
+                        "broker resource {name:?} is neither \"\" (every broker) nor a node id"
+                    )),
+                )
+            }
+        }
+    };
+    let change = match change {
+        Ok(c) => c,
+        Err(why) => return (codes::INVALID_REQUEST, Some(why)),
+    };
+    // Checked here first, so that the answer carries Kafka's code; the
+    // store applies the same pure change to what it reads.
+    let current = ctx
+        .broker
+        .engine
+        .broker_configs()
+        .get(&scope)
+        .cloned()
+        .unwrap_or_default();
+    let replace = change.replace;
+    let base = move |c: &BTreeMap<String, String>| {
+        if replace {
+            BTreeMap::new()
+        } else {
+            c.clone()
+        }
+    };
+    if let Err((code, why)) = topic_config::apply_broker(&base(&current), &change.ops) {
+        return (code, Some(why));
+    }
+    let ops = change.ops;
+    let apply: Arc<floe_engine::topics::ConfigChange> =
+        Arc::new(move |current: &BTreeMap<String, String>| {
+            topic_config::apply_broker(&base(current), &ops)
+                .map_err(|(_, reason)| floe_engine::Error::InvalidConfig { reason })
+        });
+    match ctx
+        .broker
+        .engine
+        .alter_broker_configs(&scope, apply, validate_only)
+        .await
+    {
+        Ok(configs) => {
+            if !validate_only {
+                tracing::info!(scope = %scope, ?configs, "dynamic broker configs altered");
             }
             (codes::NONE, None)
         }

@@ -47,7 +47,7 @@ fn error_entry(name: &str, code: i16) -> MetadataResponseTopic {
 
 /// Creates a topic on first use when the broker and request allow it.
 pub async fn auto_create(ctx: &Ctx, name: &str) -> Result<Arc<TopicRecord>, i16> {
-    let partitions = ctx.broker.settings.num_partitions;
+    let partitions = ctx.broker.effective().num_partitions;
     let r = ctx.broker.engine.ensure_topic(name, partitions).await;
     match r {
         Ok(t) => {
@@ -72,7 +72,8 @@ pub async fn handle(ctx: &Ctx, req: MetadataRequest, version: i16) -> Reply {
                 .collect(),
         ),
     };
-    let allow_create = st.auto_create_topics && (version < 4 || req.allow_auto_topic_creation);
+    let allow_create =
+        ctx.broker.effective().auto_create_topics && (version < 4 || req.allow_auto_topic_creation);
     // Kafka's authorized-operations fields (v8+), when the client asks.
     let topic_ops = |t: &TopicRecord| {
         if req.include_topic_authorized_operations {

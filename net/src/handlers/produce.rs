@@ -115,7 +115,7 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
         }
     }
     let engine = &ctx.broker.engine;
-    let settings = &ctx.broker.settings;
+    let effective = ctx.broker.effective();
     let snapshot = engine.topics();
     let by_id = engine.topics_by_id();
     // First every partition's batches are validated, then the
@@ -155,7 +155,7 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
                 continue;
             };
             let records = p.records.unwrap_or_default();
-            let limit = crate::topic_config::max_message_bytes(&topic.configs, settings);
+            let limit = crate::topic_config::max_message_bytes(&topic.configs, &effective);
             // Only `cleanup.policy` is read on the produce path.
             let compacted =
                 compact::compacts(topic.configs.get("cleanup.policy").map(String::as_str));
