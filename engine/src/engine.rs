@@ -99,6 +99,8 @@ pub struct Engine {
     acls: Arc<crate::acls::Acls>,
     /// Dynamic broker configs (`configs/brokers/*`).
     broker_configs: Arc<crate::broker_configs::BrokerConfigs>,
+    /// Client quotas (`quotas/*`).
+    quotas: Arc<crate::quotas::Quotas>,
     /// Each shard's receivers, taken by [`Engine::start_shard`].
     inboxes: Mutex<Vec<Option<ShardInbox>>>,
     /// Log entries replayed at start-up.
@@ -124,6 +126,7 @@ impl Engine {
         let acls = Arc::new(sidecar.block_on(crate::acls::Acls::load(meta.clone()))?);
         let broker_configs =
             Arc::new(sidecar.block_on(crate::broker_configs::BrokerConfigs::load(meta.clone()))?);
+        let quotas = Arc::new(sidecar.block_on(crate::quotas::Quotas::load(meta.clone()))?);
         let cluster_id = sidecar.block_on(cluster_id(&*meta))?;
         let registration = sidecar.block_on(Registration::register(
             meta.clone(),
@@ -212,6 +215,7 @@ impl Engine {
             users: users.clone(),
             acls: acls.clone(),
             broker_configs: broker_configs.clone(),
+            quotas: quotas.clone(),
             inboxes: Mutex::new(inboxes.into_iter().map(Some).collect()),
             replayed,
             lease_ttl: start.lease_ttl,
@@ -228,6 +232,7 @@ impl Engine {
         handle.spawn(users.follow());
         handle.spawn(acls.follow());
         handle.spawn(broker_configs.follow());
+        handle.spawn(quotas.follow());
         handle.spawn(members.follow(meta));
         let stop = || {
             let engine = Arc::downgrade(&engine);
@@ -423,6 +428,23 @@ impl Engine {
     /// Dynamic broker configs per scope, as last read.
     pub fn broker_configs(&self) -> Arc<crate::broker_configs::BrokerConfigMap> {
         self.broker_configs.snapshot()
+    }
+
+    /// Client quotas per entity, as last read.
+    pub fn quotas(&self) -> Arc<crate::quotas::QuotaMap> {
+        self.quotas.snapshot()
+    }
+
+    /// Applies AlterClientQuotas changes to one entity.
+    pub async fn alter_quotas(
+        &self,
+        entity: Vec<floe_meta::schema::QuotaEntityPart>,
+        ops: Vec<crate::quotas::QuotaOp>,
+    ) -> Result<()> {
+        let quotas = self.quotas.clone();
+        self.sidecar
+            .run(async move { quotas.alter(entity, &ops).await })
+            .await
     }
 
     /// Alters the dynamic broker configs of `scope` (`default` or a node

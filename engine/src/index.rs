@@ -27,6 +27,8 @@ impl IndexEntry {
 #[derive(Debug, Default)]
 pub struct PartitionIndex {
     entries: VecDeque<IndexEntry>,
+    /// Bytes of the batches in `entries` (what the partition keeps stored).
+    stored: u64,
     high_watermark: u64,
     log_start: u64,
     /// The first offset of the oldest open transaction.
@@ -82,6 +84,12 @@ impl PartitionIndex {
         self.log_start
     }
 
+    /// Bytes of the batches the partition keeps (from its log start to its
+    /// high watermark, as stored: intake ranges and archive objects).
+    pub fn stored_bytes(&self) -> u64 {
+        self.stored
+    }
+
     /// Adds the next batch. Offsets must stay contiguous.
     pub fn push(&mut self, e: IndexEntry) {
         assert_eq!(
@@ -89,6 +97,7 @@ impl PartitionIndex {
             "partition index offsets must be contiguous"
         );
         self.high_watermark = e.next_offset();
+        self.stored += u64::from(e.len);
         self.entries.push_back(e);
     }
 
@@ -114,7 +123,12 @@ impl PartitionIndex {
         if !fits {
             return false;
         }
-        self.entries.drain(from..=to);
+        let gone: u64 = self
+            .entries
+            .drain(from..=to)
+            .map(|x| u64::from(x.len))
+            .sum();
+        self.stored = self.stored - gone + u64::from(e.len);
         self.entries.insert(from, e);
         true
     }
@@ -129,7 +143,9 @@ impl PartitionIndex {
         }
         self.log_start = to;
         while self.entries.front().is_some_and(|e| e.next_offset() <= to) {
-            self.entries.pop_front();
+            if let Some(e) = self.entries.pop_front() {
+                self.stored -= u64::from(e.len);
+            }
         }
         while self.aborted.front().is_some_and(|a| a.marker_offset < to) {
             self.aborted.pop_front();
@@ -255,6 +271,28 @@ mod tests {
         assert_eq!(bases, vec![0, 3, 6]);
         assert_eq!(p.entry(p.position(5).unwrap_or(9)), Some(&arc));
         assert_eq!(p.high_watermark(), 10);
+    }
+
+    /// Stored bytes follow pushes, archives replacing batches, and trims.
+    #[test]
+    fn stored_bytes_follow_every_change() {
+        let mut p = PartitionIndex::default();
+        for (base, n, len) in [(0, 3, 100), (3, 2, 50), (5, 1, 10), (6, 4, 40)] {
+            p.push(IndexEntry {
+                len,
+                ..e(base, n, 0)
+            });
+        }
+        assert_eq!(p.stored_bytes(), 200);
+        assert!(p.replace(IndexEntry {
+            len: 45,
+            ..e(3, 3, 0)
+        }));
+        assert_eq!(p.stored_bytes(), 100 + 45 + 40);
+        p.advance_log_start(4);
+        assert_eq!(p.stored_bytes(), 85, "the batch before the new start goes");
+        p.advance_log_start(10);
+        assert_eq!(p.stored_bytes(), 0);
     }
 
     #[test]

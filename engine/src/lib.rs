@@ -31,6 +31,7 @@ pub mod health;
 pub mod index;
 pub mod metrics;
 pub mod pool;
+pub mod quotas;
 pub mod retention;
 pub mod segment;
 pub mod sequencer;

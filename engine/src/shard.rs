@@ -225,6 +225,10 @@ pub struct ReadResult {
 pub enum OffsetQuery {
     Earliest,
     Latest,
+    /// The high watermark once this broker has applied the commit log up
+    /// to this entry (a sequence from [`Shard::sync_log`]): it is then at
+    /// least every offset acknowledged before the sync began.
+    LatestAfter(u64),
     MaxTimestamp,
     /// The first batch with a record at or after this timestamp.
     Timestamp(i64),
@@ -235,6 +239,8 @@ pub struct OffsetAnswer {
     pub high_watermark: u64,
     pub log_start: u64,
     pub last_stable: u64,
+    /// Bytes the partition keeps stored (DescribeLogDirs).
+    pub stored_bytes: u64,
     /// For timestamp queries: the base offset and whole (patched) batch in
     /// which the answer lies; `None` when no record qualifies.
     pub batch: Option<(u64, Bytes)>,
@@ -729,6 +735,25 @@ impl Shard {
         }
     }
 
+    /// Reads the commit log to its head, within the time a read waits for
+    /// it: the sequence to pass to [`OffsetQuery::LatestAfter`], or
+    /// `OffsetNotAvailable` (which clients retry) when the log cannot be
+    /// read in time.
+    pub async fn sync_log(&self) -> Result<u64> {
+        let synced = futures::future::select(
+            Box::pin(self.engine.sync_log()),
+            Box::pin(glommio::timer::sleep(SYNC_WAIT_MAX)),
+        )
+        .await;
+        match synced {
+            futures::future::Either::Left((r, _)) => r,
+            futures::future::Either::Right(_) => Err(Error::OffsetNotAvailable {
+                offset: 0,
+                high_watermark: 0,
+            }),
+        }
+    }
+
     /// The event notified when partitions owned by `tp`'s shard gain data.
     pub fn data_event(&self, tp: &PartitionKey) -> &event_listener::Event {
         &self.engine.shards[self.engine.owner(tp)].data
@@ -1193,13 +1218,16 @@ impl Shard {
     }
 
     async fn offsets_local(&self, tp: PartitionKey, query: OffsetQuery) -> Result<OffsetAnswer> {
-        let (entry, hwm, log_start, last_stable) = {
+        if let OffsetQuery::LatestAfter(seq) = query {
+            self.wait_applied(seq).await;
+        }
+        let (entry, hwm, log_start, last_stable, stored_bytes) = {
             let st = self.state.borrow();
             let Some(index) = st.indexes.get(&tp) else {
                 return Ok(OffsetAnswer::default());
             };
             let pos = match query {
-                OffsetQuery::Earliest | OffsetQuery::Latest => None,
+                OffsetQuery::Earliest | OffsetQuery::Latest | OffsetQuery::LatestAfter(_) => None,
                 OffsetQuery::MaxTimestamp => index.position_of_max_timestamp(),
                 OffsetQuery::Timestamp(ts) => index.position_for_timestamp(ts),
             };
@@ -1208,6 +1236,7 @@ impl Shard {
                 index.high_watermark(),
                 index.log_start(),
                 index.last_stable(),
+                index.stored_bytes(),
             )
         };
         let entry = match entry {
@@ -1244,6 +1273,7 @@ impl Shard {
             high_watermark: hwm,
             log_start,
             last_stable,
+            stored_bytes,
             batch,
         })
     }

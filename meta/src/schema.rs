@@ -13,6 +13,8 @@
 //! brokers/<node id>           BrokerRecord, under the broker's lease
 //! scram/<user>                ScramUserRecord (SASL/SCRAM credentials)
 //! acls/<type>/<pattern>/<name> AclResourceRecord (the ACLs of one resource pattern)
+//! configs/brokers/<scope>     BrokerConfigRecord (dynamic broker configs)
+//! quotas/<entity>             ClientQuotaRecord (the client quotas of one entity)
 //! ```
 //!
 //! Transactions, consumer groups and users add the keys described in their
@@ -110,6 +112,56 @@ pub const BROKER_CONFIGS_DEFAULT: &str = "default";
 
 pub fn broker_configs_key(scope: &str) -> String {
     format!("{BROKER_CONFIGS_PREFIX}{scope}")
+}
+
+// ---- client quotas ---------------------------------------------------------
+//
+// quotas/<entity>   ClientQuotaRecord: the quotas (producer_byte_rate, ...)
+//                   of one entity, e.g. quotas/user=alice,client-id (the
+//                   default client id of user alice). Written by
+//                   AlterClientQuotas by CAS on the revision read, followed
+//                   by every broker, each of which enforces them on its
+//                   own traffic (Kafka's quotas are per broker too).
+
+pub const QUOTAS_PREFIX: &str = "quotas/";
+
+/// One part of a quota entity: a type (`user`, `client-id`, `ip`) and a
+/// name, or none for that type's default entity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct QuotaEntityPart {
+    pub entity_type: String,
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientQuotaRecord {
+    /// Sorted by type.
+    pub entity: Vec<QuotaEntityPart>,
+    pub values: BTreeMap<String, f64>,
+}
+
+fn escape_quota_name(name: &str) -> String {
+    name.replace('%', "%25")
+        .replace('/', "%2F")
+        .replace(',', "%2C")
+        .replace('=', "%3D")
+}
+
+/// The key of an entity (its parts sorted by type): `type=name` per part,
+/// or `type` alone for a default, joined by commas.
+pub fn quota_key(entity: &[QuotaEntityPart]) -> String {
+    let parts: Vec<String> = entity
+        .iter()
+        .map(|p| match &p.name {
+            Some(n) => format!(
+                "{}={}",
+                escape_quota_name(&p.entity_type),
+                escape_quota_name(n)
+            ),
+            None => escape_quota_name(&p.entity_type),
+        })
+        .collect();
+    format!("{QUOTAS_PREFIX}{}", parts.join(","))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

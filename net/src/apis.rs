@@ -21,16 +21,19 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::InitProducerId, 0, 4),
     (ApiKey::DescribeConfigs, 1, 4),
     (ApiKey::CreatePartitions, 0, 3),
-    (ApiKey::DescribeCluster, 0, 1),
+    // v2 lists fenced brokers on request: a leaderless cluster has none.
+    (ApiKey::DescribeCluster, 0, 2),
     // Consumer groups (the classic protocol; KIP-848's
     // ConsumerGroupHeartbeat is not served, so clients use this one).
-    // v5+ only adds an error code for transactions; v6 share groups.
-    (ApiKey::FindCoordinator, 0, 4),
+    // v5 only adds an error code for transactions; v6's share-group key
+    // is refused (INVALID_REQUEST).
+    (ApiKey::FindCoordinator, 0, 6),
     (ApiKey::JoinGroup, 0, 9),
     (ApiKey::SyncGroup, 0, 5),
     (ApiKey::Heartbeat, 0, 4),
     (ApiKey::LeaveGroup, 0, 5),
-    // v10 names topics by id only.
+    // v10 (topic ids) is unstable in Kafka 4.1, and kafka-protocol's
+    // message types do not decode it.
     (ApiKey::OffsetCommit, 2, 9),
     (ApiKey::OffsetFetch, 1, 9),
     (ApiKey::DescribeGroups, 0, 5),
@@ -70,11 +73,19 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::ElectLeaders, 0, 2),
     (ApiKey::AlterPartitionReassignments, 0, 1),
     (ApiKey::ListPartitionReassignments, 0, 0),
+    // One log directory per broker, the object store, holding every
+    // partition (net/src/handlers/log_dirs.rs).
+    (ApiKey::DescribeLogDirs, 1, 4),
+    (ApiKey::AlterReplicaLogDirs, 1, 2),
+    // Client quotas (net/src/handlers/quotas.rs), the byte rates enforced
+    // with throttle_time_ms (net/src/quota.rs).
+    (ApiKey::DescribeClientQuotas, 0, 1),
+    (ApiKey::AlterClientQuotas, 0, 1),
     // KIP-966's paged topic description (net/src/handlers/describe_topics.rs).
     (ApiKey::DescribeTopicPartitions, 0, 0),
-    // OffsetForLeaderEpoch is not served: its end offset must not be a
-    // lagging broker's high watermark (clients would see a truncation and
-    // reset), which needs a read barrier on the commit log (FINDINGS.md).
+    // One leader epoch per partition; the end offset is read after a
+    // barrier on the commit log (net/src/handlers/epochs.rs).
+    (ApiKey::OffsetForLeaderEpoch, 2, 4),
 ];
 
 pub fn range(api: ApiKey) -> Option<(i16, i16)> {

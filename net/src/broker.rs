@@ -45,6 +45,8 @@ pub struct Broker {
     pub auth_limiter: crate::auth_limit::AuthLimiter,
     /// Incremental fetch sessions (KIP-227), shared by every shard.
     pub fetch_sessions: crate::fetch_session::FetchSessions,
+    /// Client quota meters (net::quota), shared by every shard.
+    pub throttler: crate::quota::Throttler,
 }
 
 impl Broker {

@@ -101,6 +101,8 @@ pub async fn serve<S: Stream>(
 ) {
     ctx.peer = Some(peer);
     ctx.host = Rc::from(peer.ip().to_canonical().to_string());
+    // The listener's template is shared; each connection is muted alone.
+    ctx.muted_until = Rc::default();
     // A client certificate names the connection (SSL listeners); a SASL
     // login names it once it authenticates.
     if let Some(der) = stream.peer_certificate() {
@@ -285,6 +287,18 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let max_request = broker.settings.max_request_bytes;
     let budget_max = broker.engine.config().inflight_bytes_max;
     loop {
+        // A client over its quota: no request is read until its throttle
+        // time has passed (KIP-219's muted channel).
+        if let Some(until) = conn_ctx.muted_until.take() {
+            let now = std::time::Instant::now();
+            if until > now {
+                let wait = Box::pin(glommio::timer::sleep(until - now));
+                let stop = Box::pin(broker.engine.shutdown().wait());
+                if let Either::Right(_) = select(wait, stop).await {
+                    return End::ShuttingDown;
+                }
+            }
+        }
         let mut prefix = [0u8; 4];
         {
             let read = Box::pin(rd.read_exact(&mut prefix));

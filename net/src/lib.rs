@@ -20,6 +20,7 @@ pub mod handlers;
 pub mod listener;
 pub mod oauth;
 pub mod principal;
+pub mod quota;
 pub mod request;
 pub mod sasl;
 pub mod scram;

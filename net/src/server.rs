@@ -105,6 +105,7 @@ pub async fn shard_main(
             client: conn::new_client(&listener.name),
             principal: Rc::from(crate::principal::ANONYMOUS),
             mapping_rules: secure.mapping_rules.clone(),
+            muted_until: Rc::default(),
         };
         served.push((ctx, secure));
         sockets.push(socket);

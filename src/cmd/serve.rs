@@ -106,6 +106,7 @@ pub fn run(cfg: Resolved) -> anyhow::Result<()> {
             cfg.max_incremental_fetch_session_cache_slots,
             Duration::from_millis(cfg.min_incremental_fetch_session_eviction_ms),
         ),
+        throttler: floe_net::quota::Throttler::default(),
     });
     if let Some(a) = &broker.settings.authorizer {
         let mut supers: Vec<&str> = a.super_users.iter().map(String::as_str).collect();

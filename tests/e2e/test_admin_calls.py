@@ -8,6 +8,15 @@ needed), AlterPartitionReassignments (in effect at once, nothing to
 cancel), ListPartitionReassignments (none in progress). And KIP-966's
 DescribeTopicPartitions, paged by its cursor.
 
+DescribeLogDirs reports one log directory per broker, the object store,
+with every partition's stored bytes; AlterReplicaLogDirs accepts only that
+directory.
+
+OffsetForLeaderEpoch answers the one epoch (0) with an end offset no
+broker gives below what was acknowledged through another, even one that
+has not yet learnt the commit (a barrier on the log), and other epochs as
+Kafka answers unknown ones.
+
 Dynamic broker configs (auto.create.topics.enable, num.partitions,
 message.max.bytes) set for every broker or for one, through any broker,
 applied by the others within a second, described with their source, and
@@ -31,7 +40,9 @@ from kafka.admin import ConfigResource as KpConfigResource
 from kafka.admin import ConfigResourceType
 from kafka.protocol.admin import AlterConfigsRequest
 
-from kafka.protocol.admin import DescribeConfigsRequest, IncrementalAlterConfigsRequest
+from kafka.protocol.admin import (AlterReplicaLogDirsRequest, DescribeConfigsRequest,
+                                  DescribeLogDirsRequest, IncrementalAlterConfigsRequest)
+from kafka.protocol.consumer import OffsetForLeaderEpochRequest
 from kafka.protocol.metadata import MetadataRequest
 
 import kafka_wire as kw
@@ -355,3 +366,87 @@ def test_dynamic_broker_configs(cluster, topic_name):  # noqa: F811
     assert described_defaults(b3) == {}
     print("\ndynamic broker configs applied by another broker within %.0f ms (max of %d)"
           % (max(delays) * 1000, len(delays)))
+
+
+def epoch_end(kp, node, topic, partition=0, epoch=0, current=0):
+    """OffsetForLeaderEpoch to broker `node`: (error, leader epoch, end offset)."""
+    T = OffsetForLeaderEpochRequest.OffsetForLeaderTopic
+    m = kp._manager
+    r = m.run(m.send, OffsetForLeaderEpochRequest(replica_id=-1, topics=[T(topic=topic, partitions=[
+        T.OffsetForLeaderPartition(partition=partition, current_leader_epoch=current,
+                                   leader_epoch=epoch)])]), node)
+    p = r.topics[0].partitions[0]
+    return p.error_code, p.leader_epoch, p.end_offset
+
+
+def test_offset_for_leader_epoch_is_never_behind(cluster, topic_name):  # noqa: F811
+    b1, b2, b3 = cluster
+    create_topic(b1.bootstrap, topic_name, 1)
+    kp = KafkaAdminClient(bootstrap_servers=b3.bootstrap)
+    try:
+        with kw.connect(b1.bootstrap) as sock:
+            for i in range(40):
+                batch = kw.record_batch([(None, b"v%d" % i, [])])
+                assert kw.produce_v3(sock, topic_name, 0, batch)[(topic_name, 0)] == (0, i)
+                # Asked of another broker at once: never below the ack.
+                err, epoch, end = epoch_end(kp, 2 + i % 2, topic_name)
+                assert (err, epoch) == (0, 0) and end >= i + 1, (i, err, epoch, end)
+        assert epoch_end(kp, 3, topic_name, epoch=5) == (0, -1, -1)
+        assert epoch_end(kp, 3, topic_name, epoch=-1) == (0, -1, -1)
+        assert epoch_end(kp, 3, topic_name, current=1)[0] == 75  # UNKNOWN_LEADER_EPOCH
+        assert epoch_end(kp, 3, topic_name, partition=9)[0] == 3
+        assert epoch_end(kp, 3, topic_name + "-missing")[0] == 3
+    finally:
+        kp.close()
+
+
+def log_dirs(kp, node, topics=None):
+    """DescribeLogDirs to broker `node`: (log dir, total, usable,
+    {(topic, partition): size})."""
+    m = kp._manager
+    T = DescribeLogDirsRequest.DescribableLogDirTopic
+    asked = None if topics is None else [T(topic=t, partitions=ps) for t, ps in topics]
+    r = m.run(m.send, DescribeLogDirsRequest(topics=asked), node)
+    assert r.error_code == 0, r
+    (d,) = r.results
+    sizes = {(t.name, p.partition_index): p.partition_size
+             for t in d.topics for p in t.partitions}
+    return d.log_dir, d.total_bytes, d.usable_bytes, sizes
+
+
+def test_log_dirs_of_a_diskless_broker(cluster, topic_name):  # noqa: F811
+    b1, b2, b3 = cluster
+    create_topic(b1.bootstrap, topic_name, 2)
+    with kw.connect(b1.bootstrap) as sock:
+        for i in range(5):
+            batch = kw.record_batch([(None, b"x" * 1000, [])])
+            assert kw.produce_v3(sock, topic_name, 0, batch)[(topic_name, 0)][0] == 0
+    kp = KafkaAdminClient(bootstrap_servers=b2.bootstrap)
+    try:
+        m = kp._manager
+        asked = [(topic_name, [0, 1, 7]), (topic_name + "-missing", [0])]
+        deadline = time.monotonic() + 10
+        while True:
+            d, total, usable, sizes = log_dirs(kp, 2, asked)
+            if sizes.get((topic_name, 0), 0) >= 5000:
+                break
+            assert time.monotonic() < deadline, sizes
+            time.sleep(0.1)
+        assert d.startswith("file://"), d
+        assert (total, usable) == (-1, -1), "the object store has no fixed size"
+        # Partitions that do not exist are left out.
+        assert set(sizes) == {(topic_name, 0), (topic_name, 1)}
+        assert 5000 <= sizes[(topic_name, 0)] < 8000 and sizes[(topic_name, 1)] == 0, sizes
+        everything = log_dirs(kp, 3)[3]
+        assert everything[(topic_name, 0)] >= 5000 and (topic_name, 1) in everything
+
+        def move(path, partition=0):
+            D = AlterReplicaLogDirsRequest.AlterReplicaLogDir
+            r = m.run(m.send, AlterReplicaLogDirsRequest(dirs=[D(path=path, topics=[
+                D.AlterReplicaLogDirTopic(name=topic_name, partitions=[partition])])]), 2)
+            return r.results[0].partitions[0].error_code
+        assert move(d) == 0, "already there"
+        assert move("/var/lib/kafka/other") == 57  # LOG_DIR_NOT_FOUND
+        assert move(d, partition=9) == 3
+    finally:
+        kp.close()

@@ -350,3 +350,4 @@ def test_topic_ids_through_deletion_and_recreation(broker):
         assert got[0][:2] == (NONE, 1), got
     finally:
         wire.close()
+

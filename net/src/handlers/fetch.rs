@@ -79,12 +79,13 @@ pub fn encode_fetch_response(
     version: i16,
     error: i16,
     session_id: i32,
+    throttle_ms: i32,
     topics: &[TopicOut],
 ) -> Vec<Bytes> {
     let flexible = version >= FLEXIBLE_FROM;
     let mut out = Vec::new();
     let mut b = BytesMut::with_capacity(256);
-    b.put_i32(0); // throttle_time_ms
+    b.put_i32(throttle_ms);
     if version >= 7 {
         b.put_i16(error);
         b.put_i32(session_id);
@@ -229,6 +230,20 @@ async fn read_partition(ctx: &Ctx, w: &Wanted, limit: usize, committed: bool) ->
     )
 }
 
+/// Counts the bytes an answer returns against the client's consumer quota
+/// (`Ctx::throttle`): the answer's `throttle_time_ms`.
+fn throttle(ctx: &Ctx, topics: &[TopicOut]) -> i32 {
+    let bytes: usize = topics
+        .iter()
+        .flat_map(|t| t.partitions.iter())
+        .map(|p| p.bytes)
+        .sum();
+    if bytes == 0 {
+        return 0;
+    }
+    ctx.throttle(crate::quota::Kind::Fetch, bytes as u64)
+}
+
 /// Records what `p` answers in the session; true when it is news.
 fn remember(c: &mut Cached, p: &PartitionOut) -> bool {
     c.answered(
@@ -348,13 +363,23 @@ pub async fn handle(ctx: &Ctx, req: FetchRequest, version: i16) -> Reply {
     let uses_ids = version >= TOPIC_IDS_FROM;
     let context = match sessions.begin(session_id, epoch, uses_ids) {
         Ok(c) => c,
-        Err(code) => return Reply::Parts(encode_fetch_response(version, code, 0, &[])),
+        Err(code) => return Reply::Parts(encode_fetch_response(version, code, 0, 0, &[])),
+    };
+    let answer = |session: i32, topics: &[TopicOut]| {
+        let throttle = throttle(ctx, topics);
+        Reply::Parts(encode_fetch_response(
+            version,
+            codes::NONE,
+            session,
+            throttle,
+            topics,
+        ))
     };
     match context {
         Context::Sessionless => {
             let parts = asked(&req, version);
             let topics = read_until_ready(ctx, &req, &wanted(ctx, parts.iter())).await;
-            Reply::Parts(encode_fetch_response(version, codes::NONE, 0, &topics))
+            answer(0, &topics)
         }
         Context::New => {
             let mut parts = asked(&req, version);
@@ -371,7 +396,7 @@ pub async fn handle(ctx: &Ctx, req: FetchRequest, version: i16) -> Reply {
             if evicted {
                 counters.fetch_sessions_evicted.add(1);
             }
-            Reply::Parts(encode_fetch_response(version, codes::NONE, id, &topics))
+            answer(id, &topics)
         }
         Context::Incremental(mut session) => {
             update(&mut session, &req, version);
@@ -389,7 +414,7 @@ pub async fn handle(ctx: &Ctx, req: FetchRequest, version: i16) -> Reply {
             session.rotate(&returned);
             let id = session.id;
             sessions.finish(session);
-            Reply::Parts(encode_fetch_response(version, codes::NONE, id, &topics))
+            answer(id, &topics)
         }
     }
 }
@@ -541,7 +566,7 @@ mod tests {
                     },
                 ],
             }];
-            let parts = encode_fetch_response(version, 0, 77, &topics);
+            let parts = encode_fetch_response(version, 0, 77, 5, &topics);
             let mut whole = BytesMut::new();
             for p in parts {
                 whole.extend_from_slice(&p);
@@ -558,6 +583,7 @@ mod tests {
             if version >= 7 {
                 assert_eq!(r.session_id, 77);
             }
+            assert_eq!(r.throttle_time_ms, 5);
             assert_eq!(t.partitions[0].partition_index, 3);
             assert_eq!(t.partitions[0].high_watermark, 42);
             assert_eq!(t.partitions[0].last_stable_offset, 40);

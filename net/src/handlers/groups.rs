@@ -57,6 +57,8 @@ use crate::discovery::{self, Advertised};
 
 const KEY_TYPE_GROUP: i8 = 0;
 const KEY_TYPE_TRANSACTION: i8 = 1;
+/// FindCoordinator v6's share-group key (KIP-932).
+const KEY_TYPE_SHARE: i8 = 2;
 
 fn s(v: impl Into<String>) -> StrBytes {
     StrBytes::from_string(v.into())
@@ -132,6 +134,10 @@ pub async fn find_coordinator(ctx: &Ctx, req: FindCoordinatorRequest, version: i
                 Some(_) => entry.with_error_code(codes::INVALID_REQUEST),
                 None => entry.with_error_code(codes::COORDINATOR_NOT_AVAILABLE),
             }
+        } else if req.key_type == KEY_TYPE_SHARE {
+            entry
+                .with_error_code(codes::INVALID_REQUEST)
+                .with_error_message(Some(s("share groups (KIP-932) are not served")))
         } else if req.key_type != KEY_TYPE_GROUP {
             entry
                 .with_error_code(codes::INVALID_REQUEST)

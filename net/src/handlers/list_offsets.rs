@@ -84,7 +84,9 @@ pub async fn handle(ctx: &Ctx, req: ListOffsetsRequest, version: i16) -> Reply {
                     OffsetQuery::Latest if req.isolation_level == codes::READ_COMMITTED => {
                         resp.with_offset(a.last_stable as i64)
                     }
-                    OffsetQuery::Latest => resp.with_offset(a.high_watermark as i64),
+                    OffsetQuery::Latest | OffsetQuery::LatestAfter(_) => {
+                        resp.with_offset(a.high_watermark as i64)
+                    }
                     OffsetQuery::Earliest => resp.with_offset(a.log_start as i64),
                     OffsetQuery::MaxTimestamp | OffsetQuery::Timestamp(_) => {
                         let ts = match query {

@@ -8,12 +8,15 @@ mod admin;
 mod configs;
 mod delete_records;
 mod describe_topics;
+mod epochs;
 mod fetch;
 mod groups;
 mod leaderless;
 mod list_offsets;
+mod log_dirs;
 mod metadata;
 mod produce;
+mod quotas;
 mod txn;
 mod users;
 
@@ -64,6 +67,37 @@ pub struct Ctx {
     /// How a client certificate's DN becomes a name (the listener's
     /// `ssl.principal.mapping.rules`).
     pub mapping_rules: Arc<crate::principal::MappingRules>,
+    /// Until when the connection reads no request: a client over its
+    /// quota is throttled (`crate::quota`). One per connection.
+    pub muted_until: Rc<std::cell::Cell<Option<std::time::Instant>>>,
+}
+
+impl Ctx {
+    /// Counts `bytes` against the client's quota of `kind`; when it is
+    /// over, mutes the connection for the throttle time and returns it in
+    /// milliseconds (Kafka's `throttle_time_ms`), else 0.
+    pub fn throttle(&self, kind: crate::quota::Kind, bytes: u64) -> i32 {
+        let quotas = self.broker.engine.quotas();
+        if quotas.is_empty() {
+            return 0;
+        }
+        let user = self
+            .principal
+            .strip_prefix("User:")
+            .unwrap_or(&self.principal);
+        let client = self.client_id.as_deref().unwrap_or("");
+        let d = self
+            .broker
+            .throttler
+            .record(&quotas, kind, user, client, bytes);
+        if d.is_zero() {
+            return 0;
+        }
+        let until = std::time::Instant::now() + d;
+        self.muted_until
+            .set(Some(self.muted_until.get().map_or(until, |u| u.max(until))));
+        i32::try_from(d.as_millis()).unwrap_or(i32::MAX)
+    }
 }
 
 pub fn encode<M: Encodable>(m: &M, version: i16) -> Reply {
@@ -211,6 +245,19 @@ pub async fn dispatch(ctx: &Ctx, request: Request, version: i16) -> Pending {
         }
         Request::AlterPartitionReassignments(req) => {
             async move { leaderless::alter_reassignments(&ctx, req, version).await }.boxed_local()
+        }
+        Request::DescribeClientQuotas(req) => ready(quotas::describe(&ctx, req, version)),
+        Request::AlterClientQuotas(req) => {
+            async move { quotas::alter(&ctx, req, version).await }.boxed_local()
+        }
+        Request::DescribeLogDirs(req) => {
+            async move { log_dirs::describe(&ctx, req, version).await }.boxed_local()
+        }
+        Request::AlterReplicaLogDirs(req) => {
+            async move { log_dirs::alter(&ctx, req, version).await }.boxed_local()
+        }
+        Request::OffsetForLeaderEpoch(req) => {
+            async move { epochs::handle(&ctx, req, version).await }.boxed_local()
         }
         Request::ListPartitionReassignments(req) => {
             async move { leaderless::list_reassignments(&ctx, req, version).await }.boxed_local()

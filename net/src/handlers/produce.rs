@@ -123,6 +123,7 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
     // and only then is anything appended, in request order.
     let mut checked = Vec::with_capacity(req.topic_data.len());
     let mut verify: Vec<(String, i32, i64, i16)> = Vec::new();
+    let mut produced_bytes = 0u64;
     for t in req.topic_data {
         // v13 names topics by id only.
         let (name, topic) = if version >= TOPIC_IDS_FROM {
@@ -155,6 +156,7 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
                 continue;
             };
             let records = p.records.unwrap_or_default();
+            produced_bytes += records.len() as u64;
             let limit = crate::topic_config::max_message_bytes(&topic.configs, &effective);
             // Only `cleanup.policy` is read on the produce path.
             let compacted =
@@ -204,6 +206,7 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
         }
         checked.push((t.name, t.topic_id, name, parts));
     }
+    let throttle_ms = ctx.throttle(crate::quota::Kind::Produce, produced_bytes);
     let refused = match (&transactional_id, verify.is_empty()) {
         (Some(id), false) => verified(ctx, id, &verify).await,
         _ => Vec::new(),
@@ -261,7 +264,9 @@ pub async fn start(ctx: &Ctx, req: ProduceRequest, version: i16) -> Pending {
             return Reply::Nothing;
         }
         encode(
-            &ProduceResponse::default().with_responses(responses),
+            &ProduceResponse::default()
+                .with_responses(responses)
+                .with_throttle_time_ms(throttle_ms),
             version,
         )
     }
