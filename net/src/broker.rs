@@ -56,26 +56,9 @@ impl Broker {
         &self,
         name: &str,
     ) -> Option<(String, crate::topic_config::ConfigSource)> {
-        self.lookup(&self.engine.broker_configs(), name)
-            .map(|(v, source)| (v.to_string(), source))
-    }
-
-    fn lookup<'a>(
-        &self,
-        all: &'a floe_engine::broker_configs::BrokerConfigMap,
-        name: &str,
-    ) -> Option<(&'a str, crate::topic_config::ConfigSource)> {
-        use crate::topic_config::ConfigSource;
-        let scope = |s: &str| all.get(s).and_then(|c| c.get(name)).map(String::as_str);
-        if all.is_empty() {
-            return None;
-        }
-        scope(&self.settings.node_id.to_string())
-            .map(|v| (v, ConfigSource::DynamicBroker))
-            .or_else(|| {
-                scope(floe_meta::schema::BROKER_CONFIGS_DEFAULT)
-                    .map(|v| (v, ConfigSource::DynamicDefaultBroker))
-            })
+        let all = self.engine.broker_configs();
+        let me = self.settings.node_id.to_string();
+        lookup(&all, &me, name).map(|(v, source)| (v.to_string(), source))
     }
 
     /// The changeable configs as they are now. Values stored were checked
@@ -83,7 +66,15 @@ impl Broker {
     pub fn effective(&self) -> Effective {
         let s = &self.settings;
         let all = self.engine.broker_configs();
-        let pick = |name: &str| self.lookup(&all, name).map(|(v, _)| v);
+        if all.is_empty() {
+            return Effective {
+                auto_create_topics: s.auto_create_topics,
+                num_partitions: s.num_partitions,
+                max_message_bytes: s.max_message_bytes,
+            };
+        }
+        let me = s.node_id.to_string();
+        let pick = |name: &str| lookup(&all, &me, name).map(|(v, _)| v);
         Effective {
             auto_create_topics: pick("auto.create.topics.enable")
                 .and_then(|v| v.parse().ok())
@@ -97,4 +88,20 @@ impl Broker {
                 .unwrap_or(s.max_message_bytes),
         }
     }
+}
+
+/// `name` as set for broker `me`, else for every broker.
+fn lookup<'a>(
+    all: &'a floe_engine::broker_configs::BrokerConfigMap,
+    me: &str,
+    name: &str,
+) -> Option<(&'a str, crate::topic_config::ConfigSource)> {
+    use crate::topic_config::ConfigSource;
+    let scope = |s: &str| all.get(s).and_then(|c| c.get(name)).map(String::as_str);
+    scope(me)
+        .map(|v| (v, ConfigSource::DynamicBroker))
+        .or_else(|| {
+            scope(floe_meta::schema::BROKER_CONFIGS_DEFAULT)
+                .map(|v| (v, ConfigSource::DynamicDefaultBroker))
+        })
 }

@@ -68,6 +68,43 @@ fn change<'a>(
     Ok(Change { replace, ops })
 }
 
+impl Change {
+    /// The change as the store applies it to what it reads (a pure
+    /// function of that, so a lost reply settles by retrying): `apply`
+    /// checks and applies the operations, on no base when replacing.
+    fn into_store_change(
+        self,
+        apply: impl Fn(
+                &BTreeMap<String, String>,
+                &[(String, ConfigOp)],
+            ) -> Result<BTreeMap<String, String>, (i16, String)>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Arc<floe_engine::topics::ConfigChange> {
+        let Change { replace, ops } = self;
+        Arc::new(move |current: &BTreeMap<String, String>| {
+            let none = BTreeMap::new();
+            let base = if replace { &none } else { current };
+            apply(base, &ops).map_err(|(_, reason)| floe_engine::Error::InvalidConfig { reason })
+        })
+    }
+}
+
+/// The store scope of the BROKER resource `name`: "" for every broker,
+/// else a node id.
+fn broker_scope(name: &str) -> Result<String, String> {
+    if name.is_empty() {
+        return Ok(floe_meta::schema::BROKER_CONFIGS_DEFAULT.to_string());
+    }
+    match name.parse::<i32>() {
+        Ok(id) if id >= 0 => Ok(id.to_string()),
+        _ => Err(format!(
+            "broker resource {name:?} is neither \"\" (every broker) nor a node id"
+        )),
+    }
+}
+
 /// Alters one resource; the error code and message of its answer.
 async fn alter_resource(
     ctx: &Ctx,
@@ -92,7 +129,6 @@ async fn alter_resource(
                     Some("log levels are set with --log (FLOE_LOG) at start".into()),
                 );
             }
-            return alter_broker(ctx, name, change, validate_only).await;
         }
         other => {
             return (
@@ -105,95 +141,26 @@ async fn alter_resource(
         Ok(c) => c,
         Err(why) => return (codes::INVALID_REQUEST, Some(why)),
     };
-    let defaults = topic_config::defaults(&ctx.broker.effective());
-    let apply: Arc<floe_engine::topics::ConfigChange> =
-        Arc::new(move |current: &BTreeMap<String, String>| {
-            let base = if change.replace {
-                &BTreeMap::new()
-            } else {
-                current
-            };
-            topic_config::apply(base, &change.ops, &defaults)
-                .map_err(|(_, reason)| floe_engine::Error::InvalidConfig { reason })
-        });
-    match ctx
-        .broker
-        .engine
-        .alter_topic_configs(name, apply, validate_only)
-        .await
-    {
-        Ok(configs) => {
-            if !validate_only {
-                tracing::info!(topic = %name, ?configs, "topic configs altered");
-            }
-            (codes::NONE, None)
-        }
-        Err(e) => (codes::engine(&e), Some(e.to_string())),
-    }
-}
-
-/// Alters the dynamic configs of the BROKER resource `name` ("" for every
-/// broker, else a node id).
-async fn alter_broker(
-    ctx: &Ctx,
-    name: &str,
-    change: Result<Change, String>,
-    validate_only: bool,
-) -> (i16, Option<String>) {
-    let scope = if name.is_empty() {
-        floe_meta::schema::BROKER_CONFIGS_DEFAULT.to_string()
+    let engine = &ctx.broker.engine;
+    let altered = if resource_type == RESOURCE_TOPIC {
+        let defaults = topic_config::defaults(&ctx.broker.effective());
+        let apply =
+            change.into_store_change(move |base, ops| topic_config::apply(base, ops, &defaults));
+        engine.alter_topic_configs(name, apply, validate_only).await
     } else {
-        match name.parse::<i32>() {
-            Ok(id) if id >= 0 => id.to_string(),
-            _ => {
-                return (
-                    codes::INVALID_REQUEST,
-                    Some(format!(
-                        "broker resource {name:?} is neither \"\" (every broker) nor a node id"
-                    )),
-                )
-            }
-        }
+        let scope = match broker_scope(name) {
+            Ok(s) => s,
+            Err(why) => return (codes::INVALID_REQUEST, Some(why)),
+        };
+        let apply = change.into_store_change(topic_config::apply_broker);
+        engine
+            .alter_broker_configs(&scope, apply, validate_only)
+            .await
     };
-    let change = match change {
-        Ok(c) => c,
-        Err(why) => return (codes::INVALID_REQUEST, Some(why)),
-    };
-    // Checked here first, so that the answer carries Kafka's code; the
-    // store applies the same pure change to what it reads.
-    let current = ctx
-        .broker
-        .engine
-        .broker_configs()
-        .get(&scope)
-        .cloned()
-        .unwrap_or_default();
-    let replace = change.replace;
-    let base = move |c: &BTreeMap<String, String>| {
-        if replace {
-            BTreeMap::new()
-        } else {
-            c.clone()
-        }
-    };
-    if let Err((code, why)) = topic_config::apply_broker(&base(&current), &change.ops) {
-        return (code, Some(why));
-    }
-    let ops = change.ops;
-    let apply: Arc<floe_engine::topics::ConfigChange> =
-        Arc::new(move |current: &BTreeMap<String, String>| {
-            topic_config::apply_broker(&base(current), &ops)
-                .map_err(|(_, reason)| floe_engine::Error::InvalidConfig { reason })
-        });
-    match ctx
-        .broker
-        .engine
-        .alter_broker_configs(&scope, apply, validate_only)
-        .await
-    {
+    match altered {
         Ok(configs) => {
             if !validate_only {
-                tracing::info!(scope = %scope, ?configs, "dynamic broker configs altered");
+                tracing::info!(resource_type, %name, ?configs, "configs altered");
             }
             (codes::NONE, None)
         }

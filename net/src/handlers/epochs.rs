@@ -31,7 +31,6 @@ use crate::codes;
 
 /// The one leader epoch of every floe partition.
 const EPOCH: i32 = 0;
-const UNKNOWN_LEADER_EPOCH: i16 = 75;
 
 pub async fn handle(ctx: &Ctx, req: OffsetForLeaderEpochRequest, version: i16) -> Reply {
     let snapshot = ctx.broker.engine.topics();
@@ -53,7 +52,7 @@ pub async fn handle(ctx: &Ctx, req: OffsetForLeaderEpochRequest, version: i16) -
                 None if !readable => out.with_error_code(codes::TOPIC_AUTHORIZATION_FAILED),
                 None => out.with_error_code(codes::UNKNOWN_TOPIC_OR_PARTITION),
                 Some(_) if p.current_leader_epoch > EPOCH => {
-                    out.with_error_code(UNKNOWN_LEADER_EPOCH)
+                    out.with_error_code(codes::UNKNOWN_LEADER_EPOCH)
                 }
                 Some(_) if p.leader_epoch != EPOCH => out,
                 Some(tp) => {

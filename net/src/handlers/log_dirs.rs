@@ -30,8 +30,6 @@ use floe_engine::shard::OffsetQuery;
 use super::{encode, partition_key, Ctx, Reply};
 use crate::codes;
 
-const LOG_DIR_NOT_FOUND: i16 = 57;
-
 /// The one log directory of a floe broker: its object store.
 fn log_dir(ctx: &Ctx) -> String {
     ctx.broker.engine.describe_backends().0
@@ -114,7 +112,7 @@ pub async fn alter(ctx: &Ctx, req: AlterReplicaLogDirsRequest, version: i16) -> 
                     } else if partition_key(record.map(|r| &**r), p).is_none() {
                         codes::UNKNOWN_TOPIC_OR_PARTITION
                     } else if dir.path.as_str() != here {
-                        LOG_DIR_NOT_FOUND
+                        codes::LOG_DIR_NOT_FOUND
                     } else {
                         codes::NONE
                     };
