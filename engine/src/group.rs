@@ -73,6 +73,22 @@ pub enum GroupError {
     NonEmptyGroup,
     #[error("the group is being deleted")]
     CoordinatorNotAvailable,
+    // The consumer protocol's (KIP-848) refusals.
+    #[error("the member epoch is not the member's current one")]
+    FencedMemberEpoch,
+    #[error("the member epoch is an older one")]
+    StaleMemberEpoch,
+    #[error("the static member's instance id is held by a live member")]
+    UnreleasedInstanceId,
+    #[error("the server assignor is not supported")]
+    UnsupportedAssignor,
+    #[error("the subscription regex is invalid")]
+    InvalidRegularExpression,
+    #[error("the request is invalid")]
+    InvalidRequest,
+    /// The group exists under the other protocol and cannot change now.
+    #[error("the group uses the other group protocol")]
+    GroupIdNotFound,
 }
 
 /// What a member asks for when it joins.

@@ -21,6 +21,7 @@ pub mod cluster;
 pub mod committer;
 pub mod compact;
 pub mod config;
+pub mod consumer_group;
 pub mod coordinator;
 pub mod crash;
 mod engine;

@@ -123,6 +123,13 @@ pub fn group(e: GroupError) -> i16 {
         GroupError::GroupMaxSizeReached => E::GroupMaxSizeReached.code(),
         GroupError::NonEmptyGroup => E::NonEmptyGroup.code(),
         GroupError::CoordinatorNotAvailable => E::CoordinatorNotAvailable.code(),
+        GroupError::FencedMemberEpoch => E::FencedMemberEpoch.code(),
+        GroupError::StaleMemberEpoch => E::StaleMemberEpoch.code(),
+        GroupError::UnreleasedInstanceId => E::UnreleasedInstanceId.code(),
+        GroupError::UnsupportedAssignor => E::UnsupportedAssignor.code(),
+        GroupError::InvalidRegularExpression => E::InvalidRegularExpression.code(),
+        GroupError::InvalidRequest => E::InvalidRequest.code(),
+        GroupError::GroupIdNotFound => E::GroupIdNotFound.code(),
     }
 }
 
