@@ -487,13 +487,15 @@ impl ConsumerGroup {
                     self.dirty = true;
                     return Ok(());
                 }
-                Some(_) => return Err(refuse(
-                    GroupError::UnreleasedInstanceId,
-                    format!(
+                Some(_) => {
+                    return Err(refuse(
+                        GroupError::UnreleasedInstanceId,
+                        format!(
                         "Static member {instance} of group {} is still in use by another member.",
                         self.id
                     ),
-                )),
+                    ))
+                }
                 None => {}
             }
         }
@@ -541,20 +543,17 @@ impl ConsumerGroup {
         let m = self.members.get_mut(id).expect("present");
         let none = Assignment::new();
         let owned = owned.unwrap_or(&none);
-        let keep = |a: &Assignment| -> Assignment {
-            a.iter()
-                .map(|(t, ps)| {
-                    let ps: BTreeSet<i32> = ps
-                        .iter()
-                        .copied()
-                        .filter(|p| contains(owned, t, *p))
-                        .collect();
-                    (*t, ps)
-                })
-                .filter(|(_, ps)| !ps.is_empty())
-                .collect()
-        };
-        m.assigned = keep(&m.assigned);
+        // What it still holds of what it had, revoking included: reconciling
+        // from there asks it again to give up what is not in its target.
+        let mut held = Assignment::new();
+        for (t, ps) in m.assigned.iter().chain(m.revoking.iter()) {
+            for p in ps {
+                if contains(owned, t, *p) {
+                    held.entry(*t).or_default().insert(*p);
+                }
+            }
+        }
+        m.assigned = held;
         m.revoking = Assignment::new();
         m.revoke_deadline = None;
         m.state = MemberState::Stable;
@@ -602,7 +601,7 @@ impl ConsumerGroup {
     }
 
     fn leave(&mut self, hb: &Heartbeat) -> Result<HeartbeatAnswer, Refusal> {
-        let found = self.members.get(&hb.member_id).is_some()
+        let found = self.members.contains_key(&hb.member_id)
             || hb.instance_id.as_ref().is_some_and(|i| {
                 self.members
                     .values()

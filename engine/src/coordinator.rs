@@ -24,6 +24,7 @@ use floe_meta::schema::{self, OffsetRecord};
 use floe_meta::{prefix_end, Compare, LeaseId, MetaStore, Op, Txn};
 use futures::channel::oneshot;
 
+use crate::consumer_group::{self, CgState, ConsumerGroup, Heartbeat, HeartbeatAnswer, TopicView};
 use crate::group::{
     Effects, Group, GroupError, GroupRecord, GroupState, JoinOutcome, JoinRequest, Joined,
     SyncOutcome, Synced,
@@ -71,8 +72,124 @@ pub type CoordResult<T> = std::result::Result<T, CoordError>;
 /// (MEMBER_ID_REQUIRED carries the id the client must rejoin with).
 pub type JoinAnswer = std::result::Result<Joined, (CoordError, String)>;
 
+/// One group id names one group, under either protocol. An empty group
+/// takes the protocol of the next member that joins (Kafka's upgrade and
+/// downgrade of empty groups); a group with members refuses the other
+/// protocol's members.
+enum Protocol {
+    Classic(Group),
+    Consumer(ConsumerGroup),
+}
+
+impl Protocol {
+    fn load(group_id: &str, rec: GroupRecord, now: Instant, cfg: &consumer_group::Config) -> Self {
+        match rec.consumer {
+            Some(mut cg) => {
+                cg.id = group_id.to_string();
+                Protocol::Consumer(cg.loaded(now, cfg))
+            }
+            None => Protocol::Classic(Group::from_record(group_id, rec, now)),
+        }
+    }
+
+    fn record(&self) -> GroupRecord {
+        match self {
+            Protocol::Classic(g) => g.record(),
+            Protocol::Consumer(cg) => GroupRecord {
+                generation: cg.epoch,
+                protocol_type: "consumer".into(),
+                protocol: cg.assignor.clone(),
+                leader: String::new(),
+                members: Vec::new(),
+                consumer: Some(cg.clone()),
+            },
+        }
+    }
+
+    fn is_dead(&self) -> bool {
+        match self {
+            Protocol::Classic(g) => g.state() == GroupState::Dead,
+            Protocol::Consumer(cg) => cg.state() == CgState::Dead,
+        }
+    }
+
+    /// Empty, with nothing due.
+    fn is_quiet(&self) -> bool {
+        match self {
+            Protocol::Classic(g) => g.state() == GroupState::Empty && g.next_deadline().is_none(),
+            Protocol::Consumer(cg) => cg.is_empty() && cg.next_deadline().is_none(),
+        }
+    }
+
+    fn generation(&self) -> i32 {
+        match self {
+            Protocol::Classic(g) => g.generation(),
+            Protocol::Consumer(cg) => cg.epoch,
+        }
+    }
+
+    /// The classic group a JoinGroup joins: an empty consumer-protocol
+    /// group becomes one.
+    fn classic_join(&mut self) -> Result<&mut Group, GroupError> {
+        if let Protocol::Consumer(cg) = self {
+            if !cg.is_empty() {
+                return Err(GroupError::InconsistentGroupProtocol);
+            }
+            tracing::info!(group = %cg.id, "empty consumer-protocol group converted to a classic group");
+            *self = Protocol::Classic(Group::new(cg.id.clone()));
+        }
+        self.classic()
+    }
+
+    /// The classic group of a SyncGroup, Heartbeat or LeaveGroup: a
+    /// consumer-protocol group has no classic members.
+    fn classic(&mut self) -> Result<&mut Group, GroupError> {
+        match self {
+            Protocol::Classic(g) => Ok(g),
+            Protocol::Consumer(_) => Err(GroupError::UnknownMemberId),
+        }
+    }
+
+    /// The consumer-protocol group of a ConsumerGroupHeartbeat: an empty
+    /// classic group becomes one (its committed offsets stay).
+    fn consumer(&mut self) -> Result<&mut ConsumerGroup, GroupError> {
+        if let Protocol::Classic(g) = self {
+            if g.state() != GroupState::Empty || !g.is_empty() {
+                return Err(GroupError::GroupIdNotFound);
+            }
+            if g.generation() > 0 {
+                tracing::info!(group = %g.id, "empty classic group converted to a consumer-protocol group");
+            }
+            *self = Protocol::Consumer(ConsumerGroup::new(g.id.clone()));
+        }
+        match self {
+            Protocol::Consumer(cg) => Ok(cg),
+            Protocol::Classic(_) => Err(GroupError::GroupIdNotFound),
+        }
+    }
+
+    fn check_commit(
+        &self,
+        member_id: &str,
+        generation: i32,
+        instance_id: Option<&str>,
+    ) -> Result<(), GroupError> {
+        match self {
+            Protocol::Classic(g) => g.check_commit(member_id, generation, instance_id),
+            Protocol::Consumer(cg) => cg.check_commit(member_id, generation),
+        }
+    }
+
+    fn delete(&mut self) -> Result<(), GroupError> {
+        match self {
+            Protocol::Classic(g) => g.delete(),
+            Protocol::Consumer(cg) => cg.delete(),
+        }
+    }
+}
+
 struct Slot {
-    group: Group,
+    group: Protocol,
     /// Mod revision of `groups/<id>` as this broker last wrote or read it
     /// (0: absent).
     revision: u64,
@@ -90,8 +207,7 @@ impl Slot {
     /// Empty, nobody waiting, and untouched for `idle` at `now`.
     fn is_idle(&self, now: Instant, idle: Duration) -> bool {
         // No deadline: no member, no pending member id, no rebalance.
-        self.group.state() == GroupState::Empty
-            && self.group.next_deadline().is_none()
+        self.group.is_quiet()
             && self.joins.is_empty()
             && self.syncs.is_empty()
             && now.saturating_duration_since(self.touched) >= idle
@@ -130,7 +246,10 @@ const LEASE_TRUST_DEN: u32 = 10;
 #[derive(Debug, Clone)]
 pub struct GroupSummary {
     pub group_id: String,
-    pub state: GroupState,
+    /// Kafka's name of its state (the classic or the consumer protocol's).
+    pub state: &'static str,
+    /// "classic" or "consumer" (ListGroups v5's group type).
+    pub kind: &'static str,
     pub protocol_type: String,
     pub protocol: String,
     pub members: Vec<crate::group::Member>,
@@ -138,10 +257,23 @@ pub struct GroupSummary {
     pub owner: Option<i32>,
 }
 
+/// What OffsetDelete needs to know of a group's subscriptions.
+#[derive(Debug, Clone, Default)]
+pub struct Subscriptions {
+    /// Members are subscribed (a classic group of the consumer protocol
+    /// type with members, or a consumer-protocol group with members).
+    pub active: bool,
+    /// A classic group's members' raw subscription bytes.
+    pub classic: Vec<Bytes>,
+    /// A consumer-protocol group's subscribed topics.
+    pub topics: Vec<String>,
+}
+
 pub struct Coordinator {
     node_id: i32,
     meta: Arc<dyn MetaStore>,
     lease_ttl: Duration,
+    consumer: consumer_group::Config,
     inner: Mutex<Inner>,
     /// Serializes claims and record writes (both read-then-CAS).
     writes: tokio::sync::Mutex<()>,
@@ -149,10 +281,20 @@ pub struct Coordinator {
 
 impl Coordinator {
     pub fn new(node_id: i32, meta: Arc<dyn MetaStore>, lease_ttl: Duration) -> Arc<Self> {
+        Self::with_consumer_config(node_id, meta, lease_ttl, consumer_group::Config::default())
+    }
+
+    pub fn with_consumer_config(
+        node_id: i32,
+        meta: Arc<dyn MetaStore>,
+        lease_ttl: Duration,
+        consumer: consumer_group::Config,
+    ) -> Arc<Self> {
         Arc::new(Self {
             node_id,
             meta,
             lease_ttl,
+            consumer,
             inner: Mutex::new(Inner::default()),
             writes: tokio::sync::Mutex::new(()),
         })
@@ -189,14 +331,23 @@ impl Coordinator {
         {
             let mut inner = self.lock();
             for (id, slot) in inner.groups.iter_mut() {
-                if slot.group.next_deadline().is_none_or(|d| d > now) {
-                    continue;
+                match &mut slot.group {
+                    Protocol::Classic(g) => {
+                        if g.next_deadline().is_none_or(|d| d > now) {
+                            continue;
+                        }
+                        let mut fx = g.tick(now);
+                        if fx.persist {
+                            to_persist.push(id.clone());
+                        }
+                        slot.deliver(&mut fx);
+                    }
+                    Protocol::Consumer(cg) => {
+                        if cg.next_deadline().is_some_and(|d| d <= now) && cg.tick(now) {
+                            to_persist.push(id.clone());
+                        }
+                    }
                 }
-                let mut fx = slot.group.tick(now);
-                if fx.persist {
-                    to_persist.push(id.clone());
-                }
-                slot.deliver(&mut fx);
             }
         }
         for id in to_persist {
@@ -383,15 +534,19 @@ impl Coordinator {
         // The claim's put is the transaction's only write: its revision.
         let claim = claimed.revision;
         let now = Instant::now();
+        let empty = || Protocol::Classic(Group::new(group_id));
         let (group, revision) = match self.meta.get(&schema::group_key(group_id)).await? {
             Some(kv) => match serde_json::from_slice::<GroupRecord>(&kv.value) {
-                Ok(rec) => (Group::from_record(group_id, rec, now), kv.mod_revision),
+                Ok(rec) => (
+                    Protocol::load(group_id, rec, now, &self.consumer),
+                    kv.mod_revision,
+                ),
                 Err(e) => {
                     tracing::warn!(group = %group_id, error = %e, "unreadable group record; starting the group empty");
-                    (Group::new(group_id), kv.mod_revision)
+                    (empty(), kv.mod_revision)
                 }
             },
-            None => (Group::new(group_id), 0),
+            None => (empty(), 0),
         };
         tracing::info!(group = %group_id, generation = group.generation(), "coordinating group");
         self.lock().groups.insert(
@@ -432,11 +587,7 @@ impl Coordinator {
             let Some(slot) = inner.groups.get(group_id) else {
                 return Err(CoordError::NotCoordinator);
             };
-            (
-                slot.group.record(),
-                slot.revision,
-                slot.group.state() == GroupState::Dead,
-            )
+            (slot.group.record(), slot.revision, slot.group.is_dead())
         };
         if dead {
             return Ok(());
@@ -472,7 +623,11 @@ impl Coordinator {
             let Some(slot) = inner.groups.get_mut(group_id) else {
                 return Err((CoordError::NotCoordinator, member));
             };
-            let (outcome, mut fx) = slot.group.join(req, Instant::now());
+            let group = match slot.group.classic_join() {
+                Ok(g) => g,
+                Err(e) => return Err((CoordError::Group(e), member)),
+            };
+            let (outcome, mut fx) = group.join(req, Instant::now());
             let persist = fx.persist;
             slot.deliver(&mut fx);
             let outcome = match outcome {
@@ -511,7 +666,7 @@ impl Coordinator {
             let Some(slot) = inner.groups.get_mut(group_id) else {
                 return Err(CoordError::NotCoordinator);
             };
-            let (outcome, mut fx) = slot.group.sync(
+            let (outcome, mut fx) = slot.group.classic()?.sync(
                 member_id,
                 generation,
                 instance_id,
@@ -551,6 +706,7 @@ impl Coordinator {
     ) -> CoordResult<()> {
         self.with_slot(group_id, |slot| {
             slot.group
+                .classic()?
                 .heartbeat(member_id, generation, instance_id, Instant::now())
                 .map_err(CoordError::Group)
         })
@@ -573,9 +729,10 @@ impl Coordinator {
             let mut persist = false;
             let mut results = Vec::with_capacity(members.len());
             for (member, instance) in members {
-                let (r, mut fx) = slot
-                    .group
-                    .leave(&member, instance.as_deref(), Instant::now());
+                let (r, mut fx) =
+                    slot.group
+                        .classic()?
+                        .leave(&member, instance.as_deref(), Instant::now());
                 persist |= fx.persist;
                 slot.deliver(&mut fx);
                 let id = r.clone().unwrap_or(member);
@@ -760,24 +917,74 @@ impl Coordinator {
         Ok(())
     }
 
-    /// The group's members' subscriptions (raw consumer-protocol bytes),
-    /// loading the group if this broker is to coordinate it.
-    pub async fn member_subscriptions(
+    /// The group's members' subscriptions, loading the group if this
+    /// broker is to coordinate it.
+    pub async fn member_subscriptions(&self, group_id: &str) -> CoordResult<Subscriptions> {
+        self.with_slot(group_id, |slot| {
+            Ok(match &slot.group {
+                Protocol::Classic(g) => Subscriptions {
+                    active: g.state() != GroupState::Empty && g.protocol_type() == "consumer",
+                    classic: g
+                        .members()
+                        .filter_map(|m| m.protocols.first().map(|(_, b)| b.clone()))
+                        .collect(),
+                    topics: Vec::new(),
+                },
+                Protocol::Consumer(cg) => Subscriptions {
+                    active: !cg.is_empty(),
+                    classic: Vec::new(),
+                    topics: cg.subscribed_topics(&cg.topics).into_iter().collect(),
+                },
+            })
+        })
+        .await
+    }
+
+    /// One ConsumerGroupHeartbeat (KIP-848). `topics` is every topic of
+    /// the cluster as this broker knows them. A heartbeat that changed the
+    /// group is answered only once the group is persisted: a coordinator
+    /// that takes over knows every assignment a member was told of.
+    pub async fn consumer_heartbeat(
         &self,
         group_id: &str,
-    ) -> CoordResult<(GroupState, String, Vec<Bytes>)> {
-        self.acquire(group_id).await?;
-        let inner = self.lock();
-        let slot = inner
-            .groups
-            .get(group_id)
-            .ok_or(CoordError::NotCoordinator)?;
-        let g = &slot.group;
-        let subs = g
-            .members()
-            .filter_map(|m| m.protocols.first().map(|(_, b)| b.clone()))
-            .collect();
-        Ok((g.state(), g.protocol_type().to_string(), subs))
+        hb: Heartbeat,
+        topics: TopicView,
+    ) -> Result<HeartbeatAnswer, (CoordError, Option<String>)> {
+        self.acquire(group_id).await.map_err(|e| (e, None))?;
+        let (answer, changed) = {
+            let mut inner = self.lock();
+            let slot = inner
+                .groups
+                .get_mut(group_id)
+                .ok_or((CoordError::NotCoordinator, None))?;
+            slot.touched = Instant::now();
+            let cg = slot.group.consumer().map_err(|e| {
+                let why = format!("Group {group_id} is not a consumer group.");
+                (CoordError::Group(e), Some(why))
+            })?;
+            cg.heartbeat(hb, &topics, Instant::now(), &self.consumer)
+        };
+        if changed {
+            self.persist(group_id).await.map_err(|e| (e, None))?;
+        }
+        answer.map_err(|r| (CoordError::Group(r.error), Some(r.message)))
+    }
+
+    /// A consumer-protocol group's live state (ConsumerGroupDescribe);
+    /// `None` when the group does not exist or is a classic group.
+    pub async fn describe_consumer(&self, group_id: &str) -> CoordResult<Option<ConsumerGroup>> {
+        self.with_slot(group_id, |slot| {
+            Ok(match &slot.group {
+                Protocol::Consumer(cg) if cg.state() != CgState::Dead => Some(cg.clone()),
+                _ => None,
+            })
+        })
+        .await
+    }
+
+    /// The consumer-protocol settings this coordinator runs with.
+    pub fn consumer_config(&self) -> consumer_group::Config {
+        self.consumer
     }
 
     /// A group as this broker sees it: live state if it coordinates it,
@@ -802,15 +1009,7 @@ impl Coordinator {
     fn summary_if_owned(&self, group_id: &str) -> Option<GroupSummary> {
         let inner = self.lock();
         let slot = inner.groups.get(group_id)?;
-        let g = &slot.group;
-        Some(GroupSummary {
-            group_id: group_id.to_string(),
-            state: g.state(),
-            protocol_type: g.protocol_type().to_string(),
-            protocol: g.protocol().to_string(),
-            members: g.members().cloned().collect(),
-            owner: Some(self.node_id),
-        })
+        Some(summary(group_id, &slot.group, Some(self.node_id)))
     }
 
     async fn owner_of(&self, group_id: &str) -> CoordResult<Option<i32>> {
@@ -862,21 +1061,34 @@ impl Coordinator {
             let Ok(rec) = serde_json::from_slice::<GroupRecord>(&kv.value) else {
                 continue;
             };
-            let state = if rec.members.is_empty() {
-                GroupState::Empty
-            } else {
-                GroupState::Stable
-            };
-            out.push(GroupSummary {
-                owner: owners.get(&group_id).copied(),
-                group_id,
-                state,
-                protocol_type: rec.protocol_type,
-                protocol: rec.protocol,
-                members: rec.members,
-            });
+            // As a coordinator would load it (deadlines do not matter here).
+            let group = Protocol::load(&group_id, rec, Instant::now(), &self.consumer);
+            out.push(summary(&group_id, &group, owners.get(&group_id).copied()));
         }
         Ok(out)
+    }
+}
+
+fn summary(group_id: &str, group: &Protocol, owner: Option<i32>) -> GroupSummary {
+    match group {
+        Protocol::Classic(g) => GroupSummary {
+            group_id: group_id.to_string(),
+            state: g.state().as_str(),
+            kind: "classic",
+            protocol_type: g.protocol_type().to_string(),
+            protocol: g.protocol().to_string(),
+            members: g.members().cloned().collect(),
+            owner,
+        },
+        Protocol::Consumer(cg) => GroupSummary {
+            group_id: group_id.to_string(),
+            state: cg.state().as_str(),
+            kind: "consumer",
+            protocol_type: "consumer".into(),
+            protocol: String::new(),
+            members: Vec::new(),
+            owner,
+        },
     }
 }
 
@@ -940,6 +1152,130 @@ mod tests {
         );
         let listed = c.list().await.expect("list");
         assert!(listed.iter().any(|g| g.group_id == "g"), "still listed");
+    }
+
+    fn classic_join(member: &str) -> JoinRequest {
+        JoinRequest {
+            member_id: member.into(),
+            group_instance_id: None,
+            client_id: "c".into(),
+            client_host: "h".into(),
+            session_timeout_ms: 10_000,
+            rebalance_timeout_ms: 10_000,
+            protocol_type: "consumer".into(),
+            protocols: vec![("range".into(), Bytes::new())],
+            require_known_member_id: false,
+        }
+    }
+
+    /// A consumer-protocol group lives in the metadata store: the next
+    /// coordinator carries on with the members' epochs and partitions, and
+    /// the group refuses the classic protocol until it is empty.
+    #[tokio::test]
+    async fn a_consumer_group_moves_between_coordinators_and_protocols() {
+        use crate::consumer_group::{Assignment, TopicInfo};
+        let meta: Arc<dyn MetaStore> = Arc::new(Embedded::in_memory().expect("store"));
+        let topics: TopicView = [(
+            "t".to_string(),
+            TopicInfo {
+                id: uuid::Uuid::from_bytes([7; 16]),
+                partitions: 4,
+            },
+        )]
+        .into();
+        let hb = |id: &str, epoch: i32, owned: &Assignment| Heartbeat {
+            member_id: id.into(),
+            member_epoch: epoch,
+            rebalance_timeout_ms: 10_000,
+            subscribed_names: (epoch == 0).then(|| vec!["t".to_string()]),
+            owned: Some(owned.clone()),
+            ..Default::default()
+        };
+        let c1 = Coordinator::new(1, meta.clone(), Duration::from_secs(10));
+        let mut state: std::collections::BTreeMap<&str, (i32, Assignment)> = Default::default();
+        state.insert("a", (0, Assignment::new()));
+        state.insert("b", (0, Assignment::new()));
+        for _ in 0..4 {
+            for (id, (epoch, owned)) in state.iter_mut() {
+                let a = c1
+                    .consumer_heartbeat("cg", hb(id, *epoch, owned), topics.clone())
+                    .await
+                    .expect("heartbeat");
+                *epoch = a.member_epoch;
+                if let Some(a) = a.assignment {
+                    *owned = a;
+                }
+            }
+        }
+        let sizes: Vec<usize> = state
+            .values()
+            .map(|(_, a)| a.values().map(|p| p.len()).sum())
+            .collect();
+        assert_eq!(sizes, vec![2, 2]);
+        let err = c1
+            .join("cg", classic_join(""))
+            .await
+            .expect_err("classic join");
+        assert!(matches!(
+            err.0,
+            CoordError::Group(GroupError::InconsistentGroupProtocol)
+        ));
+        let listed = c1.list().await.expect("list");
+        assert_eq!((listed[0].kind, listed[0].state), ("consumer", "Stable"));
+
+        // Broker 1 goes; broker 2 loads the group and nothing moves.
+        c1.resign().await;
+        let c2 = Coordinator::new(2, meta.clone(), Duration::from_secs(10));
+        for (id, (epoch, owned)) in &state {
+            let a = c2
+                .consumer_heartbeat("cg", hb(id, *epoch, owned), topics.clone())
+                .await
+                .expect("heartbeat after failover");
+            assert_eq!(a.member_epoch, *epoch);
+            assert!(a.assignment.is_none(), "nothing moved: {a:?}");
+        }
+        let described = c2
+            .describe_consumer("cg")
+            .await
+            .expect("describe")
+            .expect("a consumer group");
+        assert_eq!(described.members.len(), 2);
+
+        // Empty, it becomes a classic group on the next JoinGroup, and a
+        // classic group with members refuses consumer-protocol members.
+        for (id, (_, owned)) in &state {
+            c2.consumer_heartbeat(
+                "cg",
+                hb(id, crate::consumer_group::LEAVE_EPOCH, owned),
+                topics.clone(),
+            )
+            .await
+            .expect("leave");
+        }
+        let joined = c2.join("cg", classic_join("")).await;
+        assert!(
+            matches!(
+                joined,
+                Err((CoordError::Group(GroupError::MemberIdRequired), _)) | Ok(_)
+            ),
+            "{joined:?}"
+        );
+        let member = match joined {
+            Err((_, id)) => id,
+            Ok(j) => j.member_id,
+        };
+        let c2b = c2.clone();
+        let rejoin = tokio::spawn(async move { c2b.join("cg", classic_join(&member)).await });
+        let joined = rejoin.await.expect("task").expect("classic member joined");
+        assert_eq!(joined.generation, 1);
+        let refused = c2
+            .consumer_heartbeat("cg", hb("z", 0, &Assignment::new()), topics.clone())
+            .await
+            .expect_err("non-empty classic group");
+        assert!(matches!(
+            refused.0,
+            CoordError::Group(GroupError::GroupIdNotFound)
+        ));
     }
 
     /// A store that holds back the next transaction writing an offset

@@ -70,6 +70,8 @@ pub struct EngineStart {
     /// The membership lease: a broker silent this long is gone.
     pub lease_ttl: Duration,
     pub cleanup: CleanupSettings,
+    /// Consumer-protocol (KIP-848) group timings.
+    pub consumer_groups: crate::consumer_group::Config,
 }
 
 /// A running engine. Shared by every shard (`Send + Sync`); nothing here is
@@ -195,7 +197,12 @@ impl Engine {
                 }
             }
         })?;
-        let groups = Coordinator::new(node_id, meta.clone(), start.lease_ttl);
+        let groups = Coordinator::with_consumer_config(
+            node_id,
+            meta.clone(),
+            start.lease_ttl,
+            start.consumer_groups,
+        );
         let engine = Arc::new(Self {
             config: start.config,
             sidecar: handle.clone(),

@@ -198,6 +198,10 @@ pub struct GroupRecord {
     pub protocol: String,
     pub leader: String,
     pub members: Vec<Member>,
+    /// Set when the group uses the consumer protocol (KIP-848): its whole
+    /// state, the classic fields then empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<crate::consumer_group::ConsumerGroup>,
 }
 
 #[derive(Debug)]
@@ -260,6 +264,7 @@ impl Group {
             protocol: self.protocol.clone(),
             leader: self.leader.clone(),
             members: self.members.values().cloned().collect(),
+            consumer: None,
         }
     }
 

@@ -23,11 +23,13 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::CreatePartitions, 0, 3),
     // v2 lists fenced brokers on request: a leaderless cluster has none.
     (ApiKey::DescribeCluster, 0, 2),
-    // Consumer groups (the classic protocol; KIP-848's
-    // ConsumerGroupHeartbeat is not served, so clients use this one).
-    // v5 only adds an error code for transactions; v6's share-group key
-    // is refused (INVALID_REQUEST).
+    // Consumer groups, the classic protocol and KIP-848's consumer
+    // protocol (ConsumerGroupHeartbeat, ConsumerGroupDescribe).
+    // FindCoordinator v5 only adds an error code for transactions; v6's
+    // share-group key is refused (INVALID_REQUEST).
     (ApiKey::FindCoordinator, 0, 6),
+    (ApiKey::ConsumerGroupHeartbeat, 0, 1),
+    (ApiKey::ConsumerGroupDescribe, 0, 1),
     (ApiKey::JoinGroup, 0, 9),
     (ApiKey::SyncGroup, 0, 5),
     (ApiKey::Heartbeat, 0, 4),

@@ -158,6 +158,7 @@ pub const FETCH_SESSION_TOPIC_ID_ERROR: i16 = E::FetchSessionTopicIdError.code()
 pub const UNKNOWN_TOPIC_ID: i16 = E::UnknownTopicId.code();
 pub const UNKNOWN_LEADER_EPOCH: i16 = E::UnknownLeaderEpoch.code();
 pub const LOG_DIR_NOT_FOUND: i16 = E::LogDirNotFound.code();
+pub const GROUP_ID_NOT_FOUND: i16 = E::GroupIdNotFound.code();
 pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = E::TransactionalIdAuthorizationFailed.code();
 pub const INVALID_TXN_STATE: i16 = E::InvalidTxnState.code();
 pub const NOT_ENOUGH_REPLICAS: i16 = E::NotEnoughReplicas.code();

@@ -68,6 +68,8 @@ pub enum Request {
     DescribeLogDirs(kafka_protocol::messages::DescribeLogDirsRequest),
     DescribeClientQuotas(kafka_protocol::messages::DescribeClientQuotasRequest),
     AlterClientQuotas(kafka_protocol::messages::AlterClientQuotasRequest),
+    ConsumerGroupHeartbeat(kafka_protocol::messages::ConsumerGroupHeartbeatRequest),
+    ConsumerGroupDescribe(kafka_protocol::messages::ConsumerGroupDescribeRequest),
     AlterReplicaLogDirs(kafka_protocol::messages::AlterReplicaLogDirsRequest),
     DescribeTopicPartitions(kafka_protocol::messages::DescribeTopicPartitionsRequest),
 }
@@ -194,6 +196,8 @@ pub fn decode(mut frame: Bytes) -> Result<Decoded, DecodeError> {
         ApiKey::DescribeLogDirs => Request::DescribeLogDirs(body(api, version, b)?),
         ApiKey::DescribeClientQuotas => Request::DescribeClientQuotas(body(api, version, b)?),
         ApiKey::AlterClientQuotas => Request::AlterClientQuotas(body(api, version, b)?),
+        ApiKey::ConsumerGroupHeartbeat => Request::ConsumerGroupHeartbeat(body(api, version, b)?),
+        ApiKey::ConsumerGroupDescribe => Request::ConsumerGroupDescribe(body(api, version, b)?),
         ApiKey::AlterReplicaLogDirs => Request::AlterReplicaLogDirs(body(api, version, b)?),
         ApiKey::DescribeTopicPartitions => Request::DescribeTopicPartitions(body(api, version, b)?),
         _ => {

@@ -252,6 +252,10 @@ fn start_engine(
             ready: true,
         },
         lease_ttl: Duration::from_secs(cfg.lease_ttl_secs),
+        consumer_groups: floe_engine::consumer_group::Config {
+            session_timeout: Duration::from_millis(cfg.group_consumer_session_timeout_ms),
+            heartbeat_interval: Duration::from_millis(cfg.group_consumer_heartbeat_interval_ms),
+        },
         cleanup: CleanupSettings {
             interval: Duration::from_secs(cfg.cleanup_interval_secs),
             delete_grace: Duration::from_secs(cfg.delete_grace_secs),

@@ -22,6 +22,10 @@ pub const FETCH_WAIT_MS_MAX: u64 = 30_000;
 pub const MAX_INCREMENTAL_FETCH_SESSION_CACHE_SLOTS: usize = 1_000;
 /// Kafka's min.incremental.fetch.session.eviction.ms default.
 pub const MIN_INCREMENTAL_FETCH_SESSION_EVICTION_MS: u64 = 120_000;
+/// Kafka's group.consumer.session.timeout.ms default.
+pub const GROUP_CONSUMER_SESSION_TIMEOUT_MS: u64 = 45_000;
+/// Kafka's group.consumer.heartbeat.interval.ms default.
+pub const GROUP_CONSUMER_HEARTBEAT_INTERVAL_MS: u64 = 5_000;
 /// Kafka's `connection.failed.authentication.delay.ms` default.
 pub const SASL_FAILED_AUTHENTICATION_DELAY_MS: u64 = 100;
 /// Failed SASL authentications per client address per minute.

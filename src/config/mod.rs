@@ -327,6 +327,14 @@ pub struct ServeArgs {
     /// evict it (Kafka's min.incremental.fetch.session.eviction.ms). [default: 120000]
     #[arg(long, env = "FLOE_MIN_INCREMENTAL_FETCH_SESSION_EVICTION_MS")]
     pub min_incremental_fetch_session_eviction_ms: Option<u64>,
+    /// A consumer-protocol (KIP-848) group member silent this long is
+    /// removed (Kafka's group.consumer.session.timeout.ms). [default: 45000]
+    #[arg(long, env = "FLOE_GROUP_CONSUMER_SESSION_TIMEOUT_MS")]
+    pub group_consumer_session_timeout_ms: Option<u64>,
+    /// How often consumer-protocol members heartbeat (Kafka's
+    /// group.consumer.heartbeat.interval.ms). [default: 5000]
+    #[arg(long, env = "FLOE_GROUP_CONSUMER_HEARTBEAT_INTERVAL_MS")]
+    pub group_consumer_heartbeat_interval_ms: Option<u64>,
     /// Log filter (tracing's EnvFilter syntax). [default: info]
     #[arg(long, env = "FLOE_LOG")]
     pub log: Option<String>,
@@ -399,6 +407,8 @@ pub struct Resolved {
     pub fetch_wait_ms_max: u64,
     pub max_incremental_fetch_session_cache_slots: usize,
     pub min_incremental_fetch_session_eviction_ms: u64,
+    pub group_consumer_session_timeout_ms: u64,
+    pub group_consumer_heartbeat_interval_ms: u64,
     pub log: String,
     /// The tuning model's choices, printed at start-up; the fields above
     /// that were not set explicitly come from it.
@@ -535,6 +545,16 @@ impl ServeArgs {
                 min_incremental_fetch_session_eviction_ms,
                 defaults::MIN_INCREMENTAL_FETCH_SESSION_EVICTION_MS
             ),
+            group_consumer_session_timeout_ms: pick!(
+                group_consumer_session_timeout_ms,
+                defaults::GROUP_CONSUMER_SESSION_TIMEOUT_MS
+            )
+            .clamp(1_000, 1_800_000),
+            group_consumer_heartbeat_interval_ms: pick!(
+                group_consumer_heartbeat_interval_ms,
+                defaults::GROUP_CONSUMER_HEARTBEAT_INTERVAL_MS
+            )
+            .clamp(100, 600_000),
             sasl_failed_authentication_delay_ms: pick!(
                 sasl_failed_authentication_delay_ms,
                 defaults::SASL_FAILED_AUTHENTICATION_DELAY_MS
@@ -1295,6 +1315,14 @@ mod tests {
             (
                 "min_incremental_fetch_session_eviction_ms",
                 defaults::MIN_INCREMENTAL_FETCH_SESSION_EVICTION_MS.to_string(),
+            ),
+            (
+                "group_consumer_session_timeout_ms",
+                defaults::GROUP_CONSUMER_SESSION_TIMEOUT_MS.to_string(),
+            ),
+            (
+                "group_consumer_heartbeat_interval_ms",
+                defaults::GROUP_CONSUMER_HEARTBEAT_INTERVAL_MS.to_string(),
             ),
             (
                 "sasl_failed_authentication_delay_ms",

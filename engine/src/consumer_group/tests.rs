@@ -416,6 +416,10 @@ struct Client {
     epoch: i32,
     owned: Assignment,
     running: bool,
+    /// When its last heartbeat was answered: a session later it considers
+    /// its partitions lost (KIP-848's client rule), before the group can
+    /// have removed it.
+    last_ok: Instant,
 }
 
 fn disjoint(sets: &[&Assignment]) -> Result<(), String> {
@@ -481,10 +485,17 @@ fn simulate(seed: u64, steps: usize) -> Result<(), String> {
             *persisted = serde_json::to_vec(&*g).map_err(|e| e.to_string())?;
         }
         if lose {
+            // A join left unanswered leaves the client owning nothing: it
+            // cannot know whether it joined afresh (after the group removed
+            // it) or went on as the member it was.
+            if cl.epoch == 0 {
+                cl.owned.clear();
+            }
             return Ok(());
         }
         match r {
             Ok(a) => {
+                cl.last_ok = now;
                 cl.epoch = a.member_epoch;
                 if let Some(a) = a.assignment {
                     cl.owned = a;
@@ -495,7 +506,9 @@ fn simulate(seed: u64, steps: usize) -> Result<(), String> {
                     cl.epoch = 0;
                     cl.owned.clear();
                 }
-                GroupError::UnreleasedInstanceId => {}
+                // Not a member (its instance id is another's now): it owns
+                // nothing, and tries again.
+                GroupError::UnreleasedInstanceId => cl.owned.clear(),
                 other => return Err(format!("unexpected refusal {other:?}: {}", e.message)),
             },
         }
@@ -523,6 +536,12 @@ fn simulate(seed: u64, steps: usize) -> Result<(), String> {
     };
     for _ in 0..steps {
         now += Duration::from_millis(rng.below(150));
+        for cl in clients.iter_mut() {
+            if now >= cl.last_ok + c.session_timeout && !cl.owned.is_empty() {
+                cl.owned.clear();
+                cl.epoch = 0;
+            }
+        }
         match rng.below(100) {
             0..=5 if clients.iter().filter(|c| c.running).count() < 6 => {
                 next_id += 1;
@@ -533,6 +552,7 @@ fn simulate(seed: u64, steps: usize) -> Result<(), String> {
                     epoch: 0,
                     owned: Assignment::new(),
                     running: true,
+                    last_ok: now,
                 });
             }
             6..=7 => {
@@ -576,6 +596,20 @@ fn simulate(seed: u64, steps: usize) -> Result<(), String> {
                 let info = tv.get_mut(t).expect("topic");
                 if info.partitions < 16 {
                     info.partitions += 1;
+                }
+            }
+            14 => {
+                // A member joins again (epoch 0) still holding what it
+                // owns, its answer lost one time in three.
+                let n = clients.len() as u64;
+                if n > 0 {
+                    let i = rng.below(n) as usize;
+                    let member = g.members.get(&clients[i].id).is_some_and(|m| !m.is_away());
+                    if clients[i].running && member {
+                        clients[i].epoch = 0;
+                        let lose = rng.below(3) == 0;
+                        beat_once(&mut g, &mut persisted, &mut clients[i], &tv, now, lose)?;
+                    }
                 }
             }
             11..=13 => {

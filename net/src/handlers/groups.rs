@@ -65,7 +65,7 @@ fn s(v: impl Into<String>) -> StrBytes {
 }
 
 /// Runs `f` with the group coordinator (on the engine's runtime).
-async fn on_coordinator<T, F, Fut>(ctx: &Ctx, f: F) -> Result<T, CoordError>
+pub(super) async fn on_coordinator<T, F, Fut>(ctx: &Ctx, f: F) -> Result<T, CoordError>
 where
     T: Send + 'static,
     F: FnOnce(Arc<Coordinator>) -> Fut,
@@ -74,7 +74,17 @@ where
     ctx.broker.engine.with_groups(f).await
 }
 
-fn client_host(ctx: &Ctx) -> String {
+/// A described group's authorized operations: the principal's when asked
+/// for, else Kafka's "not asked" (i32::MIN).
+pub(super) fn group_operations(ctx: &Ctx, asked: bool, group: &str) -> i32 {
+    if asked {
+        ctx.authorized_operations(AclResourceType::Group, group)
+    } else {
+        i32::MIN
+    }
+}
+
+pub(super) fn client_host(ctx: &Ctx) -> String {
     ctx.peer.map(|p| format!("/{}", p.ip())).unwrap_or_default()
 }
 
@@ -656,11 +666,11 @@ pub async fn describe(ctx: &Ctx, req: DescribeGroupsRequest, version: i16) -> Re
         let id = g.to_string();
         let entry = DescribedGroup::default()
             .with_group_id(g.clone())
-            .with_authorized_operations(if req.include_authorized_operations {
-                ctx.authorized_operations(AclResourceType::Group, &id)
-            } else {
-                i32::MIN
-            });
+            .with_authorized_operations(group_operations(
+                ctx,
+                req.include_authorized_operations,
+                &id,
+            ));
         if !ctx.allowed(AclOperation::Describe, AclResourceType::Group, &id) {
             groups.push(
                 entry
@@ -685,9 +695,14 @@ pub async fn describe(ctx: &Ctx, req: DescribeGroupsRequest, version: i16) -> Re
 }
 
 fn described(entry: DescribedGroup, sum: GroupSummary) -> DescribedGroup {
+    if sum.kind != "classic" {
+        // Kafka describes a consumer-protocol group here as Dead (v6:
+        // GROUP_ID_NOT_FOUND); ConsumerGroupDescribe is the call for it.
+        return entry.with_group_state(s(GroupState::Dead.as_str()));
+    }
     let protocol = sum.protocol.clone();
     entry
-        .with_group_state(s(sum.state.as_str()))
+        .with_group_state(s(sum.state))
         .with_protocol_type(s(sum.protocol_type))
         .with_protocol_data(s(sum.protocol))
         .with_members(
@@ -741,20 +756,20 @@ pub async fn list(ctx: &Ctx, req: ListGroupsRequest, version: i16) -> Reply {
                         }
                     }
                 })
-                .filter(|g| states.is_empty() || states.contains(&g.state.as_str().to_lowercase()))
+                .filter(|g| states.is_empty() || states.contains(&g.state.to_lowercase()))
                 // DESCRIBE on the cluster lists every group; else the ones
                 // the principal may describe, silently.
                 .filter(|g| {
                     cluster_describe
                         || ctx.may(AclOperation::Describe, AclResourceType::Group, &g.group_id)
                 })
-                .filter(|_| types.is_empty() || types.iter().any(|t| t == "classic"))
+                .filter(|g| types.is_empty() || types.iter().any(|t| t == g.kind))
                 .map(|g| {
                     ListedGroup::default()
                         .with_group_id(GroupId(s(g.group_id)))
                         .with_protocol_type(s(g.protocol_type))
-                        .with_group_state(s(g.state.as_str()))
-                        .with_group_type(s("classic"))
+                        .with_group_state(s(g.state))
+                        .with_group_type(s(g.kind))
                 })
                 .collect(),
         ),
@@ -821,7 +836,7 @@ pub async fn offset_delete(ctx: &Ctx, req: OffsetDeleteRequest, version: i16) ->
         coord.member_subscriptions(&group).await
     })
     .await;
-    let (state, protocol_type, subs) = match state {
+    let subs = match state {
         Ok(x) => x,
         Err(e) => {
             return encode(
@@ -830,10 +845,12 @@ pub async fn offset_delete(ctx: &Ctx, req: OffsetDeleteRequest, version: i16) ->
             )
         }
     };
-    let busy: Vec<String> = if state != GroupState::Empty && protocol_type == "consumer" {
-        subscribed(&subs)
-    } else {
+    let busy: Vec<String> = if !subs.active {
         Vec::new()
+    } else if subs.classic.is_empty() {
+        subs.topics
+    } else {
+        subscribed(&subs.classic)
     };
     let mut delete = Vec::new();
     let mut topics = Vec::with_capacity(req.topics.len());

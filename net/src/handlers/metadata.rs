@@ -63,12 +63,18 @@ pub async fn handle(ctx: &Ctx, req: MetadataRequest, version: i16) -> Reply {
     let brokers = discovery::visible_brokers(&ctx.broker, &ctx.client);
     let snapshot = ctx.broker.engine.topics();
     // v0: an empty list means all topics; v1+: null means all topics.
-    let requested: Option<Vec<String>> = match req.topics {
+    // v10+ may name a topic by id instead (KIP-516; KIP-848 consumers
+    // look their assigned topics up so).
+    let requested: Option<Vec<Result<String, uuid::Uuid>>> = match req.topics {
         None => None,
         Some(ts) if ts.is_empty() && version == 0 => None,
         Some(ts) => Some(
             ts.into_iter()
-                .filter_map(|t| t.name.map(|n| n.0.to_string()))
+                .filter_map(|t| match t.name {
+                    Some(n) => Some(Ok(n.0.to_string())),
+                    None if !t.topic_id.is_nil() => Some(Err(t.topic_id)),
+                    None => None,
+                })
                 .collect(),
         ),
     };
@@ -98,8 +104,34 @@ pub async fn handle(ctx: &Ctx, req: MetadataRequest, version: i16) -> Reply {
             all.sort_by(|a, b| a.name.cmp(&b.name));
             topics.extend(all.iter().map(|t| entry(t)));
         }
-        Some(names) => {
-            for name in names {
+        Some(asked) => {
+            let by_id = ctx.broker.engine.topics_by_id();
+            for name in asked {
+                let name = match name {
+                    Ok(name) => name,
+                    Err(id) => {
+                        match by_id.get(&id) {
+                            Some(t)
+                                if ctx.may(
+                                    AclOperation::Describe,
+                                    AclResourceType::Topic,
+                                    &t.name,
+                                ) =>
+                            {
+                                topics.push(entry(t))
+                            }
+                            // Unknown, or not to be described: Kafka does
+                            // not tell the two apart for an id.
+                            _ => topics.push(
+                                MetadataResponseTopic::default()
+                                    .with_topic_id(id)
+                                    .with_error_code(codes::UNKNOWN_TOPIC_ID)
+                                    .with_topic_authorized_operations(i32::MIN),
+                            ),
+                        }
+                        continue;
+                    }
+                };
                 if !ctx.allowed(AclOperation::Describe, AclResourceType::Topic, &name) {
                     topics.push(error_entry(&name, codes::TOPIC_AUTHORIZATION_FAILED));
                 } else if let Some(t) = snapshot.get(&name) {

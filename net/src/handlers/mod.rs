@@ -6,6 +6,7 @@
 pub(crate) mod acls;
 mod admin;
 mod configs;
+mod consumer_groups;
 mod delete_records;
 mod describe_topics;
 mod epochs;
@@ -160,6 +161,12 @@ pub async fn dispatch(ctx: &Ctx, request: Request, version: i16) -> Pending {
         }
         Request::InitProducerId(req) => {
             async move { admin::init_producer_id(&ctx, req, version).await }.boxed_local()
+        }
+        Request::ConsumerGroupHeartbeat(req) => {
+            async move { consumer_groups::heartbeat(&ctx, req, version).await }.boxed_local()
+        }
+        Request::ConsumerGroupDescribe(req) => {
+            async move { consumer_groups::describe(&ctx, req, version).await }.boxed_local()
         }
         Request::FindCoordinator(req) => {
             async move { groups::find_coordinator(&ctx, req, version).await }.boxed_local()
