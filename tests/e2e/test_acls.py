@@ -854,3 +854,67 @@ def test_kafka_admin_tools_manage_acls(acl_cluster):
     assert left == [group], left
     for b in brokers:
         b.assert_no_panic()
+
+
+def test_consumer_protocol_groups_check_their_acls(acl_cluster):
+    """KIP-848's calls: ConsumerGroupHeartbeat needs READ on the group and
+    DESCRIBE on each topic subscribed to by name; ConsumerGroupDescribe
+    needs DESCRIBE on the group. Sent by librdkafka as alice."""
+    from confluent_kafka import Consumer, KafkaException
+
+    brokers, sasl = acl_cluster
+    root = Wire(sasl[1], "admin")
+    env = Env(Wire(sasl[2], "alice"), root, other=2)
+    topic = env.topic("acl-kip848")
+    group = "acl-kip848-readers"
+    conf = {"bootstrap.servers": sasl[2], "security.protocol": "SASL_PLAINTEXT",
+            "sasl.mechanism": "PLAIN", "sasl.username": "alice",
+            "sasl.password": PASSWORDS["alice"], "group.id": group,
+            "group.protocol": "consumer", "auto.offset.reset": "earliest"}
+
+    def consume_or_error(timeout=30):
+        """The first record alice's member reads, or the first error."""
+        c = Consumer(conf)
+        c.subscribe([topic])
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                m = c.poll(0.5)
+                if m is None:
+                    continue
+                return m.error().name() if m.error() else "record"
+            return "nothing"
+        finally:
+            c.close()
+
+    try:
+        # Topic access but not the group: the heartbeat is refused.
+        grant(root, [(TOPIC, topic, LITERAL, Op.READ)])
+        assert consume_or_error() == "GROUP_AUTHORIZATION_FAILED"
+        # The group but not the topic: refused for the topic.
+        revoke(root, [(TOPIC, topic, LITERAL, Op.READ)])
+        grant(root, [(GROUP, group, LITERAL, Op.READ)])
+        assert consume_or_error() == "TOPIC_AUTHORIZATION_FAILED"
+        # Both: alice's member is assigned the partition and reads.
+        grant(root, [(TOPIC, topic, LITERAL, Op.READ)])
+        assert consume_or_error() == "record"
+
+        admin = confluent_admin(sasl[2], "alice")
+
+        def described():
+            f = admin.describe_consumer_groups([group], request_timeout=10)[group]
+            try:
+                return f.result(timeout=20).type.name
+            except KafkaException as e:
+                return e.args[0].name()
+        # READ implies DESCRIBE: alice describes her consumer group ...
+        assert described() == "CONSUMER"
+        # ... and without any ACL on it, she may not.
+        revoke(root, [(GROUP, group, LITERAL, Op.READ)])
+        until(lambda: described() == "GROUP_AUTHORIZATION_FAILED",
+              "ConsumerGroupDescribe refused without DESCRIBE on the group")
+    finally:
+        root.close()
+        env.alice.close()
+    for b in brokers:
+        b.assert_no_panic()

@@ -59,6 +59,20 @@ pub async fn heartbeat(ctx: &Ctx, req: ConsumerGroupHeartbeatRequest, version: i
     if !ctx.allowed(AclOperation::Read, AclResourceType::Group, &group) {
         return refuse(codes::GROUP_AUTHORIZATION_FAILED, None);
     }
+    // Kafka's check: DESCRIBE on every topic subscribed to by name.
+    let hidden: Vec<String> = req
+        .subscribed_topic_names
+        .iter()
+        .flatten()
+        .map(|t| t.to_string())
+        .filter(|t| !ctx.allowed(AclOperation::Describe, AclResourceType::Topic, t))
+        .collect();
+    if !hidden.is_empty() {
+        return refuse(
+            codes::TOPIC_AUTHORIZATION_FAILED,
+            Some(format!("Unauthorized topics: {}", hidden.join(", "))),
+        );
+    }
     let mut member_id = req.member_id.to_string();
     // v0: the broker names a joining member; from v1 the client does
     // (KIP-1082), and an empty id is refused by the group.
