@@ -203,9 +203,13 @@ pub struct ConsumerGroup {
     pub topics: TopicView,
     #[serde(skip)]
     dead: bool,
-    /// Changed since the last persist.
+    /// Changes made (counted), and how many of them the metadata store
+    /// holds: an answer is given only once the store has every change it
+    /// could reveal, including another request's still being written.
     #[serde(skip)]
-    dirty: bool,
+    changes: u64,
+    #[serde(skip)]
+    persisted: u64,
     /// The group epoch is to advance.
     #[serde(skip)]
     stale: bool,
@@ -240,7 +244,8 @@ impl ConsumerGroup {
             members: BTreeMap::new(),
             topics: TopicView::new(),
             dead: false,
-            dirty: false,
+            changes: 0,
+            persisted: 0,
             stale: false,
         }
     }
@@ -340,8 +345,9 @@ impl ConsumerGroup {
     }
 
     /// One ConsumerGroupHeartbeat. `all_topics` is every topic of the
-    /// cluster now. Returns the answer and whether the group changed in a
-    /// way that must be persisted before it is answered.
+    /// cluster now. Returns the answer and whether the group has changes
+    /// (this request's or an earlier one's) that must be persisted before
+    /// it is answered.
     pub fn heartbeat(
         &mut self,
         hb: Heartbeat,
@@ -351,7 +357,7 @@ impl ConsumerGroup {
     ) -> (Result<HeartbeatAnswer, Refusal>, bool) {
         // Every refusal comes before the first change.
         let r = self.heartbeat_inner(hb, all_topics, now, cfg);
-        (r, std::mem::take(&mut self.dirty))
+        (r, self.unpersisted())
     }
 
     fn heartbeat_inner(
@@ -484,7 +490,7 @@ impl ConsumerGroup {
                     }
                     m.session_deadline = now + cfg.session_timeout;
                     self.members.insert(m.id.clone(), m);
-                    self.dirty = true;
+                    self.changes += 1;
                     return Ok(());
                 }
                 Some(_) => {
@@ -559,7 +565,7 @@ impl ConsumerGroup {
         m.state = MemberState::Stable;
         m.previous_epoch = m.epoch.max(0);
         m.epoch = 0;
-        self.dirty = true;
+        self.changes += 1;
     }
 
     /// A member's epoch must be its current one, or the one before it when
@@ -635,7 +641,7 @@ impl ConsumerGroup {
             if !m.is_away() {
                 m.previous_epoch = m.epoch;
                 m.epoch = LEAVE_STATIC_EPOCH;
-                self.dirty = true;
+                self.changes += 1;
             }
         } else {
             self.remove_member(&id);
@@ -652,7 +658,7 @@ impl ConsumerGroup {
     /// it carries) at the next [`ConsumerGroup::assign_if_due`].
     fn bump(&mut self) {
         self.stale = true;
-        self.dirty = true;
+        self.changes += 1;
     }
 
     fn remove_member(&mut self, id: &str) {
@@ -698,7 +704,7 @@ impl ConsumerGroup {
             _ => assign_uniform(&subs, &self.topics, &self.target),
         };
         self.assignment_epoch = self.epoch;
-        self.dirty = true;
+        self.changes += 1;
     }
 
     /// The assignor most members ask for; the default when none does
@@ -733,7 +739,7 @@ impl ConsumerGroup {
                 let m = self.members.get_mut(id).expect("present");
                 m.revoking.clear();
                 m.revoke_deadline = None;
-                self.dirty = true;
+                self.changes += 1;
             }
             MemberState::Stable if m.epoch == target_epoch => return,
             _ => {}
@@ -758,7 +764,7 @@ impl ConsumerGroup {
             m.revoking = revoke;
             m.state = MemberState::UnrevokedPartitions;
             m.revoke_deadline = Some(deadline);
-            self.dirty = true;
+            self.changes += 1;
             return;
         }
         let mut unreleased = false;
@@ -782,7 +788,7 @@ impl ConsumerGroup {
             MemberState::Stable
         };
         if m.epoch != target_epoch || m.assigned != keep || m.state != state {
-            self.dirty = true;
+            self.changes += 1;
         }
         if m.epoch != target_epoch {
             m.previous_epoch = m.epoch;
@@ -793,8 +799,8 @@ impl ConsumerGroup {
     }
 
     /// Removes members whose session ended, or that did not revoke within
-    /// their rebalance timeout. Returns whether the group changed since it
-    /// was last persisted.
+    /// their rebalance timeout. Returns whether the group has changes to
+    /// persist.
     pub fn tick(&mut self, now: Instant) -> bool {
         let expired: Vec<String> = self
             .members
@@ -809,7 +815,22 @@ impl ConsumerGroup {
         if !expired.is_empty() {
             self.assign_if_due();
         }
-        std::mem::take(&mut self.dirty)
+        self.unpersisted()
+    }
+
+    /// Whether the group has changes the metadata store does not hold yet.
+    pub fn unpersisted(&self) -> bool {
+        self.changes != self.persisted
+    }
+
+    /// How many changes the group has had; a record taken now holds them.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// The store holds the record taken after `changes` changes.
+    pub fn persisted_up_to(&mut self, changes: u64) {
+        self.persisted = self.persisted.max(changes);
     }
 }
 

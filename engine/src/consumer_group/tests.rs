@@ -129,6 +129,7 @@ fn epochs_are_fenced_except_a_lost_answer() {
         GroupError::UnknownMemberId
     );
     // Refusals change nothing to persist.
+    g.persisted_up_to(g.changes());
     assert!(!g.heartbeat(beat("zz", 1, &kept), &tv, now, &cfg()).1);
 }
 
@@ -293,6 +294,7 @@ fn a_silent_member_is_removed_and_its_partitions_freed() {
     // b stops; a keeps heartbeating.
     let later = now + c.session_timeout - T;
     g.heartbeat(beat("a", 2, &kept), &tv, later, &c).0.unwrap();
+    g.persisted_up_to(g.changes());
     assert!(!g.tick(later));
     let expired = now + c.session_timeout;
     assert!(g.tick(expired));
@@ -317,6 +319,7 @@ fn a_member_that_does_not_revoke_in_time_is_removed() {
     // a goes on heartbeating but never gives the partitions up.
     let t1 = now + Duration::from_millis(29_000);
     g.heartbeat(beat("a", 1, &owned), &tv, t1, &c).0.unwrap();
+    g.persisted_up_to(g.changes());
     assert!(!g.tick(t1));
     assert!(g.tick(now + Duration::from_millis(30_000)));
     assert!(!g.members.contains_key("a"));
@@ -393,6 +396,13 @@ fn the_record_round_trips_and_a_new_coordinator_carries_on() {
 
 // ---- a seeded simulation ---------------------------------------------------
 
+/// The record a coordinator writes, marked as held by the store.
+fn save(g: &mut ConsumerGroup) -> Vec<u8> {
+    let record = serde_json::to_vec(&*g).expect("encodes");
+    g.persisted_up_to(g.changes());
+    record
+}
+
 /// splitmix64: small, seeded, good enough to pick actions.
 struct Rng(u64);
 impl Rng {
@@ -453,7 +463,7 @@ fn simulate(seed: u64, steps: usize) -> Result<(), String> {
     ]);
     let mut now = Instant::now();
     let mut g = ConsumerGroup::new("g");
-    let mut persisted = serde_json::to_vec(&g).unwrap();
+    let mut persisted = save(&mut g);
     let mut clients: Vec<Client> = Vec::new();
     let mut next_id = 0;
     let assignor = if rng.below(2) == 0 {
@@ -466,7 +476,8 @@ fn simulate(seed: u64, steps: usize) -> Result<(), String> {
                      cl: &mut Client,
                      tv: &TopicView,
                      now: Instant,
-                     lose: bool|
+                     lose: bool,
+                     store_down: bool|
      -> Result<(), String> {
         let mut hb = Heartbeat {
             member_id: cl.id.clone(),
@@ -481,10 +492,13 @@ fn simulate(seed: u64, steps: usize) -> Result<(), String> {
             hb.server_assignor = Some(assignor.into());
         }
         let (r, changed) = g.heartbeat(hb, tv, now, &c);
-        if changed {
-            *persisted = serde_json::to_vec(&*g).map_err(|e| e.to_string())?;
+        // A record that could not be written: the client is answered with
+        // an error (for it, as good as lost); the changes stay unpersisted.
+        let unanswered = lose || (changed && store_down);
+        if changed && !store_down {
+            *persisted = save(g);
         }
-        if lose {
+        if unanswered {
             // A join left unanswered leaves the client owning nothing: it
             // cannot know whether it joined afresh (after the group removed
             // it) or went on as the member it was.
@@ -570,7 +584,7 @@ fn simulate(seed: u64, steps: usize) -> Result<(), String> {
                         ..Default::default()
                     };
                     if g.heartbeat(hb, &tv, now, &c).1 {
-                        persisted = serde_json::to_vec(&g).unwrap();
+                        persisted = save(&mut g);
                     }
                     cl.running = false;
                     cl.owned.clear();
@@ -608,13 +622,22 @@ fn simulate(seed: u64, steps: usize) -> Result<(), String> {
                     if clients[i].running && member {
                         clients[i].epoch = 0;
                         let lose = rng.below(3) == 0;
-                        beat_once(&mut g, &mut persisted, &mut clients[i], &tv, now, lose)?;
+                        let down = rng.below(10) == 0;
+                        beat_once(
+                            &mut g,
+                            &mut persisted,
+                            &mut clients[i],
+                            &tv,
+                            now,
+                            lose,
+                            down,
+                        )?;
                     }
                 }
             }
             11..=13 => {
                 if g.tick(now) {
-                    persisted = serde_json::to_vec(&g).unwrap();
+                    persisted = save(&mut g);
                 }
             }
             _ => {
@@ -623,7 +646,16 @@ fn simulate(seed: u64, steps: usize) -> Result<(), String> {
                     let i = rng.below(n) as usize;
                     if clients[i].running {
                         let lose = rng.below(10) == 0;
-                        beat_once(&mut g, &mut persisted, &mut clients[i], &tv, now, lose)?;
+                        let down = rng.below(10) == 0;
+                        beat_once(
+                            &mut g,
+                            &mut persisted,
+                            &mut clients[i],
+                            &tv,
+                            now,
+                            lose,
+                            down,
+                        )?;
                     }
                 }
             }
@@ -634,10 +666,10 @@ fn simulate(seed: u64, steps: usize) -> Result<(), String> {
     for _ in 0..60 {
         now += Duration::from_millis(100);
         if g.tick(now) {
-            persisted = serde_json::to_vec(&g).unwrap();
+            persisted = save(&mut g);
         }
         for cl in clients.iter_mut().filter(|c| c.running) {
-            beat_once(&mut g, &mut persisted, cl, &tv, now, false)?;
+            beat_once(&mut g, &mut persisted, cl, &tv, now, false, false)?;
         }
         check(&g, &clients)?;
     }
