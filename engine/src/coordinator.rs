@@ -582,7 +582,7 @@ impl Coordinator {
     /// saw. Losing the CAS means another broker took the group over.
     async fn persist(&self, group_id: &str) -> CoordResult<()> {
         let _w = self.writes.lock().await;
-        let (record, expect, dead, changes) = {
+        let (record, expect, dead, changes, claim) = {
             let inner = self.lock();
             let Some(slot) = inner.groups.get(group_id) else {
                 return Err(CoordError::NotCoordinator);
@@ -596,6 +596,7 @@ impl Coordinator {
                 slot.revision,
                 slot.group.is_dead(),
                 changes,
+                slot.claim,
             )
         };
         if dead {
@@ -604,15 +605,19 @@ impl Coordinator {
         let value = serde_json::to_vec(&record)
             .map_err(|e| CoordError::Unavailable(format!("encoding the group record: {e}")))?;
         let key = schema::group_key(group_id);
+        // Under this claim only: a write held up in the network until the
+        // claim ended (the lease expired) must not land over a group the
+        // next coordinator has loaded and answers from without writing.
+        let owner = Compare::ModRevision(schema::group_owner_key(group_id), claim);
         let out = self
             .meta
             .txn(
-                Txn::when(vec![Compare::ModRevision(key.clone(), expect)])
+                Txn::when(vec![owner, Compare::ModRevision(key.clone(), expect)])
                     .and_then(vec![Op::Put(key, Bytes::from(value))]),
             )
             .await?;
         if !out.succeeded {
-            tracing::warn!(group = %group_id, "group record changed under this broker; giving the group up");
+            tracing::warn!(group = %group_id, "group record or claim changed under this broker; giving the group up");
             self.drop_group(group_id);
             return Err(CoordError::NotCoordinator);
         }
@@ -1298,6 +1303,8 @@ mod tests {
     /// until told to let it through: a request delayed in the network.
     struct Gate {
         inner: Arc<dyn MetaStore>,
+        /// Which writes it holds back: puts of keys under this prefix.
+        prefix: &'static str,
         armed: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
         held: tokio::sync::Notify,
     }
@@ -1319,7 +1326,7 @@ mod tests {
             let writes_offset = txn
                 .success
                 .iter()
-                .any(|op| matches!(op, Op::Put(k, _) if k.starts_with(schema::OFFSETS_PREFIX)));
+                .any(|op| matches!(op, Op::Put(k, _) if k.starts_with(self.prefix)));
             let wait = if writes_offset {
                 self.armed.lock().expect("lock").take()
             } else {
@@ -1356,6 +1363,7 @@ mod tests {
         let base: Arc<dyn MetaStore> = Arc::new(Embedded::in_memory().expect("store"));
         let gate = Arc::new(Gate {
             inner: base,
+            prefix: schema::OFFSETS_PREFIX,
             armed: Mutex::new(None),
             held: tokio::sync::Notify::new(),
         });
@@ -1383,6 +1391,76 @@ mod tests {
         assert_eq!(
             c.fetch_offsets("g", None).await.expect("fetch")[0].2.offset,
             7
+        );
+    }
+
+    /// A consumer group's record written by a broker whose claim is gone
+    /// (its lease expired while the write was on its way) never lands,
+    /// even when the next coordinator has loaded the group and not written
+    /// it yet: that coordinator answers from what it loaded.
+    #[tokio::test]
+    async fn a_group_record_write_from_an_earlier_claim_never_lands() {
+        use crate::consumer_group::{Assignment, TopicInfo};
+        let base: Arc<dyn MetaStore> = Arc::new(Embedded::in_memory().expect("store"));
+        let gate = Arc::new(Gate {
+            inner: base.clone(),
+            prefix: schema::GROUPS_PREFIX,
+            armed: Mutex::new(None),
+            held: tokio::sync::Notify::new(),
+        });
+        let topics: TopicView = [(
+            "t".to_string(),
+            TopicInfo {
+                id: uuid::Uuid::from_bytes([3; 16]),
+                partitions: 2,
+            },
+        )]
+        .into();
+        let join = |id: &str| Heartbeat {
+            member_id: id.into(),
+            member_epoch: 0,
+            rebalance_timeout_ms: 10_000,
+            subscribed_names: Some(vec!["t".into()]),
+            owned: Some(Assignment::new()),
+            ..Default::default()
+        };
+        let c1 = Coordinator::new(1, gate.clone(), Duration::from_secs(10));
+        c1.consumer_heartbeat("cg", join("a"), topics.clone())
+            .await
+            .expect("a joins");
+        let (release, rx) = tokio::sync::oneshot::channel();
+        *gate.armed.lock().expect("lock") = Some(rx);
+        let stale = {
+            let (c1, topics) = (c1.clone(), topics.clone());
+            tokio::spawn(async move { c1.consumer_heartbeat("cg", join("b"), topics).await })
+        };
+        gate.held.notified().await;
+        // Broker 1's lease ends (its claim goes); broker 2 loads the group.
+        base.txn(Txn::when(vec![]).and_then(vec![Op::Delete(schema::group_owner_key("cg"))]))
+            .await
+            .expect("claim gone");
+        let c2 = Coordinator::new(2, base.clone(), Duration::from_secs(10));
+        let loaded = c2
+            .describe_consumer("cg")
+            .await
+            .expect("describe")
+            .expect("consumer group");
+        assert_eq!(loaded.members.len(), 1);
+        let _ = release.send(());
+        assert!(
+            stale.await.expect("task").is_err(),
+            "a write of an earlier claim was answered"
+        );
+        let kv = base
+            .get(&schema::group_key("cg"))
+            .await
+            .expect("get")
+            .expect("record");
+        let rec: GroupRecord = serde_json::from_slice(&kv.value).expect("record");
+        assert_eq!(
+            rec.consumer.expect("consumer group").members.len(),
+            1,
+            "the stale write landed"
         );
     }
 
