@@ -70,11 +70,13 @@ def _logger(name, handler):
 class Load:
     """All clients of one run. `brokers` are procs.Broker objects."""
 
-    def __init__(self, brokers, topic, partitions, group, clock, rate, log=print, eos_topic=None):
+    def __init__(self, brokers, topic, partitions, group, clock, rate, log=print, eos_topic=None,
+                 group_protocol="classic"):
         self.brokers = brokers
         self.topic = topic
         self.partitions = partitions
         self.group = group
+        self.group_protocol = group_protocol
         self.clock = clock
         self.rate = rate  # records per second per producer
         self.log = log
@@ -259,10 +261,15 @@ class Load:
         """A group member: subscribes, commits synchronously every 500
         records or second, only offsets of partitions it holds."""
         who = "member-%d" % idx
-        c = Consumer(self._consumer_conf(who, broker, **{
-            "group.id": self.group, "client.id": "nemesis-%s" % who,
-            "session.timeout.ms": 10000, "heartbeat.interval.ms": 1000,
-            "max.poll.interval.ms": 120000}))
+        conf = {"group.id": self.group, "client.id": "nemesis-%s" % who,
+                "max.poll.interval.ms": 120000}
+        if self.group_protocol == "consumer":
+            # KIP-848: the broker assigns; its session and heartbeat
+            # settings are the brokers' (librdkafka refuses the classic ones).
+            conf["group.protocol"] = "consumer"
+        else:
+            conf.update({"session.timeout.ms": 10000, "heartbeat.interval.ms": 1000})
+        c = Consumer(self._consumer_conf(who, broker, **conf))
         held = set()
         start_of = {}  # partition -> first offset expected in this assignment: unknown (None)
 

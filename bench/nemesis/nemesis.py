@@ -153,6 +153,9 @@ class Run:
             # final reads come from archives.
             "archive-target-bytes": self.args.archive_target_bytes,
             "archive-max-age-secs": 2,
+            # KIP-848 members: the same session as the classic members'.
+            "group-consumer-session-timeout-ms": 10000,
+            "group-consumer-heartbeat-interval-ms": 1000,
         }
         if self.args.store == "s3":
             moto_bin = Path(os.environ.get("FLOE_MOTO_SERVER", REPO / "tests/.venv/bin/moto_server"))
@@ -576,7 +579,8 @@ class Run:
         self.setup()
         self.load = Load(list(self.brokers.values()), TOPIC, self.args.partitions, "nemesis-group-%d" % self.seed,
                          self.clock, self.args.rate, log=self.log,
-                         eos_topic=EOS_TOPIC if self.args.eos else None)
+                         eos_topic=EOS_TOPIC if self.args.eos else None,
+                         group_protocol=self.args.group_protocol)
         self.load.start()
         deadline = time.monotonic() + 30
         while self.load.counts()[0] == 0:
@@ -683,6 +687,9 @@ def main(argv=None):
     ap.add_argument("--quiet", type=float, default=5.0, help="seconds of load after healing")
     ap.add_argument("--workdir", default=None, help="where the run's directory goes (default: $TMPDIR)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the logs even without violations")
+    ap.add_argument("--group-protocol", choices=["classic", "consumer"], default="classic",
+                    help="the group members' protocol: classic (JoinGroup/SyncGroup) or consumer "
+                         "(KIP-848, the broker assigns)")
     ap.add_argument("--max-run-secs", type=float, default=None,
                     help="hard limit of the whole run, after which it is interrupted and cleaned up "
                          "(default SECONDS + 900)")
@@ -752,9 +759,10 @@ def main(argv=None):
             dump_etcd(run, where / "etcd-keys.txt")
         run.cleanup(keep_logs=keep)
         done.set()
-        summary = ("nemesis seed=%d secs=%g store=%s faults=%d (%s) acked=%d failed=%d (definite=%d%s) "
+        summary = ("nemesis seed=%d secs=%g store=%s groups=%s faults=%d (%s) acked=%d failed=%d (definite=%d%s) "
                    "timed_out_in_log=%d consumed=%d log_head=%s violations=%d%s%s"
-                   % (args.seed, args.seconds, args.store, sum(run.injected.values()), kinds, acked, failed,
+                   % (args.seed, args.seconds, args.store, args.group_protocol, sum(run.injected.values()),
+                      kinds, acked, failed,
                       definite, "".join(" %s=%d" % kv for kv in sorted(failed_names.items())),
                       unknown_in_log, consumed, head, len(run.violations),
                       " harness_error" if harness_error else "", " logs=%s" % where if where else ""))
