@@ -79,6 +79,74 @@ pub struct TopicInfo {
 /// Topics by name.
 pub type TopicView = BTreeMap<String, TopicInfo>;
 
+/// Every topic of the cluster, as a heartbeat sees them: the engine's
+/// topic map (no copy per heartbeat) or, in tests, a [`TopicView`].
+pub trait Topics {
+    fn info(&self, name: &str) -> Option<TopicInfo>;
+    fn each_name(&self, f: &mut dyn FnMut(&str));
+}
+
+impl Topics for TopicView {
+    fn info(&self, name: &str) -> Option<TopicInfo> {
+        self.get(name).copied()
+    }
+    fn each_name(&self, f: &mut dyn FnMut(&str)) {
+        self.keys().for_each(|n| f(n));
+    }
+}
+
+impl Topics for crate::topics::TopicMap {
+    fn info(&self, name: &str) -> Option<TopicInfo> {
+        self.get(name).map(|t| TopicInfo {
+            id: t.id,
+            partitions: t.partitions,
+        })
+    }
+    fn each_name(&self, f: &mut dyn FnMut(&str)) {
+        self.keys().for_each(|n| f(n));
+    }
+}
+
+/// The group's subscription regexes, compiled once each (a heartbeat
+/// would otherwise compile every member's): not state, so equal to any
+/// other.
+#[derive(Clone, Default)]
+struct Patterns(std::collections::HashMap<String, regex::Regex>);
+
+impl PartialEq for Patterns {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Patterns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+impl Patterns {
+    /// Compiled for exactly the patterns the members use now.
+    fn sync(&mut self, members: &BTreeMap<String, CgMember>) {
+        let wanted: BTreeSet<&str> = members
+            .values()
+            .filter_map(|m| m.subscribed_regex.as_deref())
+            .collect();
+        self.0.retain(|p, _| wanted.contains(p.as_str()));
+        for p in wanted {
+            if !self.0.contains_key(p) {
+                if let Ok(re) = compile_regex(p) {
+                    self.0.insert(p.to_string(), re);
+                }
+            }
+        }
+    }
+
+    fn matches(&self, pattern: &str, topic: &str) -> bool {
+        !topic.starts_with("__") && self.0.get(pattern).is_some_and(|re| re.is_match(topic))
+    }
+}
+
 /// Partitions by topic id.
 pub type Assignment = BTreeMap<Uuid, BTreeSet<i32>>;
 
@@ -213,6 +281,8 @@ pub struct ConsumerGroup {
     /// The group epoch is to advance.
     #[serde(skip)]
     stale: bool,
+    #[serde(skip)]
+    patterns: Patterns,
 }
 
 /// A compiled subscription regex: RE2 syntax (Rust's `regex` is an RE2
@@ -247,6 +317,7 @@ impl ConsumerGroup {
             changes: 0,
             persisted: 0,
             stale: false,
+            patterns: Patterns::default(),
         }
     }
 
@@ -301,13 +372,9 @@ impl ConsumerGroup {
             .min()
     }
 
-    /// Topic names the members subscribe to, regexes resolved in `topics`.
-    pub fn subscribed_topics(&self, topics: &TopicView) -> BTreeSet<String> {
-        let mut out = BTreeSet::new();
-        for m in self.members.values() {
-            out.extend(member_topics(m, topics));
-        }
-        out
+    /// Topic names the members subscribe to, as of their last heartbeat.
+    pub fn subscribed_topics(&self) -> BTreeSet<String> {
+        self.topics.keys().cloned().collect()
     }
 
     /// OffsetCommit's check (`generation` is the member epoch): a member at
@@ -351,7 +418,7 @@ impl ConsumerGroup {
     pub fn heartbeat(
         &mut self,
         hb: Heartbeat,
-        all_topics: &TopicView,
+        all_topics: &dyn Topics,
         now: Instant,
         cfg: &Config,
     ) -> (Result<HeartbeatAnswer, Refusal>, bool) {
@@ -363,7 +430,7 @@ impl ConsumerGroup {
     fn heartbeat_inner(
         &mut self,
         hb: Heartbeat,
-        all_topics: &TopicView,
+        all_topics: &dyn Topics,
         now: Instant,
         cfg: &Config,
     ) -> Result<HeartbeatAnswer, Refusal> {
@@ -670,14 +737,29 @@ impl ConsumerGroup {
 
     /// Takes in the subscribed topics as they are now; a change (a topic
     /// created, deleted, grown, or matched by a regex) bumps the epoch.
-    fn refresh_topics(&mut self, all: &TopicView) {
-        let mut view = TopicView::new();
+    fn refresh_topics(&mut self, all: &dyn Topics) {
+        // Over the distinct subscriptions: members mostly share one.
+        self.patterns.sync(&self.members);
+        let mut names: BTreeSet<&str> = BTreeSet::new();
+        let mut regexes: BTreeSet<&str> = BTreeSet::new();
         for m in self.members.values() {
-            for t in member_topics(m, all) {
-                if let Some(info) = all.get(&t) {
-                    view.insert(t, *info);
-                }
+            names.extend(m.subscribed_names.iter().map(String::as_str));
+            regexes.extend(m.subscribed_regex.as_deref());
+        }
+        let mut view = TopicView::new();
+        for name in names {
+            if let Some(info) = all.info(name) {
+                view.insert(name.to_string(), info);
             }
+        }
+        if !regexes.is_empty() {
+            all.each_name(&mut |t| {
+                if !view.contains_key(t) && regexes.iter().any(|p| self.patterns.matches(p, t)) {
+                    if let Some(info) = all.info(t) {
+                        view.insert(t.to_string(), info);
+                    }
+                }
+            });
         }
         if view != self.topics {
             self.topics = view;
@@ -694,10 +776,12 @@ impl ConsumerGroup {
             return;
         }
         self.assignor = self.preferred_assignor();
+        // After a failover the cache starts empty.
+        self.patterns.sync(&self.members);
         let subs: BTreeMap<String, BTreeSet<String>> = self
             .members
             .values()
-            .map(|m| (m.id.clone(), member_topics(m, &self.topics)))
+            .map(|m| (m.id.clone(), member_topics(m, &self.topics, &self.patterns)))
             .collect();
         self.target = match self.assignor.as_str() {
             "range" => assign_range(&subs, &self.topics),
@@ -838,25 +922,16 @@ fn rebalance_timeout(m: &CgMember) -> Duration {
     Duration::from_millis(m.rebalance_timeout_ms.max(1) as u64)
 }
 
-/// The topics one member subscribes to that exist in `topics`.
-fn member_topics(m: &CgMember, topics: &TopicView) -> BTreeSet<String> {
+/// The topics of `topics` one member subscribes to.
+fn member_topics(m: &CgMember, topics: &TopicView, patterns: &Patterns) -> BTreeSet<String> {
     let mut out: BTreeSet<String> = m
         .subscribed_names
         .iter()
         .filter(|t| topics.contains_key(*t))
         .cloned()
         .collect();
-    if let Some(re) = m
-        .subscribed_regex
-        .as_deref()
-        .and_then(|p| compile_regex(p).ok())
-    {
-        out.extend(
-            topics
-                .keys()
-                .filter(|t| !t.starts_with("__") && re.is_match(t))
-                .cloned(),
-        );
+    if let Some(p) = m.subscribed_regex.as_deref() {
+        out.extend(topics.keys().filter(|t| patterns.matches(p, t)).cloned());
     }
     out
 }

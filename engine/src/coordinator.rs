@@ -24,7 +24,7 @@ use floe_meta::schema::{self, OffsetRecord};
 use floe_meta::{prefix_end, Compare, LeaseId, MetaStore, Op, Txn};
 use futures::channel::oneshot;
 
-use crate::consumer_group::{self, CgState, ConsumerGroup, Heartbeat, HeartbeatAnswer, TopicView};
+use crate::consumer_group::{self, CgState, ConsumerGroup, Heartbeat, HeartbeatAnswer, Topics};
 use crate::group::{
     Effects, Group, GroupError, GroupRecord, GroupState, JoinOutcome, JoinRequest, Joined,
     SyncOutcome, Synced,
@@ -950,7 +950,7 @@ impl Coordinator {
                 Protocol::Consumer(cg) => Subscriptions {
                     active: !cg.is_empty(),
                     classic: Vec::new(),
-                    topics: cg.subscribed_topics(&cg.topics).into_iter().collect(),
+                    topics: cg.subscribed_topics().into_iter().collect(),
                 },
             })
         })
@@ -969,7 +969,7 @@ impl Coordinator {
         &self,
         group_id: &str,
         hb: Heartbeat,
-        topics: TopicView,
+        topics: Arc<dyn Topics + Send + Sync>,
     ) -> Result<HeartbeatAnswer, (CoordError, Option<String>)> {
         self.acquire(group_id).await.map_err(|e| (e, None))?;
         let (answer, changed) = {
@@ -983,7 +983,7 @@ impl Coordinator {
                 let why = format!("Group {group_id} is not a consumer group.");
                 (CoordError::Group(e), Some(why))
             })?;
-            cg.heartbeat(hb, &topics, Instant::now(), &self.consumer)
+            cg.heartbeat(hb, &*topics, Instant::now(), &self.consumer)
         };
         if changed {
             self.persist(group_id).await.map_err(|e| (e, None))?;
@@ -1194,16 +1194,19 @@ mod tests {
     /// the group refuses the classic protocol until it is empty.
     #[tokio::test]
     async fn a_consumer_group_moves_between_coordinators_and_protocols() {
-        use crate::consumer_group::{Assignment, TopicInfo};
+        use crate::consumer_group::{Assignment, TopicInfo, TopicView};
         let meta: Arc<dyn MetaStore> = Arc::new(Embedded::in_memory().expect("store"));
-        let topics: TopicView = [(
-            "t".to_string(),
-            TopicInfo {
-                id: uuid::Uuid::from_bytes([7; 16]),
-                partitions: 4,
-            },
-        )]
-        .into();
+        let topics: Arc<TopicView> = Arc::new(
+            [(
+                "t".to_string(),
+                TopicInfo {
+                    id: uuid::Uuid::from_bytes([7; 16]),
+                    partitions: 4,
+                },
+            )]
+            .into_iter()
+            .collect::<TopicView>(),
+        );
         let hb = |id: &str, epoch: i32, owned: &Assignment| Heartbeat {
             member_id: id.into(),
             member_epoch: epoch,
@@ -1400,7 +1403,7 @@ mod tests {
     /// it yet: that coordinator answers from what it loaded.
     #[tokio::test]
     async fn a_group_record_write_from_an_earlier_claim_never_lands() {
-        use crate::consumer_group::{Assignment, TopicInfo};
+        use crate::consumer_group::{Assignment, TopicInfo, TopicView};
         let base: Arc<dyn MetaStore> = Arc::new(Embedded::in_memory().expect("store"));
         let gate = Arc::new(Gate {
             inner: base.clone(),
@@ -1408,14 +1411,17 @@ mod tests {
             armed: Mutex::new(None),
             held: tokio::sync::Notify::new(),
         });
-        let topics: TopicView = [(
-            "t".to_string(),
-            TopicInfo {
-                id: uuid::Uuid::from_bytes([3; 16]),
-                partitions: 2,
-            },
-        )]
-        .into();
+        let topics: Arc<TopicView> = Arc::new(
+            [(
+                "t".to_string(),
+                TopicInfo {
+                    id: uuid::Uuid::from_bytes([3; 16]),
+                    partitions: 2,
+                },
+            )]
+            .into_iter()
+            .collect::<TopicView>(),
+        );
         let join = |id: &str| Heartbeat {
             member_id: id.into(),
             member_epoch: 0,

@@ -5,7 +5,7 @@
 //! and error codes onto it.
 
 use floe_engine::acls::{AclOperation, AclResourceType};
-use floe_engine::consumer_group::{Assignment, Heartbeat, TopicInfo, TopicView};
+use floe_engine::consumer_group::{Assignment, Heartbeat};
 use kafka_protocol::messages::consumer_group_describe_request::ConsumerGroupDescribeRequest;
 use kafka_protocol::messages::consumer_group_describe_response::{
     self as describe_response, ConsumerGroupDescribeResponse, DescribedGroup,
@@ -26,24 +26,6 @@ const MEMBER_TYPE_CONSUMER: i8 = 1;
 
 fn s(v: impl Into<String>) -> StrBytes {
     StrBytes::from_string(v.into())
-}
-
-/// Every topic of the cluster, as the assignors see them.
-fn topic_view(ctx: &Ctx) -> TopicView {
-    ctx.broker
-        .engine
-        .topics()
-        .values()
-        .map(|t| {
-            (
-                t.name.clone(),
-                TopicInfo {
-                    id: t.id,
-                    partitions: t.partitions,
-                },
-            )
-        })
-        .collect()
 }
 
 pub async fn heartbeat(ctx: &Ctx, req: ConsumerGroupHeartbeatRequest, version: i16) -> Reply {
@@ -101,7 +83,7 @@ pub async fn heartbeat(ctx: &Ctx, req: ConsumerGroupHeartbeatRequest, version: i
         client_id: ctx.client_id.as_deref().unwrap_or_default().to_string(),
         client_host: client_host(ctx),
     };
-    let topics = topic_view(ctx);
+    let topics = ctx.broker.engine.topics();
     let r = ctx
         .broker
         .engine
