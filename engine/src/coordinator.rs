@@ -991,6 +991,22 @@ impl Coordinator {
         answer.map_err(|r| (CoordError::Group(r.error), Some(r.message)))
     }
 
+    /// OffsetFetch v9's member check: for a consumer-protocol group, a
+    /// named member must be a member at that epoch (UNKNOWN_MEMBER_ID,
+    /// STALE_MEMBER_EPOCH), as Kafka checks; classic groups check nothing.
+    pub async fn check_offset_fetch(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        epoch: i32,
+    ) -> CoordResult<()> {
+        self.with_slot(group_id, |slot| match &slot.group {
+            Protocol::Consumer(cg) => cg.check_fetch(member_id, epoch).map_err(CoordError::Group),
+            Protocol::Classic(_) => Ok(()),
+        })
+        .await
+    }
+
     /// A consumer-protocol group's live state (ConsumerGroupDescribe);
     /// `None` when the group does not exist or is a classic group.
     pub async fn describe_consumer(&self, group_id: &str) -> CoordResult<Option<ConsumerGroup>> {

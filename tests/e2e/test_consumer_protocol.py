@@ -78,6 +78,7 @@ MEMBER_MAX_S = 240             # a member left behind ends by itself
 POLL_S = 0.2                   # how often a wait looks again
 
 FIND_COORDINATOR = 10
+CONSUMER_GROUP_DESCRIBE = 69
 KEY_TYPE_GROUP = 0
 
 assert HEARTBEAT_INTERVAL_MS * 4 <= SESSION_TIMEOUT_MS
@@ -770,3 +771,80 @@ def test_offsets_committed_by_a_member_are_where_the_next_starts(cp_cluster, top
     finally:
         second.close()
     assert committed(brokers[1].bootstrap, group, topic_name) == {p: 30 for p in range(PARTITIONS)}
+
+
+def test_offset_fetch_checks_the_member_and_its_epoch(cp_cluster, topic_name):
+    """OffsetFetch v9 from a consumer-protocol member names the member and
+    its epoch: the coordinator answers UNKNOWN_MEMBER_ID for a member it
+    does not know and STALE_MEMBER_EPOCH for an epoch that is not the
+    member's, as Kafka does; without either (an admin client) it answers."""
+    from kafka import KafkaAdminClient
+    from kafka.protocol.consumer import OffsetFetchRequest
+
+    brokers = cp_cluster
+    bootstrap = bootstrap_all(brokers)
+    create_topic(bootstrap, topic_name, 2)
+    group = "fetchcheck-" + topic_name
+    c = Consumer(cp_conf(bootstrap, group, "member"))
+    c.subscribe([topic_name])
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    try:
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        while not c.assignment():
+            assert time.monotonic() < deadline, "the member got no partitions"
+            c.poll(0.2)
+        member = c.memberid()
+        desc = describe(bootstrap, group)
+        (me,) = [m for m in desc.members if m.member_id == member]
+        node = find_coordinator(brokers[0], group)
+        G = OffsetFetchRequest.OffsetFetchRequestGroup
+        T = G.OffsetFetchRequestTopics
+
+        def code(member_id, epoch):
+            req = OffsetFetchRequest(groups=[G(
+                group_id=group, member_id=member_id, member_epoch=epoch,
+                topics=[T(name=topic_name, partition_indexes=[0])])], require_stable=False)
+            r = admin._manager.run(admin._manager.send, req, node)
+            assert r.API_VERSION >= 9, r.API_VERSION
+            return r.groups[0].error_code
+
+        epoch = wait_epoch(brokers, group, member)
+        assert code(member, epoch) == 0
+        assert code(member, epoch + 100) == 113  # STALE_MEMBER_EPOCH
+        assert code("nobody", epoch) == 25  # UNKNOWN_MEMBER_ID
+        assert code(None, -1) == 0  # an admin client's fetch
+        assert me.client_id == "member"
+    finally:
+        admin.close()
+        c.close()
+
+
+def wait_epoch(brokers, group, member):
+    """The member's epoch once the group is Stable, from a raw
+    ConsumerGroupDescribe v0 to the coordinator (confluent-kafka's
+    description does not carry member epochs)."""
+    bootstrap = bootstrap_all(brokers)
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while describe(bootstrap, group).state != ConsumerGroupState.STABLE:
+        assert time.monotonic() < deadline, "group %s never Stable" % group
+        time.sleep(POLL_S)
+    node = find_coordinator(brokers[0], group)
+    (coordinator,) = [b for b in brokers if int(b.args["node-id"]) == node]
+    body = kw.compact_array([kw.compact_string(group)]) + kw.boolean(False) + kw.uvarint(0)
+    with kw.connect(coordinator.bootstrap) as sock:
+        r = kw.roundtrip(sock, CONSUMER_GROUP_DESCRIBE, 0, body, 7, flexible=True)
+    r.i32()  # throttle_time_ms
+    assert r.compact_array_len() == 1
+    assert r.i16() == 0, "ConsumerGroupDescribe error"
+    r.compact_string()  # error message
+    assert r.compact_string() == group
+    r.compact_string()  # state
+    r.i32(), r.i32()  # group epoch, assignment epoch
+    r.compact_string()  # assignor
+    epochs = {}
+    for _ in range(r.compact_array_len()):
+        member_id = r.compact_string()
+        r.compact_string(), r.compact_string()  # instance id, rack id
+        epochs[member_id] = r.i32()
+        break  # one member in this test: the rest of its entry is not read
+    return epochs[member]

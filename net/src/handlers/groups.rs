@@ -589,6 +589,23 @@ pub async fn offset_fetch(ctx: &Ctx, req: OffsetFetchRequest, version: i16) -> R
                     .collect()
             });
             let entry = OffsetFetchResponseGroup::default().with_group_id(g.group_id.clone());
+            // v9: a consumer-protocol member names itself and its epoch;
+            // admin clients send neither.
+            let member = g.member_id.as_ref().map(|m| m.to_string());
+            let described =
+                ctx.allowed(AclOperation::Describe, AclResourceType::Group, &g.group_id);
+            if described && (member.is_some() || g.member_epoch >= 0) {
+                let (group, epoch) = (g.group_id.to_string(), g.member_epoch);
+                let member = member.unwrap_or_default();
+                let checked = on_coordinator(ctx, |coord| async move {
+                    coord.check_offset_fetch(&group, &member, epoch).await
+                })
+                .await;
+                if let Err(e) = checked {
+                    groups.push(entry.with_error_code(codes::coordinator(&e)));
+                    continue;
+                }
+            }
             let entry =
                 match fetch_group_authorized(ctx, g.group_id.as_str(), topics, req.require_stable)
                     .await
