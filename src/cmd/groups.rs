@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use bytes::Buf;
 use clap::{Args, Subcommand};
+use kafka_protocol::messages::consumer_group_describe_request::ConsumerGroupDescribeRequest;
+use kafka_protocol::messages::consumer_group_describe_response::ConsumerGroupDescribeResponse;
 use kafka_protocol::messages::describe_groups_request::DescribeGroupsRequest;
 use kafka_protocol::messages::describe_groups_response::DescribeGroupsResponse;
 use kafka_protocol::messages::find_coordinator_request::FindCoordinatorRequest;
@@ -26,6 +28,13 @@ use kafka_protocol::messages::{ApiKey, BrokerId, ConsumerProtocolAssignment, Gro
 use kafka_protocol::protocol::{Decodable, StrBytes};
 
 use crate::kafka_client::{split_host_port, ClientError, KafkaConn};
+
+/// Who holds each partition: (topic, partition) -> client id.
+type Holders = BTreeMap<(String, i32), String>;
+
+/// Kafka's GROUP_ID_NOT_FOUND: ConsumerGroupDescribe's answer for a
+/// classic group.
+const GROUP_ID_NOT_FOUND: i16 = 69;
 
 /// Longest wait for any one answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
@@ -142,6 +151,73 @@ fn describe(group: &str, bootstrap: &str) -> Result<(), CliError> {
     kafka_error(fc.error_code, "FindCoordinator")?;
     let coord_addr = format!("{}:{}", fc.host, fc.port);
     let mut coord = open(&coord_addr)?;
+    let owner = match describe_consumer_protocol(&mut coord, group, &coord_addr, fc.node_id.0)? {
+        Some(owner) => owner,
+        None => {
+            // A broker without the API may have closed the connection.
+            coord = open(&coord_addr)?;
+            describe_classic(&mut coord, group, &coord_addr, fc.node_id.0)?
+        }
+    };
+    offsets_and_lag(&mut conn, &mut coord, group, owner)
+}
+
+/// A consumer-protocol (KIP-848) group through ConsumerGroupDescribe:
+/// its members and what each holds (partition -> client id); `None` when
+/// the group is not one (a classic group, or a broker without the API).
+fn describe_consumer_protocol(
+    coord: &mut KafkaConn,
+    group: &str,
+    coord_addr: &str,
+    coord_id: i32,
+) -> Result<Option<Holders>, CliError> {
+    let req = ConsumerGroupDescribeRequest::default().with_group_ids(vec![GroupId(s(group))]);
+    let Ok(r) =
+        coord.call::<_, ConsumerGroupDescribeResponse>(ApiKey::ConsumerGroupDescribe, 0, &req)
+    else {
+        return Ok(None);
+    };
+    let Some(d) = r.groups.into_iter().next() else {
+        return Ok(None);
+    };
+    if d.error_code == GROUP_ID_NOT_FOUND {
+        return Ok(None);
+    }
+    kafka_error(d.error_code, "ConsumerGroupDescribe")?;
+    println!(
+        "GROUP {group}  STATE {}  PROTOCOL consumer/{}  EPOCH {}  COORDINATOR {coord_id} ({coord_addr})",
+        d.group_state, d.assignor_name, d.group_epoch
+    );
+    let mut owner = BTreeMap::new();
+    println!("MEMBERS");
+    for m in &d.members {
+        let mut assigned = Vec::new();
+        for tp in &m.assignment.topic_partitions {
+            for p in &tp.partitions {
+                owner.insert((tp.topic_name.to_string(), *p), m.client_id.to_string());
+                assigned.push(format!("{}-{p}", tp.topic_name.as_str()));
+            }
+        }
+        println!(
+            "  {}  epoch={}  instance={}  client={}  host={}  assigned=[{}]",
+            m.member_id,
+            m.member_epoch,
+            m.instance_id.as_deref().unwrap_or("-"),
+            m.client_id,
+            m.client_host,
+            assigned.join(",")
+        );
+    }
+    Ok(Some(owner))
+}
+
+/// A classic group through DescribeGroups (partition -> client id).
+fn describe_classic(
+    coord: &mut KafkaConn,
+    group: &str,
+    coord_addr: &str,
+    coord_id: i32,
+) -> Result<Holders, CliError> {
     let dg: DescribeGroupsResponse = coord.call(
         ApiKey::DescribeGroups,
         5,
@@ -152,10 +228,10 @@ fn describe(group: &str, bootstrap: &str) -> Result<(), CliError> {
     };
     kafka_error(d.error_code, "DescribeGroups")?;
     println!(
-        "GROUP {group}  STATE {}  PROTOCOL {}/{}  COORDINATOR {} ({coord_addr})",
-        d.group_state, d.protocol_type, d.protocol_data, fc.node_id.0
+        "GROUP {group}  STATE {}  PROTOCOL {}/{}  COORDINATOR {coord_id} ({coord_addr})",
+        d.group_state, d.protocol_type, d.protocol_data
     );
-    let mut owner: BTreeMap<(String, i32), String> = BTreeMap::new();
+    let mut owner = Holders::new();
     println!("MEMBERS");
     for m in &d.members {
         let mut assigned = Vec::new();
@@ -180,6 +256,17 @@ fn describe(group: &str, bootstrap: &str) -> Result<(), CliError> {
             assigned.join(",")
         );
     }
+    Ok(owner)
+}
+
+/// Committed offsets, log ends and lag of every partition the group has
+/// an offset for or holds.
+fn offsets_and_lag(
+    conn: &mut KafkaConn,
+    coord: &mut KafkaConn,
+    group: &str,
+    owner: Holders,
+) -> Result<(), CliError> {
     let of: OffsetFetchResponse = coord.call(
         ApiKey::OffsetFetch,
         8,

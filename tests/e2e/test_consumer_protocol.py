@@ -46,6 +46,7 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Producer,
+    TopicPartition,
 )
 
 import kafka_wire as kw
@@ -848,3 +849,39 @@ def wait_epoch(brokers, group, member):
         epochs[member_id] = r.i32()
         break  # one member in this test: the rest of its entry is not read
     return epochs[member]
+
+
+def test_floe_groups_cli_describes_a_consumer_group(cp_cluster, topic_name):
+    """`floe groups describe` shows a consumer-protocol group through
+    ConsumerGroupDescribe (state, assignor, epoch, each member's partitions)
+    with its committed offsets and lag; `floe groups list` lists it."""
+    from conftest import floe_bin
+
+    brokers = cp_cluster
+    bootstrap = bootstrap_all(brokers)
+    create_topic(bootstrap, topic_name, 4)
+    produce_to(bootstrap, topic_name, 4, 10)
+    group = "cli-" + topic_name
+    c = Consumer(cp_conf(bootstrap, group, "cli-member"))
+    c.subscribe([topic_name])
+    try:
+        got = consume_records(c, 40, "the member")
+        assert len(got) == 40
+        c.commit(offsets=[TopicPartition(topic_name, p, 6) for p in range(4)], asynchronous=False)
+        out = subprocess.run([str(floe_bin()), "groups", "list", "--bootstrap", brokers[2].bootstrap],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert any(line.split()[:3] == [group, "Stable", "consumer"] for line in out.stdout.splitlines()), \
+            out.stdout
+        out = subprocess.run([str(floe_bin()), "groups", "describe", group, "--bootstrap",
+                              brokers[0].bootstrap], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        text = out.stdout
+        assert "PROTOCOL consumer/uniform" in text and "STATE Stable" in text, text
+        member = [line for line in text.splitlines() if "client=cli-member" in line]
+        assert len(member) == 1 and all("%s-%d" % (topic_name, p) in member[0] for p in range(4)), text
+        rows = [line.split() for line in text.splitlines() if line.startswith(topic_name)]
+        # Every partition: committed 6, end 10, lag 4, held by the member.
+        assert sorted(r[1:] for r in rows) == [[str(p), "6", "10", "4", "cli-member"] for p in range(4)], text
+    finally:
+        c.close()
