@@ -120,12 +120,13 @@ fn list(bootstrap: &str) -> Result<(), CliError> {
                 continue;
             }
         };
-        let r: ListGroupsResponse = c.call(ApiKey::ListGroups, 4, &ListGroupsRequest::default())?;
+        // v5 names each group's type (classic or consumer).
+        let r: ListGroupsResponse = c.call(ApiKey::ListGroups, 5, &ListGroupsRequest::default())?;
         kafka_error(r.error_code, &format!("ListGroups on broker {id}"))?;
         for g in r.groups {
             groups.insert(
                 g.group_id.to_string(),
-                (g.group_state.to_string(), g.protocol_type.to_string(), id),
+                (g.group_state.to_string(), g.group_type.to_string(), id),
             );
         }
     }

@@ -459,7 +459,8 @@ def test_floe_groups_cli(cluster, topic_name):
         out = subprocess.run([str(floe_bin()), "groups", "list", "--bootstrap", brokers[2].bootstrap],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        assert group in out.stdout
+        assert any(line.split()[0] == group and line.split()[2] == "classic"
+                   for line in out.stdout.splitlines()), out.stdout
         out = subprocess.run([str(floe_bin()), "groups", "describe", group, "--bootstrap",
                               brokers[0].bootstrap], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
