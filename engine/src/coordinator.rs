@@ -991,20 +991,24 @@ impl Coordinator {
         answer.map_err(|r| (CoordError::Group(r.error), Some(r.message)))
     }
 
-    /// OffsetFetch v9's member check: for a consumer-protocol group, a
-    /// named member must be a member at that epoch (UNKNOWN_MEMBER_ID,
-    /// STALE_MEMBER_EPOCH), as Kafka checks; classic groups check nothing.
-    pub async fn check_offset_fetch(
+    /// OffsetFetch v9's member check: for a consumer-protocol group this
+    /// broker coordinates, a named member must be a member at that epoch
+    /// (UNKNOWN_MEMBER_ID, STALE_MEMBER_EPOCH), as Kafka checks. Offsets
+    /// are read from the metadata store by any broker, so a broker that
+    /// does not have the group loaded checks nothing (and claims nothing:
+    /// an offset read never moves a group); classic groups check nothing.
+    pub fn check_offset_fetch(
         &self,
         group_id: &str,
         member_id: &str,
         epoch: i32,
     ) -> CoordResult<()> {
-        self.with_slot(group_id, |slot| match &slot.group {
-            Protocol::Consumer(cg) => cg.check_fetch(member_id, epoch).map_err(CoordError::Group),
-            Protocol::Classic(_) => Ok(()),
-        })
-        .await
+        match self.lock().groups.get(group_id).map(|s| &s.group) {
+            Some(Protocol::Consumer(cg)) => {
+                cg.check_fetch(member_id, epoch).map_err(CoordError::Group)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// A consumer-protocol group's live state (ConsumerGroupDescribe);

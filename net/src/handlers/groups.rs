@@ -598,7 +598,7 @@ pub async fn offset_fetch(ctx: &Ctx, req: OffsetFetchRequest, version: i16) -> R
                 let (group, epoch) = (g.group_id.to_string(), g.member_epoch);
                 let member = member.unwrap_or_default();
                 let checked = on_coordinator(ctx, |coord| async move {
-                    coord.check_offset_fetch(&group, &member, epoch).await
+                    coord.check_offset_fetch(&group, &member, epoch)
                 })
                 .await;
                 if let Err(e) = checked {
