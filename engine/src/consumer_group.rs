@@ -53,6 +53,9 @@ pub const LEAVE_STATIC_EPOCH: i32 = -2;
 /// through its request size only; the regex engine's compile limits apply
 /// too).
 const REGEX_LEN_MAX: usize = 1_000;
+/// The most memory one compiled subscription regex may take (the regex
+/// crate's `size_limit`): a pathological pattern is refused, not built.
+const REGEX_COMPILED_BYTES_MAX: usize = 1 << 20;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Config {
@@ -298,7 +301,7 @@ pub fn compile_regex(pattern: &str) -> Result<regex::Regex, Refusal> {
         return Err(invalid(format!("longer than {REGEX_LEN_MAX} bytes")));
     }
     regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
-        .size_limit(1 << 20)
+        .size_limit(REGEX_COMPILED_BYTES_MAX)
         .build()
         .map_err(|e| invalid(e.to_string()))
 }
@@ -389,17 +392,11 @@ impl ConsumerGroup {
                 Err(GroupError::UnknownMemberId)
             };
         }
-        let m = self
-            .members
-            .get(member_id)
-            .ok_or(GroupError::UnknownMemberId)?;
-        if epoch != m.epoch {
-            return Err(GroupError::StaleMemberEpoch);
-        }
-        Ok(())
+        self.check_fetch(member_id, epoch)
     }
 
-    /// OffsetFetch v9's check, made only when the client names its member.
+    /// OffsetFetch v9's check, made only when the client names its member
+    /// (and OffsetCommit's for a named member): a member at that epoch.
     pub fn check_fetch(&self, member_id: &str, epoch: i32) -> Result<(), GroupError> {
         let m = self
             .members

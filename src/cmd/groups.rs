@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Buf;
 use clap::{Args, Subcommand};
+use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::consumer_group_describe_request::ConsumerGroupDescribeRequest;
 use kafka_protocol::messages::consumer_group_describe_response::ConsumerGroupDescribeResponse;
 use kafka_protocol::messages::describe_groups_request::DescribeGroupsRequest;
@@ -31,10 +32,6 @@ use crate::kafka_client::{split_host_port, ClientError, KafkaConn};
 
 /// Who holds each partition: (topic, partition) -> client id.
 type Holders = BTreeMap<(String, i32), String>;
-
-/// Kafka's GROUP_ID_NOT_FOUND: ConsumerGroupDescribe's answer for a
-/// classic group.
-const GROUP_ID_NOT_FOUND: i16 = 69;
 
 /// Longest wait for any one answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
@@ -181,7 +178,8 @@ fn describe_consumer_protocol(
     let Some(d) = r.groups.into_iter().next() else {
         return Ok(None);
     };
-    if d.error_code == GROUP_ID_NOT_FOUND {
+    // ConsumerGroupDescribe's answer for a classic group.
+    if d.error_code == ResponseError::GroupIdNotFound.code() {
         return Ok(None);
     }
     kafka_error(d.error_code, "ConsumerGroupDescribe")?;

@@ -244,8 +244,7 @@ fn a_static_member_comes_back_to_its_partitions_without_a_rebalance() {
     leave.instance_id = Some("i-a".into());
     assert!(g.heartbeat(leave, &tv, now, &cfg()).1);
     assert_eq!(g.epoch, epoch, "no rebalance while it is away");
-    // ... its instance id is not free for another live member meanwhile?
-    // It is: the away member's place is taken by the next with that id.
+    // ... and the next member with its instance id takes its place.
     let mut back = join("a2", &["t"]);
     back.instance_id = Some("i-a".into());
     let a2 = g.heartbeat(back, &tv, now, &cfg()).0.unwrap();
