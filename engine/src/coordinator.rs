@@ -41,6 +41,10 @@ const RANGE_KEYS_MAX: usize = 10_000;
 pub const GROUP_IDLE_UNLOAD: Duration = Duration::from_secs(300);
 /// How often idle groups are looked for.
 const UNLOAD_INTERVAL: Duration = Duration::from_secs(30);
+/// How long FindCoordinator waits for the metadata store to say who owns
+/// a group before it answers without knowing (see
+/// [`Coordinator::current_owner`]).
+pub const OWNER_LOOKUP_MAX: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CoordError {
@@ -1062,11 +1066,19 @@ impl Coordinator {
     }
 
     /// Which broker coordinates the group now, if any (FindCoordinator).
+    /// The store is asked for at most [`OWNER_LOOKUP_MAX`]: a stalled
+    /// store answers `Unavailable` quickly, so FindCoordinator can fall
+    /// back to another answer instead of holding the client.
     pub async fn current_owner(&self, group_id: &str) -> CoordResult<Option<i32>> {
         if self.lock().groups.contains_key(group_id) {
             return Ok(Some(self.node_id));
         }
-        self.owner_of(group_id).await
+        match tokio::time::timeout(OWNER_LOOKUP_MAX, self.owner_of(group_id)).await {
+            Ok(r) => r,
+            Err(_) => Err(CoordError::Unavailable(format!(
+                "the metadata store did not answer who owns group {group_id} within {OWNER_LOOKUP_MAX:?}"
+            ))),
+        }
     }
 
     async fn range_prefix(&self, prefix: &str) -> CoordResult<Vec<floe_meta::KeyValue>> {

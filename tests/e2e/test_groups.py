@@ -19,6 +19,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from kafka import KafkaAdminClient, KafkaConsumer
 
+import kafka_wire as kw
 from floe_clients import admin_client, create_topic, producer_conf, watermarks
 from test_cluster import Etcd, cluster, etcd, wait_members  # noqa: F401 (fixtures)
 
@@ -242,6 +243,62 @@ def test_group_survives_the_death_of_its_coordinator(cluster, tmp_path, topic_na
             load.stop()
         for m in members:
             m.stop()
+
+
+def find_coordinator(broker, group):
+    """(error code, node id, seconds) of FindCoordinator v1 for `group`,
+    asked of `broker` on a raw connection."""
+    t0 = time.monotonic()
+    with kw.connect(broker.bootstrap, timeout=30) as s:
+        r = kw.roundtrip(s, 10, 1, kw.string(group) + kw.i8(0), 1)  # FindCoordinator, key type group
+        r.i32()  # throttle_time_ms
+        err, _, node = r.i16(), r.string(), r.i32()
+    return err, node, time.monotonic() - t0
+
+
+def test_find_coordinator_names_a_broker_while_etcd_is_down(cluster, etcd, topic_name):  # noqa: F811
+    """FindCoordinator names a live broker, within two seconds and without
+    an error, while the metadata store cannot say who owns the group:
+    etcd stopped with SIGSTOP (its requests hang) and etcd gone. A wrong
+    guess costs the client one retried group request; an error can cost
+    it the whole call, because librdkafka parks a coordinator lookup
+    after three COORDINATOR_NOT_AVAILABLE answers until a connection
+    changes state, and send_offsets_to_transaction waits on that lookup
+    without a timeout (FINDINGS.md, 2026-12-01). With etcd back, the
+    brokers agree on the group's owner again."""
+    brokers = cluster
+    create_topic(brokers[0].bootstrap, topic_name, PARTITIONS)
+    group = "g-" + topic_name
+    c = Consumer({"bootstrap.servers": bootstrap_all(brokers), "group.id": group})
+    try:
+        c.commit(offsets=[TopicPartition(topic_name, 0, 7)], asynchronous=False)
+    finally:
+        c.close()
+    owners = {find_coordinator(b, group)[:2] for b in brokers}
+    assert len(owners) == 1 and next(iter(owners))[0] == 0, owners
+    live = {int(b.args["node-id"]) for b in brokers}
+
+    def every_broker_answers(how):
+        for b in brokers:
+            err, node, took = find_coordinator(b, group)
+            assert err == 0 and node in live, "%s, asked of %s: error %d, node %d" % (how, b.name, err, node)
+            assert took < 2.5, "%s, asked of %s: answered after %.1fs" % (how, b.name, took)
+
+    etcd.proc.send_signal(signal.SIGSTOP)
+    try:
+        every_broker_answers("etcd stopped")
+    finally:
+        etcd.proc.send_signal(signal.SIGCONT)
+    etcd.stop()
+    try:
+        every_broker_answers("etcd gone")
+    finally:
+        etcd.start()
+    def agreed():
+        answers = {find_coordinator(b, group)[:2] for b in brokers}
+        return len(answers) == 1 and next(iter(answers))[0] == 0
+
+    wait_for(agreed, 60, "every broker to name the group's owner again")
 
 
 def committed(bootstrap, group, topic):

@@ -610,6 +610,111 @@ def transform_loop(cluster, src, dst, group, txn_id, want_ends, stop, log, batch
         consumer.close()
 
 
+def test_send_offsets_returns_when_the_group_coordinator_dies_while_etcd_stalls(  # noqa: F811
+        start_broker, etcd, tmp_path, topic_name):
+    """librdkafka's send_offsets_to_transaction looks the group's
+    coordinator up again when its TxnOffsetCommit fails, and that lookup
+    has no timeout: after three COORDINATOR_NOT_AVAILABLE answers to
+    FindCoordinator it waits for one of the producer's connections to
+    change state. Here, the moment AddOffsetsToTxn is answered (seen in
+    the producer's debug log), etcd is stopped with SIGSTOP and the group's
+    coordinator is killed, so the TxnOffsetCommit fails and the lookup
+    meets brokers that cannot read who owns the group. The call must still
+    end within its timeout (it hung for good, 5 runs of 5, while floe
+    answered those lookups with an error: FINDINGS.md, 2026-12-01), and the
+    transaction then commits the offsets."""
+    import logging
+    from test_groups import find_coordinator
+    cluster = start_cluster(start_broker, etcd, tmp_path)
+    bootstrap = ",".join(b.bootstrap for b in cluster)
+    src, dst = topic_name + "-in", topic_name + "-out"
+    create_topic(cluster[0].bootstrap, src, 2)
+    create_topic(cluster[0].bootstrap, dst, 2)
+    send(Producer(producer_conf(bootstrap)), src, ["in-%d" % i for i in range(20)], 2)
+    group = "eos-" + topic_name
+    consumer = Consumer(consumer_conf(bootstrap, **{
+        "group.id": group, "isolation.level": "read_committed", "enable.partition.eof": False}))
+    consumer.subscribe([src])
+    got, deadline = 0, time.monotonic() + 60
+    while got < 20:
+        assert time.monotonic() < deadline, "the consumer read %d of 20 records" % got
+        got += sum(1 for m in consumer.consume(20, 0.5) if not m.error())
+    err, owner, _ = find_coordinator(cluster[0], group)
+    assert err == 0
+    victim = next(b for b in cluster if int(b.args["node-id"]) == owner)
+
+    class OnAddOffsetsAnswered(logging.Handler):
+        fired = False
+
+        def emit(self, record):
+            text = record.getMessage()
+            if not self.fired and "AddOffsetsToTxn response" in text and "NO_ERROR" in text:
+                self.fired = True
+                etcd.proc.send_signal(signal.SIGSTOP)
+                victim.kill9()
+
+    hook = OnAddOffsetsAnswered()
+    log = logging.getLogger("floe-e2e-eos-" + topic_name)
+    log.setLevel(logging.DEBUG)
+    p = txn_producer(bootstrap, "tx-" + topic_name, **{"debug": "eos", "logger": log})
+    positions = consumer.position(consumer.assignment())
+    assert sorted(tp.offset for tp in positions) == [10, 10], positions
+    # A first transaction (offsets 5), so the producer knows the group's
+    # coordinator and the second one's TxnOffsetCommit goes to the victim.
+    p.begin_transaction()
+    send(p, dst, ["out-%d" % i for i in range(10)], 2)
+    p.send_offsets_to_transaction([TopicPartition(src, tp.partition, 5) for tp in positions],
+                                  consumer.consumer_group_metadata(), 30)
+    assert commit_until_done(p) is None
+    log.addHandler(hook)
+    p.begin_transaction()
+    send(p, dst, ["out-%d" % i for i in range(10, 20)], 2)
+    outcome = []
+    polling = threading.Event()
+
+    def poll():
+        # The logger is called from poll(); the caller below is blocked.
+        while not polling.is_set():
+            p.poll(0.05)
+
+    def call():
+        t0 = time.monotonic()
+        try:
+            p.send_offsets_to_transaction(positions, consumer.consumer_group_metadata(), 45)
+            outcome.append(("ok", time.monotonic() - t0))
+        except KafkaException as e:
+            outcome.append((e.args[0], time.monotonic() - t0))
+
+    # A daemon thread: before the fix the call never returned.
+    caller = threading.Thread(target=call, daemon=True)
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    caller.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not hook.fired:
+            assert time.monotonic() < deadline, "no AddOffsetsToTxn answer in the producer's log"
+            time.sleep(0.05)
+        time.sleep(20)  # three FindCoordinator answers take 15 s when each waits for etcd
+    finally:
+        etcd.proc.send_signal(signal.SIGCONT)
+    caller.join(60)
+    polling.set()
+    assert outcome, "send_offsets_to_transaction(timeout 45 s) still waiting 80 s after it started"
+    print("send_offsets_to_transaction: %s after %.1fs" % outcome[0])
+    if outcome[0][0] != "ok":
+        assert outcome[0][0].retriable(), outcome
+        p.send_offsets_to_transaction(positions, consumer.consumer_group_metadata(), 60)
+    assert commit_until_done(p) is None
+    consumer.close()
+    with_consumer = Consumer(consumer_conf(bootstrap, **{"group.id": group}))
+    try:
+        done = with_consumer.committed([TopicPartition(src, q) for q in range(2)], timeout=30)
+    finally:
+        with_consumer.close()
+    assert {tp.partition: tp.offset for tp in done} == {tp.partition: tp.offset for tp in positions}
+
+
 def test_exactly_once_through_broker_kills_and_an_etcd_outage(start_broker, etcd, tmp_path,  # noqa: F811
                                                               topic_name):
     """Input records each show up exactly once in the output read with

@@ -93,15 +93,33 @@ pub(super) fn client_host(ctx: &Ctx) -> String {
 /// The broker that coordinates `group` for this client: the one holding
 /// the group now if the client can see it, else the rendezvous choice among
 /// the brokers the client sees (which claims it on first use).
-async fn locate(ctx: &Ctx, group: &str, visible: &[Advertised]) -> Result<Advertised, CoordError> {
+///
+/// When the metadata store cannot say who holds the group (an outage, or
+/// no answer within [`floe_engine::coordinator::OWNER_LOOKUP_MAX`]), the
+/// answer is the rendezvous choice too, never an error. A wrong guess
+/// costs the client one group request answered NOT_COORDINATOR or
+/// COORDINATOR_NOT_AVAILABLE, which every client retries within its own
+/// timeouts. A FindCoordinator error
+/// can cost far more: librdkafka (2.16) parks a coordinator lookup after
+/// three COORDINATOR_NOT_AVAILABLE answers, or after one of any other
+/// error, until one of its broker connections changes state, and its
+/// `send_offsets_to_transaction` waits for that lookup without a timeout.
+/// With stable connections that wait never ends (FINDINGS.md, 2026-12-01).
+async fn locate(ctx: &Ctx, group: &str, visible: &[Advertised]) -> Option<Advertised> {
     let g = group.to_string();
-    let owner = on_coordinator(ctx, |coord| async move { coord.current_owner(&g).await }).await?;
-    if let Some(b) = owner.and_then(|o| visible.iter().find(|b| b.node_id == o)) {
-        return Ok(b.clone());
+    match on_coordinator(ctx, |coord| async move { coord.current_owner(&g).await }).await {
+        Ok(Some(owner)) => {
+            if let Some(b) = visible.iter().find(|b| b.node_id == owner) {
+                return Some(b.clone());
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::debug!(
+            group,
+            "FindCoordinator answers the rendezvous choice without the group's owner: {e}"
+        ),
     }
-    discovery::coordinator(visible, group.as_bytes())
-        .cloned()
-        .ok_or_else(|| CoordError::Unavailable("no live broker".into()))
+    discovery::coordinator(visible, group.as_bytes()).cloned()
 }
 
 pub async fn find_coordinator(ctx: &Ctx, req: FindCoordinatorRequest, version: i16) -> Reply {
@@ -156,13 +174,13 @@ pub async fn find_coordinator(ctx: &Ctx, req: FindCoordinatorRequest, version: i
             entry.with_error_code(codes::INVALID_GROUP_ID)
         } else {
             match locate(ctx, key.as_str(), &visible).await {
-                Ok(b) => entry
+                Some(b) => entry
                     .with_node_id(BrokerId(b.node_id))
                     .with_host(s(b.host))
                     .with_port(i32::from(b.port)),
-                Err(e) => entry
-                    .with_error_code(codes::coordinator(&e))
-                    .with_error_message(Some(s(e.to_string()))),
+                None => entry
+                    .with_error_code(codes::COORDINATOR_NOT_AVAILABLE)
+                    .with_error_message(Some(s("no live broker"))),
             }
         };
         out.push(entry);
