@@ -408,3 +408,29 @@ def pytest_runtest_makereport(item, call):
 def pytest_report_header(config):
     b = floe_bin()
     return "floe binary: %s (%s)" % (b, "exists" if b.exists() else "MISSING")
+
+
+# The session's exit status, for pytest_unconfigure below.
+_session_status: dict[str, int] = {}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _session_status["code"] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """A client call that never returns (a librdkafka call blocked in C)
+    keeps a non-daemon test thread alive, and Python would wait for it
+    forever at exit: the test command then never ends and never reports.
+    After the summary is printed, name such threads and exit with the
+    session's status instead of waiting."""
+    stuck = [t.name for t in threading.enumerate()
+             if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if stuck:
+        sys.stdout.flush()
+        sys.stderr.write("harness: threads still running after the tests, not waited for: %s\n"
+                         % ", ".join(stuck))
+        sys.stderr.flush()
+        _kill_leftover_brokers()
+        os._exit(_session_status.get("code", 1))

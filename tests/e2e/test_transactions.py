@@ -730,7 +730,7 @@ def test_exactly_once_through_broker_kills_and_an_etcd_outage(start_broker, etcd
     send(plain, src, ["in-%d" % i for i in range(n)], 4)
     want_ends = {p: n // 4 for p in range(4)}
     stop, log = threading.Event(), []
-    worker = threading.Thread(target=transform_loop, args=(
+    worker = threading.Thread(target=transform_loop, daemon=True, args=(
         cluster, src, dst, "eos-" + topic_name, "eos-" + topic_name, want_ends, stop, log))
     worker.start()
     try:
