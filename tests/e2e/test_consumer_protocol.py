@@ -820,6 +820,22 @@ def test_offset_fetch_checks_the_member_and_its_epoch(cp_cluster, topic_name):
         c.close()
 
 
+def test_a_heartbeat_without_a_group_id_is_refused(broker, topic_name):
+    """ConsumerGroupHeartbeat with an empty group id gets INVALID_REQUEST
+    and Kafka's message, v0 and v1 (raw requests: no client sends one)."""
+    CONSUMER_GROUP_HEARTBEAT, INVALID_REQUEST = 68, 42
+    for version in (0, 1):
+        body = (kw.compact_string("") + kw.compact_string("m-%d" % version) + kw.i32(0)
+                + kw.compact_nullable_string(None) + kw.compact_nullable_string(None)
+                + kw.i32(45000) + kw.compact_array([kw.compact_string(topic_name)])
+                + (kw.compact_nullable_string(None) if version >= 1 else b"")  # regex
+                + kw.compact_nullable_string(None) + kw.compact_array([]) + kw.EMPTY_TAGS)
+        with kw.connect(broker.bootstrap) as sock:
+            r = kw.roundtrip(sock, CONSUMER_GROUP_HEARTBEAT, version, body, 3, flexible=True)
+        r.i32()  # throttle_time_ms
+        assert (r.i16(), r.compact_string()) == (INVALID_REQUEST, "GroupId can't be empty."), version
+
+
 def wait_epoch(brokers, group, member):
     """The member's epoch once the group is Stable, from a raw
     ConsumerGroupDescribe v0 to the coordinator (confluent-kafka's

@@ -55,6 +55,13 @@ pub async fn heartbeat(ctx: &Ctx, req: ConsumerGroupHeartbeatRequest, version: i
             Some(format!("Unauthorized topics: {}", hidden.join(", "))),
         );
     }
+    if group.is_empty() {
+        // Kafka's own check and words (after the authorization checks).
+        return refuse(
+            codes::INVALID_REQUEST,
+            Some("GroupId can't be empty.".into()),
+        );
+    }
     let mut member_id = req.member_id.to_string();
     // v0: the broker names a joining member; from v1 the client does
     // (KIP-1082), and an empty id is refused by the group.
