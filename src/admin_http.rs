@@ -298,6 +298,18 @@ impl Collector for BrokerCollector {
                 .iter()
                 .flat_map(|&(purpose, c)| bytes_by_op(purpose, c)),
         )?;
+        if let Some(held) = crate::allocator::held() {
+            gauge(
+                &mut out,
+                "floe_allocator_bytes",
+                "What the memory allocator holds: in_use (allocated and not freed), mapped (allocated as separate mappings, not freed), free (freed and kept in its arenas). glibc's malloc only.",
+                [
+                    ([("kind", "in_use")], held.in_use),
+                    ([("kind", "mapped")], held.mapped),
+                    ([("kind", "free")], held.free),
+                ],
+            )?;
+        }
         if let Some(acc) = &self.accounting {
             backend_families(&mut out, acc)?;
         }
@@ -582,7 +594,11 @@ mod tests {
             "floe_objstore_backend_timeouts_total counter",
             "floe_objstore_backend_hedged_reads_total counter",
             "floe_objstore_backend_hedge_wins_total counter",
-        ];
+        ]
+        .to_vec();
+        if crate::allocator::held().is_some() {
+            want.push("floe_allocator_bytes gauge");
+        }
         want.sort_unstable();
         assert_eq!(types, want);
         // Each family's series follow its TYPE line, named after it.

@@ -8,6 +8,7 @@
 //! engine, the protocol and the backends are libraries it wires together.
 
 mod admin_http;
+mod allocator;
 mod cmd;
 mod config;
 mod kafka_client;

@@ -200,6 +200,10 @@ def proc_status(pid: int) -> dict:
 # rings, glommio's buffers) and file mappings (the binary, libraries).
 MEM_KINDS = ("heap", "arenas", "stacks", "mmap", "file")
 MEM_COLUMNS = tuple("mem_%s_kb" % k for k in MEM_KINDS) + ("mem_arena_count",)
+# What glibc's malloc holds, from the broker's floe_allocator_bytes{kind}:
+# allocated and not freed (in_use, mapped), freed and kept (free).
+ALLOC_KINDS = ("in_use", "mapped", "free")
+ALLOC_COLUMNS = tuple("alloc_%s_kb" % k for k in ALLOC_KINDS)
 ARENA_ALIGN = 64 << 20
 
 
@@ -236,10 +240,22 @@ def memory_kinds(pid: int) -> dict:
 
 
 def gauges(broker: Broker) -> list[str]:
-    """Names of the metrics the broker declares as gauges."""
+    """Names of the metrics the broker declares as gauges (but the
+    allocator's, whose kinds have columns of their own: ALLOC_COLUMNS)."""
     status, text = broker.http_get("/metrics")
     assert status == 200, "/metrics answered %d" % status
-    return sorted({m.group(1) for m in re.finditer(r"^# TYPE (\S+) gauge$", text, re.M)})
+    return sorted({m.group(1) for m in re.finditer(r"^# TYPE (\S+) gauge$", text, re.M)}
+                  - {"floe_allocator_bytes"})
+
+
+def allocator_kinds(broker: Broker) -> dict:
+    """ALLOC_COLUMNS in KiB from the broker's /metrics (empty for a broker
+    without the family: a jemalloc build)."""
+    status, text = broker.http_get("/metrics")
+    if status != 200:
+        return {}
+    return {"alloc_%s_kb" % m.group(1): int(float(m.group(2))) // 1024
+            for m in re.finditer(r'^floe_allocator_bytes\{kind="(\w+)"\} (\S+)$', text, re.M)}
 
 
 class Cluster:
@@ -724,7 +740,7 @@ class Sampler:
         self.snapshot_cache: dict = {}
         self.gauges = sorted({g for b in brokers for g in gauges(b)})
         self.columns = (["t_s", "phase", "broker", "pid", "rss_kb", "rss_anon_kb", "rss_file_kb", "hwm_kb",
-                         "threads", "fds", "cpu_s"] + list(MEM_COLUMNS) + list(self.gauges) + list(COUNTERS)
+                         "threads", "fds", "cpu_s"] + list(MEM_COLUMNS) + list(ALLOC_COLUMNS) + list(self.gauges) + list(COUNTERS)
                         + list(LOAD_COUNTERS) + list(STATE_COLUMNS))
         self.rows: list[dict] = []
         self.t0 = time.monotonic()
@@ -760,6 +776,10 @@ class Sampler:
                 for k in list(self.gauges) + list(COUNTERS):
                     v = m.get(k)
                     row[k] = None if v is None else (int(v) if v == int(v) else v)
+                try:
+                    row.update(allocator_kinds(broker))
+                except Exception:
+                    pass
             row.update(counts)
             row["phase"] = phase
             rows.append(row)
@@ -830,7 +850,7 @@ def analyse(rows: list[dict], name: str, load_start: float, load_end: float) -> 
     for key, col in (("rss", "rss_kb"), ("anon", "rss_anon_kb"), ("fds", "fds"),
                      ("threads", "threads"), ("conns", "floe_connections"), ("cpu", "cpu_s")):
         out[key] = fit(window, col)
-    for col in MEM_COLUMNS:
+    for col in MEM_COLUMNS + ALLOC_COLUMNS:
         out[col] = fit(window, col)
     return out
 
@@ -869,6 +889,12 @@ def broker_line(a: dict) -> str:
                                                      f["first"] / 1024, f["last"] / 1024)
                       for k, f in kinds),
             a["mem_arena_count"]["first"], a["mem_arena_count"]["last"])
+    alloc = [(k, a["alloc_%s_kb" % k]) for k in ALLOC_KINDS]
+    if all(f["first"] is not None for _, f in alloc):
+        line += " allocator_mib_per_hour=[%s]" % ", ".join(
+            "%s %+.2f (%.0f->%.0f MiB)" % (k, f["slope_per_min"] * 60 / 1024,
+                                           f["first"] / 1024, f["last"] / 1024)
+            for k, f in alloc)
     return line
 
 
@@ -1013,12 +1039,16 @@ def run(args) -> int:
         lines.append(state_line(sampler.rows, load_start, load_end))
         final = ("soak secs=%.0f brokers=%d produced=%.1f MB consumed=%.1f MB groups_created=%d "
                  "groups_deleted=%d members_joined=%d producers_created=%d topics_created=%d "
-                 "connections_opened=%d rss_slope_mib_per_hour=[%s]"
+                 "connections_opened=%d rss_slope_mib_per_hour=[%s] live_slope_mib_per_hour=[%s]"
                  % (args.seconds, len(brokers), counts["steady_bytes_acked"] / 1e6,
                     counts["consumed_bytes"] / 1e6, counts["groups_created"], counts["groups_deleted"],
                     counts["members_joined"], counts["producers_created"], counts["topics_created"],
                     counts["connections_opened"],
                     ", ".join("%s %.2f" % (a["name"], a["rss"]["slope_per_min"] * 60 / 1024)
+                              for a in analyses),
+                    ", ".join("%s %s" % (a["name"], "-" if a["alloc_in_use_kb"]["first"] is None else
+                                         "%.2f" % ((a["alloc_in_use_kb"]["slope_per_min"]
+                                                    + a["alloc_mapped_kb"]["slope_per_min"]) * 60 / 1024))
                               for a in analyses)))
         lines.append(final)
         own = os.times()
