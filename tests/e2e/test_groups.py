@@ -294,6 +294,7 @@ def test_find_coordinator_names_a_broker_while_etcd_is_down(cluster, etcd, topic
         every_broker_answers("etcd gone")
     finally:
         etcd.start()
+
     def agreed():
         answers = {find_coordinator(b, group)[:2] for b in brokers}
         return len(answers) == 1 and next(iter(answers))[0] == 0
