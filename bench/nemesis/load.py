@@ -10,6 +10,7 @@ checks."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
@@ -384,14 +385,28 @@ class Load:
                 if len(self.eos_errors) < 2000:
                     self.eos_errors.append((self.clock.now(), text))
 
+        current = []  # the producer in use; its poller stops when it is replaced
+
+        def serve_logs(p):
+            current.append(p)
+            while not self.stop_eos.is_set() and current[-1] is p:
+                p.poll(0.1)
+
         def new_producer():
             while not self.stop_eos.is_set():
                 try:
+                    # Its transaction steps in the clients' log ("debug":
+                    # "eos", or $NEMESIS_EOS_DEBUG, e.g. "eos,protocol,broker"),
+                    # served by a poller of its own: the logger is only called
+                    # from poll(), and a stuck call is what the log must show.
                     p = Producer({
                         "bootstrap.servers": bootstrap, "transactional.id": self.eos_group,
                         "client.id": "nemesis-eos-producer", "transaction.timeout.ms": 120000,
                         "message.timeout.ms": 120000, "log.connection.close": False,
+                        "debug": os.environ.get("NEMESIS_EOS_DEBUG", "eos"),
                         "logger": self._capture("eos-producer")})
+                    threading.Thread(target=serve_logs, args=(p,), daemon=True,
+                                     name="eos-producer-poller").start()
                     p.init_transactions(60)
                     return p
                 except KafkaException as e:
