@@ -385,11 +385,10 @@ class Load:
                 if len(self.eos_errors) < 2000:
                     self.eos_errors.append((self.clock.now(), text))
 
-        current = []  # the producer in use; its poller stops when it is replaced
+        current = [None]  # the producer in use; a replaced one's poller stops
 
         def serve_logs(p):
-            current.append(p)
-            while not self.stop_eos.is_set() and current[-1] is p:
+            while not self.stop_eos.is_set() and current[0] is p:
                 p.poll(0.1)
 
         def new_producer():
@@ -405,6 +404,7 @@ class Load:
                         "message.timeout.ms": 120000, "log.connection.close": False,
                         "debug": os.environ.get("NEMESIS_EOS_DEBUG", "eos"),
                         "logger": self._capture("eos-producer")})
+                    current[0] = p
                     threading.Thread(target=serve_logs, args=(p,), daemon=True,
                                      name="eos-producer-poller").start()
                     p.init_transactions(60)

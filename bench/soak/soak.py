@@ -87,7 +87,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition  # no
 from confluent_kafka.admin import AdminClient  # noqa: E402
 
 import kafka_wire as kw  # noqa: E402
-from conftest import Broker  # noqa: E402
+from conftest import Broker, parse_metrics  # noqa: E402
 from floe_clients import (  # noqa: E402
     consume_partitions, create_topic, gen_records, produce_records, producer_conf, verify)
 
@@ -248,14 +248,11 @@ def gauges(broker: Broker) -> list[str]:
                   - {"floe_allocator_bytes"})
 
 
-def allocator_kinds(broker: Broker) -> dict:
-    """ALLOC_COLUMNS in KiB from the broker's /metrics (empty for a broker
-    without the family: a jemalloc build)."""
-    status, text = broker.http_get("/metrics")
-    if status != 200:
-        return {}
+def allocator_kinds(metrics_text: str) -> dict:
+    """ALLOC_COLUMNS in KiB from a broker's /metrics text (empty for a
+    broker without the family: a jemalloc build)."""
     return {"alloc_%s_kb" % m.group(1): int(float(m.group(2))) // 1024
-            for m in re.finditer(r'^floe_allocator_bytes\{kind="(\w+)"\} (\S+)$', text, re.M)}
+            for m in re.finditer(r'^floe_allocator_bytes\{kind="(\w+)"\} (\S+)$', metrics_text, re.M)}
 
 
 class Cluster:
@@ -770,16 +767,14 @@ class Sampler:
                 pass
             if broker is not None:
                 try:
-                    m = broker.metrics()
+                    text = broker.metrics_text()
                 except Exception:
-                    m = {}
+                    text = ""
+                m = parse_metrics(text)
                 for k in list(self.gauges) + list(COUNTERS):
                     v = m.get(k)
                     row[k] = None if v is None else (int(v) if v == int(v) else v)
-                try:
-                    row.update(allocator_kinds(broker))
-                except Exception:
-                    pass
+                row.update(allocator_kinds(text))
             row.update(counts)
             row["phase"] = phase
             rows.append(row)

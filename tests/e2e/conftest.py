@@ -83,6 +83,24 @@ def _kill_leftover_brokers():
 _live_brokers: list["Broker"] = []
 
 
+def parse_metrics(text: str) -> dict:
+    """Prometheus text -> {metric name: sum of values over all label sets}."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)", line)
+        if not m:
+            continue
+        try:
+            val = float(m.group(3))
+        except ValueError:
+            continue
+        out[m.group(1)] = out.get(m.group(1), 0.0) + val
+    return out
+
+
 class BrokerError(AssertionError):
     pass
 
@@ -303,24 +321,15 @@ class Broker:
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode("utf-8", "replace")
 
-    def metrics(self) -> dict:
-        """Prometheus text -> {metric name: sum of values over all label sets}."""
+    def metrics_text(self) -> str:
+        """The broker's /metrics, as Prometheus text."""
         status, text = self.http_get("/metrics")
         assert status == 200, "/metrics answered %d: %s" % (status, text[:500])
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            m = re.match(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)", line)
-            if not m:
-                continue
-            try:
-                val = float(m.group(3))
-            except ValueError:
-                continue
-            out[m.group(1)] = out.get(m.group(1), 0.0) + val
-        return out
+        return text
+
+    def metrics(self) -> dict:
+        """{metric name: sum of values over all label sets} of /metrics."""
+        return parse_metrics(self.metrics_text())
 
     def __repr__(self):
         return "Broker(%s, pid=%s, %s)" % (self.name, self.pid, self.bootstrap)

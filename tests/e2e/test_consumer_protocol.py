@@ -58,6 +58,7 @@ from test_groups import (
     Load,
     bootstrap_all,
     committed,
+    coordinator_of,
     describe,
     produce_n,
 )
@@ -78,9 +79,7 @@ PROCESS_STOP_S = 30            # a member closes (leaves the group) after SIGTER
 MEMBER_MAX_S = 240             # a member left behind ends by itself
 POLL_S = 0.2                   # how often a wait looks again
 
-FIND_COORDINATOR = 10
 CONSUMER_GROUP_DESCRIBE = 69
-KEY_TYPE_GROUP = 0
 
 assert HEARTBEAT_INTERVAL_MS * 4 <= SESSION_TIMEOUT_MS
 assert TAKEOVER_TIMEOUT_S > SESSION_TIMEOUT_S and FAILOVER_TIMEOUT_S > SESSION_TIMEOUT_S
@@ -390,16 +389,6 @@ def seen_by(members, topic):
     return {(p, o) for m in members for t, p, o in m.seen() if t == topic}
 
 
-def find_coordinator(broker, group):
-    """The group's coordinator node id, asked of `broker` with FindCoordinator v1."""
-    with kw.connect(broker.bootstrap) as s:
-        r = kw.roundtrip(s, FIND_COORDINATOR, 1, kw.string(group) + kw.i8(KEY_TYPE_GROUP), 1)
-        r.i32()  # throttle_time_ms
-        err, msg, node = r.i16(), r.string(), r.i32()
-    assert err == 0, "FindCoordinator(%s) through %s: error %d %s" % (group, broker.name, err, msg)
-    return node
-
-
 def committed_or_none(bootstrap, group, topic):
     try:
         return committed(bootstrap, group, topic)
@@ -528,7 +517,7 @@ def test_group_carries_on_when_the_coordinators_broker_dies(cp_cluster, spawn, t
     wait_until(lambda: before.acked <= seen_by(members, topic_name), CONSUME_TIMEOUT_S,
                "the records written before the kill to be processed", members_detail(members))
 
-    coordinator = find_coordinator(brokers[0], group)
+    coordinator = coordinator_of(brokers[0], group)
     assert describe(bootstrap, group).coordinator.id == coordinator
     victim = next(b for b in brokers if int(b.args["node-id"]) == coordinator)
     victim.kill9()
@@ -554,7 +543,7 @@ def test_group_carries_on_when_the_coordinators_broker_dies(cp_cluster, spawn, t
     ends = {p: hi for p, (lo, hi) in watermarks(sb, topic_name, range(PARTITIONS)).items()}
     wait_until(lambda: committed_or_none(sb, group, topic_name) == ends, CONSUME_TIMEOUT_S,
                "commits up to the end of every partition through the new coordinator")
-    now = find_coordinator(survivors[0], group)
+    now = coordinator_of(survivors[0], group)
     assert now != coordinator and now in survivor_ids, (coordinator, now)
     desc = wait_described(sb, group, members, want)
     assert desc.coordinator.id == now
@@ -797,7 +786,7 @@ def test_offset_fetch_checks_the_member_and_its_epoch(cp_cluster, topic_name):
         member = c.memberid()
         desc = describe(bootstrap, group)
         (me,) = [m for m in desc.members if m.member_id == member]
-        node = find_coordinator(brokers[0], group)
+        node = coordinator_of(brokers[0], group)
         G = OffsetFetchRequest.OffsetFetchRequestGroup
         T = G.OffsetFetchRequestTopics
 
@@ -845,7 +834,7 @@ def wait_epoch(brokers, group, member):
     while describe(bootstrap, group).state != ConsumerGroupState.STABLE:
         assert time.monotonic() < deadline, "group %s never Stable" % group
         time.sleep(POLL_S)
-    node = find_coordinator(brokers[0], group)
+    node = coordinator_of(brokers[0], group)
     (coordinator,) = [b for b in brokers if int(b.args["node-id"]) == node]
     body = kw.compact_array([kw.compact_string(group)]) + kw.boolean(False) + kw.uvarint(0)
     with kw.connect(coordinator.bootstrap) as sock:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -245,15 +246,29 @@ def test_group_survives_the_death_of_its_coordinator(cluster, tmp_path, topic_na
             m.stop()
 
 
+FIND_COORDINATOR = 10
+KEY_TYPE_GROUP = 0
+
+# FindCoordinator's answer: error code, node id, seconds it took, error message.
+Found = namedtuple("Found", "err node secs message")
+
+
 def find_coordinator(broker, group):
-    """(error code, node id, seconds) of FindCoordinator v1 for `group`,
-    asked of `broker` on a raw connection."""
+    """FindCoordinator v1 for `group`, asked of `broker` on a raw
+    connection, as a Found."""
     t0 = time.monotonic()
     with kw.connect(broker.bootstrap, timeout=30) as s:
-        r = kw.roundtrip(s, 10, 1, kw.string(group) + kw.i8(0), 1)  # FindCoordinator, key type group
+        r = kw.roundtrip(s, FIND_COORDINATOR, 1, kw.string(group) + kw.i8(KEY_TYPE_GROUP), 1)
         r.i32()  # throttle_time_ms
-        err, _, node = r.i16(), r.string(), r.i32()
-    return err, node, time.monotonic() - t0
+        err, message, node = r.i16(), r.string(), r.i32()
+    return Found(err, node, time.monotonic() - t0, message)
+
+
+def coordinator_of(broker, group):
+    """The group's coordinator node id as `broker` names it (no error allowed)."""
+    f = find_coordinator(broker, group)
+    assert f.err == 0, "FindCoordinator(%s) through %s: error %d %s" % (group, broker.name, f.err, f.message)
+    return f.node
 
 
 def test_find_coordinator_names_a_broker_while_etcd_is_down(cluster, etcd, topic_name):  # noqa: F811
@@ -274,13 +289,13 @@ def test_find_coordinator_names_a_broker_while_etcd_is_down(cluster, etcd, topic
         c.commit(offsets=[TopicPartition(topic_name, 0, 7)], asynchronous=False)
     finally:
         c.close()
-    owners = {find_coordinator(b, group)[:2] for b in brokers}
+    owners = {find_coordinator(b, group)[:2] for b in brokers}  # (err, node)
     assert len(owners) == 1 and next(iter(owners))[0] == 0, owners
     live = {int(b.args["node-id"]) for b in brokers}
 
     def every_broker_answers(how):
         for b in brokers:
-            err, node, took = find_coordinator(b, group)
+            err, node, took, _ = find_coordinator(b, group)
             assert err == 0 and node in live, "%s, asked of %s: error %d, node %d" % (how, b.name, err, node)
             assert took < 2.5, "%s, asked of %s: answered after %.1fs" % (how, b.name, took)
 

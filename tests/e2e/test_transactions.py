@@ -3,6 +3,7 @@ and read_uncommitted consumers, the last stable offset held by an open
 transaction, fencing by a second instance, send_offsets_to_transaction, and a
 transaction the cluster aborts at its timeout."""
 
+import logging
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 import kafka_wire as kw
 from floe_clients import consumer_conf, create_topic, producer_conf
 from test_cluster import etcd, start_cluster  # noqa: F401 (a fixture)
+from test_groups import coordinator_of
 from test_lifecycle import moto, store  # noqa: F401 (fixtures)
 
 
@@ -624,8 +626,6 @@ def test_send_offsets_returns_when_the_group_coordinator_dies_while_etcd_stalls(
     lookups with an error: 3 runs of 3 with this 40 s stall, 5 of 8 with a
     20 s one; FINDINGS.md, 2026-12-01), and the transaction then commits
     the offsets."""
-    import logging
-    from test_groups import find_coordinator
     cluster = start_cluster(start_broker, etcd, tmp_path)
     bootstrap = ",".join(b.bootstrap for b in cluster)
     src, dst = topic_name + "-in", topic_name + "-out"
@@ -640,8 +640,7 @@ def test_send_offsets_returns_when_the_group_coordinator_dies_while_etcd_stalls(
     while got < 20:
         assert time.monotonic() < deadline, "the consumer read %d of 20 records" % got
         got += sum(1 for m in consumer.consume(20, 0.5) if not m.error())
-    err, owner, _ = find_coordinator(cluster[0], group)
-    assert err == 0
+    owner = coordinator_of(cluster[0], group)
     victim = next(b for b in cluster if int(b.args["node-id"]) == owner)
 
     class OnAddOffsetsAnswered(logging.Handler):

@@ -99,12 +99,12 @@ pub(super) fn client_host(ctx: &Ctx) -> String {
 /// answer is the rendezvous choice too, never an error. A wrong guess
 /// costs the client one group request answered NOT_COORDINATOR or
 /// COORDINATOR_NOT_AVAILABLE, which every client retries within its own
-/// timeouts. A FindCoordinator error
-/// can cost far more: librdkafka (2.16) parks a coordinator lookup after
-/// three COORDINATOR_NOT_AVAILABLE answers, or after one of any other
-/// error, until one of its broker connections changes state, and its
-/// `send_offsets_to_transaction` waits for that lookup without a timeout.
-/// With stable connections that wait never ends (FINDINGS.md, 2026-12-01).
+/// timeouts. A FindCoordinator error can cost far more: librdkafka (2.16)
+/// parks a coordinator lookup after three COORDINATOR_NOT_AVAILABLE
+/// answers, or after one of any other error, until one of its broker
+/// connections changes state, and its `send_offsets_to_transaction` waits
+/// for that lookup without a timeout. With stable connections that wait
+/// never ends (FINDINGS.md, 2026-12-01).
 async fn locate(ctx: &Ctx, group: &str, visible: &[Advertised]) -> Option<Advertised> {
     let g = group.to_string();
     match on_coordinator(ctx, |coord| async move { coord.current_owner(&g).await }).await {
