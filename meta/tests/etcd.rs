@@ -5,9 +5,11 @@
 
 #![cfg(feature = "etcd")]
 
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,15 +23,33 @@ mod conformance;
 struct EtcdServer {
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// Data directory under `dir`; a fresh one for each start on new ports.
+    data: &'static str,
+    /// Member name, unique in this process: readiness asks etcd for it, so
+    /// a test never mistakes another test's etcd for its own.
+    name: String,
     client_port: u16,
     peer_port: u16,
 }
 
+/// Ports this process has handed out. The tests of one binary run on
+/// parallel threads, and once a `bind(0)` listener is dropped the kernel
+/// may hand the same port to the next `bind(0)`: two etcds on one port,
+/// one of them exits, both tests talk to the other, and a restart in one
+/// test breaks the other (CI, 2026-12-01: "Connection refused" on the
+/// conformance suite's first request). No port is given out twice.
+static TAKEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        if TAKEN.lock().expect("port set").insert(port) {
+            return port;
+        }
+    }
 }
 
 fn etcd_binary() -> Option<String> {
@@ -51,9 +71,15 @@ fn etcd_binary() -> Option<String> {
     None
 }
 
+/// How long a started etcd may take to answer as itself.
+const ETCD_START: Duration = Duration::from_secs(20);
+
 impl EtcdServer {
-    fn start() -> Option<Self> {
+    /// Starts an etcd on fresh ports; if it exits before answering (a port
+    /// taken by a process outside this one), tries fresh ports again.
+    async fn start() -> Option<Self> {
         etcd_binary()?;
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
         let base = if std::path::Path::new("/dev/shm").is_dir() {
             "/dev/shm"
         } else {
@@ -62,20 +88,43 @@ impl EtcdServer {
         let mut s = Self {
             child: None,
             dir: tempfile::tempdir_in(base).expect("tempdir"),
+            data: "data",
+            name: format!(
+                "floe-test-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ),
             client_port: free_port(),
             peer_port: free_port(),
         };
-        s.spawn();
-        Some(s)
+        let mut attempts = 0;
+        loop {
+            match s.spawn().await {
+                Ok(()) => return Some(s),
+                Err(e) if attempts < 3 => {
+                    eprintln!(
+                        "etcd on ports {}/{}: {e}; fresh ports",
+                        s.client_port, s.peer_port
+                    );
+                    attempts += 1;
+                    s.data = ["data", "data-1", "data-2", "data-3"][attempts];
+                    s.client_port = free_port();
+                    s.peer_port = free_port();
+                }
+                Err(e) => panic!("etcd did not start: {e}"),
+            }
+        }
     }
 
-    fn spawn(&mut self) {
+    /// Starts etcd on this server's ports and data dir and waits until it
+    /// answers a member list naming this server's member.
+    async fn spawn(&mut self) -> Result<(), String> {
         let bin = std::env::var("FLOE_ETCD").unwrap_or_else(|_| "etcd".into());
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let child = Command::new(bin)
-            .args(["--name", "n1", "--data-dir"])
-            .arg(self.dir.path().join("data"))
+            .args(["--name", &self.name, "--data-dir"])
+            .arg(self.dir.path().join(self.data))
             .args([
                 "--listen-client-urls",
                 &client,
@@ -88,17 +137,46 @@ impl EtcdServer {
                 "--initial-advertise-peer-urls",
                 &peer,
             ])
-            .args(["--initial-cluster", &format!("n1={peer}")])
+            .args(["--initial-cluster", &format!("{}={peer}", self.name)])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("etcd starts");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
-            assert!(Instant::now() < deadline, "etcd did not listen within 20 s");
-            std::thread::sleep(Duration::from_millis(50));
+        let deadline = Instant::now() + ETCD_START;
+        loop {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                self.child = None;
+                return Err(format!("exited with {status} before answering"));
+            }
+            if self.answers_as_itself().await {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                return Err(format!(
+                    "did not answer as {} within {ETCD_START:?}",
+                    self.name
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    async fn answers_as_itself(&self) -> bool {
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_timeout(Duration::from_secs(2));
+        let Ok(mut c) = etcd_client::Client::connect([self.endpoint()], Some(opts)).await else {
+            return false;
+        };
+        c.member_list()
+            .await
+            .is_ok_and(|r| r.members().iter().any(|m| m.name() == self.name))
     }
 
     fn kill(&mut self) {
@@ -121,7 +199,7 @@ impl Drop for EtcdServer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conformance_on_real_etcd() {
-    let Some(server) = EtcdServer::start() else {
+    let Some(server) = EtcdServer::start().await else {
         return;
     };
     let store = Etcd::connect(vec![server.endpoint()], "conformance", &Default::default())
@@ -132,7 +210,7 @@ async fn conformance_on_real_etcd() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn watch_resumes_across_an_etcd_restart_without_loss() {
-    let Some(mut server) = EtcdServer::start() else {
+    let Some(mut server) = EtcdServer::start().await else {
         return;
     };
     let store = Etcd::connect(vec![server.endpoint()], "resume", &Default::default())
@@ -146,7 +224,7 @@ async fn watch_resumes_across_an_etcd_restart_without_loss() {
         store.txn(put(i)).await.expect("txn");
     }
     server.kill();
-    server.spawn();
+    server.spawn().await.expect("etcd restarts on its ports");
     // Writes right after the restart, possibly before the watch reconnects.
     let mut done = 5;
     let deadline = Instant::now() + Duration::from_secs(30);
