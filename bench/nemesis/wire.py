@@ -48,7 +48,9 @@ class Conn:
         return kw.roundtrip(self.sock, api, version, body, self.cid)
 
     def members(self):
-        return {b[0] for b in kw.metadata(self.sock, [], version=1, correlation_id=self._next())["brokers"]}
+        """The live brokers (DescribeCluster; Metadata also lists brokers
+        that left not long ago)."""
+        return {b[0] for b in kw.describe_cluster(self.sock, correlation_id=self._next())["brokers"]}
 
     def _next(self):
         self.cid += 1

@@ -16,20 +16,65 @@ use crate::{Error, Result};
 /// Pause before retrying a failed membership step.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
-/// The live brokers, as last seen. Read by any thread.
+/// The live brokers, as last seen, and the brokers that left not long
+/// ago. Read by any thread.
 #[derive(Default)]
 pub struct Members {
     live: ArcSwap<Vec<BrokerRecord>>,
+    /// Brokers that left the membership, with when this broker saw them go;
+    /// forgotten after `departed_listing` or when they come back.
+    departed: std::sync::Mutex<Vec<(BrokerRecord, Instant)>>,
+    departed_listing: Duration,
 }
 
 impl Members {
+    /// Members that remember a departed broker for `departed_listing`.
+    pub fn new(departed_listing: Duration) -> Self {
+        Self {
+            departed_listing,
+            ..Self::default()
+        }
+    }
+
     /// Live brokers, by node id.
     pub fn live(&self) -> Arc<Vec<BrokerRecord>> {
         self.live.load_full()
     }
 
+    /// Brokers that left the membership less than `departed_listing` ago
+    /// and have not come back, by node id, marked not ready. Metadata keeps
+    /// listing them (leading nothing), so that a broker that is away for a
+    /// moment does not make clients discard their handle for it: librdkafka
+    /// (2.16) keeps a discarded handle in its coordinator cache and can wait
+    /// on it for good (FINDINGS.md, 2026-12-01).
+    pub fn departed(&self) -> Vec<BrokerRecord> {
+        let mut departed = self.departed.lock().unwrap_or_else(|e| e.into_inner());
+        departed.retain(|(_, at)| at.elapsed() < self.departed_listing);
+        departed
+            .iter()
+            .map(|(b, _)| BrokerRecord {
+                ready: false,
+                ..b.clone()
+            })
+            .collect()
+    }
+
     fn set(&self, mut brokers: Vec<BrokerRecord>) {
         brokers.sort_by_key(|b| b.node_id);
+        let before = self.live.load_full();
+        {
+            let mut departed = self.departed.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let is_live = |id: i32| brokers.iter().any(|b| b.node_id == id);
+            departed.retain(|(b, at)| !is_live(b.node_id) && now - *at < self.departed_listing);
+            if !self.departed_listing.is_zero() {
+                for gone in before.iter().filter(|b| !is_live(b.node_id)) {
+                    departed.retain(|(b, _)| b.node_id != gone.node_id);
+                    departed.push((gone.clone(), now));
+                }
+            }
+            departed.sort_by_key(|(b, _)| b.node_id);
+        }
         self.live.store(Arc::new(brokers));
     }
 
@@ -311,5 +356,53 @@ async fn put_record(
     } else {
         let _ = meta.revoke_lease(lease).await;
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: i32) -> BrokerRecord {
+        BrokerRecord {
+            node_id: id,
+            host: "h".into(),
+            port: 9092,
+            zone: String::new(),
+            group: String::new(),
+            listeners: Vec::new(),
+            ready: true,
+        }
+    }
+
+    fn ids(v: &[BrokerRecord]) -> Vec<i32> {
+        v.iter().map(|b| b.node_id).collect()
+    }
+
+    #[test]
+    fn a_broker_that_left_is_remembered_until_it_returns_or_the_listing_ends() {
+        let m = Members::new(Duration::from_millis(300));
+        m.set(vec![rec(2), rec(1), rec(3)]);
+        assert!(m.departed().is_empty());
+        m.set(vec![rec(1), rec(2)]);
+        assert_eq!(ids(&m.live()), [1, 2]);
+        let gone = m.departed();
+        assert_eq!(ids(&gone), [3]);
+        assert!(!gone[0].ready, "listed as not ready");
+        // It comes back: live again, no longer departed.
+        m.set(vec![rec(1), rec(2), rec(3)]);
+        assert!(m.departed().is_empty());
+        // Two leave; one returns; the other is forgotten after the listing.
+        m.set(vec![rec(1)]);
+        assert_eq!(ids(&m.departed()), [2, 3]);
+        m.set(vec![rec(1), rec(3)]);
+        assert_eq!(ids(&m.departed()), [2]);
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(m.departed().is_empty(), "forgotten after the listing");
+        // A listing of zero remembers nobody.
+        let none = Members::new(Duration::ZERO);
+        none.set(vec![rec(1), rec(2)]);
+        none.set(vec![rec(1)]);
+        assert!(none.departed().is_empty());
     }
 }

@@ -69,6 +69,8 @@ pub struct EngineStart {
     pub broker: BrokerRecord,
     /// The membership lease: a broker silent this long is gone.
     pub lease_ttl: Duration,
+    /// How long a broker that left stays listed (see [`Members::departed`]).
+    pub departed_listing: Duration,
     pub cleanup: CleanupSettings,
     /// Consumer-protocol (KIP-848) group timings.
     pub consumer_groups: crate::consumer_group::Config,
@@ -135,7 +137,7 @@ impl Engine {
             start.broker,
             start.lease_ttl,
         ))?;
-        let members = Arc::new(Members::default());
+        let members = Arc::new(Members::new(start.departed_listing));
         let (links, inboxes): (Vec<_>, Vec<ShardInbox>) =
             (0..start.config.shards).map(|_| shard::link()).unzip();
         let (commit_tx, commit_rx) = flume::bounded(COMMIT_QUEUE_MAX);
@@ -385,6 +387,12 @@ impl Engine {
 
     pub fn live_brokers(&self) -> Arc<Vec<BrokerRecord>> {
         self.members.live()
+    }
+
+    /// Brokers that left the membership not long ago, marked not ready
+    /// (see [`Members::departed`]).
+    pub fn departed_brokers(&self) -> Vec<BrokerRecord> {
+        self.members.departed()
     }
 
     // ---- SCRAM users ------------------------------------------------------

@@ -110,6 +110,70 @@ pub fn visible_brokers(broker: &Broker, view: &ClientView) -> Vec<Advertised> {
     select(&live, &self_record(broker), view)
 }
 
+/// Brokers that left the membership not long ago and that `view`'s client
+/// would see were they live, for Metadata's broker list only: they lead no
+/// partition, coordinate nothing and are never the controller, because
+/// [`leader`], [`coordinator`] and the controller choice only look at
+/// [`visible_brokers`]. See `floe_engine::cluster::Members::departed` for
+/// why they stay listed.
+pub fn departed_brokers(
+    broker: &Broker,
+    view: &ClientView,
+    visible: &[Advertised],
+) -> Vec<Advertised> {
+    let departed = broker.engine.departed_brokers();
+    if departed.is_empty() {
+        return Vec::new();
+    }
+    select_departed(&departed, &self_record(broker), view, visible)
+}
+
+/// [`departed_brokers`] as a pure function: the departed records a client
+/// with `view` would see, given what it sees of the live ones (`visible`,
+/// from [`select`]), at the addresses it would use.
+pub fn select_departed(
+    departed: &[BrokerRecord],
+    me: &BrokerRecord,
+    view: &ClientView,
+    visible: &[Advertised],
+) -> Vec<Advertised> {
+    let group = group_of(me);
+    // The zone rule as `select` applied it: a zoned client sees its
+    // zone's brokers when it has live ones there.
+    let zone_kept = view
+        .zone
+        .as_deref()
+        .filter(|z| visible.iter().any(|a| a.rack.as_deref() == Some(*z)));
+    let mut all: Vec<Advertised> = visible.to_vec();
+    let first_departed = all.len();
+    for b in departed {
+        if b.node_id == me.node_id
+            || group_of(b) != group
+            || visible.iter().any(|a| a.node_id == b.node_id)
+            || zone_kept.is_some_and(|z| b.zone != z)
+        {
+            continue;
+        }
+        let Some((host, port)) = b.address(&view.listener) else {
+            continue;
+        };
+        all.push(Advertised {
+            node_id: b.node_id,
+            host: view
+                .host_override
+                .clone()
+                .unwrap_or_else(|| host.to_string()),
+            port,
+            rack: (!b.zone.is_empty()).then(|| b.zone.clone()),
+            ready: false,
+        });
+    }
+    // Load-balancer mode over the whole list, so a departed broker keeps
+    // the letter case it had while live.
+    vary_shared_hosts(&mut all);
+    all.split_off(first_departed)
+}
+
 /// [`visible_brokers`] as a pure function of the membership, the answering
 /// broker's record and the client's view.
 ///
@@ -321,6 +385,49 @@ mod tests {
         for p in 0..64 {
             assert_eq!(leader(&none_ready, topic, p), leader(&all_ready, topic, p));
         }
+    }
+
+    #[test]
+    fn departed_brokers_are_listed_as_the_client_would_see_them_and_lead_nothing() {
+        let live = vec![rec(1, "a", ""), rec(2, "b", "")];
+        let departed = vec![
+            rec(2, "b", ""),      // back already: not listed twice
+            rec(3, "b", ""),      // listed
+            rec(4, "a", "batch"), // another agent group: never
+            rec(5, "c", ""),      // listed unless the client's zone has live brokers
+        ];
+        let me = live[0].clone();
+        let v = view("external", None);
+        let visible = select(&live, &me, &v);
+        let gone = select_departed(&departed, &me, &v, &visible);
+        assert_eq!(ids(&gone), [3, 5]);
+        assert!(gone.iter().all(|a| !a.ready));
+        assert_eq!(
+            gone[0].host, "b3.example.com",
+            "the client's listener's address"
+        );
+        // A client in zone b sees zone b's departed brokers only.
+        let vb = view("external", Some("b"));
+        let visible_b = select(&live, &me, &vb);
+        assert_eq!(ids(&select_departed(&departed, &me, &vb, &visible_b)), [3]);
+        // Leaders and coordinators are chosen among the live only: listing
+        // the departed changes neither.
+        let topic = uuid::Uuid::from_u128(9);
+        for p in 0..64 {
+            let l = leader(&visible, topic, p).expect("a leader");
+            assert!(l == 1 || l == 2);
+        }
+        // This broker never lists itself as departed, even if the
+        // membership it last saw says it left.
+        let mine = select_departed(std::slice::from_ref(&me), &me, &v, &visible);
+        assert!(mine.is_empty());
+        // Behind one load balancer a departed broker keeps its letter case.
+        let mut lb = v.clone();
+        lb.host_override = Some("lb".into());
+        let visible_lb = select(&live, &me, &lb);
+        let gone_lb = select_departed(&departed, &me, &lb, &visible_lb);
+        let all_three = select(&[live[1].clone(), departed[1].clone()], &me, &lb);
+        assert_eq!(gone_lb[0].host, all_three[2].host);
     }
 
     #[test]

@@ -252,6 +252,7 @@ fn start_engine(
             ready: true,
         },
         lease_ttl: Duration::from_secs(cfg.lease_ttl_secs),
+        departed_listing: Duration::from_secs(cfg.departed_broker_listing_secs),
         consumer_groups: floe_engine::consumer_group::Config {
             session_timeout: Duration::from_millis(cfg.group_consumer_session_timeout_ms),
             heartbeat_interval: Duration::from_millis(cfg.group_consumer_heartbeat_interval_ms),

@@ -11,6 +11,9 @@ pub const FLUSH_BYTES: usize = 8 << 20;
 pub const META: &str = "embedded";
 pub const GROUP: &str = "default";
 pub const LEASE_TTL_SECS: u64 = 10;
+/// How long Metadata keeps listing a broker that left (librdkafka's
+/// default metadata.max.age.ms, after which it forgets coordinators).
+pub const DEPARTED_BROKER_LISTING_SECS: u64 = 900;
 pub const AUTO_CREATE_TOPICS: bool = true;
 pub const NUM_PARTITIONS: u32 = 1;
 /// Kafka's socket.request.max.bytes.

@@ -294,6 +294,12 @@ pub struct ServeArgs {
     /// is considered gone. [default: 10]
     #[arg(long, env = "FLOE_LEASE_TTL_SECS")]
     pub lease_ttl_secs: Option<u64>,
+    /// Seconds Metadata keeps listing a broker that left the cluster, as
+    /// leader of nothing and coordinator of nothing, so that clients keep
+    /// their handle for a broker that is away for a moment (0: drop it at
+    /// once). [default: 900]
+    #[arg(long, env = "FLOE_DEPARTED_BROKER_LISTING_SECS")]
+    pub departed_broker_listing_secs: Option<u64>,
     /// Create unknown topics when a client asks for their metadata
     /// (Kafka's auto.create.topics.enable). [default: true]
     #[arg(long, env = "FLOE_AUTO_CREATE_TOPICS")]
@@ -398,6 +404,7 @@ pub struct Resolved {
     pub zone: String,
     pub group: String,
     pub lease_ttl_secs: u64,
+    pub departed_broker_listing_secs: u64,
     pub auto_create_topics: bool,
     pub num_partitions: u32,
     pub max_request_bytes: usize,
@@ -532,6 +539,10 @@ impl ServeArgs {
             },
             group: pick!(group, defaults::GROUP.to_string()),
             lease_ttl_secs: pick!(lease_ttl_secs, defaults::LEASE_TTL_SECS).clamp(2, 300),
+            departed_broker_listing_secs: pick!(
+                departed_broker_listing_secs,
+                defaults::DEPARTED_BROKER_LISTING_SECS
+            ),
             auto_create_topics: pick!(auto_create_topics, defaults::AUTO_CREATE_TOPICS),
             num_partitions: pick!(num_partitions, defaults::NUM_PARTITIONS).max(1),
             max_message_bytes: pick!(max_message_bytes, defaults::MAX_MESSAGE_BYTES),
@@ -1300,6 +1311,10 @@ mod tests {
             ("meta", defaults::META.to_string()),
             ("group", defaults::GROUP.to_string()),
             ("lease_ttl_secs", defaults::LEASE_TTL_SECS.to_string()),
+            (
+                "departed_broker_listing_secs",
+                defaults::DEPARTED_BROKER_LISTING_SECS.to_string(),
+            ),
             (
                 "auto_create_topics",
                 defaults::AUTO_CREATE_TOPICS.to_string(),

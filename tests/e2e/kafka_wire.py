@@ -23,6 +23,7 @@ LIST_OFFSETS = 2
 METADATA = 3
 API_VERSIONS = 18
 CREATE_TOPICS = 19
+DESCRIBE_CLUSTER = 60
 
 ERR_NONE = 0
 ERR_CORRUPT_MESSAGE = 2
@@ -408,6 +409,26 @@ def metadata(sock, topics, version=1, allow_auto_topic_creation=True, correlatio
     r = roundtrip(sock, METADATA, version,
                   metadata_body(topics, version, allow_auto_topic_creation), correlation_id)
     return parse_metadata(r, version)
+
+
+def describe_cluster(sock, correlation_id=4):
+    """DescribeCluster v0: {'error': code, 'controller': id,
+    'brokers': [(id, host, port, rack)]} — the live brokers only (Metadata
+    also lists brokers that left not long ago)."""
+    r = roundtrip(sock, DESCRIBE_CLUSTER, 0, boolean(False) + uvarint(0), correlation_id,
+                  flexible=True)
+    r.i32()  # throttle
+    err = r.i16()
+    r.compact_string()  # error message (nullable)
+    r.compact_string()  # cluster id
+    controller = r.i32()
+    brokers = []
+    for _ in range(r.compact_array_len()):
+        node, host, port = r.i32(), r.compact_string(), r.i32()
+        rack = r.compact_string()
+        r.tagged_fields()
+        brokers.append((node, host, port, rack))
+    return {"error": err, "controller": controller, "brokers": brokers}
 
 
 # --------------------------------------------------------------------------

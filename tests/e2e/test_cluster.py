@@ -123,9 +123,10 @@ def cluster(start_broker, etcd, tmp_path):
 
 
 def members(broker):
+    """The live brokers `broker` sees (DescribeCluster: Metadata also lists
+    brokers that left not long ago, leading nothing)."""
     with kw.connect(broker.bootstrap) as s:
-        md = kw.metadata(s, [], version=1)
-    return {b[0] for b in md["brokers"]}
+        return {b[0] for b in kw.describe_cluster(s)["brokers"]}
 
 
 def wait_members(broker, want, timeout=30):
@@ -385,6 +386,64 @@ def test_a_broker_paused_past_its_lease_rejoins_and_serves_every_acked_record(st
                                                      answers[0], len(acked), reloads))
     assert reloads >= 1, "b3 did not fall behind the trimmed log: the test lost its point"
     assert "registration lease lost; registering again" in b3.log_text()
+
+
+def find_coordinator_v1(bootstrap, key, key_type):
+    """FindCoordinator v1 (key type 0: group, 1: transactional id):
+    (error code, node id)."""
+    with kw.connect(bootstrap) as s:
+        r = kw.roundtrip(s, 10, 1, kw.string(key) + kw.i8(key_type), 9)
+    r.i32()  # throttle
+    err = r.i16()
+    r.string()  # error message
+    return err, r.i32()
+
+
+def listed(broker, topic):
+    """Metadata v1 through `broker`: (broker ids listed, partition leaders,
+    controller)."""
+    with kw.connect(broker.bootstrap) as s:
+        md = kw.metadata(s, [topic], version=1)
+    leaders = {p: leader for p, (err, leader) in md["topics"][topic][1].items()}
+    return {b[0] for b in md["brokers"]}, leaders, md["controller"]
+
+
+def test_a_broker_that_left_stays_listed_leading_nothing(start_broker, etcd, tmp_path, topic_name):
+    """A broker that leaves the membership stays in Metadata's broker list
+    for --departed-broker-listing-secs, leading no partition, coordinating
+    no group or transactional id and never the controller: librdkafka
+    (2.16) discards the handle of a broker that leaves Metadata but can keep
+    it as a group coordinator and wait on it for good (FINDINGS.md). Then it
+    is dropped. DescribeCluster lists the live brokers only."""
+    listing = 15
+    b1, b2, b3 = start_cluster(start_broker, etcd, tmp_path, departed_broker_listing_secs=listing)
+    create_topic(b1.bootstrap, topic_name, PARTITIONS)
+    assert 3 in set(listed(b1, topic_name)[1].values()), "b3 leads some partitions before"
+    b3.kill9()
+    wait_members(b1, {1, 2}, timeout=LEASE_TTL + 10)
+    wait_members(b2, {1, 2}, timeout=5)
+    left = time.monotonic()
+    for via in (b1, b2):
+        ids, leaders, controller = listed(via, topic_name)
+        assert ids == {1, 2, 3}, "b3 left %.1f s ago and must still be listed" % (time.monotonic() - left)
+        assert set(leaders.values()) <= {1, 2}, leaders
+        assert controller in (1, 2)
+        for n in range(40):
+            for key_type, key in ((0, "g-%d" % n), (1, "tx-%d" % n)):
+                err, node = find_coordinator_v1(via.bootstrap, key, key_type)
+                assert err == 0 and node in (1, 2), (key_type, key, err, node)
+    while 3 in listed(b1, topic_name)[0]:
+        assert time.monotonic() - left < listing + 10, "b3 still listed %d s after it left" % (listing + 10)
+        time.sleep(0.5)
+    gone_after = time.monotonic() - left
+    assert gone_after > listing - LEASE_TTL - 2, "dropped after %.1f s, before its listing" % gone_after
+    b3.restart()
+    wait_members(b1, {1, 2, 3})
+    deadline = time.monotonic() + 15
+    while 3 not in set(listed(b1, topic_name)[1].values()):
+        assert time.monotonic() < deadline, "b3 leads nothing after it came back"
+        time.sleep(0.3)
+    print("b3 listed for %.1f s after it left (listing %d s)" % (gone_after, listing))
 
 
 def test_broker_rejoins_with_its_node_id(cluster, topic_name):

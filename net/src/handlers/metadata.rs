@@ -1,7 +1,8 @@
 //! Metadata: the brokers this client may use (see [`discovery`]: its agent
 //! group, listener, zone and overrides), and the topics asked for
 //! (auto-creating unknown ones when allowed, as Kafka does), each
-//! partition "led" by one of those brokers.
+//! partition "led" by one of those brokers. Brokers that left the cluster
+//! not long ago stay in the broker list, leading nothing.
 
 use std::sync::Arc;
 
@@ -155,10 +156,13 @@ pub async fn handle(ctx: &Ctx, req: MetadataRequest, version: i16) -> Reply {
             }
         }
     }
+    // Brokers that left not long ago stay listed, leading nothing.
+    let departed = discovery::departed_brokers(&ctx.broker, &ctx.client, &brokers);
     let resp = MetadataResponse::default()
         .with_brokers(
             brokers
                 .iter()
+                .chain(&departed)
                 .map(|b| {
                     MetadataResponseBroker::default()
                         .with_node_id(BrokerId(b.node_id))
