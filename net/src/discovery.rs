@@ -154,19 +154,7 @@ pub fn select_departed(
         {
             continue;
         }
-        let Some((host, port)) = b.address(&view.listener) else {
-            continue;
-        };
-        all.push(Advertised {
-            node_id: b.node_id,
-            host: view
-                .host_override
-                .clone()
-                .unwrap_or_else(|| host.to_string()),
-            port,
-            rack: (!b.zone.is_empty()).then(|| b.zone.clone()),
-            ready: false,
-        });
+        all.extend(advertise(b, view, false));
     }
     // Load-balancer mode over the whole list, so a departed broker keeps
     // the letter case it had while live.
@@ -201,22 +189,25 @@ pub fn select(live: &[BrokerRecord], me: &BrokerRecord, view: &ClientView) -> Ve
     }
     let mut out: Vec<Advertised> = candidates
         .into_iter()
-        .filter_map(|b| {
-            let (host, port) = b.address(&view.listener)?;
-            Some(Advertised {
-                node_id: b.node_id,
-                host: view
-                    .host_override
-                    .clone()
-                    .unwrap_or_else(|| host.to_string()),
-                port,
-                rack: (!b.zone.is_empty()).then(|| b.zone.clone()),
-                ready: b.ready,
-            })
-        })
+        .filter_map(|b| advertise(b, view, b.ready))
         .collect();
     vary_shared_hosts(&mut out);
     out
+}
+
+/// `b` at the address `view`'s client must use, if it has that listener.
+fn advertise(b: &BrokerRecord, view: &ClientView, ready: bool) -> Option<Advertised> {
+    let (host, port) = b.address(&view.listener)?;
+    Some(Advertised {
+        node_id: b.node_id,
+        host: view
+            .host_override
+            .clone()
+            .unwrap_or_else(|| host.to_string()),
+        port,
+        rack: (!b.zone.is_empty()).then(|| b.zone.clone()),
+        ready,
+    })
 }
 
 /// Load-balancer mode: brokers sharing a host:port get distinct letter
