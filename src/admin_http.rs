@@ -298,6 +298,16 @@ impl Collector for BrokerCollector {
                 .iter()
                 .flat_map(|&(purpose, c)| bytes_by_op(purpose, c)),
         )?;
+        gauge(
+            &mut out,
+            "floe_buffer_bytes",
+            "Memory the shards hold by design, each kind bounded by configuration (summed over shards, as of each shard's last sealed segment): read_cache (what the read cache's budget counts), pack_pool (capacity of the packed segment copies kept: those the read cache pins, and free ones for reuse), frame_pool (capacity of request-frame slabs and buffers kept for reuse).",
+            [
+                ([("kind", "read_cache")], m.sum(|s| &s.read_cache_bytes)),
+                ([("kind", "pack_pool")], m.sum(|s| &s.pack_pool_bytes)),
+                ([("kind", "frame_pool")], m.sum(|s| &s.frame_pool_bytes)),
+            ],
+        )?;
         if let Some(held) = crate::allocator::held() {
             gauge(
                 &mut out,
@@ -586,6 +596,7 @@ mod tests {
             "floe_commit_latency_since_start_seconds summary",
             "floe_objstore_requests_total counter",
             "floe_objstore_bytes_total counter",
+            "floe_buffer_bytes gauge",
             "floe_objstore_backend_requests_total counter",
             "floe_objstore_backend_bytes_total counter",
             "floe_objstore_backend_failures_total counter",

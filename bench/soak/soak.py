@@ -203,7 +203,13 @@ MEM_COLUMNS = tuple("mem_%s_kb" % k for k in MEM_KINDS) + ("mem_arena_count",)
 # What glibc's malloc holds, from the broker's floe_allocator_bytes{kind}:
 # allocated and not freed (in_use, mapped), freed and kept (free).
 ALLOC_KINDS = ("in_use", "mapped", "free")
-ALLOC_COLUMNS = tuple("alloc_%s_kb" % k for k in ALLOC_KINDS)
+# floe_buffer_bytes: what the shards' bounded caches and pools hold.
+BUFFER_KINDS = ("read_cache", "pack_pool", "frame_pool")
+ALLOC_COLUMNS = (tuple("alloc_%s_kb" % k for k in ALLOC_KINDS)
+                 + tuple("buf_%s_kb" % k for k in BUFFER_KINDS))
+# floe's live heap (in_use + mapped) minus the pools' buffers: what is left
+# to grow once the bounded caches and pools are full.
+OUTSIDE_POOLS = "heap_outside_pools_kb"
 ARENA_ALIGN = 64 << 20
 
 
@@ -245,14 +251,22 @@ def gauges(broker: Broker) -> list[str]:
     status, text = broker.http_get("/metrics")
     assert status == 200, "/metrics answered %d" % status
     return sorted({m.group(1) for m in re.finditer(r"^# TYPE (\S+) gauge$", text, re.M)}
-                  - {"floe_allocator_bytes"})
+                  - {"floe_allocator_bytes", "floe_buffer_bytes"})
 
 
 def allocator_kinds(metrics_text: str) -> dict:
-    """ALLOC_COLUMNS in KiB from a broker's /metrics text (empty for a
-    broker without the family: a jemalloc build)."""
-    return {"alloc_%s_kb" % m.group(1): int(float(m.group(2))) // 1024
-            for m in re.finditer(r'^floe_allocator_bytes\{kind="(\w+)"\} (\S+)$', metrics_text, re.M)}
+    """ALLOC_COLUMNS and OUTSIDE_POOLS in KiB from a broker's /metrics text
+    (no allocator kinds for a broker without that family: a jemalloc
+    build)."""
+    out = {"alloc_%s_kb" % m.group(1): int(float(m.group(2))) // 1024
+           for m in re.finditer(r'^floe_allocator_bytes\{kind="(\w+)"\} (\S+)$', metrics_text, re.M)}
+    out.update({"buf_%s_kb" % m.group(1): int(float(m.group(2))) // 1024
+                for m in re.finditer(r'^floe_buffer_bytes\{kind="(\w+)"\} (\S+)$', metrics_text, re.M)})
+    parts = ("alloc_in_use_kb", "alloc_mapped_kb", "buf_pack_pool_kb", "buf_frame_pool_kb")
+    if all(k in out for k in parts):
+        out[OUTSIDE_POOLS] = (out["alloc_in_use_kb"] + out["alloc_mapped_kb"]
+                              - out["buf_pack_pool_kb"] - out["buf_frame_pool_kb"])
+    return out
 
 
 class Cluster:
@@ -737,7 +751,7 @@ class Sampler:
         self.snapshot_cache: dict = {}
         self.gauges = sorted({g for b in brokers for g in gauges(b)})
         self.columns = (["t_s", "phase", "broker", "pid", "rss_kb", "rss_anon_kb", "rss_file_kb", "hwm_kb",
-                         "threads", "fds", "cpu_s"] + list(MEM_COLUMNS) + list(ALLOC_COLUMNS) + list(self.gauges) + list(COUNTERS)
+                         "threads", "fds", "cpu_s"] + list(MEM_COLUMNS) + list(ALLOC_COLUMNS) + [OUTSIDE_POOLS] + list(self.gauges) + list(COUNTERS)
                         + list(LOAD_COUNTERS) + list(STATE_COLUMNS))
         self.rows: list[dict] = []
         self.t0 = time.monotonic()
@@ -845,7 +859,7 @@ def analyse(rows: list[dict], name: str, load_start: float, load_end: float) -> 
     for key, col in (("rss", "rss_kb"), ("anon", "rss_anon_kb"), ("fds", "fds"),
                      ("threads", "threads"), ("conns", "floe_connections"), ("cpu", "cpu_s")):
         out[key] = fit(window, col)
-    for col in MEM_COLUMNS + ALLOC_COLUMNS:
+    for col in MEM_COLUMNS + ALLOC_COLUMNS + (OUTSIDE_POOLS,):
         out[col] = fit(window, col)
     return out
 
@@ -890,6 +904,12 @@ def broker_line(a: dict) -> str:
             "%s %+.2f (%.0f->%.0f MiB)" % (k, f["slope_per_min"] * 60 / 1024,
                                            f["first"] / 1024, f["last"] / 1024)
             for k, f in alloc)
+    pools = [(k, a["buf_%s_kb" % k]) for k in BUFFER_KINDS] + [("outside_pools", a[OUTSIDE_POOLS])]
+    if all(f["first"] is not None for _, f in pools):
+        line += " buffers_mib_per_hour=[%s]" % ", ".join(
+            "%s %+.2f (%.0f->%.0f MiB)" % (k, f["slope_per_min"] * 60 / 1024,
+                                           f["first"] / 1024, f["last"] / 1024)
+            for k, f in pools)
     return line
 
 
@@ -1034,7 +1054,8 @@ def run(args) -> int:
         lines.append(state_line(sampler.rows, load_start, load_end))
         final = ("soak secs=%.0f brokers=%d produced=%.1f MB consumed=%.1f MB groups_created=%d "
                  "groups_deleted=%d members_joined=%d producers_created=%d topics_created=%d "
-                 "connections_opened=%d rss_slope_mib_per_hour=[%s] live_slope_mib_per_hour=[%s]"
+                 "connections_opened=%d rss_slope_mib_per_hour=[%s] live_slope_mib_per_hour=[%s] "
+                 "outside_pools_slope_mib_per_hour=[%s]"
                  % (args.seconds, len(brokers), counts["steady_bytes_acked"] / 1e6,
                     counts["consumed_bytes"] / 1e6, counts["groups_created"], counts["groups_deleted"],
                     counts["members_joined"], counts["producers_created"], counts["topics_created"],
@@ -1044,6 +1065,9 @@ def run(args) -> int:
                     ", ".join("%s %s" % (a["name"], "-" if a["alloc_in_use_kb"]["first"] is None else
                                          "%.2f" % ((a["alloc_in_use_kb"]["slope_per_min"]
                                                     + a["alloc_mapped_kb"]["slope_per_min"]) * 60 / 1024))
+                              for a in analyses),
+                    ", ".join("%s %s" % (a["name"], "-" if a[OUTSIDE_POOLS]["first"] is None else
+                                         "%.2f" % (a[OUTSIDE_POOLS]["slope_per_min"] * 60 / 1024))
                               for a in analyses)))
         lines.append(final)
         own = os.times()

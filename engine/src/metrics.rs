@@ -28,6 +28,10 @@ impl ShardCounter {
     pub fn get(&self) -> u64 {
         self.0.load(Relaxed)
     }
+    /// A gauge's new value; the owning shard's thread only, as `add`.
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Relaxed);
+    }
 }
 
 /// The counters of one shard's data path. Owned by shard `id` of
@@ -75,6 +79,15 @@ pub struct ShardCounters {
     /// room (net::fetch_session).
     pub fetch_sessions_created: ShardCounter,
     pub fetch_sessions_evicted: ShardCounter,
+    /// Gauges, set when the shard seals a segment: the read cache's bytes
+    /// (what its budget counts), and the capacity of the buffers the
+    /// shard's pools hold for reuse: packed segment copies (those the
+    /// cache pins and free ones) and request-frame slabs. All bounded by
+    /// configuration; with them a soak tells bounded pools filling from
+    /// growth.
+    pub read_cache_bytes: ShardCounter,
+    pub pack_pool_bytes: ShardCounter,
+    pub frame_pool_bytes: ShardCounter,
 }
 
 const _: () = assert!(std::mem::align_of::<ShardCounters>() == 128);

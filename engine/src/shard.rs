@@ -463,6 +463,14 @@ impl Shard {
                     at += data.len();
                 }
             }
+            let counters = self.counters();
+            counters.read_cache_bytes.set(cache.bytes() as u64);
+            counters
+                .pack_pool_bytes
+                .set(self.packs.borrow().kept_bytes() as u64);
+            counters
+                .frame_pool_bytes
+                .set(self.frames.kept_bytes() as u64);
         }
         let store = self.engine.store.clone();
         let metrics = self.engine.metrics.clone();
