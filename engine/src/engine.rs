@@ -61,6 +61,10 @@ pub struct CleanupSettings {
     pub archive: crate::committer::ArchiveSettings,
 }
 
+/// Longest wait for a read of the metadata store made only to answer with
+/// the freshest value ([`Engine::topic_fresh`]).
+pub const FRESH_READ_MAX: Duration = Duration::from_secs(2);
+
 /// Everything [`Engine::start`] needs besides the backends.
 pub struct EngineStart {
     pub config: EngineConfig,
@@ -522,6 +526,27 @@ impl Engine {
 
     pub fn topic(&self, name: &str) -> Option<Arc<TopicRecord>> {
         self.topics.get(name)
+    }
+
+    /// Topic `name` as the metadata store has it now, so that a change
+    /// made through another broker a moment ago is seen; `None` if it does
+    /// not exist. Waits at most [`FRESH_READ_MAX`], then answers what this
+    /// broker last saw (the store may be away).
+    pub async fn topic_fresh(&self, name: &str) -> Option<Arc<TopicRecord>> {
+        let (topics, n) = (self.topics.clone(), name.to_string());
+        let read = self.sidecar.run(async move {
+            Ok(tokio::time::timeout(FRESH_READ_MAX, topics.get_fresh(&n)).await)
+        });
+        let why = match read.await {
+            Ok(Ok(Ok(t))) => return t,
+            Ok(Ok(Err(e))) | Err(e) => e.to_string(),
+            Ok(Err(_)) => format!("no answer within {FRESH_READ_MAX:?}"),
+        };
+        tracing::debug!(
+            topic = name,
+            "answering this broker's view of the topic: {why}"
+        );
+        self.topic(name)
     }
 
     /// Every topic, as of the last change this broker saw.

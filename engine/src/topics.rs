@@ -219,6 +219,26 @@ impl Topics {
         Ok(())
     }
 
+    /// Topic `name` as the store has it now (not as this broker last saw
+    /// it), and this broker's view updated if it lagged: a change made
+    /// through another broker a moment ago is seen.
+    pub async fn get_fresh(&self, name: &str) -> Result<Option<Arc<TopicRecord>>> {
+        let key = schema::topic_key(name);
+        let Some(kv) = self.meta.get(&key).await? else {
+            return Ok(None);
+        };
+        let rec: TopicRecord = serde_json::from_slice(&kv.value).map_err(|e| Error::Corrupt {
+            what: key,
+            reason: e.to_string(),
+        })?;
+        if self.get(name).as_deref() != Some(&rec) {
+            // The watch has not delivered it yet; it will, and a refresh
+            // now makes the rest of this broker agree sooner.
+            self.refresh().await?;
+        }
+        Ok(Some(Arc::new(rec)))
+    }
+
     /// Creates a topic unless one of that name exists.
     pub async fn create(
         &self,
@@ -410,6 +430,34 @@ mod tests {
                 assert_eq!(rec.partitions, 1);
             }
         }
+    }
+
+    /// A change made through another broker's registry is seen by a fresh
+    /// read at once, which also brings this registry up to date; before,
+    /// this broker (no watch running here) still had the old record.
+    #[tokio::test]
+    async fn a_fresh_read_sees_a_change_made_elsewhere() {
+        let meta: Arc<dyn MetaStore> = Arc::new(Embedded::in_memory().unwrap());
+        let here = Topics::load(meta.clone()).await.unwrap();
+        let there = Topics::load(meta.clone()).await.unwrap();
+        there.create("t", 1, BTreeMap::new(), false).await.unwrap();
+        assert!(here.get("t").is_none(), "no watch here: not seen yet");
+        let fresh = here.get_fresh("t").await.unwrap().expect("seen fresh");
+        assert_eq!(fresh.partitions, 1);
+        assert!(here.get("t").is_some(), "the registry caught up");
+        let set = |c: &BTreeMap<String, String>| {
+            let mut c = c.clone();
+            c.insert("retention.ms".into(), "5000".into());
+            Ok(c)
+        };
+        there.alter_configs("t", &set, false).await.unwrap();
+        assert_eq!(here.get("t").unwrap().configs.get("retention.ms"), None);
+        let fresh = here.get_fresh("t").await.unwrap().unwrap();
+        assert_eq!(
+            fresh.configs.get("retention.ms").map(String::as_str),
+            Some("5000")
+        );
+        assert!(here.get_fresh("missing").await.unwrap().is_none());
     }
 
     /// Every read fails, so the re-read after the compare-and-swap does: a

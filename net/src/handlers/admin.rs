@@ -296,7 +296,10 @@ pub async fn create_partitions(ctx: &Ctx, req: CreatePartitionsRequest, version:
 const RESOURCE_TOPIC: i8 = 2;
 const RESOURCE_BROKER: i8 = 4;
 
-pub fn describe_configs(ctx: &Ctx, req: DescribeConfigsRequest, version: i16) -> Reply {
+/// DescribeConfigs. A topic's configs are read from the metadata store
+/// (bounded wait, else this broker's view), so that a change made through
+/// any broker a moment ago is seen.
+pub async fn describe_configs(ctx: &Ctx, req: DescribeConfigsRequest, version: i16) -> Reply {
     let settings = &ctx.broker.settings;
     let effective = ctx.broker.effective();
     let mut results = Vec::new();
@@ -316,7 +319,7 @@ pub fn describe_configs(ctx: &Ctx, req: DescribeConfigsRequest, version: i16) ->
                 res = res.with_error_code(codes::CLUSTER_AUTHORIZATION_FAILED);
                 None
             }
-            RESOURCE_TOPIC => match ctx.broker.engine.topic(&name) {
+            RESOURCE_TOPIC => match ctx.broker.engine.topic_fresh(&name).await {
                 Some(t) => Some(topic_config::describe(&t.configs, &effective)),
                 None => {
                     res = res

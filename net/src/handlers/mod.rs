@@ -141,7 +141,9 @@ pub async fn dispatch(ctx: &Ctx, request: Request, version: i16) -> Pending {
     match request {
         Request::ApiVersions => ready(admin::api_versions(version)),
         Request::Produce(req) => produce::start(&ctx, req, version).await,
-        Request::DescribeConfigs(req) => ready(admin::describe_configs(&ctx, req, version)),
+        Request::DescribeConfigs(req) => {
+            async move { admin::describe_configs(&ctx, req, version).await }.boxed_local()
+        }
         Request::DescribeCluster(ops) => ready(admin::describe_cluster(&ctx, ops, version)),
         Request::Metadata(req) => {
             async move { metadata::handle(&ctx, req, version).await }.boxed_local()
