@@ -143,9 +143,11 @@ pub async fn allocate_node_id(meta: &dyn MetaStore) -> Result<i32> {
 }
 
 /// What fences this broker's commits on its registration. Clients learn
-/// that a broker left when its lease expires and it drops out of Metadata;
-/// librdkafka then fails the requests it had in flight there as "not
-/// persisted" and may send those records again under a new epoch. So a
+/// that a broker left when its lease expires: its partitions move, and
+/// once it drops out of Metadata (after the departed listing, see
+/// [`Members::departed`]) librdkafka fails the requests it had in flight
+/// there as "not persisted" and may send those records again under a new
+/// epoch. So a
 /// commit must never land once the registration it was made under is
 /// gone: every log entry compares the registration key's create revision
 /// (a re-registration creates the key anew), and segments sealed before
