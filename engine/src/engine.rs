@@ -530,23 +530,23 @@ impl Engine {
 
     /// Topic `name` as the metadata store has it now, so that a change
     /// made through another broker a moment ago is seen; `None` if it does
-    /// not exist. Waits at most [`FRESH_READ_MAX`], then answers what this
-    /// broker last saw (the store may be away).
-    pub async fn topic_fresh(&self, name: &str) -> Option<Arc<TopicRecord>> {
+    /// not exist. An error when the store does not answer within
+    /// [`FRESH_READ_MAX`]: [`Engine::topic`] is what this broker last saw.
+    pub async fn topic_fresh(&self, name: &str) -> Result<Option<Arc<TopicRecord>>> {
         let (topics, n) = (self.topics.clone(), name.to_string());
-        let read = self.sidecar.run(async move {
-            Ok(tokio::time::timeout(FRESH_READ_MAX, topics.get_fresh(&n)).await)
-        });
-        let why = match read.await {
-            Ok(Ok(Ok(t))) => return t,
-            Ok(Ok(Err(e))) | Err(e) => e.to_string(),
-            Ok(Err(_)) => format!("no answer within {FRESH_READ_MAX:?}"),
-        };
-        tracing::debug!(
-            topic = name,
-            "answering this broker's view of the topic: {why}"
-        );
-        self.topic(name)
+        self.sidecar
+            .run(async move {
+                tokio::time::timeout(FRESH_READ_MAX, topics.get_fresh(&n))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(floe_meta::Error::Unavailable {
+                            op: "get",
+                            reason: format!("topic {n:?}: no answer within {FRESH_READ_MAX:?}"),
+                        }
+                        .into())
+                    })
+            })
+            .await
     }
 
     /// Every topic, as of the last change this broker saw.

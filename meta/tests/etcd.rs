@@ -24,7 +24,7 @@ struct EtcdServer {
     child: Option<Child>,
     dir: tempfile::TempDir,
     /// Data directory under `dir`; a fresh one for each start on new ports.
-    data: &'static str,
+    data: String,
     /// Member name, unique in this process: readiness asks etcd for it, so
     /// a test never mistakes another test's etcd for its own.
     name: String,
@@ -71,6 +71,9 @@ fn etcd_binary() -> Option<String> {
     None
 }
 
+/// Fresh port pairs tried after a started etcd exited before answering.
+const ETCD_START_RETRIES: usize = 3;
+
 /// How long a started etcd may take to answer as itself.
 const ETCD_START: Duration = Duration::from_secs(20);
 
@@ -88,7 +91,7 @@ impl EtcdServer {
         let mut s = Self {
             child: None,
             dir: tempfile::tempdir_in(base).expect("tempdir"),
-            data: "data",
+            data: "data".into(),
             name: format!(
                 "floe-test-{}-{}",
                 std::process::id(),
@@ -101,13 +104,13 @@ impl EtcdServer {
         loop {
             match s.spawn().await {
                 Ok(()) => return Some(s),
-                Err(e) if attempts < 3 => {
+                Err(e) if attempts < ETCD_START_RETRIES => {
                     eprintln!(
                         "etcd on ports {}/{}: {e}; fresh ports",
                         s.client_port, s.peer_port
                     );
                     attempts += 1;
-                    s.data = ["data", "data-1", "data-2", "data-3"][attempts];
+                    s.data = format!("data-{attempts}");
                     s.client_port = free_port();
                     s.peer_port = free_port();
                 }
@@ -124,7 +127,7 @@ impl EtcdServer {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let child = Command::new(bin)
             .args(["--name", &self.name, "--data-dir"])
-            .arg(self.dir.path().join(self.data))
+            .arg(self.dir.path().join(&self.data))
             .args([
                 "--listen-client-urls",
                 &client,

@@ -24,6 +24,9 @@ METADATA = 3
 API_VERSIONS = 18
 CREATE_TOPICS = 19
 DESCRIBE_CLUSTER = 60
+FIND_COORDINATOR = 10
+KEY_TYPE_GROUP = 0
+KEY_TYPE_TRANSACTION = 1
 
 ERR_NONE = 0
 ERR_CORRUPT_MESSAGE = 2
@@ -409,6 +412,13 @@ def metadata(sock, topics, version=1, allow_auto_topic_creation=True, correlatio
     r = roundtrip(sock, METADATA, version,
                   metadata_body(topics, version, allow_auto_topic_creation), correlation_id)
     return parse_metadata(r, version)
+
+
+def find_coordinator(sock, key, key_type=KEY_TYPE_GROUP, correlation_id=1):
+    """FindCoordinator v1: (error code, error message, node id)."""
+    r = roundtrip(sock, FIND_COORDINATOR, 1, string(key) + i8(key_type), correlation_id)
+    r.i32()  # throttle
+    return r.i16(), r.string(), r.i32()
 
 
 def describe_cluster(sock, correlation_id=4):

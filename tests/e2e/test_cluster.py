@@ -388,17 +388,6 @@ def test_a_broker_paused_past_its_lease_rejoins_and_serves_every_acked_record(st
     assert "registration lease lost; registering again" in b3.log_text()
 
 
-def find_coordinator_v1(bootstrap, key, key_type):
-    """FindCoordinator v1 (key type 0: group, 1: transactional id):
-    (error code, node id)."""
-    with kw.connect(bootstrap) as s:
-        r = kw.roundtrip(s, 10, 1, kw.string(key) + kw.i8(key_type), 9)
-    r.i32()  # throttle
-    err = r.i16()
-    r.string()  # error message
-    return err, r.i32()
-
-
 def listed(broker, topic):
     """Metadata v1 through `broker`: (broker ids listed, partition leaders,
     controller)."""
@@ -429,10 +418,12 @@ def test_a_broker_that_left_stays_listed_leading_nothing(start_broker, etcd, tmp
         assert ids == {1, 2, 3}, "b3 left %.1f s ago and must still be listed" % (time.monotonic() - left)
         assert set(leaders.values()) <= {1, 2}, leaders
         assert controller in (1, 2)
-        for n in range(40):
-            for key_type, key in ((0, "g-%d" % n), (1, "tx-%d" % n)):
-                err, node = find_coordinator_v1(via.bootstrap, key, key_type)
-                assert err == 0 and node in (1, 2), (key_type, key, err, node)
+        with kw.connect(via.bootstrap) as s:
+            for n in range(40):
+                for key_type, key in ((kw.KEY_TYPE_GROUP, "g-%d" % n),
+                                      (kw.KEY_TYPE_TRANSACTION, "tx-%d" % n)):
+                    err, _, node = kw.find_coordinator(s, key, key_type)
+                    assert err == 0 and node in (1, 2), (key_type, key, err, node)
     while 3 in listed(b1, topic_name)[0]:
         assert time.monotonic() - left < listing + 10, "b3 still listed %d s after it left" % (listing + 10)
         time.sleep(0.5)

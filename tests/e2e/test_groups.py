@@ -246,8 +246,6 @@ def test_group_survives_the_death_of_its_coordinator(cluster, tmp_path, topic_na
             m.stop()
 
 
-FIND_COORDINATOR = 10
-KEY_TYPE_GROUP = 0
 
 # FindCoordinator's answer: error code, node id, seconds it took, error message.
 Found = namedtuple("Found", "err node secs message")
@@ -258,9 +256,7 @@ def find_coordinator(broker, group):
     connection, as a Found."""
     t0 = time.monotonic()
     with kw.connect(broker.bootstrap, timeout=30) as s:
-        r = kw.roundtrip(s, FIND_COORDINATOR, 1, kw.string(group) + kw.i8(KEY_TYPE_GROUP), 1)
-        r.i32()  # throttle_time_ms
-        err, message, node = r.i16(), r.string(), r.i32()
+        err, message, node = kw.find_coordinator(s, group)
     return Found(err, node, time.monotonic() - t0, message)
 
 

@@ -296,11 +296,14 @@ pub async fn create_partitions(ctx: &Ctx, req: CreatePartitionsRequest, version:
 const RESOURCE_TOPIC: i8 = 2;
 const RESOURCE_BROKER: i8 = 4;
 
-/// DescribeConfigs. A topic's configs are read from the metadata store
-/// (bounded wait, else this broker's view), so that a change made through
-/// any broker a moment ago is seen.
+/// DescribeConfigs. A topic's configs are read from the metadata store, so
+/// that a change made through any broker a moment ago is seen; once one
+/// such read fails (the store away or slow), the rest of the request
+/// answers this broker's view, so that it waits for the store at most
+/// once (2 s) in all.
 pub async fn describe_configs(ctx: &Ctx, req: DescribeConfigsRequest, version: i16) -> Reply {
     let settings = &ctx.broker.settings;
+    let mut store_answers = true;
     let effective = ctx.broker.effective();
     let mut results = Vec::new();
     for r in req.resources {
@@ -319,7 +322,7 @@ pub async fn describe_configs(ctx: &Ctx, req: DescribeConfigsRequest, version: i
                 res = res.with_error_code(codes::CLUSTER_AUTHORIZATION_FAILED);
                 None
             }
-            RESOURCE_TOPIC => match ctx.broker.engine.topic_fresh(&name).await {
+            RESOURCE_TOPIC => match topic_for_describe(ctx, &name, &mut store_answers).await {
                 Some(t) => Some(topic_config::describe(&t.configs, &effective)),
                 None => {
                     res = res
@@ -379,6 +382,29 @@ pub async fn describe_configs(ctx: &Ctx, req: DescribeConfigsRequest, version: i
         &DescribeConfigsResponse::default().with_results(results),
         version,
     )
+}
+
+/// Topic `name` from the metadata store while it answers, else as this
+/// broker last saw it (and `store_answers` turns false).
+async fn topic_for_describe(
+    ctx: &Ctx,
+    name: &str,
+    store_answers: &mut bool,
+) -> Option<std::sync::Arc<floe_meta::schema::TopicRecord>> {
+    let engine = &ctx.broker.engine;
+    if *store_answers {
+        match engine.topic_fresh(name).await {
+            Ok(t) => return t,
+            Err(e) => {
+                tracing::debug!(
+                    topic = name,
+                    "DescribeConfigs answers this broker's view: {e}"
+                );
+                *store_answers = false;
+            }
+        }
+    }
+    engine.topic(name)
 }
 
 pub fn describe_cluster(ctx: &Ctx, include_operations: bool, version: i16) -> Reply {
