@@ -111,6 +111,15 @@ fn body<M: Decodable>(api: ApiKey, version: i16, b: &mut Bytes) -> Result<M, Dec
     })
 }
 
+/// A copy of `field`, a slice of a request frame, that does not keep the
+/// frame alive. Decoded `Bytes` and strings share the frame's buffer, and
+/// frames are carved from 4 MiB slabs (`floe_engine::pool`): a field kept
+/// beyond the request (a group member's metadata, its assignment) would
+/// keep the whole slab from reuse for as long as it is kept.
+pub fn detached(field: &Bytes) -> Bytes {
+    Bytes::copy_from_slice(field)
+}
+
 /// Decodes one request frame.
 pub fn decode(mut frame: Bytes) -> Result<Decoded, DecodeError> {
     if frame.len() < FRAME_BYTES_MIN {
@@ -238,6 +247,46 @@ mod tests {
             .expect("header");
         m.encode(&mut b, version).expect("body");
         b.to_vec()
+    }
+
+    /// A JoinGroup decoded from a pooled frame: a member's metadata kept
+    /// as decoded pins the frame's slab, so the pool cannot hand it out
+    /// again; kept `detached`, the slab is reused once the request is gone.
+    #[test]
+    fn a_detached_field_lets_the_pool_reuse_the_frame() {
+        use floe_engine::pool::FramePool;
+        use kafka_protocol::messages::join_group_request::{
+            JoinGroupRequest, JoinGroupRequestProtocol,
+        };
+        let req = JoinGroupRequest::default()
+            .with_group_id(StrBytes::from_static_str("g").into())
+            .with_protocol_type(StrBytes::from_static_str("consumer"))
+            .with_protocols(vec![JoinGroupRequestProtocol::default()
+                .with_name(StrBytes::from_static_str("range"))
+                .with_metadata(Bytes::from(vec![7u8; 100]))]);
+        let wire = frame(ApiKey::JoinGroup, 5, &req);
+        // Keeps the protocol metadata of a JoinGroup read from `pool`, and
+        // says whether a fresh frame then starts where the first did.
+        let reused = |keep: fn(&Bytes) -> Bytes| {
+            let pool = FramePool::new(64 << 20);
+            let mut buf = pool.take(wire.len());
+            buf.copy_from_slice(&wire);
+            let start = buf.as_ptr();
+            let Request::JoinGroup(r) = decode(buf.freeze()).expect("decodes").request else {
+                panic!("not a JoinGroup");
+            };
+            let kept = keep(&r.protocols[0].metadata);
+            drop(r);
+            // Frames of an eighth of a slab each, dropped at once, until
+            // the slab is used up: the next one starts the old slab again
+            // if nothing holds a part of it, else a new slab.
+            let eighth = floe_engine::pool::SLAB_BYTES / 8;
+            let again = (0..9).any(|_| pool.take(eighth).as_ptr() == start);
+            assert_eq!(&kept[..], &[7u8; 100][..]);
+            again
+        };
+        assert!(!reused(Bytes::clone), "a decoded field shares the frame");
+        assert!(reused(detached), "a detached field does not");
     }
 
     /// Every version `apis::SUPPORTED` advertises is one the codec's

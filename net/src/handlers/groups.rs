@@ -54,6 +54,7 @@ use kafka_protocol::protocol::{Decodable, StrBytes};
 use super::{encode, Ctx, Reply};
 use crate::codes;
 use crate::discovery::{self, Advertised};
+use crate::request;
 
 const KEY_TYPE_GROUP: i8 = 0;
 const KEY_TYPE_TRANSACTION: i8 = 1;
@@ -230,7 +231,8 @@ pub async fn join(ctx: &Ctx, req: JoinGroupRequest, version: i16) -> Reply {
         protocols: req
             .protocols
             .iter()
-            .map(|p| (p.name.to_string(), p.metadata.clone()))
+            // Kept for as long as the member is in the group.
+            .map(|p| (p.name.to_string(), request::detached(&p.metadata)))
             .collect(),
         require_known_member_id: version >= 4,
     };
@@ -280,7 +282,8 @@ pub async fn sync(ctx: &Ctx, req: SyncGroupRequest, version: i16) -> Reply {
     let assignments = req
         .assignments
         .iter()
-        .map(|a| (a.member_id.to_string(), a.assignment.clone()))
+        // Kept until the next rebalance.
+        .map(|a| (a.member_id.to_string(), request::detached(&a.assignment)))
         .collect();
     let r = on_coordinator(ctx, |coord| async move {
         coord
