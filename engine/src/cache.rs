@@ -74,6 +74,21 @@ impl<K: std::hash::Hash + Eq + Clone, V: Weigh + Clone> Fifo<K, V> {
             }
         }
     }
+
+    /// Drops the entries `keep` says no, keeping the others' order.
+    fn retain(&mut self, mut keep: impl FnMut(&K) -> bool) {
+        let mut bytes = self.bytes;
+        self.entries.retain(|k, v| {
+            let kept = keep(k);
+            if !kept {
+                bytes -= v.weight();
+            }
+            kept
+        });
+        self.bytes = bytes;
+        let entries = &self.entries;
+        self.order.retain(|k| entries.contains_key(k));
+    }
 }
 
 /// Decoded archive footers: one GET per fetch once an object's footer is
@@ -116,6 +131,15 @@ impl ReadCache {
         self.0.insert((segment, pos), batch);
     }
 
+    /// Drops the batches of every segment `live` says is gone (deleted
+    /// with its topic, trimmed by retention, replaced by an archive): no
+    /// read can ask for them again, so they would only hold memory until
+    /// newer batches pushed them out, which on a broker that takes little
+    /// produce is hours.
+    pub fn drop_dead(&mut self, mut live: impl FnMut(&str) -> bool) {
+        self.0.retain(|(segment, _)| live(segment));
+    }
+
     pub fn bytes(&self) -> usize {
         self.0.bytes
     }
@@ -137,6 +161,25 @@ mod tests {
         assert_eq!(c.bytes(), 8);
         c.insert(s.clone(), 99, Bytes::from(vec![0; 11]));
         assert!(c.get(&s, 99).is_none(), "larger than the cache");
+    }
+
+    #[test]
+    fn dead_segments_go_and_the_rest_keep_their_order() {
+        let mut c = ReadCache::new(12);
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        c.insert(a.clone(), 0, Bytes::from(vec![0; 4]));
+        c.insert(b.clone(), 0, Bytes::from(vec![0; 4]));
+        c.insert(a.clone(), 4, Bytes::from(vec![0; 4]));
+        c.drop_dead(|s| s != "a");
+        assert!(c.get(&a, 0).is_none() && c.get(&a, 4).is_none());
+        assert_eq!(c.bytes(), 4);
+        // Room for two more before the oldest left (b's) goes.
+        c.insert(a.clone(), 8, Bytes::from(vec![0; 4]));
+        c.insert(a.clone(), 12, Bytes::from(vec![0; 4]));
+        assert!(c.get(&b, 0).is_some());
+        c.insert(a.clone(), 16, Bytes::from(vec![0; 4]));
+        assert!(c.get(&b, 0).is_none() && c.get(&a, 8).is_some());
+        assert_eq!(c.bytes(), 12);
     }
 
     #[test]

@@ -156,6 +156,11 @@ impl PartitionIndex {
         debug_assert!(self.log_start <= self.high_watermark);
     }
 
+    /// The objects holding the partition's batches, once per batch.
+    pub fn segments(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.entries.iter().map(|e| &e.segment)
+    }
+
     /// Position of the entry holding `offset` (or the first after it).
     pub fn position(&self, offset: u64) -> Option<usize> {
         if offset >= self.high_watermark {

@@ -6,7 +6,7 @@
 //! only [`ShardLink`] is shared.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -62,6 +62,10 @@ const FRAMES_KEPT_MAX: usize = 32 << 20;
 /// Most bytes of packed-segment buffers a shard keeps for reuse (those
 /// the read cache holds, and a couple free).
 const PACKS_KEPT_MAX: usize = 256 << 20;
+
+/// How often, at most, a seal also drops the read cache's batches of
+/// segments no index holds any more (`Shard::drop_dead_cached`).
+const CACHE_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The shared, `Send` side of a shard: how other shards and the committer
 /// reach it.
@@ -252,6 +256,11 @@ struct ShardState {
     waiters: Vec<oneshot::Sender<Result<Vec<BatchOutcome>>>>,
     indexes: HashMap<PartitionKey, PartitionIndex>,
     segments_sealed: u64,
+    /// This shard's segments sealed and not yet through the commit loop:
+    /// their cached batches are live though no index shows them yet.
+    sealing: HashSet<Arc<str>>,
+    /// When the read cache last dropped dead segments' batches.
+    swept_at: Option<Instant>,
 }
 
 struct Pending {
@@ -439,6 +448,8 @@ impl Shard {
         );
         let seg: Arc<str> = Arc::from(key.as_str());
         let sealed_at = tokio::time::Instant::now();
+        self.state.borrow_mut().sealing.insert(seg.clone());
+        self.drop_dead_cached(false);
         {
             // The batches are slices of request frames, themselves carved
             // from 4 MiB slabs: cached as they are, a 100-byte batch would
@@ -554,6 +565,7 @@ impl Shard {
             } = p;
             // What `gaps` needs of the record, which the commit takes.
             let idempotent = IdempotentBatches::of(&record);
+            let key = record.key.clone();
             let result = match upload.await {
                 Err(e) => {
                     self.counters().upload_failures.add(1);
@@ -585,7 +597,37 @@ impl Shard {
                     }
                 }
             }
+            // Committed (and in this shard's index) or failed (and never
+            // to be read): the cache sweep judges it by the index now.
+            self.state.borrow_mut().sealing.remove(key.as_str());
         }
+    }
+
+    /// Drops from the read cache the batches of segments that no
+    /// partition index of this shard holds and that are not being
+    /// committed: a deleted topic's, those retention trimmed, intake
+    /// segments an archive replaced. The cache's budget would push them
+    /// out too, but only as fast as new batches arrive. A walk over the
+    /// shard's index entries, so at most every [`CACHE_SWEEP_EVERY`]
+    /// unless `forced` (a partition was forgotten).
+    fn drop_dead_cached(&self, forced: bool) {
+        let now = Instant::now();
+        let mut st = self.state.borrow_mut();
+        if !forced
+            && st
+                .swept_at
+                .is_some_and(|t| now.duration_since(t) < CACHE_SWEEP_EVERY)
+        {
+            return;
+        }
+        st.swept_at = Some(now);
+        let mut live: HashSet<&str> = st.sealing.iter().map(|s| &**s).collect();
+        for index in st.indexes.values() {
+            live.extend(index.segments().map(|s| &**s));
+        }
+        let mut cache = self.cache.borrow_mut();
+        cache.drop_dead(|segment| live.contains(segment));
+        self.counters().read_cache_bytes.set(cache.bytes() as u64);
     }
 
     /// Commits log start moves (DeleteRecords) and returns each partition's
@@ -649,21 +691,33 @@ impl Shard {
     }
 
     async fn index_loop(self: Rc<Self>, rx: flume::Receiver<IndexMsg>) {
+        // A partition forgotten (its topic deleted) or the indexes reloaded
+        // since the cache was last swept.
+        let mut forgotten = false;
         while let Ok(msg) = rx.recv_async().await {
             match msg {
-                IndexMsg::Update(u) => apply_update(&mut self.state.borrow_mut().indexes, u),
+                IndexMsg::Update(u) => {
+                    forgotten |= u.forget;
+                    apply_update(&mut self.state.borrow_mut().indexes, u);
+                }
                 IndexMsg::Reload(updates) => {
                     let mut fresh = HashMap::new();
                     for u in updates {
                         apply_update(&mut fresh, u);
                     }
                     self.state.borrow_mut().indexes = fresh;
+                    forgotten = true;
                 }
                 IndexMsg::Applied(seq) => {
                     self.applied_seq.set(seq);
                     self.applied.notify(usize::MAX);
                     self.link().data.notify(usize::MAX);
                 }
+            }
+            // Once the queue is drained, so that deleting a topic of many
+            // partitions walks the indexes once.
+            if rx.is_empty() {
+                self.drop_dead_cached(std::mem::take(&mut forgotten));
             }
         }
     }

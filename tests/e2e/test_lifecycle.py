@@ -157,10 +157,13 @@ def test_a_deleted_topic_leaves_no_state_behind(store, topic_name):
     kept = gen_records(300, seed=45, ts_base=int(time.time() * 1000))
     delivered_kept = produce_records(producer, kept_topic, kept, partition_of=lambda i: 0)
     kept_segments = store.keys("segments/")
+    cached_kept = read_cache_bytes(broker)
     gone = gen_records(900, seed=46, ts_base=int(time.time() * 1000))
     produce_records(producer, topic_name, gone, partition_of=lambda i: i % 3)
     doomed = store.keys("segments/") - kept_segments
     assert kept_segments and doomed
+    cached_both = read_cache_bytes(broker)
+    assert cached_both > cached_kept > 0, (cached_kept, cached_both)
     wait_for("the log to know 4 partitions",
              lambda: metric(broker, "floe_log_partitions") == 4,
              state=lambda: metric(broker, "floe_log_partitions"))
@@ -173,6 +176,11 @@ def test_a_deleted_topic_leaves_no_state_behind(store, topic_name):
     wait_for("the deleted topic's segments to be deleted",
              lambda: not (store.keys("segments/") & doomed))
     assert kept_segments <= store.keys("segments/"), "a kept topic's segment was deleted"
+    # The read cache lets go of the deleted topic's batches at once, not
+    # when newer batches push them out.
+    wait_for("the read cache to drop the deleted topic's batches",
+             lambda: read_cache_bytes(broker) <= cached_kept,
+             timeout=15, state=lambda: (cached_kept, read_cache_bytes(broker)))
 
     broker.restart()
     wait_for("the restarted broker to know 1 partition",
@@ -205,6 +213,15 @@ def assert_out_of_range_from_zero(bootstrap, topic):
 
 def metric(broker, name) -> float:
     return broker.metrics().get(name, 0.0)
+
+
+def read_cache_bytes(broker) -> float:
+    """What the shards' read caches hold (floe_buffer_bytes, kind read_cache)."""
+    series = 'floe_buffer_bytes{kind="read_cache"} '
+    for line in broker.metrics_text().splitlines():
+        if line.startswith(series):
+            return float(line[len(series):])
+    raise AssertionError("no %s in /metrics" % series.strip())
 
 
 def test_size_retention_keeps_at_least_the_limit(store, topic_name):
