@@ -312,7 +312,7 @@ impl Collector for BrokerCollector {
             gauge(
                 &mut out,
                 "floe_allocator_bytes",
-                "What the memory allocator holds: in_use (allocated and not freed), mapped (allocated as separate mappings, not freed), free (freed and kept in its arenas). glibc's malloc only.",
+                "What the memory allocator holds: in_use (allocated and not freed), mapped (allocated as separate mappings, not freed), free (freed and kept: in glibc's arenas, or jemalloc's resident pages beyond what is allocated).",
                 [
                     ([("kind", "in_use")], held.in_use),
                     ([("kind", "mapped")], held.mapped),

@@ -21,6 +21,28 @@ mod preflight;
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read once at its start (`_RJEM_MALLOC_CONF` in the
+/// environment still overrides them): a background thread returns freed
+/// pages to the kernel on a timer, so an arena that goes quiet after a
+/// peak does not keep it, and purged pages are dropped at once
+/// (`MADV_DONTNEED`, out of RSS) rather than lazily (`MADV_FREE`, which
+/// stays in RSS until the kernel is short of memory).
+#[cfg(feature = "jemalloc")]
+#[allow(unsafe_code, non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+static malloc_conf: MallocConf =
+    MallocConf(c"background_thread:true,dirty_decay_ms:10000,muzzy_decay_ms:0".as_ptr());
+
+/// A C string jemalloc reads at start-up.
+#[cfg(feature = "jemalloc")]
+#[repr(transparent)]
+struct MallocConf(*const std::ffi::c_char);
+
+// SAFETY: it points at a constant that is never written.
+#[cfg(feature = "jemalloc")]
+#[allow(unsafe_code)]
+unsafe impl Sync for MallocConf {}
+
 use clap::Parser as _;
 use config::{Cli, Command};
 use tracing_subscriber::EnvFilter;
