@@ -109,6 +109,12 @@ impl FooterCache {
         self.0.insert(key, footer);
     }
 
+    /// Drops the footers of archives `live` says are gone, as
+    /// [`ReadCache::drop_dead`] does for batches.
+    pub fn drop_dead(&mut self, mut live: impl FnMut(&str) -> bool) {
+        self.0.retain(|key| live(key));
+    }
+
     pub fn bytes(&self) -> usize {
         self.0.bytes
     }
@@ -216,5 +222,8 @@ mod tests {
         assert_eq!(c.bytes(), 2 * one);
         c.insert(Arc::from("big"), footer(100));
         assert!(c.get("big").is_none(), "larger than the cache");
+        c.drop_dead(|k| k != "b");
+        assert!(c.get("b").is_none() && c.get("c").is_some());
+        assert_eq!(c.bytes(), one);
     }
 }

@@ -63,8 +63,9 @@ const FRAMES_KEPT_MAX: usize = 32 << 20;
 /// the read cache holds, and a couple free).
 const PACKS_KEPT_MAX: usize = 256 << 20;
 
-/// How often, at most, a seal also drops the read cache's batches of
-/// segments no index holds any more (`Shard::drop_dead_cached`).
+/// How often, at most, a seal or an index update also drops the read
+/// caches' entries of objects no index holds any more, unless a partition
+/// was forgotten (`Shard::drop_dead_cached`).
 const CACHE_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The shared, `Send` side of a shard: how other shards and the committer
@@ -605,8 +606,8 @@ impl Shard {
 
     /// Drops from the read cache the batches of segments that no
     /// partition index of this shard holds and that are not being
-    /// committed: a deleted topic's, those retention trimmed, intake
-    /// segments an archive replaced. The cache's budget would push them
+    /// committed — a deleted topic's, those retention trimmed, intake
+    /// segments an archive replaced — and the footers of archives gone. The cache's budget would push them
     /// out too, but only as fast as new batches arrive. A walk over the
     /// shard's index entries, so at most every [`CACHE_SWEEP_EVERY`]
     /// unless `forced` (a partition was forgotten).
@@ -628,6 +629,9 @@ impl Shard {
         let mut cache = self.cache.borrow_mut();
         cache.drop_dead(|segment| live.contains(segment));
         self.counters().read_cache_bytes.set(cache.bytes() as u64);
+        self.footers
+            .borrow_mut()
+            .drop_dead(|archive| live.contains(archive));
     }
 
     /// Commits log start moves (DeleteRecords) and returns each partition's
