@@ -29,7 +29,7 @@ const REQUEST_BYTES_MAX: usize = 8 << 10;
 type FieldCounter<T, V> = (&'static str, &'static str, fn(&T) -> &V);
 
 /// The counters every shard keeps, each summed over the shards.
-const SHARD_COUNTERS: [FieldCounter<ShardCounters, ShardCounter>; 20] = [
+const SHARD_COUNTERS: [FieldCounter<ShardCounters, ShardCounter>; 21] = [
     (
         "floe_produce_payload_bytes_total",
         "RecordBatch bytes accepted from producers.",
@@ -97,6 +97,11 @@ const SHARD_COUNTERS: [FieldCounter<ShardCounters, ShardCounter>; 20] = [
         "floe_admission_waits_total",
         "Requests that waited for the shard's in-flight budget (back-pressure).",
         |s| &s.admission_waits,
+    ),
+    (
+        "floe_connections_idle_closed_total",
+        "Client connections closed for sending no request and being owed no answer for connections.max.idle.ms.",
+        |s| &s.connections_idle_closed,
     ),
     (
         "floe_bad_frames_total",
@@ -591,6 +596,7 @@ mod tests {
             "floe_connections_moved_total counter",
             "floe_admission_waits_total counter",
             "floe_bad_frames_total counter",
+            "floe_connections_idle_closed_total counter",
             "floe_authorization_denied_total counter",
             "floe_sasl_authentication_failures_total counter",
             "floe_sasl_authentication_throttled_total counter",

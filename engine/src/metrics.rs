@@ -69,6 +69,9 @@ pub struct ShardCounters {
     /// Connections this shard handed to a shard with fewer (net::balance).
     pub connections_moved: ShardCounter,
     pub bad_frames: ShardCounter,
+    /// Connections closed for having been idle past
+    /// `connections.max.idle.ms` (net::conn).
+    pub connections_idle_closed: ShardCounter,
     /// Actions the authorizer refused (net::authz).
     pub authorization_denied: ShardCounter,
     /// SASL authentications that failed, and attempts refused unchecked

@@ -25,6 +25,9 @@ pub struct Settings {
     /// How long a failed SASL authentication waits for its answer (Kafka's
     /// `connection.failed.authentication.delay.ms`).
     pub sasl_failure_delay: std::time::Duration,
+    /// A connection that sent no request and is owed no answer for this
+    /// long is closed (Kafka's `connections.max.idle.ms`; None: never).
+    pub connections_max_idle: Option<std::time::Duration>,
 }
 
 /// The broker configs that can change while it runs (IncrementalAlterConfigs

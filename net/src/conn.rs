@@ -13,14 +13,21 @@
 //! are served, frames are capped at
 //! [`sasl::UNAUTHENTICATED_FRAME_BYTES_MAX`], and anything else closes it.
 //!
+//! A connection that sends no request and is owed no answer for
+//! `connections.max.idle.ms` is closed, as Kafka does: a client that
+//! leaked it or went away without a FIN holds no socket, buffers or
+//! sessions for ever. A long-poll fetch in flight keeps it open.
+//!
 //! The connection also keeps what floe knows about its client (the
 //! [`ClientView`]): the listener it came in on, the zone and host override
 //! its `client.id` states, and the `rack_id` it sends in Fetch. Handlers
 //! read it to decide which brokers this client sees.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures::channel::mpsc;
@@ -54,11 +61,51 @@ struct Outgoing {
     _permit: StaticPermit,
 }
 
+/// When a connection last did something, and how many answers it owes:
+/// the reader counts each request it reads, the writer each answer it
+/// sends (or drops, for acks=0).
+#[derive(Debug)]
+struct Activity {
+    last: Cell<Instant>,
+    owed: Cell<usize>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            last: Cell::new(Instant::now()),
+            owed: Cell::new(0),
+        }
+    }
+
+    fn request_read(&self) {
+        self.last.set(Instant::now());
+        self.owed.set(self.owed.get() + 1);
+    }
+
+    fn answered(&self) {
+        self.last.set(Instant::now());
+        self.owed.set(self.owed.get().saturating_sub(1));
+    }
+
+    /// How much longer until the connection has been idle `max` (zero:
+    /// it has). A connection owing an answer is not idle: checked again
+    /// after `max`.
+    fn idle_in(&self, max: Duration) -> Duration {
+        if self.owed.get() > 0 {
+            return max;
+        }
+        max.saturating_sub(self.last.get().elapsed())
+    }
+}
+
 /// Why a connection ended.
 #[derive(Debug)]
 enum End {
     Closed,
     ShuttingDown,
+    /// No request and no answer owed for `connections.max.idle.ms`.
+    Idle(Duration),
     Refused(String),
     /// Refused after the last answer was queued (failed authentication):
     /// the writer sends it, then closes.
@@ -121,9 +168,10 @@ pub async fn serve<S: Stream>(
     }
     let (mut rd, wr) = stream.split();
     let (tx, rx) = mpsc::channel::<Outgoing>(PIPELINE_DEPTH_MAX);
-    let writer = glommio::spawn_local(write_loop(wr, rx, peer));
+    let activity = Rc::new(Activity::new());
+    let writer = glommio::spawn_local(write_loop(wr, rx, peer, activity.clone()));
     let session = sasl.map(sasl::Session::new);
-    let end = read_loop(&ctx, &mut rd, tx, peer, session).await;
+    let end = read_loop(&ctx, &mut rd, tx, peer, session, &activity).await;
     let shutting_down = matches!(end, End::ShuttingDown);
     match end {
         End::Refused(why) => {
@@ -132,6 +180,10 @@ pub async fn serve<S: Stream>(
         }
         End::Answered(why) => {
             tracing::warn!(%peer, listener = %ctx.client.listener, "closing connection: {why}");
+        }
+        End::Idle(max) => {
+            ctx.shard.counters().connections_idle_closed.add(1);
+            tracing::debug!(%peer, listener = %ctx.client.listener, "closing connection idle for {max:?} (connections.max.idle.ms)");
         }
         End::Closed | End::ShuttingDown => {}
     }
@@ -277,6 +329,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut tx: mpsc::Sender<Outgoing>,
     peer: SocketAddr,
     mut session: Option<sasl::Session>,
+    activity: &Activity,
 ) -> End {
     let mut conn_ctx = ctx.clone();
     let mut client = ClientState {
@@ -301,12 +354,30 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
         let mut prefix = [0u8; 4];
         {
-            let read = Box::pin(rd.read_exact(&mut prefix));
-            let stop = Box::pin(broker.engine.shutdown().wait());
-            match select(read, stop).await {
-                Either::Left((Ok(()), _)) => {}
-                Either::Left((Err(_), _)) => return End::Closed,
-                Either::Right(_) => return End::ShuttingDown,
+            // One read for the whole wait (dropping it mid-prefix would
+            // lose the bytes it has), raced by the shutdown and by the idle
+            // deadline, which moves while answers are still being written.
+            let mut read = std::pin::pin!(rd.read_exact(&mut prefix));
+            let mut stop = std::pin::pin!(broker.engine.shutdown().wait());
+            loop {
+                let idle = async {
+                    match broker.settings.connections_max_idle {
+                        Some(max) => glommio::timer::sleep(activity.idle_in(max)).await,
+                        None => futures::future::pending().await,
+                    }
+                };
+                match select(select(read.as_mut(), stop.as_mut()), std::pin::pin!(idle)).await {
+                    Either::Left((Either::Left((Ok(()), _)), _)) => break,
+                    Either::Left((Either::Left((Err(_), _)), _)) => return End::Closed,
+                    Either::Left((Either::Right(_), _)) => return End::ShuttingDown,
+                    Either::Right(_) => {
+                        if let Some(max) = broker.settings.connections_max_idle {
+                            if activity.idle_in(max).is_zero() {
+                                return End::Idle(max);
+                            }
+                        }
+                    }
+                }
             }
         }
         let len = i32::from_be_bytes(prefix);
@@ -347,6 +418,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
             return End::Refused(format!("truncated frame of {len} bytes: {e}"));
         }
         let frame: Bytes = buf.freeze();
+        // Every frame read is answered once (or ends the connection).
+        activity.request_read();
         if raw_token {
             // After a v0 SaslHandshake each token is a whole frame and so
             // is each answer (PLAIN's success: an empty frame); a failure
@@ -492,12 +565,16 @@ async fn write_loop<S: Stream>(
     mut wr: WriteHalf<S>,
     mut rx: mpsc::Receiver<Outgoing>,
     peer: SocketAddr,
+    activity: Rc<Activity>,
 ) {
     while let Some(out) = rx.next().await {
         let parts = match out.reply.await {
             Reply::Body(b) => vec![b.freeze()],
             Reply::Parts(p) => p,
-            Reply::Nothing => continue,
+            Reply::Nothing => {
+                activity.answered();
+                continue;
+            }
             Reply::Close => break,
         };
         let body: usize = parts.iter().map(Bytes::remaining).sum();
@@ -522,6 +599,7 @@ async fn write_loop<S: Stream>(
             tracing::debug!(%peer, error = %e, "client went away");
             return;
         }
+        activity.answered();
     }
     let _ = wr.close().await;
 }

@@ -293,6 +293,8 @@ fn broker_settings(cfg: &Resolved, node_id: i32) -> Settings {
         fetch_wait_ms_max: cfg.fetch_wait_ms_max,
         authorizer: cfg.authorizer.clone().map(Arc::new),
         sasl_failure_delay: Duration::from_millis(cfg.sasl_failed_authentication_delay_ms),
+        connections_max_idle: (cfg.connections_max_idle_ms > 0)
+            .then(|| Duration::from_millis(cfg.connections_max_idle_ms)),
     }
 }
 

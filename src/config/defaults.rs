@@ -29,6 +29,8 @@ pub const MIN_INCREMENTAL_FETCH_SESSION_EVICTION_MS: u64 = 120_000;
 pub const GROUP_CONSUMER_SESSION_TIMEOUT_MS: u64 = 45_000;
 /// Kafka's group.consumer.heartbeat.interval.ms default.
 pub const GROUP_CONSUMER_HEARTBEAT_INTERVAL_MS: u64 = 5_000;
+/// Kafka's `connections.max.idle.ms` default: ten minutes.
+pub const CONNECTIONS_MAX_IDLE_MS: u64 = 600_000;
 /// Kafka's `connection.failed.authentication.delay.ms` default.
 pub const SASL_FAILED_AUTHENTICATION_DELAY_MS: u64 = 100;
 /// Failed SASL authentications per client address per minute.

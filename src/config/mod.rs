@@ -120,6 +120,11 @@ pub struct ServeArgs {
     /// OAUTHBEARER: the claim that names the principal. [default: sub]
     #[arg(long, env = "FLOE_SASL_OAUTHBEARER_SUB_CLAIM_NAME")]
     pub sasl_oauthbearer_sub_claim_name: Option<String>,
+    /// A client connection with no request read and no answer owed for
+    /// this long is closed (Kafka's `connections.max.idle.ms`); 0: never.
+    /// [default: 600000]
+    #[arg(long, env = "FLOE_CONNECTIONS_MAX_IDLE_MS")]
+    pub connections_max_idle_ms: Option<u64>,
     /// Delay before a failed SASL authentication is answered and its
     /// connection closed (Kafka's `connection.failed.authentication.delay.ms`).
     /// [default: 100]
@@ -366,6 +371,7 @@ pub struct Resolved {
     pub oauth: Option<floe_net::oauth::OAuthConfig>,
     /// Client certificate DN → principal name (`--ssl-principal-mapping-rules`).
     pub ssl_principal_mapping_rules: std::sync::Arc<floe_net::principal::MappingRules>,
+    pub connections_max_idle_ms: u64,
     pub sasl_failed_authentication_delay_ms: u64,
     pub sasl_max_failed_authentications: u32,
     /// `--authorizer acl` and its settings (None: no authorization).
@@ -572,6 +578,10 @@ impl ServeArgs {
                 defaults::GROUP_CONSUMER_HEARTBEAT_INTERVAL_MS
             )
             .clamp(100, 600_000),
+            connections_max_idle_ms: pick!(
+                connections_max_idle_ms,
+                defaults::CONNECTIONS_MAX_IDLE_MS
+            ),
             sasl_failed_authentication_delay_ms: pick!(
                 sasl_failed_authentication_delay_ms,
                 defaults::SASL_FAILED_AUTHENTICATION_DELAY_MS
@@ -1348,6 +1358,10 @@ mod tests {
             (
                 "group_consumer_heartbeat_interval_ms",
                 defaults::GROUP_CONSUMER_HEARTBEAT_INTERVAL_MS.to_string(),
+            ),
+            (
+                "connections_max_idle_ms",
+                defaults::CONNECTIONS_MAX_IDLE_MS.to_string(),
             ),
             (
                 "sasl_failed_authentication_delay_ms",
