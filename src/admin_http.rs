@@ -325,23 +325,6 @@ impl Collector for BrokerCollector {
                 ],
             )?;
         }
-        if let Some((trims, took)) = crate::allocator::trims() {
-            counter(
-                &mut out,
-                "floe_allocator_trims_total",
-                "Times glibc's free heap pages were given back to the system (malloc_trim, every --malloc-trim-interval-secs).",
-                [(NO_LABELS, trims)],
-            )?;
-            // Each arena is locked while a trim walks it: time a shard
-            // allocating from it may have waited.
-            let mut family = out.encode_descriptor(
-                "floe_allocator_trim_seconds",
-                "Time spent in those trims, each arena locked while it is walked.",
-                None,
-                MetricType::Counter,
-            )?;
-            ConstCounter::new(took.as_secs_f64()).encode(family.encode_family(&NO_LABELS)?)?;
-        }
         if let Some(acc) = &self.accounting {
             backend_families(&mut out, acc)?;
         }
@@ -632,10 +615,6 @@ mod tests {
         .to_vec();
         if crate::allocator::held().is_some() {
             want.push("floe_allocator_bytes gauge");
-        }
-        if crate::allocator::trims().is_some() {
-            want.push("floe_allocator_trims_total counter");
-            want.push("floe_allocator_trim_seconds_total counter");
         }
         want.sort_unstable();
         assert_eq!(types, want);

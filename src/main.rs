@@ -73,10 +73,6 @@ fn main() -> std::process::ExitCode {
                 // the journal.
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
-            let trim = std::time::Duration::from_secs(resolved.malloc_trim_interval_secs);
-            if let Err(e) = allocator::spawn_trimmer(trim) {
-                tracing::warn!("no malloc_trim thread: {e}");
-            }
             // io_uring and the memory-lock limit, before anything is opened.
             if let Err(e) = preflight::check(resolved.shards) {
                 tracing::error!("floe: cannot start: {e}");

@@ -101,9 +101,7 @@ STATUS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM", "Threads")
 COUNTERS = ("floe_connections_accepted_total", "floe_requests_total",
             "floe_produce_payload_bytes_total", "floe_fetch_bytes_total",
             "floe_segments_committed_total", "floe_log_entries_written_total",
-            "floe_objstore_requests_total",
-            # glibc builds: the periodic malloc_trim, and its time.
-            "floe_allocator_trims_total", "floe_allocator_trim_seconds_total")
+            "floe_objstore_requests_total")
 LOAD_COUNTERS = ("steady_bytes_acked", "consumed_bytes", "producers_created", "members_joined",
                  "groups_created", "groups_deleted", "connections_opened", "topics_created",
                  "topics_deleted")

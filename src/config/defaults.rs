@@ -52,8 +52,6 @@ pub const TRANSACTION_MAX_TIMEOUT_MS: u32 = floe_engine::txn::TRANSACTION_MAX_TI
 pub const TRANSACTIONAL_ID_EXPIRATION_MS: u64 =
     floe_engine::transactions::TRANSACTIONAL_ID_EXPIRATION_MS as u64;
 pub const MULTIPART_ABORT_AFTER_SECS: u64 = 86_400;
-/// How often free heap pages go back to the system (src/malloc.rs).
-pub const MALLOC_TRIM_INTERVAL_SECS: u64 = 10;
 /// Archive objects of about 64 MiB: few GETs per GiB read, and a whole
 /// object per retention step.
 pub const ARCHIVE_TARGET_BYTES: u64 = 64 << 20;

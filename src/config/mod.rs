@@ -237,11 +237,6 @@ pub struct ServeArgs {
     /// [default: 67108864]
     #[arg(long, env = "FLOE_COMPACTION_KEY_MAP_BYTES")]
     pub compaction_key_map_bytes: Option<u64>,
-    /// Free memory inside glibc's heaps is returned to the system this
-    /// often (malloc_trim), so RSS follows what the broker uses; 0: never.
-    /// [default: 10]
-    #[arg(long, env = "FLOE_MALLOC_TRIM_INTERVAL_SECS")]
-    pub malloc_trim_interval_secs: Option<u64>,
     /// A snapshot of the commit log's state is written every this many
     /// entries. [default: 500]
     #[arg(long, env = "FLOE_SNAPSHOT_EVERY_ENTRIES")]
@@ -400,7 +395,6 @@ pub struct Resolved {
     pub producer_id_expiration_ms: u64,
     pub transaction_max_timeout_ms: u32,
     pub transactional_id_expiration_ms: u64,
-    pub malloc_trim_interval_secs: u64,
     pub archive_target_bytes: u64,
     pub archive_max_age_secs: u64,
     pub compaction_key_map_bytes: u64,
@@ -640,10 +634,6 @@ impl ServeArgs {
                 defaults::COMPACTION_KEY_MAP_BYTES
             )
             .max(1 << 20),
-            malloc_trim_interval_secs: pick!(
-                malloc_trim_interval_secs,
-                defaults::MALLOC_TRIM_INTERVAL_SECS
-            ),
             snapshot_every_entries: pick!(snapshot_every_entries, defaults::SNAPSHOT_EVERY_ENTRIES)
                 .max(1),
             log_keep_entries: pick!(log_keep_entries, defaults::LOG_KEEP_ENTRIES).max(1),
@@ -1405,10 +1395,6 @@ mod tests {
             (
                 "compaction_key_map_bytes",
                 defaults::COMPACTION_KEY_MAP_BYTES.to_string(),
-            ),
-            (
-                "malloc_trim_interval_secs",
-                defaults::MALLOC_TRIM_INTERVAL_SECS.to_string(),
             ),
             (
                 "snapshot_every_entries",
