@@ -15,8 +15,8 @@ mod kafka_client;
 mod notify;
 mod preflight;
 
-/// `--features jemalloc`: jemalloc instead of glibc's malloc (an
-/// experiment on RSS growth under churn, docs/faults.md).
+/// `--features jemalloc`: jemalloc instead of glibc's malloc (opt-in:
+/// nearer flat RSS under churn and less CPU per MB, docs/faults.md).
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -30,11 +30,11 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 ///
 /// jemalloc serves requests of 8 MiB and more from an arena of their own
 /// whose freed pages are purged at once (`oversize_threshold`). A sealed
-/// segment's packed copy is that large, so each new one was faulted in
-/// page by page: 13.7 % of the broker's CPU in `exc_page_fault` under
-/// Shard::seal's copy (perf, closed-loop produce), against 5.8 % with
-/// glibc. Raised above any buffer floe allocates, those go through the
-/// ordinary arenas and their decay (docs/faults.md).
+/// segment's packed copy is that large, so such buffers came back as
+/// fresh pages: 13.7 % of the broker's CPU in `exc_page_fault`, mostly
+/// under Shard::seal's copy (perf, closed-loop produce), against 5.8 %
+/// with glibc. Raised above any buffer floe allocates, they go through
+/// the ordinary arenas and their decay (FINDINGS.md, "jemalloc").
 #[cfg(feature = "jemalloc")]
 #[allow(unsafe_code, non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]
