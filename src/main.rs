@@ -33,8 +33,10 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// segment's packed copy is that large, so such buffers came back as
 /// fresh pages: 13.7 % of the broker's CPU in `exc_page_fault`, mostly
 /// under Shard::seal's copy (perf, closed-loop produce), against 5.8 %
-/// with glibc. Raised above any buffer floe allocates, they go through
-/// the ordinary arenas and their decay (FINDINGS.md, "jemalloc").
+/// with glibc. Raised above any buffer floe allocates at its defaults
+/// (frames up to `--max-request-bytes`, 100 MiB; 64 MiB archives), they
+/// go through the ordinary arenas and their decay (FINDINGS.md,
+/// "jemalloc").
 #[cfg(feature = "jemalloc")]
 #[allow(unsafe_code, non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]

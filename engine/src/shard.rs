@@ -607,8 +607,9 @@ impl Shard {
     /// Drops from the read cache the batches of segments that no
     /// partition index of this shard holds and that are not being
     /// committed — a deleted topic's, those retention trimmed, intake
-    /// segments an archive replaced — and the footers of archives gone. The cache's budget would push them
-    /// out too, but only as fast as new batches arrive. A walk over the
+    /// segments an archive replaced — and the footers of archives gone.
+    /// The cache's budget would push them out too, but only as fast as
+    /// new batches arrive. A walk over the
     /// shard's index entries, so at most every [`CACHE_SWEEP_EVERY`]
     /// unless `forced` (a partition was forgotten).
     fn drop_dead_cached(&self, forced: bool) {

@@ -99,6 +99,21 @@ impl Activity {
     }
 }
 
+/// Resolves, with `max`, once the connection has been idle that long;
+/// never when `max` is None.
+async fn idle_for(max: Option<Duration>, activity: &Activity) -> Duration {
+    let Some(max) = max else {
+        return futures::future::pending().await;
+    };
+    loop {
+        let left = activity.idle_in(max);
+        if left.is_zero() {
+            return max;
+        }
+        glommio::timer::sleep(left).await;
+    }
+}
+
 /// Why a connection ended.
 #[derive(Debug)]
 enum End {
@@ -354,30 +369,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
         let mut prefix = [0u8; 4];
         {
-            // One read for the whole wait (dropping it mid-prefix would
-            // lose the bytes it has), raced by the shutdown and by the idle
-            // deadline, which moves while answers are still being written.
-            let mut read = std::pin::pin!(rd.read_exact(&mut prefix));
-            let mut stop = std::pin::pin!(broker.engine.shutdown().wait());
-            loop {
-                let idle = async {
-                    match broker.settings.connections_max_idle {
-                        Some(max) => glommio::timer::sleep(activity.idle_in(max)).await,
-                        None => futures::future::pending().await,
-                    }
-                };
-                match select(select(read.as_mut(), stop.as_mut()), std::pin::pin!(idle)).await {
-                    Either::Left((Either::Left((Ok(()), _)), _)) => break,
-                    Either::Left((Either::Left((Err(_), _)), _)) => return End::Closed,
-                    Either::Left((Either::Right(_), _)) => return End::ShuttingDown,
-                    Either::Right(_) => {
-                        if let Some(max) = broker.settings.connections_max_idle {
-                            if activity.idle_in(max).is_zero() {
-                                return End::Idle(max);
-                            }
-                        }
-                    }
-                }
+            // The read is raced by the shutdown and by the idle deadline,
+            // which moves while answers are still being written. The idle
+            // timer is armed only if the read has to wait.
+            let read = std::pin::pin!(rd.read_exact(&mut prefix));
+            let stop = std::pin::pin!(broker.engine.shutdown().wait());
+            let idle = std::pin::pin!(idle_for(broker.settings.connections_max_idle, activity));
+            match select(select(read, stop), idle).await {
+                Either::Left((Either::Left((Ok(()), _)), _)) => {}
+                Either::Left((Either::Left((Err(_), _)), _)) => return End::Closed,
+                Either::Left((Either::Right(_), _)) => return End::ShuttingDown,
+                Either::Right((max, _)) => return End::Idle(max),
             }
         }
         let len = i32::from_be_bytes(prefix);
