@@ -5,9 +5,10 @@
 //! (docs/faults.md, "The soak").
 //!
 //! glibc's `mallinfo2` walks every arena under its lock, so it is read
-//! once per scrape, never on the data path. Under `--features jemalloc`
-//! the same three come from jemalloc's statistics (`stats.allocated`,
-//! and `stats.resident` less it), read after advancing its epoch.
+//! once per scrape, never on the data path. With the `jemalloc` feature
+//! (the default build) the same three come from jemalloc's statistics
+//! (`stats.allocated`, and `stats.resident` less it), read after
+//! advancing its epoch.
 
 /// The allocator's accounts, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

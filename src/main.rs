@@ -15,8 +15,8 @@ mod kafka_client;
 mod notify;
 mod preflight;
 
-/// `--features jemalloc`: jemalloc instead of glibc's malloc (opt-in:
-/// nearer flat RSS under churn and less CPU per MB, docs/faults.md).
+/// The `jemalloc` feature (on by default): jemalloc instead of glibc's
+/// malloc, for flat RSS under churn and less CPU per MB (docs/faults.md).
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -59,8 +59,10 @@ done
 # ---------------------------------------------------------------- apt ------
 # systemd: systemd-analyze verifies the unit; curl: the Helm chart's zone init script.
 # iproute2: `ip netns` for the test that puts a client in its own network.
+# gcc, make: the default build compiles jemalloc from source (configure, make)
+# and C parts of zstd and aws-lc.
 apt_pkgs=(protobuf-compiler libprotobuf-dev kcat etcd-server etcd-client python3-venv
-          systemd curl iproute2 openssl)
+          systemd curl iproute2 openssl gcc make)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
@@ -94,6 +96,13 @@ PROTO
 command -v protoc >/dev/null 2>&1 || die "protoc not found: apt-get install protobuf-compiler"
 protoc -I"$scratch" --include_imports -o"$scratch/wkt.pb" "$scratch/wkt.proto" >/dev/null 2>&1 \
     || die "protoc cannot find google/protobuf/descriptor.proto: apt-get install libprotobuf-dev"
+
+# jemalloc's build runs its configure script with cc, then make.
+printf 'int main(void) { return 0; }\n' >"$scratch/c.c"
+printf 'all:\n\tcc -o c c.c\n' >"$scratch/Makefile"
+command -v make >/dev/null 2>&1 || die "make not found: apt-get install make"
+make -s -C "$scratch" >/dev/null 2>&1 && "$scratch/c" \
+    || die "cc cannot build a C program with make: apt-get install gcc make"
 
 # --------------------------------------------------------------- venv ------
 # Debian's python3 is what python3-venv is for; fall back to whatever python3
@@ -278,4 +287,5 @@ NODE_PATH="$node_dir/node_modules" node -e 'require("kafkajs")' >/dev/null 2>&1 
 log "node: $(node --version), kafkajs loads"
 
 log "protoc: $(protoc --version), compiles google/protobuf/descriptor.proto imports"
+log "make and cc: build a C program (jemalloc's build)"
 log "done (repo: $root)"
