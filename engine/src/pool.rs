@@ -14,12 +14,16 @@
 //! using it. Once those are all gone, `BytesMut::try_reclaim` turns the
 //! handle back into the whole buffer without allocating. The handles kept
 //! are bounded in bytes; the oldest beyond the bound are let go (their
-//! buffer is then freed by whoever drops the last user).
+//! buffer is then freed by whoever drops the last user). A buffer whose
+//! users are all gone is kept only while it is reused: one not taken again
+//! within [`FREE_KEPT_FOR`] is let go, so a pool holds what its shard's
+//! load reuses, not every size it has ever seen up to its bound.
 //! Owned by its shard (`RefCell`, never shared across threads; the buffers'
 //! users may be anywhere).
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 
@@ -27,13 +31,31 @@ use bytes::BytesMut;
 /// own.
 pub const SLAB_BYTES: usize = 4 << 20;
 
+/// How long a buffer whose users are all gone is kept for reuse. A shard
+/// under load takes buffers at its seal and frame rate, many times a
+/// second; one not taken again for this long is not part of that load.
+/// Counted from the first sweep that finds the buffer unused, so it is let
+/// go at the first sweep after that (sweeps run when a buffer is kept).
+pub const FREE_KEPT_FOR: Duration = Duration::from_secs(30);
+
 /// Buffers, by capacity, whose users may still hold parts of them.
 #[derive(Debug)]
 pub struct Recycler {
-    kept: VecDeque<(usize, BytesMut)>,
+    kept: VecDeque<Kept>,
     kept_bytes: usize,
     max_bytes: usize,
     free_max_bytes: usize,
+}
+
+/// One buffer known to the pool.
+#[derive(Debug)]
+struct Kept {
+    cap: usize,
+    /// The empty handle the whole buffer is reclaimed through.
+    handle: BytesMut,
+    /// When a sweep first found the buffer's users all gone (`None` while
+    /// any is known to live).
+    free_since: Option<Instant>,
 }
 
 impl Recycler {
@@ -60,11 +82,11 @@ impl Recycler {
         let found = self
             .kept
             .iter_mut()
-            .position(|(cap, h)| fits(*cap) && h.try_reclaim(*cap));
+            .position(|k| fits(k.cap) && k.handle.try_reclaim(k.cap));
         match found.and_then(|i| self.kept.remove(i)) {
-            Some((cap, h)) => {
-                self.kept_bytes -= cap;
-                h
+            Some(k) => {
+                self.kept_bytes -= k.cap;
+                k.handle
             }
             None => BytesMut::with_capacity(size_class(len)),
         }
@@ -81,31 +103,47 @@ impl Recycler {
 
     /// Keeps `handle`, a handle on a buffer of `cap` bytes.
     fn keep(&mut self, cap: usize, handle: BytesMut) {
+        self.keep_at(cap, handle, Instant::now());
+    }
+
+    /// [`Recycler::keep`] at `now`: also sweeps the kept buffers, letting
+    /// go of unused ones beyond their allowance or unused for
+    /// [`FREE_KEPT_FOR`].
+    fn keep_at(&mut self, cap: usize, handle: BytesMut, now: Instant) {
         if cap == 0 || cap > self.max_bytes {
             return;
         }
         while self.kept_bytes + cap > self.max_bytes {
             match self.kept.pop_front() {
-                Some((c, _)) => self.kept_bytes -= c,
+                Some(k) => self.kept_bytes -= k.cap,
                 None => break,
             }
         }
-        // Unused buffers beyond their allowance go, newest kept.
+        // Unused buffers beyond their allowance go, newest kept, and so do
+        // those unused for too long.
         let mut free = 0;
         let free_max = self.free_max_bytes;
         let mut dropped = 0;
-        self.kept.retain_mut(|(c, h)| {
-            let unused = h.try_reclaim(*c);
-            if unused && free + *c > free_max {
-                dropped += *c;
+        self.kept.retain_mut(|k| {
+            if !k.handle.try_reclaim(k.cap) {
+                k.free_since = None;
+                return true;
+            }
+            let since = *k.free_since.get_or_insert(now);
+            if free + k.cap > free_max || now.duration_since(since) >= FREE_KEPT_FOR {
+                dropped += k.cap;
                 return false;
             }
-            free += if unused { *c } else { 0 };
+            free += k.cap;
             true
         });
         self.kept_bytes -= dropped;
         self.kept_bytes += cap;
-        self.kept.push_back((cap, handle));
+        self.kept.push_back(Kept {
+            cap,
+            handle,
+            free_since: None,
+        });
     }
 
     /// Bytes of buffers kept (in use or free).
@@ -291,6 +329,52 @@ mod tests {
             r.kept_bytes()
         );
         assert!(live.iter().enumerate().all(|(i, b)| b[..] == [i as u8; 10]));
+    }
+
+    /// Takes a buffer for `len` bytes, writes `fill` into it and keeps
+    /// the rest at `now`, as a seal does; returns the user's part.
+    fn use_at(r: &mut Recycler, len: usize, fill: u8, now: Instant) -> BytesMut {
+        let mut b = r.take(len);
+        b.extend_from_slice(&[fill; 10]);
+        let cap = b.capacity();
+        let rest = b.split_off(b.len());
+        r.keep_at(cap, rest, now);
+        b
+    }
+
+    #[test]
+    fn unused_buffers_go_once_not_reused_for_a_while() {
+        let t0 = Instant::now();
+        let mut r = Recycler::new(64 << 20, 64 << 20);
+        // A 2 MiB buffer used once, a 3 MiB one still in use.
+        drop(use_at(&mut r, 2 << 20, 1, t0));
+        let held = use_at(&mut r, 3 << 20, 3, t0);
+        // 1 MiB buffers keep being taken and let go of.
+        let mut t = t0;
+        for _ in 0..10 {
+            t += FREE_KEPT_FOR / 4;
+            drop(use_at(&mut r, 1 << 20, 2, t));
+        }
+        let caps = |r: &Recycler| r.kept.iter().map(|k| k.cap).collect::<Vec<_>>();
+        // The 2 MiB one, unused for well over FREE_KEPT_FOR, is let go of;
+        // the reused 1 MiB one and the one in use are kept.
+        let kept = caps(&r);
+        assert!(
+            !kept.iter().any(|&c| (2 << 20..3 << 20).contains(&c)),
+            "{kept:?}"
+        );
+        assert!(kept.iter().any(|&c| c >= 3 << 20), "{kept:?}");
+        assert!(kept.iter().any(|&c| c < 2 << 20), "{kept:?}");
+        assert_eq!(r.kept_bytes(), kept.iter().sum::<usize>());
+        assert_eq!(held[..], [3; 10]);
+        // Once its user is gone, it goes too, after FREE_KEPT_FOR unused.
+        drop(held);
+        for _ in 0..6 {
+            t += FREE_KEPT_FOR / 4;
+            drop(use_at(&mut r, 1 << 20, 2, t));
+        }
+        let kept = caps(&r);
+        assert!(kept.iter().all(|&c| c < 2 << 20), "{kept:?}");
     }
 
     #[test]
