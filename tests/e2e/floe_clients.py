@@ -14,6 +14,7 @@ from confluent_kafka import (
     TIMESTAMP_CREATE_TIME,
     Consumer,
     KafkaError,
+    KafkaException,
     Producer,
     TopicPartition,
 )
@@ -25,6 +26,44 @@ Rec = namedtuple("Rec", "key value headers ts")
 Seen = namedtuple("Seen", "offset key value headers ts_type ts")
 
 MAX_REPORTED_MISMATCHES = 20
+
+
+# --------------------------------------------------------------------------
+# Logins
+# --------------------------------------------------------------------------
+
+# How long a login may take to be let in or refused.
+LOGIN_DEADLINE_S = 20
+
+
+def login_refusals(conf, deadline_s=LOGIN_DEADLINE_S):
+    """Logs in with `conf` and lists the topics: [] when the client got in,
+    else the authentication errors it reported (non-empty). Fails the test
+    when it is neither let in nor refused within `deadline_s`, so a broker
+    that hangs passes neither as "accepted" nor as "refused".
+
+    A listing is tried for a second at a time: a refused one would wait
+    out its whole timeout while the client keeps retrying, and the refusal
+    reaches `error_cb` only through poll (which also runs librdkafka's
+    oauth_cb before the first request)."""
+    errors = []
+    conf = dict(conf, error_cb=errors.append,
+                **{"log.connection.close": False, "log_level": 0})
+    admin = AdminClient(conf)
+    deadline = time.monotonic() + deadline_s
+    while True:
+        admin.poll(0.2)
+        refusals = [e for e in errors
+                    if getattr(e, "code", lambda: None)() == KafkaError._AUTHENTICATION]
+        if refusals:
+            return [str(e) for e in refusals]
+        try:
+            admin.list_topics(timeout=1)
+            return []
+        except KafkaException as e:
+            errors.append(e.args[0])
+        assert time.monotonic() < deadline, \
+            "neither let in nor refused in %d s: %s" % (deadline_s, errors[-5:])
 
 
 # --------------------------------------------------------------------------

@@ -18,12 +18,11 @@ import time
 
 import jwt
 import pytest
-from confluent_kafka import KafkaError, KafkaException, Producer
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Producer
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from conftest import free_port
-from floe_clients import create_topic
+from floe_clients import create_topic, login_refusals
 
 ISSUER, AUDIENCE = "https://idp.floe.test", "floe-brokers"
 
@@ -79,23 +78,7 @@ def conf(bootstrap, make_token, calls=None):
 
 def refused(bootstrap, make_token):
     """The authentication errors a client reports (empty: it got in)."""
-    errors = []
-    a = AdminClient(dict(conf(bootstrap, make_token), error_cb=errors.append,
-                         **{"log.connection.close": False, "log_level": 0}))
-    # librdkafka calls oauth_cb from poll: serve it before the first request.
-    a.poll(1)
-    try:
-        # A refused listing waits out its timeout (the client keeps
-        # retrying); the refusal itself comes in milliseconds.
-        a.list_topics(timeout=4)
-        return []
-    except KafkaException as e:
-        errors.append(e.args[0])
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not any(
-            getattr(e, "code", lambda: 0)() == KafkaError._AUTHENTICATION for e in errors):
-        a.poll(0.5)
-    return [str(e) for e in errors if getattr(e, "code", lambda: 0)() == KafkaError._AUTHENTICATION]
+    return login_refusals(conf(bootstrap, make_token))
 
 
 def test_tokens_are_checked(oauth_broker):

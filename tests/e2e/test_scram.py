@@ -19,13 +19,13 @@ import subprocess
 import time
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import (AdminClient, ScramCredentialInfo, ScramMechanism,
                                    UserScramCredentialDeletion, UserScramCredentialUpsertion)
 
 from conftest import floe_bin, free_port
 from floe_clients import (consume_partitions, create_topic, ends_from_delivery, gen_records,
-                          produce_records, producer_conf, verify)
+                          login_refusals, produce_records, producer_conf, verify)
 from test_cluster import etcd, wait_members  # noqa: F401  (etcd: a fixture)
 
 KCAT = shutil.which("kcat")
@@ -89,27 +89,10 @@ def admin(bootstrap, user=ADMIN, password=ADMIN_PASSWORD, mechanism="SCRAM-SHA-5
 
 
 def auth_fails(bootstrap, user, password, mechanism):
-    """(whether the client reports an authentication error, its errors).
-    A client that authenticates lists the topics."""
-    errors = []
-    c = dict(conf(bootstrap, user, password, mechanism), error_cb=errors.append,
-             **{"log.connection.close": False, "log_level": 0})
-    a = AdminClient(c)
-    try:
-        # A refused listing waits out its timeout (the client keeps
-        # retrying); the refusal itself comes in milliseconds.
-        a.list_topics(timeout=4)
-        return False, errors
-    except KafkaException as e:
-        errors.append(e.args[0])
-
-    def authentication():
-        return any(getattr(e, "code", lambda: None)() == KafkaError._AUTHENTICATION for e in errors)
-    # Client errors reach error_cb only through poll.
-    deadline = time.monotonic() + 10
-    while not authentication() and time.monotonic() < deadline:
-        a.poll(0.5)
-    return authentication(), errors
+    """Whether the client is refused (False: it got in and listed the
+    topics), and the refusals."""
+    refusals = login_refusals(conf(bootstrap, user, password, mechanism))
+    return bool(refusals), refusals
 
 
 def round_trip(plain, bootstrap, topic, c, n=500, seed=3):
