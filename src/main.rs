@@ -16,7 +16,7 @@ mod notify;
 mod preflight;
 
 /// The `jemalloc` feature (on by default): jemalloc instead of glibc's
-/// malloc, for flat RSS under churn and less CPU per MB (docs/faults.md).
+/// malloc, for flat RSS under churn at no more CPU per MB (docs/faults.md).
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
